@@ -1,0 +1,125 @@
+"""The command line: thin commands that parse, call one function, and format the result.
+
+Heavy libraries (torch, transformers, peft, mlflow) are imported inside the commands that need
+them, so `ctloop --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ctloop.console import console
+from ctloop.errors import CtloopError
+
+app = typer.Typer(help="Continuous training of LLM LoRA adapters.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+WorkspaceOption = Annotated[Path | None, typer.Option(
+    "--workspace", "-w", help="workspace folder (default: the config's, else ./ctloop-workspace)")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="ctloop YAML config")]
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+        data: Annotated[Path, typer.Option("--data", "-d", help="new records: .jsonl, .parquet or .csv")],
+        workspace: WorkspaceOption = None) -> None:
+    """Run one cycle: validate, replay mix, train, evaluate, gate, register."""
+    from ctloop.config import load_config
+    from ctloop.pipeline import run_cycle
+    from ctloop.workspace import resolve_workspace
+
+    cfg = load_config(config)
+    result = run_cycle(cfg, data, resolve_workspace(workspace, cfg))
+    console.print(result.summary())
+
+
+@app.command()
+def demo(workspace: WorkspaceOption = None) -> None:
+    """The whole story on a tiny model: cycle 1 sets a champion, cycle 2 adapts to a new domain."""
+    from ctloop.demo import run_demo
+    from ctloop.workspace import resolve_workspace
+
+    run_demo(resolve_workspace(workspace))
+
+
+@app.command()
+def status(config: ConfigOption = None, workspace: WorkspaceOption = None,
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Show the champion, the challenger, all versions and the last cycles."""
+    from ctloop.status import collect_status, render_status
+
+    info = collect_status(*_registry_context(config, workspace))
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        render_status(info)
+
+
+@app.command()
+def promote(version: Annotated[int | None, typer.Option(help="version to promote (default: the challenger)")] = None,
+            by: Annotated[str, typer.Option(help="who promotes")] = "cli",
+            note: Annotated[str, typer.Option(help="why")] = "promoted by hand",
+            config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Move the `champion` alias to a version (the challenger by default)."""
+    from ctloop.errors import RegistryError
+    from ctloop.registry import CHALLENGER
+
+    registry, _ = _registry_context(config, workspace)
+    target = version if version is not None else registry.alias(CHALLENGER)
+    if target is None:
+        raise RegistryError("there is no challenger to promote; pass --version N (see `ctloop status`)")
+    previous = registry.make_champion(target, by=by, note=note)
+    if previous == target:
+        console.print(f"version {target} is already the champion; nothing changed")
+    else:
+        console.print(f"champion: v{previous if previous is not None else '-'} -> v{target}")
+
+
+@app.command()
+def rollback(by: Annotated[str, typer.Option(help="who rolls back")] = "cli",
+             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Move `champion` back to the previous champion."""
+    registry, _ = _registry_context(config, workspace)
+    current, target = registry.rollback(by=by)
+    console.print(f"champion: v{current} -> v{target} (rolled back)")
+
+
+@app.command("validate-config")
+def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
+    """Check a config file and report every problem at once."""
+    from ctloop.config import load_config
+
+    load_config(path)
+    console.print(f"{path}: valid")
+
+
+def _registry_context(config_path: Path | None, workspace: Path | None):
+    from ctloop.pipeline import open_registry, registry_settings
+    from ctloop.workspace import resolve_workspace
+
+    if config_path is not None:
+        from ctloop.config import load_config
+
+        cfg = load_config(config_path)
+        ws = resolve_workspace(workspace, cfg)
+        settings = cfg.registry
+    else:
+        ws = resolve_workspace(workspace)
+        settings = registry_settings(ws)
+    return open_registry(settings, ws), ws
+
+
+def main() -> None:
+    try:
+        app()
+    except CtloopError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)

@@ -1,0 +1,189 @@
+"""The configuration: one YAML file validated into frozen pydantic models, one section per stage.
+
+Unknown keys are rejected, and `load_config` reports every problem at once, each naming the key,
+the value, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ctloop.errors import ConfigError
+
+DEFAULT_WORKSPACE = Path("ctloop-workspace")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    """The base causal LM the adapter is trained on."""
+
+    base: str = Field(description="local path or hub id of the base causal LM")
+    revision: str | None = Field(None, description="hub revision (commit) to pin; local paths are hashed")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
+
+
+class DataConfig(Section):
+    """Validation of incoming records and the holdout split of new data."""
+
+    min_rows: int = Field(20, ge=1, description="fewest good rows a cycle needs")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="largest share of bad rows before the cycle stops")
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of good new rows kept for evaluation")
+    max_holdout_rows: int = Field(500, ge=1, description="cap on the new-data holdout size")
+    drop_duplicates: bool = True
+
+
+class ReplayConfig(Section):
+    """Mixing a sample of past cycles' training data into the new training set."""
+
+    enabled: bool = True
+    ratio: float = Field(0.25, ge=0, lt=1, description="share of training tokens drawn from the buffer")
+    holdout_rows: int = Field(200, ge=0, description="past held-out rows used to measure forgetting")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_tokens: int = Field(4096, ge=16, description="padded tokens per optimizer step")
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+
+
+class EvalConfig(Section):
+    batch_tokens: int = Field(8192, ge=16)
+
+
+class GateConfig(Section):
+    """Rules the candidate must meet against the champion (mean token loss, lower is better).
+
+    Changes are relative: (champion - candidate) / champion on new data must be at least
+    `min_new_improvement`; (candidate - champion) / champion on old data at most `max_old_regression`.
+    """
+
+    min_new_improvement: float = Field(0.01, ge=-1, lt=1)
+    max_old_regression: float = Field(0.02, ge=0, lt=10)
+    first_cycle: Literal["compare_to_base", "accept", "reject"] = Field(
+        "compare_to_base", description="what to compare against when there is no champion yet"
+    )
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("ctloop-adapter", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    experiment: str = Field("ctloop", min_length=1)
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; default: MLFLOW_TRACKING_URI, else SQLite in the workspace"
+    )
+    promote_first: bool = Field(True, description="make the first passing version champion right away")
+
+
+class CtloopConfig(Section):
+    """The root: one section per stage."""
+
+    workspace: Path | None = None
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    replay: ReplayConfig = ReplayConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def training_hash(self) -> str:
+        """Hash of everything that changes what a cycle computes (not where it stores it)."""
+        payload = self.model_dump(mode="json", exclude={"workspace", "registry"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, base_dir: Path | None = None) -> CtloopConfig:
+    """Read and validate a YAML config file; raise ConfigError listing every problem at once.
+
+    A relative `model.base` or `workspace` is resolved against the config file's folder when that
+    path exists there, so a config works from any current directory.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"the file does not exist; check the path, or start from configs/production.example.yaml"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [f"not valid YAML ({exc}); fix the syntax at the position shown"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["the top level must be a mapping of sections (model:, data:, ...)"])
+    return config_from_dict(raw, source=str(path), base_dir=base_dir or path.parent)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> CtloopConfig:
+    try:
+        config = CtloopConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+    if base_dir is not None:
+        config = _resolve_relative_paths(config, base_dir)
+    return config
+
+
+def _resolve_relative_paths(config: CtloopConfig, base_dir: Path) -> CtloopConfig:
+    base = Path(config.model.base)
+    updates: dict[str, Any] = {}
+    if not base.is_absolute() and (base_dir / base).exists():
+        updates["model"] = config.model.model_copy(update={"base": str((base_dir / base).resolve())})
+    return config.model_copy(update=updates) if updates else config
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One line per problem: key, value, rule, fix."""
+    key = ".".join(str(part) for part in err["loc"])
+    kind = err["type"]
+    value = err.get("input")
+    ctx = err.get("ctx", {})
+    if kind == "extra_forbidden":
+        parent = _model_at(err["loc"][:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{key}: unknown key; {hint}allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{key}: required but missing; add it (see configs/production.example.yaml for every key)"
+    fixes = {
+        "greater_than_equal": f"set it to a value >= {ctx.get('ge')}",
+        "greater_than": f"set it to a value > {ctx.get('gt')}",
+        "less_than_equal": f"set it to a value <= {ctx.get('le')}",
+        "less_than": f"set it to a value < {ctx.get('lt')}",
+        "literal_error": f"use one of {ctx.get('expected')}",
+        "string_pattern_mismatch": f"use only characters matching {ctx.get('pattern')}",
+    }
+    fix = fixes.get(kind, "correct the value's type or format")
+    return f"{key}: got {value!r}; {err['msg'].lower()}; {fix}"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = CtloopConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model

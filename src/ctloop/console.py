@@ -1,0 +1,28 @@
+"""Terminal output: one rich console for tables and messages, and progress bars for long steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, unit: str = "steps") -> Iterator[Any]:
+    """Yield `advance(n=1, **fields)`; fields (e.g. loss=1.23) show next to the bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, **fields: float) -> None:
+            info = "  ".join(f"{k} {v:.3f}" for k, v in fields.items())
+            progress.update(task, advance=n, info=info)
+
+        yield advance

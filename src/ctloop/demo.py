@@ -1,0 +1,107 @@
+"""`ctloop demo`: the whole loop on a tiny model, on sample data shipped with the package.
+
+Story: a tiny base model is pre-trained on general Debian package descriptions; cycle 1 trains an
+adapter on Python/Perl packages and it becomes the champion; cycle 2 brings a new domain (games,
+sound, graphics; a few broken rows included), trains with replay, is evaluated against the
+champion on new AND old data, passes the gate, is registered as challenger and promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from ctloop.console import console, progress_bar
+from ctloop.errors import WorkspaceError
+from ctloop.workspace import Workspace
+
+DEMO_MARKER = ".ctloop-demo"
+KEEP_ON_RESET = {"base-models"}  # the pre-trained tiny model is reused between demo runs
+
+
+def quickstart_file(name: str) -> Path:
+    return Path(str(resources.files("ctloop") / "quickstart" / name))
+
+
+def prepare_workspace(workspace: Workspace) -> None:
+    """Start from a fresh workspace; only ever wipe one that an earlier demo created."""
+    root = workspace.root
+    if root.exists() and any(root.iterdir()):
+        if not (root / DEMO_MARKER).exists():
+            raise WorkspaceError(f"{root} is not empty and was not made by `ctloop demo`; "
+                                 f"pass --workspace with a new folder")
+        for child in root.iterdir():
+            if child.name not in KEEP_ON_RESET and child.name != DEMO_MARKER:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text("made by `ctloop demo`; the next demo run may wipe this folder\n")
+
+
+def build_base_model(workspace: Workspace, steps: int = 300) -> Path:
+    from ctloop.tinymodel import TinyModelSpec, build_tiny_model
+
+    rows = [json.loads(line) for line in quickstart_file("pretrain.jsonl").read_text().splitlines()]
+    texts = [row["prompt"] + row["completion"] for row in rows]
+    spec = TinyModelSpec(pretrain_steps=steps)
+    with progress_bar("pre-training the tiny base model", spec.pretrain_steps) as advance:
+        return build_tiny_model(texts, workspace.base_models_dir / "tiny", spec,
+                                on_step=lambda step, loss: advance(loss=loss))
+
+
+def run_demo(workspace: Workspace) -> None:
+    from ctloop.config import load_config
+    from ctloop.pipeline import open_registry, run_cycle
+    from ctloop.registry import CHALLENGER
+
+    prepare_workspace(workspace)
+    console.rule("[bold]ctloop demo")
+    build_base_model(workspace)
+    config_path = workspace.root / "quickstart.yaml"
+    shutil.copyfile(quickstart_file("quickstart.yaml"), config_path)
+    config = load_config(config_path)
+
+    console.rule("cycle 1: Python and Perl packages (establishes the champion)")
+    first = run_cycle(config, quickstart_file("old_domain.jsonl"), workspace)
+    console.rule("cycle 2: a new domain - games, sound, graphics (with replay of cycle 1)")
+    second = run_cycle(config, quickstart_file("new_domain.jsonl"), workspace)
+
+    registry = open_registry(config.registry, workspace)
+    if second.passed:
+        registry.make_champion(registry.alias(CHALLENGER), by="ctloop demo", note="passed the gate in cycle 2")
+    _print_story(first, second, registry, workspace, config_path)
+
+
+def _print_story(first, second, registry, workspace: Workspace, config_path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    losses = Table("evaluation set", "reference", "reference loss", "candidate loss", "change",
+                   title="cycle 2: mean token loss, candidate vs champion (lower is better)")
+    for eval_set, label in (("new_holdout", "new data (games/sound/graphics)"),
+                            ("replay_holdout", "old data (python/perl, forgetting)")):
+        by_model = second.means.get(eval_set, {})
+        reference = "champion" if "champion" in by_model else "base"
+        if reference in by_model and "candidate" in by_model:
+            before, after = by_model[reference], by_model["candidate"]
+            losses.add_row(label, reference, f"{before:.3f}", f"{after:.3f}", f"{(after - before) / before:+.1%}")
+    out.print(losses)
+    gates = Table("cycle", "gate", "reasons", title="gate decisions")
+    for name, result in (("1", first), ("2", second)):
+        gates.add_row(name, result.gate.get("outcome", "?"), "\n".join(result.gate.get("reasons", [])))
+    out.print(gates)
+    versions = Table("version", "aliases", "cycle", "parent", "data fingerprint", title=f"registry: {registry.model_name}")
+    for v in registry.versions():
+        versions.add_row(f"v{v.version}", ", ".join(v.aliases), v.tags.get("ctloop.cycle_id", ""),
+                         v.tags.get("ctloop.parent_version", ""), v.tags.get("ctloop.data_fingerprint", ""))
+    out.print(versions)
+    quarantined = second.validation.get("bad_by_reason", {})
+    out.print(f"cycle 2 quarantined {sum(quarantined.values())} bad rows {quarantined} -> "
+              f"{second.validation.get('quarantine_path')}")
+    out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
+    out.print("next steps:")
+    out.print(f"  ctloop status --workspace {workspace.root}")
+    out.print(f"  ctloop run --config {config_path} --data your-data.jsonl --workspace {workspace.root}")
+    out.print(f"  mlflow ui --backend-store-uri {registry.tracking_uri}   # then open http://127.0.0.1:5000")

@@ -1,0 +1,88 @@
+"""Per-example evaluation of several adapters on the same examples.
+
+Every model (the candidate, the champion, and the bare base model when asked) is scored on the
+same evaluation sets with the same tokens; the score is the mean NLL over each example's
+completion tokens. One base model is loaded; adapters are switched on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ctloop.config import EvalConfig, ModelConfig
+from ctloop.console import progress_bar
+from ctloop.modeling import collate, encode, load_base_model, load_tokenizer, token_budget_batches, token_losses
+from ctloop.records import Record
+
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """`losses[set][model]` lists per-example losses in the order of `ids[set]`."""
+
+    ids: dict[str, list[str]]
+    losses: dict[str, dict[str, list[float]]]
+
+    def mean(self, eval_set: str, model: str) -> float:
+        values = self.losses[eval_set][model]
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def means(self) -> dict[str, dict[str, float]]:
+        return {s: {m: self.mean(s, m) for m in by_model} for s, by_model in self.losses.items()}
+
+    def summary(self) -> str:
+        parts = []
+        for eval_set, by_model in self.means.items():
+            scores = ", ".join(f"{m} {v:.3f}" for m, v in by_model.items())
+            parts.append(f"{eval_set} ({len(self.ids[eval_set])} examples): {scores}")
+        return "mean token loss - " + "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "means": self.means}
+
+
+def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None], *, model: ModelConfig,
+             config: EvalConfig) -> EvalReport:
+    """Score each adapter (None = the bare base model) on each non-empty evaluation set."""
+    import torch
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(model)
+    base = load_base_model(model)
+    named = {name: path for name, path in adapters.items() if path is not None}
+    peft_model = None
+    for name, path in named.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(base, str(path), adapter_name=name)
+        else:
+            peft_model.load_adapter(str(path), adapter_name=name)
+    network = peft_model if peft_model is not None else base
+    network.eval()
+
+    sets = {name: records for name, records in eval_sets.items() if records}
+    encoded = {name: encode(records, tokenizer) for name, records in sets.items()}
+    plans = {name: token_budget_batches([len(e.input_ids) for e in ex], config.batch_tokens, seed=None)
+             for name, ex in encoded.items()}
+    total = sum(len(p) for p in plans.values()) * len(adapters)
+    losses: dict[str, dict[str, list[float]]] = {name: {} for name in sets}
+    with torch.inference_mode(), progress_bar("evaluating", total, unit="batches") as advance:
+        for model_name, path in adapters.items():
+            for set_name, examples in encoded.items():
+                per_example = [0.0] * len(examples)
+                for batch_indices in plans[set_name]:
+                    batch = collate([examples[i] for i in batch_indices], tokenizer.pad_token_id)
+                    if path is None and peft_model is not None:
+                        with peft_model.disable_adapter():
+                            nll, mask = token_losses(peft_model, batch)
+                    else:
+                        if peft_model is not None:
+                            peft_model.set_adapter(model_name)
+                        nll, mask = token_losses(network, batch)
+                    means = (nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).tolist()
+                    for index, value in zip(batch_indices, means, strict=True):
+                        per_example[index] = value
+                    advance()
+                losses[set_name][model_name] = per_example
+    return EvalReport(ids={name: [r.id for r in records] for name, records in sets.items()}, losses=losses)

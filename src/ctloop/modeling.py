@@ -1,0 +1,149 @@
+"""Loading the base model and tokenizer, encoding records, and batching by token budget.
+
+Shared by training and evaluation, so both see exactly the same token sequences: `<s>` + prompt +
+completion + `</s>`, with the loss on the completion (and `</s>`) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ctloop.config import ModelConfig
+from ctloop.records import Record
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    prompt_len: int  # tokens (including <s>) that carry no loss
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.base, revision=config.revision)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(config: ModelConfig) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    return AutoModelForCausalLM.from_pretrained(
+        config.base, revision=config.revision, dtype=getattr(torch, config.dtype))
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' own tqdm bars and a peft/transformers deprecation warning; ctloop shows progress."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def base_model_revision(config: ModelConfig) -> str:
+    """The pinned hub revision, or for a local folder a hash of its weight files."""
+    if config.revision:
+        return config.revision
+    folder = Path(config.base)
+    if not folder.is_dir():
+        return "unpinned"
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def token_counter(tokenizer: Any):
+    """A function counting the tokens of each text (without special tokens)."""
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    return count
+
+
+def encode(records: list[Record], tokenizer: Any) -> list[Example]:
+    prompts = tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([r.completion for r in records], add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [Example(bos + p + c + [tokenizer.eos_token_id], len(bos) + len(p))
+            for p, c in zip(prompts, completions, strict=True)]
+
+
+def token_budget_batches(lengths: list[int], batch_tokens: int, seed: int | None) -> list[list[int]]:
+    """Group example indices into batches whose padded size (rows x longest) fits `batch_tokens`.
+
+    Examples are sorted by length inside shuffled windows, so batches carry little padding while
+    the order still varies per seed; batch order is shuffled too. `seed=None` keeps input order
+    (for evaluation, where order does not matter but reproducible batches help debugging).
+    """
+    order = list(range(len(lengths)))
+    if seed is not None:
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        window = 64 * max(1, batch_tokens // max(1, max(lengths, default=1)))
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start:start + window], key=lengths.__getitem__)]
+    else:
+        order.sort(key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        new_longest = max(longest, lengths[index])
+        if current and new_longest * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, new_longest = [], lengths[index]
+        current.append(index)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    if seed is not None:
+        random.Random(seed + 1).shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask, and labels masked on prompt and padding."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids = torch.tensor(example.input_ids, dtype=torch.long)
+        input_ids[row, :n] = ids
+        attention_mask[row, :n] = 1
+        labels[row, example.prompt_len:n] = ids[example.prompt_len:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL of the labelled tokens and the label mask, both shaped [rows, width - 1]."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return nll * mask, mask

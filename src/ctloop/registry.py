@@ -1,0 +1,218 @@
+"""The model registry and run tracking, on MLflow. The only module that imports mlflow.
+
+Each cycle is an MLflow run (params, metrics, reports, the adapter). A candidate that passes the
+gate becomes a registered model version with the alias `challenger` and lineage tags. `champion`
+marks the version in production; its history (a registered-model tag) makes rollback possible.
+Every write is idempotent on the cycle key: a retried cycle finds its version instead of adding one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctloop.errors import RegistryError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+CYCLE_KEY_TAG = "ctloop.cycle_key"
+HISTORY_TAG = "ctloop.champion_history"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    run_id: str
+    source: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "run_id": self.run_id, "source": self.source,
+                "aliases": list(self.aliases), "tags": self.tags, "created": self.created}
+
+
+class Registry:
+    def __init__(self, tracking_uri: str, model_name: str, experiment: str, artifact_location: Path):
+        import logging
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from mlflow import MlflowClient
+
+        # Schema-migration chatter on a new SQLite file is not news to a ctloop user.
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        # Always explicit: without it MLflow puts artifacts in ./mlruns of whatever the CWD is.
+        location = self.artifact_location.resolve().as_uri() if "://" not in str(self.artifact_location) \
+            else str(self.artifact_location)
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def start_run(self, run_name: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def log_series(self, run_id: str, key: str, points: list[tuple[int, float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(s)) for s, v in points]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start:start + 500])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # -- model versions --------------------------------------------------------------------------
+
+    def versions(self) -> list[VersionInfo]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            return []
+        by_version: dict[int, list[str]] = {}
+        for alias, version in model.aliases.items():  # search results carry no aliases (MLflow 3)
+            by_version.setdefault(int(version), []).append(alias)
+        found = self.client.search_model_versions(f"name='{self.model_name}'")
+        return sorted((VersionInfo(int(v.version), v.run_id or "", v.source, tuple(sorted(by_version.get(
+            int(v.version), []))), dict(v.tags), v.creation_timestamp / 1000) for v in found),
+            key=lambda info: info.version)
+
+    def version(self, number: int) -> VersionInfo:
+        for info in self.versions():
+            if info.version == number:
+                return info
+        raise RegistryError(f"model '{self.model_name}' has no version {number}; "
+                            f"`ctloop status` lists the versions")
+
+    def find_by_cycle_key(self, cycle_key: str) -> VersionInfo | None:
+        return next((v for v in self.versions() if v.tags.get(CYCLE_KEY_TAG) == cycle_key), None)
+
+    def register(self, run_id: str, cycle_key: str, tags: dict[str, str], description: str) -> VersionInfo:
+        """Register the run's adapter as a new version (or return the one this cycle key made)."""
+        from mlflow.exceptions import MlflowException
+
+        existing = self.find_by_cycle_key(cycle_key)
+        if existing is not None:
+            return existing
+        try:
+            self.client.create_registered_model(self.model_name, description="LoRA adapters trained by ctloop")
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        created = self.client.create_model_version(
+            name=self.model_name, source=f"runs:/{run_id}/adapter", run_id=run_id,
+            tags={**tags, CYCLE_KEY_TAG: cycle_key}, description=description)
+        return self.version(int(created.version))
+
+    def alias(self, name: str) -> int | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return int(self.client.get_registered_model(self.model_name).aliases[name])
+        except (MlflowException, KeyError):
+            return None
+
+    def set_alias(self, name: str, version: int) -> None:
+        self.client.set_registered_model_alias(self.model_name, name, str(version))
+
+    def champion_history(self) -> list[int]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.client.get_registered_model(self.model_name).tags
+        except MlflowException:
+            return []
+        return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+    def make_champion(self, version: int, by: str, note: str) -> int | None:
+        """Point `champion` at `version`, record who and why; return the previous champion."""
+        previous = self.alias(CHAMPION)
+        if previous == version:
+            return previous
+        self.version(version)  # fails clearly if it does not exist
+        history = self.champion_history() + [version]
+        self.set_alias(CHAMPION, version)
+        self.client.set_registered_model_tag(self.model_name, HISTORY_TAG, json.dumps(history))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.client.set_model_version_tag(self.model_name, str(version), "ctloop.promoted",
+                                          f"{stamp} by {by}: {note}")
+        return previous
+
+    def rollback(self, by: str) -> tuple[int, int]:
+        """Move `champion` back to the version before it; return (from, to)."""
+        history = self.champion_history()
+        current = self.alias(CHAMPION)
+        if current is None or len(history) < 2:
+            raise RegistryError("there is no previous champion to roll back to; "
+                                "`ctloop status` shows the champion history")
+        history = history[:-1]
+        target = history[-1]
+        self.set_alias(CHAMPION, target)
+        self.client.set_registered_model_tag(self.model_name, HISTORY_TAG, json.dumps(history))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.client.set_model_version_tag(self.model_name, str(current), "ctloop.rolled_back",
+                                          f"{stamp} by {by}: champion moved back to v{target}")
+        return current, target
+
+    def download_adapter(self, version: int, cache_dir: Path) -> Path:
+        """The adapter files of a version, fetched once into `cache_dir/v<N>`."""
+        import mlflow.artifacts
+
+        target = cache_dir / f"v{version}"
+        if (target / "adapter_config.json").is_file():
+            return target
+        info = self.version(version)
+        partial = cache_dir / f"v{version}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(partial),
+                                                    tracking_uri=self.tracking_uri)
+        Path(local).rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+        return target
