@@ -27,3 +27,7 @@ class RegistryError(CtloopError):
 
 class WorkspaceError(CtloopError):
     """The workspace folder is missing, locked, or not a ctloop workspace."""
+
+
+class ModelError(CtloopError):
+    """The base model or an adapter cannot be loaded."""

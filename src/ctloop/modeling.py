@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctloop.config import ModelConfig
+from ctloop.errors import ModelError
 from ctloop.records import Record
 
 if TYPE_CHECKING:
@@ -30,7 +33,8 @@ class Example:
 def load_tokenizer(config: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.base, revision=config.revision)
+    with _explained_load_errors(config):
+        tokenizer = AutoTokenizer.from_pretrained(config.base, revision=config.revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -41,8 +45,20 @@ def load_base_model(config: ModelConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(
-        config.base, revision=config.revision, dtype=getattr(torch, config.dtype))
+    with _explained_load_errors(config):
+        return AutoModelForCausalLM.from_pretrained(
+            config.base, revision=config.revision, dtype=getattr(torch, config.dtype))
+
+
+@contextmanager
+def _explained_load_errors(config: ModelConfig) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:  # transformers raises OSError for missing folders and unreachable hub ids
+        where = "local folder" if Path(config.base).is_absolute() else "local folder or hub id"
+        raise ModelError(f"model.base={config.base!r} could not be loaded as a {where} ({exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0]}); point model.base at a folder saved with "
+                         f"save_pretrained, or at a hub id this machine can reach") from exc
 
 
 def quiet_transformers() -> None:

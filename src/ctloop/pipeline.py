@@ -73,6 +73,8 @@ def registry_settings(workspace: Workspace) -> RegistryConfig:
 
 def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace) -> CycleResult:
     """Run one cycle on the records in `data_path`; see the module docstring for the stages."""
+    if not data_path.is_file():
+        raise DataError(f"{data_path}: no such file; check the --data path")
     workspace.create()
     write_json(workspace.root / SETTINGS_FILE, {"registry": config.registry.model_dump(mode="json")})
     tokenizer = load_tokenizer(config.model)

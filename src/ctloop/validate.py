@@ -36,9 +36,9 @@ class ValidationReport:
 
     def summary(self) -> str:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.bad_by_reason.items())) or "none"
-        verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.reasons)
-        return (f"validation {verdict} - {self.good_rows} good of {self.total_rows} rows; "
-                f"quarantined {self.bad_rows} ({counts}) -> {self.quarantine_path}")
+        text = (f"validation {'passed' if self.passed else 'FAILED'}: {self.good_rows} good of {self.total_rows} "
+                f"rows; quarantined {self.bad_rows} ({counts}) -> {self.quarantine_path}")
+        return text if self.passed else text + "\nthe cycle stops: " + "; ".join(self.reasons)
 
     def to_dict(self) -> dict:
         return asdict(self)

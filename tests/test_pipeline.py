@@ -1,0 +1,172 @@
+"""Whole cycles on a tiny model against a real MLflow (SQLite) registry in a temp folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import quickstart_rows
+from ctloop.config import config_from_dict
+from ctloop.errors import DataError
+from ctloop.pipeline import open_registry, run_cycle
+from ctloop.registry import CHALLENGER, CHAMPION
+from ctloop.workspace import Workspace, read_json
+
+pytestmark = pytest.mark.slow
+
+
+def _config(base: Path, **overrides):
+    raw = {
+        "model": {"base": str(base), "max_seq_tokens": 96},
+        "data": {"min_rows": 20, "holdout_fraction": 0.15},
+        "replay": {"ratio": 0.4, "holdout_rows": 40},
+        "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 512, "log_every": 2},
+        "eval": {"batch_tokens": 2048},
+        # Permissive thresholds: these tests check the mechanics; the gate rules have their own tests.
+        "gate": {"min_new_improvement": 0.0, "max_old_regression": 1.0},
+        "registry": {"model_name": "test-adapter", "experiment": "test"},
+    }
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return config_from_dict(raw)
+
+
+def _data(tmp_path: Path, name: str, source: str, limit: int) -> Path:
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(quickstart_rows(source, limit)) + b"\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_cycles(tiny_base, tmp_path_factory):
+    """Cycle 1 on old-domain data, cycle 2 on new-domain data with broken rows; shared by tests."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    workspace = Workspace(tmp / "ws")
+    config = _config(tiny_base)
+    old = _data(tmp, "old.jsonl", "old_domain.jsonl", 200)
+    new = _data(tmp, "new.jsonl", "new_domain.jsonl", 200)  # rows 101-103 are broken
+    first = run_cycle(config, old, workspace)
+    second = run_cycle(config, new, workspace)
+    return workspace, config, first, second, new
+
+
+def test_first_cycle_beats_the_base_model_and_becomes_champion(two_cycles):
+    workspace, config, first, _, _ = two_cycles
+    assert first.status == "registered" and first.version == 1
+    assert first.gate["reference"] == "base"
+    new = first.means["new_holdout"]
+    assert new["candidate"] < new["base"]  # the adapter really learned the domain
+    registry = open_registry(config.registry, workspace)
+    assert registry.alias(CHAMPION) == 1
+
+
+def test_second_cycle_replays_old_data_and_measures_forgetting(two_cycles):
+    workspace, config, first, second, _ = two_cycles
+    assert second.status == "registered" and second.version == 2
+    assert second.champion_before == 1 and second.gate["reference"] == "champion"
+    assert set(second.means) == {"new_holdout", "replay_holdout"}
+    assert set(second.means["replay_holdout"]) == {"candidate", "champion"}
+    manifest = read_json(Path(second.cycle_dir) / "replay_manifest.json")
+    assert manifest["replayed_rows"] > 0
+    assert {item["cycle"] for item in manifest["replayed"]} == {first.cycle_id}
+    assert manifest["replayed_tokens"] >= manifest["target_replay_tokens"]
+    first_holdout = {r["id"] for r in _jsonl_ids(Path(first.cycle_dir) / "new_holdout.parquet")}
+    assert set(manifest["replay_holdout"]) <= first_holdout  # forgetting is measured on unseen rows
+    registry = open_registry(config.registry, workspace)
+    assert registry.alias(CHALLENGER) == 2 and registry.alias(CHAMPION) == 1
+
+
+def _jsonl_ids(parquet: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(parquet, columns=["id"]).to_pylist()
+
+
+def test_broken_rows_are_quarantined_and_counted(two_cycles):
+    _, _, _, second, _ = two_cycles
+    validation = second.validation
+    assert validation["bad_by_reason"] == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1}
+    lines = Path(validation["quarantine_path"]).read_text().splitlines()
+    assert len(lines) == 3 and validation["total_rows"] == validation["good_rows"] + 3
+
+
+def test_adapter_is_saved_with_its_manifest(two_cycles):
+    _, config, first, second, _ = two_cycles
+    adapter = Path(second.cycle_dir) / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == config.lora.r
+    manifest = json.loads((adapter / "ctloop_manifest.json").read_text())
+    assert manifest["parent_version"] == 1
+    assert manifest["base_revision"].startswith("sha256:")
+    assert manifest["data_fingerprint"] == second.validation["fingerprint"]
+    assert manifest["seed"] == config.train.seed and manifest["config"]["lora"]["r"] == config.lora.r
+    assert (Path(second.cycle_dir) / "report.html").read_text().count("<svg") >= 2
+
+
+def test_an_mlflow_client_sees_versions_aliases_and_lineage(two_cycles):
+    from mlflow import MlflowClient
+
+    workspace, _, first, second, _ = two_cycles
+    uri = workspace.tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    model = client.get_registered_model("test-adapter")
+    assert model.aliases == {"champion": 1, "challenger": 2} or model.aliases == {"champion": "1", "challenger": "2"}
+    v2 = client.get_model_version("test-adapter", "2")
+    assert v2.tags["ctloop.parent_version"] == "1"
+    assert v2.tags["ctloop.data_fingerprint"] == second.validation["fingerprint"]
+    assert v2.tags["ctloop.gate"] == "PASS"
+    run = client.get_run(v2.run_id)
+    assert run.data.metrics["new_holdout_candidate_loss"] == pytest.approx(second.means["new_holdout"]["candidate"])
+    artifacts = {a.path for a in client.list_artifacts(v2.run_id)}
+    assert {"adapter", "reports"} <= artifacts
+
+
+def test_running_the_same_cycle_again_registers_nothing_new(two_cycles):
+    workspace, config, _, second, new = two_cycles
+    again = run_cycle(config, new, workspace)
+    assert again.status == "already_done" and again.version == second.version
+    assert [v.version for v in open_registry(config.registry, workspace).versions()] == [1, 2]
+
+
+def test_cli_status_promote_rollback(two_cycles):
+    workspace, _, _, _, _ = two_cycles
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def ctloop(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ctloop", *args, "--workspace", str(workspace.root)],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    status = json.loads(ctloop("status", "--json").stdout)
+    assert status["aliases"] == {"champion": 1, "challenger": 2}
+    assert [v["version"] for v in status["versions"]] == [1, 2]
+    assert ctloop("promote").returncode == 0
+    assert json.loads(ctloop("status", "--json").stdout)["aliases"]["champion"] == 2
+    rolled = ctloop("rollback")
+    assert rolled.returncode == 0 and "v2 -> v1" in rolled.stderr
+    final = json.loads(ctloop("status", "--json").stdout)
+    assert final["aliases"] == {"champion": 1, "challenger": 2}
+    assert final["champion_history"] == [1]
+
+
+def test_a_failing_gate_registers_nothing(tiny_base, tmp_path):
+    config = _config(tiny_base, gate={"min_new_improvement": 0.9})
+    result = run_cycle(config, _data(tmp_path, "old.jsonl", "old_domain.jsonl", 120), Workspace(tmp_path / "ws"))
+    assert result.status == "rejected" and result.version is None
+    assert "< required +90.00%" in " ".join(result.gate["reasons"])
+    assert open_registry(config.registry, Workspace(tmp_path / "ws")).versions() == []
+
+
+def test_too_many_bad_rows_stop_the_cycle_and_keep_every_bad_row(tiny_base, tmp_path):
+    lines = quickstart_rows("old_domain.jsonl", 40) + [b"{not json"] * 10 + [b'{"prompt": "p"}'] * 5
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b"\n".join(lines))
+    workspace = Workspace(tmp_path / "ws")
+    with pytest.raises(DataError, match=r"(?s)invalid_json: 10, missing_field: 5.*stops.*max_bad_fraction"):
+        run_cycle(_config(tiny_base), data, workspace)
+    quarantine = next(workspace.cycles_dir.glob("*/quarantine.jsonl"))
+    assert len(quarantine.read_text().splitlines()) == 15
