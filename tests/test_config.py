@@ -167,9 +167,6 @@ def test_relative_model_base_that_does_not_exist_is_kept_as_hub_id(tmp_path):
     assert config.model.base == "org/model"
 
 
-@pytest.mark.xfail(strict=True, reason="load_config's docstring says a relative `workspace` is resolved against "
-                                       "the config file's folder, but _resolve_relative_paths only handles "
-                                       "model.base")
 def test_relative_workspace_resolves_next_to_config(tmp_path):
     (tmp_path / "ws").mkdir()
     config = load_config(_write(tmp_path, "workspace: ws\nmodel:\n  base: org/model\n"))
@@ -211,7 +208,8 @@ def _with(section: str, field: str, value) -> dict:
      ("data", "min_rows", 5), ("replay", "ratio", 0.5), ("replay", "enabled", False), ("lora", "r", 8),
      ("train", "seed", 1), ("train", "learning_rate", 1e-3), ("eval", "batch_tokens", 1024),
      ("gate", "first_cycle", "accept")],
-    ids=lambda v: str(v),
+    ids=["model.base", "model.max_seq_tokens", "model.dtype", "data.min_rows", "replay.ratio", "replay.enabled",
+         "lora.r", "train.seed", "train.learning_rate", "eval.batch_tokens", "gate.first_cycle"],
 )
 def test_training_hash_changes_with_training_fields(section, field, value):
     base = config_from_dict(BASE_RAW).training_hash()

@@ -170,3 +170,36 @@ def test_too_many_bad_rows_stop_the_cycle_and_keep_every_bad_row(tiny_base, tmp_
         run_cycle(_config(tiny_base), data, workspace)
     quarantine = next(workspace.cycles_dir.glob("*/quarantine.jsonl"))
     assert len(quarantine.read_text().splitlines()) == 15
+
+
+def test_a_cycle_killed_mid_training_resumes_and_registers_once(tiny_base, tmp_path):
+    import signal
+    import time
+
+    import yaml
+
+    config_path = tmp_path / "c.yaml"
+    raw = _config(tiny_base, train={"epochs": 6}).model_dump(mode="json")
+    config_path.write_text(yaml.safe_dump(raw))
+    data = _data(tmp_path, "old.jsonl", "old_domain.jsonl", 200)
+    workspace = tmp_path / "ws"
+    command = [sys.executable, "-m", "ctloop", "run", "--config", str(config_path), "--data", str(data),
+               "--workspace", str(workspace)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(workspace.glob("cycles/*/cycle.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # like kill -9: no cleanup runs
+    victim.wait()
+    state = read_json(next(workspace.glob("cycles/*/cycle.json")))
+    assert "status" not in state  # it really died mid-way
+    assert not list(workspace.glob("cycles/*/adapter/adapter_model.safetensors"))
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming cycle" in resumed.stderr
+    registry = open_registry(config_from_dict(raw).registry, Workspace(workspace))
+    versions = registry.versions()
+    assert [v.version for v in versions] == [1]
+    assert versions[0].run_id == state["run_id"]  # the same MLflow run, continued

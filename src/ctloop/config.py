@@ -117,8 +117,9 @@ class CtloopConfig(Section):
 def load_config(path: str | Path, base_dir: Path | None = None) -> CtloopConfig:
     """Read and validate a YAML config file; raise ConfigError listing every problem at once.
 
-    A relative `model.base` or `workspace` is resolved against the config file's folder when that
-    path exists there, so a config works from any current directory.
+    A relative `workspace` is resolved against the config file's folder, and so is a relative
+    `model.base` when that folder exists there (otherwise it is taken as a hub id), so a config
+    means the same from any current directory.
     """
     import yaml
 
@@ -145,10 +146,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Pa
 
 
 def _resolve_relative_paths(config: CtloopConfig, base_dir: Path) -> CtloopConfig:
+    """Relative paths in a config file mean "next to this file", whatever the current directory."""
     base = Path(config.model.base)
     updates: dict[str, Any] = {}
-    if not base.is_absolute() and (base_dir / base).exists():
+    if not base.is_absolute() and (base_dir / base).exists():  # else it may be a hub id
         updates["model"] = config.model.model_copy(update={"base": str((base_dir / base).resolve())})
+    if config.workspace is not None and not config.workspace.is_absolute():
+        updates["workspace"] = (base_dir / config.workspace).resolve()
     return config.model_copy(update=updates) if updates else config
 
 

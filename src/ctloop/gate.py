@@ -57,10 +57,10 @@ def decide(means: dict[str, dict[str, float]], config: GateConfig, has_champion:
     new = means.get(NEW_SET, {})
     if CANDIDATE not in new or reference not in new:
         raise ValueError(f"gate needs '{CANDIDATE}' and '{reference}' scores on '{NEW_SET}', got {new}")
-    change = _relative_change(new[reference], new[CANDIDATE])
-    if change is None:
+    change, problem = _relative_change(reference, new[reference], new[CANDIDATE])
+    if problem:
         passed = False
-        reasons.append(f"new data: {reference} loss is ~0, relative change undefined; check the evaluation set")
+        reasons.append(f"new data: {problem}")
     else:
         improvement = -change
         metrics["new_improvement"] = improvement
@@ -73,10 +73,10 @@ def decide(means: dict[str, dict[str, float]], config: GateConfig, has_champion:
     if CANDIDATE not in old or reference not in old:
         reasons.append("old data: not checked - no past held-out data yet (first cycle, or replay disabled)")
     else:
-        change = _relative_change(old[reference], old[CANDIDATE])
-        if change is None:
+        change, problem = _relative_change(reference, old[reference], old[CANDIDATE])
+        if problem:
             passed = False
-            reasons.append(f"old data: {reference} loss is ~0, relative change undefined")
+            reasons.append(f"old data: {problem}")
         else:
             metrics["old_regression"] = change
             ok = change <= config.max_old_regression
@@ -86,7 +86,12 @@ def decide(means: dict[str, dict[str, float]], config: GateConfig, has_champion:
     return GateDecision(passed, reference, tuple(reasons), metrics)
 
 
-def _relative_change(reference: float, candidate: float) -> float | None:
-    if not math.isfinite(reference) or not math.isfinite(candidate) or abs(reference) < EPSILON:
-        return None
-    return (candidate - reference) / abs(reference)
+def _relative_change(name: str, reference: float, candidate: float) -> tuple[float, str]:
+    """(candidate - reference) / |reference|, or a problem that makes it undefined."""
+    if not math.isfinite(candidate):
+        return 0.0, f"candidate loss is {candidate}; training diverged - lower train.learning_rate"
+    if not math.isfinite(reference):
+        return 0.0, f"{name} loss is {reference}; check the {name} model and the evaluation set"
+    if abs(reference) < EPSILON:
+        return 0.0, f"{name} loss is ~0, relative change undefined; check the evaluation set"
+    return (candidate - reference) / abs(reference), ""

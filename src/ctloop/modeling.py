@@ -108,8 +108,8 @@ def token_budget_batches(lengths: list[int], batch_tokens: int, seed: int | None
     """Group example indices into batches whose padded size (rows x longest) fits `batch_tokens`.
 
     Examples are sorted by length inside shuffled windows, so batches carry little padding while
-    the order still varies per seed; batch order is shuffled too. `seed=None` keeps input order
-    (for evaluation, where order does not matter but reproducible batches help debugging).
+    the order still varies per seed; batch order is shuffled too. `seed=None` sorts all examples by
+    length, for the least padding (evaluation, where callers map results back by index).
     """
     order = list(range(len(lengths)))
     if seed is not None:

@@ -4,7 +4,7 @@
 
 The cycle key is a hash of the validated data's fingerprint, the config and the base model
 revision. A cycle writes everything into `cycles/<key>/`; a retried or repeated cycle re-uses what
-is already there (finished stages are not redone, the registry gains no duplicate version).
+is already there (a trained adapter is not trained again, the registry gains no duplicate version).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import html
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ctloop import __version__
@@ -27,7 +27,7 @@ from ctloop.registry import CHALLENGER, CHAMPION, Registry
 from ctloop.replay import ReplayBuffer, build_training_set
 from ctloop.reports import grouped_bars, line_chart, table, write_html
 from ctloop.train import TrainResult, train_adapter
-from ctloop.validate import validate_records
+from ctloop.validate import ValidationReport, validate_records
 from ctloop.workspace import Workspace, read_json, write_json
 
 SETTINGS_FILE = "ctloop.json"
@@ -78,46 +78,32 @@ def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace) -> Cy
     workspace.create()
     write_json(workspace.root / SETTINGS_FILE, {"registry": config.registry.model_dump(mode="json")})
     tokenizer = load_tokenizer(config.model)
-
-    # 1. validate (into a staging folder: the cycle key depends on the validated data)
-    staging = workspace.root / "incoming" / hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:12]
-    good, report = validate_records(
-        read_raw_rows(data_path), source=str(data_path), config=config.data,
-        max_seq_tokens=config.model.max_seq_tokens, count_tokens=token_counter(tokenizer),
-        quarantine_path=staging / "quarantine.jsonl")
     revision = base_model_revision(config.model)
-    cycle_id = hashlib.sha256(f"{report.fingerprint}|{config.training_hash()}|{revision}".encode()).hexdigest()[:16]
-    cycle_dir = workspace.cycle_dir(cycle_id)
-    cycle_dir.mkdir(parents=True, exist_ok=True)
-    shutil.move(staging / "quarantine.jsonl", cycle_dir / "quarantine.jsonl")
-    report = report.__class__(**{**report.to_dict(), "quarantine_path": str(cycle_dir / "quarantine.jsonl")})
-    write_json(cycle_dir / "validation.json", report.to_dict())
-    console.print(report.summary())
-    if not report.passed:
-        raise DataError(report.summary())
+    good, report, cycle_id, cycle_dir = _validate(config, data_path, workspace, tokenizer, revision)
 
     state_path = cycle_dir / "cycle.json"
     state = read_json(state_path) if state_path.is_file() else {}
     if state.get("status") in ("registered", "rejected"):
         console.print(f"cycle {cycle_id} already ran on this data and config: nothing to do")
         return CycleResult(**{**state["result"], "status": "already_done"})
-
     registry = open_registry(config.registry, workspace)
-    done = registry.find_by_cycle_key(cycle_id)
-    if done is not None:  # the registry has it, e.g. the workspace was lost after registering
-        console.print(f"cycle {cycle_id} is already registered as version {done.version}: nothing to do")
-        return CycleResult(cycle_id, "already_done", str(cycle_dir), done.run_id, done.version, None)
-
-    if "run_id" not in state:
+    if "run_id" in state:
+        console.print(f"resuming cycle {cycle_id}: finished stages are re-used, none is registered twice")
+    else:
+        done = registry.find_by_cycle_key(cycle_id)
+        if done is not None:  # registered from another workspace, or this one was lost and recreated
+            console.print(f"cycle {cycle_id} is already registered as version {done.version}: nothing to do")
+            return CycleResult(cycle_id, "already_done", str(cycle_dir), done.run_id, done.version, None)
         state = {"cycle_id": cycle_id, "data": str(data_path), "started": _now(),
                  "champion_before": registry.alias(CHAMPION),
                  "run_id": registry.start_run(f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id,
                                                                      "ctloop.data_fingerprint": report.fingerprint})}
         write_json(state_path, state)
-    run_id, champion = state["run_id"], state["champion_before"]
+
+    run_id = state["run_id"]
     try:
         result = _train_evaluate_register(config, workspace, registry, cycle_id, cycle_dir, good, report.fingerprint,
-                                          revision, run_id, champion, tokenizer)
+                                          revision, run_id, state["champion_before"], tokenizer)
     except BaseException:
         registry.end_run(run_id, "FAILED")
         raise
@@ -127,9 +113,34 @@ def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace) -> Cy
     return result
 
 
+def _validate(config: CtloopConfig, data_path: Path, workspace: Workspace, tokenizer,
+              revision: str) -> tuple[list[Record], ValidationReport, str, Path]:
+    """Validate into a staging folder (the cycle key depends on the validated data), then file the
+    report and quarantine under the cycle's folder. Raises DataError when a limit is crossed."""
+    staging = workspace.root / "incoming" / hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:12]
+    good, report = validate_records(
+        read_raw_rows(data_path), source=str(data_path), config=config.data,
+        max_seq_tokens=config.model.max_seq_tokens, count_tokens=token_counter(tokenizer),
+        quarantine_path=staging / "quarantine.jsonl")
+    cycle_id = hashlib.sha256(f"{report.fingerprint}|{config.training_hash()}|{revision}".encode()).hexdigest()[:16]
+    cycle_dir = workspace.cycle_dir(cycle_id)
+    cycle_dir.mkdir(parents=True, exist_ok=True)
+    quarantine = cycle_dir / "quarantine.jsonl"
+    shutil.move(staging / "quarantine.jsonl", quarantine)
+    shutil.rmtree(staging, ignore_errors=True)
+    report = replace(report, quarantine_path=str(quarantine))
+    write_json(cycle_dir / "validation.json", report.to_dict())
+    console.print(report.summary())
+    if not report.passed:
+        raise DataError(report.summary())
+    return good, report, cycle_id, cycle_dir
+
+
 def _train_evaluate_register(config: CtloopConfig, workspace: Workspace, registry: Registry, cycle_id: str,
                              cycle_dir: Path, good: list[Record], data_fingerprint: str, revision: str,
                              run_id: str, champion: int | None, tokenizer) -> CycleResult:
+    """Stages 2-7 for a validated cycle. A finished adapter from an interrupted attempt is re-used; the
+    other stages are deterministic and cheap, so they simply run again."""
     # 2. split the new data; mix in replay
     counts = token_counter(tokenizer)
     tokens = _token_counts(good, counts)

@@ -8,6 +8,7 @@ Reading never drops a row: each row comes back either parsed or with the reason 
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -100,7 +101,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             where = f"{path.name}:{number}"
             shown = line.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
             try:
-                text = line.decode("utf-8")
+                text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # tolerate a byte-order mark
             except UnicodeDecodeError as exc:
                 yield RawRow(where, shown, reason="invalid_utf8",
                              detail=f"byte {exc.start} is not valid UTF-8; re-encode the file as UTF-8")
@@ -120,7 +121,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 def _read_csv(path: Path) -> Iterator[RawRow]:
     # surrogateescape keeps undecodable bytes visible as lone surrogates, so a bad row is caught
     # and quarantined instead of failing the whole file.
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:
         where = f"{path.name}:{reader.line_num}"
@@ -179,9 +180,10 @@ def record_from_fields(fields: dict[str, Any]) -> Record:
     unknown = sorted(set(fields) - KNOWN_FIELDS)
     if unknown:
         raise BadRow("unknown_field", f"unknown field(s) {unknown}; allowed: {sorted(KNOWN_FIELDS)}")
-    if "messages" in fields and ("prompt" in fields or "completion" in fields):
-        raise BadRow("ambiguous_form", "give either prompt+completion or messages, not both")
-    if "messages" in fields:
+    # Columnar files (CSV, Parquet) give every row every column: null or "" there means "absent".
+    if fields.get("messages") is not None:
+        if any(fields.get(name) not in (None, "") for name in ("prompt", "completion")):
+            raise BadRow("ambiguous_form", "give either prompt+completion or messages, not both")
         prompt, completion = _from_messages(fields["messages"])
     else:
         for name in ("prompt", "completion"):
@@ -196,6 +198,8 @@ def record_from_fields(fields: dict[str, Any]) -> Record:
         value = fields.get(name)
         if value is None:
             continue
+        if isinstance(value, (datetime.date, datetime.time)):  # native Parquet timestamps
+            value = value.isoformat()
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise BadRow("wrong_type", f"'{name}' must be a string, got {type(value).__name__}")
         optional[name] = str(value)

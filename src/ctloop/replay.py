@@ -80,7 +80,10 @@ def build_training_set(new_train: list[Record], tokens: dict[str, int], buffer_r
     new_keys = {r.content_key() for r in new_train}
     new_tokens = sum(tokens[r.id] for r in new_train)
     candidates = [row for row in buffer_rows if row.split == "train" and row.record.content_key() not in new_keys]
-    holdout_pool = [row for row in buffer_rows if row.split == "holdout" and row.record.content_key() not in new_keys]
+    # Forgetting is measured only on rows no adapter trained on: not new rows, not any past train row.
+    trained_keys = new_keys | {row.record.content_key() for row in buffer_rows if row.split == "train"}
+    holdout_pool = [row for row in buffer_rows
+                    if row.split == "holdout" and row.record.content_key() not in trained_keys]
     target = round(new_tokens * config.ratio / (1 - config.ratio)) if config.enabled else 0
 
     rng.shuffle(candidates)

@@ -1,0 +1,214 @@
+"""The gate: a pure decision from mean losses and rules, with one reason per rule."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from ctloop.config import GateConfig
+from ctloop.gate import decide
+
+RULES = GateConfig(min_new_improvement=0.01, max_old_regression=0.02)
+
+
+def means(new_ref=2.0, new_cand=1.8, old_ref=1.0, old_cand=1.0, reference="champion"):
+    out = {"new_holdout": {reference: new_ref, "candidate": new_cand}}
+    if old_ref is not None:
+        out["replay_holdout"] = {reference: old_ref, "candidate": old_cand}
+    return out
+
+
+# -- with a champion -----------------------------------------------------------------------------
+
+def test_pass_when_new_improves_and_old_holds():
+    decision = decide(means(), RULES, has_champion=True)
+    assert decision.passed is True
+    assert decision.outcome == "PASS"
+    assert decision.reference == "champion"
+    assert decision.metrics == pytest.approx({"new_improvement": 0.1, "old_regression": 0.0})
+    assert decision.reasons == (
+        "new data: loss 2.0000 -> 1.8000, improvement +10.00% >= required +1.00%",
+        "old data: loss 1.0000 -> 1.0000, change +0.00% <= allowed +2.00%",
+    )
+
+
+@pytest.mark.parametrize(
+    ("new_cand", "passed", "fragment"),
+    [
+        (1.99, False, "improvement +0.50% < required +1.00%"),
+        (2.2, False, "improvement -10.00% < required +1.00%"),
+        (1.5, True, "improvement +25.00% >= required +1.00%"),
+    ],
+    ids=["too-small", "worse", "large"],
+)
+def test_new_data_threshold(new_cand, passed, fragment):
+    decision = decide(means(new_cand=new_cand), RULES, has_champion=True)
+    assert decision.passed is passed
+    assert fragment in decision.reasons[0]
+    assert f"-> {new_cand:.4f}" in decision.reasons[0]
+
+
+def test_new_data_threshold_is_inclusive():
+    rules = GateConfig(min_new_improvement=0.25)
+    decision = decide(means(new_ref=4.0, new_cand=3.0), rules, has_champion=True)
+    assert decision.passed is True
+    assert decision.metrics["new_improvement"] == 0.25
+
+
+def test_negative_threshold_accepts_a_small_loss_increase():
+    rules = GateConfig(min_new_improvement=-0.05)
+    assert decide(means(new_ref=2.0, new_cand=2.05), rules, has_champion=True).passed is True
+    assert decide(means(new_ref=2.0, new_cand=2.2), rules, has_champion=True).passed is False
+
+
+@pytest.mark.parametrize(
+    ("old_cand", "passed", "fragment"),
+    [
+        (1.05, False, "change +5.00% > allowed +2.00%"),
+        (1.015, True, "change +1.50% <= allowed +2.00%"),
+        (0.9, True, "change -10.00% <= allowed +2.00%"),
+    ],
+    ids=["regressed", "within", "improved"],
+)
+def test_old_data_regression(old_cand, passed, fragment):
+    decision = decide(means(old_ref=1.0, old_cand=old_cand), RULES, has_champion=True)
+    assert decision.passed is passed
+    assert decision.reasons[0].startswith("new data: ")  # new data passed either way
+    assert decision.reasons[1].startswith(f"old data: loss 1.0000 -> {old_cand:.4f}, ")
+    assert fragment in decision.reasons[1]
+    assert decision.metrics["old_regression"] == pytest.approx(old_cand - 1.0)
+
+
+def test_old_data_limit_is_inclusive():
+    rules = GateConfig(max_old_regression=0.125)
+    decision = decide(means(old_ref=4.0, old_cand=4.5), rules, has_champion=True)
+    assert decision.passed is True
+    assert decision.metrics["old_regression"] == 0.125
+    assert "change +12.50% <= allowed +12.50%" in decision.reasons[1]
+
+
+def test_both_rules_fail():
+    decision = decide(means(new_cand=2.0, old_cand=1.5), RULES, has_champion=True)
+    assert decision.passed is False
+    assert "< required" in decision.reasons[0]
+    assert "> allowed" in decision.reasons[1]
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [means(old_ref=None), {**means(old_ref=None), "replay_holdout": {"candidate": 1.0}},
+     {**means(old_ref=None), "replay_holdout": {}}],
+    ids=["set-absent", "reference-absent", "set-empty"],
+)
+def test_old_data_not_checked_without_replay_holdout(scores):
+    decision = decide(scores, RULES, has_champion=True)
+    assert decision.passed is True
+    assert len(decision.reasons) == 2
+    assert decision.reasons[1].startswith("old data: not checked")
+    assert "old_regression" not in decision.metrics
+
+
+def test_not_checked_old_data_does_not_rescue_a_failing_new_rule():
+    decision = decide(means(new_cand=2.0, old_ref=None), RULES, has_champion=True)
+    assert decision.passed is False
+
+
+def test_missing_new_scores_raise():
+    with pytest.raises(ValueError, match="'candidate' and 'champion' scores on 'new_holdout'"):
+        decide({"new_holdout": {"candidate": 1.0}}, RULES, has_champion=True)
+    with pytest.raises(ValueError):
+        decide({}, RULES, has_champion=True)
+
+
+# -- the first cycle -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("policy", "passed", "fragment"),
+    [("accept", True, "gate.first_cycle=accept"), ("reject", False, "gate.first_cycle=reject")],
+    ids=["accept", "reject"],
+)
+def test_first_cycle_accept_and_reject_need_no_scores(policy, passed, fragment):
+    decision = decide({}, GateConfig(first_cycle=policy), has_champion=False)
+    assert decision.passed is passed
+    assert decision.reference == "none"
+    assert len(decision.reasons) == 1
+    assert fragment in decision.reasons[0]
+    assert decision.metrics == {}
+
+
+@pytest.mark.parametrize(
+    ("new_cand", "passed"), [(1.8, True), (1.999, False)], ids=["beats-base", "does-not-beat-base"])
+def test_first_cycle_compare_to_base(new_cand, passed):
+    rules = GateConfig(first_cycle="compare_to_base", min_new_improvement=0.01)
+    decision = decide(means(new_cand=new_cand, old_ref=None, reference="base"), rules, has_champion=False)
+    assert decision.passed is passed
+    assert decision.reference == "base"
+    assert decision.reasons[0].startswith(f"new data: loss 2.0000 -> {new_cand:.4f}")
+    assert decision.reasons[1].startswith("old data: not checked")
+
+
+def test_champion_wins_over_first_cycle_policy():
+    for policy in ("accept", "reject", "compare_to_base"):
+        decision = decide(means(), GateConfig(first_cycle=policy), has_champion=True)
+        assert decision.reference == "champion"
+        assert decision.passed is True
+
+
+def test_compare_to_base_needs_base_scores():
+    with pytest.raises(ValueError, match="'base'"):
+        decide(means(), GateConfig(first_cycle="compare_to_base"), has_champion=False)
+
+
+# -- degenerate references -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("reference", [0.0, 1e-12, -1e-12], ids=["zero", "tiny", "tiny-negative"])
+def test_new_reference_near_zero_fails_with_reason(reference):
+    decision = decide(means(new_ref=reference, new_cand=0.5), RULES, has_champion=True)
+    assert decision.passed is False
+    assert decision.reasons[0] == ("new data: champion loss is ~0, relative change undefined; "
+                                   "check the evaluation set")
+    assert all(math.isfinite(v) for v in decision.metrics.values())
+    assert "new_improvement" not in decision.metrics
+
+
+def test_old_reference_near_zero_fails_with_reason():
+    decision = decide(means(old_ref=0.0, old_cand=0.1), RULES, has_champion=True)
+    assert decision.passed is False
+    assert decision.reasons[1] == "old data: champion loss is ~0, relative change undefined; check the evaluation set"
+    assert decision.metrics == pytest.approx({"new_improvement": 0.1})
+
+
+def test_non_finite_candidate_fails():
+    decision = decide(means(new_cand=float("nan")), RULES, has_champion=True)
+    assert decision.passed is False
+    assert all(math.isfinite(v) for v in decision.metrics.values())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_candidate_reason_names_the_candidate(value):
+    decision = decide(means(new_cand=value), RULES, has_champion=True)
+    assert "~0" not in decision.reasons[0]
+    assert str(value) in decision.reasons[0]
+
+
+# -- purity and output ---------------------------------------------------------------------------
+
+def test_decide_is_pure():
+    scores = means(new_cand=1.9, old_cand=1.01)
+    snapshot = copy.deepcopy(scores)
+    first = decide(scores, RULES, has_champion=True)
+    second = decide(scores, RULES, has_champion=True)
+    assert first == second
+    assert scores == snapshot
+
+
+def test_summary_and_dict():
+    decision = decide(means(), RULES, has_champion=True)
+    assert decision.summary() == "gate PASS (vs champion): " + "; ".join(decision.reasons)
+    as_dict = decision.to_dict()
+    assert as_dict["outcome"] == "PASS"
+    assert as_dict["passed"] is True
+    assert as_dict["reasons"] == decision.reasons
+    assert decide(means(new_cand=2.5), RULES, has_champion=True).summary().startswith("gate FAIL (vs champion): ")

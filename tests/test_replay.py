@@ -1,0 +1,227 @@
+"""The replay buffer (Parquet per cycle) and the token-sized training-set mix."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctloop.config import ReplayConfig
+from ctloop.records import Record
+from ctloop.replay import BufferRow, ReplayBuffer, build_training_set
+
+
+def rec(tag: str, i: int) -> Record:
+    return Record(id=f"{tag}-{i}", prompt=f"{tag} prompt {i}", completion=f" {tag} answer {i}")
+
+
+def buffer_rows(cycles=("c1", "c2"), n_train: int = 60, n_holdout: int = 20) -> list[BufferRow]:
+    rows = []
+    for cycle in cycles:
+        rows += [BufferRow(rec(f"{cycle}t", i), cycle, "train", 5 + i % 11) for i in range(n_train)]
+        rows += [BufferRow(rec(f"{cycle}h", i), cycle, "holdout", 7) for i in range(n_holdout)]
+    return rows
+
+
+NEW = [rec("new", i) for i in range(20)]
+NEW_TOKENS = {r.id: 10 for r in NEW}  # 200 new tokens
+BUFFER = buffer_rows()
+BY_ID = {row.record.id: row for row in BUFFER}
+TRAIN_IDS = {row.record.id for row in BUFFER if row.split == "train"}
+HOLDOUT_IDS = {row.record.id for row in BUFFER if row.split == "holdout"}
+
+
+def mix(ratio=0.25, seed=0, enabled=True, holdout_rows=200, new=NEW, tokens=NEW_TOKENS, rows=BUFFER):
+    config = ReplayConfig(enabled=enabled, ratio=ratio, holdout_rows=holdout_rows)
+    return build_training_set(new, tokens, rows, config, seed=seed)
+
+
+# -- the buffer ----------------------------------------------------------------------------------
+
+def test_add_cycle_twice_overwrites(tmp_path):
+    buffer = ReplayBuffer(tmp_path / "replay")
+    first = [rec("a", i) for i in range(3)]
+    second = [rec("b", i) for i in range(2)]
+    held = [rec("h", 0)]
+    tokens = {r.id: 4 for r in first + second + held}
+    buffer.add_cycle("c1", first, held, tokens)
+    path = buffer.add_cycle("c1", second, held, tokens)
+    assert path == tmp_path / "replay" / "cycle-c1.parquet"
+    rows = buffer.rows()
+    assert [(r.record.id, r.split) for r in rows] == [("b-0", "train"), ("b-1", "train"), ("h-0", "holdout")]
+    assert [p.name for p in (tmp_path / "replay").iterdir()] == ["cycle-c1.parquet"]
+    assert buffer.cycles() == ["c1"]
+
+
+def test_add_cycle_identical_twice_has_no_duplicate_rows(tmp_path):
+    buffer = ReplayBuffer(tmp_path)
+    train, held = [rec("a", i) for i in range(4)], [rec("h", i) for i in range(2)]
+    tokens = {r.id: 3 for r in train + held}
+    buffer.add_cycle("c1", train, held, tokens)
+    buffer.add_cycle("c1", train, held, tokens)
+    assert len(buffer.rows()) == 6
+
+
+def test_rows_round_trip_and_exclude_cycle(tmp_path):
+    buffer = ReplayBuffer(tmp_path)
+    c1_train, c1_held = [rec("x", 0), rec("x", 1)], [rec("xh", 0)]
+    c2_train, c2_held = [rec("y", 0)], [rec("yh", 0), rec("yh", 1)]
+    tokens = {r.id: n for n, r in enumerate(c1_train + c1_held + c2_train + c2_held, start=10)}
+    buffer.add_cycle("c2", c2_train, c2_held, tokens)
+    buffer.add_cycle("c1", c1_train, c1_held, tokens)
+    assert buffer.cycles() == ["c1", "c2"]
+    everything = buffer.rows()
+    assert everything == [
+        BufferRow(rec("x", 0), "c1", "train", 10), BufferRow(rec("x", 1), "c1", "train", 11),
+        BufferRow(rec("xh", 0), "c1", "holdout", 12), BufferRow(rec("y", 0), "c2", "train", 13),
+        BufferRow(rec("yh", 0), "c2", "holdout", 14), BufferRow(rec("yh", 1), "c2", "holdout", 15),
+    ]
+    assert [r.record.id for r in buffer.rows(exclude_cycle="c1")] == ["y-0", "yh-0", "yh-1"]
+    assert [r.record.id for r in buffer.rows(exclude_cycle="c2")] == ["x-0", "x-1", "xh-0"]
+    assert buffer.rows(exclude_cycle="nope") == everything
+
+
+def test_empty_buffer(tmp_path):
+    buffer = ReplayBuffer(tmp_path / "missing")
+    assert buffer.rows() == []
+    assert buffer.cycles() == []
+
+
+# -- the mix: sizes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75], ids=["0.1", "0.25", "0.5", "0.75"])
+def test_replayed_tokens_reach_target_within_one_row(ratio):
+    m = mix(ratio=ratio).manifest
+    target = round(200 * ratio / (1 - ratio))
+    assert m["target_replay_tokens"] == target
+    replayed = [BY_ID[entry["id"]].n_tokens for entry in m["replayed"]]
+    assert m["replayed_tokens"] == sum(replayed)
+    assert sum(replayed) >= target
+    assert sum(replayed[:-1]) < target  # stops as soon as the target is reached
+    assert sum(replayed) - target < max(replayed)
+    assert m["total_tokens"] == 200 + m["replayed_tokens"]
+    assert m["new_tokens"] == 200
+    assert m["new_rows"] == 20
+
+
+def test_replayed_share_of_tokens_is_close_to_ratio():
+    m = mix(ratio=0.5).manifest
+    assert m["replayed_tokens"] / m["total_tokens"] == pytest.approx(0.5, abs=15 / m["total_tokens"])
+
+
+def test_small_buffer_is_replayed_entirely():
+    rows = buffer_rows(cycles=("c1",), n_train=5, n_holdout=2)
+    available = sum(r.n_tokens for r in rows if r.split == "train")
+    m = mix(ratio=0.9, rows=rows).manifest
+    assert m["target_replay_tokens"] == 1800 > available
+    assert m["replayed_rows"] == 5
+    assert m["replayed_tokens"] == available
+
+
+def test_training_set_is_new_plus_replayed():
+    ts = mix(ratio=0.5)
+    replayed_ids = [entry["id"] for entry in ts.manifest["replayed"]]
+    assert len(ts.records) == 20 + len(replayed_ids)
+    assert sorted(r.id for r in ts.records) == sorted([r.id for r in NEW] + replayed_ids)
+    assert {r.id: r for r in ts.records if r.id in BY_ID} == {i: BY_ID[i].record for i in replayed_ids}
+    assert ts.manifest["replayed_rows"] == len(replayed_ids)
+
+
+# -- the mix: which rows ---------------------------------------------------------------------------
+
+def test_only_train_rows_replayed_and_holdout_only_from_holdout():
+    ts = mix(ratio=0.9)  # target 1800 > all train tokens: every train row is replayed
+    replayed = {entry["id"] for entry in ts.manifest["replayed"]}
+    assert replayed == TRAIN_IDS
+    holdout = [r.id for r in ts.replay_holdout]
+    assert set(holdout) <= HOLDOUT_IDS
+    assert len(holdout) == len(set(holdout)) == 40
+    assert ts.manifest["replay_holdout"] == holdout
+    assert not {r.id for r in ts.records} & HOLDOUT_IDS
+
+
+def test_replay_holdout_is_capped_by_holdout_rows():
+    ts = mix(holdout_rows=7)
+    assert len(ts.replay_holdout) == 7
+    assert {r.id for r in ts.replay_holdout} <= HOLDOUT_IDS
+    assert mix(holdout_rows=0).replay_holdout == []
+
+
+def test_rows_identical_to_new_rows_are_never_replayed():
+    twins = [Record(id=f"twin-{i}", prompt=f"  {r.prompt} ", completion=r.completion + "\n")
+             for i, r in enumerate(NEW[:5])]
+    rows = BUFFER + [BufferRow(t, "c1", "train", 1) for t in twins[:3]] + \
+        [BufferRow(t, "c2", "holdout", 1) for t in twins[3:]]
+    ts = mix(ratio=0.9, rows=rows)
+    replayed = {entry["id"] for entry in ts.manifest["replayed"]}
+    assert replayed == TRAIN_IDS  # everything else was taken, the twins were not
+    assert not any(r.id.startswith("twin-") for r in ts.records + ts.replay_holdout)
+    assert len(ts.replay_holdout) == 40
+
+
+def test_replay_holdout_never_overlaps_the_training_set():
+    twin = Record(id="c2t-twin", prompt=rec("c1h", 0).prompt, completion=rec("c1h", 0).completion)
+    rows = BUFFER + [BufferRow(twin, "c2", "train", 3)]  # c1's held-out row came back as c2 training data
+    ts = mix(ratio=0.9, rows=rows)
+    assert "c2t-twin" in {r.id for r in ts.records}
+    trained = {r.content_key() for r in ts.records}
+    assert [r.id for r in ts.replay_holdout if r.content_key() in trained] == []
+
+
+# -- the mix: seeds, switches, manifest ----------------------------------------------------------
+
+def test_same_seed_same_manifest():
+    a, b = mix(ratio=0.5, seed=3), mix(ratio=0.5, seed=3)
+    assert a.manifest == b.manifest
+    assert [r.id for r in a.records] == [r.id for r in b.records]
+    assert [r.id for r in a.replay_holdout] == [r.id for r in b.replay_holdout]
+
+
+def test_different_seed_different_sample():
+    a, b = mix(ratio=0.25, seed=0).manifest, mix(ratio=0.25, seed=1).manifest
+    assert {e["id"] for e in a["replayed"]} != {e["id"] for e in b["replayed"]}
+    assert a["replay_holdout"] != b["replay_holdout"]
+    assert (a["seed"], b["seed"]) == (0, 1)
+
+
+def test_ratio_zero_replays_nothing():
+    ts = mix(ratio=0.0)
+    assert ts.manifest["replayed"] == []
+    assert ts.manifest["replayed_tokens"] == 0
+    assert ts.manifest["target_replay_tokens"] == 0
+    assert sorted(r.id for r in ts.records) == sorted(r.id for r in NEW)
+    assert len(ts.replay_holdout) == 40  # forgetting is still measured
+
+
+def test_disabled_replays_nothing():
+    ts = mix(ratio=0.5, enabled=False)
+    assert ts.manifest["replayed"] == []
+    assert ts.manifest["replayed_tokens"] == 0
+    assert ts.manifest["ratio"] == 0.0
+    assert ts.replay_holdout == []
+    assert sorted(r.id for r in ts.records) == sorted(r.id for r in NEW)
+
+
+def test_empty_buffer_replays_nothing():
+    ts = mix(ratio=0.5, rows=[])
+    assert ts.manifest["replayed"] == []
+    assert ts.manifest["buffer_cycles"] == []
+    assert ts.replay_holdout == []
+    assert len(ts.records) == 20
+
+
+def test_manifest_lists_ids_with_their_cycle():
+    m = mix(ratio=0.5).manifest
+    assert m["replayed"]
+    assert all(set(entry) == {"id", "cycle"} for entry in m["replayed"])
+    assert all(entry["cycle"] == BY_ID[entry["id"]].cycle_id for entry in m["replayed"])
+    assert {entry["cycle"] for entry in m["replayed"]} == {"c1", "c2"}
+    assert m["buffer_cycles"] == ["c1", "c2"]
+    assert m["ratio"] == 0.5
+    assert m["seed"] == 0
+
+
+def test_summary_names_the_counts():
+    ts = mix(ratio=0.5)
+    m = ts.manifest
+    assert ts.summary() == (f"training set: 20 new + {m['replayed_rows']} replayed rows "
+                            f"({m['replayed_tokens']} of {m['total_tokens']} tokens replayed, target ratio 0.5); "
+                            f"replay holdout 40 rows")
