@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 
 from ctloop.config import GateConfig
@@ -13,10 +14,15 @@ from ctloop.gate import decide
 RULES = GateConfig(min_new_improvement=0.01, max_old_regression=0.02)
 
 
-def means(new_ref=2.0, new_cand=1.8, old_ref=1.0, old_cand=1.0, reference="champion"):
-    out = {"new_holdout": {reference: new_ref, "candidate": new_cand}}
+N = 40  # examples per set: above the default gate.min_examples
+
+
+def means(new_ref=2.0, new_cand=1.8, old_ref=1.0, old_cand=1.0, reference="champion", n=N):
+    """Per-example losses, constant within a set: the bootstrap interval collapses to the point
+    estimate, so these tests pin the rule arithmetic; the statistics have their own tests below."""
+    out = {"new_holdout": {reference: [new_ref] * n, "candidate": [new_cand] * n}}
     if old_ref is not None:
-        out["replay_holdout"] = {reference: old_ref, "candidate": old_cand}
+        out["replay_holdout"] = {reference: [old_ref] * n, "candidate": [old_cand] * n}
     return out
 
 
@@ -27,19 +33,20 @@ def test_pass_when_new_improves_and_old_holds():
     assert decision.passed is True
     assert decision.outcome == "PASS"
     assert decision.reference == "champion"
-    assert decision.metrics == pytest.approx({"new_improvement": 0.1, "old_regression": 0.0})
+    assert decision.metrics == pytest.approx({"new_improvement": 0.1, "new_improvement_bound": 0.1,
+                                              "old_regression": 0.0, "old_regression_bound": 0.0})
     assert decision.reasons == (
-        "new data: loss 2.0000 -> 1.8000, improvement +10.00% >= required +1.00%",
-        "old data: loss 1.0000 -> 1.0000, change +0.00% <= allowed +2.00%",
+        "new data: loss 2.0000 -> 1.8000, improvement +10.00% (95% lower bound +10.00%, n=40) >= required +1.00%",
+        "old data: loss 1.0000 -> 1.0000, change +0.00% (95% upper bound +0.00%, n=40) <= allowed +2.00%",
     )
 
 
 @pytest.mark.parametrize(
     ("new_cand", "passed", "fragment"),
     [
-        (1.99, False, "improvement +0.50% < required +1.00%"),
-        (2.2, False, "improvement -10.00% < required +1.00%"),
-        (1.5, True, "improvement +25.00% >= required +1.00%"),
+        (1.99, False, "improvement +0.50% (95% lower bound +0.50%, n=40) < required +1.00%"),
+        (2.2, False, "improvement -10.00% (95% lower bound -10.00%, n=40) < required +1.00%"),
+        (1.5, True, "improvement +25.00% (95% lower bound +25.00%, n=40) >= required +1.00%"),
     ],
     ids=["too-small", "worse", "large"],
 )
@@ -66,9 +73,9 @@ def test_negative_threshold_accepts_a_small_loss_increase():
 @pytest.mark.parametrize(
     ("old_cand", "passed", "fragment"),
     [
-        (1.05, False, "change +5.00% > allowed +2.00%"),
-        (1.015, True, "change +1.50% <= allowed +2.00%"),
-        (0.9, True, "change -10.00% <= allowed +2.00%"),
+        (1.05, False, "change +5.00% (95% upper bound +5.00%, n=40) > allowed +2.00%"),
+        (1.015, True, "change +1.50% (95% upper bound +1.50%, n=40) <= allowed +2.00%"),
+        (0.9, True, "change -10.00% (95% upper bound -10.00%, n=40) <= allowed +2.00%"),
     ],
     ids=["regressed", "within", "improved"],
 )
@@ -86,7 +93,7 @@ def test_old_data_limit_is_inclusive():
     decision = decide(means(old_ref=4.0, old_cand=4.5), rules, has_champion=True)
     assert decision.passed is True
     assert decision.metrics["old_regression"] == 0.125
-    assert "change +12.50% <= allowed +12.50%" in decision.reasons[1]
+    assert "change +12.50% (95% upper bound +12.50%, n=40) <= allowed +12.50%" in decision.reasons[1]
 
 
 def test_both_rules_fail():
@@ -98,7 +105,7 @@ def test_both_rules_fail():
 
 @pytest.mark.parametrize(
     "scores",
-    [means(old_ref=None), {**means(old_ref=None), "replay_holdout": {"candidate": 1.0}},
+    [means(old_ref=None), {**means(old_ref=None), "replay_holdout": {"candidate": [1.0] * N}},
      {**means(old_ref=None), "replay_holdout": {}}],
     ids=["set-absent", "reference-absent", "set-empty"],
 )
@@ -116,8 +123,8 @@ def test_not_checked_old_data_does_not_rescue_a_failing_new_rule():
 
 
 def test_missing_new_scores_raise():
-    with pytest.raises(ValueError, match="'candidate' and 'champion' scores on 'new_holdout'"):
-        decide({"new_holdout": {"candidate": 1.0}}, RULES, has_champion=True)
+    with pytest.raises(ValueError, match="'candidate' and 'champion' losses on 'new_holdout'"):
+        decide({"new_holdout": {"candidate": [1.0] * N}}, RULES, has_champion=True)
     with pytest.raises(ValueError):
         decide({}, RULES, has_champion=True)
 
@@ -177,7 +184,7 @@ def test_old_reference_near_zero_fails_with_reason():
     decision = decide(means(old_ref=0.0, old_cand=0.1), RULES, has_champion=True)
     assert decision.passed is False
     assert decision.reasons[1] == "old data: champion loss is ~0, relative change undefined; check the evaluation set"
-    assert decision.metrics == pytest.approx({"new_improvement": 0.1})
+    assert decision.metrics == pytest.approx({"new_improvement": 0.1, "new_improvement_bound": 0.1})
 
 
 def test_non_finite_candidate_fails():
@@ -212,3 +219,61 @@ def test_summary_and_dict():
     assert as_dict["passed"] is True
     assert as_dict["reasons"] == decision.reasons
     assert decide(means(new_cand=2.5), RULES, has_champion=True).summary().startswith("gate FAIL (vs champion): ")
+
+
+# -- statistics: paired bootstrap bounds and minimum sizes ----------------------------------------
+
+def noisy(center: float, spread: float, n: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return (center + spread * rng.standard_normal(n)).tolist()
+
+
+def test_a_point_estimate_above_the_margin_is_not_enough():
+    # Mean improvement exactly 3%, but per-example noise of 30%: the lower bound is below +1%.
+    ref = np.array(noisy(2.0, 0.6, 60, seed=1))
+    noise = np.array(noisy(0.0, 0.6, 60, seed=2))
+    cand = ref * 0.97 + (noise - noise.mean())
+    scores = {"new_holdout": {"champion": ref.tolist(), "candidate": cand.tolist()}}
+    decision = decide(scores, RULES, has_champion=True)
+    rule = decision.rules[0]
+    assert rule.estimate == pytest.approx(0.03)
+    assert rule.bound < 0.01  # the bound, not the point estimate, decides
+    assert decision.outcome == "FAIL"
+    assert "95% lower bound" in decision.reasons[0]
+
+
+def test_a_consistent_paired_improvement_passes_despite_noisy_examples():
+    # Examples vary a lot, but the candidate is 5% better on every one: pairing sees it.
+    ref = [abs(x) + 0.5 for x in noisy(2.0, 1.0, 60, seed=3)]
+    cand = [x * 0.95 for x in ref]
+    decision = decide({"new_holdout": {"champion": ref, "candidate": cand}}, RULES, has_champion=True)
+    assert decision.outcome == "PASS"
+    assert decision.rules[0].bound == pytest.approx(0.05, abs=1e-9)
+
+
+def test_too_few_examples_is_inconclusive_not_pass():
+    decision = decide(means(new_cand=1.0, n=10), GateConfig(min_examples=30), has_champion=True)
+    assert decision.outcome == "INCONCLUSIVE" and decision.passed is False
+    assert "10 examples < gate.min_examples=30" in decision.reasons[0]
+
+
+def test_fail_wins_over_inconclusive():
+    scores = means(new_cand=2.5, old_ref=None)
+    scores["replay_holdout"] = {"champion": [1.0] * 5, "candidate": [1.0] * 5}
+    decision = decide(scores, RULES, has_champion=True)
+    assert decision.outcome == "FAIL"
+
+
+def test_bootstrap_is_seeded_and_reproducible():
+    ref = noisy(2.0, 0.5, 50, seed=4)
+    cand = noisy(1.9, 0.5, 50, seed=5)
+    scores = {"new_holdout": {"champion": ref, "candidate": cand}}
+    first = decide(scores, RULES, has_champion=True)
+    assert first.rules[0].bound == decide(scores, RULES, has_champion=True).rules[0].bound
+    other = decide(scores, GateConfig(min_new_improvement=0.01, seed=1), has_champion=True)
+    assert other.rules[0].bound != first.rules[0].bound
+
+
+def test_unpaired_sets_are_refused():
+    with pytest.raises(ValueError, match="different examples"):
+        decide({"new_holdout": {"champion": [1.0] * 40, "candidate": [1.0] * 39}}, RULES, has_champion=True)

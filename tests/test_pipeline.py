@@ -24,11 +24,12 @@ def _config(base: Path, **overrides):
     raw = {
         "model": {"base": str(base), "max_seq_tokens": 96},
         "data": {"min_rows": 20, "holdout_fraction": 0.15},
+        "drift": {"embedder": "base_model", "text": "both", "permutations": 200, "min_rows": 20},
         "replay": {"ratio": 0.4, "holdout_rows": 40},
         "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 512, "log_every": 2},
         "eval": {"batch_tokens": 2048},
         # Permissive thresholds: these tests check the mechanics; the gate rules have their own tests.
-        "gate": {"min_new_improvement": 0.0, "max_old_regression": 1.0},
+        "gate": {"min_new_improvement": 0.0, "max_old_regression": 1.0, "min_examples": 10},
         "registry": {"model_name": "test-adapter", "experiment": "test"},
     }
     for section, values in overrides.items():
@@ -79,6 +80,32 @@ def test_second_cycle_replays_old_data_and_measures_forgetting(two_cycles):
     assert set(manifest["replay_holdout"]) <= first_holdout  # forgetting is measured on unseen rows
     registry = open_registry(config.registry, workspace)
     assert registry.alias(CHALLENGER) == 2 and registry.alias(CHAMPION) == 1
+
+
+def test_drift_triggered_the_second_cycle_and_is_reported(two_cycles):
+    _, _, first, second, _ = two_cycles
+    assert first.trigger.startswith("no champion yet")
+    assert second.trigger.startswith("drift detected")
+    drift = read_json(Path(second.cycle_dir) / "drift.json")
+    assert drift["outcome"] == "drift" and {d["name"] for d in drift["detectors"]} == {"mmd", "mean"}
+    assert "<svg" in (Path(second.cycle_dir) / "drift.html").read_text()
+
+
+def test_data_like_the_champions_is_not_trained_on_unless_forced(two_cycles, tmp_path):
+    import shutil
+
+    original, config, _, _, _ = two_cycles
+    workspace = Workspace(tmp_path / "ws")  # a copy, so the other tests see the two cycles' registry
+    shutil.copytree(original.root, workspace.root)
+    same_domain = tmp_path / "more_old.jsonl"
+    same_domain.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl", 400)[200:]) + b"\n")
+    registry = open_registry(config.registry, workspace)
+    versions_before = [v.version for v in registry.versions()]
+    skipped = run_cycle(config, same_domain, workspace)
+    assert skipped.status == "skipped" and skipped.trigger.startswith("no drift detected")
+    assert [v.version for v in registry.versions()] == versions_before
+    forced = run_cycle(config, same_domain, workspace, force=True)
+    assert forced.trained and forced.trigger == "forced (--force)"
 
 
 def _jsonl_ids(parquet: Path) -> list[dict]:

@@ -27,15 +27,35 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="ctloo
 @app.command()
 def run(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
         data: Annotated[Path, typer.Option("--data", "-d", help="new records: .jsonl, .parquet or .csv")],
-        workspace: WorkspaceOption = None) -> None:
-    """Run one cycle: validate, replay mix, train, evaluate, gate, register."""
+        workspace: WorkspaceOption = None,
+        force: Annotated[bool, typer.Option("--force", help="train even without drift")] = False) -> None:
+    """Run one cycle: validate, check drift, replay mix, train, evaluate, gate, register."""
     from ctloop.config import load_config
     from ctloop.pipeline import run_cycle
     from ctloop.workspace import resolve_workspace
 
     cfg = load_config(config)
-    result = run_cycle(cfg, data, resolve_workspace(workspace, cfg))
+    result = run_cycle(cfg, data, resolve_workspace(workspace, cfg), force=force)
     console.print(result.summary())
+
+
+@app.command()
+def drift(reference: Annotated[Path, typer.Option(help="reference records (.jsonl, .parquet, .csv)")],
+          current: Annotated[Path, typer.Option(help="current records to compare")],
+          config: ConfigOption = None,
+          as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+          report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None) -> None:
+    """Test whether CURRENT is distributed like REFERENCE. Exit 0: no drift, 3: drift, 2: error."""
+    from ctloop.drift_check import check_files
+
+    result = check_files(reference, current, config, report)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(result["summary"])
+        for reason in result["reasons"]:
+            console.print(f"  {reason}")
+    raise typer.Exit(3 if result["drift"] else 0)
 
 
 @app.command()

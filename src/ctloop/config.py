@@ -50,6 +50,30 @@ class ReplayConfig(Section):
     holdout_rows: int = Field(200, ge=0, description="past held-out rows used to measure forgetting")
 
 
+class DriftConfig(Section):
+    """The trigger: embed new and reference data, run calibrated two-sample tests, decide.
+
+    The reference is the champion's training data (from the registry lineage) unless `reference`
+    names a file. No champion yet: the cycle trains.
+    """
+
+    enabled: bool = True
+    embedder: str = Field("minilm", min_length=1, description="minilm | base_model | a sentence-transformers path or id")
+    text: Literal["prompt", "completion", "both"] = "prompt"
+    detectors: list[Literal["mean", "mmd", "rff_mmd", "pca_ks", "classifier"]] = Field(
+        default_factory=lambda: ["mmd", "mean"], min_length=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    permutations: int = Field(500, ge=19, le=100_000)
+    min_rows: int = Field(50, ge=5, description="fewest rows per side for a decision")
+    max_rows: int = Field(5000, ge=10, description="larger sides are subsampled (seeded) to this many rows")
+    pca_components: int = Field(10, ge=1)
+    rff_features: int = Field(1024, ge=16)
+    reference: Path | None = Field(None, description="explicit reference file; default: the champion's training data")
+    cooldown_hours: float = Field(0.0, ge=0, description="after a training, ignore drift for this long")
+    retrain_after_days: float | None = Field(None, gt=0, description="train anyway when the last training is older")
+    seed: int = 0
+
+
 class LoraConfig(Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
@@ -76,11 +100,16 @@ class GateConfig(Section):
     """Rules the candidate must meet against the champion (mean token loss, lower is better).
 
     Changes are relative: (champion - candidate) / champion on new data must be at least
-    `min_new_improvement`; (candidate - champion) / champion on old data at most `max_old_regression`.
+    `min_new_improvement`; (candidate - champion) / champion on old data at most `max_old_regression`;
+    each on its one-sided paired-bootstrap bound at `confidence`, not on the point estimate.
     """
 
     min_new_improvement: float = Field(0.01, ge=-1, lt=1)
     max_old_regression: float = Field(0.02, ge=0, lt=10)
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided level of the paired-bootstrap bound")
+    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
+    min_examples: int = Field(30, ge=1, description="fewer examples in an evaluation set: INCONCLUSIVE")
+    seed: int = 0
     first_cycle: Literal["compare_to_base", "accept", "reject"] = Field(
         "compare_to_base", description="what to compare against when there is no champion yet"
     )
@@ -101,6 +130,7 @@ class CtloopConfig(Section):
     workspace: Path | None = None
     model: ModelConfig
     data: DataConfig = DataConfig()
+    drift: DriftConfig = DriftConfig()
     replay: ReplayConfig = ReplayConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
@@ -153,6 +183,9 @@ def _resolve_relative_paths(config: CtloopConfig, base_dir: Path) -> CtloopConfi
         updates["model"] = config.model.model_copy(update={"base": str((base_dir / base).resolve())})
     if config.workspace is not None and not config.workspace.is_absolute():
         updates["workspace"] = (base_dir / config.workspace).resolve()
+    reference = config.drift.reference
+    if reference is not None and not reference.is_absolute():
+        updates["drift"] = config.drift.model_copy(update={"reference": (base_dir / reference).resolve()})
     return config.model_copy(update=updates) if updates else config
 
 

@@ -88,9 +88,9 @@ def _print_story(first, second, registry, workspace: Workspace, config_path: Pat
             before, after = by_model[reference], by_model["candidate"]
             losses.add_row(label, reference, f"{before:.3f}", f"{after:.3f}", f"{(after - before) / before:+.1%}")
     out.print(losses)
-    gates = Table("cycle", "gate", "reasons", title="gate decisions")
+    gates = Table("cycle", "trigger", "gate", "reasons", title="trigger and gate decisions")
     for name, result in (("1", first), ("2", second)):
-        gates.add_row(name, result.gate.get("outcome", "?"), "\n".join(result.gate.get("reasons", [])))
+        gates.add_row(name, result.trigger, result.gate.get("outcome", "?"), "\n".join(result.gate.get("reasons", [])))
     out.print(gates)
     versions = Table("version", "aliases", "cycle", "parent", "data fingerprint", title=f"registry: {registry.model_name}")
     for v in registry.versions():
@@ -101,7 +101,21 @@ def _print_story(first, second, registry, workspace: Workspace, config_path: Pat
     out.print(f"cycle 2 quarantined {sum(quarantined.values())} bad rows {quarantined} -> "
               f"{second.validation.get('quarantine_path')}")
     out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
+    exe = _how_ctloop_was_called()
     out.print("next steps:")
-    out.print(f"  ctloop status --workspace {workspace.root}")
-    out.print(f"  ctloop run --config {config_path} --data your-data.jsonl --workspace {workspace.root}")
-    out.print(f"  mlflow ui --backend-store-uri {registry.tracking_uri}   # then open http://127.0.0.1:5000")
+    out.print(f"  {exe} status --workspace {workspace.root}")
+    out.print(f"  {exe} run --config {config_path} --data your-data.jsonl --workspace {workspace.root}")
+    mlflow = str(Path(exe).with_name("mlflow")) if "/" in exe else "mlflow"
+    out.print(f"  {mlflow} ui --backend-store-uri {registry.tracking_uri}   # then open http://127.0.0.1:5000")
+
+
+def _how_ctloop_was_called() -> str:
+    """`.venv/bin/ctloop` when run from a venv that is not on PATH, else plain `ctloop`."""
+    import os
+    import shutil as sh
+    import sys
+
+    called = Path(sys.argv[0])
+    if called.name != "ctloop" or sh.which("ctloop") == str(called.resolve()):
+        return "ctloop"
+    return os.path.relpath(called) if called.is_absolute() else str(called)

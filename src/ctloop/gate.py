@@ -1,8 +1,13 @@
-"""The gate: a pure function from evaluation means and rules to a decision with reasons.
+"""The gate: a pure function from per-example losses and rules to PASS, FAIL or INCONCLUSIVE.
 
-Scores are mean token losses (lower is better). Changes are relative to the reference:
-    improvement on new data  = (reference - candidate) / reference   must be >= min_new_improvement
-    regression on old data   = (candidate - reference) / reference   must be <= max_old_regression
+Scores are per-example mean token losses (lower is better) of the candidate and the reference on
+the same examples. Changes are relative to the reference, defined as (candidate - reference) /
+|reference| of the mean losses:
+    improvement on new data = -change   must be >= min_new_improvement
+    regression on old data  = change    must be <= max_old_regression
+A point estimate is not enough: fine-tuning runs with different seeds differ by 1-2%, so a rule
+passes only when its one-sided paired-bootstrap confidence bound (resampling examples, the same
+resample for both models) clears the margin. Fewer than `min_examples` examples: INCONCLUSIVE.
 The reference is the champion; with no champion, `first_cycle` decides: compare to the bare base
 model, accept, or reject.
 """
@@ -12,86 +17,133 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from ctloop.config import GateConfig
 
 NEW_SET = "new_holdout"
 OLD_SET = "replay_holdout"
 CANDIDATE = "candidate"
 EPSILON = 1e-9
+PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    name: str
+    outcome: str
+    reason: str
+    estimate: float = float("nan")
+    bound: float = float("nan")
+    n: int = 0
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    passed: bool
+    outcome: str
     reference: str  # "champion", "base" or "none"
     reasons: tuple[str, ...]
     metrics: dict[str, float] = field(default_factory=dict)
+    rules: tuple[RuleResult, ...] = ()
 
     @property
-    def outcome(self) -> str:
-        return "PASS" if self.passed else "FAIL"
+    def passed(self) -> bool:
+        return self.outcome == PASS
 
     def summary(self) -> str:
         return f"gate {self.outcome} (vs {self.reference}): " + "; ".join(self.reasons)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "outcome": self.outcome}
+        return {**asdict(self), "passed": self.passed}
 
 
-def decide(means: dict[str, dict[str, float]], config: GateConfig, has_champion: bool) -> GateDecision:
-    """Apply the gate rules to `means[eval_set][model]`; every rule adds one reason."""
+def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_champion: bool) -> GateDecision:
+    """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason."""
     if has_champion:
         reference = "champion"
     elif config.first_cycle == "accept":
-        return GateDecision(True, "none", ("first cycle (no champion yet): gate.first_cycle=accept",))
+        return GateDecision(PASS, "none", ("first cycle (no champion yet): gate.first_cycle=accept",))
     elif config.first_cycle == "reject":
-        return GateDecision(False, "none", ("first cycle (no champion yet): gate.first_cycle=reject; "
-                                            "register a champion by hand or change the policy",))
+        return GateDecision(FAIL, "none", ("first cycle (no champion yet): gate.first_cycle=reject; "
+                                           "register a champion by hand or change the policy",))
     else:
         reference = "base"
 
-    reasons: list[str] = []
-    metrics: dict[str, float] = {}
-    passed = True
-
-    new = means.get(NEW_SET, {})
+    new = losses.get(NEW_SET, {})
     if CANDIDATE not in new or reference not in new:
-        raise ValueError(f"gate needs '{CANDIDATE}' and '{reference}' scores on '{NEW_SET}', got {new}")
-    change, problem = _relative_change(reference, new[reference], new[CANDIDATE])
-    if problem:
-        passed = False
-        reasons.append(f"new data: {problem}")
+        raise ValueError(f"gate needs '{CANDIDATE}' and '{reference}' losses on '{NEW_SET}', got {sorted(new)}")
+    rules = [_rule("new data", new[reference], new[CANDIDATE], reference, config, sign=-1.0,
+                   margin=config.min_new_improvement)]
+    old = losses.get(OLD_SET, {})
+    if CANDIDATE in old and reference in old and old[CANDIDATE]:
+        rules.append(_rule("old data", old[reference], old[CANDIDATE], reference, config, sign=1.0,
+                           margin=config.max_old_regression))
     else:
-        improvement = -change
-        metrics["new_improvement"] = improvement
-        ok = improvement >= config.min_new_improvement
-        passed &= ok
-        reasons.append(f"new data: loss {new[reference]:.4f} -> {new[CANDIDATE]:.4f}, improvement "
-                       f"{improvement:+.2%} {'>=' if ok else '<'} required {config.min_new_improvement:+.2%}")
+        rules.append(RuleResult("old data", PASS, "old data: not checked - no past held-out data yet "
+                                                  "(first cycle, or replay disabled)"))
+    outcomes = {r.outcome for r in rules}
+    outcome = FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
+    metrics: dict[str, float] = {}
+    for rule, key in zip(rules, ("new_improvement", "old_regression"), strict=True):
+        if math.isfinite(rule.estimate):
+            metrics[key] = rule.estimate
+            metrics[f"{key}_bound"] = rule.bound
+    return GateDecision(outcome, reference, tuple(r.reason for r in rules), metrics, tuple(rules))
 
-    old = means.get(OLD_SET, {})
-    if CANDIDATE not in old or reference not in old:
-        reasons.append("old data: not checked - no past held-out data yet (first cycle, or replay disabled)")
+
+def _rule(name: str, reference_losses: list[float], candidate_losses: list[float], reference: str,
+          config: GateConfig, sign: float, margin: float) -> RuleResult:
+    """One paired rule. sign=-1: the improvement (-change) must reach `margin` (checked on its lower
+    bound); sign=+1: the regression (change) must stay within `margin` (checked on its upper bound)."""
+    ref = np.asarray(reference_losses, dtype=np.float64)
+    cand = np.asarray(candidate_losses, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"{name}: candidate and {reference} were scored on different examples")
+    n = len(ref)
+    what = "improvement" if sign < 0 else "change"
+    prefix = f"{name}: loss {ref.mean():.4f} -> {cand.mean():.4f}" if n else f"{name}: no examples"
+    problem = _undefined(reference, float(ref.mean()) if n else float("nan"), float(cand.mean()) if n else 0.0)
+    if n and problem:
+        return RuleResult(name, FAIL, f"{name}: {problem}", n=n)
+    if n < config.min_examples:
+        return RuleResult(name, INCONCLUSIVE, f"{prefix}; {n} examples < gate.min_examples={config.min_examples}: "
+                                              f"inconclusive, collect a larger holdout", n=n)
+    estimate = sign * (cand.mean() - ref.mean()) / abs(ref.mean())
+    samples = _paired_bootstrap(ref, cand, config) * sign
+    level = config.confidence
+    if sign < 0:
+        bound = float(np.quantile(samples, 1 - level))
+        ok = bound >= margin
+        verdict = f"{'>=' if ok else '<'} required {margin:+.2%}"
+        side = "lower"
     else:
-        change, problem = _relative_change(reference, old[reference], old[CANDIDATE])
-        if problem:
-            passed = False
-            reasons.append(f"old data: {problem}")
-        else:
-            metrics["old_regression"] = change
-            ok = change <= config.max_old_regression
-            passed &= ok
-            reasons.append(f"old data: loss {old[reference]:.4f} -> {old[CANDIDATE]:.4f}, change {change:+.2%} "
-                           f"{'<=' if ok else '>'} allowed {config.max_old_regression:+.2%}")
-    return GateDecision(passed, reference, tuple(reasons), metrics)
+        bound = float(np.quantile(samples, level))
+        ok = bound <= margin
+        verdict = f"{'<=' if ok else '>'} allowed {margin:+.2%}"
+        side = "upper"
+    reason = (f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, n={n}) {verdict}")
+    return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
 
 
-def _relative_change(name: str, reference: float, candidate: float) -> tuple[float, str]:
-    """(candidate - reference) / |reference|, or a problem that makes it undefined."""
+def _paired_bootstrap(ref: np.ndarray, cand: np.ndarray, config: GateConfig) -> np.ndarray:
+    """Bootstrap distribution of (mean(cand) - mean(ref)) / |mean(ref)|, resampling examples in pairs."""
+    rng = np.random.default_rng(config.seed)
+    n = len(ref)
+    out = np.empty(config.bootstrap_samples)
+    for start in range(0, config.bootstrap_samples, 256):
+        stop = min(start + 256, config.bootstrap_samples)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        ref_means = ref[idx].mean(axis=1)
+        out[start:stop] = (cand[idx].mean(axis=1) - ref_means) / np.maximum(np.abs(ref_means), EPSILON)
+    return out
+
+
+def _undefined(name: str, reference: float, candidate: float) -> str:
+    """Why a relative change cannot be computed, or '' when it can."""
     if not math.isfinite(candidate):
-        return 0.0, f"candidate loss is {candidate}; training diverged - lower train.learning_rate"
+        return f"candidate loss is {candidate}; training diverged - lower train.learning_rate"
     if not math.isfinite(reference):
-        return 0.0, f"{name} loss is {reference}; check the {name} model and the evaluation set"
+        return f"{name} loss is {reference}; check the {name} model and the evaluation set"
     if abs(reference) < EPSILON:
-        return 0.0, f"{name} loss is ~0, relative change undefined; check the evaluation set"
-    return (candidate - reference) / abs(reference), ""
+        return f"{name} loss is ~0, relative change undefined; check the evaluation set"
+    return ""

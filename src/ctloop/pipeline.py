@@ -22,21 +22,25 @@ from ctloop.errors import DataError, WorkspaceError
 from ctloop.evaluate import EvalReport, evaluate
 from ctloop.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision, decide
 from ctloop.modeling import base_model_revision, load_tokenizer, token_counter
-from ctloop.records import Record, fingerprint, read_raw_rows, write_parquet
+from ctloop.drift import detect_drift
+from ctloop.embed import embed_records, make_embedder, texts_of
+from ctloop.records import Record, fingerprint, read_parquet, read_raw_rows, read_records, write_parquet
 from ctloop.registry import CHALLENGER, CHAMPION, Registry
 from ctloop.replay import ReplayBuffer, build_training_set
-from ctloop.reports import grouped_bars, line_chart, table, write_html
+from ctloop.reports import grouped_bars, line_chart, table, write_drift_report, write_html
 from ctloop.train import TrainResult, train_adapter
+from ctloop.trigger import TriggerDecision, decide_trigger
 from ctloop.validate import ValidationReport, validate_records
 from ctloop.workspace import Workspace, read_json, write_json
 
 SETTINGS_FILE = "ctloop.json"
+FINISHED = ("registered", "rejected", "inconclusive")  # a cycle in one of these states is never redone
 
 
 @dataclass(frozen=True)
 class CycleResult:
     cycle_id: str
-    status: str  # "registered", "rejected" or "already_done"
+    status: str  # "registered", "rejected", "inconclusive", "skipped" or "already_done"
     cycle_dir: str
     run_id: str
     version: int | None
@@ -44,12 +48,19 @@ class CycleResult:
     means: dict[str, dict[str, float]] = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
+    trigger: str = ""
+
+    @property
+    def trained(self) -> bool:
+        return self.status in FINISHED
 
     @property
     def passed(self) -> bool:
         return bool(self.gate.get("passed"))
 
     def summary(self) -> str:
+        if self.status == "skipped":
+            return f"cycle {self.cycle_id}: skipped, not trained - {self.trigger}"
         where = f"version {self.version}" if self.version else "not registered"
         return f"cycle {self.cycle_id}: {self.status} ({where}); gate {self.gate.get('outcome', '?')}"
 
@@ -71,8 +82,10 @@ def registry_settings(workspace: Workspace) -> RegistryConfig:
     return RegistryConfig(**read_json(path)["registry"]) if path.is_file() else RegistryConfig()
 
 
-def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace) -> CycleResult:
-    """Run one cycle on the records in `data_path`; see the module docstring for the stages."""
+def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace, force: bool = False) -> CycleResult:
+    """Run one cycle on the records in `data_path`; see the module docstring for the stages.
+
+    `force` trains even when the trigger (drift, schedule) says there is no need."""
     if not data_path.is_file():
         raise DataError(f"{data_path}: no such file; check the --data path")
     workspace.create()
@@ -83,7 +96,7 @@ def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace) -> Cy
 
     state_path = cycle_dir / "cycle.json"
     state = read_json(state_path) if state_path.is_file() else {}
-    if state.get("status") in ("registered", "rejected"):
+    if state.get("status") in FINISHED:
         console.print(f"cycle {cycle_id} already ran on this data and config: nothing to do")
         return CycleResult(**{**state["result"], "status": "already_done"})
     registry = open_registry(config.registry, workspace)
@@ -94,7 +107,13 @@ def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace) -> Cy
         if done is not None:  # registered from another workspace, or this one was lost and recreated
             console.print(f"cycle {cycle_id} is already registered as version {done.version}: nothing to do")
             return CycleResult(cycle_id, "already_done", str(cycle_dir), done.run_id, done.version, None)
-        state = {"cycle_id": cycle_id, "data": str(data_path), "started": _now(),
+        trigger = _check_trigger(config, workspace, registry, good, cycle_dir, force)
+        if not trigger.train:
+            write_json(state_path, {"cycle_id": cycle_id, "data": str(data_path), "started": _now(),
+                                    "status": "skipped", "trigger": trigger.reason})
+            return CycleResult(cycle_id, "skipped", str(cycle_dir), "", None, registry.alias(CHAMPION),
+                               validation=report.to_dict(), trigger=trigger.reason)
+        state = {"cycle_id": cycle_id, "data": str(data_path), "started": _now(), "trigger": trigger.reason,
                  "champion_before": registry.alias(CHAMPION),
                  "run_id": registry.start_run(f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id,
                                                                      "ctloop.data_fingerprint": report.fingerprint})}
@@ -107,6 +126,7 @@ def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace) -> Cy
     except BaseException:
         registry.end_run(run_id, "FAILED")
         raise
+    result = replace(result, trigger=state.get("trigger", ""))
     state.update(status=result.status, finished=_now(), result=result.to_dict())
     write_json(state_path, state)
     registry.end_run(run_id)
@@ -134,6 +154,52 @@ def _validate(config: CtloopConfig, data_path: Path, workspace: Workspace, token
     if not report.passed:
         raise DataError(report.summary())
     return good, report, cycle_id, cycle_dir
+
+
+def _check_trigger(config: CtloopConfig, workspace: Workspace, registry: Registry, good: list[Record],
+                   cycle_dir: Path, force: bool) -> TriggerDecision:
+    """Drift of the new data against the champion's training data (or drift.reference), then the policy."""
+    champion = registry.alias(CHAMPION)
+    report = None
+    if config.drift.enabled and (champion is not None or config.drift.reference is not None):
+        reference = _reference_records(config, workspace, registry, champion)
+        embedder = make_embedder(config.drift, config.model)
+        cache = workspace.root / "embeddings"
+        ref_emb = embed_records(reference, embedder, config.drift.text, cache)
+        cur_emb = embed_records(good, embedder, config.drift.text, cache)
+        report = detect_drift(ref_emb, cur_emb, config.drift)
+        write_json(cycle_dir / "drift.json", report.to_dict())
+        write_drift_report(cycle_dir / "drift.html", report, ref_emb, cur_emb, texts_of(good, config.drift.text))
+        console.print(report.summary())
+    decision = decide_trigger(report, has_champion=champion is not None, force=force,
+                              hours_since_training=_hours_since_training(workspace), config=config.drift)
+    console.print(decision.summary())
+    return decision
+
+
+def _reference_records(config: CtloopConfig, workspace: Workspace, registry: Registry,
+                       champion: int | None) -> list[Record]:
+    if config.drift.reference is not None:
+        records, _ = read_records(config.drift.reference)
+        return records
+    info = registry.version(champion)
+    local = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?")) / "train.parquet"
+    if local.is_file():
+        return read_parquet(local)[0]
+    fetched = registry.download_run_file(info.run_id, "data/train.parquet", workspace.root / "registry-cache")
+    if fetched is None:
+        raise DataError(f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
+                        f"MLflow run); set drift.reference to a file of reference records")
+    return read_parquet(fetched)[0]
+
+
+def _hours_since_training(workspace: Workspace) -> float | None:
+    import calendar
+    import time
+
+    finished = [read_json(p).get("finished") for p in workspace.cycles_dir.glob("*/cycle.json")]
+    stamps = [calendar.timegm(time.strptime(f, "%Y-%m-%dT%H:%M:%SZ")) for f in finished if f]
+    return (time.time() - max(stamps)) / 3600 if stamps else None
 
 
 def _train_evaluate_register(config: CtloopConfig, workspace: Workspace, registry: Registry, cycle_id: str,
@@ -186,7 +252,7 @@ def _train_evaluate_register(config: CtloopConfig, workspace: Workspace, registr
     console.print(evaluation.summary())
 
     # 5. gate
-    decision = decide(evaluation.means, config.gate, has_champion=champion is not None)
+    decision = decide(evaluation.losses, config.gate, has_champion=champion is not None)
     write_json(cycle_dir / "gate.json", decision.to_dict())
     console.print(decision.summary())
 
@@ -207,7 +273,8 @@ def _train_evaluate_register(config: CtloopConfig, workspace: Workspace, registr
     # 7. this cycle's data joins the replay buffer, whatever the gate said: it is real data
     buffer.add_cycle(cycle_id, new_train, new_holdout, tokens)
     console.print(f"cycle report: {report_path}")
-    return CycleResult(cycle_id, "registered" if decision.passed else "rejected", str(cycle_dir), run_id, version,
+    status = {"PASS": "registered", "FAIL": "rejected", "INCONCLUSIVE": "inconclusive"}[decision.outcome]
+    return CycleResult(cycle_id, status, str(cycle_dir), run_id, version,
                        champion, evaluation.means, decision.to_dict(),
                        read_json(cycle_dir / "validation.json"))
 
@@ -237,9 +304,11 @@ def _log_run(registry: Registry, run_id: str, config: CtloopConfig, cycle_dir: P
     registry.log_metrics(run_id, metrics)
     registry.set_run_tags(run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {
         "ctloop.gate": decision.outcome})
-    for name in ("validation.json", "replay_manifest.json", "training.json", "eval.json", "gate.json",
-                 "quarantine.jsonl", "report.html"):
-        registry.log_artifact(run_id, cycle_dir / name, "reports")
+    for name in ("validation.json", "drift.json", "drift.html", "replay_manifest.json", "training.json",
+                 "eval.json", "gate.json", "quarantine.jsonl", "report.html"):
+        if (cycle_dir / name).is_file():
+            registry.log_artifact(run_id, cycle_dir / name, "reports")
+    registry.log_artifact(run_id, cycle_dir / "train.parquet", "data")  # the next drift check's reference
     registry.log_artifact(run_id, cycle_dir / "adapter", "adapter")
 
 

@@ -264,3 +264,18 @@ def read_parquet(path: Path) -> tuple[list[Record], dict[str, list[Any]]]:
         for i, p, c, s, t, m in zip(*(table[name] for name in base), strict=True)
     ]
     return records, {k: v for k, v in table.items() if k not in base}
+
+
+def read_records(path: str | Path) -> tuple[list[Record], int]:
+    """Every schema-valid record of a file, and how many rows were not (for read-only uses such as
+    a drift check; the training path validates and quarantines instead)."""
+    records: list[Record] = []
+    skipped = 0
+    for row in read_raw_rows(path):
+        try:
+            if row.fields is None:
+                raise BadRow(row.reason, row.detail)
+            records.append(record_from_fields(row.fields))
+        except BadRow:
+            skipped += 1
+    return records, skipped

@@ -216,3 +216,19 @@ class Registry:
         Path(local).rename(target)
         shutil.rmtree(partial, ignore_errors=True)
         return target
+
+    def download_run_file(self, run_id: str, artifact_path: str, cache_dir: Path) -> Path | None:
+        """One artifact file of a run, fetched into `cache_dir/<run_id>/`; None when the run lacks it."""
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        target = cache_dir / run_id / artifact_path
+        if target.is_file():
+            return target
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(cache_dir / run_id),
+                                                        tracking_uri=self.tracking_uri)
+        except (MlflowException, OSError):
+            return None
+        return Path(local)

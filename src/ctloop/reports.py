@@ -6,6 +6,7 @@ No plotting library: the charts are a few lines of SVG, so a report opens anywhe
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 WIDTH, HEIGHT, PAD = 560, 240, 44
@@ -88,3 +89,87 @@ def write_html(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:
                     f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>",
                     encoding="utf-8")
     return path
+
+
+def scatter(title: str, groups: dict[str, list[tuple[float, float]]]) -> str:
+    """Points of several groups (e.g. reference vs current) on shared axes."""
+    points = [p for pts in groups.values() for p in pts]
+    if not points:
+        return f"<p>{html.escape(title)}: no data</p>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    palette = ["#718096", "#c05621", "#2b6cb0"]
+    dots, legend = [], []
+    for color, (name, pts) in zip(palette, groups.items()):
+        legend.append(f'<span style="color:{color}">&#9679; {html.escape(name)}</span>')
+        for x, y in pts:
+            cx = PAD + (x - x0) / (x1 - x0) * (WIDTH - 2 * PAD)
+            cy = HEIGHT - PAD - (y - y0) / (y1 - y0) * (HEIGHT - 2 * PAD)
+            dots.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2" fill="{color}" fill-opacity="0.5"/>')
+    return (f'<figure><figcaption>{html.escape(title)} {" ".join(legend)}</figcaption>'
+            f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
+            f'{_axes(f"{x0:.2g}", f"{x1:.2g}", f"{y0:.2g}", f"{y1:.2g}", "PC 1", "PC 2")}{"".join(dots)}</svg></figure>')
+
+
+def histogram(title: str, values: list[float], marker: float, marker_label: str, bins: int = 30) -> str:
+    """A histogram of `values` (e.g. a permutation null) with a vertical line at `marker`."""
+    if not values:
+        return f"<p>{html.escape(title)}: no data</p>"
+    lo, hi = min(min(values), marker), max(max(values), marker)
+    hi = hi if hi > lo else lo + 1
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, int((v - lo) / (hi - lo) * bins))] += 1
+    top = max(counts)
+    width = (WIDTH - 2 * PAD) / bins
+    bars = "".join(
+        f'<rect x="{PAD + i * width:.1f}" y="{HEIGHT - PAD - c / top * (HEIGHT - 2 * PAD):.1f}" '
+        f'width="{width - 1:.1f}" height="{c / top * (HEIGHT - 2 * PAD):.1f}" fill="#a0aec0"/>'
+        for i, c in enumerate(counts))
+    mx = PAD + (marker - lo) / (hi - lo) * (WIDTH - 2 * PAD)
+    line = (f'<line x1="{mx:.1f}" y1="{PAD}" x2="{mx:.1f}" y2="{HEIGHT - PAD}" stroke="#c53030" stroke-width="2"/>'
+            f'<text x="{mx:.1f}" y="{PAD - 6}" font-size="11" text-anchor="middle" fill="#c53030">'
+            f'{html.escape(marker_label)}</text>')
+    return (f'<figure><figcaption>{html.escape(title)}</figcaption>'
+            f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
+            f'{_axes(f"{lo:.3g}", f"{hi:.3g}", "0", str(top), "statistic", "permutations")}{bars}{line}</svg></figure>')
+
+
+def write_drift_report(path: Path, report, reference, current, current_texts: list[str]) -> Path:
+    """The drift check as a page: decision, both samples in 2-D, the null with the observed
+    statistic, per-component p-values, and the current rows least like the reference."""
+    import numpy as np
+
+    from ctloop.drift import pooled_pca
+
+    rng = np.random.default_rng(0)
+    ref_rows = rng.choice(len(reference), size=min(400, len(reference)), replace=False)
+    cur_rows = rng.choice(len(current), size=min(400, len(current)), replace=False)
+    projected, _ = pooled_pca(np.concatenate([reference[ref_rows], current[cur_rows]]), 2)
+    if projected.shape[1] < 2:
+        projected = np.pad(projected, ((0, 0), (0, 2 - projected.shape[1])))
+    split = len(ref_rows)
+    sections = [("Decision", f"<p class='{'fail' if report.drift else 'pass'}'><b>{report.outcome}</b> "
+                             f"(alpha {report.alpha}, reference {report.n_reference} rows, current "
+                             f"{report.n_current} rows)</p><ul>"
+                             + "".join(f"<li>{html.escape(r)}</li>" for r in report.reasons) + "</ul>"),
+                ("Both samples", scatter("pooled PCA projection (label-free)", {
+                    "reference": [tuple(p) for p in projected[:split].tolist()],
+                    "current": [tuple(p) for p in projected[split:].tolist()]}))]
+    for detector in report.detectors:
+        if "null" in detector.details:
+            sections.append((f"{detector.name}: null distribution", histogram(
+                f"{detector.name} permutation null; observed statistic in red (p = {detector.p_value:.4g})",
+                detector.details["null"], detector.statistic, "observed")))
+        if "component_p_values" in detector.details:
+            groups = {f"PC{j + 1}": {"-log10 p": -math.log10(max(p, 1e-300))}
+                      for j, p in enumerate(detector.details["component_p_values"])}
+            sections.append(("Components", grouped_bars("per-component KS, -log10 p (higher = moved more)",
+                                                        groups, "-log10 p")))
+    outliers = report.explanation.get("outliers", [])
+    if outliers:
+        rows = [(f"similarity {o['nearest_reference_similarity']:.3f}", current_texts[o["index"]][:200])
+                for o in outliers if o["index"] < len(current_texts)]
+        sections.append(("Current rows least like the reference", table(rows)))
+    return write_html(path, "ctloop drift check", sections)
