@@ -173,6 +173,10 @@ def mean_shift_test(pooled: np.ndarray, labels: np.ndarray) -> DetectorResult:
                           details={"permutations": labels.shape[1] - 1})
 
 
+def _centred(pooled: np.ndarray) -> np.ndarray:
+    return (pooled - pooled.mean(axis=0, dtype=np.float64)).astype(np.float32)
+
+
 def median_bandwidth(pooled: np.ndarray, rng: np.random.Generator, sample: int = 1000) -> float:
     """Median pairwise squared distance on a pooled subsample (label-free), the kernel's scale."""
     rows = pooled[rng.choice(len(pooled), size=min(sample, len(pooled)), replace=False)].astype(np.float64)
@@ -191,6 +195,9 @@ def mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     blocks K[rows, :] @ [A, 1]. The kernel is centred (k - c) first: MMD^2_u does not change, but
     float32 sums no longer cancel catastrophically.
     """
+    # The Gaussian kernel is shift-invariant: centring on the pooled mean (label-free) changes
+    # nothing but keeps float32 distances precise when embeddings share a large offset.
+    pooled = _centred(pooled)
     bandwidth = median_bandwidth(pooled, rng)
     gamma = 1.0 / bandwidth
     n = len(pooled)
@@ -223,6 +230,7 @@ def mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 def rff_mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                  features: int = 1024) -> DetectorResult:
     """MMD^2 approximated with random Fourier features of the same Gaussian kernel: linear in n."""
+    pooled = _centred(pooled)  # shift-invariant kernel; keeps cos() arguments small in float32
     bandwidth = median_bandwidth(pooled, rng)
     weights = rng.normal(scale=math.sqrt(2.0 / bandwidth), size=(pooled.shape[1], features)).astype(np.float32)
     phase = rng.uniform(0, 2 * math.pi, size=features).astype(np.float32)
@@ -246,6 +254,9 @@ def pooled_pca(pooled: np.ndarray, components: int) -> tuple[np.ndarray, np.ndar
     """PCA fitted on the pooled sample (label-free): returns (projections, explained variance ratio)."""
     centred = pooled.astype(np.float64) - pooled.mean(axis=0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    # Fix each axis' sign (largest loading positive), so the result does not depend on row order.
+    signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])
+    vt = vt * np.where(signs == 0, 1.0, signs)[:, None]
     k = min(components, vt.shape[0])
     variance = singular**2
     return (centred @ vt[:k].T).astype(np.float32), variance[:k] / variance.sum()

@@ -108,8 +108,8 @@ def embed_records(records: list[Record], embedder: Embedder | Any, which: str, c
     """Embeddings of the records' texts, cached by (embedder, text field, dataset fingerprint)."""
     key = hashlib.sha256(f"{embedder.name}|{which}|{fingerprint(records)}".encode()).hexdigest()[:20]
     path = cache_dir / f"{key}.npy" if cache_dir else None
-    # The cache holds rows in id order, so any ordering of the same records hits it.
-    order = sorted(range(len(records)), key=lambda i: records[i].id)
+    # The cache holds rows in (id, content) order, so any ordering of the same records hits it.
+    order = sorted(range(len(records)), key=lambda i: (records[i].id, records[i].digest()))
     by_id = np.load(path) if path is not None and path.is_file() else None
     if by_id is None or len(by_id) != len(records):
         by_id = embedder.embed(texts_of([records[i] for i in order], which)).astype(np.float32)
