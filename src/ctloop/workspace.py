@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,57 @@ def write_json(path: Path, value: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+_held_locks: dict[Path, int] = {}  # lock path -> nesting depth in this process
+
+
+@contextmanager
+def workspace_lock(workspace: Workspace, purpose: str, wait_seconds: float = 0.0) -> Iterator[None]:
+    """Hold the workspace's lock (an OS file lock, so a crashed holder releases it by dying).
+
+    A second cycle on the same workspace waits up to `wait_seconds`, then fails with a message
+    naming the holder. Re-entrant within one process (run_cycle holds it across its stages)."""
+    import fcntl
+    import socket
+    import time
+
+    from ctloop.errors import WorkspaceError
+
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    path = workspace.root / ".lock"
+    if _held_locks.get(path):
+        _held_locks[path] += 1
+        try:
+            yield
+        finally:
+            _held_locks[path] -= 1
+        return
+    handle = path.open("a+")
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise WorkspaceError(f"workspace {workspace.root} is busy: {holder}; wait for it to finish, "
+                                     f"or use another --workspace") from None
+            time.sleep(0.5)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {purpose}\n")
+    handle.flush()
+    _held_locks[path] = 1
+    try:
+        yield
+    finally:
+        _held_locks.pop(path, None)
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

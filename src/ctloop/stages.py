@@ -1,0 +1,375 @@
+"""The stages of a cycle. Each is a function of (config, workspace, cycle id) that reads its inputs
+from the cycle's folder and writes its outputs there, so the CLI (`pipeline.run_cycle`) and the
+Airflow DAG run the very same code, and a retried stage re-uses what a finished one left:
+
+    validate_stage -> trigger_stage -> prepare_stage -> train_stage -> evaluate_stage
+                   -> gate_stage -> register_stage
+
+`cycle.json` in the folder records the cycle's state: its data, the trigger's reason, the MLflow
+run, the champion it is compared against, and finally its status and result.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import html
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ctloop import __version__
+from ctloop.config import CtloopConfig, RegistryConfig
+from ctloop.console import console
+from ctloop.errors import DataError, WorkspaceError
+from ctloop.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
+from ctloop.records import Record, fingerprint, read_parquet, write_parquet
+from ctloop.registry import CHALLENGER, CHAMPION, Registry
+from ctloop.train import TrainResult
+from ctloop.trigger import TriggerDecision
+from ctloop.workspace import Workspace, read_json, write_json
+
+SETTINGS_FILE = "ctloop.json"
+FINISHED = ("registered", "rejected", "inconclusive")  # a cycle in one of these states is never redone
+
+
+@dataclass(frozen=True)
+class CycleFolder:
+    workspace: Workspace
+    cycle_id: str
+
+    @property
+    def dir(self) -> Path:
+        return self.workspace.cycle_dir(self.cycle_id)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def state(self) -> dict[str, Any]:
+        path = self.path("cycle.json")
+        return read_json(path) if path.is_file() else {}
+
+    def update_state(self, **fields: Any) -> dict[str, Any]:
+        state = self.state() | fields
+        write_json(self.path("cycle.json"), state)
+        return state
+
+    def require(self, name: str, stage: str) -> Path:
+        path = self.path(name)
+        if not path.exists():
+            raise WorkspaceError(f"cycle {self.cycle_id} has no {name}; run the {stage} stage first")
+        return path
+
+
+def open_registry(config: RegistryConfig, workspace: Workspace) -> Registry:
+    return Registry(workspace.tracking_uri(config.tracking_uri), config.model_name, config.experiment,
+                    workspace.artifacts_dir)
+
+
+# -- 1. validate ----------------------------------------------------------------------------------
+
+def validate_stage(config: CtloopConfig, data_path: Path, workspace: Workspace) -> str:
+    """Validate the records; file the good ones, the report and the quarantine; return the cycle id.
+
+    The cycle id is a hash of the validated data's fingerprint, the config and the base model
+    revision, so the same data and config always land in the same folder. Raises DataError when
+    a limit (bad fraction, minimum rows) is crossed, after writing the quarantine."""
+    from ctloop.modeling import base_model_revision, load_tokenizer, token_counter
+    from ctloop.records import read_raw_rows
+    from ctloop.validate import validate_records
+
+    if not data_path.is_file():
+        raise DataError(f"{data_path}: no such file; check the --data path")
+    workspace.create()
+    write_json(workspace.root / SETTINGS_FILE, {"registry": config.registry.model_dump(mode="json")})
+    tokenizer = load_tokenizer(config.model)
+    staging = workspace.root / "incoming" / hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:12]
+    count = token_counter(tokenizer)
+    good, report = validate_records(
+        read_raw_rows(data_path), source=str(data_path), config=config.data,
+        max_seq_tokens=config.model.max_seq_tokens, count_tokens=count, quarantine_path=staging / "quarantine.jsonl")
+    revision = base_model_revision(config.model)
+    cycle_id = hashlib.sha256(f"{report.fingerprint}|{config.training_hash()}|{revision}".encode()).hexdigest()[:16]
+    cycle = CycleFolder(workspace, cycle_id)
+    cycle.dir.mkdir(parents=True, exist_ok=True)
+    shutil.move(staging / "quarantine.jsonl", cycle.path("quarantine.jsonl"))
+    shutil.rmtree(staging, ignore_errors=True)
+    report = replace(report, quarantine_path=str(cycle.path("quarantine.jsonl")))
+    write_json(cycle.path("validation.json"), report.to_dict())
+    console.print(report.summary())
+    if not report.passed:
+        raise DataError(report.summary())
+    tokens = [p + c + 2 for p, c in zip(count([r.prompt for r in good]), count([r.completion for r in good]),
+                                        strict=True)]
+    write_parquet(cycle.path("new.parquet"), good, extra={"n_tokens": tokens})
+    state = cycle.state()
+    if "started" not in state:
+        cycle.update_state(cycle_id=cycle_id, data=str(data_path), started=_now(), base_revision=revision,
+                           data_fingerprint=report.fingerprint)
+    return cycle_id
+
+
+# -- 2. trigger ------------------------------------------------------------------------------------
+
+def trigger_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str, force: bool = False) -> TriggerDecision:
+    """Drift of the new data against the champion's training data (or drift.reference), then the
+    trigger policy. A cycle that already started training is resumed, never re-decided."""
+    from ctloop.drift import detect_drift
+    from ctloop.embed import embed_records, make_embedder, texts_of
+    from ctloop.reports import write_drift_report
+    from ctloop.trigger import decide_trigger
+
+    cycle = CycleFolder(workspace, cycle_id)
+    state = cycle.state()
+    if "run_id" in state:
+        console.print(f"resuming cycle {cycle_id}: finished stages are re-used, none is registered twice")
+        return TriggerDecision(True, state.get("trigger", "resumed"))
+    registry = open_registry(config.registry, workspace)
+    champion = registry.alias(CHAMPION)
+    report = None
+    if config.drift.enabled and (champion is not None or config.drift.reference is not None):
+        new, _ = read_parquet(cycle.require("new.parquet", "validate"))
+        reference = _reference_records(config, workspace, registry, champion)
+        embedder = make_embedder(config.drift, config.model)
+        cache = workspace.root / "embeddings"
+        ref_emb = embed_records(reference, embedder, config.drift.text, cache)
+        cur_emb = embed_records(new, embedder, config.drift.text, cache)
+        report = detect_drift(ref_emb, cur_emb, config.drift)
+        write_json(cycle.path("drift.json"), report.to_dict())
+        write_drift_report(cycle.path("drift.html"), report, ref_emb, cur_emb, texts_of(new, config.drift.text))
+        console.print(report.summary())
+    decision = decide_trigger(report, has_champion=champion is not None, force=force,
+                              hours_since_training=_hours_since_training(workspace), config=config.drift)
+    console.print(decision.summary())
+    cycle.update_state(trigger=decision.reason, status="triggered" if decision.train else "skipped",
+                       checked=_now())
+    return decision
+
+
+def _reference_records(config: CtloopConfig, workspace: Workspace, registry: Registry,
+                       champion: int | None) -> list[Record]:
+    from ctloop.records import read_records
+
+    if config.drift.reference is not None:
+        return read_records(config.drift.reference)[0]
+    info = registry.version(champion)
+    local = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?")) / "train.parquet"
+    if local.is_file():
+        return read_parquet(local)[0]
+    fetched = registry.download_run_file(info.run_id, "data/train.parquet", workspace.root / "registry-cache")
+    if fetched is None:
+        raise DataError(f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
+                        f"MLflow run); set drift.reference to a file of reference records")
+    return read_parquet(fetched)[0]
+
+
+def _hours_since_training(workspace: Workspace) -> float | None:
+    finished = [read_json(p).get("finished") for p in workspace.cycles_dir.glob("*/cycle.json")]
+    stamps = [calendar.timegm(time.strptime(f, "%Y-%m-%dT%H:%M:%SZ")) for f in finished if f]
+    return (time.time() - max(stamps)) / 3600 if stamps else None
+
+
+# -- 3. prepare: split the new data, mix in replay, open the MLflow run ----------------------------
+
+def prepare_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> dict:
+    """Holdout split and replay mix (deterministic, so a retry rewrites the same files); the MLflow
+    run and the champion to compare against are fixed here, once per cycle."""
+    from ctloop.replay import ReplayBuffer, build_training_set
+
+    cycle = CycleFolder(workspace, cycle_id)
+    new, extra = read_parquet(cycle.require("new.parquet", "validate"))
+    tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
+    new_train, new_holdout = split_holdout(new, config, seed=config.train.seed)
+    mix = build_training_set(new_train, tokens, ReplayBuffer(workspace.replay_dir).rows(exclude_cycle=cycle_id),
+                             config.replay, seed=config.train.seed)
+    console.print(mix.summary())
+    write_parquet(cycle.path("train.parquet"), mix.records)
+    write_parquet(cycle.path("new_holdout.parquet"), new_holdout)
+    write_parquet(cycle.path("replay_holdout.parquet"), mix.replay_holdout)
+    new_ids = {r.id for r in new_train}
+    manifest = mix.manifest | {"replay_fingerprint": fingerprint(r for r in mix.records if r.id not in new_ids)}
+    write_json(cycle.path("replay_manifest.json"), manifest)
+    state = cycle.state()
+    if "run_id" not in state:
+        registry = open_registry(config.registry, workspace)
+        run_id = registry.start_run(f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id,
+                                                          "ctloop.data_fingerprint": state["data_fingerprint"]})
+        state = cycle.update_state(run_id=run_id, champion_before=registry.alias(CHAMPION))
+    return manifest
+
+
+def split_holdout(records: list[Record], config: CtloopConfig, seed: int) -> tuple[list[Record], list[Record]]:
+    """Seeded split by record id, independent of row order: the same data always splits the same way."""
+    n_holdout = min(config.data.max_holdout_rows, max(1, round(config.data.holdout_fraction * len(records))))
+    ranked = sorted(records, key=lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest())
+    held = {r.id for r in ranked[:n_holdout]}
+    return [r for r in records if r.id not in held], [r for r in records if r.id in held]
+
+
+# -- 4. train ----------------------------------------------------------------------------------------
+
+def train_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> TrainResult:
+    """Train the adapter, unless an earlier attempt of this cycle finished it."""
+    from ctloop.train import train_adapter
+
+    cycle = CycleFolder(workspace, cycle_id)
+    adapter_dir = cycle.path("adapter")
+    training_path = cycle.path("training.json")
+    if (adapter_dir / "adapter_config.json").is_file() and training_path.is_file():
+        console.print(f"re-using the adapter trained earlier in this cycle: {adapter_dir}")
+        return TrainResult(**read_json(training_path))
+    records, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    trained = train_adapter(records, model=config.model, lora=config.lora, train=config.train, out_dir=adapter_dir)
+    write_json(adapter_dir / "ctloop_manifest.json", _lineage(config, cycle) | {"config": config.model_dump(mode="json")})
+    write_json(training_path, trained.to_dict())
+    console.print(trained.summary())
+    return trained
+
+
+def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
+    state = cycle.state()
+    return {"cycle_id": cycle.cycle_id, "base_model": config.model.base, "base_revision": state["base_revision"],
+            "data_fingerprint": state["data_fingerprint"],
+            "replay_fingerprint": read_json(cycle.path("replay_manifest.json"))["replay_fingerprint"],
+            "parent_version": state.get("champion_before"), "seed": config.train.seed,
+            "config_hash": config.training_hash(), "ctloop_version": __version__}
+
+
+# -- 5. evaluate -------------------------------------------------------------------------------------
+
+def evaluate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str):
+    """Candidate and reference (champion, or the bare base model in a first cycle) on the new and
+    the replay holdouts, per example. Re-used when an earlier attempt finished it."""
+    from ctloop.evaluate import EvalReport, evaluate
+
+    cycle = CycleFolder(workspace, cycle_id)
+    if cycle.path("eval.json").is_file():
+        stored = read_json(cycle.path("eval.json"))
+        return EvalReport(ids=stored["ids"], losses=stored["losses"])
+    champion = cycle.state().get("champion_before")
+    adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
+    if champion is not None:
+        registry = open_registry(config.registry, workspace)
+        adapters["champion"] = registry.download_adapter(champion, workspace.root / "registry-cache")
+    elif config.gate.first_cycle == "compare_to_base":
+        adapters["base"] = None
+    sets = {NEW_SET: read_parquet(cycle.require("new_holdout.parquet", "prepare"))[0],
+            OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0]}
+    evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
+    write_json(cycle.path("eval.json"), evaluation.to_dict())
+    console.print(evaluation.summary())
+    return evaluation
+
+
+# -- 6. gate -----------------------------------------------------------------------------------------
+
+def gate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> GateDecision:
+    from ctloop.gate import decide
+
+    cycle = CycleFolder(workspace, cycle_id)
+    losses = read_json(cycle.require("eval.json", "evaluate"))["losses"]
+    decision = decide(losses, config.gate, has_champion=cycle.state().get("champion_before") is not None)
+    write_json(cycle.path("gate.json"), decision.to_dict())
+    console.print(decision.summary())
+    return decision
+
+
+# -- 7. register ---------------------------------------------------------------------------------
+
+def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> dict[str, Any]:
+    """Log the cycle to its MLflow run; register a passing adapter as `challenger` (idempotent on the
+    cycle id); add the cycle's data to the replay buffer; mark the cycle finished."""
+    from ctloop.evaluate import EvalReport
+    from ctloop.replay import ReplayBuffer
+
+    cycle = CycleFolder(workspace, cycle_id)
+    state = cycle.state()
+    registry = open_registry(config.registry, workspace)
+    gate = read_json(cycle.require("gate.json", "gate"))
+    stored = read_json(cycle.require("eval.json", "evaluate"))
+    evaluation = EvalReport(ids=stored["ids"], losses=stored["losses"])
+    trained = TrainResult(**read_json(cycle.require("training.json", "train")))
+    lineage = _lineage(config, cycle)
+    report_path = _write_report(cycle, trained, evaluation, gate, lineage)
+    run_id = state["run_id"]
+    _log_run(registry, run_id, config, cycle, trained, evaluation, gate, lineage)
+    version = None
+    if gate["passed"]:
+        tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
+        tags |= {"ctloop.gate": gate["outcome"], "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000]}
+        info = registry.register(run_id, cycle_id, tags, description=f"gate {gate['outcome']}: "
+                                 + "; ".join(gate["reasons"])[:3900])
+        version = info.version
+        registry.set_alias(CHALLENGER, version)
+        if registry.alias(CHAMPION) is None and config.registry.promote_first:
+            registry.make_champion(version, by="ctloop", note="first version to pass the gate")
+        console.print(f"registered {registry.model_name} version {version} as '{CHALLENGER}'")
+
+    # This cycle's data joins the replay buffer whatever the gate said: it is real data.
+    new, extra = read_parquet(cycle.require("new.parquet", "validate"))
+    holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
+    tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
+    ReplayBuffer(workspace.replay_dir).add_cycle(cycle_id, [r for r in new if r.id not in holdout_ids],
+                                                 [r for r in new if r.id in holdout_ids], tokens)
+    console.print(f"cycle report: {report_path}")
+    status = {"PASS": "registered", "FAIL": "rejected", "INCONCLUSIVE": "inconclusive"}[gate["outcome"]]
+    result = {"cycle_id": cycle_id, "status": status, "cycle_dir": str(cycle.dir), "run_id": run_id,
+              "version": version, "champion_before": state.get("champion_before"), "means": evaluation.means,
+              "gate": gate, "validation": read_json(cycle.path("validation.json")),
+              "trigger": state.get("trigger", "")}
+    cycle.update_state(status=status, finished=_now(), result=result)
+    registry.end_run(run_id)
+    return result
+
+
+def _log_run(registry: Registry, run_id: str, config: CtloopConfig, cycle: CycleFolder, trained: TrainResult,
+             evaluation, gate: dict, lineage: dict) -> None:
+    registry.log_params(run_id, _flatten(config.model_dump(mode="json")))
+    registry.log_series(run_id, "train_loss", trained.losses)
+    registry.log_series(run_id, "learning_rate", trained.learning_rates)
+    metrics = {"train_tokens": trained.tokens, "train_seconds": trained.seconds, "train_steps": trained.steps}
+    metrics |= {f"{s}_{m}_loss": v for s, by_model in evaluation.means.items() for m, v in by_model.items()}
+    metrics |= {f"gate_{k}": v for k, v in gate["metrics"].items()} | {"gate_passed": float(gate["passed"])}
+    registry.log_metrics(run_id, metrics)
+    registry.set_run_tags(run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]})
+    for name in ("validation.json", "drift.json", "drift.html", "replay_manifest.json", "training.json",
+                 "eval.json", "gate.json", "quarantine.jsonl", "report.html"):
+        if cycle.path(name).is_file():
+            registry.log_artifact(run_id, cycle.path(name), "reports")
+    registry.log_artifact(run_id, cycle.path("train.parquet"), "data")  # the next drift check's reference
+    registry.log_artifact(run_id, cycle.path("adapter"), "adapter")
+
+
+def _write_report(cycle: CycleFolder, trained: TrainResult, evaluation, gate: dict, lineage: dict) -> Path:
+    from ctloop.reports import grouped_bars, line_chart, table, write_html
+
+    validation = read_json(cycle.path("validation.json"))
+    css = "pass" if gate["passed"] else "fail"
+    gate_html = f"<p class='{css}'><b>{gate['outcome']}</b> vs {gate['reference']}</p><ul>" + "".join(
+        f"<li>{html.escape(r)}</li>" for r in gate["reasons"]) + "</ul>"
+    return write_html(cycle.path("report.html"), f"ctloop cycle {cycle.cycle_id}", [
+        ("Gate", gate_html),
+        ("Evaluation", grouped_bars("mean token loss per example (lower is better)", evaluation.means, "loss")),
+        ("Training", line_chart("training loss", [(float(s), v) for s, v in trained.losses], "loss")
+         + table([("steps", str(trained.steps)), ("examples", str(trained.examples)),
+                  ("tokens", str(trained.tokens)), ("seconds", str(trained.seconds))])),
+        ("Validation", table([("rows", str(validation["total_rows"])), ("good", str(validation["good_rows"]))]
+                             + [(f"quarantined: {k}", str(v)) for k, v in validation["bad_by_reason"].items()])),
+        ("Lineage", table([(k, str(v)) for k, v in lineage.items()])),
+    ])
+
+
+def _flatten(value: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out |= _flatten(item, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = item
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
