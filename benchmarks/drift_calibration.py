@@ -33,10 +33,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--delta", type=float, default=0.32)
     parser.add_argument("--permutations", type=int, default=200)
+    parser.add_argument("--seed-offset", type=int, default=0, help="another set of null data sets")
+    parser.add_argument("--detectors", nargs="+", default=[*DETECTORS, "default"])
     args = parser.parse_args()
 
     rows = {}
-    for name in (*DETECTORS, "default set (mmd+mean, Holm)"):
+    for name in [n if n != "default" else "default set (mmd+mean, Holm)" for n in args.detectors]:
         detectors = ["mmd", "mean"] if name.startswith("default") else [name]
         config = DriftConfig(detectors=detectors, permutations=args.permutations, min_rows=10, max_rows=10**7)
         started = time.perf_counter()
@@ -58,7 +60,7 @@ def main() -> None:
 
 
 def sample(args: argparse.Namespace, seed: int, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed + args.seed_offset)
     reference = rng.standard_normal((args.n, args.dim), dtype=np.float32)
     current = rng.standard_normal((args.n, args.dim), dtype=np.float32)
     current[:, :5] += delta

@@ -26,7 +26,7 @@ def _config(base: Path, **overrides):
         "data": {"min_rows": 20, "holdout_fraction": 0.15},
         "drift": {"embedder": "base_model", "text": "both", "permutations": 200, "min_rows": 20},
         "replay": {"ratio": 0.4, "holdout_rows": 40},
-        "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 512, "log_every": 2},
+        "train": {"epochs": 2, "learning_rate": 0.01, "batch_tokens": 512, "log_every": 2},
         "eval": {"batch_tokens": 2048},
         # Permissive thresholds: these tests check the mechanics; the gate rules have their own tests.
         "gate": {"min_new_improvement": 0.0, "max_old_regression": 1.0, "min_examples": 10},

@@ -87,9 +87,16 @@ class TrainConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    batch_tokens: int = Field(4096, ge=16, description="padded tokens per optimizer step")
+    batch_tokens: int = Field(4096, ge=16, description="token slots (rows x longest row) per optimizer step")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="pack samples into rows with per-sample attention (no padding); auto: on GPUs, "
+                            "where attention kernels skip the masked blocks; on CPUs length-grouped batches are faster")
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
+    activation_checkpointing: bool = Field(False, description="trade ~20% speed for much less memory")
+    init: Literal["fresh", "champion"] = Field(
+        "fresh", description="fresh adapter from the base model, or continue the champion's (LR re-warmed)")
 
 
 class EvalConfig(Section):
@@ -124,6 +131,17 @@ class RegistryConfig(Section):
     promote_first: bool = Field(True, description="make the first passing version champion right away")
 
 
+class OrchestrationConfig(Section):
+    """How the Airflow DAGs (dags/ctloop_dag.py) run this config."""
+
+    data: Path | None = Field(None, description="file where new records land; a run's conf {'data': ...} overrides it")
+    schedule: str | None = Field("@weekly", description="cron or preset for the cycle DAG; null: manual only")
+    drift_watch_schedule: str | None = Field("@hourly", description="how often the watch DAG checks for drift")
+    retries: int = Field(1, ge=0, le=20)
+    retry_delay_minutes: float = Field(5.0, ge=0)
+    lock_wait_seconds: float = Field(600.0, ge=0, description="how long a task waits for a busy workspace")
+
+
 class CtloopConfig(Section):
     """The root: one section per stage."""
 
@@ -137,10 +155,11 @@ class CtloopConfig(Section):
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     def training_hash(self) -> str:
         """Hash of everything that changes what a cycle computes (not where it stores it)."""
-        payload = self.model_dump(mode="json", exclude={"workspace", "registry"})
+        payload = self.model_dump(mode="json", exclude={"workspace", "registry", "orchestration"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -183,6 +202,9 @@ def _resolve_relative_paths(config: CtloopConfig, base_dir: Path) -> CtloopConfi
         updates["model"] = config.model.model_copy(update={"base": str((base_dir / base).resolve())})
     if config.workspace is not None and not config.workspace.is_absolute():
         updates["workspace"] = (base_dir / config.workspace).resolve()
+    data = config.orchestration.data
+    if data is not None and not data.is_absolute():
+        updates["orchestration"] = config.orchestration.model_copy(update={"data": (base_dir / data).resolve()})
     reference = config.drift.reference
     if reference is not None and not reference.is_absolute():
         updates["drift"] = config.drift.model_copy(update={"reference": (base_dir / reference).resolve()})

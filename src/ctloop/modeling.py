@@ -137,6 +137,58 @@ def token_budget_batches(lengths: list[int], batch_tokens: int, seed: int | None
     return batches
 
 
+def packed_batches(lengths: list[int], row_tokens: int, batch_tokens: int, seed: int) -> list[list[list[int]]]:
+    """Pack examples into rows of at most `row_tokens` tokens, and rows into batches of at most
+    `batch_tokens` (rows x longest row): a batch is a list of rows, a row a list of example indices.
+
+    Within shuffled windows, examples are placed longest first into the first row with room
+    (first-fit decreasing), so rows are nearly full and padding nearly vanishes; row and batch
+    order are shuffled per seed."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    window = 256
+    for start in range(0, len(order), window):
+        open_rows: list[tuple[int, list[int]]] = []  # (free tokens, indices)
+        for index in sorted(order[start:start + window], key=lambda i: -lengths[i]):
+            size = min(lengths[index], row_tokens)
+            slot = next((k for k, (free, _) in enumerate(open_rows) if free >= size), None)
+            if slot is None:
+                open_rows.append((row_tokens - size, [index]))
+            else:
+                free, members = open_rows[slot]
+                open_rows[slot] = (free - size, members + [index])
+        rows.extend(members for _, members in open_rows)
+    rng.shuffle(rows)
+    row_lengths = [sum(lengths[i] for i in row) for row in rows]
+    batches = [[rows[k] for k in group] for group in token_budget_batches(row_lengths, batch_tokens, seed=seed)]
+    return batches
+
+
+def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate each row's examples; position ids restart at 0 for every example, which is how
+    transformers isolates packed samples (a block-diagonal causal mask; no attention_mask given).
+    Labels mask prompts and padding, so no token is predicted across a sample boundary."""
+    import torch
+
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for example in row:
+            n = len(example.input_ids)
+            ids = torch.tensor(example.input_ids, dtype=torch.long)
+            input_ids[r, offset:offset + n] = ids
+            position_ids[r, offset:offset + n] = torch.arange(n)
+            labels[r, offset + example.prompt_len:offset + n] = ids[example.prompt_len:]
+            offset += n
+        position_ids[r, offset:] = torch.arange(width - offset)  # padding: a block of its own
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask, and labels masked on prompt and padding."""
     import torch
@@ -158,7 +210,8 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """Per-token NLL of the labelled tokens and the label mask, both shaped [rows, width - 1]."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")

@@ -221,7 +221,13 @@ def train_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> Tr
         console.print(f"re-using the adapter trained earlier in this cycle: {adapter_dir}")
         return TrainResult(**read_json(training_path))
     records, _ = read_parquet(cycle.require("train.parquet", "prepare"))
-    trained = train_adapter(records, model=config.model, lora=config.lora, train=config.train, out_dir=adapter_dir)
+    champion = cycle.state().get("champion_before")
+    warm_start = None
+    if config.train.init == "champion" and champion is not None:
+        registry = open_registry(config.registry, workspace)
+        warm_start = registry.download_adapter(champion, workspace.root / "registry-cache")
+    trained = train_adapter(records, model=config.model, lora=config.lora, train=config.train, out_dir=adapter_dir,
+                            checkpoint_dir=cycle.path("checkpoints"), warm_start_from=warm_start)
     write_json(adapter_dir / "ctloop_manifest.json", _lineage(config, cycle) | {"config": config.model_dump(mode="json")})
     write_json(training_path, trained.to_dict())
     console.print(trained.summary())

@@ -1,7 +1,18 @@
-"""LoRA training on the base model: token-budget batches, loss on completion tokens only.
+"""LoRA training: packed token-budget batches, loss on completion tokens only, resumable.
 
-The adapter is written to a temporary folder and renamed into place when training ends, so a
-killed run never leaves a half-trained adapter where the next stage would find it.
+- Batches are built by token budget. With `train.packing` samples are packed into rows with
+  position ids restarting per sample, so no token slot is padding and no sample attends to
+  another (transformers builds a block-diagonal causal mask from the position ids). Without it,
+  batches are length-grouped, so padding stays small. `auto` packs on GPUs only: on CPUs the
+  block-masked attention over long rows costs more than the little padding it saves.
+- Every `train.checkpoint_every` steps the adapter, optimizer, scheduler and RNG state are saved
+  atomically; a run killed mid-way and started again continues from the last checkpoint and ends
+  with the same adapter as an uninterrupted run.
+- The final adapter is written to a temporary folder and renamed into place, so a killed run
+  never leaves a half-trained adapter where the next stage would find it.
+- `warm_start_from` continues an existing adapter (the champion's) with a fresh optimizer and a
+  re-warmed, re-decayed learning rate; otherwise a fresh adapter starts from the base model, with
+  the seed set before it is created.
 """
 
 from __future__ import annotations
@@ -14,8 +25,11 @@ from pathlib import Path
 
 from ctloop.config import LoraConfig, ModelConfig, TrainConfig
 from ctloop.console import progress_bar
-from ctloop.modeling import collate, encode, load_base_model, load_tokenizer, token_budget_batches, token_losses
+from ctloop.modeling import (collate, collate_packed, encode, load_base_model, load_tokenizer, packed_batches,
+                             token_budget_batches, token_losses)
 from ctloop.records import Record
+
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -23,11 +37,14 @@ class TrainResult:
     adapter_dir: str
     steps: int
     examples: int
-    tokens: int
+    tokens: int  # real (non-padding) tokens processed
     loss_tokens: int
     seconds: float
     losses: list[tuple[int, float]]
     learning_rates: list[tuple[int, float]]
+    padded_tokens: int = 0  # token slots including padding
+    resumed_from_step: int = 0
+    warm_start: str = ""
 
     @property
     def final_loss(self) -> float:
@@ -35,43 +52,45 @@ class TrainResult:
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
+        resumed = f", resumed at step {self.resumed_from_step}" if self.resumed_from_step else ""
         return (f"trained {self.steps} steps on {self.examples} examples ({self.tokens} tokens, "
-                f"{rate:,.0f} tokens/s); final loss {self.final_loss:.3f} -> {self.adapter_dir}")
+                f"{rate:,.0f} tokens/s{resumed}); final loss {self.final_loss:.3f} -> {self.adapter_dir}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig, train: TrainConfig,
-                  out_dir: Path) -> TrainResult:
-    """Train a fresh LoRA adapter on `records` and save it (safetensors + adapter_config.json)."""
+                  out_dir: Path, checkpoint_dir: Path | None = None,
+                  warm_start_from: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter on `records` and save it (safetensors + adapter_config.json)."""
     import torch
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
     from transformers import set_seed
 
     set_seed(train.seed)  # before the adapter is created: its initial weights depend on it
     tokenizer = load_tokenizer(model)
-    peft_model = get_peft_model(load_base_model(model), PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type="CAUSAL_LM"))
+    peft_model = _adapter_model(load_base_model(model), lora, warm_start_from)
+    if train.activation_checkpointing:
+        peft_model.enable_input_require_grads()
+        peft_model.gradient_checkpointing_enable()
     examples = encode(records, tokenizer)
-    lengths = [len(e.input_ids) for e in examples]
-    schedule = _epoch_batches(lengths, train)
+    packing = train.packing if train.packing != "auto" else torch.cuda.is_available()
+    train = train.model_copy(update={"packing": packing})
+    schedule = _schedule([len(e.input_ids) for e in examples], train, model.max_seq_tokens)
     total_steps = len(schedule)
     warmup = max(1, round(train.warmup_fraction * total_steps)) if train.warmup_fraction else 0
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_scale(step, warmup, total_steps))
+    progress = {"step": 0, "losses": [], "rates": [], "tokens": 0, "loss_tokens": 0, "padded": 0, "seconds": 0.0}
+    resumed_from = _load_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
 
     peft_model.train()
-    losses: list[tuple[int, float]] = []
-    rates: list[tuple[int, float]] = []
-    tokens = loss_tokens = 0
-    started = time.monotonic()
+    started = time.monotonic() - progress["seconds"]
     with progress_bar("training", total_steps) as advance:
-        for step, batch_indices in enumerate(schedule, start=1):
-            batch = collate([examples[i] for i in batch_indices], tokenizer.pad_token_id)
+        advance(progress["step"])
+        for step in range(progress["step"] + 1, total_steps + 1):
+            batch = _collate(schedule[step - 1], examples, tokenizer.pad_token_id, train.packing)
             nll, mask = token_losses(peft_model, batch)
             n_loss = int(mask.sum())
             loss = nll.sum() / max(1, n_loss)
@@ -80,31 +99,63 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
-            loss_tokens += n_loss
+            progress["tokens"] += sum(len(examples[i].input_ids) for i in _flat(schedule[step - 1], train.packing))
+            progress["padded"] += batch["input_ids"].numel()
+            progress["loss_tokens"] += n_loss
             if step % train.log_every == 0 or step == total_steps:
-                losses.append((step, loss.item()))
-                rates.append((step, scheduler.get_last_lr()[0]))
+                progress["losses"].append((step, loss.item()))
+                progress["rates"].append((step, scheduler.get_last_lr()[0]))
+            progress["step"] = step
+            progress["seconds"] = time.monotonic() - started
+            if checkpoint_dir is not None and train.checkpoint_every and step % train.checkpoint_every == 0 \
+                    and step < total_steps:
+                _save_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
             advance(loss=loss.item())
-    seconds = time.monotonic() - started
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     peft_model.save_pretrained(partial)
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
-    return TrainResult(adapter_dir=str(out_dir), steps=total_steps, examples=len(examples), tokens=tokens,
-                       loss_tokens=loss_tokens, seconds=round(seconds, 2), losses=losses, learning_rates=rates)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainResult(adapter_dir=str(out_dir), steps=total_steps, examples=len(examples),
+                       tokens=progress["tokens"], loss_tokens=progress["loss_tokens"],
+                       seconds=round(progress["seconds"], 2), losses=progress["losses"],
+                       learning_rates=progress["rates"], padded_tokens=progress["padded"],
+                       resumed_from_step=resumed_from, warm_start=str(warm_start_from or ""))
 
 
-def _epoch_batches(lengths: list[int], train: TrainConfig) -> list[list[int]]:
+def _adapter_model(base, lora: LoraConfig, warm_start_from: Path | None):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    if warm_start_from is not None:
+        return PeftModel.from_pretrained(base, str(warm_start_from), is_trainable=True)
+    return get_peft_model(base, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def _schedule(lengths: list[int], train: TrainConfig, row_tokens: int) -> list:
     """All batches for `train.epochs` passes (a fractional last epoch takes its first batches)."""
-    schedule: list[list[int]] = []
+    schedule: list = []
     for epoch in range(math.ceil(train.epochs)):
-        batches = token_budget_batches(lengths, train.batch_tokens, seed=train.seed + epoch)
+        seed = train.seed + epoch
+        batches = (packed_batches(lengths, min(row_tokens, train.batch_tokens), train.batch_tokens, seed)
+                   if train.packing else token_budget_batches(lengths, train.batch_tokens, seed=seed))
         share = min(1.0, train.epochs - epoch)
         schedule.extend(batches[: max(1, round(share * len(batches)))])
     return schedule
+
+
+def _flat(batch: list, packing: bool) -> list[int]:
+    return [i for row in batch for i in row] if packing else batch
+
+
+def _collate(batch: list, examples, pad_id: int, packing: bool):
+    if packing:
+        return collate_packed([[examples[i] for i in row] for row in batch], pad_id)
+    return collate([examples[i] for i in batch], pad_id)
 
 
 def _lr_scale(step: int, warmup: int, total: int) -> float:
@@ -113,3 +164,32 @@ def _lr_scale(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, progress: dict) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CHECKPOINT + ".tmp")
+    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "progress": progress,
+                "rng": torch.get_rng_state()}, tmp)
+    tmp.replace(folder / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint intact
+
+
+def _load_checkpoint(folder: Path | None, model, optimizer, scheduler, progress: dict) -> int:
+    """Restore the last checkpoint, if any; return the step it was taken at (0: none)."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    path = folder / CHECKPOINT if folder is not None else None
+    if path is None or not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=False)
+    set_peft_model_state_dict(model, state["adapter"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    progress.update(state["progress"])
+    return progress["step"]

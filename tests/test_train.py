@@ -1,0 +1,124 @@
+"""The trainer: packed samples stay isolated, runs are reproducible, a killed run resumes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import quickstart_rows
+from ctloop.config import LoraConfig, ModelConfig, TrainConfig
+from ctloop.records import record_from_fields
+
+pytestmark = pytest.mark.slow
+
+
+def _records(n: int):
+    return [record_from_fields(json.loads(line)) for line in quickstart_rows("old_domain.jsonl", n)]
+
+
+def _adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _train(tiny_base, out: Path, checkpoint_dir: Path | None = None, **train):
+    from ctloop.train import train_adapter
+
+    settings = {"epochs": 2, "learning_rate": 0.01, "batch_tokens": 256, "checkpoint_every": 3} | train
+    return train_adapter(_records(120), model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
+                         lora=LoraConfig(r=4, alpha=8), train=TrainConfig(**settings), out_dir=out,
+                         checkpoint_dir=checkpoint_dir)
+
+
+def test_packed_samples_do_not_attend_to_each_other():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctloop.modeling import Example, collate, collate_packed, token_losses
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    first = Example([1, 5, 6, 7, 8, 9, 2], prompt_len=3)
+    second, perturbed = Example([1, 10, 11, 12, 2], 2), Example([1, 30, 31, 32, 2], 2)
+    with torch.no_grad():
+        packed, _ = token_losses(model, collate_packed([[second, first]], 0))
+        changed, _ = token_losses(model, collate_packed([[perturbed, first]], 0))
+        alone, _ = token_losses(model, collate([first], 0))
+    # `first` sits after the other sample; its losses ignore what that sample says ...
+    assert torch.allclose(packed[0, 5:11], changed[0, 5:11], atol=1e-6)
+    # ... and equal its losses when it is trained alone.
+    assert torch.allclose(packed[0, 5:11], alone[0, :6], atol=1e-5)
+    assert not torch.allclose(packed[0, :4], changed[0, :4])  # the perturbation did change its own sample
+
+
+def test_packing_removes_padding(tiny_base, tmp_path):
+    packed = _train(tiny_base, tmp_path / "packed", epochs=1, packing=True)
+    padded = _train(tiny_base, tmp_path / "padded", epochs=1, packing=False)
+    assert packed.tokens == padded.tokens  # the same real tokens ...
+    assert packed.padded_tokens < padded.padded_tokens  # ... in fewer token slots
+    assert packed.tokens / packed.padded_tokens > 0.9
+
+
+def test_same_seed_same_adapter_and_another_seed_another(tiny_base, tmp_path):
+    import torch
+
+    first = _adapter_tensors(Path(_train(tiny_base, tmp_path / "a").adapter_dir))
+    second = _adapter_tensors(Path(_train(tiny_base, tmp_path / "b").adapter_dir))
+    other = _adapter_tensors(Path(_train(tiny_base, tmp_path / "c", seed=1).adapter_dir))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+KILLABLE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import test_train
+test_train._train(Path({base!r}), Path({out!r}), Path({ckpt!r}))
+"""
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tiny_base, tmp_path):
+    import torch
+
+    reference = _adapter_tensors(Path(_train(tiny_base, tmp_path / "uninterrupted").adapter_dir))
+    out, checkpoints = tmp_path / "resumed", tmp_path / "checkpoints"
+    code = KILLABLE.format(tests=str(Path(__file__).parent), base=str(tiny_base), out=str(out), ckpt=str(checkpoints))
+    victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)  # like kill -9, right after a checkpoint
+    victim.wait()
+    assert (checkpoints / "checkpoint.pt").exists() and not out.exists()
+
+    resumed = _train(tiny_base, out, checkpoints)
+    assert resumed.resumed_from_step > 0
+    weights = _adapter_tensors(out)
+    assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
+    assert not checkpoints.exists()  # cleaned up once the adapter is final
+
+
+def test_warm_start_continues_the_given_adapter(tiny_base, tmp_path):
+    from ctloop.train import train_adapter
+
+    first = _train(tiny_base, tmp_path / "first", epochs=3, log_every=1)
+    fresh = _train(tiny_base, tmp_path / "fresh", epochs=1, log_every=1)
+    continued = train_adapter(_records(120), model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
+                              lora=LoraConfig(r=4, alpha=8),
+                              train=TrainConfig(epochs=1, learning_rate=0.01, batch_tokens=256, log_every=1,
+                                                warmup_fraction=0.3),
+                              out_dir=tmp_path / "continued", warm_start_from=Path(first.adapter_dir))
+    assert continued.warm_start == first.adapter_dir
+    # It starts where the first adapter ended, below a fresh adapter's first loss (deterministic on CPU).
+    assert continued.losses[0][1] < fresh.losses[0][1]
+    assert continued.learning_rates[0][1] < 0.01  # the learning rate is warmed up again
