@@ -47,7 +47,7 @@ def test_add_cycle_twice_overwrites(tmp_path):
     assert path == tmp_path / "replay" / "cycle-c1.parquet"
     rows = buffer.rows()
     assert [(r.record.id, r.split) for r in rows] == [("b-0", "train"), ("b-1", "train"), ("h-0", "holdout")]
-    assert [p.name for p in (tmp_path / "replay").iterdir()] == ["cycle-c1.parquet"]
+    assert sorted(p.name for p in (tmp_path / "replay").iterdir()) == ["buffer.json", "cycle-c1.parquet"]
     assert buffer.cycles() == ["c1"]
 
 
@@ -67,12 +67,12 @@ def test_rows_round_trip_and_exclude_cycle(tmp_path):
     tokens = {r.id: n for n, r in enumerate(c1_train + c1_held + c2_train + c2_held, start=10)}
     buffer.add_cycle("c2", c2_train, c2_held, tokens)
     buffer.add_cycle("c1", c1_train, c1_held, tokens)
-    assert buffer.cycles() == ["c1", "c2"]
+    assert buffer.cycles() == ["c2", "c1"]  # the order they were added: oldest first
     everything = buffer.rows()
     assert everything == [
-        BufferRow(rec("x", 0), "c1", "train", 10), BufferRow(rec("x", 1), "c1", "train", 11),
-        BufferRow(rec("xh", 0), "c1", "holdout", 12), BufferRow(rec("y", 0), "c2", "train", 13),
-        BufferRow(rec("yh", 0), "c2", "holdout", 14), BufferRow(rec("yh", 1), "c2", "holdout", 15),
+        BufferRow(rec("y", 0), "c2", "train", 13), BufferRow(rec("yh", 0), "c2", "holdout", 14),
+        BufferRow(rec("yh", 1), "c2", "holdout", 15), BufferRow(rec("x", 0), "c1", "train", 10),
+        BufferRow(rec("x", 1), "c1", "train", 11), BufferRow(rec("xh", 0), "c1", "holdout", 12),
     ]
     assert [r.record.id for r in buffer.rows(exclude_cycle="c1")] == ["y-0", "yh-0", "yh-1"]
     assert [r.record.id for r in buffer.rows(exclude_cycle="c2")] == ["x-0", "x-1", "xh-0"]
@@ -223,5 +223,69 @@ def test_summary_names_the_counts():
     ts = mix(ratio=0.5)
     m = ts.manifest
     assert ts.summary() == (f"training set: 20 new + {m['replayed_rows']} replayed rows "
-                            f"({m['replayed_tokens']} of {m['total_tokens']} tokens replayed, target ratio 0.5); "
+                            f"({m['replayed_tokens']} of {m['total_tokens']} tokens replayed, target ratio 0.5, uniform); "
                             f"replay holdout 40 rows")
+
+
+# -- strategies and the bounded buffer -------------------------------------------------------------
+
+def _past(cycles: int, rows_per_cycle: int, source_of=lambda c, i: "") -> list[BufferRow]:
+    return [BufferRow(Record(id=f"c{c}-{i}", prompt=f"p{c}-{i}", completion=f"c{c}-{i}", source=source_of(c, i)),
+                      f"c{c}", "train", 10) for c in range(cycles) for i in range(rows_per_cycle)]
+
+
+def _replayed_by_cycle(training_set) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in training_set.manifest["replayed"]:
+        counts[item["cycle"]] = counts.get(item["cycle"], 0) + 1
+    return counts
+
+
+def test_balanced_gives_every_past_cycle_an_equal_share():
+    past = _past(cycles=3, rows_per_cycle=100)[:100] + _past(3, 100)[100:120] + _past(3, 100)[200:300]
+    new = [rec("n", i) for i in range(30)]
+    config = ReplayConfig(ratio=0.5, strategy="balanced")
+    counts = _replayed_by_cycle(build_training_set(new, {r.id: 10 for r in new}, past, config, seed=0))
+    assert counts == {"c0": 10, "c1": 10, "c2": 10}  # uniform would take ~5x more from c0 and c2 than c1
+
+
+def test_balanced_by_source():
+    past = _past(2, 60, source_of=lambda c, i: "games" if i < 50 else "sound")
+    new = [rec("n", i) for i in range(20)]
+    config = ReplayConfig(ratio=0.5, strategy="balanced", balance_by="source")
+    mix = build_training_set(new, {r.id: 10 for r in new}, past, config, seed=0)
+    sources = [r.source for r in mix.records if r.id.startswith("c")]
+    assert sources.count("games") == sources.count("sound") == 10
+
+
+def test_recency_prefers_recent_cycles():
+    past = _past(cycles=4, rows_per_cycle=100)  # c0 oldest ... c3 newest
+    new = [rec("n", i) for i in range(40)]
+    config = ReplayConfig(ratio=0.5, strategy="recency", recency_decay=0.5)
+    counts = _replayed_by_cycle(build_training_set(new, {r.id: 10 for r in new}, past, config, seed=0))
+    assert counts.get("c3", 0) > counts.get("c2", 0) > counts.get("c0", 0)
+
+
+def test_reservoir_keeps_the_buffer_bounded_and_fair(tmp_path):
+    kept_from_first = 0
+    for trial in range(20):
+        buffer = ReplayBuffer(tmp_path / f"r{trial}", max_train_rows=50, max_holdout_rows=5, seed=trial)
+        for cycle in range(10):
+            train = [rec(f"t{cycle}", i) for i in range(40)]
+            held = [rec(f"h{cycle}", i) for i in range(4)]
+            buffer.add_cycle(f"c{cycle}", train, held, {r.id: 5 for r in train + held})
+        rows = buffer.rows()
+        assert sum(r.split == "train" for r in rows) == 50 and sum(r.split == "holdout" for r in rows) == 5
+        kept_from_first += sum(r.cycle_id == "c0" and r.split == "train" for r in rows)
+        assert buffer.cycles() == [f"c{c}" for c in range(10)]
+    # Each of the 400 rows survives with probability 50/400: cycle 0 keeps 5 rows on average.
+    assert 3.0 <= kept_from_first / 20 <= 7.0
+
+
+def test_reservoir_does_not_double_count_a_cycle_added_twice(tmp_path):
+    buffer = ReplayBuffer(tmp_path, max_train_rows=10)
+    train = [rec("t", i) for i in range(30)]
+    buffer.add_cycle("c0", train, [], {r.id: 5 for r in train})
+    before = buffer.rows()
+    buffer.add_cycle("c0", train, [], {r.id: 5 for r in train})
+    assert buffer.rows() == before

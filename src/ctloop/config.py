@@ -29,6 +29,8 @@ class ModelConfig(Section):
     base: str = Field(description="local path or hub id of the base causal LM")
     revision: str | None = Field(None, description="hub revision (commit) to pin; local paths are hashed")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = Field(None, description="transformers attention kernel (sdpa, eager, "
+                                                              "flash_attention_2, flex_attention); default: its own")
     max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
 
 
@@ -48,6 +50,11 @@ class ReplayConfig(Section):
     enabled: bool = True
     ratio: float = Field(0.25, ge=0, lt=1, description="share of training tokens drawn from the buffer")
     holdout_rows: int = Field(200, ge=0, description="past held-out rows used to measure forgetting")
+    strategy: Literal["uniform", "balanced", "recency"] = "uniform"
+    balance_by: Literal["cycle", "source"] = Field("cycle", description="groups that `balanced` shares equally")
+    recency_decay: float = Field(0.5, gt=0, le=1, description="`recency`: a cycle k cycles old weighs decay**k")
+    buffer_rows: int | None = Field(None, ge=1, description="reservoir cap on past training rows; null: keep all")
+    buffer_holdout_rows: int | None = Field(None, ge=1, description="reservoir cap on past held-out rows")
 
 
 class DriftConfig(Section):
@@ -95,6 +102,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
     activation_checkpointing: bool = Field(False, description="trade ~20% speed for much less memory")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: frozen base in bf16 + autocast; auto: bf16 where the hardware has fast bf16 "
+                            "(CUDA with bf16, CPUs with AMX), else fp32")
     init: Literal["fresh", "champion"] = Field(
         "fresh", description="fresh adapter from the base model, or continue the champion's (LR re-warmed)")
 

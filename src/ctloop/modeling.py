@@ -45,9 +45,23 @@ def load_base_model(config: ModelConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     with _explained_load_errors(config):
         return AutoModelForCausalLM.from_pretrained(
-            config.base, revision=config.revision, dtype=getattr(torch, config.dtype))
+            config.base, revision=config.revision, dtype=getattr(torch, config.dtype), **extra)
+
+
+def fast_bf16_available() -> bool:
+    """bf16 matmuls that beat fp32: a CUDA device that supports bf16, or a CPU with AMX (Linux)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return "amx_bf16" in handle.read()
+    except OSError:
+        return False
 
 
 @contextmanager

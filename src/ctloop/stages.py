@@ -182,8 +182,9 @@ def prepare_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> 
     new, extra = read_parquet(cycle.require("new.parquet", "validate"))
     tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
     new_train, new_holdout = split_holdout(new, config, seed=config.train.seed)
-    mix = build_training_set(new_train, tokens, ReplayBuffer(workspace.replay_dir).rows(exclude_cycle=cycle_id),
-                             config.replay, seed=config.train.seed)
+    buffer = ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed)
+    mix = build_training_set(new_train, tokens, buffer.rows(exclude_cycle=cycle_id), config.replay,
+                             seed=config.train.seed)
     console.print(mix.summary())
     write_parquet(cycle.path("train.parquet"), mix.records)
     write_parquet(cycle.path("new_holdout.parquet"), new_holdout)
@@ -317,7 +318,7 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     new, extra = read_parquet(cycle.require("new.parquet", "validate"))
     holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
     tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
-    ReplayBuffer(workspace.replay_dir).add_cycle(cycle_id, [r for r in new if r.id not in holdout_ids],
+    ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(cycle_id, [r for r in new if r.id not in holdout_ids],
                                                  [r for r in new if r.id in holdout_ids], tokens)
     console.print(f"cycle report: {report_path}")
     status = {"PASS": "registered", "FAIL": "rejected", "INCONCLUSIVE": "inconclusive"}[gate["outcome"]]

@@ -10,6 +10,8 @@
   with the same adapter as an uninterrupted run.
 - The final adapter is written to a temporary folder and renamed into place, so a killed run
   never leaves a half-trained adapter where the next stage would find it.
+- `train.precision` auto trains in bf16 (frozen base in bf16, autocast, fp32 adapter and optimizer)
+  where the hardware has fast bf16: CUDA GPUs that support it, and CPUs with AMX.
 - `warm_start_from` continues an existing adapter (the champion's) with a fresh optimizer and a
   re-warmed, re-decayed learning rate; otherwise a fresh adapter starts from the base model, with
   the seed set before it is created.
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from ctloop.config import LoraConfig, ModelConfig, TrainConfig
 from ctloop.console import progress_bar
-from ctloop.modeling import (collate, collate_packed, encode, load_base_model, load_tokenizer, packed_batches,
-                             token_budget_batches, token_losses)
+from ctloop.modeling import (collate, collate_packed, encode, fast_bf16_available, load_base_model, load_tokenizer,
+                             packed_batches, token_budget_batches, token_losses)
 from ctloop.records import Record
 
 CHECKPOINT = "checkpoint.pt"
@@ -69,7 +71,12 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
 
     set_seed(train.seed)  # before the adapter is created: its initial weights depend on it
     tokenizer = load_tokenizer(model)
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and fast_bf16_available())
+    if bf16 and model.dtype == "float32":  # the frozen base in bf16; the adapter stays fp32 (peft)
+        model = model.model_copy(update={"dtype": "bfloat16"})
     peft_model = _adapter_model(load_base_model(model), lora, warm_start_from)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    peft_model.to(device_type)
     if train.activation_checkpointing:
         peft_model.enable_input_require_grads()
         peft_model.gradient_checkpointing_enable()
@@ -91,7 +98,9 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
         advance(progress["step"])
         for step in range(progress["step"] + 1, total_steps + 1):
             batch = _collate(schedule[step - 1], examples, tokenizer.pad_token_id, train.packing)
-            nll, mask = token_losses(peft_model, batch)
+            batch = {k: v.to(device_type) for k, v in batch.items()}
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                nll, mask = token_losses(peft_model, batch)
             n_loss = int(mask.sum())
             loss = nll.sum() / max(1, n_loss)
             loss.backward()

@@ -1,0 +1,190 @@
+"""Training throughput: the seed's LoRA setup vs ctloop's trainer, side by side in one run.
+
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py [--tokens 60000]
+
+Same model (a Llama-shaped causal LM of ~30M parameters, random init, built from config), same
+data (real Debian package descriptions, variable lengths), same number of real training tokens.
+
+- seed: HF Trainer + peft, fp32, batch 4 samples padded to the longest, LoRA r=8 alpha=32 on
+  q/v with dropout 0.1, loss on every token (DataCollatorForLanguageModeling);
+- ctloop: `ctloop.train.train_adapter` with its defaults (token-budget length-grouped batches,
+  LoRA on all linear layers, dropout 0, loss on completions only), forced to fp32, and with its
+  `precision: auto` (bf16 on CPUs with AMX), with the default (sdpa) and the eager attention kernel.
+
+Each configuration runs in its own subprocess, so its peak memory (max RSS) is its own. Reported:
+real (non-pad) tokens/s, peak RSS, and the mean completion-token loss on a held-out set after
+training. Reads ../shared/data/debian_packages.jsonl when present, else the quickstart samples.
+Figures are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian_packages.jsonl"
+QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstart"
+
+
+def load_rows(limit: int) -> tuple[list[dict], str]:
+    if SHARED.is_file():
+        raw = [json.loads(line) for line in SHARED.read_text().splitlines()]
+        random.Random(0).shuffle(raw)
+        rows = [{"prompt": f"Describe the Debian package {r['package']}:", "completion": " " + r["description"]}
+                for r in raw[:limit]]
+        return rows, str(SHARED)
+    rows = [json.loads(line) for name in ("old_domain.jsonl", "new_domain.jsonl", "pretrain.jsonl")
+            for line in (QUICKSTART / name).read_bytes().splitlines()]
+    rows = [r for r in (json.loads(x) if isinstance(x, str) else x for x in rows)
+            if isinstance(r.get("completion"), str) and r["completion"].strip()]
+    print(f"note: {SHARED} is absent; using the quickstart samples", file=sys.stderr)
+    return rows[:limit], "quickstart samples"
+
+
+def build_model(folder: Path, rows: list[dict]) -> None:
+    """A ~30M-parameter Llama-shaped model with a BPE tokenizer trained on the data; no pre-training."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctloop.tinymodel import _train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = _train_tokenizer([r["prompt"] + r["completion"] for r in rows], 8000)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def take_tokens(rows: list[dict], tokenizer, budget: int) -> list[dict]:
+    """The first rows whose real tokens (<s> prompt completion </s>) add up to `budget`."""
+    out, total = [], 0
+    for row in rows:
+        n = len(tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]) + 2
+        if total + n > budget:
+            break
+        out.append(row)
+        total += n
+    return out
+
+
+def run_seed(model_dir: Path, rows: list[dict]) -> dict:
+    """The seed's script, as written there, with the data it implies."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [tokenizer.bos_token + r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]
+    dataset = [{"input_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8,
+                                             lora_alpha=32, lora_dropout=0.1))
+    args = TrainingArguments(output_dir=str(model_dir.parent / "seed-out"), num_train_epochs=1,
+                             per_device_train_batch_size=4, learning_rate=2e-4, use_cpu=True, report_to=[],
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    real = sum(len(d["input_ids"]) for d in dataset)
+    out = model_dir.parent / "seed-adapter"
+    model.save_pretrained(out)
+    return {"seconds": seconds, "real_tokens": real, "adapter": str(out)}
+
+
+def run_ctloop(model_dir: Path, rows: list[dict], precision: str, batch_tokens: int, attn: str | None) -> dict:
+    from ctloop.config import LoraConfig, ModelConfig, TrainConfig
+    from ctloop.records import record_from_fields
+    from ctloop.train import train_adapter
+
+    records = [record_from_fields(r) for r in rows]
+    out = model_dir.parent / f"ctloop-adapter-{precision}-{batch_tokens}-{attn}"
+    result = train_adapter(records, model=ModelConfig(base=str(model_dir), max_seq_tokens=256, attn_implementation=attn),
+                           lora=LoraConfig(), train=TrainConfig(epochs=1, learning_rate=1e-3, batch_tokens=batch_tokens,
+                                                                checkpoint_every=0, precision=precision),
+                           out_dir=out)
+    return {"seconds": result.seconds, "real_tokens": result.tokens, "adapter": str(out)}
+
+
+def eval_loss(model_dir: Path, adapter: str, rows: list[dict]) -> float:
+    """Mean completion-token loss of base + adapter on held-out rows (fp32)."""
+    from ctloop.config import EvalConfig, ModelConfig
+    from ctloop.evaluate import evaluate
+    from ctloop.records import record_from_fields
+
+    report = evaluate({"heldout": [record_from_fields(r) for r in rows]}, {"adapter": Path(adapter)},
+                      model=ModelConfig(base=str(model_dir), max_seq_tokens=256), config=EvalConfig())
+    return report.mean("heldout", "adapter")
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    rows = json.loads((work / "rows.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    train_rows = take_tokens(rows["train"], tokenizer, args.tokens)
+    name = args.child
+    if name == "seed":
+        out = run_seed(work / "model", train_rows)
+    else:
+        parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-<attention>]
+        out = run_ctloop(work / "model", train_rows, parts[1], int(parts[2]), parts[3] if len(parts) > 3 else None)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["eval_loss"] = eval_loss(work / "model", out["adapter"], rows["eval"])
+    print(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=60000, help="real training tokens per configuration")
+    parser.add_argument("--work", default="/tmp/ctloop-train-throughput")
+    parser.add_argument("--configs", nargs="+",
+                        default=["seed", "ctloop-fp32-2048", "ctloop-auto-2048", "ctloop-auto-2048-eager",
+                                 "ctloop-auto-1024-eager"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows, source = load_rows(20000)
+    (work / "rows.json").write_text(json.dumps({"train": rows[:-500], "eval": rows[-500:]}))
+    if not (work / "model" / "config.json").is_file():
+        build_model(work / "model", rows)
+    results = {}
+    for name in args.configs:
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
+                               "--tokens", str(args.tokens)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(name, results[name], flush=True)
+
+    base = results.get("seed")
+    print(f"\ndata: {source}; {args.tokens} real training tokens per configuration; ~30M-parameter Llama shape; "
+          f"1 CPU thread")
+    print(f"{'configuration':20s} {'tokens/s':>9s} {'x seed':>7s} {'peak RSS GB':>12s} {'eval loss':>10s}")
+    for name, r in results.items():
+        rate = r["real_tokens"] / r["seconds"]
+        ratio = rate / (base["real_tokens"] / base["seconds"]) if base else float("nan")
+        print(f"{name:20s} {rate:9.0f} {ratio:7.2f} {r['peak_rss_gb']:12.2f} {r['eval_loss']:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
