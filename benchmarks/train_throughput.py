@@ -11,9 +11,9 @@ data (real Debian package descriptions, variable lengths), same number of real t
   LoRA on all linear layers, dropout 0, loss on completions only), forced to fp32, and with its
   `precision: auto` (bf16 on CPUs with AMX), with the default (sdpa) and the eager attention kernel.
 
-Each configuration runs in its own subprocess, so its peak memory (max RSS) is its own. Reported:
-real (non-pad) tokens/s, peak RSS, and the mean completion-token loss on a held-out set after
-training. Reads ../shared/data/debian_packages.jsonl when present, else the quickstart samples.
+Each configuration runs in its own subprocess, so its peak memory (max RSS, taken when training
+ends, before the evaluation) is its own. Reported: real (non-pad) tokens/s, peak RSS, and the
+mean completion-token loss on a held-out set after training. Reads ../shared/data/debian_packages.jsonl when present, else the quickstart samples.
 Figures are printed last.
 """
 
@@ -32,18 +32,25 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian_packa
 QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstart"
 
 
-def load_rows(limit: int) -> tuple[list[dict], str]:
+def load_rows(limit: int, max_packages: int) -> tuple[list[dict], str]:
+    """Rows asking for 1..max_packages package descriptions at once: real text whose lengths vary
+    like chat data (a handful to a few hundred tokens), not one fixed short shape."""
     if SHARED.is_file():
         raw = [json.loads(line) for line in SHARED.read_text().splitlines()]
-        random.Random(0).shuffle(raw)
-        rows = [{"prompt": f"Describe the Debian package {r['package']}:", "completion": " " + r["description"]}
-                for r in raw[:limit]]
-        return rows, str(SHARED)
+        rng = random.Random(0)
+        rng.shuffle(raw)
+        rows, i = [], 0
+        while len(rows) < limit and i < len(raw):
+            group = raw[i:i + rng.randint(1, max_packages)]
+            i += len(group)
+            rows.append({"prompt": "Describe the Debian packages " + ", ".join(r["package"] for r in group) + ":",
+                         "completion": "".join(f" {r['package']}: {r['description']}." for r in group)})
+        return rows, f"{SHARED} (1-{max_packages} packages per row)"
     rows = [json.loads(line) for name in ("old_domain.jsonl", "new_domain.jsonl", "pretrain.jsonl")
             for line in (QUICKSTART / name).read_bytes().splitlines()]
     rows = [r for r in (json.loads(x) if isinstance(x, str) else x for x in rows)
             if isinstance(r.get("completion"), str) and r["completion"].strip()]
-    print(f"note: {SHARED} is absent; using the quickstart samples", file=sys.stderr)
+    print(f"note: {SHARED} is absent; using the quickstart samples (short rows)", file=sys.stderr)
     return rows[:limit], "quickstart samples"
 
 
@@ -57,7 +64,7 @@ def build_model(folder: Path, rows: list[dict]) -> None:
     torch.manual_seed(0)
     tokenizer = _train_tokenizer([r["prompt"] + r["completion"] for r in rows], 8000)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -103,16 +110,18 @@ def run_seed(model_dir: Path, rows: list[dict]) -> dict:
     return {"seconds": seconds, "real_tokens": real, "adapter": str(out)}
 
 
-def run_ctloop(model_dir: Path, rows: list[dict], precision: str, batch_tokens: int, attn: str | None) -> dict:
+def run_ctloop(model_dir: Path, rows: list[dict], precision: str, batch_tokens: int, attn: str | None,
+               checkpointing: bool) -> dict:
     from ctloop.config import LoraConfig, ModelConfig, TrainConfig
     from ctloop.records import record_from_fields
     from ctloop.train import train_adapter
 
     records = [record_from_fields(r) for r in rows]
-    out = model_dir.parent / f"ctloop-adapter-{precision}-{batch_tokens}-{attn}"
-    result = train_adapter(records, model=ModelConfig(base=str(model_dir), max_seq_tokens=256, attn_implementation=attn),
+    out = model_dir.parent / f"ctloop-adapter-{precision}-{batch_tokens}-{attn}-{checkpointing}"
+    result = train_adapter(records, model=ModelConfig(base=str(model_dir), max_seq_tokens=1024, attn_implementation=attn),
                            lora=LoraConfig(), train=TrainConfig(epochs=1, learning_rate=1e-3, batch_tokens=batch_tokens,
-                                                                checkpoint_every=0, precision=precision),
+                                                                checkpoint_every=0, precision=precision,
+                                                                activation_checkpointing=checkpointing),
                            out_dir=out)
     return {"seconds": result.seconds, "real_tokens": result.tokens, "adapter": str(out)}
 
@@ -141,9 +150,10 @@ def child(args: argparse.Namespace) -> None:
     if name == "seed":
         out = run_seed(work / "model", train_rows)
     else:
-        parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-<attention>]
-        out = run_ctloop(work / "model", train_rows, parts[1], int(parts[2]), parts[3] if len(parts) > 3 else None)
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-eager][-gc]
+        out = run_ctloop(work / "model", train_rows, parts[1], int(parts[2]), "eager" if "eager" in parts else None,
+                         "gc" in parts)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # training only: before eval
     out["eval_loss"] = eval_loss(work / "model", out["adapter"], rows["eval"])
     print(json.dumps(out))
 
@@ -153,8 +163,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=60000, help="real training tokens per configuration")
     parser.add_argument("--work", default="/tmp/ctloop-train-throughput")
     parser.add_argument("--configs", nargs="+",
-                        default=["seed", "ctloop-fp32-2048", "ctloop-auto-2048", "ctloop-auto-2048-eager",
-                                 "ctloop-auto-1024-eager"])
+                        default=["seed", "ctloop-fp32-1024", "ctloop-auto-1024-eager", "ctloop-auto-512-eager",
+                                 "ctloop-auto-1024-eager-gc"])
+    parser.add_argument("--max-packages", type=int, default=8, help="1 = one short description per row")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -162,7 +173,7 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows, source = load_rows(20000)
+    rows, source = load_rows(6000, args.max_packages)
     (work / "rows.json").write_text(json.dumps({"train": rows[:-500], "eval": rows[-500:]}))
     if not (work / "model" / "config.json").is_file():
         build_model(work / "model", rows)

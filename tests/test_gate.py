@@ -277,3 +277,14 @@ def test_bootstrap_is_seeded_and_reproducible():
 def test_unpaired_sets_are_refused():
     with pytest.raises(ValueError, match="different examples"):
         decide({"new_holdout": {"champion": [1.0] * 40, "candidate": [1.0] * 39}}, RULES, has_champion=True)
+
+
+def test_golden_sets_get_their_own_regression_rule():
+    scores = means()
+    scores["golden_faq"] = {"champion": [1.0] * N, "candidate": [1.1] * N}
+    decision = decide(scores, GateConfig(min_new_improvement=0.01, max_golden_regression=0.05), has_champion=True)
+    assert decision.outcome == "FAIL"
+    assert decision.reasons[2].startswith("golden golden_faq: loss 1.0000 -> 1.1000, change +10.00%")
+    assert decision.metrics["golden_golden_faq_regression"] == pytest.approx(0.1)
+    scores["golden_faq"]["candidate"] = [1.01] * N
+    assert decide(scores, GateConfig(max_golden_regression=0.05), has_champion=True).outcome == "PASS"

@@ -234,3 +234,50 @@ def test_a_cycle_killed_mid_training_resumes_and_registers_once(tiny_base, tmp_p
     versions = registry.versions()
     assert [v.version for v in versions] == [1]
     assert versions[0].run_id == state["run_id"]  # the same MLflow run, continued
+
+
+def test_lineage_traces_a_version_back_to_the_first(two_cycles):
+    workspace, _, first, second, _ = two_cycles
+    out = subprocess.run([sys.executable, "-m", "ctloop", "lineage", "2", "--json", "--workspace",
+                          str(workspace.root)], capture_output=True, text=True, timeout=120)
+    chain = json.loads(out.stdout)
+    assert [v["version"] for v in chain] == [2, 1]
+    assert chain[0]["tags"]["ctloop.cycle_id"] == second.cycle_id
+    assert chain[1]["tags"]["ctloop.data_fingerprint"] == first.validation["fingerprint"]
+    assert chain[0]["tags"]["ctloop.replay_fingerprint"] != ""
+
+
+def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path):
+    from ctloop.errors import RegistryError
+
+    config = _config(tiny_base, gate={"require_approval": True})
+    workspace = Workspace(tmp_path / "ws")
+    result = run_cycle(config, _data(tmp_path, "old.jsonl", "old_domain.jsonl", 120), workspace)
+    registry = open_registry(config.registry, workspace)
+    assert result.version == 1 and registry.awaiting_approval(1)
+    assert registry.alias(CHALLENGER) is None and registry.alias(CHAMPION) is None
+    with pytest.raises(RegistryError, match="awaits approval"):
+        registry.make_champion(1, by="t", note="too early")
+    done = subprocess.run([sys.executable, "-m", "ctloop", "approve", "1", "--by", "alice", "--note", "looked good",
+                           "--workspace", str(workspace.root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = registry.version(1)
+    assert info.tags["ctloop.approved_by"] == "alice" and info.tags["ctloop.approval_note"] == "looked good"
+    assert registry.alias(CHALLENGER) == 1 and registry.alias(CHAMPION) == 1
+
+
+def test_contaminated_evaluation_rows_are_dropped_and_counted(tiny_base, tmp_path):
+    # Golden set = rows that are also training rows: every one of them is contamination.
+    data = _data(tmp_path, "old.jsonl", "old_domain.jsonl", 120)
+    golden = _data(tmp_path, "golden.jsonl", "old_domain.jsonl", 40)
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(b"\n".join(quickstart_rows("new_domain.jsonl", 60)[:40]) + b"\n")
+    config = _config(tiny_base, eval={"golden": {"faq": str(golden), "fresh": str(clean)}})
+    result = run_cycle(config, data, Workspace(tmp_path / "ws"))
+    report = read_json(Path(result.cycle_dir) / "contamination.json")
+    assert report["golden_faq"]["contaminated"] >= 30  # all but those that went to the holdout
+    assert report["golden_fresh"]["contaminated"] == 0
+    assert "golden_fresh" in result.means
+    with pytest.raises(DataError, match="overlap the training set"):
+        run_cycle(_config(tiny_base, eval={"golden": {"faq": str(golden)}, "contamination": "fail"},
+                          train={"seed": 1}), data, Workspace(tmp_path / "ws2"))

@@ -122,3 +122,38 @@ def test_warm_start_continues_the_given_adapter(tiny_base, tmp_path):
     # It starts where the first adapter ended, below a fresh adapter's first loss (deterministic on CPU).
     assert continued.losses[0][1] < fresh.losses[0][1]
     assert continued.learning_rates[0][1] < 0.01  # the learning rate is warmed up again
+
+
+def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
+    import os
+
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ctloop.config import config_from_dict
+    from ctloop.stages import prepare_stage, trigger_stage, validate_stage
+    from ctloop.workspace import Workspace, read_json
+
+    raw = {"model": {"base": str(tiny_base), "max_seq_tokens": 96}, "data": {"min_rows": 20},
+           "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 256}, "registry": {"model_name": "ddp"}}
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    config, workspace = config_from_dict(raw), Workspace(tmp_path / "ws")
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl", 120)) + b"\n")
+    cycle_id = validate_stage(config, data, workspace)
+    assert trigger_stage(config, workspace, cycle_id).train
+    prepare_stage(config, workspace, cycle_id)
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ctloop", "train", "--config", str(config_path), "--cycle", cycle_id,
+               "--workspace", str(workspace.root)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    cycle_dir = workspace.cycle_dir(cycle_id)
+    assert read_json(cycle_dir / "training.json")["world_size"] == 2
+    assert sorted(p.name for p in cycle_dir.iterdir() if p.name.startswith("adapter")) == ["adapter"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(cycle_dir / "adapter"))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0

@@ -40,6 +40,20 @@ def run(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML
 
 
 @app.command()
+def train(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+          cycle: Annotated[str, typer.Option(help="id of a prepared cycle (see `ctloop status`)")],
+          workspace: WorkspaceOption = None) -> None:
+    """Run only the training stage of a prepared cycle; scale out with
+    `torchrun --nproc_per_node N -m ctloop train ...` (a re-run of the cycle then re-uses the adapter)."""
+    from ctloop.config import load_config
+    from ctloop.stages import train_stage
+    from ctloop.workspace import resolve_workspace
+
+    cfg = load_config(config)
+    train_stage(cfg, resolve_workspace(workspace, cfg), cycle)
+
+
+@app.command()
 def drift(reference: Annotated[Path, typer.Option(help="reference records (.jsonl, .parquet, .csv)")],
           current: Annotated[Path, typer.Option(help="current records to compare")],
           config: ConfigOption = None,
@@ -107,6 +121,46 @@ def rollback(by: Annotated[str, typer.Option(help="who rolls back")] = "cli",
     registry, _ = _registry_context(config, workspace)
     current, target = registry.rollback(by=by)
     console.print(f"champion: v{current} -> v{target} (rolled back)")
+
+
+@app.command()
+def approve(version: Annotated[int, typer.Argument(help="the version to approve")],
+            by: Annotated[str, typer.Option(help="who approves")],
+            note: Annotated[str, typer.Option(help="why")],
+            config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Record a human approval; an approved version becomes the challenger (gate.require_approval)."""
+    from ctloop.errors import RegistryError
+    from ctloop.registry import CHAMPION
+    from ctloop.stages import take_challenger_role
+
+    registry, _ = _registry_context(config, workspace)
+    info = registry.version(version)
+    if info.tags.get("ctloop.gate") != "PASS":
+        raise RegistryError(f"version {version} did not pass the gate ({info.tags.get('ctloop.gate', 'no gate')}); "
+                            f"only passing versions can be approved")
+    registry.approve(version, by=by, note=note)
+    console.print(f"version {version} approved by {by}")
+    take_challenger_role(registry, version, promote_first=registry.alias(CHAMPION) is None)
+
+
+@app.command()
+def lineage(version: Annotated[int, typer.Argument(help="the version to trace")],
+            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+            config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Print a version's lineage back to the first version: data, replay, base model, config, gate."""
+    registry, _ = _registry_context(config, workspace)
+    chain = registry.lineage(version)
+    if as_json:
+        print(json.dumps([v.to_dict() for v in chain], indent=2))
+        return
+    for info in chain:
+        tags = info.tags
+        print(f"v{info.version}  cycle {tags.get('ctloop.cycle_id', '?')}  gate {tags.get('ctloop.gate', '?')}"
+              f"  parent {tags.get('ctloop.parent_version', 'None')}")
+        for key in ("base_model", "base_revision", "data_fingerprint", "replay_fingerprint", "config_hash", "seed",
+                    "ctloop_version", "approved_by", "promoted"):
+            if f"ctloop.{key}" in tags:
+                print(f"    {key}: {tags[f'ctloop.{key}']}")
 
 
 @app.command("validate-config")

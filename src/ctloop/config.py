@@ -111,6 +111,12 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     batch_tokens: int = Field(8192, ge=16)
+    golden: dict[str, Path] = Field(default_factory=dict, description="fixed regression sets: name -> records file")
+    contamination: Literal["drop", "fail", "off"] = Field(
+        "drop", description="evaluation rows found in the training set: drop and count them, or fail the cycle")
+    ngram: int = Field(8, ge=1, le=64, description="word n-gram size of the near-duplicate check")
+    max_overlap: float = Field(0.5, gt=0, le=1, description="share of a row's n-grams seen in training that "
+                                                            "makes it a near duplicate")
 
 
 class GateConfig(Section):
@@ -123,6 +129,9 @@ class GateConfig(Section):
 
     min_new_improvement: float = Field(0.01, ge=-1, lt=1)
     max_old_regression: float = Field(0.02, ge=0, lt=10)
+    max_golden_regression: float = Field(0.02, ge=0, lt=10, description="the same bound for each eval.golden set")
+    require_approval: bool = Field(False, description="a passing version waits for `ctloop approve` before it "
+                                                      "becomes challenger (and can be promoted)")
     confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided level of the paired-bootstrap bound")
     bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
     min_examples: int = Field(30, ge=1, description="fewer examples in an evaluation set: INCONCLUSIVE")
@@ -215,6 +224,10 @@ def _resolve_relative_paths(config: CtloopConfig, base_dir: Path) -> CtloopConfi
     data = config.orchestration.data
     if data is not None and not data.is_absolute():
         updates["orchestration"] = config.orchestration.model_copy(update={"data": (base_dir / data).resolve()})
+    golden = {name: path if path.is_absolute() else (base_dir / path).resolve()
+              for name, path in config.eval.golden.items()}
+    if golden != config.eval.golden:
+        updates["eval"] = config.eval.model_copy(update={"golden": golden})
     reference = config.drift.reference
     if reference is not None and not reference.is_absolute():
         updates["drift"] = config.drift.model_copy(update={"reference": (base_dir / reference).resolve()})

@@ -12,9 +12,14 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int, unit: str = "steps") -> Iterator[Any]:
-    """Yield `advance(n=1, **fields)`; fields (e.g. loss=1.23) show next to the bar."""
+def progress_bar(description: str, total: int, unit: str = "steps", enabled: bool = True) -> Iterator[Any]:
+    """Yield `advance(n=1, **fields)`; fields (e.g. loss=1.23) show next to the bar. Disabled: a no-op
+    (e.g. on every process but the first of a distributed run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not enabled:
+        yield lambda n=1, **fields: None
+        return
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn(unit), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]

@@ -5,6 +5,7 @@ the same examples. Changes are relative to the reference, defined as (candidate 
 |reference| of the mean losses:
     improvement on new data = -change   must be >= min_new_improvement
     regression on old data  = change    must be <= max_old_regression
+    regression on each golden set       must be <= max_golden_regression
 A point estimate is not enough: fine-tuning runs with different seeds differ by 1-2%, so a rule
 passes only when its one-sided paired-bootstrap confidence bound (resampling examples, the same
 resample for both models) clears the margin. Fewer than `min_examples` examples: INCONCLUSIVE.
@@ -81,10 +82,17 @@ def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_ch
     else:
         rules.append(RuleResult("old data", PASS, "old data: not checked - no past held-out data yet "
                                                   "(first cycle, or replay disabled)"))
+    keys = ["new_improvement", "old_regression"]
+    for name in sorted(set(losses) - {NEW_SET, OLD_SET}):  # golden regression suites
+        scores = losses[name]
+        if CANDIDATE in scores and reference in scores:
+            rules.append(_rule(f"golden {name}", scores[reference], scores[CANDIDATE], reference, config,
+                               sign=1.0, margin=config.max_golden_regression))
+            keys.append(f"golden_{name}_regression")
     outcomes = {r.outcome for r in rules}
     outcome = FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
     metrics: dict[str, float] = {}
-    for rule, key in zip(rules, ("new_improvement", "old_regression"), strict=True):
+    for rule, key in zip(rules, keys, strict=True):
         if math.isfinite(rule.estimate):
             metrics[key] = rule.estimate
             metrics[f"{key}_bound"] = rule.bound

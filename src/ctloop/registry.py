@@ -22,6 +22,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 CYCLE_KEY_TAG = "ctloop.cycle_key"
 HISTORY_TAG = "ctloop.champion_history"
+APPROVAL_TAG = "ctloop.approval"
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,9 @@ class Registry:
         previous = self.alias(CHAMPION)
         if previous == version:
             return previous
-        self.version(version)  # fails clearly if it does not exist
+        if self.awaiting_approval(version):  # also fails clearly if the version does not exist
+            raise RegistryError(f"version {version} awaits approval (gate.require_approval); "
+                                f"run `ctloop approve {version} --by NAME --note TEXT` first")
         history = self.champion_history() + [version]
         self.set_alias(CHAMPION, version)
         self.client.set_registered_model_tag(self.model_name, HISTORY_TAG, json.dumps(history))
@@ -200,6 +203,28 @@ class Registry:
         self.client.set_model_version_tag(self.model_name, str(current), "ctloop.rolled_back",
                                           f"{stamp} by {by}: champion moved back to v{target}")
         return current, target
+
+    def approve(self, version: int, by: str, note: str) -> None:
+        """Record a human approval of a version (who, when, why)."""
+        self.version(version)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for key, value in ((APPROVAL_TAG, "approved"), ("ctloop.approved_by", by), ("ctloop.approved_at", stamp),
+                           ("ctloop.approval_note", note)):
+            self.client.set_model_version_tag(self.model_name, str(version), key, value)
+
+    def awaiting_approval(self, version: int) -> bool:
+        return self.version(version).tags.get(APPROVAL_TAG) == "pending"
+
+    def lineage(self, version: int) -> list[VersionInfo]:
+        """The version, its parent (the champion it was compared with), and so on back to the first."""
+        chain: list[VersionInfo] = []
+        current: int | None = version
+        while current is not None and current not in {v.version for v in chain}:
+            info = self.version(current)
+            chain.append(info)
+            parent = info.tags.get("ctloop.parent_version", "None")
+            current = int(parent) if parent.isdigit() else None
+        return chain
 
     def download_adapter(self, version: int, cache_dir: Path) -> Path:
         """The adapter files of a version, fetched once into `cache_dir/v<N>`."""

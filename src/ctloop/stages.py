@@ -26,7 +26,7 @@ from ctloop.console import console
 from ctloop.errors import DataError, WorkspaceError
 from ctloop.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
 from ctloop.records import Record, fingerprint, read_parquet, write_parquet
-from ctloop.registry import CHALLENGER, CHAMPION, Registry
+from ctloop.registry import APPROVAL_TAG, CHALLENGER, CHAMPION, Registry
 from ctloop.train import TrainResult
 from ctloop.trigger import TriggerDecision
 from ctloop.workspace import Workspace, read_json, write_json
@@ -213,7 +213,7 @@ def split_holdout(records: list[Record], config: CtloopConfig, seed: int) -> tup
 
 def train_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> TrainResult:
     """Train the adapter, unless an earlier attempt of this cycle finished it."""
-    from ctloop.train import train_adapter
+    from ctloop.train import is_main_process, train_adapter
 
     cycle = CycleFolder(workspace, cycle_id)
     adapter_dir = cycle.path("adapter")
@@ -229,9 +229,11 @@ def train_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> Tr
         warm_start = registry.download_adapter(champion, workspace.root / "registry-cache")
     trained = train_adapter(records, model=config.model, lora=config.lora, train=config.train, out_dir=adapter_dir,
                             checkpoint_dir=cycle.path("checkpoints"), warm_start_from=warm_start)
-    write_json(adapter_dir / "ctloop_manifest.json", _lineage(config, cycle) | {"config": config.model_dump(mode="json")})
-    write_json(training_path, trained.to_dict())
-    console.print(trained.summary())
+    if is_main_process():  # under torchrun, one process writes
+        write_json(adapter_dir / "ctloop_manifest.json",
+                   _lineage(config, cycle) | {"config": config.model_dump(mode="json")})
+        write_json(training_path, trained.to_dict())
+        console.print(trained.summary())
     return trained
 
 
@@ -264,10 +266,42 @@ def evaluate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str):
         adapters["base"] = None
     sets = {NEW_SET: read_parquet(cycle.require("new_holdout.parquet", "prepare"))[0],
             OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0]}
+    sets |= {f"golden_{name}": _golden(name, path) for name, path in config.eval.golden.items()}
+    sets = _without_contamination(config, cycle, sets)
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
     write_json(cycle.path("eval.json"), evaluation.to_dict())
     console.print(evaluation.summary())
     return evaluation
+
+
+def _golden(name: str, path: Path) -> list[Record]:
+    from ctloop.records import read_records
+
+    records, skipped = read_records(path)
+    if skipped or not records:
+        raise DataError(f"eval.golden.{name}: {path} has {skipped} invalid rows and {len(records)} valid ones; "
+                        f"a golden set must be clean - fix the file")
+    return records
+
+
+def _without_contamination(config: CtloopConfig, cycle: CycleFolder,
+                           sets: dict[str, list[Record]]) -> dict[str, list[Record]]:
+    """Drop (and count) evaluation rows the training set already holds, or fail, per eval.contamination."""
+    from ctloop.contamination import find_contamination
+
+    if config.eval.contamination == "off":
+        return sets
+    train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    reports = find_contamination(train, sets, config.eval.ngram, config.eval.max_overlap)
+    write_json(cycle.path("contamination.json"), {name: r.to_dict() for name, r in reports.items()})
+    dirty = [r for r in reports.values() if r.contaminated]
+    for report in dirty:
+        console.print(f"contamination: {report.summary()}")
+    if dirty and config.eval.contamination == "fail":
+        raise DataError("evaluation rows overlap the training set: " + "; ".join(r.summary() for r in dirty)
+                        + "; remove them from the evaluation data, or set eval.contamination: drop")
+    dropped = {name: set(report.dropped_ids) for name, report in reports.items()}
+    return {name: [r for r in records if r.id not in dropped[name]] for name, records in sets.items()}
 
 
 # -- 6. gate -----------------------------------------------------------------------------------------
@@ -306,13 +340,16 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     if gate["passed"]:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
         tags |= {"ctloop.gate": gate["outcome"], "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000]}
+        if config.gate.require_approval:
+            tags[APPROVAL_TAG] = "pending"
         info = registry.register(run_id, cycle_id, tags, description=f"gate {gate['outcome']}: "
                                  + "; ".join(gate["reasons"])[:3900])
         version = info.version
-        registry.set_alias(CHALLENGER, version)
-        if registry.alias(CHAMPION) is None and config.registry.promote_first:
-            registry.make_champion(version, by="ctloop", note="first version to pass the gate")
-        console.print(f"registered {registry.model_name} version {version} as '{CHALLENGER}'")
+        if registry.awaiting_approval(version):
+            console.print(f"registered {registry.model_name} version {version}; it awaits approval: "
+                          f"`ctloop approve {version} --by NAME --note TEXT`")
+        else:
+            take_challenger_role(registry, version, config.registry.promote_first)
 
     # This cycle's data joins the replay buffer whatever the gate said: it is real data.
     new, extra = read_parquet(cycle.require("new.parquet", "validate"))
@@ -331,6 +368,15 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     return result
 
 
+def take_challenger_role(registry: Registry, version: int, promote_first: bool) -> None:
+    """A version that passed (and, where required, was approved) becomes `challenger`; with no
+    champion yet and `registry.promote_first`, also `champion`."""
+    registry.set_alias(CHALLENGER, version)
+    if registry.alias(CHAMPION) is None and promote_first:
+        registry.make_champion(version, by="ctloop", note="first version to pass the gate")
+    console.print(f"{registry.model_name} version {version} is now '{CHALLENGER}'")
+
+
 def _log_run(registry: Registry, run_id: str, config: CtloopConfig, cycle: CycleFolder, trained: TrainResult,
              evaluation, gate: dict, lineage: dict) -> None:
     registry.log_params(run_id, _flatten(config.model_dump(mode="json")))
@@ -342,7 +388,7 @@ def _log_run(registry: Registry, run_id: str, config: CtloopConfig, cycle: Cycle
     registry.log_metrics(run_id, metrics)
     registry.set_run_tags(run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]})
     for name in ("validation.json", "drift.json", "drift.html", "replay_manifest.json", "training.json",
-                 "eval.json", "gate.json", "quarantine.jsonl", "report.html"):
+                 "contamination.json", "eval.json", "gate.json", "quarantine.jsonl", "report.html"):
         if cycle.path(name).is_file():
             registry.log_artifact(run_id, cycle.path(name), "reports")
     registry.log_artifact(run_id, cycle.path("train.parquet"), "data")  # the next drift check's reference

@@ -12,6 +12,8 @@
   never leaves a half-trained adapter where the next stage would find it.
 - `train.precision` auto trains in bf16 (frozen base in bf16, autocast, fp32 adapter and optimizer)
   where the hardware has fast bf16: CUDA GPUs that support it, and CPUs with AMX.
+- Under `torchrun` / `accelerate launch` with several processes, each process trains on its own
+  batches and DDP averages the adapter's gradients; rank 0 alone writes checkpoints and the adapter.
 - `warm_start_from` continues an existing adapter (the champion's) with a fresh optimizer and a
   re-warmed, re-decayed learning rate; otherwise a fresh adapter starts from the base model, with
   the seed set before it is created.
@@ -47,6 +49,7 @@ class TrainResult:
     padded_tokens: int = 0  # token slots including padding
     resumed_from_step: int = 0
     warm_start: str = ""
+    world_size: int = 1
 
     @property
     def final_loss(self) -> float:
@@ -75,8 +78,12 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
     if bf16 and model.dtype == "float32":  # the frozen base in bf16; the adapter stays fp32 (peft)
         model = model.model_copy(update={"dtype": "bfloat16"})
     peft_model = _adapter_model(load_base_model(model), lora, warm_start_from)
+    rank, world = distributed_setup()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    peft_model.to(device_type)
+    peft_model.to(f"cuda:{rank % torch.cuda.device_count()}" if device_type == "cuda" else "cpu")
+    network = peft_model
+    if world > 1:  # each process trains on its own batches; DDP averages the adapter's gradients
+        network = torch.nn.parallel.DistributedDataParallel(peft_model)
     if train.activation_checkpointing:
         peft_model.enable_input_require_grads()
         peft_model.gradient_checkpointing_enable()
@@ -84,7 +91,10 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
     packing = train.packing if train.packing != "auto" else torch.cuda.is_available()
     train = train.model_copy(update={"packing": packing})
     schedule = _schedule([len(e.input_ids) for e in examples], train, model.max_seq_tokens)
-    total_steps = len(schedule)
+    # With several processes, step k runs batches k*world .. k*world + world - 1, one per process;
+    # a last incomplete group is dropped (at most world - 1 batches).
+    total_steps = len(schedule) // world
+    schedule = [schedule[step * world + rank] for step in range(total_steps)]
     warmup = max(1, round(train.warmup_fraction * total_steps)) if train.warmup_fraction else 0
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -94,13 +104,13 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
 
     peft_model.train()
     started = time.monotonic() - progress["seconds"]
-    with progress_bar("training", total_steps) as advance:
+    with progress_bar("training", total_steps, enabled=rank == 0) as advance:
         advance(progress["step"])
         for step in range(progress["step"] + 1, total_steps + 1):
             batch = _collate(schedule[step - 1], examples, tokenizer.pad_token_id, train.packing)
-            batch = {k: v.to(device_type) for k, v in batch.items()}
+            batch = {k: v.to(peft_model.device) for k, v in batch.items()}
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                nll, mask = token_losses(peft_model, batch)
+                nll, mask = token_losses(network, batch)
             n_loss = int(mask.sum())
             loss = nll.sum() / max(1, n_loss)
             loss.backward()
@@ -117,22 +127,40 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
             progress["step"] = step
             progress["seconds"] = time.monotonic() - started
             if checkpoint_dir is not None and train.checkpoint_every and step % train.checkpoint_every == 0 \
-                    and step < total_steps:
+                    and step < total_steps and rank == 0:
                 _save_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
             advance(loss=loss.item())
 
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    peft_model.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if rank == 0:  # the processes hold identical adapters: one writes it
+        partial = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        peft_model.save_pretrained(partial)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
     return TrainResult(adapter_dir=str(out_dir), steps=total_steps, examples=len(examples),
                        tokens=progress["tokens"], loss_tokens=progress["loss_tokens"],
                        seconds=round(progress["seconds"], 2), losses=progress["losses"],
                        learning_rates=progress["rates"], padded_tokens=progress["padded"],
-                       resumed_from_step=resumed_from, warm_start=str(warm_start_from or ""))
+                       resumed_from_step=resumed_from, warm_start=str(warm_start_from or ""), world_size=world)
+
+
+def distributed_setup() -> tuple[int, int]:
+    """(rank, world size). Under torchrun / accelerate launch (WORLD_SIZE > 1) the process group is
+    initialised here: gloo on CPUs, nccl on GPUs."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), world
 
 
 def _adapter_model(base, lora: LoraConfig, warm_start_from: Path | None):
@@ -202,3 +230,10 @@ def _load_checkpoint(folder: Path | None, model, optimizer, scheduler, progress:
     torch.set_rng_state(state["rng"])
     progress.update(state["progress"])
     return progress["step"]
+
+
+def is_main_process() -> bool:
+    import torch
+
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0

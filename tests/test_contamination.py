@@ -1,0 +1,39 @@
+"""Train/eval contamination: exact and near-duplicate evaluation rows are found and counted."""
+
+from __future__ import annotations
+
+from ctloop.contamination import find_contamination
+from ctloop.records import Record
+
+
+def rec(i: str, prompt: str, completion: str) -> Record:
+    return Record(id=i, prompt=prompt, completion=completion)
+
+
+TRAIN = [rec("t1", "Describe the Debian package 0ad:", " Real-time strategy game of ancient warfare"),
+         rec("t2", "Describe the Debian package xmoto:", " 2D motocross platform game with realistic physics")]
+
+
+def test_exact_and_near_duplicates_are_found_and_clean_rows_kept():
+    eval_rows = [
+        rec("e1", "describe the Debian package 0ad:", " Real-time strategy game of ancient warfare"),  # exact
+        rec("e2", "Describe the Debian package 0ad-data:", " Real-time strategy game of ancient warfare"),  # near
+        rec("e3", "Describe the Debian package lmms:", " Linux Multimedia Studio"),  # clean
+    ]
+    report = find_contamination(TRAIN, {"new_holdout": eval_rows}, ngram=3, max_overlap=0.5)["new_holdout"]
+    assert (report.rows, report.exact, report.near) == (3, 1, 1)
+    assert report.dropped_ids == ("e1", "e2")
+    assert "2 of 3 rows overlap" in report.summary()
+
+
+def test_the_overlap_threshold_decides_near_duplicates():
+    row = rec("e", "Describe the Debian package 0ad-data:", " Real-time strategy game of ancient warfare (data)")
+    strict = find_contamination(TRAIN, {"s": [row]}, ngram=3, max_overlap=0.95)["s"]
+    loose = find_contamination(TRAIN, {"s": [row]}, ngram=3, max_overlap=0.3)["s"]
+    assert strict.contaminated == 0 and loose.near == 1
+
+
+def test_short_rows_compare_whole():
+    short = rec("e", "hi", "there")
+    assert find_contamination([rec("t", "hi", "there")], {"s": [short]}, ngram=8, max_overlap=0.5)["s"].exact == 1
+    assert find_contamination([rec("t", "hi", "you")], {"s": [short]}, ngram=8, max_overlap=0.5)["s"].contaminated == 0
