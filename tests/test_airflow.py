@@ -1,5 +1,5 @@
-"""The Airflow DAGs, run for real: Airflow 3 with a SQLite metadata DB in a temp AIRFLOW_HOME,
-`dag.test()` executing every task in-process, the registry checked afterwards."""
+"""The Airflow DAGs, run for real: Airflow 3 with a SQLite metadata DB in a temp AIRFLOW_HOME
+(`airflow db migrate`), `dag.test()` executing every task in-process, the registry checked after."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def airflow_env(tiny_base, tmp_path_factory):
     """An initialised Airflow DB and a ctloop config the DAG file reads through CTLOOP_CONFIG."""
-    from airflow.utils import db
-
-    db.initdb()
+    migrate = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+                             capture_output=True, text=True, env=os.environ, timeout=300)
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
     root = tmp_path_factory.mktemp("airflow-ctloop")
     for name, source, rows in (("old.jsonl", "old_domain.jsonl", slice(0, 200)),
                                ("new.jsonl", "new_domain.jsonl", slice(0, 200))):
