@@ -91,3 +91,12 @@ def test_empty_current_file_is_a_clear_error(files):
     assert "no valid records" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_online_mode_alarms_on_a_new_domain_stream_only(files):
+    # The reference (150 rows) is small for an online detector: a window of 20 keeps it valid.
+    code, same = _drift_json(files, "same_domain", "--online", "--ert", "400", "--window", "20")
+    assert (code, same["mode"], same["alarm_rows"]) == (0, "online", [])  # seeded: deterministic
+    code, shifted = _drift_json(files, "new_domain", "--online", "--ert", "400", "--window", "20")
+    assert code == 3 and shifted["drift"] is True
+    assert shifted["alarm_rows"][0] < 60  # the first full window already looks unlike the reference

@@ -58,11 +58,15 @@ def drift(reference: Annotated[Path, typer.Option(help="reference records (.json
           current: Annotated[Path, typer.Option(help="current records to compare")],
           config: ConfigOption = None,
           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-          report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None) -> None:
+          report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
+          online: Annotated[bool, typer.Option(help="feed CURRENT row by row to the online detector")] = False,
+          ert: Annotated[int, typer.Option(help="online: expected rows between false alarms")] = 500,
+          window: Annotated[int, typer.Option(help="online: rows in the sliding window")] = 50) -> None:
     """Test whether CURRENT is distributed like REFERENCE. Exit 0: no drift, 3: drift, 2: error."""
-    from ctloop.drift_check import check_files
+    from ctloop.drift_check import check_files, check_stream
 
-    result = check_files(reference, current, config, report)
+    result = check_stream(reference, current, config, ert, window) if online else \
+        check_files(reference, current, config, report)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
