@@ -178,7 +178,8 @@ def mean_shift_test(pooled: np.ndarray, labels: np.ndarray) -> DetectorResult:
 
 
 def _centred(pooled: np.ndarray) -> np.ndarray:
-    return (pooled - pooled.mean(axis=0, dtype=np.float64)).astype(np.float32)
+    # Mean in float64 for precision, subtraction in float32: no float64 copy of the whole sample.
+    return pooled - pooled.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def median_bandwidth(pooled: np.ndarray, rng: np.random.Generator, sample: int = 1000) -> float:
@@ -345,8 +346,9 @@ def explain(reference: np.ndarray, current: np.ndarray, results: list[DetectorRe
                               for i in outliers],
                  "median_nearest_similarity": float(np.median(nearest))}
     components = next((r for r in results if r.name == "pca_ks"), None)
-    if components is not None:
-        p_values = np.array(components.details["component_p_values"])
-        out["top_components"] = [{"component": int(j), "p_value": float(p_values[j])}
-                                 for j in np.argsort(p_values)[:5]]
+    if components is None:  # not a decision detector here; still the best summary of what moved
+        components = pca_ks_test(np.concatenate([reference, current]), len(reference), 10)
+    p_values = np.array(components.details["component_p_values"])
+    out["component_p_values"] = p_values.tolist()
+    out["top_components"] = [{"component": int(j), "p_value": float(p_values[j])} for j in np.argsort(p_values)[:5]]
     return out

@@ -162,11 +162,12 @@ def write_drift_report(path: Path, report, reference, current, current_texts: li
             sections.append((f"{detector.name}: null distribution", histogram(
                 f"{detector.name} permutation null; observed statistic in red (p = {detector.p_value:.4g})",
                 detector.details["null"], detector.statistic, "observed")))
-        if "component_p_values" in detector.details:
-            groups = {f"PC{j + 1}": {"-log10 p": -math.log10(max(p, 1e-300))}
-                      for j, p in enumerate(detector.details["component_p_values"])}
-            sections.append(("Components", grouped_bars("per-component KS, -log10 p (higher = moved more)",
-                                                        groups, "-log10 p")))
+
+    component_p = report.explanation.get("component_p_values", [])
+    if component_p:
+        groups = {f"PC{j + 1}": {"-log10 p": -math.log10(max(p, 1e-300))} for j, p in enumerate(component_p)}
+        sections.append(("Which directions moved", grouped_bars(
+            "per-component KS on the pooled PCA, -log10 p (higher = moved more)", groups, "-log10 p")))
     outliers = report.explanation.get("outliers", [])
     if outliers:
         rows = [(f"similarity {o['nearest_reference_similarity']:.3f}", current_texts[o["index"]][:200])
