@@ -288,3 +288,16 @@ def test_golden_sets_get_their_own_regression_rule():
     assert decision.metrics["golden_golden_faq_regression"] == pytest.approx(0.1)
     scores["golden_faq"]["candidate"] = [1.01] * N
     assert decide(scores, GateConfig(max_golden_regression=0.05), has_champion=True).outcome == "PASS"
+
+
+def test_per_slice_rules_catch_a_regression_the_average_hides():
+    # Old data: slice "perl" gets 10% worse, slice "python" 10% better: the average is flat.
+    scores = means(old_ref=None)
+    scores["replay_holdout"] = {"champion": [1.0] * 80, "candidate": [1.1] * 40 + [0.9] * 40}
+    slices = {"replay_holdout": {"perl": list(range(40)), "python": list(range(40, 80)), "tiny": [0]}}
+    flat = decide(scores, RULES, has_champion=True, slices=slices)
+    assert flat.outcome == "PASS"  # per_slice is off by default
+    sliced = decide(scores, GateConfig(min_new_improvement=0.01, per_slice=True), has_champion=True, slices=slices)
+    assert sliced.outcome == "FAIL"
+    assert any(r.startswith("old data [perl]") and "> allowed" in r for r in sliced.reasons)
+    assert any(r.startswith("old data [tiny]: 1 examples < gate.min_examples") for r in sliced.reasons)

@@ -27,7 +27,7 @@ def _config(base: Path, **overrides):
         "drift": {"embedder": "base_model", "text": "both", "permutations": 200, "min_rows": 20},
         "replay": {"ratio": 0.4, "holdout_rows": 40},
         "train": {"epochs": 2, "learning_rate": 0.01, "batch_tokens": 512, "log_every": 2},
-        "eval": {"batch_tokens": 2048},
+        "eval": {"batch_tokens": 2048, "slice_by": "source"},
         # Permissive thresholds: these tests check the mechanics; the gate rules have their own tests.
         "gate": {"min_new_improvement": 0.0, "max_old_regression": 1.0, "min_examples": 10},
         "registry": {"model_name": "test-adapter", "experiment": "test"},
@@ -112,6 +112,15 @@ def _jsonl_ids(parquet: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(parquet, columns=["id"]).to_pylist()
+
+
+def test_evaluation_is_reported_per_slice(two_cycles):
+    _, _, _, second, _ = two_cycles
+    stored = read_json(Path(second.cycle_dir) / "eval.json")
+    new_slices = stored["slice_means"]["new_holdout"]
+    assert set(new_slices) <= {"games", "sound", "graphics"} and len(new_slices) >= 2
+    assert sum(by["n"] for by in new_slices.values()) == len(stored["ids"]["new_holdout"])
+    assert "new_holdout by slice" in (Path(second.cycle_dir) / "report.html").read_text()
 
 
 def test_broken_rows_are_quarantined_and_counted(two_cycles):

@@ -157,3 +157,21 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
     assert sorted(p.name for p in cycle_dir.iterdir() if p.name.startswith("adapter")) == ["adapter"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(cycle_dir / "adapter"))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_evaluation_with_generation_scores_greedy_answers(tiny_base, tmp_path):
+    from ctloop.config import EvalConfig
+    from ctloop.evaluate import evaluate
+
+    adapter = Path(_train(tiny_base, tmp_path / "a", epochs=1).adapter_dir)
+    rows = _records(12)
+    report = evaluate({"heldout": rows}, {"candidate": adapter, "base": None},
+                      model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
+                      config=EvalConfig(generate=True, max_new_tokens=8, generation_batch=5))
+    for model in ("candidate", "base"):
+        assert len(report.predictions["heldout"][model]) == 12
+        assert all(isinstance(answer, str) for answer in report.predictions["heldout"][model])
+        for metric in ("exact_match", "token_f1", "rouge_l"):
+            values = report.metrics["heldout"][model][metric]
+            assert len(values) == 12 and all(0.0 <= v <= 1.0 for v in values)
+    assert report.to_dict()["metric_means"]["heldout"]["candidate"].keys() == {"exact_match", "token_f1", "rouge_l"}

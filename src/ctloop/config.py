@@ -111,6 +111,11 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     batch_tokens: int = Field(8192, ge=16)
+    slice_by: str | None = Field(None, description="report (and with gate.per_slice, gate) per value of `source` "
+                                                   "or of a metadata field, written `metadata.<key>`")
+    generate: bool = Field(False, description="also decode greedily and score exact match, token F1, ROUGE-L")
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    generation_batch: int = Field(16, ge=1)
     golden: dict[str, Path] = Field(default_factory=dict, description="fixed regression sets: name -> records file")
     contamination: Literal["drop", "fail", "off"] = Field(
         "drop", description="evaluation rows found in the training set: drop and count them, or fail the cycle")
@@ -130,6 +135,8 @@ class GateConfig(Section):
     min_new_improvement: float = Field(0.01, ge=-1, lt=1)
     max_old_regression: float = Field(0.02, ge=0, lt=10)
     max_golden_regression: float = Field(0.02, ge=0, lt=10, description="the same bound for each eval.golden set")
+    per_slice: bool = Field(False, description="apply the new/old-data rules to every eval.slice_by slice too "
+                                               "(slices under min_examples are reported, not gated)")
     require_approval: bool = Field(False, description="a passing version waits for `ctloop approve` before it "
                                                       "becomes challenger (and can be promoted)")
     confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided level of the paired-bootstrap bound")

@@ -7,22 +7,30 @@ completion tokens. One base model is loaded; adapters are switched on it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctloop.config import EvalConfig, ModelConfig
 from ctloop.console import progress_bar
 from ctloop.modeling import collate, encode, load_base_model, load_tokenizer, token_budget_batches, token_losses
 from ctloop.records import Record
+from ctloop.textmetrics import METRICS, score
 
 
 
 @dataclass(frozen=True)
 class EvalReport:
-    """`losses[set][model]` lists per-example losses in the order of `ids[set]`."""
+    """`losses[set][model]` lists per-example losses in the order of `ids[set]`; with generation,
+    `metrics[set][model][metric]` per-example scores and `predictions[set][model]` the answers."""
 
     ids: dict[str, list[str]]
     losses: dict[str, dict[str, list[float]]]
+    metrics: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    predictions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def metric_means(self) -> dict[str, dict[str, dict[str, float]]]:
+        return {s: {m: {k: sum(v) / len(v) for k, v in by_metric.items() if v} for m, by_metric in by_model.items()}
+                for s, by_model in self.metrics.items()}
 
     def mean(self, eval_set: str, model: str) -> float:
         values = self.losses[eval_set][model]
@@ -40,7 +48,7 @@ class EvalReport:
         return "mean token loss - " + "; ".join(parts)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "means": self.means}
+        return {**asdict(self), "means": self.means, "metric_means": self.metric_means()}
 
 
 def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None], *, model: ModelConfig,
@@ -85,4 +93,43 @@ def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None
                         per_example[index] = value
                     advance()
                 losses[set_name][model_name] = per_example
-    return EvalReport(ids={name: [r.id for r in records] for name, records in sets.items()}, losses=losses)
+    metrics: dict = {}
+    predictions: dict = {}
+    if config.generate:
+        for set_name, records in sets.items():
+            for model_name, path in adapters.items():
+                answers = _generate(peft_model if peft_model is not None else base, tokenizer, records,
+                                    None if path is None else model_name, config)
+                predictions.setdefault(set_name, {})[model_name] = answers
+                scored = [score(a, r.completion) for a, r in zip(answers, records, strict=True)]
+                metrics.setdefault(set_name, {})[model_name] = {k: [s[k] for s in scored] for k in METRICS}
+    return EvalReport(ids={name: [r.id for r in records] for name, records in sets.items()}, losses=losses,
+                      metrics=metrics, predictions=predictions)
+
+
+def _generate(network, tokenizer, records: list[Record], adapter: str | None, config: EvalConfig) -> list[str]:
+    """Greedy answers with a fixed maximum length, batched with left padding."""
+    import contextlib
+
+    import torch
+
+    if adapter is not None:
+        network.set_adapter(adapter)
+    quiet = network.disable_adapter() if adapter is None and hasattr(network, "disable_adapter") \
+        else contextlib.nullcontext()
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompts = [bos + ids for ids in tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]]
+    answers: list[str] = []
+    with torch.inference_mode(), quiet, progress_bar(f"generating ({adapter or 'base'})", len(records),
+                                                     unit="rows") as advance:
+        for start in range(0, len(prompts), config.generation_batch):
+            chunk = prompts[start:start + config.generation_batch]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = network.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+            answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
+            advance(len(chunk))
+    return answers

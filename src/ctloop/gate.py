@@ -58,8 +58,12 @@ class GateDecision:
         return {**asdict(self), "passed": self.passed}
 
 
-def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_champion: bool) -> GateDecision:
-    """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason."""
+def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_champion: bool,
+           slices: dict[str, dict[str, list[int]]] | None = None) -> GateDecision:
+    """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
+
+    `slices[eval_set][value]` lists example indices per slice; with `config.per_slice` the new-
+    and old-data rules also apply to each slice holding at least `min_examples` examples."""
     if has_champion:
         reference = "champion"
     elif config.first_cycle == "accept":
@@ -89,6 +93,21 @@ def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_ch
             rules.append(_rule(f"golden {name}", scores[reference], scores[CANDIDATE], reference, config,
                                sign=1.0, margin=config.max_golden_regression))
             keys.append(f"golden_{name}_regression")
+    if config.per_slice and slices:
+        for set_name, label, sign, margin in ((NEW_SET, "new data", -1.0, config.min_new_improvement),
+                                              (OLD_SET, "old data", 1.0, config.max_old_regression)):
+            scores = losses.get(set_name, {})
+            if CANDIDATE not in scores or reference not in scores:
+                continue
+            for value, rows in sorted(slices.get(set_name, {}).items()):
+                name = f"{label} [{value}]"
+                if len(rows) < config.min_examples:
+                    rules.append(RuleResult(name, PASS, f"{name}: {len(rows)} examples < gate.min_examples, "
+                                                        f"reported, not gated", n=len(rows)))
+                else:
+                    rules.append(_rule(name, [scores[reference][i] for i in rows],
+                                       [scores[CANDIDATE][i] for i in rows], reference, config, sign, margin))
+                keys.append(f"slice_{set_name}_{value}")
     outcomes = {r.outcome for r in rules}
     outcome = FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
     metrics: dict[str, float] = {}

@@ -256,7 +256,8 @@ def evaluate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str):
     cycle = CycleFolder(workspace, cycle_id)
     if cycle.path("eval.json").is_file():
         stored = read_json(cycle.path("eval.json"))
-        return EvalReport(ids=stored["ids"], losses=stored["losses"])
+        return EvalReport(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}),
+                          predictions=stored.get("predictions", {}))
     champion = cycle.state().get("champion_before")
     adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
     if champion is not None:
@@ -269,9 +270,31 @@ def evaluate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str):
     sets |= {f"golden_{name}": _golden(name, path) for name, path in config.eval.golden.items()}
     sets = _without_contamination(config, cycle, sets)
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
-    write_json(cycle.path("eval.json"), evaluation.to_dict())
+    slices = _slices(sets, config.eval.slice_by)
+    write_json(cycle.path("eval.json"), evaluation.to_dict() | {"slices": slices,
+                                                                 "slice_means": _slice_means(evaluation, slices)})
     console.print(evaluation.summary())
     return evaluation
+
+
+def _slices(sets: dict[str, list[Record]], slice_by: str | None) -> dict[str, dict[str, list[int]]]:
+    """Example indices per value of `source` or `metadata.<key>`, per evaluation set."""
+    if not slice_by:
+        return {}
+    key = slice_by.removeprefix("metadata.")
+    out: dict[str, dict[str, list[int]]] = {}
+    for name, records in sets.items():
+        for index, record in enumerate(records):
+            value = record.source if slice_by == "source" else record.metadata.get(key, "")
+            out.setdefault(name, {}).setdefault(str(value) or "(none)", []).append(index)
+    return out
+
+
+def _slice_means(evaluation, slices: dict[str, dict[str, list[int]]]) -> dict:
+    return {name: {value: {model: sum(losses[i] for i in rows) / len(rows) for model, losses
+                           in evaluation.losses.get(name, {}).items()} | {"n": len(rows)}
+                   for value, rows in by_value.items()}
+            for name, by_value in slices.items() if name in evaluation.losses}
 
 
 def _golden(name: str, path: Path) -> list[Record]:
@@ -310,8 +333,9 @@ def gate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> Gat
     from ctloop.gate import decide
 
     cycle = CycleFolder(workspace, cycle_id)
-    losses = read_json(cycle.require("eval.json", "evaluate"))["losses"]
-    decision = decide(losses, config.gate, has_champion=cycle.state().get("champion_before") is not None)
+    stored = read_json(cycle.require("eval.json", "evaluate"))
+    decision = decide(stored["losses"], config.gate, has_champion=cycle.state().get("champion_before") is not None,
+                      slices=stored.get("slices"))
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())
     return decision
@@ -330,7 +354,7 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     registry = open_registry(config.registry, workspace)
     gate = read_json(cycle.require("gate.json", "gate"))
     stored = read_json(cycle.require("eval.json", "evaluate"))
-    evaluation = EvalReport(ids=stored["ids"], losses=stored["losses"])
+    evaluation = EvalReport(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}))
     trained = TrainResult(**read_json(cycle.require("training.json", "train")))
     lineage = _lineage(config, cycle)
     report_path = _write_report(cycle, trained, evaluation, gate, lineage)
@@ -384,6 +408,8 @@ def _log_run(registry: Registry, run_id: str, config: CtloopConfig, cycle: Cycle
     registry.log_series(run_id, "learning_rate", trained.learning_rates)
     metrics = {"train_tokens": trained.tokens, "train_seconds": trained.seconds, "train_steps": trained.steps}
     metrics |= {f"{s}_{m}_loss": v for s, by_model in evaluation.means.items() for m, v in by_model.items()}
+    metrics |= {f"{s}_{m}_{k}": v for s, by_model in evaluation.metric_means().items()
+                for m, by_metric in by_model.items() for k, v in by_metric.items()}
     metrics |= {f"gate_{k}": v for k, v in gate["metrics"].items()} | {"gate_passed": float(gate["passed"])}
     registry.log_metrics(run_id, metrics)
     registry.set_run_tags(run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]})
@@ -404,7 +430,10 @@ def _write_report(cycle: CycleFolder, trained: TrainResult, evaluation, gate: di
         f"<li>{html.escape(r)}</li>" for r in gate["reasons"]) + "</ul>"
     return write_html(cycle.path("report.html"), f"ctloop cycle {cycle.cycle_id}", [
         ("Gate", gate_html),
-        ("Evaluation", grouped_bars("mean token loss per example (lower is better)", evaluation.means, "loss")),
+        ("Evaluation", grouped_bars("mean token loss per example (lower is better)", evaluation.means, "loss")
+         + "".join(grouped_bars(f"{name} by slice", {v: {m: x for m, x in by.items() if m != "n"}
+                                                      for v, by in per_slice.items()}, "loss")
+                   for name, per_slice in read_json(cycle.path("eval.json")).get("slice_means", {}).items())),
         ("Training", line_chart("training loss", [(float(s), v) for s, v in trained.losses], "loss")
          + table([("steps", str(trained.steps)), ("examples", str(trained.examples)),
                   ("tokens", str(trained.tokens)), ("seconds", str(trained.seconds))])),
