@@ -85,7 +85,6 @@ def take_tokens(rows: list[dict], tokenizer, budget: int) -> list[dict]:
 
 def run_seed(model_dir: Path, rows: list[dict]) -> dict:
     """The seed's script, as written there, with the data it implies."""
-    import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
                               TrainingArguments)

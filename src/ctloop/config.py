@@ -200,7 +200,7 @@ def load_config(path: str | Path, base_dir: Path | None = None) -> CtloopConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), [f"the file does not exist; check the path, or start from configs/production.example.yaml"])
+        raise ConfigError(str(path), ["the file does not exist; check the path, or start from configs/production.example.yaml"])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import calendar
 import hashlib
-import html
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ from ctloop.errors import DataError, WorkspaceError
 from ctloop.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
 from ctloop.records import Record, fingerprint, read_parquet, write_parquet
 from ctloop.registry import APPROVAL_TAG, CHALLENGER, CHAMPION, Registry
+from ctloop.tracking import log_cycle_run, write_cycle_report
 from ctloop.train import TrainResult
 from ctloop.trigger import TriggerDecision
 from ctloop.workspace import Workspace, read_json, write_json
@@ -357,9 +357,9 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     evaluation = EvalReport(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}))
     trained = TrainResult(**read_json(cycle.require("training.json", "train")))
     lineage = _lineage(config, cycle)
-    report_path = _write_report(cycle, trained, evaluation, gate, lineage)
+    report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage)
     run_id = state["run_id"]
-    _log_run(registry, run_id, config, cycle, trained, evaluation, gate, lineage)
+    log_cycle_run(registry, run_id, config, cycle.dir, trained, evaluation, gate, lineage)
     version = None
     if gate["passed"]:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
@@ -399,58 +399,6 @@ def take_challenger_role(registry: Registry, version: int, promote_first: bool) 
     if registry.alias(CHAMPION) is None and promote_first:
         registry.make_champion(version, by="ctloop", note="first version to pass the gate")
     console.print(f"{registry.model_name} version {version} is now '{CHALLENGER}'")
-
-
-def _log_run(registry: Registry, run_id: str, config: CtloopConfig, cycle: CycleFolder, trained: TrainResult,
-             evaluation, gate: dict, lineage: dict) -> None:
-    registry.log_params(run_id, _flatten(config.model_dump(mode="json")))
-    registry.log_series(run_id, "train_loss", trained.losses)
-    registry.log_series(run_id, "learning_rate", trained.learning_rates)
-    metrics = {"train_tokens": trained.tokens, "train_seconds": trained.seconds, "train_steps": trained.steps}
-    metrics |= {f"{s}_{m}_loss": v for s, by_model in evaluation.means.items() for m, v in by_model.items()}
-    metrics |= {f"{s}_{m}_{k}": v for s, by_model in evaluation.metric_means().items()
-                for m, by_metric in by_model.items() for k, v in by_metric.items()}
-    metrics |= {f"gate_{k}": v for k, v in gate["metrics"].items()} | {"gate_passed": float(gate["passed"])}
-    registry.log_metrics(run_id, metrics)
-    registry.set_run_tags(run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]})
-    for name in ("validation.json", "drift.json", "drift.html", "replay_manifest.json", "training.json",
-                 "contamination.json", "eval.json", "gate.json", "quarantine.jsonl", "report.html"):
-        if cycle.path(name).is_file():
-            registry.log_artifact(run_id, cycle.path(name), "reports")
-    registry.log_artifact(run_id, cycle.path("train.parquet"), "data")  # the next drift check's reference
-    registry.log_artifact(run_id, cycle.path("adapter"), "adapter")
-
-
-def _write_report(cycle: CycleFolder, trained: TrainResult, evaluation, gate: dict, lineage: dict) -> Path:
-    from ctloop.reports import grouped_bars, line_chart, table, write_html
-
-    validation = read_json(cycle.path("validation.json"))
-    css = "pass" if gate["passed"] else "fail"
-    gate_html = f"<p class='{css}'><b>{gate['outcome']}</b> vs {gate['reference']}</p><ul>" + "".join(
-        f"<li>{html.escape(r)}</li>" for r in gate["reasons"]) + "</ul>"
-    return write_html(cycle.path("report.html"), f"ctloop cycle {cycle.cycle_id}", [
-        ("Gate", gate_html),
-        ("Evaluation", grouped_bars("mean token loss per example (lower is better)", evaluation.means, "loss")
-         + "".join(grouped_bars(f"{name} by slice", {v: {m: x for m, x in by.items() if m != "n"}
-                                                      for v, by in per_slice.items()}, "loss")
-                   for name, per_slice in read_json(cycle.path("eval.json")).get("slice_means", {}).items())),
-        ("Training", line_chart("training loss", [(float(s), v) for s, v in trained.losses], "loss")
-         + table([("steps", str(trained.steps)), ("examples", str(trained.examples)),
-                  ("tokens", str(trained.tokens)), ("seconds", str(trained.seconds))])),
-        ("Validation", table([("rows", str(validation["total_rows"])), ("good", str(validation["good_rows"]))]
-                             + [(f"quarantined: {k}", str(v)) for k, v in validation["bad_by_reason"].items()])),
-        ("Lineage", table([(k, str(v)) for k, v in lineage.items()])),
-    ])
-
-
-def _flatten(value: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            out |= _flatten(item, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = item
-    return out
 
 
 def _now() -> str:
