@@ -39,6 +39,13 @@ class VersionInfo:
                 "aliases": list(self.aliases), "tags": self.tags, "created": self.created}
 
 
+def _info(model_version: Any, aliases: dict[str, Any]) -> VersionInfo:
+    number = int(model_version.version)
+    return VersionInfo(number, model_version.run_id or "", model_version.source,
+                       tuple(sorted(a for a, v in aliases.items() if int(v) == number)), dict(model_version.tags),
+                       model_version.creation_timestamp / 1000)
+
+
 class Registry:
     def __init__(self, tracking_uri: str, model_name: str, experiment: str, artifact_location: Path):
         import logging
@@ -117,20 +124,20 @@ class Registry:
             model = self.client.get_registered_model(self.model_name)
         except MlflowException:
             return []
-        by_version: dict[int, list[str]] = {}
-        for alias, version in model.aliases.items():  # search results carry no aliases (MLflow 3)
-            by_version.setdefault(int(version), []).append(alias)
         found = self.client.search_model_versions(f"name='{self.model_name}'")
-        return sorted((VersionInfo(int(v.version), v.run_id or "", v.source, tuple(sorted(by_version.get(
-            int(v.version), []))), dict(v.tags), v.creation_timestamp / 1000) for v in found),
-            key=lambda info: info.version)
+        # Search results carry no aliases (MLflow 3): they come from the registered model.
+        return sorted((_info(v, model.aliases) for v in found), key=lambda info: info.version)
 
     def version(self, number: int) -> VersionInfo:
-        for info in self.versions():
-            if info.version == number:
-                return info
-        raise RegistryError(f"model '{self.model_name}' has no version {number}; "
-                            f"`ctloop status` lists the versions")
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version(self.model_name, str(number))
+            aliases = self.client.get_registered_model(self.model_name).aliases
+        except MlflowException:
+            raise RegistryError(f"model '{self.model_name}' has no version {number}; "
+                                f"`ctloop status` lists the versions") from None
+        return _info(found, aliases)
 
     def find_by_cycle_key(self, cycle_key: str) -> VersionInfo | None:
         return next((v for v in self.versions() if v.tags.get(CYCLE_KEY_TAG) == cycle_key), None)
