@@ -301,3 +301,45 @@ def test_per_slice_rules_catch_a_regression_the_average_hides():
     assert sliced.outcome == "FAIL"
     assert any(r.startswith("old data [perl]") and "> allowed" in r for r in sliced.reasons)
     assert any(r.startswith("old data [tiny]: 1 examples < gate.min_examples") for r in sliced.reasons)
+
+
+# -- configured rules: any metric, set and slice; absolute and change bounds ---------------------
+
+from ctloop.config import GateRule  # noqa: E402
+from ctloop.errors import ConfigError  # noqa: E402
+
+
+def _with_metric(candidate: list[float], champion: list[float]) -> dict:
+    return {"new_holdout": {"candidate": {"token_f1": candidate}, "champion": {"token_f1": champion}}}
+
+
+@pytest.mark.parametrize(
+    ("rule", "outcome", "fragment"),
+    [(GateRule(metric="token_f1", min=0.5), "PASS", "lower bound 0.6000 >= min 0.5"),
+     (GateRule(metric="token_f1", max=0.5), "FAIL", "upper bound 0.6000 > max 0.5"),
+     (GateRule(metric="token_f1", min_change=0.1), "PASS", "relative change +20.00%"),
+     (GateRule(metric="token_f1", min_change=0.3), "FAIL", "< required +30.00%"),
+     (GateRule(metric="token_f1", min_change=0.1, change="absolute"), "PASS", "absolute change +0.1000"),
+     (GateRule(metric="token_f1", higher_is_better=False, min_change=-0.1), "FAIL", "change -20.00%")],
+    ids=["abs-min", "abs-max", "rel-change", "rel-change-too-small", "abs-change", "lower-is-better-worse"],
+)
+def test_configured_rules(rule, outcome, fragment):
+    config = GateConfig(min_new_improvement=0.01, rules=[rule])
+    decision = decide(means(), config, has_champion=True, metrics=_with_metric([0.6] * N, [0.5] * N))
+    extra = decision.rules[-1]
+    assert extra.outcome == outcome and fragment in extra.reason
+
+
+def test_a_rule_on_a_missing_metric_fails_loudly():
+    config = GateConfig(rules=[GateRule(metric="rouge_l")])
+    with pytest.raises(ConfigError, match="metric 'rouge_l' on set 'new_holdout'.*eval.generate"):
+        decide(means(), config, has_champion=True, metrics=_with_metric([0.6] * N, [0.5] * N))
+
+
+def test_a_rule_on_a_slice_uses_only_its_rows():
+    config = GateConfig(rules=[GateRule(metric="loss", set="new_holdout", slice="games", max=1.5)])
+    scores = means()
+    scores["new_holdout"]["candidate"] = [1.0] * 20 + [3.0] * 20  # games fine, sound bad
+    slices = {"new_holdout": {"games": list(range(20)), "sound": list(range(20, 40))}}
+    decision = decide(scores, GateConfig(min_examples=10, rules=config.rules), has_champion=True, slices=slices)
+    assert decision.rules[-1].outcome == "PASS" and decision.rules[-1].n == 20

@@ -24,3 +24,13 @@ def test_metrics(prediction, reference, em, f1, rouge):
     assert exact_match(prediction, reference) == em
     assert token_f1(prediction, reference) == pytest.approx(f1)
     assert rouge_l(prediction, reference) == pytest.approx(rouge)
+
+
+def test_custom_metrics_load_by_name_and_bad_names_fail_clearly():
+    from ctloop.errors import ConfigError
+    from ctloop.textmetrics import load_metrics, score
+
+    metrics = load_metrics({"verbatim": "operator:eq"})
+    assert score("a b", "a b", metrics)["verbatim"] == 1.0
+    with pytest.raises(ConfigError, match="eval.custom_metrics.mine: cannot load 'nowhere:f'"):
+        load_metrics({"mine": "nowhere:f"})

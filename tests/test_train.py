@@ -167,11 +167,13 @@ def test_evaluation_with_generation_scores_greedy_answers(tiny_base, tmp_path):
     rows = _records(12)
     report = evaluate({"heldout": rows}, {"candidate": adapter, "base": None},
                       model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
-                      config=EvalConfig(generate=True, max_new_tokens=8, generation_batch=5))
+                      config=EvalConfig(generate=True, max_new_tokens=8, generation_batch=5,
+                                        custom_metrics={"verbatim": "operator:eq"}))
     for model in ("candidate", "base"):
         assert len(report.predictions["heldout"][model]) == 12
         assert all(isinstance(answer, str) for answer in report.predictions["heldout"][model])
-        for metric in ("exact_match", "token_f1", "rouge_l"):
+        for metric in ("exact_match", "token_f1", "rouge_l", "verbatim"):
             values = report.metrics["heldout"][model][metric]
             assert len(values) == 12 and all(0.0 <= v <= 1.0 for v in values)
-    assert report.to_dict()["metric_means"]["heldout"]["candidate"].keys() == {"exact_match", "token_f1", "rouge_l"}
+    assert report.to_dict()["metric_means"]["heldout"]["candidate"].keys() == {"exact_match", "token_f1", "rouge_l",
+                                                                               "verbatim"}

@@ -115,6 +115,9 @@ class EvalConfig(Section):
                                                    "or of a metadata field, written `metadata.<key>`")
     generate: bool = Field(False, description="also decode greedily and score exact match, token F1, ROUGE-L")
     max_new_tokens: int = Field(32, ge=1, le=4096)
+    custom_metrics: dict[str, str] = Field(
+        default_factory=dict, description="name -> 'module:function' taking (prediction, reference) -> float; "
+                                          "scored with the built-in metrics when generate is on")
     generation_batch: int = Field(16, ge=1)
     golden: dict[str, Path] = Field(default_factory=dict, description="fixed regression sets: name -> records file")
     contamination: Literal["drop", "fail", "off"] = Field(
@@ -122,6 +125,24 @@ class EvalConfig(Section):
     ngram: int = Field(8, ge=1, le=64, description="word n-gram size of the near-duplicate check")
     max_overlap: float = Field(0.5, gt=0, le=1, description="share of a row's n-grams seen in training that "
                                                             "makes it a near duplicate")
+
+
+class GateRule(Section):
+    """One extra rule: an absolute bound on the candidate's mean and/or a change bound vs the reference.
+
+    The change is measured in the better direction: (candidate - reference) / |reference| when
+    higher is better (relative), its negative when lower is better; `min_change` 0.02 means
+    "at least 2% better", -0.01 means "may be up to 1% worse". Statistics as for the built-in
+    rules: the one-sided paired-bootstrap bound must clear the bound."""
+
+    metric: str = Field(min_length=1, description="loss, exact_match, token_f1, rouge_l, or an eval.custom_metrics name")
+    set: str = Field("new_holdout", min_length=1, description="new_holdout, replay_holdout or golden_<name>")
+    slice: str | None = Field(None, description="a value of eval.slice_by; default: the whole set")
+    higher_is_better: bool | None = Field(None, description="default: false for loss, true otherwise")
+    min: float | None = Field(None, description="absolute lower bound on the candidate's mean")
+    max: float | None = Field(None, description="absolute upper bound on the candidate's mean")
+    min_change: float | None = Field(None, description="change bound vs the reference (see above)")
+    change: Literal["relative", "absolute"] = "relative"
 
 
 class GateConfig(Section):
@@ -135,6 +156,7 @@ class GateConfig(Section):
     min_new_improvement: float = Field(0.01, ge=-1, lt=1)
     max_old_regression: float = Field(0.02, ge=0, lt=10)
     max_golden_regression: float = Field(0.02, ge=0, lt=10, description="the same bound for each eval.golden set")
+    rules: list[GateRule] = Field(default_factory=list, description="more rules, on any metric, set and slice")
     per_slice: bool = Field(False, description="apply the new/old-data rules to every eval.slice_by slice too "
                                                "(slices under min_examples are reported, not gated)")
     require_approval: bool = Field(False, description="a passing version waits for `ctloop approve` before it "

@@ -14,7 +14,7 @@ from ctloop.config import EvalConfig, ModelConfig
 from ctloop.console import progress_bar
 from ctloop.modeling import collate, encode, load_base_model, load_tokenizer, token_budget_batches, token_losses
 from ctloop.records import Record
-from ctloop.textmetrics import METRICS, score
+from ctloop.textmetrics import load_metrics, score
 
 
 
@@ -96,13 +96,14 @@ def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None
     metrics: dict = {}
     predictions: dict = {}
     if config.generate:
+        scorers = load_metrics(config.custom_metrics)
         for set_name, records in sets.items():
             for model_name, path in adapters.items():
                 answers = _generate(peft_model if peft_model is not None else base, tokenizer, records,
                                     None if path is None else model_name, config)
                 predictions.setdefault(set_name, {})[model_name] = answers
-                scored = [score(a, r.completion) for a, r in zip(answers, records, strict=True)]
-                metrics.setdefault(set_name, {})[model_name] = {k: [s[k] for s in scored] for k in METRICS}
+                scored = [score(a, r.completion, scorers) for a, r in zip(answers, records, strict=True)]
+                metrics.setdefault(set_name, {})[model_name] = {k: [s[k] for s in scored] for k in scorers}
     return EvalReport(ids={name: [r.id for r in records] for name, records in sets.items()}, losses=losses,
                       metrics=metrics, predictions=predictions)
 

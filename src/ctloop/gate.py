@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ctloop.config import GateConfig
+from ctloop.config import GateConfig, GateRule
+from ctloop.errors import ConfigError
 
 NEW_SET = "new_holdout"
 OLD_SET = "replay_holdout"
 CANDIDATE = "candidate"
 EPSILON = 1e-9
+TOLERANCE = 1e-12  # bounds are inclusive; float noise must not turn 0.6 - 0.5 >= 0.1 into a failure
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 
 
@@ -59,7 +61,8 @@ class GateDecision:
 
 
 def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_champion: bool,
-           slices: dict[str, dict[str, list[int]]] | None = None) -> GateDecision:
+           slices: dict[str, dict[str, list[int]]] | None = None,
+           metrics: dict[str, dict[str, dict[str, list[float]]]] | None = None) -> GateDecision:
     """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
 
     `slices[eval_set][value]` lists example indices per slice; with `config.per_slice` the new-
@@ -108,14 +111,72 @@ def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_ch
                     rules.append(_rule(name, [scores[reference][i] for i in rows],
                                        [scores[CANDIDATE][i] for i in rows], reference, config, sign, margin))
                 keys.append(f"slice_{set_name}_{value}")
+    for index, extra in enumerate(config.rules):
+        rules.append(_configured_rule(extra, losses, metrics or {}, slices or {}, reference, config))
+        keys.append(f"rule{index}_{extra.metric}")
     outcomes = {r.outcome for r in rules}
     outcome = FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
-    metrics: dict[str, float] = {}
+    summary: dict[str, float] = {}
     for rule, key in zip(rules, keys, strict=True):
         if math.isfinite(rule.estimate):
-            metrics[key] = rule.estimate
-            metrics[f"{key}_bound"] = rule.bound
-    return GateDecision(outcome, reference, tuple(r.reason for r in rules), metrics, tuple(rules))
+            summary[key] = rule.estimate
+            summary[f"{key}_bound"] = rule.bound
+    return GateDecision(outcome, reference, tuple(r.reason for r in rules), summary, tuple(rules))
+
+
+def _configured_rule(rule: GateRule, losses: dict, metrics: dict, slices: dict, reference: str,
+                     config: GateConfig) -> RuleResult:
+    """A `gate.rules` entry: absolute bounds on the candidate's mean, a change bound vs the reference."""
+    scores = losses.get(rule.set, {}) if rule.metric == "loss" else \
+        {model: by_metric.get(rule.metric) for model, by_metric in metrics.get(rule.set, {}).items()}
+    if scores.get(CANDIDATE) is None or scores.get(reference) is None:
+        raise ConfigError("gate.rules", [f"a rule names metric '{rule.metric}' on set '{rule.set}', which this "
+                                         f"evaluation did not produce (sets: {sorted(losses)}); fix the names, or "
+                                         f"set eval.generate: true for generation metrics"])
+    candidate, ref = np.asarray(scores[CANDIDATE], float), np.asarray(scores[reference], float)
+    name = f"{rule.metric} on {rule.set}" + (f" [{rule.slice}]" if rule.slice else "")
+    if rule.slice is not None:
+        rows = slices.get(rule.set, {}).get(rule.slice)
+        if rows is None:
+            raise ConfigError("gate.rules", [f"slice '{rule.slice}' of set '{rule.set}' does not exist; check "
+                                             f"eval.slice_by and the slice values"])
+        candidate, ref = candidate[rows], ref[rows]
+    if len(candidate) < config.min_examples:
+        return RuleResult(name, INCONCLUSIVE, f"{name}: {len(candidate)} examples < gate.min_examples="
+                                              f"{config.min_examples}: inconclusive", n=len(candidate))
+    higher = rule.higher_is_better if rule.higher_is_better is not None else rule.metric != "loss"
+    level, problems, parts = config.confidence, [], [f"{name}: {reference} {ref.mean():.4f} -> candidate "
+                                                     f"{candidate.mean():.4f}"]
+    rng = np.random.default_rng(config.seed)
+    idx = rng.integers(0, len(candidate), size=(config.bootstrap_samples, len(candidate)))
+    cand_means, ref_means = candidate[idx].mean(axis=1), ref[idx].mean(axis=1)
+    if rule.min is not None:
+        low = float(np.quantile(cand_means, 1 - level))
+        ok = low >= rule.min - TOLERANCE
+        parts.append(f"{level:.0%} lower bound {low:.4f} {'>=' if ok else '<'} min {rule.min}")
+        problems += [] if ok else ["min"]
+    if rule.max is not None:
+        high = float(np.quantile(cand_means, level))
+        ok = high <= rule.max + TOLERANCE
+        parts.append(f"{level:.0%} upper bound {high:.4f} {'<=' if ok else '>'} max {rule.max}")
+        problems += [] if ok else ["max"]
+    estimate = bound = float("nan")
+    if rule.min_change is not None:
+        if rule.change == "relative" and abs(ref.mean()) < EPSILON:
+            return RuleResult(name, FAIL, f"{name}: {reference} value is ~0, relative change undefined; use "
+                                          f"change: absolute", n=len(candidate))
+        sign = 1.0 if higher else -1.0
+        denominator = np.maximum(np.abs(ref_means), EPSILON) if rule.change == "relative" else 1.0
+        changes = sign * (cand_means - ref_means) / denominator
+        point_denominator = abs(ref.mean()) if rule.change == "relative" else 1.0
+        estimate = float(sign * (candidate.mean() - ref.mean()) / point_denominator)
+        bound = float(np.quantile(changes, 1 - level))
+        shown = "{:+.2%}" if rule.change == "relative" else "{:+.4f}"
+        ok = bound >= rule.min_change - TOLERANCE
+        parts.append(f"{rule.change} change {shown.format(estimate)} ({level:.0%} lower bound {shown.format(bound)})"
+                     f" {'>=' if ok else '<'} required {shown.format(rule.min_change)}")
+        problems += [] if ok else ["change"]
+    return RuleResult(name, FAIL if problems else PASS, ", ".join(parts), estimate, bound, len(candidate))
 
 
 def _rule(name: str, reference_losses: list[float], candidate_losses: list[float], reference: str,

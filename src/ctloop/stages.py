@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import json
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -271,8 +272,9 @@ def evaluate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str):
     sets = _without_contamination(config, cycle, sets)
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
     slices = _slices(sets, config.eval.slice_by)
-    write_json(cycle.path("eval.json"), evaluation.to_dict() | {"slices": slices,
-                                                                 "slice_means": _slice_means(evaluation, slices)})
+    write_json(cycle.path("eval.json"), evaluation.to_dict() | {
+        "slices": slices, "slice_means": _slice_means(evaluation, slices),
+        "fingerprints": {name: fingerprint(records) for name, records in sets.items()}})
     console.print(evaluation.summary())
     return evaluation
 
@@ -335,7 +337,7 @@ def gate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> Gat
     cycle = CycleFolder(workspace, cycle_id)
     stored = read_json(cycle.require("eval.json", "evaluate"))
     decision = decide(stored["losses"], config.gate, has_champion=cycle.state().get("champion_before") is not None,
-                      slices=stored.get("slices"))
+                      slices=stored.get("slices"), metrics=stored.get("metrics"))
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())
     return decision
@@ -363,7 +365,8 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     version = None
     if gate["passed"]:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
-        tags |= {"ctloop.gate": gate["outcome"], "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000]}
+        tags |= {"ctloop.gate": gate["outcome"], "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000],
+                 "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True)}
         if config.gate.require_approval:
             tags[APPROVAL_TAG] = "pending"
         info = registry.register(run_id, cycle_id, tags, description=f"gate {gate['outcome']}: "
