@@ -141,7 +141,8 @@ def test_adapter_is_saved_with_its_manifest(two_cycles):
     assert manifest["base_revision"].startswith("sha256:")
     assert manifest["data_fingerprint"] == second.validation["fingerprint"]
     assert manifest["seed"] == config.train.seed and manifest["config"]["lora"]["r"] == config.lora.r
-    assert (Path(second.cycle_dir) / "report.html").read_text().count("<svg") >= 2
+    report = (Path(second.cycle_dir) / "report.html").read_text()
+    assert report.count("<svg") >= 2 and "one-sided bound" in report
 
 
 def test_an_mlflow_client_sees_versions_aliases_and_lineage(two_cycles):
@@ -255,6 +256,7 @@ def test_lineage_traces_a_version_back_to_the_first(two_cycles):
     assert chain[1]["tags"]["ctloop.data_fingerprint"] == first.validation["fingerprint"]
     assert chain[0]["tags"]["ctloop.replay_fingerprint"] != ""
     assert set(json.loads(chain[0]["tags"]["ctloop.eval_fingerprints"])) == {"new_holdout", "replay_holdout"}
+    assert json.loads(chain[0]["tags"]["ctloop.adapter_config"])["peft_type"] == "LORA"
 
 
 def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path):

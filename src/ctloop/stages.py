@@ -366,7 +366,8 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     if gate["passed"]:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
         tags |= {"ctloop.gate": gate["outcome"], "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000],
-                 "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True)}
+                 "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True),
+                 "ctloop.adapter_config": cycle.path("adapter/adapter_config.json").read_text()[:4000]}
         if config.gate.require_approval:
             tags[APPROVAL_TAG] = "pending"
         info = registry.register(run_id, cycle_id, tags, description=f"gate {gate['outcome']}: "

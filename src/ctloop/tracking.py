@@ -42,6 +42,12 @@ def write_cycle_report(cycle_dir: Path, cycle_id: str, trained: TrainResult, eva
     css = "pass" if gate["passed"] else "fail"
     gate_html = f"<p class='{css}'><b>{gate['outcome']}</b> vs {gate['reference']}</p><ul>" + "".join(
         f"<li>{html.escape(r)}</li>" for r in gate["reasons"]) + "</ul>"
+    rows = "".join(f"<tr><td>{html.escape(r['name'])}</td><td class='{'pass' if r['outcome'] == 'PASS' else 'fail'}'>"
+                   f"{r['outcome']}</td><td>{r['estimate']:+.4f}</td><td>{r['bound']:+.4f}</td><td>{r['n']}</td></tr>"
+                   for r in gate.get("rules", []))
+    if rows:
+        gate_html += ("<table><tr><th>rule</th><th>outcome</th><th>estimate</th><th>one-sided bound</th>"
+                      f"<th>examples</th></tr>{rows}</table>")
     return write_html(cycle_dir / "report.html", f"ctloop cycle {cycle_id}", [
         ("Gate", gate_html),
         ("Evaluation", grouped_bars("mean token loss per example (lower is better)", evaluation.means, "loss")
