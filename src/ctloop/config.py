@@ -104,7 +104,7 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="trade ~20% speed for much less memory")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16: frozen base in bf16 + autocast; auto: bf16 where the hardware has fast bf16 "
-                            "(CUDA with bf16, CPUs with AMX), else fp32")
+                            "(CUDA with bf16; CPUs with AMX for hidden size >= 512), else fp32")
     init: Literal["fresh", "champion"] = Field(
         "fresh", description="fresh adapter from the base model, or continue the champion's (LR re-warmed)")
 

@@ -11,7 +11,8 @@
 - The final adapter is written to a temporary folder and renamed into place, so a killed run
   never leaves a half-trained adapter where the next stage would find it.
 - `train.precision` auto trains in bf16 (frozen base in bf16, autocast, fp32 adapter and optimizer)
-  where the hardware has fast bf16: CUDA GPUs that support it, and CPUs with AMX.
+  where the hardware has fast bf16: CUDA GPUs that support it, and CPUs with AMX for models with
+  a hidden size of 512 or more.
 - Under `torchrun` / `accelerate launch` with several processes, each process trains on its own
   batches and DDP averages the adapter's gradients; rank 0 alone writes checkpoints and the adapter.
 - `warm_start_from` continues an existing adapter (the champion's) with a fresh optimizer and a
@@ -74,7 +75,7 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
 
     set_seed(train.seed)  # before the adapter is created: its initial weights depend on it
     tokenizer = load_tokenizer(model)
-    bf16 = train.precision == "bf16" or (train.precision == "auto" and fast_bf16_available())
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and fast_bf16_available(model))
     if bf16 and model.dtype == "float32":  # the frozen base in bf16; the adapter stays fp32 (peft)
         model = model.model_copy(update={"dtype": "bfloat16"})
     peft_model = _adapter_model(load_base_model(model), lora, warm_start_from)
