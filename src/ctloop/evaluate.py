@@ -28,6 +28,12 @@ class EvalReport:
     metrics: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     predictions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, stored: dict) -> EvalReport:
+        """Read back what `to_dict` wrote (eval.json)."""
+        return cls(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}),
+                   predictions=stored.get("predictions", {}))
+
     def metric_means(self) -> dict[str, dict[str, dict[str, float]]]:
         return {s: {m: {k: sum(v) / len(v) for k, v in by_metric.items() if v} for m, by_metric in by_model.items()}
                 for s, by_model in self.metrics.items()}

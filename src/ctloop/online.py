@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctloop.drift import median_bandwidth
 from ctloop.errors import DataError
 
 
@@ -46,7 +47,7 @@ class OnlineDriftDetector:
         rng = np.random.default_rng(seed)
         self.ert, self.window = ert, window
         self.centre = reference.mean(axis=0)
-        bandwidth = _median_sq_distance(reference - self.centre, rng)
+        bandwidth = median_bandwidth(reference - self.centre, rng)
         self.weights = rng.normal(scale=math.sqrt(2.0 / bandwidth), size=(reference.shape[1], features))
         self.phase = rng.uniform(0, 2 * math.pi, size=features)
         pool = self._features(reference)
@@ -118,10 +119,3 @@ class OnlineDriftDetector:
                 high = middle
         return high
 
-
-def _median_sq_distance(rows: np.ndarray, rng: np.random.Generator, sample: int = 1000) -> float:
-    picked = rows[rng.choice(len(rows), size=min(sample, len(rows)), replace=False)]
-    sq = (picked**2).sum(axis=1)
-    dist = sq[:, None] + sq[None, :] - 2 * picked @ picked.T
-    upper = dist[np.triu_indices(len(picked), k=1)]
-    return float(np.median(upper[upper > 0])) if (upper > 0).any() else 1.0

@@ -79,7 +79,7 @@ def validate_stage(config: CtloopConfig, data_path: Path, workspace: Workspace) 
     a limit (bad fraction, minimum rows) is crossed, after writing the quarantine."""
     from ctloop.modeling import base_model_revision, load_tokenizer, token_counter
     from ctloop.records import read_raw_rows
-    from ctloop.validate import validate_records
+    from ctloop.validate import record_lengths, validate_records
 
     if not data_path.is_file():
         raise DataError(f"{data_path}: no such file; check the --data path")
@@ -102,8 +102,7 @@ def validate_stage(config: CtloopConfig, data_path: Path, workspace: Workspace) 
     console.print(report.summary())
     if not report.passed:
         raise DataError(report.summary())
-    tokens = [p + c + 2 for p, c in zip(count([r.prompt for r in good]), count([r.completion for r in good]),
-                                        strict=True)]
+    tokens = record_lengths(count, good)
     write_parquet(cycle.path("new.parquet"), good, extra={"n_tokens": tokens})
     state = cycle.state()
     if "started" not in state:
@@ -256,9 +255,7 @@ def evaluate_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str):
 
     cycle = CycleFolder(workspace, cycle_id)
     if cycle.path("eval.json").is_file():
-        stored = read_json(cycle.path("eval.json"))
-        return EvalReport(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}),
-                          predictions=stored.get("predictions", {}))
+        return EvalReport.from_dict(read_json(cycle.path("eval.json")))
     champion = cycle.state().get("champion_before")
     adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
     if champion is not None:
@@ -356,7 +353,7 @@ def register_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) ->
     registry = open_registry(config.registry, workspace)
     gate = read_json(cycle.require("gate.json", "gate"))
     stored = read_json(cycle.require("eval.json", "evaluate"))
-    evaluation = EvalReport(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}))
+    evaluation = EvalReport.from_dict(stored)
     trained = TrainResult(**read_json(cycle.require("training.json", "train")))
     lineage = _lineage(config, cycle)
     report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage)

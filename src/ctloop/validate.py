@@ -70,7 +70,7 @@ def validate_records(rows: Iterable[RawRow], *, source: str, config: DataConfig,
             continue
         candidates.append((row, record))
 
-    lengths = _lengths(count_tokens, [r for _, r in candidates])
+    lengths = record_lengths(count_tokens, [r for _, r in candidates])
     good: list[Record] = []
     seen_content: set[str] = set()
     seen_ids: set[str] = set()
@@ -100,8 +100,8 @@ def validate_records(rows: Iterable[RawRow], *, source: str, config: DataConfig,
     return good, report
 
 
-def _lengths(count_tokens: TokenCounter, records: list[Record]) -> list[int]:
-    """Prompt + completion tokens, plus the two special tokens the trainer adds."""
+def record_lengths(count_tokens: TokenCounter, records: list[Record]) -> list[int]:
+    """Prompt + completion tokens of each record, plus the two special tokens the trainer adds."""
     if not records:
         return []
     prompts = count_tokens([r.prompt for r in records])
