@@ -102,15 +102,23 @@ def status(config: ConfigOption = None, workspace: WorkspaceOption = None,
 def promote(version: Annotated[int | None, typer.Option(help="version to promote (default: the challenger)")] = None,
             by: Annotated[str, typer.Option(help="who promotes")] = "cli",
             note: Annotated[str, typer.Option(help="why")] = "promoted by hand",
+            require_shadow: Annotated[bool, typer.Option(
+                "--require-shadow", help="refuse unless `ctloop shadow report` decides PROMOTE")] = False,
             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
     """Move the `champion` alias to a version (the challenger by default)."""
     from ctloop.errors import RegistryError
     from ctloop.registry import CHALLENGER
 
-    registry, _ = _registry_context(config, workspace)
+    registry, ws = _registry_context(config, workspace)
     target = version if version is not None else registry.alias(CHALLENGER)
     if target is None:
         raise RegistryError("there is no challenger to promote; pass --version N (see `ctloop status`)")
+    if require_shadow:
+        report = _shadow_report(config, ws, registry, None, target)[0]
+        console.print(report.summary())
+        if report.decision != "PROMOTE":
+            raise RegistryError(f"the shadow decision for v{target} is {report.decision}, not PROMOTE; "
+                                f"serve more traffic or drop --require-shadow")
     previous = registry.make_champion(target, by=by, note=note)
     if previous == target:
         console.print(f"version {target} is already the champion; nothing changed")
@@ -165,6 +173,59 @@ def lineage(version: Annotated[int, typer.Argument(help="the version to trace")]
                     "ctloop_version", "approved_by", "promoted"):
             if f"ctloop.{key}" in tags:
                 print(f"    {key}: {tags[f'ctloop.{key}']}")
+
+
+@app.command()
+def serve(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+          host: Annotated[str | None, typer.Option(help="bind address (default: serve.host)")] = None,
+          port: Annotated[int | None, typer.Option(help="port (default: serve.port)")] = None,
+          workspace: WorkspaceOption = None) -> None:
+    """Serve the champion behind an OpenAI-compatible API and shadow the challenger."""
+    from ctloop.config import load_config
+    from ctloop.shadow.server import serve as run_server
+    from ctloop.workspace import resolve_workspace
+
+    cfg = load_config(config)
+    run_server(cfg, resolve_workspace(workspace, cfg), host, port)
+
+
+shadow_app = typer.Typer(help="Shadow deployment: compare the challenger with the champion.", no_args_is_help=True)
+app.add_typer(shadow_app, name="shadow")
+
+
+@shadow_app.command("report")
+def shadow_report(config: ConfigOption = None, workspace: WorkspaceOption = None,
+                  champion: Annotated[int | None, typer.Option(help="champion version (default: the alias)")] = None,
+                  challenger: Annotated[int | None, typer.Option(help="challenger version (default: the alias)")] = None,
+                  as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+                  html: Annotated[Path | None, typer.Option("--html", help="write an HTML report here")] = None) -> None:
+    """Compare the logged shadow pairs and decide PROMOTE / HOLD / REJECT. Exit 0: PROMOTE, 3: HOLD, 4: REJECT."""
+    registry, ws = _registry_context(config, workspace)
+    report, rows = _shadow_report(config, ws, registry, champion, challenger)
+    if html is not None:
+        from ctloop.shadow.compare import write_html
+
+        write_html(report, rows, html)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        console.print(report.summary())
+    raise typer.Exit({"PROMOTE": 0, "HOLD": 3, "REJECT": 4}[report.decision])
+
+
+def _shadow_report(config_path: Path | None, ws, registry, champion: int | None, challenger: int | None):
+    from ctloop.config import ShadowConfig, load_config
+    from ctloop.errors import RegistryError
+    from ctloop.registry import CHALLENGER, CHAMPION
+    from ctloop.shadow.compare import shadow_report as compare_logged
+
+    settings = load_config(config_path).shadow if config_path is not None else ShadowConfig()
+    champion = champion if champion is not None else registry.alias(CHAMPION)
+    challenger = challenger if challenger is not None else registry.alias(CHALLENGER)
+    if champion is None or challenger is None:
+        raise RegistryError("the shadow report needs a champion and a challenger; pass --champion N --challenger M "
+                            "(see `ctloop status`)")
+    return compare_logged(settings, ws.shadow_store_url(settings.store_url), champion, challenger)
 
 
 @app.command("validate-config")

@@ -190,6 +190,54 @@ class OrchestrationConfig(Section):
     lock_wait_seconds: float = Field(600.0, ge=0, description="how long a task waits for a busy workspace")
 
 
+class ServeConfig(Section):
+    """`ctloop serve`: the OpenAI-compatible server that answers with the champion and shadows the challenger."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    backend: Literal["in_process", "openai"] = Field(
+        "in_process", description="in_process: the base model + adapters in this process; openai: an "
+                                  "OpenAI-compatible server (vLLM, TGI) that serves the adapters by name")
+    upstream_url: str | None = Field(None, description="openai backend: base URL, e.g. http://vllm:8000/v1")
+    upstream_model: str = Field("{name}-v{version}", description="openai backend: the upstream model name of a "
+                                                                 "version ({name}: registry.model_name)")
+    upstream_api_key_env: str = Field("CTLOOP_UPSTREAM_API_KEY", description="env var holding the upstream key")
+    upstream_timeout_s: float = Field(60.0, gt=0)
+    max_tokens: int = Field(256, ge=1, le=32768, description="cap on a request's max_tokens")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
+    max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    admin_token_env: str = Field("CTLOOP_ADMIN_TOKEN", description="env var holding the admin bearer token; "
+                                                                   "unset: admin endpoints are disabled")
+    poll_seconds: float = Field(5.0, gt=0, description="how often the registry's aliases are checked")
+    drain_seconds: float = Field(10.0, ge=0, description="on shutdown, how long queued shadow calls may finish")
+
+
+class ShadowConfig(Section):
+    """Mirroring to the challenger (router and log store) and the decision drawn from the pairs."""
+
+    enabled: bool = True
+    fraction: float = Field(1.0, ge=0, le=1, description="share of requests mirrored (hash of the request id)")
+    queue_size: int = Field(256, ge=1, description="shadow calls waiting; when full, new ones are dropped+counted")
+    workers: int = Field(4, ge=1, le=256, description="shadow calls in flight at most")
+    timeout_s: float = Field(30.0, gt=0, description="a shadow call taking longer is cancelled (timed_out)")
+    breaker_window: int = Field(20, ge=1, description="recent shadow calls the circuit breaker looks at")
+    breaker_failure_ratio: float = Field(0.5, gt=0, le=1, description="failed share of the window that opens it")
+    breaker_cooldown_s: float = Field(30.0, ge=0, description="open time before a probe call is let through")
+    store_url: str | None = Field(None, description="SQLAlchemy URL of the log store; default: SQLite "
+                                                    "<workspace>/shadow.db (postgresql+psycopg://... works)")
+    redact: bool = Field(False, description="replace e-mail addresses, phone numbers and keys before storing")
+    min_pairs: int = Field(100, ge=1, description="completed pairs a PROMOTE needs")
+    max_error_rate: float = Field(0.02, ge=0, le=1, description="challenger timeouts+errors above this: REJECT")
+    max_latency_ratio: float = Field(1.5, gt=0, description="median challenger/champion latency above this: REJECT")
+    max_length_ratio: float = Field(2.0, gt=1, description="median output length ratio outside [1/x, x]: REJECT")
+    min_judge_win_rate: float = Field(0.47, ge=0, le=1, description="with a judge: lower bound of the "
+                                                                   "challenger's win rate a PROMOTE needs")
+    judge: str | None = Field(None, description="'module:function' taking (prompt, answer_a, answer_b) and "
+                                                "returning 'a', 'b' or 'tie'; called twice, order swapped")
+    embedding_similarity: bool = Field(True, description="score agreement by MiniLM cosine similarity too")
+    confidence: float = Field(0.95, ge=0.5, lt=1)
+
+
 class CtloopConfig(Section):
     """The root: one section per stage."""
 
@@ -204,10 +252,12 @@ class CtloopConfig(Section):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    serve: ServeConfig = ServeConfig()
+    shadow: ShadowConfig = ShadowConfig()
 
     def training_hash(self) -> str:
         """Hash of everything that changes what a cycle computes (not where it stores it)."""
-        payload = self.model_dump(mode="json", exclude={"workspace", "registry", "orchestration"})
+        payload = self.model_dump(mode="json", exclude={"workspace", "registry", "orchestration", "serve", "shadow"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ctloop.config import EvalConfig, ModelConfig
 from ctloop.console import progress_bar
-from ctloop.modeling import collate, encode, load_base_model, load_tokenizer, token_budget_batches, token_losses
+from ctloop.modeling import (collate, encode, load_base_model, load_tokenizer, prompt_token_ids, token_budget_batches,
+                             token_losses)
 from ctloop.records import Record
 from ctloop.textmetrics import load_metrics, score
 
@@ -124,8 +125,7 @@ def _generate(network, tokenizer, records: list[Record], adapter: str | None, co
         network.set_adapter(adapter)
     quiet = network.disable_adapter() if adapter is None and hasattr(network, "disable_adapter") \
         else contextlib.nullcontext()
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompts = [bos + ids for ids in tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]]
+    prompts = prompt_token_ids(tokenizer, [r.prompt for r in records])
     answers: list[str] = []
     with torch.inference_mode(), quiet, progress_bar(f"generating ({adapter or 'base'})", len(records),
                                                      unit="rows") as advance:

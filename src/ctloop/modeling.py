@@ -118,6 +118,12 @@ def token_counter(tokenizer: Any):
     return count
 
 
+def prompt_token_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """What the model sees before it answers: `<s>` + prompt, exactly as in training."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
 def encode(records: list[Record], tokenizer: Any) -> list[Example]:
     prompts = tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]
     completions = tokenizer([r.completion for r in records], add_special_tokens=False)["input_ids"]

@@ -221,8 +221,13 @@ def _from_messages(messages: Any) -> tuple[str, str]:
             raise BadRow("invalid_messages", "each message needs a string 'role' and a string 'content'")
     if messages[-1]["role"] != "assistant":
         raise BadRow("invalid_messages", "the last message must have role 'assistant' (the completion to learn)")
-    turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
-    return f"{turns}assistant:", " " + messages[-1]["content"]
+    return chat_prompt(messages[:-1]), " " + messages[-1]["content"]
+
+
+def chat_prompt(messages: list[dict[str, str]]) -> str:
+    """The prompt a chat model sees before its next answer, the same in training and serving."""
+    turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return f"{turns}assistant:"
 
 
 def fingerprint(records: Iterable[Record]) -> str:

@@ -91,7 +91,8 @@ def write_html(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:
     return path
 
 
-def scatter(title: str, groups: dict[str, list[tuple[float, float]]]) -> str:
+def scatter(title: str, groups: dict[str, list[tuple[float, float]]], x_label: str = "PC 1",
+            y_label: str = "PC 2") -> str:
     """Points of several groups (e.g. reference vs current) on shared axes."""
     points = [p for pts in groups.values() for p in pts]
     if not points:
@@ -109,7 +110,7 @@ def scatter(title: str, groups: dict[str, list[tuple[float, float]]]) -> str:
             dots.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2" fill="{color}" fill-opacity="0.5"/>')
     return (f'<figure><figcaption>{html.escape(title)} {" ".join(legend)}</figcaption>'
             f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
-            f'{_axes(f"{x0:.2g}", f"{x1:.2g}", f"{y0:.2g}", f"{y1:.2g}", "PC 1", "PC 2")}{"".join(dots)}</svg></figure>')
+            f'{_axes(f"{x0:.2g}", f"{x1:.2g}", f"{y0:.2g}", f"{y1:.2g}", x_label, y_label)}{"".join(dots)}</svg></figure>')
 
 
 def histogram(title: str, values: list[float], marker: float, marker_label: str, bins: int = 30) -> str:

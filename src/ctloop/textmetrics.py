@@ -56,21 +56,9 @@ METRICS = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}
 
 def load_metrics(custom: dict[str, str]) -> dict:
     """The built-in metrics plus custom ones named 'module:function' in the config."""
-    import importlib
+    from ctloop.plugins import import_callable
 
-    from ctloop.errors import ConfigError
-
-    metrics = dict(METRICS)
-    for name, target in custom.items():
-        module, _, attribute = target.partition(":")
-        try:
-            metrics[name] = getattr(importlib.import_module(module), attribute)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ConfigError("config", [f"eval.custom_metrics.{name}: cannot load {target!r} ({exc}); give "
-                                         f"'module:function' importable where ctloop runs"]) from None
-        if not callable(metrics[name]):
-            raise ConfigError("config", [f"eval.custom_metrics.{name}: {target!r} is not callable"])
-    return metrics
+    return {**METRICS, **{name: import_callable(target, f"eval.custom_metrics.{name}") for name, target in custom.items()}}
 
 
 def score(prediction: str, reference: str, metrics: dict | None = None) -> dict[str, float]:

@@ -6,6 +6,7 @@ Layout (all under one root, `./ctloop-workspace` by default):
     replay/            the replay buffer: one Parquet file per past cycle
     cycles/<id>/       everything one cycle produced: reports, data splits, adapter, manifest
     base-models/       base models the demo builds and caches
+    shadow.db          the shadow log (SQLite), unless shadow.store_url is configured
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class Workspace:
     def tracking_uri(self, configured: str | None = None) -> str:
         """Configured URI, else MLFLOW_TRACKING_URI, else the SQLite file in this workspace."""
         return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def shadow_store_url(self, configured: str | None = None) -> str:
+        """Configured SQLAlchemy URL of the shadow log, else SQLite in this workspace."""
+        return configured or f"sqlite:///{self.root / 'shadow.db'}"
 
     def create(self) -> Workspace:
         for folder in (self.root, self.replay_dir, self.cycles_dir, self.artifacts_dir):

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 REDACTIONS = (
@@ -35,7 +36,7 @@ class ShadowRecord:
     prompt: str
     champion_output: str
     challenger_output: str
-    status: str  # completed, timed_out, errored
+    status: str  # completed, timed_out, errored, cancelled
     champion_version: str = ""
     challenger_version: str = ""
     champion_latency_ms: float = 0.0
@@ -46,30 +47,69 @@ class ShadowRecord:
     created_at: float = field(default_factory=time.time)
 
 
+def open_engine(url: str) -> Any:
+    """A SQLAlchemy engine; SQLite gets WAL mode (readers never block the writer)."""
+    from sqlalchemy import create_engine, event
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _wal(connection, _record):
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+    return engine
+
+
+def shadow_table(metadata: Any) -> Any:
+    from sqlalchemy import Column, Float, Integer, String, Table, Text
+
+    return Table(
+        "shadow_log", metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("request_id", String(128), nullable=False, index=True),
+        Column("prompt", Text), Column("champion_output", Text), Column("challenger_output", Text),
+        Column("status", String(32), index=True), Column("error", Text),
+        Column("champion_version", String(64), index=True), Column("challenger_version", String(64), index=True),
+        Column("champion_latency_ms", Float), Column("challenger_latency_ms", Float),
+        Column("champion_tokens", Integer), Column("challenger_tokens", Integer),
+        Column("created_at", Float, index=True),
+    )
+
+
+def read_rows(url: str, champion_version: str | None = None, challenger_version: str | None = None,
+              since: float | None = None) -> list[dict[str, Any]]:
+    """Logged pairs, oldest first, optionally for one champion/challenger pair and after a time."""
+    from sqlalchemy import MetaData, inspect
+
+    engine = open_engine(url)
+    try:
+        if not inspect(engine).has_table("shadow_log"):
+            return []
+        table = shadow_table(MetaData())
+        query = table.select().order_by(table.c.id)
+        if champion_version is not None:
+            query = query.where(table.c.champion_version == champion_version)
+        if challenger_version is not None:
+            query = query.where(table.c.challenger_version == challenger_version)
+        if since is not None:
+            query = query.where(table.c.created_at >= since)
+        with engine.connect() as connection:
+            return [dict(r._mapping) for r in connection.execute(query)]
+    finally:
+        engine.dispose()
+
+
 class ShadowStore:
     def __init__(self, url: str, redact_pii: bool = False, batch_size: int = 200, queue_size: int = 10_000,
                  flush_seconds: float = 0.2):
-        from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine, event
+        from sqlalchemy import MetaData
 
-        self.engine = create_engine(url)
-        if self.engine.dialect.name == "sqlite":
-            @event.listens_for(self.engine, "connect")
-            def _wal(connection, _record):  # readers never block the writer
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=NORMAL")
-
+        self.url = url
+        self.engine = open_engine(url)
         metadata = MetaData()
-        self.table = Table(
-            "shadow_log", metadata,
-            Column("id", Integer, primary_key=True, autoincrement=True),
-            Column("request_id", String(128), nullable=False, index=True),
-            Column("prompt", Text), Column("champion_output", Text), Column("challenger_output", Text),
-            Column("status", String(32), index=True), Column("error", Text),
-            Column("champion_version", String(64)), Column("challenger_version", String(64)),
-            Column("champion_latency_ms", Float), Column("challenger_latency_ms", Float),
-            Column("champion_tokens", Integer), Column("challenger_tokens", Integer),
-            Column("created_at", Float, index=True),
-        )
+        self.table = shadow_table(metadata)
         metadata.create_all(self.engine)
         self.redact_pii = redact_pii
         self.batch_size = batch_size
@@ -77,6 +117,7 @@ class ShadowStore:
         self.queue: queue.Queue[ShadowRecord | None] = queue.Queue(maxsize=queue_size)
         self.written = 0
         self.dropped = 0
+        self.last_error = ""
         self._writer = threading.Thread(target=self._run, name="ctloop-shadow-writer", daemon=True)
         self._writer.start()
 
@@ -111,11 +152,22 @@ class ShadowStore:
                 self._insert(batch)
                 batch = []
 
-    def _insert(self, batch: list[ShadowRecord]) -> None:
+    def _insert(self, batch: list[ShadowRecord], attempts: int = 3) -> None:
+        """Insert one batch in one transaction; a database that stays down costs the batch (counted in
+        `dropped`, the cause in `last_error`), never the writer thread."""
+        from sqlalchemy.exc import SQLAlchemyError
+
         rows = [self._row(record) for record in batch]
-        with self.engine.begin() as connection:
-            connection.execute(self.table.insert(), rows)
-        self.written += len(rows)
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(self.table.insert(), rows)
+                self.written += len(rows)
+                return
+            except SQLAlchemyError as exc:
+                self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+                time.sleep(0.5 * 2**attempt)
+        self.dropped += len(rows)
 
     def _row(self, record: ShadowRecord) -> dict[str, Any]:
         row = asdict(record)
@@ -134,5 +186,4 @@ class ShadowStore:
         self.engine.dispose()
 
     def rows(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as connection:
-            return [dict(r._mapping) for r in connection.execute(self.table.select().order_by(self.table.c.id))]
+        return read_rows(self.url)
