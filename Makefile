@@ -32,8 +32,9 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 demo: $(VENV)/.installed
 	$(VENV)/bin/ctloop demo
 
+# scripts/with_postgres.sh starts a throwaway PostgreSQL for the shadow store's tests.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	scripts/with_postgres.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) ctloop-workspace

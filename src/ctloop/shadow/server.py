@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ctloop.config import CtloopConfig
@@ -243,7 +244,7 @@ def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
 
 
 def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse
 
     serving = Serving(config, workspace)

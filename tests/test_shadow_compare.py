@@ -1,0 +1,88 @@
+"""The shadow decision on logged pairs: PROMOTE, HOLD and REJECT, each for its reason."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ctloop.config import ShadowConfig
+from ctloop.shadow.compare import HOLD, PROMOTE, REJECT, compare, write_html
+
+SETTINGS = ShadowConfig(min_pairs=50, embedding_similarity=False)
+
+
+def _rows(n: int, *, status=lambda i: "completed", challenger_latency=lambda i, base: base,
+          challenger_tokens=lambda i, base: base, challenger_text=lambda i: f"answer {i}", seed: int = 0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        latency = rng.uniform(20, 40)
+        tokens = rng.randint(5, 30)
+        rows.append({"request_id": f"r{i}", "prompt": f"question {i}", "champion_output": f"answer {i}",
+                     "challenger_output": challenger_text(i), "status": status(i), "error": "",
+                     "champion_latency_ms": latency, "challenger_latency_ms": challenger_latency(i, latency),
+                     "champion_tokens": tokens, "challenger_tokens": challenger_tokens(i, tokens)})
+    return rows
+
+
+def test_a_healthy_challenger_with_enough_pairs_is_promoted():
+    report = compare(_rows(200, challenger_latency=lambda i, b: b * 1.05), SETTINGS, "1", "2")
+    assert report.decision == PROMOTE, report.reasons
+    assert report.agreement["exact_match"] == 1.0 and report.counts["completed"] == 200
+
+
+def test_too_few_pairs_hold():
+    report = compare(_rows(20), SETTINGS, "1", "2")
+    assert report.decision == HOLD and any("min_pairs=50" in r for r in report.reasons)
+    assert compare([], SETTINGS, "1", "2").decision == HOLD
+
+
+def test_a_failing_challenger_is_rejected():
+    report = compare(_rows(200, status=lambda i: "timed_out" if i % 5 == 0 else "completed"), SETTINGS, "1", "2")
+    assert report.decision == REJECT and any("error+timeout rate 20.0%" in r for r in report.reasons)
+
+
+def test_cancelled_rows_are_not_the_challengers_fault():
+    report = compare(_rows(200, status=lambda i: "cancelled" if i < 30 else "completed"), SETTINGS, "1", "2")
+    assert report.decision == PROMOTE and report.error_rate == 0.0
+
+
+def test_a_much_slower_challenger_is_rejected():
+    report = compare(_rows(200, challenger_latency=lambda i, b: b * 3), SETTINGS, "1", "2")
+    assert report.decision == REJECT and report.latency_ratio == pytest.approx(3.0)
+
+
+def test_a_rambling_or_silent_challenger_is_rejected():
+    longer = compare(_rows(200, challenger_tokens=lambda i, b: b * 4), SETTINGS, "1", "2")
+    assert longer.decision == REJECT and any("length ratio" in r for r in longer.reasons)
+    silent = compare(_rows(200, challenger_text=lambda i: "" if i % 4 == 0 else f"answer {i}"), SETTINGS, "1", "2")
+    assert silent.decision == REJECT and any("McNemar" in r for r in silent.reasons)
+
+
+def test_the_judge_is_called_both_ways_and_decides():
+    def prefers_challenger(prompt, a, b):
+        return "b" if b.startswith("better") else "a" if a.startswith("better") else "tie"
+
+    def prefers_champion(prompt, a, b):
+        return "a" if a.startswith("answer") else "b"
+
+    rows = _rows(200, challenger_text=lambda i: f"better answer {i}")
+    settings = SETTINGS.model_copy(update={"min_judge_win_rate": 0.5})
+    won = compare(rows, settings, "1", "2", judge=prefers_challenger)
+    assert won.decision == PROMOTE and won.judge["win_rate"] == 1.0 and won.judge["consistency"] == 1.0
+    lost = compare(rows, settings, "1", "2", judge=prefers_champion)
+    assert lost.decision == REJECT and lost.judge["win_rate"] == 0.0
+
+    def always_first(prompt, a, b):  # position bias: inconsistent, counted as ties
+        return "a"
+
+    biased = compare(rows, settings, "1", "2", judge=always_first)
+    assert biased.judge["consistency"] == 0.0 and biased.judge["win_rate"] == 0.5
+
+
+def test_the_html_report_has_the_decision_and_plots(tmp_path):
+    rows = _rows(100)
+    report = compare(rows, SETTINGS, "1", "2")
+    html = write_html(report, rows, tmp_path / "shadow.html").read_text()
+    assert "PROMOTE" in html and "<svg" in html and "latency" in html
