@@ -7,10 +7,11 @@ import threading
 
 import httpx
 import pytest
-from shadow_helpers import make_adapter, register_versions, running_server, serving_config
+from shadow_helpers import register_versions, serving_config
 
-from ctloop.shadow.server import create_app
+from ctloop.shadow.server import create_app, serve_in_background
 from ctloop.shadow.store import read_rows
+from ctloop.tinymodel import random_adapter
 from ctloop.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def adapters(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return [make_adapter(tiny_base, root / f"a{seed}", seed) for seed in (1, 2, 3)]
+    return [random_adapter(tiny_base, root / f"a{seed}", seed) for seed in (1, 2, 3)]
 
 
 @pytest.fixture()
@@ -42,7 +43,7 @@ def test_the_openai_client_gets_the_champion_and_the_challenger_is_shadowed(setu
     from openai import OpenAI
 
     config, _ = setup
-    with running_server(create_app(config, Workspace(config.workspace))) as url:
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         assert {m.id for m in client.models.list().data} >= {"srv", "champion", "challenger", "srv-v1", "srv-v2"}
         answers = []
@@ -67,7 +68,7 @@ def test_the_openai_client_gets_the_champion_and_the_challenger_is_shadowed(setu
 
 def test_counters_are_exported_and_add_up(setup):
     config, _ = setup
-    with running_server(create_app(config, Workspace(config.workspace))) as url:
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
         for i in range(4):
             response = httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": f"p{i}"},
                                   headers={"x-request-id": f"req-{i}"}, timeout=60)
@@ -97,7 +98,7 @@ def test_counters_are_exported_and_add_up(setup):
 ])
 def test_malformed_requests_get_a_clear_4xx(setup, body, status, needle):
     config, _ = setup
-    with running_server(create_app(config, Workspace(config.workspace))) as url:
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
         response = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == status
     assert needle in response.json()["error"]["message"]
@@ -105,7 +106,7 @@ def test_malformed_requests_get_a_clear_4xx(setup, body, status, needle):
 
 def test_admin_endpoints_need_the_token_and_promote_and_roll_back(setup, monkeypatch):
     config, registry = setup
-    with running_server(create_app(config, Workspace(config.workspace))) as url:
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
         assert httpx.post(f"{url}/admin/reload").status_code == 403  # no token configured: disabled
         monkeypatch.setenv("CTLOOP_ADMIN_TOKEN", "s3cret")
         assert httpx.post(f"{url}/admin/reload").status_code == 401
@@ -132,7 +133,7 @@ def test_a_champion_moved_in_the_registry_is_picked_up_without_failing_requests(
                 response = client.post(f"{url}/v1/completions", json={"model": "srv", "prompt": "Package: x"})
                 seen.append((response.status_code, response.json().get("model", "")))
 
-    with running_server(create_app(config, Workspace(config.workspace))) as url:
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
         stop = threading.Event()
         workers = [threading.Thread(target=hammer, args=(url, stop)) for _ in range(3)]
         for worker in workers:
@@ -154,13 +155,13 @@ def test_a_champion_moved_in_the_registry_is_picked_up_without_failing_requests(
 
 def test_the_openai_backend_fronts_another_openai_compatible_server(setup, tiny_base, tmp_path):
     config, _ = setup
-    with running_server(create_app(config, Workspace(config.workspace))) as upstream:
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as upstream:
         direct = httpx.post(f"{upstream}/v1/completions", json={"model": "srv-v2", "prompt": "Package: y"},
                             timeout=60).json()["choices"][0]["text"]
         front_config = serving_config(tiny_base, config.workspace, serve={"backend": "openai",
                                                                           "upstream_url": f"{upstream}/v1"},
                                       shadow={"store_url": f"sqlite:///{tmp_path / 'front.db'}"})
-        with running_server(create_app(front_config, Workspace(config.workspace))) as front:
+        with serve_in_background(create_app(front_config, Workspace(config.workspace))) as front:
             via_front = httpx.post(f"{front}/v1/completions", json={"model": "srv-v2", "prompt": "Package: y"},
                                    timeout=60).json()
             champion = httpx.post(f"{front}/v1/completions", json={"model": "srv", "prompt": "Package: y"},
@@ -179,7 +180,7 @@ def test_shadow_report_and_promote_require_shadow_from_the_command_line(setup, t
     import yaml
 
     config, registry = setup
-    with running_server(create_app(config, Workspace(config.workspace))) as url:
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
         for i in range(6):
             httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": f"Package: lib{i}"}, timeout=60)
 
@@ -197,9 +198,25 @@ def test_shadow_report_and_promote_require_shadow_from_the_command_line(setup, t
     assert held.returncode == 3 and report["decision"] == "HOLD"
     assert report["counts"]["completed"] == 6 and 0 <= report["agreement"]["embedding_cosine"] <= 1.0001
     assert any("min_pairs=50" in reason for reason in report["reasons"]) and "HOLD" in html.read_text()
+    assert registry.version(2).tags["ctloop.shadow_decision"].startswith("HOLD vs v1")
     refused = ctloop({"min_pairs": 50}, "promote", "--require-shadow")
     assert refused.returncode == 2 and "HOLD, not PROMOTE" in refused.stderr and registry.alias("champion") == 1
     lenient = {"min_pairs": 5, "max_latency_ratio": 1000, "max_length_ratio": 1000}
     assert ctloop(lenient, "shadow", "report").returncode == 0
+    assert registry.version(2).tags["ctloop.shadow_decision"] == "PROMOTE vs v1 (6 pairs)"
     promoted = ctloop(lenient, "promote", "--require-shadow")
     assert promoted.returncode == 0 and registry.alias("champion") == 2
+
+
+def test_a_challenger_that_fails_to_load_leaves_the_champion_serving(tiny_base, adapters, tmp_path):
+    broken = tmp_path / "broken-adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": "not a number"}')
+    config = serving_config(tiny_base, tmp_path / "ws")
+    register_versions(config, [adapters[0], broken])
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+        health = httpx.get(f"{url}/healthz").json()
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": "Package: z"}, timeout=60)
+    assert health["champion"] == 1 and health["challenger"] is None
+    assert "challenger v2 not loaded" in health["last_sync_error"]
+    assert answer.status_code == 200 and answer.json()["model"] == "srv-v1"

@@ -198,18 +198,22 @@ def shadow_report(config: ConfigOption = None, workspace: WorkspaceOption = None
                   champion: Annotated[int | None, typer.Option(help="champion version (default: the alias)")] = None,
                   challenger: Annotated[int | None, typer.Option(help="challenger version (default: the alias)")] = None,
                   as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-                  html: Annotated[Path | None, typer.Option("--html", help="write an HTML report here")] = None) -> None:
+                  html: Annotated[Path | None, typer.Option(
+                      "--html", help="HTML report path (default: <workspace>/shadow/vN-vs-vM.html)")] = None) -> None:
     """Compare the logged shadow pairs and decide PROMOTE / HOLD / REJECT. Exit 0: PROMOTE, 3: HOLD, 4: REJECT."""
+    from ctloop.shadow.compare import write_html
+    from ctloop.tracking import log_shadow_report
+
     registry, ws = _registry_context(config, workspace)
     report, rows = _shadow_report(config, ws, registry, champion, challenger)
-    if html is not None:
-        from ctloop.shadow.compare import write_html
-
-        write_html(report, rows, html)
+    html = html or ws.root / "shadow" / f"v{report.champion_version}-vs-v{report.challenger_version}.html"
+    html.parent.mkdir(parents=True, exist_ok=True)
+    log_shadow_report(registry, report, write_html(report, rows, html))
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         console.print(report.summary())
+        console.print(f"report: {html} (also on the challenger's MLflow run)")
     raise typer.Exit({"PROMOTE": 0, "HOLD": 3, "REJECT": 4}[report.decision])
 
 

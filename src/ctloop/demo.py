@@ -3,7 +3,9 @@
 Story: a tiny base model is pre-trained on general Debian package descriptions; cycle 1 trains an
 adapter on Python/Perl packages and it becomes the champion; cycle 2 brings a new domain (games,
 sound, graphics; a few broken rows included), trains with replay, is evaluated against the
-champion on new AND old data, passes the gate, is registered as challenger and promoted.
+champion on new AND old data, passes the gate and is registered as challenger. Then the server
+answers live requests with the champion and mirrors them to the challenger; the logged pairs are
+compared, and the challenger is promoted only on a PROMOTE decision.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def run_demo(workspace: Workspace) -> None:
     from ctloop.config import load_config
     from ctloop.pipeline import open_registry, run_cycle
     from ctloop.registry import CHALLENGER
+    from ctloop.shadow.compare import PROMOTE
 
     prepare_workspace(workspace)
     console.rule("[bold]ctloop demo")
@@ -68,12 +71,45 @@ def run_demo(workspace: Workspace) -> None:
     second = run_cycle(config, quickstart_file("new_domain.jsonl"), workspace)
 
     registry = open_registry(config.registry, workspace)
+    shadow = None
     if second.passed:
-        registry.make_champion(registry.alias(CHALLENGER), by="ctloop demo", note="passed the gate in cycle 2")
-    _print_story(first, second, registry, workspace, config_path)
+        console.rule("shadow: serve the champion, mirror live traffic to the challenger, compare, decide")
+        shadow = shadow_phase(config, workspace, registry)
+        if shadow.decision == PROMOTE:
+            registry.make_champion(registry.alias(CHALLENGER), by="ctloop demo",
+                                   note="passed the gate in cycle 2 and the shadow comparison")
+    _print_story(first, second, registry, workspace, config_path, shadow)
 
 
-def _print_story(first, second, registry, workspace: Workspace, config_path: Path) -> None:
+def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
+    """Start `ctloop serve` in this process, send it traffic from both domains over HTTP, stop it
+    (the shadow log drains), then compare the logged pairs and log the report to MLflow."""
+    import httpx
+
+    from ctloop.registry import CHAMPION
+    from ctloop.shadow.compare import shadow_report, write_html
+    from ctloop.shadow.server import create_app, serve_in_background
+    from ctloop.tracking import log_shadow_report
+
+    prompts = [json.loads(line)["prompt"] for name in ("new_domain.jsonl", "old_domain.jsonl")
+               for line in quickstart_file(name).read_text().splitlines()[-requests // 2:]]
+    with serve_in_background(create_app(config, workspace)) as url, httpx.Client(timeout=120) as http, \
+            progress_bar("live requests (answered by the champion, mirrored)", len(prompts), unit="requests") as advance:
+        for index, prompt in enumerate(prompts):
+            response = http.post(f"{url}/v1/completions", json={"model": config.registry.model_name, "prompt": prompt,
+                                                                "max_tokens": 24}, headers={"x-request-id": f"demo-{index}"})
+            response.raise_for_status()
+            advance()
+    report, rows = shadow_report(config.shadow, workspace.shadow_store_url(config.shadow.store_url),
+                                 registry.alias(CHAMPION), registry.alias(CHALLENGER))
+    html = workspace.root / "shadow" / f"v{report.champion_version}-vs-v{report.challenger_version}.html"
+    html.parent.mkdir(parents=True, exist_ok=True)
+    log_shadow_report(registry, report, write_html(report, rows, html))
+    console.print(report.summary())
+    return report
+
+
+def _print_story(first, second, registry, workspace: Workspace, config_path: Path, shadow) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -100,10 +136,17 @@ def _print_story(first, second, registry, workspace: Workspace, config_path: Pat
     quarantined = second.validation.get("bad_by_reason", {})
     out.print(f"cycle 2 quarantined {sum(quarantined.values())} bad rows {quarantined} -> "
               f"{second.validation.get('quarantine_path')}")
+    if shadow is not None:
+        out.print(f"shadow: {shadow.counts['completed']} mirrored pairs, decision {shadow.decision}; champion is now "
+                  f"v{registry.alias('champion')}")
     out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
+    if shadow is not None:
+        out.print(f"         {workspace.root / 'shadow' / f'v{shadow.champion_version}-vs-v{shadow.challenger_version}.html'}")
     exe = _how_ctloop_was_called()
     out.print("next steps:")
     out.print(f"  {exe} status --workspace {workspace.root}")
+    out.print(f"  {exe} serve --config {config_path}   # OpenAI-compatible, on http://127.0.0.1:8000/v1")
+    out.print(f"  {exe} shadow report --config {config_path}")
     out.print(f"  {exe} run --config {config_path} --data your-data.jsonl --workspace {workspace.root}")
     mlflow = str(Path(exe).with_name("mlflow")) if "/" in exe else "mlflow"
     out.print(f"  {mlflow} ui --backend-store-uri {registry.tracking_uri}   # then open http://127.0.0.1:5000")

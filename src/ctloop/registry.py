@@ -159,6 +159,16 @@ class Registry:
             tags={**tags, CYCLE_KEY_TAG: cycle_key}, description=description)
         return self.version(int(created.version))
 
+    def register_adapter_dir(self, adapter_dir: Path, key: str, tags: dict[str, str], description: str) -> VersionInfo:
+        """Register adapter files made elsewhere (one run that holds them); idempotent on `key`."""
+        existing = self.find_by_cycle_key(key)
+        if existing is not None:
+            return existing
+        run_id = self.start_run(f"import-{key}", {"ctloop.imported_from": str(adapter_dir)})
+        self.log_artifact(run_id, adapter_dir, "adapter")
+        self.end_run(run_id)
+        return self.register(run_id, key, tags, description)
+
     def alias(self, name: str) -> int | None:
         from mlflow.exceptions import MlflowException
 
@@ -210,6 +220,10 @@ class Registry:
         self.client.set_model_version_tag(self.model_name, str(current), "ctloop.rolled_back",
                                           f"{stamp} by {by}: champion moved back to v{target}")
         return current, target
+
+    def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), key, value)
 
     def approve(self, version: int, by: str, note: str) -> None:
         """Record a human approval of a version (who, when, why)."""

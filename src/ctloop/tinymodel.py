@@ -112,3 +112,17 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     core.train_from_iterator(texts, trainer=trainer)
     pad, bos, eos = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, bos_token=bos, eos_token=eos)
+
+
+def random_adapter(base: Path, out_dir: Path, seed: int, rank: int = 4) -> Path:
+    """A LoRA adapter with random non-zero weights (peft's `init_lora_weights=False`), so each seed
+    answers differently: real adapter files for serving tests and benchmarks without training."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    lora = LoraConfig(r=rank, lora_alpha=16 * rank, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(out_dir))
+    return out_dir

@@ -71,3 +71,17 @@ def flatten(value: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[f"{prefix}{key}"] = item
     return out
+
+
+def log_shadow_report(registry: Registry, report, html_path: Path) -> None:
+    """The shadow comparison on the challenger's MLflow run (metrics + HTML report) and its decision
+    as a version tag, so the registry shows why a version was or was not promoted."""
+    version = int(report.challenger_version)
+    run_id = registry.version(version).run_id
+    prefix = f"shadow_vs_v{report.champion_version}"
+    figures = {"completed_pairs": report.counts.get("completed", 0), "error_rate": report.error_rate,
+               "latency_ratio": report.latency_ratio, "length_ratio": report.length_ratio, **report.agreement}
+    registry.log_metrics(run_id, {f"{prefix}_{k}": v for k, v in figures.items() if v == v})  # NaN: no pairs yet
+    registry.log_artifact(run_id, html_path, f"shadow/v{report.champion_version}")
+    registry.set_version_tags(version, {"ctloop.shadow_decision": f"{report.decision} vs v{report.champion_version} "
+                                                                  f"({report.counts.get('completed', 0)} pairs)"})

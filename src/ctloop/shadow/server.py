@@ -20,8 +20,9 @@ import re
 import time
 import uuid
 from collections import Counter
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
@@ -136,11 +137,20 @@ class Serving:
             roles = await asyncio.to_thread(read)
             if roles.challenger == roles.champion:
                 roles = Roles(roles.champion, None, roles.previous)
-            for version in sorted(roles.versions()):
-                await asyncio.to_thread(self._load, version)
+            if roles.champion is not None:
+                await asyncio.to_thread(self._load, roles.champion)  # no champion adapter: keep the old roles
+            problems = []
+            for role in ("challenger", "previous"):  # optional: without them we serve, and say why
+                version = getattr(roles, role)
+                if version is not None:
+                    try:
+                        await asyncio.to_thread(self._load, version)
+                    except Exception as exc:  # noqa: BLE001 - reported on /healthz, the champion still serves
+                        problems.append(f"{role} v{version} not loaded ({exc.__class__.__name__}: {exc})"[:300])
+                        roles = replace(roles, **{role: None})
             self.roles = roles  # one assignment: a request sees the old roles or the new, never a mix
             await asyncio.to_thread(self.backend.unload_except, roles.versions())
-            self.last_sync_error = ""
+            self.last_sync_error = "; ".join(problems)
             return roles
 
     def _load(self, version: int) -> None:
@@ -436,3 +446,35 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
     app = create_app(config, workspace)
     uvicorn.run(app, host=host or config.serve.host, port=port if port is not None else config.serve.port,
                 log_level="info", timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5)
+
+
+@contextmanager
+def serve_in_background(app: Any, host: str = "127.0.0.1", port: int = 0,
+                        start_timeout: float = 300.0) -> Iterator[str]:
+    """Run an app with uvicorn in a thread (the demo, tests); yield its base URL; on exit shut it down
+    the same way SIGTERM does (the shadow queue drains, the log writer flushes)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="ctloop-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise CtloopError("the server stopped while starting; see the messages above")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise CtloopError(f"the server did not start within {start_timeout:.0f} s")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(120)
