@@ -86,15 +86,15 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
     (the shadow log drains), then compare the logged pairs and log the report to MLflow."""
     import httpx
 
-    from ctloop.registry import CHAMPION
+    from ctloop.registry import CHALLENGER, CHAMPION
     from ctloop.shadow.compare import shadow_report, write_html
     from ctloop.shadow.server import create_app, serve_in_background
     from ctloop.tracking import log_shadow_report
 
-    prompts = [json.loads(line)["prompt"] for name in ("new_domain.jsonl", "old_domain.jsonl")
-               for line in quickstart_file(name).read_text().splitlines()[-requests // 2:]]
+    prompts = [prompt for name in ("new_domain.jsonl", "old_domain.jsonl")
+               for prompt in _prompts(quickstart_file(name))[-requests // 2:]]
     with serve_in_background(create_app(config, workspace)) as url, httpx.Client(timeout=120) as http, \
-            progress_bar("live requests (answered by the champion, mirrored)", len(prompts), unit="requests") as advance:
+            progress_bar("live requests", len(prompts), unit="requests") as advance:
         for index, prompt in enumerate(prompts):
             response = http.post(f"{url}/v1/completions", json={"model": config.registry.model_name, "prompt": prompt,
                                                                 "max_tokens": 24}, headers={"x-request-id": f"demo-{index}"})
@@ -107,6 +107,19 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
     log_shadow_report(registry, report, write_html(report, rows, html))
     console.print(report.summary())
     return report
+
+
+def _prompts(path: Path) -> list[str]:
+    """The prompts of a records file, skipping the rows that are broken on purpose."""
+    prompts = []
+    for line in path.read_bytes().splitlines():
+        try:
+            prompt = json.loads(line.decode("utf-8"))["prompt"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(prompt, str) and prompt.strip():
+            prompts.append(prompt)
+    return prompts
 
 
 def _print_story(first, second, registry, workspace: Workspace, config_path: Path, shadow) -> None:

@@ -14,6 +14,8 @@ Both take a `GenerationRequest` and a registry version and return a `Generation`
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,25 +56,30 @@ class Backend(Protocol):
 
     def unload_except(self, keep: set[int]) -> None: ...
 
-    async def generate(self, request: GenerationRequest, version: int, priority: int = USER) -> Generation: ...
+    async def generate(self, request: GenerationRequest, version: int, priority: int = USER,
+                       timeout_s: float | None = None) -> Generation:
+        """Answer; raise TimeoutError when the model itself takes longer than `timeout_s`."""
 
     async def aclose(self) -> None: ...
 
 
 class PriorityLock:
-    """A lock that hands itself to the waiter with the lowest priority number first (FIFO within one)."""
+    """A lock handed to waiters in (priority, arrival) order: user requests before shadow calls, and
+    first come, first served within each, so no request starves behind later ones."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._held = False
-        self._waiting = [0, 0]
+        self._waiting: list[tuple[int, int]] = []
+        self._tickets = itertools.count()
 
     def acquire(self, priority: int) -> None:
         with self._condition:
-            self._waiting[priority] += 1
-            while self._held or any(self._waiting[p] for p in range(priority)):
+            me = (priority, next(self._tickets))
+            heapq.heappush(self._waiting, me)
+            while self._held or self._waiting[0] != me:
                 self._condition.wait()
-            self._waiting[priority] -= 1
+            heapq.heappop(self._waiting)
             self._held = True
 
     def release(self) -> None:
@@ -87,7 +94,13 @@ def _truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class InProcessBackend:
-    """The base model and its adapters in this process (CPU or one GPU)."""
+    """The base model and its adapters in this process (CPU or one GPU).
+
+    It shares its compute between the champion and the challenger: a shadow call waits while user
+    requests are waiting, and its timeout counts only its own generation, not that wait (which
+    is production load, not the challenger's fault)."""
+
+    shares_compute = True
 
     def __init__(self, model: ModelConfig, user_threads: int = 8):
         from ctloop.modeling import load_base_model, load_tokenizer
@@ -135,7 +148,8 @@ class InProcessBackend:
         finally:
             self._lock.release()
 
-    async def generate(self, request: GenerationRequest, version: int, priority: int = USER) -> Generation:
+    async def generate(self, request: GenerationRequest, version: int, priority: int = USER,
+                       timeout_s: float | None = None) -> Generation:
         if version not in self.loaded:
             raise ModelError(f"version {version} is not loaded; loaded: {sorted(self.loaded)}")
         cancelled = threading.Event()
@@ -143,21 +157,27 @@ class InProcessBackend:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pools[priority], self._generate, request, version, priority,
-                                              cancelled)
+                                              cancelled, timeout_s)
         finally:
             cancelled.set()  # a timed-out or cancelled call stops at its next token
             self._in_use[version] -= 1
 
-    def _generate(self, request: GenerationRequest, version: int, priority: int,
-                  cancelled: threading.Event) -> Generation:
+    def _generate(self, request: GenerationRequest, version: int, priority: int, cancelled: threading.Event,
+                  timeout_s: float | None) -> Generation:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         from ctloop.modeling import prompt_token_ids
 
         class Cancelled(StoppingCriteria):
+            """Stops at the next token once the caller gave up or the call's own time ran out."""
+
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+                if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                    overtime.set()
+                return torch.full((input_ids.shape[0],), cancelled.is_set() or overtime.is_set(), dtype=torch.bool)
+
+        overtime = threading.Event()
 
         ids = prompt_token_ids(self.tokenizer, [request.prompt])[0]
         sampling: dict[str, Any] = {"do_sample": False}
@@ -167,7 +187,7 @@ class InProcessBackend:
         started = time.perf_counter()
         try:
             if cancelled.is_set():
-                raise asyncio.CancelledError("cancelled before it started")
+                raise RuntimeError("cancelled before it started")
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             self.network.set_adapter(self.adapter_name(version))
@@ -179,6 +199,8 @@ class InProcessBackend:
                     stopping_criteria=StoppingCriteriaList([Cancelled()]), **sampling)
         finally:
             self._lock.release()
+        if overtime.is_set():
+            raise TimeoutError(f"the generation took longer than {timeout_s} s")
         new = out[0, len(ids):].tolist()
         ended_by_eos = bool(new) and new[-1] == self.tokenizer.eos_token_id
         text, stopped = _truncate_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), request.stop)
@@ -192,6 +214,8 @@ class InProcessBackend:
 
 class OpenAIBackend:
     """An OpenAI-compatible server that serves version N as model `upstream_model.format(name, version)`."""
+
+    shares_compute = False  # the upstream's queueing is the challenger's own latency
 
     def __init__(self, base_url: str, model_name: str, model_template: str, api_key: str | None,
                  timeout_s: float):
@@ -230,7 +254,8 @@ class OpenAIBackend:
         for version in [v for v in self.loaded if v not in keep]:
             del self.loaded[version]
 
-    async def generate(self, request: GenerationRequest, version: int, priority: int = USER) -> Generation:
+    async def generate(self, request: GenerationRequest, version: int, priority: int = USER,
+                       timeout_s: float | None = None) -> Generation:
         body: dict[str, Any] = {"model": self.upstream_model(version), "prompt": request.prompt,
                                 "max_tokens": request.max_tokens, "temperature": request.temperature,
                                 "top_p": request.top_p}
