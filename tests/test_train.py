@@ -177,3 +177,14 @@ def test_evaluation_with_generation_scores_greedy_answers(tiny_base, tmp_path):
             assert len(values) == 12 and all(0.0 <= v <= 1.0 for v in values)
     assert report.to_dict()["metric_means"]["heldout"]["candidate"].keys() == {"exact_match", "token_f1", "rouge_l",
                                                                                "verbatim"}
+
+
+def test_bf16_training_keeps_an_fp32_adapter_and_tracks_fp32(tiny_base, tmp_path):
+    """bf16: frozen base in bf16 under autocast, LoRA inputs not cast up to fp32, adapter and optimizer in fp32."""
+    bf16 = _train(tiny_base, tmp_path / "bf16", precision="bf16", checkpoint_every=0, log_every=1)
+    fp32 = _train(tiny_base, tmp_path / "fp32", precision="fp32", checkpoint_every=0, log_every=1)
+    tensors = _adapter_tensors(tmp_path / "bf16")
+    assert tensors and all(t.dtype.itemsize == 4 for t in tensors.values())
+    assert len(bf16.losses) == len(fp32.losses) > 5
+    assert max(abs(a[1] - b[1]) for a, b in zip(bf16.losses, fp32.losses, strict=True)) < 0.05
+    assert _adapter_tensors(tmp_path / "fp32").keys() == tensors.keys()

@@ -70,7 +70,10 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
                   out_dir: Path, checkpoint_dir: Path | None = None,
                   warm_start_from: Path | None = None) -> TrainResult:
     """Train a LoRA adapter on `records` and save it (safetensors + adapter_config.json)."""
+    import contextlib
+
     import torch
+    from peft.helpers import disable_input_dtype_casting
     from transformers import set_seed
 
     set_seed(train.seed)  # before the adapter is created: its initial weights depend on it
@@ -104,13 +107,19 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
     resumed_from = _load_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
 
     peft_model.train()
+    # In bf16, peft would cast each LoRA layer's input up to the adapter's fp32 (and autocast back down):
+    # two copies of every activation per layer. Without that cast, autocast casts the small adapter
+    # weights instead; the adapter and its optimizer state stay fp32.
+    def keep_activation_dtype():
+        return disable_input_dtype_casting(peft_model) if bf16 else contextlib.nullcontext()
+
     started = time.monotonic() - progress["seconds"]
     with progress_bar("training", total_steps, enabled=rank == 0) as advance:
         advance(progress["step"])
         for step in range(progress["step"] + 1, total_steps + 1):
             batch = _collate(schedule[step - 1], examples, tokenizer.pad_token_id, train.packing)
             batch = {k: v.to(peft_model.device) for k, v in batch.items()}
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16), keep_activation_dtype():
                 nll, mask = token_losses(network, batch)
             n_loss = int(mask.sum())
             loss = nll.sum() / max(1, n_loss)
