@@ -121,6 +121,9 @@ def random_adapter(base: Path, out_dir: Path, seed: int, rank: int = 4) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from ctloop.modeling import quiet_transformers
+
+    quiet_transformers()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base))
     lora = LoraConfig(r=rank, lora_alpha=16 * rank, target_modules="all-linear", init_lora_weights=False)
