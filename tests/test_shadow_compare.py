@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -86,3 +87,14 @@ def test_the_html_report_has_the_decision_and_plots(tmp_path):
     report = compare(rows, SETTINGS, "1", "2")
     html = write_html(report, rows, tmp_path / "shadow.html").read_text()
     assert "PROMOTE" in html and "<svg" in html and "latency" in html
+
+
+def test_a_challenger_exactly_at_the_latency_limit_is_rarely_rejected():
+    """The Wilcoxon test asks whether the ratio exceeds the limit, not whether it exceeds 1: at a true
+    ratio equal to the limit, REJECT must stay near the 5% level (testing against 1 rejected ~50%)."""
+    rejects = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        rows = _rows(150, seed=seed, challenger_latency=lambda i, b: b * 1.5 * math.exp(rng.gauss(0, 0.5)))
+        rejects += compare(rows, SETTINGS, "1", "2").decision == REJECT
+    assert rejects <= 5

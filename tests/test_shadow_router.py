@@ -185,3 +185,24 @@ def test_sampled_out_requests_are_counted_not_logged(tmp_path, fraction):
 
     counters = _assert_counters_add_up(asyncio.run(scenario()))
     assert counters["sampled_out"] == sum(not sampled(f"r{i}", fraction) for i in range(200))
+
+
+def test_jobs_queued_for_a_replaced_challenger_are_cancelled_not_blamed_on_it(tmp_path):
+    current = {"challenger": 2}
+
+    async def scenario():
+        store = ShadowStore(f"sqlite:///{tmp_path / 'shadow.db'}", flush_seconds=0.05)
+        router = ShadowRouter(ScriptedChallenger(0.02), store, ShadowConfig(workers=1, breaker_window=4),
+                              challenger=lambda: current["challenger"])
+        router.start()
+        for i in range(10):
+            router.submit(f"r{i}", REQUEST, CHAMPION, 1)
+        await asyncio.sleep(0.005)
+        current["challenger"] = 3  # promoted/replaced while nine jobs still wait
+        await router.shutdown(drain_seconds=5)
+        return router
+
+    router = asyncio.run(scenario())
+    counters = _assert_counters_add_up(router)
+    assert counters["cancelled"] >= 8 and counters["errored"] == 0 and router.breaker.state == "closed"
+    assert all("challenger changed" in r["error"] for r in router.store.rows() if r["status"] == "cancelled")

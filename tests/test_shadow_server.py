@@ -74,6 +74,7 @@ def test_counters_are_exported_and_add_up(setup):
                                   headers={"x-request-id": f"req-{i}"}, timeout=60)
             assert response.status_code == 200 and response.headers["x-request-id"] == f"req-{i}"
         assert httpx.get(f"{url}/healthz").json()["champion"] == 1
+        assert httpx.get(f'{url}/x%22%7D%201%0Actloop_shadow_offered_total%209999').status_code == 404
         metrics = _metrics(url)
     assert metrics["ctloop_shadow_offered_total"] == 4
     skipped = sum(v for k, v in metrics.items() if k.startswith("ctloop_shadow_skipped_total"))
@@ -81,6 +82,7 @@ def test_counters_are_exported_and_add_up(setup):
                                                       + metrics["ctloop_shadow_dropped_total"]
                                                       + metrics["ctloop_shadow_enqueued_total"])
     assert metrics['ctloop_http_requests_total{path="/v1/completions",code="200"}'] == 4
+    assert not any("9999" in name for name in metrics)  # the injection below did not land
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
@@ -95,6 +97,8 @@ def test_counters_are_exported_and_add_up(setup):
     (b'{"model": "gpt-4", "prompt": "x"}', 404, "unknown model"),
     (b'{"model": "v9", "prompt": "x"}', 404, "not loaded"),
     (b'{"model": "srv", "prompt": "' + b"x" * 70_000 + b'"}', 413, "max_body_bytes"),
+    (b'{"model": "srv", "prompt": "x", "seed": 18446744073709551616}', 400, "seed"),
+    (b"[" * 60_000, 400, "not valid JSON"),
 ])
 def test_malformed_requests_get_a_clear_4xx(setup, body, status, needle):
     config, _ = setup

@@ -55,3 +55,10 @@ def test_redaction_before_storage(tmp_path):
     store.put(_record(0, prompt=text))
     store.close()
     assert store.rows()[0]["prompt"] == "mail [email] or call [phone], key [key]"
+
+
+def test_nul_characters_are_stripped_so_postgres_never_refuses_a_batch(tmp_path):
+    store = ShadowStore(f"sqlite:///{tmp_path / 'shadow.db'}")
+    store.put(_record(1, prompt="a\x00b"))
+    store.close()
+    assert store.rows()[0]["prompt"] == "ab"

@@ -218,12 +218,14 @@ def shadow_report(config: ConfigOption = None, workspace: WorkspaceOption = None
 
 
 def _shadow_report(config_path: Path | None, ws, registry, champion: int | None, challenger: int | None):
-    from ctloop.config import ShadowConfig, load_config
+    from ctloop.config import load_config
     from ctloop.errors import RegistryError
+    from ctloop.pipeline import shadow_settings
     from ctloop.registry import CHALLENGER, CHAMPION
     from ctloop.shadow.compare import shadow_report as compare_logged
 
-    settings = load_config(config_path).shadow if config_path is not None else ShadowConfig()
+    # Without --config: the settings the workspace's last cycle ran with (store URL, thresholds, judge).
+    settings = load_config(config_path).shadow if config_path is not None else shadow_settings(ws)
     champion = champion if champion is not None else registry.alias(CHAMPION)
     challenger = challenger if challenger is not None else registry.alias(CHALLENGER)
     if champion is None or challenger is None:

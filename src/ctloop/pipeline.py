@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ctloop.config import CtloopConfig, RegistryConfig
+from ctloop.config import CtloopConfig, RegistryConfig, ShadowConfig
 from ctloop.console import console
 from ctloop.errors import WorkspaceError
 from ctloop.stages import (FINISHED, SETTINGS_FILE, CycleFolder, evaluate_stage, gate_stage, open_registry,
@@ -102,3 +102,9 @@ def registry_settings(workspace: Workspace) -> RegistryConfig:
         raise WorkspaceError(f"no workspace at {workspace.root}; run `ctloop demo` or `ctloop run` first, "
                              f"or pass --workspace")
     return RegistryConfig(**read_json(path)["registry"]) if path.is_file() else RegistryConfig()
+
+
+def shadow_settings(workspace: Workspace) -> ShadowConfig:
+    """The shadow settings of the workspace's last cycle, so `ctloop shadow report` needs no --config."""
+    path = workspace.root / SETTINGS_FILE
+    return ShadowConfig(**read_json(path).get("shadow", {})) if path.is_file() else ShadowConfig()

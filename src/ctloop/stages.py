@@ -84,7 +84,8 @@ def validate_stage(config: CtloopConfig, data_path: Path, workspace: Workspace) 
     if not data_path.is_file():
         raise DataError(f"{data_path}: no such file; check the --data path")
     workspace.create()
-    write_json(workspace.root / SETTINGS_FILE, {"registry": config.registry.model_dump(mode="json")})
+    write_json(workspace.root / SETTINGS_FILE, {"registry": config.registry.model_dump(mode="json"),
+                                                "shadow": config.shadow.model_dump(mode="json")})
     tokenizer = load_tokenizer(config.model)
     staging = workspace.root / "incoming" / hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:12]
     count = token_counter(tokenizer)

@@ -188,6 +188,8 @@ class InProcessBackend:
         try:
             if cancelled.is_set():
                 raise RuntimeError("cancelled before it started")
+            if version not in self.loaded:  # unloaded while this request waited
+                raise ModelError(f"version {version} was unloaded; loaded: {sorted(self.loaded)}")
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             self.network.set_adapter(self.adapter_name(version))
@@ -263,16 +265,27 @@ class OpenAIBackend:
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
+        import httpx
+
         started = time.perf_counter()
-        response = await self.client.post("/completions", json=body)
+        try:
+            response = await self.client.post("/completions", json=body)
+        except httpx.TimeoutException as exc:
+            raise TimeoutError(f"upstream {self.base_url} did not answer in time ({exc.__class__.__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise ModelError(f"upstream {self.base_url} unreachable ({exc.__class__.__name__}: {exc})") from exc
         if response.status_code >= 400:
             raise ModelError(f"upstream {response.status_code} for {body['model']}: {response.text[:300]}")
-        data = response.json()
-        choice = data["choices"][0]
-        usage = data.get("usage") or {}
-        return Generation(choice.get("text", ""), int(usage.get("prompt_tokens", 0)),
-                          int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop",
-                          (time.perf_counter() - started) * 1000)
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            usage = data.get("usage") or {}
+            return Generation(choice.get("text", ""), int(usage.get("prompt_tokens", 0)),
+                              int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop",
+                              (time.perf_counter() - started) * 1000)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise ModelError(f"upstream {self.base_url} sent an answer that is not an OpenAI completion "
+                             f"({exc.__class__.__name__}: {exc}): {response.text[:200]}") from exc
 
     async def aclose(self) -> None:
         await self.client.aclose()

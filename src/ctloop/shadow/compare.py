@@ -128,13 +128,16 @@ def compare(rows: list[dict[str, Any]], settings: ShadowConfig, champion_version
         log_latency = np.log(np.array([max(r["challenger_latency_ms"], 1e-3) for r in done])
                              / np.array([max(r["champion_latency_ms"], 1e-3) for r in done]))
         latency_ratio = float(np.exp(np.median(log_latency)))
+        # Each test asks "is the ratio above the limit?", not "is it above 1?".
+        limit = math.log(settings.max_latency_ratio)
         _ratio_check("median challenger/champion latency ratio", latency_ratio, settings.max_latency_ratio,
-                     _one_sided_wilcoxon_greater(log_latency), alpha, reject, hold, passed)
+                     _one_sided_wilcoxon_greater(log_latency - limit), alpha, reject, hold, passed)
         log_length = np.log((np.array([r["challenger_tokens"] for r in done]) + 1.0)
                             / (np.array([r["champion_tokens"] for r in done]) + 1.0))
         length_ratio = float(np.exp(np.median(log_length)))
-        longer = _one_sided_wilcoxon_greater(log_length)
-        shorter = _one_sided_wilcoxon_greater(-log_length)
+        limit = math.log(settings.max_length_ratio)
+        longer = _one_sided_wilcoxon_greater(log_length - limit)
+        shorter = _one_sided_wilcoxon_greater(-log_length - limit)
         _ratio_check("median output length ratio", length_ratio, settings.max_length_ratio, longer, alpha,
                      reject, hold, passed)
         _ratio_check("median output length ratio (inverse)", 1 / length_ratio, settings.max_length_ratio, shorter,
@@ -244,9 +247,10 @@ def write_html(report: ShadowReport, rows: list[dict[str, Any]], path: Path) -> 
     return reports.write_html(path, f"shadow v{report.champion_version} vs v{report.challenger_version}", sections)
 
 
-def shadow_report(settings: ShadowConfig, store_url: str, champion_version: int,
-                  challenger_version: int) -> tuple[ShadowReport, list[dict[str, Any]]]:
-    """Read one pair's rows from the log store and compare them with the configured judge and embedder."""
+def shadow_report(settings: ShadowConfig, store_url: str, champion_version: int, challenger_version: int,
+                  agreement_embeddings: bool = True) -> tuple[ShadowReport, list[dict[str, Any]]]:
+    """Read one pair's rows from the log store and compare them with the configured judge and embedder
+    (the embedder only scores agreement, which the decision does not use; a server skips it)."""
     from ctloop.shadow.store import read_rows
 
     rows = read_rows(store_url, str(champion_version), str(challenger_version))
@@ -255,7 +259,7 @@ def shadow_report(settings: ShadowConfig, store_url: str, champion_version: int,
         from ctloop.plugins import import_callable
 
         judge = import_callable(settings.judge, "shadow.judge")
-    if settings.embedding_similarity and rows:
+    if settings.embedding_similarity and agreement_embeddings and rows:
         from ctloop.embed import SentenceTransformerEmbedder
 
         embedder = SentenceTransformerEmbedder("minilm")

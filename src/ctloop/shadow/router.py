@@ -172,6 +172,10 @@ class ShadowRouter:
                 self.queue.task_done()
 
     async def _shadow(self, job: ShadowJob) -> None:
+        if job.challenger_version != self.challenger():  # replaced while queued: not this challenger's fault
+            self.counters.cancelled += 1
+            self._log(job, "cancelled", None, f"the challenger changed from v{job.challenger_version} while queued")
+            return
         timeout = self.settings.timeout_s
         try:
             if getattr(self.backend, "shares_compute", False):  # the backend times the generation itself

@@ -49,7 +49,7 @@ class _Body(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int | None = Field(None, ge=1, le=1)
     stream: bool | None = None
 
@@ -169,10 +169,12 @@ class Serving:
                 self.last_sync_error = f"{exc.__class__.__name__}: {exc}"[:500]
 
     async def stop(self) -> None:
-        if self.router is not None:
-            await self.router.shutdown(self.config.serve.drain_seconds)
-        if self.backend is not None:
-            await self.backend.aclose()
+        try:
+            if self.router is not None:
+                await self.router.shutdown(self.config.serve.drain_seconds)
+        finally:
+            if self.backend is not None:
+                await self.backend.aclose()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -226,6 +228,8 @@ class Serving:
         version, explicit = self.resolve(body.model)
         try:
             generation = await self.backend.generate(request, version, USER)
+        except TimeoutError as exc:
+            raise ApiError(504, f"the model did not answer in time: {exc}", kind="timeout") from exc
         except CtloopError as exc:
             raise ApiError(503, f"the model could not answer: {exc}", kind="service_unavailable") from exc
         if not explicit:
@@ -241,7 +245,7 @@ def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
                             f"send a shorter prompt")
     try:
         data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
@@ -282,8 +286,10 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
-        serving.requests[(request.url.path, response.status_code)] += 1
-        serving.latency_sum[request.url.path] += time.perf_counter() - started
+        route = request.scope.get("route")  # the route's template, never the raw path: bounded, no injection
+        path = getattr(route, "path", "other")
+        serving.requests[(path, response.status_code)] += 1
+        serving.latency_sum[path] += time.perf_counter() - started
         return response
 
     def request_id(request: Request) -> str:
@@ -404,7 +410,8 @@ def _decide(serving: Serving, challenger: int) -> Any:
     if champion is None:
         raise ApiError(409, "there is no champion to compare with; promote without require_shadow")
     settings = serving.config.shadow
-    return shadow_report(settings, serving.workspace.shadow_store_url(settings.store_url), champion, challenger)[0]
+    return shadow_report(settings, serving.workspace.shadow_store_url(settings.store_url), champion, challenger,
+                         agreement_embeddings=False)[0]
 
 
 def _roles(roles: Roles) -> dict[str, Any]:
@@ -434,9 +441,13 @@ def _prometheus(serving: Serving) -> str:
         if name not in typed:
             lines.append(f"# TYPE {name} {kind}")
             typed.add(name)
-        label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
         lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
     return "\n".join(lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, port: int | None = None) -> None:

@@ -171,8 +171,9 @@ class ShadowStore:
 
     def _row(self, record: ShadowRecord) -> dict[str, Any]:
         row = asdict(record)
-        if self.redact_pii:
-            for key in ("prompt", "champion_output", "challenger_output", "error"):
+        for key in ("prompt", "champion_output", "challenger_output", "error"):
+            row[key] = row[key].replace("\x00", "")  # PostgreSQL text refuses NUL (it would cost the batch)
+            if self.redact_pii:
                 row[key] = redact(row[key])
         return row
 
