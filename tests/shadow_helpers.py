@@ -1,4 +1,4 @@
-"""Helpers for the server tests: a config and a real MLflow registry holding real LoRA adapters."""
+"""Helpers for the shadow tests: a log row, a config, and a real MLflow registry holding real LoRA adapters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ from pathlib import Path
 
 from ctloop.config import config_from_dict
 from ctloop.registry import CHALLENGER, Registry
+from ctloop.shadow.store import ShadowRecord
 from ctloop.workspace import Workspace
+
+
+def shadow_record(i: int, prompt: str = "p", challenger: str = "2") -> ShadowRecord:
+    """One completed pair, request id r<i>."""
+    return ShadowRecord(request_id=f"r{i}", prompt=prompt, champion_output="a", challenger_output="b",
+                        status="completed", champion_version="1", challenger_version=challenger,
+                        champion_latency_ms=1.5, challenger_latency_ms=2.5, champion_tokens=3, challenger_tokens=4)
 
 
 def serving_config(base: Path, workspace: Path, **sections) -> object:

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import threading
 
-from ctloop.shadow.store import ShadowRecord, ShadowStore, redact
+from shadow_helpers import shadow_record
 
-
-def _record(i: int, prompt: str = "p") -> ShadowRecord:
-    return ShadowRecord(request_id=f"r{i}", prompt=prompt, champion_output="a", challenger_output="b",
-                        status="completed", champion_version="1", challenger_version="2",
-                        champion_latency_ms=1.0, challenger_latency_ms=2.0, champion_tokens=3, challenger_tokens=4)
+from ctloop.shadow.store import ShadowStore, redact
 
 
 def test_a_clean_shutdown_loses_no_row_even_from_many_threads(tmp_path):
@@ -19,7 +15,7 @@ def test_a_clean_shutdown_loses_no_row_even_from_many_threads(tmp_path):
 
     def produce(offset: int) -> None:
         for i in range(500):
-            assert store.put(_record(offset + i))
+            assert store.put(shadow_record(offset + i))
 
     threads = [threading.Thread(target=produce, args=(k * 1000,)) for k in range(4)]
     for thread in threads:
@@ -42,7 +38,7 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
 
 def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path):
     store = ShadowStore(f"sqlite:///{tmp_path / 'shadow.db'}", queue_size=1, flush_seconds=5)
-    results = [store.put(_record(i)) for i in range(200)]
+    results = [store.put(shadow_record(i)) for i in range(200)]
     store.close()
     assert results.count(False) == store.dropped > 0
     assert store.written == results.count(True)
@@ -52,13 +48,13 @@ def test_redaction_before_storage(tmp_path):
     text = "mail jane.doe@example.com or call +1 (555) 123-4567, key sk-abcdefghijklmnop1234"
     assert redact(text) == "mail [email] or call [phone], key [key]"
     store = ShadowStore(f"sqlite:///{tmp_path / 'shadow.db'}", redact_pii=True)
-    store.put(_record(0, prompt=text))
+    store.put(shadow_record(0, prompt=text))
     store.close()
     assert store.rows()[0]["prompt"] == "mail [email] or call [phone], key [key]"
 
 
 def test_nul_characters_are_stripped_so_postgres_never_refuses_a_batch(tmp_path):
     store = ShadowStore(f"sqlite:///{tmp_path / 'shadow.db'}")
-    store.put(_record(1, prompt="a\x00b"))
+    store.put(shadow_record(1, prompt="a\x00b"))
     store.close()
     assert store.rows()[0]["prompt"] == "ab"

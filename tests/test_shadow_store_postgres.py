@@ -10,7 +10,9 @@ import uuid
 
 import pytest
 
-from ctloop.shadow.store import ShadowRecord, ShadowStore, read_rows
+from shadow_helpers import shadow_record
+
+from ctloop.shadow.store import ShadowStore, read_rows
 
 URL = os.environ.get("CTLOOP_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(URL is None, reason="no PostgreSQL: run the tests through `make test` "
@@ -32,19 +34,13 @@ def url():
     admin.dispose()
 
 
-def _record(i: int, challenger: str = "2", prompt: str = "p") -> ShadowRecord:
-    return ShadowRecord(request_id=f"r{i}", prompt=prompt, champion_output="a", challenger_output="b",
-                        status="completed", champion_version="1", challenger_version=challenger,
-                        champion_latency_ms=1.5, challenger_latency_ms=2.5, champion_tokens=3, challenger_tokens=4)
-
-
 def test_postgres_store_loses_no_row_on_a_clean_shutdown(url):
     store = ShadowStore(url, batch_size=100)
     assert store.engine.dialect.name == "postgresql"
 
     def produce(offset: int) -> None:
         for i in range(1000):
-            assert store.put(_record(offset + i, challenger=str(2 + offset // 10_000 % 2)))
+            assert store.put(shadow_record(offset + i, challenger=str(2 + offset // 10_000 % 2)))
 
     threads = [threading.Thread(target=produce, args=(k * 10_000,)) for k in range(4)]
     for thread in threads:
@@ -60,7 +56,7 @@ def test_postgres_store_loses_no_row_on_a_clean_shutdown(url):
 
 def test_postgres_store_redacts_before_storing(url):
     store = ShadowStore(url, redact_pii=True)
-    store.put(_record(1, prompt="mail jane.doe@example.com or call +1 415 555 0100"))
+    store.put(shadow_record(1, prompt="mail jane.doe@example.com or call +1 415 555 0100"))
     store.close()
     prompt = read_rows(url)[0]["prompt"]
     assert "example.com" not in prompt and "555" not in prompt and "[email]" in prompt

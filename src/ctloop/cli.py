@@ -201,14 +201,11 @@ def shadow_report(config: ConfigOption = None, workspace: WorkspaceOption = None
                   html: Annotated[Path | None, typer.Option(
                       "--html", help="HTML report path (default: <workspace>/shadow/vN-vs-vM.html)")] = None) -> None:
     """Compare the logged shadow pairs and decide PROMOTE / HOLD / REJECT. Exit 0: PROMOTE, 3: HOLD, 4: REJECT."""
-    from ctloop.shadow.compare import write_html
-    from ctloop.tracking import log_shadow_report
+    from ctloop.tracking import publish_shadow_report
 
     registry, ws = _registry_context(config, workspace)
     report, rows = _shadow_report(config, ws, registry, champion, challenger)
-    html = html or ws.root / "shadow" / f"v{report.champion_version}-vs-v{report.challenger_version}.html"
-    html.parent.mkdir(parents=True, exist_ok=True)
-    log_shadow_report(registry, report, write_html(report, rows, html))
+    html = publish_shadow_report(registry, report, rows, ws.root, html)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -71,14 +71,14 @@ def run_demo(workspace: Workspace) -> None:
     second = run_cycle(config, quickstart_file("new_domain.jsonl"), workspace)
 
     registry = open_registry(config.registry, workspace)
-    shadow = None
+    shadow = shadow_html = None
     if second.passed:
         console.rule("shadow: serve the champion, mirror live traffic to the challenger, compare, decide")
-        shadow = shadow_phase(config, workspace, registry)
+        shadow, shadow_html = shadow_phase(config, workspace, registry)
         if shadow.decision == PROMOTE:
             registry.make_champion(registry.alias(CHALLENGER), by="ctloop demo",
                                    note="passed the gate in cycle 2 and the shadow comparison")
-    _print_story(first, second, registry, workspace, config_path, shadow)
+    _print_story(first, second, registry, workspace, config_path, shadow, shadow_html)
 
 
 def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
@@ -87,9 +87,9 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
     import httpx
 
     from ctloop.registry import CHALLENGER, CHAMPION
-    from ctloop.shadow.compare import shadow_report, write_html
+    from ctloop.shadow.compare import shadow_report
     from ctloop.shadow.server import create_app, serve_in_background
-    from ctloop.tracking import log_shadow_report
+    from ctloop.tracking import publish_shadow_report
 
     prompts = [prompt for name in ("new_domain.jsonl", "old_domain.jsonl")
                for prompt in _prompts(quickstart_file(name))[-requests // 2:]]
@@ -102,11 +102,9 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
             advance()
     report, rows = shadow_report(config.shadow, workspace.shadow_store_url(config.shadow.store_url),
                                  registry.alias(CHAMPION), registry.alias(CHALLENGER))
-    html = workspace.root / "shadow" / f"v{report.champion_version}-vs-v{report.challenger_version}.html"
-    html.parent.mkdir(parents=True, exist_ok=True)
-    log_shadow_report(registry, report, write_html(report, rows, html))
+    html = publish_shadow_report(registry, report, rows, workspace.root)
     console.print(report.summary())
-    return report
+    return report, html
 
 
 def _prompts(path: Path) -> list[str]:
@@ -122,7 +120,8 @@ def _prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _print_story(first, second, registry, workspace: Workspace, config_path: Path, shadow) -> None:
+def _print_story(first, second, registry, workspace: Workspace, config_path: Path, shadow,
+                 shadow_html: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -153,8 +152,8 @@ def _print_story(first, second, registry, workspace: Workspace, config_path: Pat
         out.print(f"shadow: {shadow.counts['completed']} mirrored pairs, decision {shadow.decision}; champion is now "
                   f"v{registry.alias('champion')}")
     out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
-    if shadow is not None:
-        out.print(f"         {workspace.root / 'shadow' / f'v{shadow.champion_version}-vs-v{shadow.challenger_version}.html'}")
+    if shadow_html is not None:
+        out.print(f"         {shadow_html}")
     exe = _how_ctloop_was_called()
     out.print("next steps:")
     out.print(f"  {exe} status --workspace {workspace.root}")

@@ -97,14 +97,17 @@ def finished_result(config: CtloopConfig, workspace: Workspace, cycle_id: str) -
 
 def registry_settings(workspace: Workspace) -> RegistryConfig:
     """The registry settings the workspace's last cycle used, so commands need no --config."""
-    path = workspace.root / SETTINGS_FILE
-    if not workspace.root.is_dir():
-        raise WorkspaceError(f"no workspace at {workspace.root}; run `ctloop demo` or `ctloop run` first, "
-                             f"or pass --workspace")
-    return RegistryConfig(**read_json(path)["registry"]) if path.is_file() else RegistryConfig()
+    return RegistryConfig(**_saved_settings(workspace).get("registry", {}))
 
 
 def shadow_settings(workspace: Workspace) -> ShadowConfig:
     """The shadow settings of the workspace's last cycle, so `ctloop shadow report` needs no --config."""
+    return ShadowConfig(**_saved_settings(workspace).get("shadow", {}))
+
+
+def _saved_settings(workspace: Workspace) -> dict:
+    if not workspace.root.is_dir():
+        raise WorkspaceError(f"no workspace at {workspace.root}; run `ctloop demo` or `ctloop run` first, "
+                             f"or pass --workspace")
     path = workspace.root / SETTINGS_FILE
-    return ShadowConfig(**read_json(path).get("shadow", {})) if path.is_file() else ShadowConfig()
+    return read_json(path) if path.is_file() else {}

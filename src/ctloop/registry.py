@@ -201,8 +201,7 @@ class Registry:
         self.set_alias(CHAMPION, version)
         self.client.set_registered_model_tag(self.model_name, HISTORY_TAG, json.dumps(history))
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.client.set_model_version_tag(self.model_name, str(version), "ctloop.promoted",
-                                          f"{stamp} by {by}: {note}")
+        self.set_version_tags(version, {"ctloop.promoted": f"{stamp} by {by}: {note}"})
         return previous
 
     def rollback(self, by: str) -> tuple[int, int]:
@@ -217,8 +216,7 @@ class Registry:
         self.set_alias(CHAMPION, target)
         self.client.set_registered_model_tag(self.model_name, HISTORY_TAG, json.dumps(history))
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.client.set_model_version_tag(self.model_name, str(current), "ctloop.rolled_back",
-                                          f"{stamp} by {by}: champion moved back to v{target}")
+        self.set_version_tags(current, {"ctloop.rolled_back": f"{stamp} by {by}: champion moved back to v{target}"})
         return current, target
 
     def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
@@ -229,9 +227,8 @@ class Registry:
         """Record a human approval of a version (who, when, why)."""
         self.version(version)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for key, value in ((APPROVAL_TAG, "approved"), ("ctloop.approved_by", by), ("ctloop.approved_at", stamp),
-                           ("ctloop.approval_note", note)):
-            self.client.set_model_version_tag(self.model_name, str(version), key, value)
+        self.set_version_tags(version, {APPROVAL_TAG: "approved", "ctloop.approved_by": by,
+                                        "ctloop.approved_at": stamp, "ctloop.approval_note": note})
 
     def awaiting_approval(self, version: int) -> bool:
         return self.version(version).tags.get(APPROVAL_TAG) == "pending"

@@ -85,3 +85,15 @@ def log_shadow_report(registry: Registry, report, html_path: Path) -> None:
     registry.log_artifact(run_id, html_path, f"shadow/v{report.champion_version}")
     registry.set_version_tags(version, {"ctloop.shadow_decision": f"{report.decision} vs v{report.champion_version} "
                                                                   f"({report.counts.get('completed', 0)} pairs)"})
+
+
+def publish_shadow_report(registry: Registry, report, rows: list[dict], workspace_root: Path,
+                          html_path: Path | None = None) -> Path:
+    """Write the shadow report's HTML (default: <workspace>/shadow/vN-vs-vM.html) and log it to MLflow."""
+    from ctloop.shadow.compare import write_html
+
+    html_path = html_path or (workspace_root / "shadow"
+                              / f"v{report.champion_version}-vs-v{report.challenger_version}.html")
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    log_shadow_report(registry, report, write_html(report, rows, html_path))
+    return html_path

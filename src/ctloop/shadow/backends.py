@@ -51,6 +51,8 @@ class Generation:
 
 
 class Backend(Protocol):
+    loaded: dict[int, Path | None]  # servable versions -> their adapter folder (None: the upstream has it)
+
     def load(self, version: int, adapter_dir: Path | None) -> None:
         """Make `version` servable (blocking; called off the event loop)."""
 
@@ -109,7 +111,7 @@ class InProcessBackend:
         self.tokenizer = load_tokenizer(model)
         self.base = load_base_model(model).eval()
         self.network: Any = None  # the PeftModel once an adapter is loaded
-        self.loaded: dict[int, Path] = {}
+        self.loaded: dict[int, Path | None] = {}
         self._lock = PriorityLock()
         self._in_use: dict[int, int] = {}
         self._pools = {USER: ThreadPoolExecutor(user_threads, thread_name_prefix="ctloop-gen-user"),

@@ -154,7 +154,7 @@ class Serving:
             return roles
 
     def _load(self, version: int) -> None:
-        if version in getattr(self.backend, "loaded", {}):
+        if version in self.backend.loaded:
             return
         needs_files = self.config.serve.backend == "in_process"
         path = self.registry.download_adapter(version, self.workspace.root / "registry-cache") if needs_files else None
@@ -196,13 +196,13 @@ class Serving:
             raise ApiError(404, f"unknown model {requested!r}; use {self.model_name!r} (the champion), 'champion', "
                                 f"'challenger' or a loaded version: {self.model_ids()}", "model", "model_not_found")
         version = int(match.group(1))
-        if version not in getattr(self.backend, "loaded", {}):
+        if version not in self.backend.loaded:
             raise ApiError(404, f"version {version} is not loaded here; loaded versions: "
-                                f"{sorted(getattr(self.backend, 'loaded', {}))}", "model", "model_not_found")
+                                f"{sorted(self.backend.loaded)}", "model", "model_not_found")
         return version, True
 
     def model_ids(self) -> list[str]:
-        loaded = sorted(getattr(self.backend, "loaded", {}))
+        loaded = sorted(self.backend.loaded)
         aliases = [self.model_name, "champion"] if self.roles.champion is not None else []
         return aliases + (["challenger"] if self.roles.challenger else []) + [f"{self.model_name}-v{v}" for v in loaded]
 
@@ -337,7 +337,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         ok = roles.champion is not None
         return JSONResponse({"status": "ok" if ok else "no_champion", "champion": roles.champion,
                              "challenger": roles.challenger, "previous": roles.previous,
-                             "loaded": sorted(getattr(serving.backend, "loaded", {})),
+                             "loaded": sorted(serving.backend.loaded),
                              "breaker": serving.router.breaker.state, "last_sync_error": serving.last_sync_error},
                             status_code=200 if ok else 503)
 
