@@ -7,10 +7,11 @@ data (real Debian package descriptions, variable lengths), same number of real t
 
 - seed: HF Trainer + peft, fp32, batch 4 samples padded to the longest, LoRA r=8 alpha=32 on
   q/v with dropout 0.1, loss on every token (DataCollatorForLanguageModeling);
-- ctloop: `ctloop.train.train_adapter` with its defaults (token-budget length-grouped batches,
-  LoRA on all linear layers, dropout 0, loss on completions only), forced to fp32, and with its
-  `precision: auto` (bf16 on CPUs with AMX), with its CPU default attention kernel (eager; `-sdpa` for
-  transformers' default) and with activation checkpointing (`-gc`).
+- ctloop: `ctloop.train.train_adapter` with its defaults (token-budget batches of fixed-width packed
+  rows, LoRA on all linear layers with the fused forward, dropout 0, logits and loss on completions
+  only), forced to fp32, and with its `precision: auto` (bf16 on CPUs with AMX); variants: its CPU
+  default attention kernel (eager; `-sdpa` for transformers' default), activation checkpointing
+  (`-gc`), and length-grouped padded batches instead of packing (`-grouped`).
 
 Each configuration runs in its own subprocess, so its peak memory (max RSS, taken when training
 ends, before the evaluation) is its own. Reported: real (non-pad) tokens/s, peak RSS, and the
@@ -111,17 +112,18 @@ def run_seed(model_dir: Path, rows: list[dict]) -> dict:
 
 
 def run_ctloop(model_dir: Path, rows: list[dict], precision: str, batch_tokens: int, attn: str | None,
-               checkpointing: bool) -> dict:
+               checkpointing: bool, packing: bool) -> dict:
     from ctloop.config import LoraConfig, ModelConfig, TrainConfig
     from ctloop.records import record_from_fields
     from ctloop.train import train_adapter
 
     records = [record_from_fields(r) for r in rows]
-    out = model_dir.parent / f"ctloop-adapter-{precision}-{batch_tokens}-{attn}-{checkpointing}"
+    out = model_dir.parent / f"ctloop-adapter-{precision}-{batch_tokens}-{attn}-{checkpointing}-{packing}"
     result = train_adapter(records, model=ModelConfig(base=str(model_dir), max_seq_tokens=1024, attn_implementation=attn),
                            lora=LoraConfig(), train=TrainConfig(epochs=1, learning_rate=1e-3, batch_tokens=batch_tokens,
                                                                 checkpoint_every=0, precision=precision,
-                                                                activation_checkpointing=checkpointing),
+                                                                activation_checkpointing=checkpointing,
+                                                                packing=packing),
                            out_dir=out)
     return {"seconds": result.seconds, "real_tokens": result.tokens, "adapter": str(out)}
 
@@ -150,9 +152,10 @@ def child(args: argparse.Namespace) -> None:
     if name == "seed":
         out = run_seed(work / "model", train_rows)
     else:
-        parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-eager|-sdpa][-gc]
+        parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-eager|-sdpa][-gc][-grouped]
         attn = "eager" if "eager" in parts else "sdpa" if "sdpa" in parts else None
-        out = run_ctloop(work / "model", train_rows, parts[1], int(parts[2]), attn, "gc" in parts)
+        out = run_ctloop(work / "model", train_rows, parts[1], int(parts[2]), attn, "gc" in parts,
+                         "grouped" not in parts)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # training only: before eval
     out["eval_loss"] = eval_loss(work / "model", out["adapter"], rows["eval"])
     print(json.dumps(out))
@@ -163,7 +166,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=60000, help="real training tokens per configuration")
     parser.add_argument("--work", default="/tmp/ctloop-train-throughput")
     parser.add_argument("--configs", nargs="+",
-                        default=["seed", "ctloop-fp32-1024", "ctloop-auto-1024", "ctloop-auto-1024-gc"])
+                        default=["seed", "ctloop-fp32-1024", "ctloop-auto-1024", "ctloop-auto-1024-gc",
+                                 "ctloop-auto-1024-grouped"])
     parser.add_argument("--max-packages", type=int, default=8, help="1 = one short description per row")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

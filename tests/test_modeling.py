@@ -192,3 +192,38 @@ def test_prompt_changes_completion_loss_but_is_not_scored(tiny_llama):
     assert torch.equal(mask, mask_changed)
     assert not torch.allclose(nll[0], nll_changed[0])  # the model conditions on the prompt ...
     assert mask.sum().item() == 19  # ... but only the 4 + 1 + 8 + 6 completion tokens carry loss
+
+
+def test_token_losses_with_a_soft_capped_head_fall_back_to_the_models_logits():
+    """Gemma 2 soft-caps its logits: the output projection alone would give other losses."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=2.0, pad_token_id=0)).eval()
+    examples = _examples()
+    with torch.no_grad():
+        nll, mask = token_losses(model, collate(examples, pad_id=0))
+        for row, example in enumerate(examples):
+            ids = torch.tensor([example.input_ids])
+            expected = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:],
+                                                         reduction="none")
+            start = example.prompt_len - 1
+            torch.testing.assert_close(nll[row, start:len(example.input_ids) - 1], expected[start:],
+                                       atol=1e-5, rtol=1e-4)
+
+
+def test_token_losses_give_the_gradients_of_full_logits(tiny_llama):
+    batch = collate(_examples(), pad_id=0)
+    nll, mask = token_losses(tiny_llama, batch)
+    nll.sum().backward()
+    fast = {name: p.grad.clone() for name, p in tiny_llama.named_parameters()}
+    tiny_llama.zero_grad()
+    logits = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                      reduction="sum").backward()
+    for name, p in tiny_llama.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    tiny_llama.zero_grad()

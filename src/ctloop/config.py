@@ -96,9 +96,8 @@ class TrainConfig(Section):
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_tokens: int = Field(4096, ge=16, description="token slots (rows x longest row) per optimizer step")
-    packing: bool | Literal["auto"] = Field(
-        "auto", description="pack samples into rows with per-sample attention (no padding); auto: on GPUs, "
-                            "where attention kernels skip the masked blocks; on CPUs length-grouped batches are faster")
+    packing: bool = Field(True, description="pack samples into fixed-width rows with per-sample attention (almost no "
+                                            "padding, one batch shape); false: length-grouped padded batches")
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
