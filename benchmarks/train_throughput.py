@@ -1,6 +1,6 @@
 """Training throughput: the seed's LoRA setup vs ctloop's trainer, side by side in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py [--tokens 60000]
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py [--tokens 40000] [--repeats 3]
 
 Same model (a Llama-shaped causal LM of ~30M parameters, random init, built from config), same
 data (real Debian package descriptions, variable lengths), same number of real training tokens.
@@ -25,6 +25,7 @@ import argparse
 import json
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -169,6 +170,8 @@ def main() -> None:
                         default=["seed", "ctloop-fp32-1024", "ctloop-auto-1024", "ctloop-auto-1024-gc",
                                  "ctloop-auto-1024-grouped"])
     parser.add_argument("--max-packages", type=int, default=8, help="1 = one short description per row")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all configurations (this machine is "
+                                                               "noisy: 3 rounds give a median)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -180,25 +183,34 @@ def main() -> None:
     (work / "rows.json").write_text(json.dumps({"train": rows[:-500], "eval": rows[-500:]}))
     if not (work / "model" / "config.json").is_file():
         build_model(work / "model", rows)
-    results = {}
-    for name in args.configs:
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
-                               "--tokens", str(args.tokens)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(name, results[name], flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    for round_ in range(args.repeats):  # rounds alternate the configurations, so drift hits them alike
+        for name in args.configs:
+            proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
+                                   "--tokens", str(args.tokens)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                continue
+            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            run["rate"] = run["real_tokens"] / run["seconds"]
+            runs[name].append(run)
+            print(f"round {round_ + 1}", name, run, flush=True)
 
-    base = results.get("seed")
     print(f"\ndata: {source}; {args.tokens} real training tokens per configuration; ~30M-parameter Llama shape; "
-          f"1 CPU thread")
-    print(f"{'configuration':20s} {'tokens/s':>9s} {'x seed':>7s} {'peak RSS GB':>12s} {'eval loss':>10s}")
-    for name, r in results.items():
-        rate = r["real_tokens"] / r["seconds"]
-        ratio = rate / (base["real_tokens"] / base["seconds"]) if base else float("nan")
-        print(f"{name:20s} {rate:9.0f} {ratio:7.2f} {r['peak_rss_gb']:12.2f} {r['eval_loss']:10.3f}")
-
+          f"1 CPU thread; {args.repeats} round(s), medians")
+    print(f"{'configuration':26s} {'tokens/s':>9s} {'x seed':>7s} {'per round':>16s} {'peak RSS GB':>12s} "
+          f"{'eval loss':>10s}")
+    seed_runs = runs.get("seed", [])
+    for name, done in runs.items():
+        if not done:
+            continue
+        # the ratio pairs each run with the seed's run of the same round
+        ratios = [r["rate"] / s["rate"] for r, s in zip(done, seed_runs)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
+        ratio = statistics.median(ratios) if ratios else float("nan")
+        print(f"{name:26s} {statistics.median(r['rate'] for r in done):9.0f} {ratio:7.2f} {spread:>16s} "
+              f"{statistics.median(r['peak_rss_gb'] for r in done):12.2f} "
+              f"{statistics.median(r['eval_loss'] for r in done):10.3f}")
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,8 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = Field(None, description="transformers attention kernel (sdpa, eager, "
                                                               "flash_attention_2, flex_attention); default: "
-                                                              "eager for CPU training, else transformers' own")
+                                                              "ctloop's eager variant for CPU training, else "
+                                                              "transformers' own")
     max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
 
 

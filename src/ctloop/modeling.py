@@ -45,7 +45,11 @@ def load_base_model(config: ModelConfig) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ctloop import cpu_attention
+
     quiet_transformers()
+    if config.attn_implementation == cpu_attention.NAME:
+        cpu_attention.register()
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     with _explained_load_errors(config):
         return AutoModelForCausalLM.from_pretrained(
@@ -267,8 +271,8 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """Per-token NLL of the labelled tokens and the label mask, both shaped [rows, width - 1].
 
     The output head runs only where a label is: prompt and padding positions (a third of the tokens
-    in typical chat data) get no logits. The model returns its final hidden states and one position
-    of logits; the first time a head is seen, that position is recomputed from the hidden states. A
+    in typical chat data) get no logits. The model returns its final hidden states and the first
+    position's logits; the first time a head is seen, those are recomputed from the hidden states. A
     model whose head does more than the output projection (logit soft-capping or scaling) fails the
     check and from then on gets every position's logits from the model itself."""
     import torch
@@ -280,10 +284,13 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     head = getattr(model, "module", model).get_output_embeddings()  # DistributedDataParallel keeps it in .module
     logits = None
     if _plain_heads.get(head, True):
-        output = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        # One position of logits, picked by index: a [rows, 1, hidden] slice would make the head's
+        # matmul broadcast its weight to every row (a copy of rows x hidden x vocab).
+        first = torch.zeros(1, dtype=torch.long, device=targets.device)
+        output = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=first)
         hidden = output.hidden_states[-1]
         if head not in _plain_heads:
-            _plain_heads[head] = torch.allclose(head(hidden[:, -1:]).float(), output.logits.float(),
+            _plain_heads[head] = torch.allclose(head(hidden[:, 0]).float(), output.logits[:, 0].float(),
                                                 rtol=1e-3, atol=1e-3)
         if _plain_heads[head]:
             picked = hidden[:, :-1][mask]
