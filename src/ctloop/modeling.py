@@ -282,7 +282,7 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     head = getattr(model, "module", model).get_output_embeddings()  # DistributedDataParallel keeps it in .module
-    logits = None
+    hidden = None
     if _plain_heads.get(head, True):
         # One position of logits, picked by index: a [rows, 1, hidden] slice would make the head's
         # matmul broadcast its weight to every row (a copy of rows x hidden x vocab).
@@ -292,11 +292,15 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         if head not in _plain_heads:
             _plain_heads[head] = torch.allclose(head(hidden[:, 0]).float(), output.logits[:, 0].float(),
                                                 rtol=1e-3, atol=1e-3)
-        if _plain_heads[head]:
-            picked = hidden[:, :-1][mask]
-            rows = -len(picked) // HEAD_ROWS_MULTIPLE * -HEAD_ROWS_MULTIPLE
-            logits = head(torch.cat([picked, picked.new_zeros(rows - len(picked), picked.shape[1])]))[:len(picked)]
-    if logits is None:
+        if not _plain_heads[head]:
+            hidden = None
+    labels = targets[mask]
+    if hidden is not None:  # the head on the labelled positions, padded with unlabelled rows
+        picked = hidden[:, :-1][mask]
+        rows = -len(picked) // HEAD_ROWS_MULTIPLE * -HEAD_ROWS_MULTIPLE
+        logits = head(torch.cat([picked, picked.new_zeros(rows - len(picked), picked.shape[1])]))
+        labels = torch.cat([labels, labels.new_full((rows - len(picked),), IGNORE_INDEX)])
+    else:
         logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
-    nll = F.cross_entropy(logits.float(), targets[mask], reduction="none")
+    nll = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=IGNORE_INDEX)[:int(mask.sum())]
     return torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll), mask
