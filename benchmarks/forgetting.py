@@ -1,6 +1,6 @@
 """Forgetting across cycles whose topic shifts, for several replay ratios, side by side.
 
-    OMP_NUM_THREADS=1 python benchmarks/forgetting.py [--ratios 0 0.05 0.1 0.25] [--epochs 2]
+    OMP_NUM_THREADS=1 python benchmarks/forgetting.py [--ratios 0 0.05 0.1 0.25] [--epochs 2] [--seeds 3]
 
 Eras (Debian package descriptions shipped with the quickstart): python -> perl -> games ->
 sound + graphics. Each cycle continues the previous adapter (warm start, like `train.init:
@@ -56,30 +56,30 @@ def base_model(work: Path) -> Path:
     return build_tiny_model(texts, work / "base", TinyModelSpec(pretrain_steps=300))
 
 
-def run(ratio: float, eras, base: Path, work: Path, args) -> list[dict[str, float]]:
+def run(ratio: float, eras, base: Path, work: Path, args, seed: int) -> list[dict[str, float]]:
     """Scores after each cycle: a list (one per cycle) of {era: loss}."""
     from ctloop.train import train_adapter
 
     model = ModelConfig(base=str(base), max_seq_tokens=128)
-    buffer = ReplayBuffer(work / f"replay-{ratio}")
+    buffer = ReplayBuffer(work / f"replay-{ratio}-{seed}")
     replay = ReplayConfig(ratio=ratio, enabled=ratio > 0, holdout_rows=0)
     counts = _token_counter(base)
     scores: list[dict[str, float]] = []
     adapter = None
     for k, (era, (train, _)) in enumerate(eras.items()):
         tokens = {r.id: n for r, n in zip(train, counts(train), strict=True)}
-        mix = build_training_set(train, tokens, buffer.rows(), replay, seed=k)
-        out = work / f"adapter-{ratio}-{k}"
+        mix = build_training_set(train, tokens, buffer.rows(), replay, seed=100 * seed + k)
+        out = work / f"adapter-{ratio}-{seed}-{k}"
         train_adapter(mix.records, model=model, lora=LoraConfig(),
                       train=TrainConfig(epochs=args.epochs, learning_rate=3e-3, batch_tokens=1024,
-                                        checkpoint_every=0, seed=k),
+                                        checkpoint_every=0, seed=100 * seed + k),
                       out_dir=out, warm_start_from=adapter)
         adapter = out
         buffer.add_cycle(era, train, [], tokens)
         report = evaluate({name: held for name, (_, held) in eras.items()}, {"adapter": adapter}, model=model,
                           config=EvalConfig())
         scores.append({name: report.mean(name, "adapter") for name in eras})
-        print(f"ratio {ratio}: after {era}: " + ", ".join(f"{n} {v:.3f}" for n, v in scores[-1].items()),
+        print(f"seed {seed} ratio {ratio}: after {era}: " + ", ".join(f"{n} {v:.3f}" for n, v in scores[-1].items()),
               flush=True)
     return scores
 
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--default-ratio", type=float, default=0.25, help="ctloop's default replay.ratio")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--holdout", type=int, default=60)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per ratio (training and replay seeds)")
     parser.add_argument("--work", default="/tmp/ctloop-forgetting")
     args = parser.parse_args()
     work = Path(args.work)
@@ -112,13 +113,16 @@ def main() -> None:
     eras = load_eras(args.holdout)
     base = base_model(work)
     started = time.perf_counter()
-    results = {ratio: run(ratio, eras, base, work, args) for ratio in args.ratios}
     names = list(eras)
+    runs = {ratio: [run(ratio, eras, base, work, args, seed) for seed in range(args.seeds)] for ratio in args.ratios}
+    # one run is noisy (a few hundred rows per era): scores are averaged over seeds
+    results = {ratio: [{era: sum(scores[k][era] for scores in per_seed) / len(per_seed) for era in names}
+                       for k in range(len(names))] for ratio, per_seed in runs.items()}
     summary = {ratio: summarise(scores, names) for ratio, scores in results.items()}
     write_report(work / "forgetting.html", results, summary, names)
 
     print(f"\neras: {' -> '.join(names)}; warm-started adapter, {args.epochs} epochs per cycle; "
-          f"{time.perf_counter() - started:.0f} s")
+          f"mean of {args.seeds} seeds; {time.perf_counter() - started:.0f} s")
     print(f"{'replay ratio':>12s} {'avg forgetting':>15s} {'avg new-era gain':>17s}")
     for ratio, (forgetting, gain) in summary.items():
         print(f"{ratio:12.2f} {forgetting:15.4f} {gain:17.4f}")
