@@ -64,3 +64,19 @@ def test_packed_samples_stay_isolated():
     torch.testing.assert_close(packed[0, second], changed[0, second], atol=1e-6, rtol=0)
     torch.testing.assert_close(packed[0, second], alone[0, :4], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(packed[0, :6], changed[0, :6])
+
+
+def test_soft_capped_attention_goes_to_the_models_own_eager_attention():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    rows, _ = _rows()
+    losses = []
+    for attn in ("eager", cpu_attention.register()):
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=8, attn_logit_softcapping=0.5, pad_token_id=0,
+                                               attn_implementation=attn)).eval()
+        with torch.no_grad():
+            losses.append(token_losses(model, collate_packed(rows, 0, width=16))[0])
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)

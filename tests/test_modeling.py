@@ -194,7 +194,7 @@ def test_prompt_changes_completion_loss_but_is_not_scored(tiny_llama):
     assert mask.sum().item() == 19  # ... but only the 4 + 1 + 8 + 6 completion tokens carry loss
 
 
-def test_token_losses_with_a_soft_capped_head_fall_back_to_the_models_logits():
+def test_token_losses_keep_the_models_own_head_soft_capping():
     """Gemma 2 soft-caps its logits: the output projection alone would give other losses."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -202,16 +202,21 @@ def test_token_losses_with_a_soft_capped_head_fall_back_to_the_models_logits():
     model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                            final_logit_softcapping=2.0, pad_token_id=0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200)  # logits around 10: far beyond the cap
     examples = _examples()
     with torch.no_grad():
         nll, mask = token_losses(model, collate(examples, pad_id=0))
         for row, example in enumerate(examples):
             ids = torch.tensor([example.input_ids])
-            expected = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:],
+            output = model(input_ids=ids, output_hidden_states=True)
+            expected = torch.nn.functional.cross_entropy(output.logits[0, :-1], ids[0, 1:], reduction="none")
+            uncapped = torch.nn.functional.cross_entropy(model.lm_head(output.hidden_states[-1])[0, :-1], ids[0, 1:],
                                                          reduction="none")
             start = example.prompt_len - 1
             torch.testing.assert_close(nll[row, start:len(example.input_ids) - 1], expected[start:],
                                        atol=1e-5, rtol=1e-4)
+            assert (uncapped[start:] - expected[start:]).abs().max() > 1.0  # the cap matters here
 
 
 def test_token_losses_give_the_gradients_of_full_logits(tiny_llama):

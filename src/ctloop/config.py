@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ctloop.errors import ConfigError
 
@@ -98,7 +98,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     batch_tokens: int = Field(4096, ge=16, description="token slots (rows x longest row) per optimizer step")
     packing: bool = Field(True, description="pack samples into fixed-width rows with per-sample attention (almost no "
-                                            "padding, one batch shape); false: length-grouped padded batches")
+                                            "padding, one batch shape); false: length-grouped padded batches; "
+                                            "'auto' (earlier default) means true")
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
@@ -108,6 +109,11 @@ class TrainConfig(Section):
                             "(CUDA with bf16; CPUs with AMX for hidden size >= 512), else fp32")
     init: Literal["fresh", "champion"] = Field(
         "fresh", description="fresh adapter from the base model, or continue the champion's (LR re-warmed)")
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _auto_packs(cls, value: object) -> object:
+        return True if value == "auto" else value
 
 
 class EvalConfig(Section):

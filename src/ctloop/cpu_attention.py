@@ -8,8 +8,8 @@ its bf16 output equals the eager path's fp32 softmax cast to bf16 (checked bit f
 rows). The mask is transformers' own eager mask, packed samples included. Measured 3-6% faster
 training in bf16 and 6% less peak memory (30M-parameter model, 256-token packed rows).
 
-Attention that needs more than a mask, a scaling and dropout (logit soft-capping, attention sinks)
-goes to transformers' sdpa instead.
+Attention that needs more than a mask, a scaling and dropout (logit soft-capping, attention sinks,
+position biases) goes to the model's own eager attention, which takes the same mask.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 NAME = "ctloop_cpu_eager"
-_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+_UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
 
 
 def register() -> str:
@@ -33,12 +33,16 @@ def register() -> str:
 
 def _attention(module: Any, query, key, value, attention_mask, scaling: float | None = None,
                dropout: float = 0.0, **kwargs: Any):
+    import sys
+
     import torch
-    from transformers import AttentionInterface
 
     if any(kwargs.get(name) is not None for name in _UNSUPPORTED):
-        sdpa = AttentionInterface()["sdpa"]
-        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        own = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if own is None:
+            raise NotImplementedError(f"{type(module).__name__} passes {sorted(kwargs)} to its attention, which "
+                                      f"{NAME} does not implement; set model.attn_implementation: eager")
+        return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

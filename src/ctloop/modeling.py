@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary
 
 from ctloop.config import ModelConfig
 from ctloop.errors import ModelError
@@ -263,44 +262,26 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-HEAD_ROWS_MULTIPLE = 128  # labelled-token counts are rounded up to this, so the head's matmul shapes repeat
-_plain_heads: WeakKeyDictionary = WeakKeyDictionary()  # output head -> logits are head(final hidden states)
+HEAD_ROWS_MULTIPLE = 128  # positions given logits are rounded up to this, so the head's matmul shapes repeat
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL of the labelled tokens and the label mask, both shaped [rows, width - 1].
 
-    The output head runs only where a label is: prompt and padding positions (a third of the tokens
-    in typical chat data) get no logits. The model returns its final hidden states and the first
-    position's logits; the first time a head is seen, those are recomputed from the hidden states. A
-    model whose head does more than the output projection (logit soft-capping or scaling) fails the
-    check and from then on gets every position's logits from the model itself."""
+    The model computes logits only where a label is (transformers' boolean `logits_to_keep`), not at
+    prompt and padding positions, a third of the tokens in typical chat data; its own head applies,
+    soft-capping or scaling included. A few unlabelled positions are added so that the count is a
+    multiple of HEAD_ROWS_MULTIPLE: CPU kernels (oneDNN) then plan the head's matmul for a handful
+    of shapes rather than one per batch."""
     import torch
     import torch.nn.functional as F
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
-    head = getattr(model, "module", model).get_output_embeddings()  # DistributedDataParallel keeps it in .module
-    hidden = None
-    if _plain_heads.get(head, True):
-        # One position of logits, picked by index: a [rows, 1, hidden] slice would make the head's
-        # matmul broadcast its weight to every row (a copy of rows x hidden x vocab).
-        first = torch.zeros(1, dtype=torch.long, device=targets.device)
-        output = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=first)
-        hidden = output.hidden_states[-1]
-        if head not in _plain_heads:
-            _plain_heads[head] = torch.allclose(head(hidden[:, 0]).float(), output.logits[:, 0].float(),
-                                                rtol=1e-3, atol=1e-3)
-        if not _plain_heads[head]:
-            hidden = None
-    labels = targets[mask]
-    if hidden is not None:  # the head on the labelled positions, padded with unlabelled rows
-        picked = hidden[:, :-1][mask]
-        rows = -len(picked) // HEAD_ROWS_MULTIPLE * -HEAD_ROWS_MULTIPLE
-        logits = head(torch.cat([picked, picked.new_zeros(rows - len(picked), picked.shape[1])]))
-        labels = torch.cat([labels, labels.new_full((rows - len(picked),), IGNORE_INDEX)])
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
-    nll = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=IGNORE_INDEX)[:int(mask.sum())]
-    return torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll), mask
+    keep = mask.clone()
+    missing = -int(mask.sum()) % HEAD_ROWS_MULTIPLE
+    keep.view(-1)[(~mask).view(-1).nonzero().flatten()[:missing]] = True
+    logits = model(**inputs, use_cache=False, logits_to_keep=F.pad(keep, (0, 1))).logits  # [kept, vocab]
+    nll = F.cross_entropy(logits.float(), targets[keep], reduction="none", ignore_index=IGNORE_INDEX)
+    return torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll), mask

@@ -102,7 +102,8 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
         peft_model.gradient_checkpointing_enable()
     examples = encode(records, tokenizer)
     lengths = [len(e.input_ids) for e in examples]
-    row_width = packed_row_width(lengths, train.batch_tokens, peft_model.config.hidden_size) if train.packing else 0
+    hidden_size = peft_model.config.get_text_config().hidden_size
+    row_width = packed_row_width(lengths, train.batch_tokens, hidden_size) if train.packing else 0
     schedule = _schedule(lengths, train, row_width)
     # With several processes, step k runs batches k*world .. k*world + world - 1, one per process;
     # a last incomplete group is dropped (at most world - 1 batches).
