@@ -2,19 +2,26 @@
 
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py [--tokens 40000] [--repeats 3]
 
-Same model (a Llama-shaped causal LM of ~30M parameters, random init, built from config), same
-data (real Debian package descriptions, variable lengths), same number of real training tokens.
+    # on a GPU: the 1.1B Llama shape of DESIGN.md's baseline table, bigger token budgets
+    python benchmarks/train_throughput.py --shape 1b --tokens 500000 \
+        --configs seed ctloop-auto-16384 ctloop-auto-16384-flex
+
+Same model (a Llama-shaped causal LM, random init, built from config: ~30M parameters, or with
+`--shape 1b` the 1.1B shape with the data's 8k-token vocabulary), same data (real Debian package
+descriptions, variable lengths), same number of real training tokens. Runs on the GPU when there
+is one (the seed through HF Trainer, ctloop's trainer on its own), else on one CPU thread.
 
 - seed: HF Trainer + peft, fp32, batch 4 samples padded to the longest, LoRA r=8 alpha=32 on
   q/v with dropout 0.1, loss on every token (DataCollatorForLanguageModeling);
 - ctloop: `ctloop.train.train_adapter` with its defaults (token-budget batches of fixed-width packed
   rows, LoRA on all linear layers with the fused forward, dropout 0, logits and loss on completions
   only), forced to fp32, and with its `precision: auto` (bf16 on CPUs with AMX); variants: its CPU
-  default attention kernel (eager; `-sdpa` for transformers' default), activation checkpointing
-  (`-gc`), and length-grouped padded batches instead of packing (`-grouped`).
+  default attention kernel (`-eager`: transformers' eager; `-sdpa`; `-flex`: flex attention, for
+  GPUs), activation checkpointing (`-gc`), and length-grouped padded batches instead of packing
+  (`-grouped`). The number after the precision is `train.batch_tokens`.
 
 Each configuration runs in its own subprocess, so its peak memory (max RSS, taken when training
-ends, before the evaluation) is its own. Reported: real (non-pad) tokens/s, peak RSS, and the
+ends, before the evaluation; on a GPU, the peak of allocated GPU memory) is its own. Reported: real (non-pad) tokens/s, peak RSS, and the
 mean completion-token loss on a held-out set after training. Reads ../shared/data/debian_packages.jsonl when present, else the quickstart samples.
 Figures are printed last.
 """
@@ -57,8 +64,16 @@ def load_rows(limit: int, max_packages: int) -> tuple[list[dict], str]:
     return rows[:limit], "quickstart samples"
 
 
-def build_model(folder: Path, rows: list[dict]) -> None:
-    """A ~30M-parameter Llama-shaped model with a BPE tokenizer trained on the data; no pre-training."""
+SHAPES = {  # Llama shapes; 1b is DESIGN.md's baseline (TinyLlama 1.1B dimensions)
+    "30m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=8),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+}
+
+
+def build_model(folder: Path, rows: list[dict], shape: str) -> None:
+    """A Llama-shaped model with a BPE tokenizer trained on the data; no pre-training."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,8 +81,7 @@ def build_model(folder: Path, rows: list[dict]) -> None:
 
     torch.manual_seed(0)
     tokenizer = _train_tokenizer([r["prompt"] + r["completion"] for r in rows], 8000)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+    config = LlamaConfig(vocab_size=len(tokenizer), **SHAPES[shape], max_position_embeddings=1024,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -88,6 +102,7 @@ def take_tokens(rows: list[dict], tokenizer, budget: int) -> list[dict]:
 
 def run_seed(model_dir: Path, rows: list[dict]) -> dict:
     """The seed's script, as written there, with the data it implies."""
+    import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
                               TrainingArguments)
@@ -99,7 +114,8 @@ def run_seed(model_dir: Path, rows: list[dict]) -> dict:
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8,
                                              lora_alpha=32, lora_dropout=0.1))
     args = TrainingArguments(output_dir=str(model_dir.parent / "seed-out"), num_train_epochs=1,
-                             per_device_train_batch_size=4, learning_rate=2e-4, use_cpu=True, report_to=[],
+                             per_device_train_batch_size=4, learning_rate=2e-4, report_to=[],
+                             use_cpu=not torch.cuda.is_available(),
                              save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
@@ -146,25 +162,29 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     work = Path(args.work)
+    model_dir = work / f"model-{args.shape}"
     rows = json.loads((work / "rows.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows = take_tokens(rows["train"], tokenizer, args.tokens)
     name = args.child
     if name == "seed":
-        out = run_seed(work / "model", train_rows)
+        out = run_seed(model_dir, train_rows)
     else:
-        parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-eager|-sdpa][-gc][-grouped]
-        attn = "eager" if "eager" in parts else "sdpa" if "sdpa" in parts else None
-        out = run_ctloop(work / "model", train_rows, parts[1], int(parts[2]), attn, "gc" in parts,
+        parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-eager|-sdpa|-flex][-gc][-grouped]
+        attn = next((kernel for tag, kernel in (("eager", "eager"), ("sdpa", "sdpa"), ("flex", "flex_attention"))
+                     if tag in parts), None)
+        out = run_ctloop(model_dir, train_rows, parts[1], int(parts[2]), attn, "gc" in parts,
                          "grouped" not in parts)
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # training only: before eval
-    out["eval_loss"] = eval_loss(work / "model", out["adapter"], rows["eval"])
+    out["peak_rss_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()  # training only
+                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    out["eval_loss"] = eval_loss(model_dir, out["adapter"], rows["eval"])
     print(json.dumps(out))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=60000, help="real training tokens per configuration")
+    parser.add_argument("--tokens", type=int, default=40000, help="real training tokens per configuration")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="30m")
     parser.add_argument("--work", default="/tmp/ctloop-train-throughput")
     parser.add_argument("--configs", nargs="+",
                         default=["seed", "ctloop-fp32-1024", "ctloop-auto-1024", "ctloop-auto-1024-gc",
@@ -181,13 +201,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows, source = load_rows(6000, args.max_packages)
     (work / "rows.json").write_text(json.dumps({"train": rows[:-500], "eval": rows[-500:]}))
-    if not (work / "model" / "config.json").is_file():
-        build_model(work / "model", rows)
+    if not (work / f"model-{args.shape}" / "config.json").is_file():
+        build_model(work / f"model-{args.shape}", rows, args.shape)
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for round_ in range(args.repeats):  # rounds alternate the configurations, so drift hits them alike
         for name in args.configs:
             proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
-                                   "--tokens", str(args.tokens)], capture_output=True, text=True)
+                                   "--tokens", str(args.tokens), "--shape", args.shape], capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 continue
@@ -196,9 +216,12 @@ def main() -> None:
             runs[name].append(run)
             print(f"round {round_ + 1}", name, run, flush=True)
 
-    print(f"\ndata: {source}; {args.tokens} real training tokens per configuration; ~30M-parameter Llama shape; "
-          f"1 CPU thread; {args.repeats} round(s), medians")
-    print(f"{'configuration':26s} {'tokens/s':>9s} {'x seed':>7s} {'per round':>16s} {'peak RSS GB':>12s} "
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "1 CPU thread"
+    print(f"\ndata: {source}; {args.tokens} real training tokens per configuration; {args.shape} Llama shape; "
+          f"{where}; {args.repeats} round(s), medians; peak memory: {'GPU' if torch.cuda.is_available() else 'RSS'}")
+    print(f"{'configuration':26s} {'tokens/s':>9s} {'x seed':>7s} {'per round':>16s} {'peak mem GB':>12s} "
           f"{'eval loss':>10s}")
     seed_runs = runs.get("seed", [])
     for name, done in runs.items():
