@@ -4,7 +4,8 @@
   rows with position ids restarting per sample, so almost no token slot is padding and no sample
   attends to another (transformers builds a block-diagonal causal mask from the position ids).
   Rows have one power-of-two width (`packed_row_width` weighs padding against attention cost) and
-  every batch the same number of rows: one batch shape, so CPU kernels are planned once. Without packing, batches are length-grouped, so padding stays small.
+  every batch the same number of rows: one batch shape, so CPU kernels are planned once. Without
+  packing, batches are length-grouped, so padding stays small.
 - Logits are computed only at labelled positions, peft's LoRA layers use a fused forward
   (`ctloop.fused_lora`), and CPU training a leaner eager attention (`ctloop.cpu_attention`).
 - Every `train.checkpoint_every` steps the adapter, optimizer, scheduler and RNG state are saved
