@@ -21,8 +21,9 @@ is one (the seed through HF Trainer, ctloop's trainer on its own), else on one C
   (`-grouped`). The number after the precision is `train.batch_tokens`.
 
 Each configuration runs in its own subprocess, so its peak memory (max RSS, taken when training
-ends, before the evaluation; on a GPU, the peak of allocated GPU memory) is its own. Reported: real (non-pad) tokens/s, peak RSS, and the
-mean completion-token loss on a held-out set after training. Reads ../shared/data/debian_packages.jsonl when present, else the quickstart samples.
+ends, before the evaluation; on a GPU, the peak of allocated GPU memory) is its own. Reported:
+real (non-pad) tokens/s, peak memory, and the mean completion-token loss on a held-out set after
+training. Reads ../shared/data/debian_packages.jsonl when present, else the quickstart samples.
 Figures are printed last.
 """
 
@@ -70,6 +71,10 @@ SHAPES = {  # Llama shapes; 1b is DESIGN.md's baseline (TinyLlama 1.1B dimension
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4),
 }
+
+
+def model_folder(work: Path, shape: str) -> Path:
+    return work / f"model-{shape}"
 
 
 def build_model(folder: Path, rows: list[dict], shape: str) -> None:
@@ -162,7 +167,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     work = Path(args.work)
-    model_dir = work / f"model-{args.shape}"
+    model_dir = model_folder(work, args.shape)
     rows = json.loads((work / "rows.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows = take_tokens(rows["train"], tokenizer, args.tokens)
@@ -201,8 +206,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows, source = load_rows(6000, args.max_packages)
     (work / "rows.json").write_text(json.dumps({"train": rows[:-500], "eval": rows[-500:]}))
-    if not (work / f"model-{args.shape}" / "config.json").is_file():
-        build_model(work / f"model-{args.shape}", rows, args.shape)
+    if not (model_folder(work, args.shape) / "config.json").is_file():
+        build_model(model_folder(work, args.shape), rows, args.shape)
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for round_ in range(args.repeats):  # rounds alternate the configurations, so drift hits them alike
         for name in args.configs:
@@ -213,6 +218,7 @@ def main() -> None:
                 continue
             run = json.loads(proc.stdout.strip().splitlines()[-1])
             run["rate"] = run["real_tokens"] / run["seconds"]
+            run["round"] = round_
             runs[name].append(run)
             print(f"round {round_ + 1}", name, run, flush=True)
 
@@ -223,17 +229,18 @@ def main() -> None:
           f"{where}; {args.repeats} round(s), medians; peak memory: {'GPU' if torch.cuda.is_available() else 'RSS'}")
     print(f"{'configuration':26s} {'tokens/s':>9s} {'x seed':>7s} {'per round':>16s} {'peak mem GB':>12s} "
           f"{'eval loss':>10s}")
-    seed_runs = runs.get("seed", [])
+    seed_rates = {run["round"]: run["rate"] for run in runs.get("seed", [])}
     for name, done in runs.items():
         if not done:
             continue
-        # the ratio pairs each run with the seed's run of the same round
-        ratios = [r["rate"] / s["rate"] for r, s in zip(done, seed_runs)]
+        # the ratio pairs each run with the seed's run of the same round (a failed run pairs with none)
+        ratios = [r["rate"] / seed_rates[r["round"]] for r in done if r["round"] in seed_rates]
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
         ratio = statistics.median(ratios) if ratios else float("nan")
         print(f"{name:26s} {statistics.median(r['rate'] for r in done):9.0f} {ratio:7.2f} {spread:>16s} "
               f"{statistics.median(r['peak_rss_gb'] for r in done):12.2f} "
               f"{statistics.median(r['eval_loss'] for r in done):10.3f}")
+
 
 if __name__ == "__main__":
     main()

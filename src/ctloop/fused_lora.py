@@ -35,8 +35,10 @@ def _fused_forward(self, x, *args: Any, **kwargs: Any):
     name = names[0] if len(names) == 1 else None
     plain = (name is not None and name in self.lora_A and name not in self.lora_variant
              and self.lora_B[name].bias is None and not (self.disable_adapters or self.merged or args or kwargs))
-    weight_a, weight_b = (self.lora_A[name].weight, self.lora_B[name].weight) if plain else (None, None)
-    if not plain or (x.dtype != weight_a.dtype and not torch.is_autocast_enabled(x.device.type)):
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if x.dtype != weight_a.dtype and not torch.is_autocast_enabled(x.device.type):  # peft casts the input
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     low_rank = F.linear(self.lora_dropout[name](x), weight_a) * self.scaling[name]

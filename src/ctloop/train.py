@@ -139,7 +139,7 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            progress["tokens"] += sum(len(examples[i].input_ids) for i in _flat(schedule[step - 1], train.packing))
+            progress["tokens"] += sum(len(examples[i].input_ids) for i in _flat(schedule[step - 1], row_width))
             progress["padded"] += batch["input_ids"].numel()
             progress["loss_tokens"] += n_loss
             if step % train.log_every == 0 or step == total_steps:
@@ -207,8 +207,8 @@ def _schedule(lengths: list[int], train: TrainConfig, row_width: int) -> list:
     return schedule
 
 
-def _flat(batch: list, packing: bool) -> list[int]:
-    return [i for row in batch for i in row] if packing else batch
+def _flat(batch: list, row_width: int) -> list[int]:
+    return [i for row in batch for i in row] if row_width else batch
 
 
 def _collate(batch: list, examples, pad_id: int, row_width: int):
