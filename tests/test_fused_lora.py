@@ -4,40 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_helpers import loss_and_grads, tiny_lora_llama
 
 from ctloop.fused_lora import fuse_lora_layers
-
-
-def _lora_model(seed: int = 0, **lora):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora))
-    for name, p in model.named_parameters():  # lora_B starts at zero; make the adapter matter
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    return model
-
-
-def _loss_and_grads(model, ids, autocast: bool = False):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=ids).logits.float().pow(2).mean()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_fused_forward_matches_peft_in_outputs_and_gradients(autocast):
     ids = torch.randint(1, 64, (3, 11))
-    reference, fused = _lora_model(), _lora_model()
+    reference, fused = tiny_lora_llama(), tiny_lora_llama()
     assert fuse_lora_layers(fused) == 2 * 7  # every linear layer of both blocks
-    loss_ref, grads_ref = _loss_and_grads(reference, ids, autocast)
-    loss_fused, grads_fused = _loss_and_grads(fused, ids, autocast)
+    loss_ref, grads_ref = loss_and_grads(reference, ids, autocast)
+    loss_fused, grads_fused = loss_and_grads(fused, ids, autocast)
     tolerance = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-5, "rtol": 1e-4}
     torch.testing.assert_close(loss_fused, loss_ref, **tolerance)
     assert grads_ref.keys() == grads_fused.keys() and len(grads_ref) == 2 * 2 * 7
@@ -55,18 +33,18 @@ def _addmm_calls(model, ids) -> int:
 
 def test_the_fused_path_runs_and_steps_aside_for_disabled_adapters():
     ids = torch.randint(1, 64, (2, 9))
-    reference, fused = _lora_model(), _lora_model()
+    reference, fused = tiny_lora_llama(), tiny_lora_llama()
     fuse_lora_layers(fused)
     assert _addmm_calls(reference, ids) == 0 and _addmm_calls(fused, ids) == 14  # one per adapted layer
     with torch.no_grad(), fused.disable_adapter(), reference.disable_adapter():
         assert _addmm_calls(fused, ids) == 0
         torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
-        assert not torch.allclose(fused(input_ids=ids).logits, _lora_model()(input_ids=ids).logits)
+        assert not torch.allclose(fused(input_ids=ids).logits, tiny_lora_llama()(input_ids=ids).logits)
 
 
 def test_fused_layers_apply_the_same_dropout_as_peft():
     ids = torch.randint(1, 64, (2, 9))
-    reference, fused = _lora_model(lora_dropout=0.5), _lora_model(lora_dropout=0.5)
+    reference, fused = tiny_lora_llama(lora_dropout=0.5), tiny_lora_llama(lora_dropout=0.5)
     fuse_lora_layers(fused)
     outputs = []
     for model in (reference, fused):

@@ -6,8 +6,9 @@
   Rows have one power-of-two width (`packed_row_width` weighs padding against attention cost) and
   every batch the same number of rows: one batch shape, so CPU kernels are planned once. Without
   packing, batches are length-grouped, so padding stays small.
-- Logits are computed only at labelled positions, peft's LoRA layers use a fused forward
-  (`ctloop.fused_lora`), and CPU training a leaner eager attention (`ctloop.cpu_attention`).
+- Logits are computed only at labelled positions, and peft's LoRA layers use a fused forward
+  (`ctloop.fused_lora`). CPU training adds a leaner eager attention (`ctloop.cpu_attention`) and
+  fused RMSNorm and rotary-embedding functions (`ctloop.fused_kernels`).
 - Every `train.checkpoint_every` steps the adapter, optimizer, scheduler and RNG state are saved
   atomically; a run killed mid-way and started again continues from the last checkpoint and ends
   with the same adapter as an uninterrupted run.
@@ -34,6 +35,7 @@ from pathlib import Path
 from ctloop import cpu_attention
 from ctloop.config import LoraConfig, ModelConfig, TrainConfig
 from ctloop.console import progress_bar
+from ctloop.fused_kernels import fuse_rms_norms, fused_rotary
 from ctloop.fused_lora import fuse_lora_layers
 from ctloop.modeling import (collate, collate_packed, encode, fast_bf16_available, load_base_model, load_tokenizer,
                              packed_batches, packed_row_width, token_budget_batches, token_losses)
@@ -94,6 +96,8 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
     fuse_lora_layers(peft_model)
     rank, world = distributed_setup()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":  # measured on CPU; GPUs keep transformers' own (or hub) kernels
+        fuse_rms_norms(peft_model)
     peft_model.to(f"cuda:{rank % torch.cuda.device_count()}" if device_type == "cuda" else "cpu")
     network = peft_model
     if world > 1:  # each process trains on its own batches; DDP averages the adapter's gradients
@@ -125,7 +129,8 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
         return disable_input_dtype_casting(peft_model) if bf16 else contextlib.nullcontext()
 
     started = time.monotonic() - progress["seconds"]
-    with progress_bar("training", total_steps, enabled=rank == 0) as advance:
+    rotary = fused_rotary(peft_model) if device_type == "cpu" else contextlib.nullcontext()
+    with progress_bar("training", total_steps, enabled=rank == 0) as advance, rotary:
         advance(progress["step"])
         for step in range(progress["step"] + 1, total_steps + 1):
             batch = _collate(schedule[step - 1], examples, tokenizer.pad_token_id, row_width)

@@ -1,0 +1,35 @@
+"""Helpers for the fused-kernel tests: a tiny Llama with a LoRA adapter that matters, and its loss and
+adapter gradients."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_lora_llama(seed: int = 0, **lora):
+    """Two blocks, grouped-query attention, LoRA on every linear layer; norm weights and lora_B drawn at
+    random (they start at one and zero, which would hide mistakes)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    for name, p in base.named_parameters():
+        if "norm" in name:
+            torch.nn.init.uniform_(p, 0.5, 1.5)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def loss_and_grads(model, ids, autocast: bool = False):
+    """A loss over all logits (bf16 autocast if asked) and the trainable parameters' gradients."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids).logits.float().pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads

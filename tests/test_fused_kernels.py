@@ -1,0 +1,113 @@
+"""The fused RMSNorm and rotary functions compute what transformers' do, and step aside elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_helpers import loss_and_grads, tiny_lora_llama
+from transformers.models.llama import modeling_llama
+
+from ctloop.fused_kernels import ROTARY, _FusedRotary, fuse_rms_norms, fused_rotary
+
+
+def _op_calls(model, ids, op: str) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids).logits.sum().backward()
+    model.zero_grad()
+    return sum(event.count for event in prof.key_averages() if event.key == op)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_model_matches_transformers_in_loss_and_adapter_gradients(dtype):
+    ids = torch.randint(1, 64, (3, 13))
+    reference, fused = tiny_lora_llama().to(dtype), tiny_lora_llama().to(dtype)
+    for model in (reference, fused):  # the adapter trains in fp32 under autocast, as in ctloop's bf16
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    assert fuse_rms_norms(fused) == 2 * 2 + 1  # two per block and the final norm
+    loss_ref, grads_ref = loss_and_grads(reference, ids, autocast=dtype == torch.bfloat16)
+    with fused_rotary(fused) as switched:
+        assert switched == 1 and isinstance(getattr(modeling_llama, ROTARY), _FusedRotary)
+        loss_fused, grads_fused = loss_and_grads(fused, ids, autocast=dtype == torch.bfloat16)
+    assert not isinstance(getattr(modeling_llama, ROTARY), _FusedRotary)  # restored after the block
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(loss_fused, loss_ref, **tolerance)
+    assert grads_ref.keys() == grads_fused.keys() and len(grads_ref) == 2 * 2 * 7
+    for name in grads_ref:
+        torch.testing.assert_close(grads_fused[name], grads_ref[name], **tolerance, msg=name)
+
+
+def test_the_fused_paths_run():
+    ids = torch.randint(1, 64, (2, 9))
+    reference, fused = tiny_lora_llama(), tiny_lora_llama()
+    assert _op_calls(reference, ids, "FusedRMSNormFunction") == 0
+    fuse_rms_norms(fused)
+    assert _op_calls(fused, ids, "FusedRMSNormFunction") == 2 * 2 + 1
+    assert _op_calls(fused, ids, "FusedRotaryFunction") == 0
+    with fused_rotary(fused):  # the query and the key of each block
+        assert _op_calls(fused, ids, "FusedRotaryFunction") == 2 * 2
+    assert _op_calls(fused, ids, "FusedRotaryFunction") == 0
+
+
+def test_rotary_matches_transformers_for_any_cos_and_sin():
+    q, k = torch.randn(2, 4, 7, 16, requires_grad=True), torch.randn(2, 2, 7, 16, requires_grad=True)
+    cos, sin = torch.randn(2, 7, 16), torch.randn(2, 7, 16)  # halves differ, unlike RoPE's own
+    fused = _FusedRotary(modeling_llama.apply_rotary_pos_emb)
+    outputs = []
+    for function in (modeling_llama.apply_rotary_pos_emb, fused):
+        q_out, k_out = function(q, k, cos, sin)
+        (q_out.pow(2).sum() + (k_out * torch.arange(16.0)).sum()).backward()
+        outputs.append((q_out.detach(), k_out.detach(), q.grad.clone(), k.grad.clone()))
+        q.grad, k.grad = None, None
+    for got, want in zip(outputs[1], outputs[0]):
+        torch.testing.assert_close(got, want)
+
+
+def test_rotary_calls_it_does_not_cover_go_to_the_original():
+    calls = []
+
+    def original(q, k, cos, sin, unsqueeze_dim=1):
+        calls.append(cos.shape)
+        return q, k
+
+    fused = _FusedRotary(original)
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    fused(q, k, torch.randn(1, 5, 4), torch.randn(1, 5, 4))  # partial rotary: cos narrower than q
+    fused(q, k, torch.randn(1, 5, 8).bfloat16(), torch.randn(1, 5, 8).bfloat16())  # mixed dtypes
+    fused(q, k, torch.randn(1, 5, 8, requires_grad=True), torch.randn(1, 5, 8))  # learned cos/sin
+    assert len(calls) == 3
+    fused(q, k, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
+    assert len(calls) == 3
+
+
+def test_norms_with_other_maths_or_a_trainable_weight_keep_their_forward():
+    class GemmaStyleRMSNorm(torch.nn.Module):  # scales by 1 + weight, in fp32
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(8), requires_grad=False)
+            self.eps = 1e-6
+
+        def forward(self, x):
+            normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+
+    trainable = modeling_llama.LlamaRMSNorm(8)
+    frozen = modeling_llama.LlamaRMSNorm(8).requires_grad_(False)
+    model = torch.nn.Sequential(GemmaStyleRMSNorm(), trainable, frozen)
+    assert fuse_rms_norms(model) == 1
+    assert "forward" in vars(frozen) and "forward" not in vars(trainable) and "forward" not in vars(model[0])
+
+
+def test_rotary_functions_with_other_maths_are_left_alone(monkeypatch):
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J style: rotates pairs, not halves
+        def rotate(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+    monkeypatch.setattr(modeling_llama, ROTARY, interleaved)
+    with fused_rotary(tiny_lora_llama()) as switched:
+        assert switched == 0 and getattr(modeling_llama, ROTARY) is interleaved
