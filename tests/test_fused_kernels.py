@@ -7,7 +7,7 @@ import torch
 from lora_helpers import loss_and_grads, tiny_lora_llama
 from transformers.models.llama import modeling_llama
 
-from ctloop.fused_kernels import ROTARY, _FusedRotary, fuse_rms_norms, fused_rotary
+from ctloop.fused_kernels import ROTARY, _FusedRotary, cross_entropy, fuse_rms_norms, fused_rotary
 
 
 def _op_calls(model, ids, op: str) -> int:
@@ -111,3 +111,29 @@ def test_rotary_functions_with_other_maths_are_left_alone(monkeypatch):
     monkeypatch.setattr(modeling_llama, ROTARY, interleaved)
     with fused_rotary(tiny_lora_llama()) as switched:
         assert switched == 0 and getattr(modeling_llama, ROTARY) is interleaved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_cross_entropy_matches_torch_in_values_and_gradients(dtype, monkeypatch):
+    import torch.nn.functional as F
+
+    from ctloop import fused_kernels
+
+    monkeypatch.setitem(fused_kernels.CHUNK_ELEMENTS, "cpu", 3 * 50)  # 3 rows a chunk: 7 chunks, one short
+    logits = (4 * torch.randn(20, 50)).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 50, (20,))
+    targets[[2, 11, 19]] = -100
+    upstream = torch.rand(20)
+    before = logits.detach().clone()
+    results = []
+    for loss in (lambda x: F.cross_entropy(x.float(), targets, reduction="none"), lambda x: cross_entropy(x, targets)):
+        values = loss(logits)
+        values.backward(upstream)
+        results.append((values.detach(), logits.grad.clone()))
+        logits.grad = None
+    (want, want_grad), (got, got_grad) = results
+    assert got.dtype == torch.float32 and got_grad.dtype == dtype
+    assert torch.equal(got[[2, 11, 19]], torch.zeros(3)) and torch.equal(got_grad[[2, 11, 19]], torch.zeros(3, 50, dtype=dtype))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    assert torch.equal(logits.detach(), before)  # fp32 logits are not a copy: they must stay untouched

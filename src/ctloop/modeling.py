@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctloop.config import ModelConfig
 from ctloop.errors import ModelError
+from ctloop.fused_kernels import cross_entropy
 from ctloop.records import Record
 
 if TYPE_CHECKING:
@@ -272,7 +273,8 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     prompt and padding positions, a third of the tokens in typical chat data; its own head applies,
     soft-capping or scaling included. A few unlabelled positions are added so that the count is a
     multiple of HEAD_ROWS_MULTIPLE: CPU kernels (oneDNN) then plan the head's matmul for a handful
-    of shapes rather than one per batch."""
+    of shapes rather than one per batch. The loss is `fused_kernels.cross_entropy`: no fp32 copy
+    of the logits."""
     import torch
     import torch.nn.functional as F
 
@@ -283,5 +285,5 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     missing = -int(mask.sum()) % HEAD_ROWS_MULTIPLE
     keep.view(-1)[(~mask).view(-1).nonzero().flatten()[:missing]] = True
     logits = model(**inputs, use_cache=False, logits_to_keep=F.pad(keep, (0, 1))).logits  # [kept, vocab]
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="none", ignore_index=IGNORE_INDEX)
+    nll = cross_entropy(logits, targets[keep], ignore_index=IGNORE_INDEX)
     return torch.zeros(targets.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll), mask
