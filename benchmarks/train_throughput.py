@@ -4,7 +4,7 @@
 
     # on a GPU: the 1.1B Llama shape of DESIGN.md's baseline table, bigger token budgets
     python benchmarks/train_throughput.py --shape 1b --tokens 500000 \
-        --configs seed ctloop-auto-16384 ctloop-auto-16384-flex
+        --configs seed ctloop-auto-16384 ctloop-auto-16384-sdpa
 
 Same model (a Llama-shaped causal LM, random init, built from config: ~30M parameters, or with
 `--shape 1b` the 1.1B shape with the data's 8k-token vocabulary), same data (real Debian package
@@ -15,10 +15,11 @@ is one (the seed through HF Trainer, ctloop's trainer on its own), else on one C
   q/v with dropout 0.1, loss on every token (DataCollatorForLanguageModeling);
 - ctloop: `ctloop.train.train_adapter` with its defaults (token-budget batches of fixed-width packed
   rows, LoRA on all linear layers with the fused forward, dropout 0, logits and loss on completions
-  only), forced to fp32, and with its `precision: auto` (bf16 on CPUs with AMX); variants: its CPU
-  default attention kernel (`-eager`: transformers' eager; `-sdpa`; `-flex`: flex attention, for
-  GPUs), activation checkpointing (`-gc`), and length-grouped padded batches instead of packing
-  (`-grouped`). The number after the precision is `train.batch_tokens`.
+  only, chunked cross-entropy; on CPU its attention and fused RMSNorm and rotary), forced to fp32,
+  and with its `precision: auto` (bf16 on CPUs with AMX); variants: its CPU default attention
+  kernel (`-eager`: transformers' eager; `-sdpa`; `-flex`: flex attention, for GPUs), activation
+  checkpointing (`-gc`), and length-grouped padded batches instead of packing (`-grouped`). The
+  number after the precision is `train.batch_tokens`.
 
 Each configuration runs in its own subprocess, so its peak memory (max RSS, taken when training
 ends, before the evaluation; on a GPU, the peak of allocated GPU memory) is its own. Reported:
@@ -57,10 +58,16 @@ def load_rows(limit: int, max_packages: int) -> tuple[list[dict], str]:
             rows.append({"prompt": "Describe the Debian packages " + ", ".join(r["package"] for r in group) + ":",
                          "completion": "".join(f" {r['package']}: {r['description']}." for r in group)})
         return rows, f"{SHARED} (1-{max_packages} packages per row)"
-    rows = [json.loads(line) for name in ("old_domain.jsonl", "new_domain.jsonl", "pretrain.jsonl")
-            for line in (QUICKSTART / name).read_bytes().splitlines()]
-    rows = [r for r in (json.loads(x) if isinstance(x, str) else x for x in rows)
-            if isinstance(r.get("completion"), str) and r["completion"].strip()]
+    rows = []
+    for name in ("old_domain.jsonl", "new_domain.jsonl", "pretrain.jsonl"):
+        for line in (QUICKSTART / name).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the quickstart data carries a few malformed rows on purpose
+                continue
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str) \
+                    and isinstance(row.get("completion"), str) and row["completion"].strip():
+                rows.append(row)
     print(f"note: {SHARED} is absent; using the quickstart samples (short rows)", file=sys.stderr)
     return rows[:limit], "quickstart samples"
 

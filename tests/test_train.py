@@ -208,3 +208,27 @@ def test_bf16_training_keeps_an_fp32_adapter_and_tracks_fp32(tiny_base, tmp_path
     assert len(bf16.losses) == len(fp32.losses) > 5
     assert max(abs(a[1] - b[1]) for a, b in zip(bf16.losses, fp32.losses, strict=True)) < 0.05
     assert _adapter_tensors(tmp_path / "fp32").keys() == tensors.keys()
+
+
+def test_training_attention_skips_work_across_packed_samples_where_it_can(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from ctloop import cpu_attention
+    from ctloop.train import training_attention
+
+    if not torch.cuda.is_available():  # this machine: ctloop's CPU kernel, packed or not
+        assert training_attention(True) == training_attention(False) == cpu_attention.NAME
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice made on a GPU machine
+    real_find_spec = importlib.util.find_spec
+
+    def flash_attn(installed: bool):
+        def find_spec(name, *args):
+            return (object() if installed else None) if name == "flash_attn" else real_find_spec(name, *args)
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+    flash_attn(installed=False)
+    assert training_attention(True) == "flex_attention" and training_attention(False) == "sdpa"
+    flash_attn(installed=True)
+    assert training_attention(True) == training_attention(False) == "flash_attention_2"

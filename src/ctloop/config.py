@@ -30,9 +30,11 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="hub revision (commit) to pin; local paths are hashed")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = Field(None, description="transformers attention kernel (sdpa, eager, "
-                                                              "flash_attention_2, flex_attention); default: "
-                                                              "ctloop's eager variant for CPU training, else "
-                                                              "transformers' own")
+                                                              "flash_attention_2, flex_attention); default for "
+                                                              "training: ctloop's eager variant on CPU; on CUDA "
+                                                              "flash_attention_2 if flash-attn is installed, else "
+                                                              "flex_attention for packed rows (sdpa unpacked); "
+                                                              "elsewhere transformers' own")
     max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
 
 
