@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import quickstart_rows
 from ctloop.config import config_from_dict
@@ -141,6 +142,9 @@ def test_adapter_is_saved_with_its_manifest(two_cycles):
     assert manifest["base_revision"].startswith("sha256:")
     assert manifest["data_fingerprint"] == second.validation["fingerprint"]
     assert manifest["seed"] == config.train.seed and manifest["config"]["lora"]["r"] == config.lora.r
+    training = manifest["training"]  # what the defaults resolved to, and the library versions
+    assert training["precision"] in ("float32", "bfloat16") and training["attn_implementation"]
+    assert training["row_width"] > 0 and training["libraries"]["torch"] == torch.__version__
     report = (Path(second.cycle_dir) / "report.html").read_text()
     assert report.count("<svg") >= 2 and "one-sided bound" in report
 

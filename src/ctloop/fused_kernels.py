@@ -5,7 +5,7 @@ of two of transformers' per-layer helpers.
   backward, a zero-filled fp32 gradient the same size (with a 128k vocabulary and 4k labelled
   positions: 2 GiB each). `cross_entropy` works through the rows in chunks: the forward keeps only
   each row's log-sum-exp, the backward rebuilds each chunk's softmax from the logits themselves.
-
+  Used by `modeling.token_losses`, for training and evaluation, on every device.
 - RMSNorm. transformers' `weight * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)` leaves autograd a
   chain of eight tensor-wide backward ops (two casts, pow, mean, rsqrt, three products). Here one
   autograd function computes the same forward and the closed-form gradient,
@@ -13,7 +13,8 @@ of two of transformers' per-layer helpers.
   input and `r`.
 - Rotary embeddings. `x * cos + rotate_half(x) * sin` builds `rotate_half(x)` (a copy), two products
   and a sum for the query and for the key, and accumulates two gradient paths backward. Here each
-  half of the output is one product and one fused multiply-add, forward and backward.
+  half of the output is one product and one fused multiply-add, forward and backward (the forward
+  measured 3x faster than transformers' on the benchmark's shapes).
 
 A norm is switched (per module instance, like `ctloop.fused_lora`) only if its weight is frozen and
 its own forward agrees with the fused one on a probe input, values and gradients: norms with other
@@ -21,8 +22,11 @@ maths (Gemma's `1 + weight`, a weight applied before the cast) keep their forwar
 function is looked up by transformers' convention, `apply_rotary_pos_emb` in the model's modeling
 module, checked the same way, replaced only for the duration of training, and restored after; calls
 it does not cover (partial rotary dimensions, mixed dtypes, a differentiable cos/sin) go to the
-original. Measured together: 14% more training tokens/s and 0.1 GB less peak memory (30M-parameter
-Llama shape, bf16, one CPU thread).
+original.
+
+Measured (30M-parameter Llama shape, bf16, one CPU thread): the norm and rotary functions together
+14% more training tokens/s and 0.1 GB less peak memory; the chunked cross-entropy 4% shorter
+steps (by the fastest step) and 0.06 GB less.
 """
 
 from __future__ import annotations
@@ -52,8 +56,7 @@ def fuse_rms_norms(model: Any) -> int:
 
     count = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        weight, eps = getattr(module, "weight", None), _epsilon(module)
         if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
                 and weight.ndim == 1 and not weight.requires_grad and isinstance(eps, float)):
             continue
@@ -82,8 +85,12 @@ def fused_rotary(model: Any) -> Iterator[int]:
             setattr(module, ROTARY, original)
 
 
+def _epsilon(norm: Any):
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))  # Llama's name, and others'
+
+
 def _rms_norm_forward(self, x):
-    return _rms_norm_function().apply(x, self.weight, getattr(self, "variance_epsilon", getattr(self, "eps", None)))
+    return _rms_norm_function().apply(x, self.weight, _epsilon(self))
 
 
 class _FusedRotary:
@@ -96,7 +103,7 @@ class _FusedRotary:
         import torch
 
         if args or set(kwargs) - {"unsqueeze_dim"} or cos.requires_grad or sin.requires_grad \
-                or not q.dtype == k.dtype == cos.dtype == sin.dtype or q.shape[-1] % 2:
+                or not (q.dtype == k.dtype == cos.dtype == sin.dtype) or q.shape[-1] % 2:
             return self.original(q, k, cos, sin, *args, **kwargs)
         unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
         cos_wide, sin_wide = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)

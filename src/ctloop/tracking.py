@@ -56,7 +56,8 @@ def write_cycle_report(cycle_dir: Path, cycle_id: str, trained: TrainResult, eva
                    for name, per_slice in read_json(cycle_dir / "eval.json").get("slice_means", {}).items())),
         ("Training", line_chart("training loss", [(float(s), v) for s, v in trained.losses], "loss")
          + table([("steps", str(trained.steps)), ("examples", str(trained.examples)),
-                  ("tokens", str(trained.tokens)), ("seconds", str(trained.seconds))])),
+                  ("tokens", str(trained.tokens)), ("seconds", str(trained.seconds)),
+                  ("precision", trained.precision), ("attention", trained.attn_implementation)])),
         ("Validation", table([("rows", str(validation["total_rows"])), ("good", str(validation["good_rows"]))]
                              + [(f"quarantined: {k}", str(v)) for k, v in validation["bad_by_reason"].items()])),
         ("Lineage", table([(k, str(v)) for k, v in lineage.items()])),

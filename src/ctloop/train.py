@@ -6,9 +6,11 @@
   Rows have one power-of-two width (`packed_row_width` weighs padding against attention cost) and
   every batch the same number of rows: one batch shape, so CPU kernels are planned once. Without
   packing, batches are length-grouped, so padding stays small.
-- Logits are computed only at labelled positions, and peft's LoRA layers use a fused forward
-  (`ctloop.fused_lora`). CPU training adds a leaner eager attention (`ctloop.cpu_attention`) and
-  fused RMSNorm and rotary-embedding functions (`ctloop.fused_kernels`).
+- Logits are computed only at labelled positions, the loss by a chunked cross-entropy, and peft's
+  LoRA layers use a fused forward (`ctloop.fused_lora`); the optimizer is the fused AdamW. CPU
+  training adds a leaner eager attention (`ctloop.cpu_attention`) and fused RMSNorm and
+  rotary-embedding functions (`ctloop.fused_kernels`); on CUDA, attention defaults to kernels that
+  skip work across packed samples (`training_attention`).
 - Every `train.checkpoint_every` steps the adapter, optimizer, scheduler and RNG state are saved
   atomically; a run killed mid-way and started again continues from the last checkpoint and ends
   with the same adapter as an uninterrupted run.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctloop import cpu_attention
@@ -58,6 +60,11 @@ class TrainResult:
     resumed_from_step: int = 0
     warm_start: str = ""
     world_size: int = 1
+    # what the defaults resolved to, and the libraries: the manifest records them for reproduction
+    precision: str = ""
+    attn_implementation: str = ""
+    row_width: int = 0  # 0: length-grouped batches, not packed rows
+    libraries: dict[str, str] = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float:
@@ -170,7 +177,16 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
                        tokens=progress["tokens"], loss_tokens=progress["loss_tokens"],
                        seconds=round(progress["seconds"], 2), losses=progress["losses"],
                        learning_rates=progress["rates"], padded_tokens=progress["padded"],
-                       resumed_from_step=resumed_from, warm_start=str(warm_start_from or ""), world_size=world)
+                       resumed_from_step=resumed_from, warm_start=str(warm_start_from or ""), world_size=world,
+                       precision="bfloat16" if bf16 else model.dtype, attn_implementation=model.attn_implementation,
+                       row_width=row_width, libraries=library_versions())
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "transformers", "peft")}}
 
 
 def training_attention(packing: bool) -> str:
