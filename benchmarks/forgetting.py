@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def run(ratio: float, eras, base: Path, work: Path, args, seed: int) -> list[dic
     from ctloop.train import train_adapter
 
     model = ModelConfig(base=str(base), max_seq_tokens=128)
-    buffer = ReplayBuffer(work / f"replay-{ratio}-{seed}")
+    folder = work / f"replay-{ratio}-{seed}"
+    shutil.rmtree(folder, ignore_errors=True)  # a buffer left by an earlier run would replay in cycle 1
+    buffer = ReplayBuffer(folder)
     replay = ReplayConfig(ratio=ratio, enabled=ratio > 0, holdout_rows=0)
     counts = _token_counter(base)
     scores: list[dict[str, float]] = []
