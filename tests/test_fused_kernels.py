@@ -27,7 +27,7 @@ def test_fused_model_matches_transformers_in_loss_and_adapter_gradients(dtype):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    assert fuse_rms_norms(fused) == 2 * 2 + 1  # two per block and the final norm
+    assert fuse_rms_norms(fused, activation_dtype=dtype) == 2 * 2 + 1  # two per block and the final norm
     loss_ref, grads_ref = loss_and_grads(reference, ids, autocast=dtype == torch.bfloat16)
     with fused_rotary(fused) as switched:
         assert switched == 1 and isinstance(getattr(modeling_llama, ROTARY), _FusedRotary)
@@ -44,7 +44,7 @@ def test_the_fused_paths_run():
     ids = torch.randint(1, 64, (2, 9))
     reference, fused = tiny_lora_llama(), tiny_lora_llama()
     assert _op_calls(reference, ids, "FusedRMSNormFunction") == 0
-    fuse_rms_norms(fused)
+    fuse_rms_norms(fused, activation_dtype=torch.float32)
     assert _op_calls(fused, ids, "FusedRMSNormFunction") == 2 * 2 + 1
     assert _op_calls(fused, ids, "FusedRotaryFunction") == 0
     with fused_rotary(fused):  # the query and the key of each block
@@ -78,9 +78,58 @@ def test_rotary_calls_it_does_not_cover_go_to_the_original():
     fused(q, k, torch.randn(1, 5, 4), torch.randn(1, 5, 4))  # partial rotary: cos narrower than q
     fused(q, k, torch.randn(1, 5, 8).bfloat16(), torch.randn(1, 5, 8).bfloat16())  # mixed dtypes
     fused(q, k, torch.randn(1, 5, 8, requires_grad=True), torch.randn(1, 5, 8))  # learned cos/sin
-    assert len(calls) == 3
+    fused(q, k, torch.randn(1, 5, 8), torch.randn(1, 5, 8), None)  # an older signature's position_ids
+    assert len(calls) == 4
     fused(q, k, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
-    assert len(calls) == 3
+    assert len(calls) == 4
+
+
+def test_rotary_matches_transformers_for_heads_last_layouts():
+    q, k = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 2, 16)  # [batch, seq, heads, dim]
+    cos, sin = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    got = _FusedRotary(modeling_llama.apply_rotary_pos_emb)(q, k, cos, sin, unsqueeze_dim=2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_norm_whose_output_dtype_differs_keeps_its_forward():
+    class Fp32RMSNorm(torch.nn.Module):  # fp32 weight applied before the cast back (GPT-OSS style)
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(8) + 0.5, requires_grad=False)
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight * normed).to(x.dtype)
+
+    # in fp32 the two are the same maths; with bf16 activations the fused one would return fp32
+    assert fuse_rms_norms(Fp32RMSNorm(), activation_dtype=torch.float32) == 1
+    assert fuse_rms_norms(Fp32RMSNorm(), activation_dtype=torch.bfloat16) == 0
+
+
+def test_a_failing_probe_leaves_no_module_patched(monkeypatch):
+    import sys
+
+    from ctloop import fused_kernels
+
+    model = tiny_lora_llama()
+    modules = sorted({type(m).__module__ for m in model.modules()})
+    checked = []
+
+    def probe(function):
+        checked.append(function)
+        if len(checked) > 1:
+            raise KeyboardInterrupt  # an interruption mid-way through the modules
+        return True
+
+    monkeypatch.setattr(fused_kernels, "_rotary_agrees", probe)
+    # a second modeling module with a rotary function, probed (and switched) before Llama's
+    monkeypatch.setattr(sys.modules["peft.tuners.lora.layer"], ROTARY, lambda *a: None, raising=False)
+    with pytest.raises(KeyboardInterrupt), fused_rotary(model):
+        pass
+    assert not any(isinstance(getattr(sys.modules[name], ROTARY, None), _FusedRotary) for name in modules)
 
 
 def test_norms_with_other_maths_or_a_trainable_weight_keep_their_forward():
@@ -97,7 +146,7 @@ def test_norms_with_other_maths_or_a_trainable_weight_keep_their_forward():
     trainable = modeling_llama.LlamaRMSNorm(8)
     frozen = modeling_llama.LlamaRMSNorm(8).requires_grad_(False)
     model = torch.nn.Sequential(GemmaStyleRMSNorm(), trainable, frozen)
-    assert fuse_rms_norms(model) == 1
+    assert fuse_rms_norms(model, activation_dtype=torch.float32) == 1
     assert "forward" in vars(frozen) and "forward" not in vars(trainable) and "forward" not in vars(model[0])
 
 

@@ -143,7 +143,7 @@ def test_adapter_is_saved_with_its_manifest(two_cycles):
     assert manifest["data_fingerprint"] == second.validation["fingerprint"]
     assert manifest["seed"] == config.train.seed and manifest["config"]["lora"]["r"] == config.lora.r
     training = manifest["training"]  # what the defaults resolved to, and the library versions
-    assert training["precision"] in ("float32", "bfloat16") and training["attn_implementation"]
+    assert training["compute_dtype"] in ("float32", "bfloat16") and training["attn_implementation"]
     assert training["row_width"] > 0 and training["libraries"]["torch"] == torch.__version__
     report = (Path(second.cycle_dir) / "report.html").read_text()
     assert report.count("<svg") >= 2 and "one-sided bound" in report

@@ -211,24 +211,22 @@ def test_bf16_training_keeps_an_fp32_adapter_and_tracks_fp32(tiny_base, tmp_path
 
 
 def test_training_attention_skips_work_across_packed_samples_where_it_can(monkeypatch):
-    import importlib.util
-
     import torch
+    import transformers.utils
 
     from ctloop import cpu_attention
     from ctloop.train import training_attention
 
-    if not torch.cuda.is_available():  # this machine: ctloop's CPU kernel, packed or not
-        assert training_attention(True) == training_attention(False) == cpu_attention.NAME
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice made on a GPU machine
-    real_find_spec = importlib.util.find_spec
-
-    def flash_attn(installed: bool):
-        def find_spec(name, *args):
-            return (object() if installed else None) if name == "flash_attn" else real_find_spec(name, *args)
-        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-
-    flash_attn(installed=False)
-    assert training_attention(True) == "flex_attention" and training_attention(False) == "sdpa"
-    flash_attn(installed=True)
-    assert training_attention(True) == training_attention(False) == "flash_attention_2"
+    if not torch.cuda.is_available():  # this machine: ctloop's CPU kernel, whatever the batches
+        assert training_attention(True, True) == training_attention(False, False) == cpu_attention.NAME
+    # the choice made on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert training_attention(True, True) == "flex_attention" and training_attention(False, True) == "sdpa"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert training_attention(True, True) == training_attention(False, True) == "flash_attention_2"
+    # flash-attn has no fp32 kernels and needs Ampere or newer
+    assert training_attention(True, False) == "flex_attention"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert training_attention(True, True) == "flex_attention"

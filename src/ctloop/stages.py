@@ -231,7 +231,7 @@ def train_stage(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> Tr
     trained = train_adapter(records, model=config.model, lora=config.lora, train=config.train, out_dir=adapter_dir,
                             checkpoint_dir=cycle.path("checkpoints"), warm_start_from=warm_start)
     if is_main_process():  # under torchrun, one process writes
-        resolved = {key: getattr(trained, key) for key in ("precision", "attn_implementation", "row_width",
+        resolved = {key: getattr(trained, key) for key in ("compute_dtype", "attn_implementation", "row_width",
                                                             "world_size", "libraries")}
         write_json(adapter_dir / "ctloop_manifest.json",
                    _lineage(config, cycle) | {"config": config.model_dump(mode="json"), "training": resolved})

@@ -57,7 +57,7 @@ def write_cycle_report(cycle_dir: Path, cycle_id: str, trained: TrainResult, eva
         ("Training", line_chart("training loss", [(float(s), v) for s, v in trained.losses], "loss")
          + table([("steps", str(trained.steps)), ("examples", str(trained.examples)),
                   ("tokens", str(trained.tokens)), ("seconds", str(trained.seconds)),
-                  ("precision", trained.precision), ("attention", trained.attn_implementation)])),
+                  ("compute dtype", trained.compute_dtype), ("attention", trained.attn_implementation)])),
         ("Validation", table([("rows", str(validation["total_rows"])), ("good", str(validation["good_rows"]))]
                              + [(f"quarantined: {k}", str(v)) for k, v in validation["bad_by_reason"].items()])),
         ("Lineage", table([(k, str(v)) for k, v in lineage.items()])),

@@ -61,7 +61,7 @@ class TrainResult:
     warm_start: str = ""
     world_size: int = 1
     # what the defaults resolved to, and the libraries: the manifest records them for reproduction
-    precision: str = ""
+    compute_dtype: str = ""  # the frozen base's: bfloat16 where `train.precision` resolved to bf16
     attn_implementation: str = ""
     row_width: int = 0  # 0: length-grouped batches, not packed rows
     libraries: dict[str, str] = field(default_factory=dict)
@@ -96,13 +96,14 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
     if bf16 and model.dtype == "float32":  # the frozen base in bf16; the adapter stays fp32 (peft)
         model = model.model_copy(update={"dtype": "bfloat16"})
     if model.attn_implementation is None:
-        model = model.model_copy(update={"attn_implementation": training_attention(train.packing)})
+        half = model.dtype in ("bfloat16", "float16")
+        model = model.model_copy(update={"attn_implementation": training_attention(train.packing, half)})
     peft_model = _adapter_model(load_base_model(model), lora, warm_start_from)
     fuse_lora_layers(peft_model)
     rank, world = distributed_setup()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cpu":  # measured on CPU; GPUs keep transformers' own (or hub) kernels
-        fuse_rms_norms(peft_model)
+        fuse_rms_norms(peft_model, activation_dtype=getattr(torch, model.dtype))
     peft_model.to(f"cuda:{rank % torch.cuda.device_count()}" if device_type == "cuda" else "cpu")
     network = peft_model
     if world > 1:  # each process trains on its own batches; DDP averages the adapter's gradients
@@ -178,7 +179,7 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
                        seconds=round(progress["seconds"], 2), losses=progress["losses"],
                        learning_rates=progress["rates"], padded_tokens=progress["padded"],
                        resumed_from_step=resumed_from, warm_start=str(warm_start_from or ""), world_size=world,
-                       precision="bfloat16" if bf16 else model.dtype, attn_implementation=model.attn_implementation,
+                       compute_dtype=model.dtype, attn_implementation=model.attn_implementation,
                        row_width=row_width, libraries=library_versions())
 
 
@@ -189,23 +190,23 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "transformers", "peft")}}
 
 
-def training_attention(packing: bool) -> str:
+def training_attention(packing: bool, half_precision: bool) -> str:
     """The attention kernel to train with when `model.attn_implementation` is unset.
 
     - CPU: ctloop's eager variant (`cpu_attention`; eager was as fast as sdpa on packed rows and
       14% faster on length-grouped batches in bf16).
-    - CUDA with flash-attn installed: `flash_attention_2`, which takes packed rows as variable-length
-      sequences (cu_seqlens from the restarting position ids) and does no work across samples.
+    - CUDA, training in bf16/fp16 on an Ampere or newer GPU with flash-attn installed:
+      `flash_attention_2`, which takes packed rows as variable-length sequences (cu_seqlens from the
+      restarting position ids) and does no work across samples (it has no fp32 kernels).
     - CUDA otherwise, packed rows: `flex_attention`, with a block mask from the position ids (DESIGN.md:
       1.4x SDPA's throughput with per-sample masks on an H100, and no out-of-memory at 64 samples).
     - CUDA otherwise, padded batches: `sdpa`."""
-    import importlib.util
-
     import torch
+    from transformers.utils import is_flash_attn_2_available
 
     if not torch.cuda.is_available():
         return cpu_attention.register()
-    if importlib.util.find_spec("flash_attn") is not None:
+    if half_precision and torch.cuda.get_device_capability()[0] >= 8 and is_flash_attn_2_available():
         return "flash_attention_2"
     return "flex_attention" if packing else "sdpa"
 
