@@ -1,5 +1,5 @@
-"""Helpers for the fused-kernel tests: a tiny Llama with a LoRA adapter that matters, and its loss and
-adapter gradients."""
+"""Helpers for the fused-kernel tests: a tiny Llama with a LoRA adapter that matters, its loss and
+adapter gradients, and how often an operator ran."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def loss_and_grads(model, ids, autocast: bool = False):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     return loss.detach(), grads
+
+
+def op_calls(model, ids, op: str, backward: bool = False) -> int:
+    """How many times the profiler saw `op` in a forward pass (without autograd), or in a forward
+    and backward pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.set_grad_enabled(backward), profile(activities=[ProfilerActivity.CPU]) as prof:
+        logits = model(input_ids=ids).logits
+        if backward:
+            logits.sum().backward()
+    model.zero_grad()
+    return sum(event.count for event in prof.key_averages() if event.key == op)

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import loss_and_grads, tiny_lora_llama
+from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama
 from transformers.models.llama import modeling_llama
 
 from ctloop.fused_kernels import ROTARY, _FusedRotary, cross_entropy, fuse_rms_norms, fused_rotary
 
-
-def _op_calls(model, ids, op: str) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=ids).logits.sum().backward()
-    model.zero_grad()
-    return sum(event.count for event in prof.key_averages() if event.key == op)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -43,13 +35,13 @@ def test_fused_model_matches_transformers_in_loss_and_adapter_gradients(dtype):
 def test_the_fused_paths_run():
     ids = torch.randint(1, 64, (2, 9))
     reference, fused = tiny_lora_llama(), tiny_lora_llama()
-    assert _op_calls(reference, ids, "FusedRMSNormFunction") == 0
+    assert op_calls(reference, ids, "FusedRMSNormFunction", backward=True) == 0
     fuse_rms_norms(fused, activation_dtype=torch.float32)
-    assert _op_calls(fused, ids, "FusedRMSNormFunction") == 2 * 2 + 1
-    assert _op_calls(fused, ids, "FusedRotaryFunction") == 0
+    assert op_calls(fused, ids, "FusedRMSNormFunction", backward=True) == 2 * 2 + 1
+    assert op_calls(fused, ids, "FusedRotaryFunction", backward=True) == 0
     with fused_rotary(fused):  # the query and the key of each block
-        assert _op_calls(fused, ids, "FusedRotaryFunction") == 2 * 2
-    assert _op_calls(fused, ids, "FusedRotaryFunction") == 0
+        assert op_calls(fused, ids, "FusedRotaryFunction", backward=True) == 2 * 2
+    assert op_calls(fused, ids, "FusedRotaryFunction", backward=True) == 0
 
 
 def test_rotary_matches_transformers_for_any_cos_and_sin():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import loss_and_grads, tiny_lora_llama
+from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama
 
 from ctloop.fused_lora import fuse_lora_layers
 
@@ -23,21 +23,15 @@ def test_fused_forward_matches_peft_in_outputs_and_gradients(autocast):
         torch.testing.assert_close(grads_fused[name], grads_ref[name], **tolerance, msg=name)
 
 
-def _addmm_calls(model, ids) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=ids)
-    return sum(event.count for event in prof.key_averages() if event.key == "aten::addmm")
-
 
 def test_the_fused_path_runs_and_steps_aside_for_disabled_adapters():
     ids = torch.randint(1, 64, (2, 9))
     reference, fused = tiny_lora_llama(), tiny_lora_llama()
     fuse_lora_layers(fused)
-    assert _addmm_calls(reference, ids) == 0 and _addmm_calls(fused, ids) == 14  # one per adapted layer
+    assert op_calls(reference, ids, "aten::addmm") == 0
+    assert op_calls(fused, ids, "aten::addmm") == 14  # one per adapted layer
     with torch.no_grad(), fused.disable_adapter(), reference.disable_adapter():
-        assert _addmm_calls(fused, ids) == 0
+        assert op_calls(fused, ids, "aten::addmm") == 0
         torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
         assert not torch.allclose(fused(input_ids=ids).logits, tiny_lora_llama()(input_ids=ids).logits)
 

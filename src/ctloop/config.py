@@ -32,9 +32,10 @@ class ModelConfig(Section):
     attn_implementation: str | None = Field(None, description="transformers attention kernel (sdpa, eager, "
                                                               "flash_attention_2, flex_attention); default for "
                                                               "training: ctloop's eager variant on CPU; on CUDA "
-                                                              "flash_attention_2 if flash-attn is installed, else "
-                                                              "flex_attention for packed rows (sdpa unpacked); "
-                                                              "elsewhere transformers' own")
+                                                              "flash_attention_2 for bf16/fp16 on Ampere or newer "
+                                                              "with flash-attn installed, else flex_attention for "
+                                                              "packed rows (sdpa unpacked); elsewhere "
+                                                              "transformers' own")
     max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
 
 
