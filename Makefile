@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ demo: $(VENV)/.installed
 # scripts/with_postgres.sh starts a throwaway PostgreSQL for the shadow store's tests.
 test: $(VENV)/.installed-test
 	scripts/with_postgres.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: unit tests only (no whole cycles, no Airflow, no PostgreSQL); CI runs everything.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Lint, format check and the layering contracts (import-linter, see pyproject.toml).
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check src tests dags benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests dags benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) ctloop-workspace

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from ctloop.config import DriftConfig
-from ctloop.drift import DETECTORS, detect_drift
+from ctloop.drift.detectors import DETECTORS, detect_drift
 
 
 def seed_check(reference: np.ndarray, current: np.ndarray, threshold: float = 0.1) -> bool:

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ctloop.online import OnlineDriftDetector
+from ctloop.drift.online import OnlineDriftDetector
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ def scenario(shift: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def run_ctloop(reference, current, permutations: int) -> tuple[float, bool, float]:
     from ctloop.config import DriftConfig
-    from ctloop.drift import detect_drift
+    from ctloop.drift.detectors import detect_drift
 
     started = time.perf_counter()
     report = detect_drift(reference, current, DriftConfig(detectors=["mmd"], permutations=permutations,

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from ctloop.config import DriftConfig
-from ctloop.drift import detect_drift
-from ctloop.embed import SentenceTransformerEmbedder
+from ctloop.drift.detectors import detect_drift
+from ctloop.drift.embed import SentenceTransformerEmbedder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian_packages.jsonl"
 

@@ -23,7 +23,7 @@ def measure(n: int, detector: str, permutations: int) -> dict:
     import numpy as np
 
     from ctloop.config import DriftConfig
-    from ctloop.drift import detect_drift
+    from ctloop.drift.detectors import detect_drift
 
     rng = np.random.default_rng(n)
     reference = rng.standard_normal((n, 384), dtype=np.float32)

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from ctloop.config import EvalConfig, LoraConfig, ModelConfig, ReplayConfig, TrainConfig
-from ctloop.evaluate import evaluate
-from ctloop.records import Record, record_from_fields
-from ctloop.replay import ReplayBuffer, build_training_set
+from ctloop.data.records import Record, record_from_fields
+from ctloop.data.replay import ReplayBuffer, build_training_set
+from ctloop.evaluation.evaluate import evaluate
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstart"
 ERAS = {"python": {"python"}, "perl": {"perl"}, "games": {"games"}, "sound+graphics": {"sound", "graphics"}}
@@ -50,7 +50,7 @@ def load_eras(holdout: int) -> dict[str, tuple[list[Record], list[Record]]]:
 
 
 def base_model(work: Path) -> Path:
-    from ctloop.tinymodel import TinyModelSpec, build_tiny_model
+    from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
 
     texts = [json.loads(line)["prompt"] + json.loads(line)["completion"]
              for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()]
@@ -59,7 +59,7 @@ def base_model(work: Path) -> Path:
 
 def run(ratio: float, eras, base: Path, work: Path, args, seed: int) -> list[dict[str, float]]:
     """Scores after each cycle: a list (one per cycle) of {era: loss}."""
-    from ctloop.train import train_adapter
+    from ctloop.training.trainer import train_adapter
 
     model = ModelConfig(base=str(base), max_seq_tokens=128)
     folder = work / f"replay-{ratio}-{seed}"
@@ -88,7 +88,8 @@ def run(ratio: float, eras, base: Path, work: Path, args, seed: int) -> list[dic
 
 
 def _token_counter(base: Path):
-    from ctloop.modeling import load_tokenizer, token_counter
+    from ctloop.model.batching import token_counter
+    from ctloop.model.loading import load_tokenizer
 
     count = token_counter(load_tokenizer(ModelConfig(base=str(base))))
     return lambda records: [p + c + 2 for p, c in zip(count([r.prompt for r in records]),
@@ -138,19 +139,20 @@ def main() -> None:
 
 
 def write_report(path: Path, results, summary, names: list[str]) -> None:
-    from ctloop.reports import grouped_bars, table, write_html
+    from ctloop.reports.charts import grouped_bars
+    from ctloop.reports.page import Table, write_page
 
-    sections = [("Summary", table([(f"ratio {r}", f"avg forgetting {f:.4f}, avg new-era gain {g:.4f}")
-                                   for r, (f, g) in summary.items()])),
-                ("Forgetting by ratio", grouped_bars("average forgetting (lower is better)",
-                                                     {f"ratio {r}": {"forgetting": max(f, 0.0)}
-                                                      for r, (f, _) in summary.items()}, "loss increase"))]
+    sections = [("Summary", [Table(tuple((f"ratio {r}", f"avg forgetting {f:.4f}, avg new-era gain {g:.4f}")
+                                         for r, (f, g) in summary.items()))]),
+                ("Forgetting by ratio", [grouped_bars("average forgetting (lower is better)",
+                                                      {f"ratio {r}": {"forgetting": max(f, 0.0)}
+                                                       for r, (f, _) in summary.items()}, "loss increase")])]
     for ratio, scores in results.items():
         sections.append((f"ratio {ratio}: loss on each era after the last cycle",
-                         grouped_bars("mean completion loss", {era: {"after last cycle": scores[-1][era],
-                                                                     "right after learning it": scores[j][era]}
-                                                               for j, era in enumerate(names)}, "loss")))
-    write_html(path, "ctloop forgetting benchmark", sections)
+                         [grouped_bars("mean completion loss", {era: {"after last cycle": scores[-1][era],
+                                                                      "right after learning it": scores[j][era]}
+                                                                for j, era in enumerate(names)}, "loss")]))
+    write_page(path, "ctloop forgetting benchmark", sections)
 
 
 if __name__ == "__main__":

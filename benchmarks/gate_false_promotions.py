@@ -20,9 +20,9 @@ import json
 from pathlib import Path
 
 from ctloop.config import EvalConfig, GateConfig, LoraConfig, ModelConfig, TrainConfig
-from ctloop.evaluate import evaluate
-from ctloop.gate import decide
-from ctloop.records import record_from_fields
+from ctloop.data.records import record_from_fields
+from ctloop.evaluation.evaluate import evaluate
+from ctloop.evaluation.gate import decide
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstart"
 
@@ -38,8 +38,8 @@ def records(name: str) -> list:
 
 
 def main() -> None:
-    from ctloop.tinymodel import TinyModelSpec, build_tiny_model
-    from ctloop.train import train_adapter
+    from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
+    from ctloop.training.trainer import train_adapter
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--repetitions", type=int, default=20)

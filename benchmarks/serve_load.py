@@ -30,10 +30,10 @@ import httpx
 import yaml
 
 from ctloop.config import load_config
-from ctloop.pipeline import open_registry
-from ctloop.registry import CHALLENGER
-from ctloop.shadow.store import read_rows
-from ctloop.tinymodel import TinyModelSpec, build_tiny_model, random_adapter
+from ctloop.registry.client import CHALLENGER, open_registry
+from ctloop.registry.promotion import promote
+from ctloop.serving.store import read_rows
+from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model, random_adapter
 from ctloop.workspace import Workspace
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstart"
@@ -161,7 +161,7 @@ def main() -> None:
         for version in (1, 2):
             adapter = random_adapter(base, root / f"adapter{version}", seed=version)
             registry.register_adapter_dir(adapter, f"bench-{version}", {}, f"benchmark adapter {version}")
-        registry.make_champion(1, by="benchmark", note="serve_load")
+        promote(registry, 1, by="benchmark", note="serve_load")
         registry.set_alias(CHALLENGER, 2)
         results = {shadow: run_server(configs[shadow], port, prompts, args) for shadow in (False, True)}
         rows = len(read_rows(f"sqlite:///{root / 'shadow-True.db'}"))

@@ -19,8 +19,8 @@ Scenarios, all in one run, figures printed last:
 from __future__ import annotations
 
 import argparse
-import itertools
 import asyncio
+import itertools
 import os
 import statistics
 import sys
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from ctloop.config import ShadowConfig
-from ctloop.shadow.backends import Generation, GenerationRequest
-from ctloop.shadow.router import ShadowRouter, sampled
-from ctloop.shadow.store import ShadowStore, read_rows
+from ctloop.serving.backends import Generation, GenerationRequest
+from ctloop.serving.router import ShadowRouter, sampled
+from ctloop.serving.store import ShadowStore, read_rows
 
 CHAMPION_SECONDS = 0.020
 CHALLENGER_SECONDS = 0.050

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py [--tokens 40000] [--repeats 3]
 
-    # on a GPU: the 1.1B Llama shape of DESIGN.md's baseline table, bigger token budgets
+    # on a GPU: the 1.1B Llama shape (TinyLlama's dimensions) of the H100 baseline, bigger token budgets
     python benchmarks/train_throughput.py --shape 1b --tokens 500000 \
         --configs seed ctloop-auto-16384 ctloop-auto-16384-sdpa
 
@@ -72,7 +72,7 @@ def load_rows(limit: int, max_packages: int) -> tuple[list[dict], str]:
     return rows[:limit], "quickstart samples"
 
 
-SHAPES = {  # Llama shapes; 1b is DESIGN.md's baseline (TinyLlama 1.1B dimensions)
+SHAPES = {  # Llama shapes; 1b is the H100 baseline's (TinyLlama 1.1B dimensions)
     "30m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=8),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -89,7 +89,7 @@ def build_model(folder: Path, rows: list[dict], shape: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ctloop.tinymodel import _train_tokenizer
+    from ctloop.training.tinymodel import _train_tokenizer
 
     torch.manual_seed(0)
     tokenizer = _train_tokenizer([r["prompt"] + r["completion"] for r in rows], 8000)
@@ -116,8 +116,13 @@ def run_seed(model_dir: Path, rows: list[dict]) -> dict:
     """The seed's script, as written there, with the data it implies."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [tokenizer.bos_token + r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]
@@ -143,8 +148,8 @@ def run_seed(model_dir: Path, rows: list[dict]) -> dict:
 def run_ctloop(model_dir: Path, rows: list[dict], precision: str, batch_tokens: int, attn: str | None,
                checkpointing: bool, packing: bool) -> dict:
     from ctloop.config import LoraConfig, ModelConfig, TrainConfig
-    from ctloop.records import record_from_fields
-    from ctloop.train import train_adapter
+    from ctloop.data.records import record_from_fields
+    from ctloop.training.trainer import train_adapter
 
     records = [record_from_fields(r) for r in rows]
     out = model_dir.parent / f"ctloop-adapter-{precision}-{batch_tokens}-{attn}-{checkpointing}-{packing}"
@@ -160,8 +165,8 @@ def run_ctloop(model_dir: Path, rows: list[dict], precision: str, batch_tokens: 
 def eval_loss(model_dir: Path, adapter: str, rows: list[dict]) -> float:
     """Mean completion-token loss of base + adapter on held-out rows (fp32)."""
     from ctloop.config import EvalConfig, ModelConfig
-    from ctloop.evaluate import evaluate
-    from ctloop.records import record_from_fields
+    from ctloop.data.records import record_from_fields
+    from ctloop.evaluation.evaluate import evaluate
 
     report = evaluate({"heldout": [record_from_fields(r) for r in rows]}, {"adapter": Path(adapter)},
                       model=ModelConfig(base=str(model_dir), max_seq_tokens=256), config=EvalConfig())

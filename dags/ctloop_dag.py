@@ -1,28 +1,28 @@
-"""Airflow 3 DAGs that run ctloop cycles with the same stage functions as `ctloop run`.
+"""Airflow 3 DAGs that run ctloop cycles, derived from ctloop's cycle declaration (`CYCLE`).
 
-- `ctloop_cycle`: validate -> trigger (drift, schedule, force) -> prepare (split + replay mix)
-  -> train -> evaluate -> gate -> register. Tasks pass the cycle id (a short string), never
-  data. When the trigger says no (no drift, cooldown) or the cycle already ran, the downstream
-  tasks are skipped, not failed. A retried task re-uses the cycle folder's finished work; the
-  registry never gets a duplicate version.
-- `ctloop_drift_watch`: checks newly landed data for drift more often and triggers
-  `ctloop_cycle` only when the trigger policy fires.
+- `ctloop_cycle`: one task per stage, in the declared order. Tasks pass the cycle id (a short
+  string), never data. The deciding stage (trigger) is a short-circuit: when it says no (no drift,
+  cooldown) or the cycle already ran, the downstream tasks are skipped, not failed. A failed task
+  marks the cycle's MLflow run FAILED exactly as `ctloop run` does; a retried task re-uses the
+  cycle folder's finished work, and the registry never gets a duplicate version.
+- `ctloop_drift_watch`: the stages up to the decision, on newly landed data, more often; it
+  triggers `ctloop_cycle` only when the decision is to train (the cycle re-uses that decision).
 
 Configuration: the environment variable CTLOOP_CONFIG (or the Airflow Variable `ctloop_config`)
 names a ctloop YAML file; its `orchestration` section sets the data path, schedules, retries.
-A run's conf may override {"data": PATH, "force": true}. Parsing this file reads that YAML and
-nothing heavier: torch, transformers and mlflow load inside the tasks.
+A run's conf may override {"data": PATH, "force": true}. Parsing this file reads that YAML once
+and nothing heavier: torch, transformers and mlflow load inside the tasks.
 """
 
 from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
-from pathlib import Path
 
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import dag, task
 
 from ctloop.config import load_config  # pydantic + yaml only: parsing stays fast
+from ctloop.cycle.run import run_stage_task
 
 
 def _config_path() -> str:
@@ -38,103 +38,55 @@ def _config_path() -> str:
 
 
 CONFIG_PATH = _config_path()
+SETTINGS = load_config(CONFIG_PATH).orchestration
+DEFAULT_ARGS = {"retries": SETTINGS.retries, "retry_delay": timedelta(minutes=SETTINGS.retry_delay_minutes)}
 
 
-def _load():
-    from ctloop.workspace import resolve_workspace
+def _stage_tasks(dag_id: str, stages) -> list:
+    """One task per stage, chained in order; the opening stage's id reaches the others by XCom."""
+    from airflow.sdk import get_current_context
 
-    config = load_config(CONFIG_PATH)
-    return config, resolve_workspace(None, config)
+    def make(stage):
+        kind = task.short_circuit if stage.role == "decides" else task
 
+        @kind(task_id=stage.name)
+        def run(cycle_id: str = ""):
+            params = get_current_context()["params"]
+            step = run_stage_task(CONFIG_PATH, stage.name, cycle_id, params.get("data"),
+                                  bool(params.get("force", False)), f"airflow {dag_id}")
+            return step.proceed if stage.role == "decides" else step.cycle_id
 
-def _run_inputs(config) -> tuple[Path, bool]:
-    params = get_current_context()["params"]
-    data = params.get("data") or config.orchestration.data
-    if not data:
-        from ctloop.errors import ConfigError
+        return run
 
-        raise ConfigError(CONFIG_PATH, ["orchestration.data: no data file; set it, or trigger the run with "
-                                        "conf {\"data\": \"/path/to/new.jsonl\"}"])
-    return Path(data), bool(params.get("force", False))
-
-
-def _locked(config, workspace, purpose: str):
-    from ctloop.workspace import workspace_lock
-
-    return workspace_lock(workspace, purpose, wait_seconds=config.orchestration.lock_wait_seconds)
-
-
-_settings = load_config(CONFIG_PATH).orchestration
-DEFAULT_ARGS = {"retries": _settings.retries, "retry_delay": timedelta(minutes=_settings.retry_delay_minutes)}
+    opening, *rest = stages
+    cycle_id = make(opening)()
+    tasks = [cycle_id]
+    for stage in rest:
+        current = make(stage)(cycle_id)
+        tasks[-1] >> current
+        tasks.append(current)
+    return tasks
 
 
-@dag(dag_id="ctloop_cycle", schedule=_settings.schedule, start_date=datetime(2026, 1, 1), catchup=False,
+@dag(dag_id="ctloop_cycle", schedule=SETTINGS.schedule, start_date=datetime(2026, 1, 1), catchup=False,
      max_active_runs=1, default_args=DEFAULT_ARGS, params={"data": "", "force": False}, tags=["ctloop"],
      doc_md=__doc__)
 def ctloop_cycle():
-    @task
-    def validate() -> str:
-        from ctloop.stages import validate_stage
+    from ctloop.cycle.declaration import CYCLE
 
-        config, workspace = _load()
-        data, _ = _run_inputs(config)
-        with _locked(config, workspace, "airflow ctloop_cycle: validate"):
-            return validate_stage(config, data, workspace)
-
-    @task.short_circuit
-    def trigger(cycle_id: str) -> bool:
-        from ctloop.pipeline import finished_result
-        from ctloop.stages import trigger_stage
-
-        config, workspace = _load()
-        _, force = _run_inputs(config)
-        with _locked(config, workspace, "airflow ctloop_cycle: trigger"):
-            if finished_result(config, workspace, cycle_id) is not None:
-                print(f"cycle {cycle_id} already ran on this data and config: skipping the rest")
-                return False
-            return trigger_stage(config, workspace, cycle_id, force=force).train
-
-    def stage_task(name: str):
-        @task(task_id=name)
-        def run_stage(cycle_id: str) -> str:
-            from ctloop import stages
-
-            config, workspace = _load()
-            with _locked(config, workspace, f"airflow ctloop_cycle: {name}"):
-                getattr(stages, f"{name}_stage")(config, workspace, cycle_id)
-            return cycle_id
-
-        return run_stage
-
-    cycle_id = validate()
-    previous = trigger(cycle_id)
-    for name in ("prepare", "train", "evaluate", "gate", "register"):
-        current = stage_task(name)(cycle_id)
-        previous >> current
-        previous = current
+    _stage_tasks("ctloop_cycle", CYCLE)
 
 
-@dag(dag_id="ctloop_drift_watch", schedule=_settings.drift_watch_schedule, start_date=datetime(2026, 1, 1),
+@dag(dag_id="ctloop_drift_watch", schedule=SETTINGS.drift_watch_schedule, start_date=datetime(2026, 1, 1),
      catchup=False, max_active_runs=1, default_args=DEFAULT_ARGS, params={"data": ""}, tags=["ctloop"])
 def ctloop_drift_watch():
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 
-    @task.short_circuit
-    def drift_fires() -> bool:
-        from ctloop.pipeline import finished_result
-        from ctloop.stages import trigger_stage, validate_stage
+    from ctloop.cycle.declaration import up_to_decision
 
-        config, workspace = _load()
-        data, _ = _run_inputs(config)
-        with _locked(config, workspace, "airflow ctloop_drift_watch"):
-            cycle_id = validate_stage(config, data, workspace)
-            if finished_result(config, workspace, cycle_id) is not None:
-                return False
-            return trigger_stage(config, workspace, cycle_id).train
-
-    drift_fires() >> TriggerDagRunOperator(
-        task_id="start_cycle", trigger_dag_id="ctloop_cycle",
-        conf={"data": "{{ params.data or '' }}"}, wait_for_completion=False)
+    tasks = _stage_tasks("ctloop_drift_watch", up_to_decision())
+    tasks[-1] >> TriggerDagRunOperator(task_id="start_cycle", trigger_dag_id="ctloop_cycle",
+                                       conf={"data": "{{ params.data or '' }}"}, wait_for_completion=False)
 
 
 cycle_dag = ctloop_cycle()

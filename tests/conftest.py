@@ -28,7 +28,7 @@ def tiny_base(tmp_path_factory) -> Path:
     """A tiny Llama + BPE tokenizer pre-trained for a few steps (seconds, no download)."""
     import torch
 
-    from ctloop.tinymodel import TinyModelSpec, build_tiny_model
+    from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
 
     torch.set_num_threads(1)
     texts = [json.loads(line)["prompt"] + json.loads(line)["completion"]

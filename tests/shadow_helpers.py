@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ctloop.config import config_from_dict
-from ctloop.registry import CHALLENGER, Registry
-from ctloop.shadow.store import ShadowRecord
+from ctloop.registry.client import CHALLENGER, Registry
+from ctloop.serving.store import ShadowRecord
 from ctloop.workspace import Workspace
 
 
@@ -29,13 +29,14 @@ def serving_config(base: Path, workspace: Path, **sections) -> object:
 
 def register_versions(config, adapters: list[Path]) -> Registry:
     """v1 = champion, v2 = challenger, ... one MLflow run per adapter."""
-    from ctloop.pipeline import open_registry
+    from ctloop.registry.client import open_registry
+    from ctloop.registry.promotion import promote
 
     workspace = Workspace(config.workspace).create()
     registry = open_registry(config.registry, workspace)
     for number, adapter in enumerate(adapters, start=1):
         registry.register_adapter_dir(adapter, f"key-{number}", {"ctloop.gate": "PASS"}, f"version {number}")
-    registry.make_champion(1, by="test", note="first")
+    promote(registry, 1, by="test", note="first")
     if len(adapters) > 1:
         registry.set_alias(CHALLENGER, 2)
     return registry

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def _states(dag_run) -> dict[str, str]:
 
 def _registry(root: Path):
     from ctloop.config import load_config
-    from ctloop.pipeline import open_registry
+    from ctloop.registry.client import open_registry
     from ctloop.workspace import resolve_workspace
 
     config = load_config(root / "ctloop.yaml")
@@ -84,7 +85,8 @@ def test_the_cycle_dag_registers_a_version_and_a_rerun_creates_no_duplicate(airf
 
 
 def test_a_run_that_died_after_training_is_finished_by_the_dag_without_retraining(airflow_env):
-    from ctloop.stages import prepare_stage, train_stage, trigger_stage, validate_stage
+    from ctloop.cycle.folder import StageContext
+    from ctloop.cycle.stages import prepare_stage, train_stage, trigger_stage, validate_stage
 
     module, root = airflow_env
     registry, config = _registry(root)
@@ -93,10 +95,11 @@ def test_a_run_that_died_after_training_is_finished_by_the_dag_without_retrainin
 
     workspace = Workspace(workspace_root)
     # The tasks up to `train` finished in an earlier attempt; then the worker died.
-    cycle_id = validate_stage(config, root / "new.jsonl", workspace)
-    assert trigger_stage(config, workspace, cycle_id).train  # new domain: drift
-    prepare_stage(config, workspace, cycle_id)
-    train_stage(config, workspace, cycle_id)
+    cycle_id = validate_stage(StageContext(config, workspace, data=root / "new.jsonl"))
+    context = StageContext(config, workspace, cycle_id)
+    assert trigger_stage(context).train  # new domain: drift
+    prepare_stage(context)
+    train_stage(context)
     adapter = workspace.cycle_dir(cycle_id) / "adapter" / "adapter_model.safetensors"
     trained_at = adapter.stat().st_mtime_ns
     run_id = (workspace.cycle_dir(cycle_id) / "cycle.json").read_text()
@@ -117,14 +120,92 @@ def test_the_drift_watch_dag_triggers_a_cycle_only_on_drift(airflow_env, tmp_pat
     same = tmp_path / "same.jsonl"  # like the champion's training data (old domain, unseen rows)
     same.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl")[200:400]) + b"\n")
     quiet = module.drift_watch_dag.test(run_conf={"data": str(same)})
-    assert _states(quiet) == {"drift_fires": "success", "start_cycle": "skipped"}
+    assert _states(quiet) == {"validate": "success", "trigger": "success", "start_cycle": "skipped"}
 
     shifted = tmp_path / "shifted.jsonl"
     shifted.write_bytes(b"\n".join(quickstart_rows("new_domain.jsonl")[300:500]) + b"\n")
     fired = module.drift_watch_dag.test(run_conf={"data": str(shifted)})
-    assert _states(fired) == {"drift_fires": "success", "start_cycle": "success"}
+    assert _states(fired) == {"validate": "success", "trigger": "success", "start_cycle": "success"}
     triggered = DagRun.find(dag_id="ctloop_cycle")
     assert any((run.conf or {}).get("data") == str(shifted) for run in triggered)
+    # The cycle the watch triggered re-uses the watch's decision: drift is computed once per cycle.
+    from ctloop.cycle.folder import CycleFolder, StageContext
+    from ctloop.cycle.stages import trigger_stage, validate_stage
+    from ctloop.workspace import Workspace
+
+    registry, config = _registry(root)
+    workspace = Workspace(Path(config.workspace))
+    cycle_id = validate_stage(StageContext(config, workspace, data=shifted))
+    drift_json = CycleFolder(workspace, cycle_id).path("drift.json")
+    written = drift_json.stat().st_mtime_ns
+    assert trigger_stage(StageContext(config, workspace, cycle_id)).train
+    assert drift_json.stat().st_mtime_ns == written
+
+
+def test_the_dags_tasks_are_the_declared_stages_in_order(airflow_env):
+    from ctloop.cycle.declaration import CYCLE, up_to_decision
+
+    module, _ = airflow_env
+
+    def chain(dag) -> list[str]:
+        """The tasks in dependency order; each must directly follow the one before it."""
+        ordered = sorted(dag.tasks, key=lambda task: len(task.get_flat_relative_ids(upstream=True)))
+        for before, after in zip(ordered, ordered[1:], strict=False):
+            assert before.task_id in after.upstream_task_ids, (before.task_id, after.task_id)
+        return [task.task_id for task in ordered]
+
+    assert chain(module.cycle_dag) == [stage.name for stage in CYCLE]
+    assert chain(module.drift_watch_dag) == [stage.name for stage in up_to_decision()] + ["start_cycle"]
+    assert len(module.cycle_dag.tasks) == len(CYCLE)
+
+
+def test_a_task_failing_in_airflow_leaves_the_state_a_failing_cli_run_leaves(airflow_env, tmp_path, monkeypatch):
+    """Training breaks in both: the cycle's MLflow run is FAILED, cycle.json names the stage and the
+    error, and a retry after the fix resumes the same run and registers once."""
+    from ctloop.config import load_config
+    from ctloop.cycle.folder import CycleFolder
+    from ctloop.cycle.run import run_cycle
+    from ctloop.registry.client import open_registry
+    from ctloop.training import trainer
+    from ctloop.workspace import Workspace
+
+    module, root = airflow_env
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(trainer, "train_adapter", broken)
+    data = tmp_path / "sound.jsonl"
+    data.write_bytes(b"\n".join(quickstart_rows("new_domain.jsonl")[500:700]) + b"\n")
+    failed_dag = module.cycle_dag.test(run_conf={"data": str(data), "force": True})
+    assert str(failed_dag.state) == "failed" and _states(failed_dag)["train"] == "failed"
+
+    config = load_config(root / "ctloop.yaml")
+    workspace = Workspace(Path(config.workspace))
+    registry, _ = _registry(root)
+    airflow_cycles = [p.parent for p in workspace.cycles_dir.glob("*/cycle.json")
+                      if json.loads(p.read_text()).get("failed_stage")]
+    assert len(airflow_cycles) == 1
+    airflow_state = json.loads((airflow_cycles[0] / "cycle.json").read_text())
+
+    cli_workspace = Workspace(tmp_path / "cli-ws")
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_cycle(config, data, cli_workspace, force=True)
+    cli_state = CycleFolder(cli_workspace, airflow_state["cycle_id"]).state()
+
+    for state, where in ((airflow_state, workspace), (cli_state, cli_workspace)):
+        assert state["failed_stage"] == "train" and "out of memory (simulated)" in state["error"]
+        assert state["status"] == "triggered"
+        run = open_registry(config.registry, where).client.get_run(state["run_id"])
+        assert run.info.status == "FAILED"
+    assert set(airflow_state) == set(cli_state)
+
+    monkeypatch.undo()
+    resumed = module.cycle_dag.test(run_conf={"data": str(data), "force": True})
+    assert str(resumed.state) == "success", _states(resumed)
+    final = json.loads((airflow_cycles[0] / "cycle.json").read_text())
+    assert final["run_id"] == airflow_state["run_id"] and final["status"] in ("registered", "rejected", "inconclusive")
+    assert registry.client.get_run(final["run_id"]).info.status == "FINISHED"
 
 
 def test_parsing_the_dag_file_loads_no_heavy_library(airflow_env):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ctloop.contamination import find_contamination
-from ctloop.records import Record
+from ctloop.data.contamination import find_contamination
+from ctloop.data.records import Record
 
 
 def rec(i: str, prompt: str, completion: str) -> Record:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctloop import cpu_attention
-from ctloop.modeling import Example, collate, collate_packed, token_losses
+from ctloop.kernels import attention as cpu_attention
+from ctloop.model.batching import Example, collate, collate_packed
+from ctloop.model.losses import token_losses
 
 
 def _model(attn: str, kv_heads: int = 2):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ctloop.config import DriftConfig
-from ctloop.drift import (
+from ctloop.drift.detectors import (
     DETECTORS,
     DriftReport,
     benjamini_hochberg,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctloop.embed import embed_records, texts_of
-from ctloop.records import Record
+from ctloop.data.records import Record
+from ctloop.drift.embed import embed_records, texts_of
 
 
 class CharCountEmbedder:
@@ -128,7 +128,7 @@ def test_cache_order_with_duplicate_ids(tmp_path):
 
 @pytest.mark.slow
 def test_default_minilm_embedder_loads_offline_and_ranks_similarity():
-    from ctloop.embed import SentenceTransformerEmbedder
+    from ctloop.drift.embed import SentenceTransformerEmbedder
 
     embedder = SentenceTransformerEmbedder("minilm")
     vectors = embedder.embed(["The cat sat on the mat.", "A cat was sitting on a rug.",

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama
 from transformers.models.llama import modeling_llama
 
-from ctloop.fused_kernels import ROTARY, _FusedRotary, cross_entropy, fuse_rms_norms, fused_rotary
-
+from ctloop.kernels.fused import ROTARY, _FusedRotary, cross_entropy, fuse_rms_norms, fused_rotary
+from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -104,7 +103,7 @@ def test_a_norm_whose_output_dtype_differs_keeps_its_forward():
 def test_a_failing_probe_leaves_no_module_patched(monkeypatch):
     import sys
 
-    from ctloop import fused_kernels
+    from ctloop.kernels import fused as fused_kernels
 
     model = tiny_lora_llama()
     modules = sorted({type(m).__module__ for m in model.modules()})
@@ -158,7 +157,7 @@ def test_rotary_functions_with_other_maths_are_left_alone(monkeypatch):
 def test_chunked_cross_entropy_matches_torch_in_values_and_gradients(dtype, monkeypatch):
     import torch.nn.functional as F
 
-    from ctloop import fused_kernels
+    from ctloop.kernels import fused as fused_kernels
 
     monkeypatch.setitem(fused_kernels.CHUNK_ELEMENTS, "cpu", 3 * 50)  # 3 rows a chunk: 7 chunks, one short
     logits = (4 * torch.randn(20, 50)).to(dtype).requires_grad_(True)
@@ -178,3 +177,26 @@ def test_chunked_cross_entropy_matches_torch_in_values_and_gradients(dtype, monk
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
     assert torch.equal(logits.detach(), before)  # fp32 logits are not a copy: they must stay untouched
+
+
+def test_training_kernels_undo_every_switch_and_refuse_a_second_training(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    from ctloop.errors import ModelError
+    from ctloop.kernels.session import training_kernels
+
+    model = tiny_lora_llama()
+    original_rotary = getattr(modeling_llama, ROTARY)
+    with training_kernels(model, cpu=True, activation_dtype=torch.float32):
+        switched = [m for m in model.modules() if "forward" in m.__dict__]
+        assert len(switched) > 0 and isinstance(getattr(modeling_llama, ROTARY), _FusedRotary)
+        with pytest.raises(ModelError, match="another training is running in this process"), \
+                training_kernels(tiny_lora_llama(), cpu=True, activation_dtype=torch.float32):
+            pass
+    assert [m for m in model.modules() if "forward" in m.__dict__] == []
+    assert getattr(modeling_llama, ROTARY) is original_rotary
+    with pytest.raises(RuntimeError, match="boom"), training_kernels(model, cpu=True, activation_dtype=torch.float32):
+        raise RuntimeError("boom")
+    assert [m for m in model.modules() if "forward" in m.__dict__] == []
+    with training_kernels(model, cpu=True, activation_dtype=torch.float32):  # released after the error
+        pass

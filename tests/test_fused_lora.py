@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama
 
-from ctloop.fused_lora import fuse_lora_layers
+from ctloop.kernels.lora import fuse_lora_layers
+from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ctloop.config import GateConfig
-from ctloop.gate import decide
+from ctloop.evaluation.gate import decide
 
 RULES = GateConfig(min_new_improvement=0.01, max_old_regression=0.02)
 

@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from ctloop.modeling import IGNORE_INDEX, Example, collate, encode, token_budget_batches, token_counter, token_losses
-from ctloop.records import Record
+from ctloop.data.records import Record
+from ctloop.model.batching import IGNORE_INDEX, Example, collate, encode, token_budget_batches, token_counter
+from ctloop.model.losses import token_losses
 
 # -- token_budget_batches ------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ def test_collate_pad_id_only_in_padding():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ctloop.tinymodel import _train_tokenizer
+    from ctloop.training.tinymodel import _train_tokenizer
 
     texts = ["Describe the Debian package python3-jwt: Python 3 implementation of JSON Web Token"] * 5
     return _train_tokenizer(texts, vocab_size=300)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctloop.drift.online import OnlineDriftDetector
 from ctloop.errors import DataError
-from ctloop.online import OnlineDriftDetector
 
 
 def _mean_run_length(detector: OnlineDriftDetector, rng: np.random.Generator, dims: int, alarms: int) -> float:

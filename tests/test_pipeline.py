@@ -13,10 +13,11 @@ import torch
 
 from conftest import quickstart_rows
 from ctloop.config import config_from_dict
+from ctloop.cycle.run import run_cycle
 from ctloop.errors import DataError
-from ctloop.pipeline import open_registry, run_cycle
-from ctloop.registry import CHALLENGER, CHAMPION
-from ctloop.workspace import Workspace, read_json
+from ctloop.fileio import read_json
+from ctloop.registry.client import CHALLENGER, CHAMPION, open_registry
+from ctloop.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -186,11 +187,13 @@ def test_cli_status_promote_rollback(two_cycles):
     assert status["aliases"] == {"champion": 1, "challenger": 2}
     assert [v["version"] for v in status["versions"]] == [1, 2]
     assert ctloop("promote").returncode == 0
-    assert json.loads(ctloop("status", "--json").stdout)["aliases"]["champion"] == 2
+    promoted = json.loads(ctloop("status", "--json").stdout)
+    assert promoted["aliases"] == {"champion": 2, "challenger": None}  # nothing pending after a promotion
+    assert "challenger: none pending" in ctloop("status").stdout
     rolled = ctloop("rollback")
     assert rolled.returncode == 0 and "v2 -> v1" in rolled.stderr
     final = json.loads(ctloop("status", "--json").stdout)
-    assert final["aliases"] == {"champion": 1, "challenger": 2}
+    assert final["aliases"] == {"champion": 1, "challenger": None}
     assert final["champion_history"] == [1]
 
 
@@ -265,21 +268,22 @@ def test_lineage_traces_a_version_back_to_the_first(two_cycles):
 
 def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path):
     from ctloop.errors import RegistryError
+    from ctloop.registry.promotion import awaiting_approval, promote
 
     config = _config(tiny_base, gate={"require_approval": True})
     workspace = Workspace(tmp_path / "ws")
     result = run_cycle(config, _data(tmp_path, "old.jsonl", "old_domain.jsonl", 120), workspace)
     registry = open_registry(config.registry, workspace)
-    assert result.version == 1 and registry.awaiting_approval(1)
+    assert result.version == 1 and awaiting_approval(registry, 1)
     assert registry.alias(CHALLENGER) is None and registry.alias(CHAMPION) is None
     with pytest.raises(RegistryError, match="awaits approval"):
-        registry.make_champion(1, by="t", note="too early")
+        promote(registry, 1, by="t", note="too early")
     done = subprocess.run([sys.executable, "-m", "ctloop", "approve", "1", "--by", "alice", "--note", "looked good",
                            "--workspace", str(workspace.root)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     info = registry.version(1)
     assert info.tags["ctloop.approved_by"] == "alice" and info.tags["ctloop.approval_note"] == "looked good"
-    assert registry.alias(CHALLENGER) == 1 and registry.alias(CHAMPION) == 1
+    assert registry.alias(CHALLENGER) is None and registry.alias(CHAMPION) == 1  # the first version: promote_first
 
 
 def test_contaminated_evaluation_rows_are_dropped_and_counted(tiny_base, tmp_path):

@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctloop.errors import DataError
-from ctloop.records import (
+from ctloop.data.records import (
     BadRow,
     Record,
     detect_format,
@@ -22,6 +21,7 @@ from ctloop.records import (
     record_from_fields,
     write_parquet,
 )
+from ctloop.errors import DataError
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"}]

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctloop.errors import RegistryError
-from ctloop.registry import CHALLENGER, CHAMPION, Registry
+from ctloop.registry.client import Registry
 
 
 @pytest.fixture()
@@ -16,7 +15,7 @@ def registry(tmp_path) -> Registry:
     return Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", "adapter", "exp", tmp_path / "artifacts")
 
 
-def _run_with_adapter(registry: Registry, tmp_path: Path, name: str) -> str:
+def run_with_adapter(registry: Registry, tmp_path: Path, name: str) -> str:
     adapter = tmp_path / f"adapter-{name}"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"name": name}))
@@ -28,7 +27,7 @@ def _run_with_adapter(registry: Registry, tmp_path: Path, name: str) -> str:
 
 
 def test_register_is_idempotent_on_the_cycle_key(registry, tmp_path):
-    run_id = _run_with_adapter(registry, tmp_path, "a")
+    run_id = run_with_adapter(registry, tmp_path, "a")
     first = registry.register(run_id, "key-a", {"ctloop.data_fingerprint": "f1"}, "first")
     again = registry.register(run_id, "key-a", {"ctloop.data_fingerprint": "f1"}, "first")
     assert first.version == again.version == 1
@@ -38,36 +37,13 @@ def test_register_is_idempotent_on_the_cycle_key(registry, tmp_path):
 
 def test_artifacts_go_to_the_configured_location_not_the_cwd(registry, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _run_with_adapter(registry, tmp_path, "a")
+    run_with_adapter(registry, tmp_path, "a")
     assert not (tmp_path / "mlruns").exists()
     assert list((tmp_path / "artifacts").rglob("adapter_config.json"))
 
 
-def test_promote_and_rollback_move_champion_and_keep_history(registry, tmp_path):
-    for name in ("a", "b", "c"):
-        info = registry.register(_run_with_adapter(registry, tmp_path, name), f"key-{name}", {}, name)
-        registry.set_alias(CHALLENGER, info.version)
-    assert registry.make_champion(1, by="t", note="first") is None
-    assert registry.make_champion(3, by="t", note="skip b") == 1
-    assert registry.make_champion(3, by="t", note="again") == 3  # no-op, history unchanged
-    assert registry.champion_history() == [1, 3]
-    assert registry.rollback(by="t") == (3, 1)
-    assert registry.alias(CHAMPION) == 1
-    assert registry.alias(CHALLENGER) == 3
-    assert "rolled_back" in " ".join(registry.version(3).tags)
-    with pytest.raises(RegistryError, match="no previous champion"):
-        registry.rollback(by="t")
-
-
-def test_promoting_a_missing_version_fails_clearly(registry, tmp_path):
-    registry.register(_run_with_adapter(registry, tmp_path, "a"), "key-a", {}, "a")
-    with pytest.raises(RegistryError, match="has no version 7"):
-        registry.make_champion(7, by="t", note="typo")
-    assert registry.alias(CHAMPION) is None
-
-
 def test_download_adapter_fetches_the_registered_files(registry, tmp_path):
-    registry.register(_run_with_adapter(registry, tmp_path, "a"), "key-a", {}, "a")
+    registry.register(run_with_adapter(registry, tmp_path, "a"), "key-a", {}, "a")
     local = registry.download_adapter(1, tmp_path / "cache")
     assert (local / "adapter_model.safetensors").read_bytes() == b"weights-a"
     assert registry.download_adapter(1, tmp_path / "cache") == local  # cached

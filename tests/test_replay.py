@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ctloop.config import ReplayConfig
-from ctloop.records import Record
-from ctloop.replay import BufferRow, ReplayBuffer, build_training_set
+from ctloop.data.records import Record
+from ctloop.data.replay import BufferRow, ReplayBuffer, build_training_set
 
 
 def rec(tag: str, i: int) -> Record:

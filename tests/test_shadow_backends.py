@@ -11,8 +11,8 @@ import pytest
 
 from ctloop.config import ModelConfig
 from ctloop.errors import ModelError
-from ctloop.shadow.backends import SHADOW, USER, GenerationRequest, InProcessBackend, PriorityLock
-from ctloop.tinymodel import random_adapter
+from ctloop.serving.backends import SHADOW, USER, GenerationRequest, InProcessBackend, PriorityLock
+from ctloop.training.tinymodel import random_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
 from ctloop.config import ShadowConfig
-from ctloop.shadow.compare import HOLD, PROMOTE, REJECT, compare, write_html
+from ctloop.reports.shadow import write_shadow_report
+from ctloop.serving.compare import HOLD, PROMOTE, REJECT, compare
 
 SETTINGS = ShadowConfig(min_pairs=50, embedding_similarity=False)
 
@@ -85,8 +87,16 @@ def test_the_judge_is_called_both_ways_and_decides():
 def test_the_html_report_has_the_decision_and_plots(tmp_path):
     rows = _rows(100)
     report = compare(rows, SETTINGS, "1", "2")
-    html = write_html(report, rows, tmp_path / "shadow.html").read_text()
+    html = write_shadow_report(report, rows, tmp_path / "shadow.html").read_text()
     assert "PROMOTE" in html and "<svg" in html and "latency" in html
+
+
+def test_report_texts_are_escaped_but_charts_are_not(tmp_path):
+    rows = _rows(20)
+    report = replace(compare(rows, SETTINGS, "1", "2"), reasons=["error rate <= 2% <script>x</script>"])
+    html = write_shadow_report(report, rows, tmp_path / "shadow.html").read_text()
+    assert "error rate &lt;= 2% &lt;script&gt;" in html and "<script>" not in html
+    assert "<svg" in html
 
 
 def test_a_challenger_exactly_at_the_latency_limit_is_rarely_rejected():

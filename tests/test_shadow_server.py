@@ -7,12 +7,13 @@ import threading
 
 import httpx
 import pytest
-from shadow_helpers import register_versions, serving_config
 
-from ctloop.shadow.server import create_app, serve_in_background
-from ctloop.shadow.store import read_rows
-from ctloop.tinymodel import random_adapter
+from ctloop.registry.promotion import promote
+from ctloop.serving.server import create_app, serve_in_background
+from ctloop.serving.store import read_rows
+from ctloop.training.tinymodel import random_adapter
 from ctloop.workspace import Workspace
+from shadow_helpers import register_versions, serving_config
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ def test_counters_are_exported_and_add_up(setup):
     assert metrics["ctloop_shadow_offered_total"] == (metrics["ctloop_shadow_sampled_out_total"] + skipped
                                                       + metrics["ctloop_shadow_dropped_total"]
                                                       + metrics["ctloop_shadow_enqueued_total"])
-    assert metrics['ctloop_http_requests_total{path="/v1/completions",code="200"}'] == 4
+    assert metrics['ctloop_http_requests_total{code="200",path="/v1/completions"}'] == 4  # prometheus_client sorts labels
     assert not any("9999" in name for name in metrics)  # the injection below did not land
 
 
@@ -145,7 +146,7 @@ def test_a_champion_moved_in_the_registry_is_picked_up_without_failing_requests(
         import time
 
         time.sleep(0.5)
-        registry.make_champion(2, by="test", note="moved behind the server's back")
+        promote(registry, 2, by="test", note="moved behind the server's back")
         deadline = time.monotonic() + 30
         while httpx.get(f"{url}/healthz").json()["champion"] != 2 and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import threading
 
+from ctloop.serving.store import ShadowStore, redact
 from shadow_helpers import shadow_record
-
-from ctloop.shadow.store import ShadowStore, redact
 
 
 def test_a_clean_shutdown_loses_no_row_even_from_many_threads(tmp_path):

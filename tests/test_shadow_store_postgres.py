@@ -10,9 +10,8 @@ import uuid
 
 import pytest
 
+from ctloop.serving.store import ShadowStore, read_rows
 from shadow_helpers import shadow_record
-
-from ctloop.shadow.store import ShadowStore, read_rows
 
 URL = os.environ.get("CTLOOP_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(URL is None, reason="no PostgreSQL: run the tests through `make test` "

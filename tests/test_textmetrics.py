@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctloop.textmetrics import exact_match, normalise, rouge_l, token_f1
+from ctloop.evaluation.textmetrics import exact_match, normalise, rouge_l, token_f1
 
 
 def test_normalise_drops_case_punctuation_and_articles():
@@ -28,7 +28,7 @@ def test_metrics(prediction, reference, em, f1, rouge):
 
 def test_custom_metrics_load_by_name_and_bad_names_fail_clearly():
     from ctloop.errors import ConfigError
-    from ctloop.textmetrics import load_metrics, score
+    from ctloop.evaluation.textmetrics import load_metrics, score
 
     metrics = load_metrics({"verbatim": "operator:eq"})
     assert score("a b", "a b", metrics)["verbatim"] == 1.0

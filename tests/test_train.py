@@ -13,7 +13,7 @@ import pytest
 
 from conftest import quickstart_rows
 from ctloop.config import LoraConfig, ModelConfig, TrainConfig
-from ctloop.records import record_from_fields
+from ctloop.data.records import record_from_fields
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def _adapter_tensors(folder: Path) -> dict:
 
 
 def _train(tiny_base, out: Path, checkpoint_dir: Path | None = None, **train):
-    from ctloop.train import train_adapter
+    from ctloop.training.trainer import train_adapter
 
     settings = {"epochs": 2, "learning_rate": 0.01, "batch_tokens": 256, "checkpoint_every": 3} | train
     return train_adapter(_records(120), model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
@@ -41,7 +41,8 @@ def test_packed_samples_do_not_attend_to_each_other():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ctloop.modeling import Example, collate, collate_packed, token_losses
+    from ctloop.model.batching import Example, collate, collate_packed
+    from ctloop.model.losses import token_losses
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -69,7 +70,7 @@ def test_packing_fills_fixed_width_rows(tiny_base, tmp_path):
 def test_packed_batches_hold_every_example_once_in_one_batch_shape():
     import random
 
-    from ctloop.modeling import packed_batches, packed_row_width
+    from ctloop.model.batching import packed_batches, packed_row_width
 
     rng = random.Random(0)
     lengths = [rng.randint(5, 250) for _ in range(900)]
@@ -115,11 +116,11 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_r
     code = KILLABLE.format(tests=str(Path(__file__).parent), base=str(tiny_base), out=str(out), ckpt=str(checkpoints))
     victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (checkpoints / "checkpoint.pt").exists() and time.monotonic() < deadline:
+    while not (checkpoints / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)  # like kill -9, right after a checkpoint
     victim.wait()
-    assert (checkpoints / "checkpoint.pt").exists() and not out.exists()
+    assert (checkpoints / "checkpoint.safetensors").exists() and not out.exists()
 
     resumed = _train(tiny_base, out, checkpoints)
     assert resumed.resumed_from_step > 0
@@ -129,7 +130,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_r
 
 
 def test_warm_start_continues_the_given_adapter(tiny_base, tmp_path):
-    from ctloop.train import train_adapter
+    from ctloop.training.trainer import train_adapter
 
     first = _train(tiny_base, tmp_path / "first", epochs=3, log_every=1)
     fresh = _train(tiny_base, tmp_path / "fresh", epochs=1, log_every=1)
@@ -152,8 +153,10 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from ctloop.config import config_from_dict
-    from ctloop.stages import prepare_stage, trigger_stage, validate_stage
-    from ctloop.workspace import Workspace, read_json
+    from ctloop.cycle.folder import StageContext
+    from ctloop.cycle.stages import prepare_stage, trigger_stage, validate_stage
+    from ctloop.fileio import read_json
+    from ctloop.workspace import Workspace
 
     raw = {"model": {"base": str(tiny_base), "max_seq_tokens": 96}, "data": {"min_rows": 20},
            "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 256}, "registry": {"model_name": "ddp"}}
@@ -162,9 +165,9 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
     config, workspace = config_from_dict(raw), Workspace(tmp_path / "ws")
     data = tmp_path / "d.jsonl"
     data.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl", 120)) + b"\n")
-    cycle_id = validate_stage(config, data, workspace)
-    assert trigger_stage(config, workspace, cycle_id).train
-    prepare_stage(config, workspace, cycle_id)
+    cycle_id = validate_stage(StageContext(config, workspace, data=data))
+    assert trigger_stage(StageContext(config, workspace, cycle_id)).train
+    prepare_stage(StageContext(config, workspace, cycle_id))
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ctloop", "train", "--config", str(config_path), "--cycle", cycle_id,
@@ -181,7 +184,7 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
 
 def test_evaluation_with_generation_scores_greedy_answers(tiny_base, tmp_path):
     from ctloop.config import EvalConfig
-    from ctloop.evaluate import evaluate
+    from ctloop.evaluation.evaluate import evaluate
 
     adapter = Path(_train(tiny_base, tmp_path / "a", epochs=1).adapter_dir)
     rows = _records(12)
@@ -214,8 +217,8 @@ def test_training_attention_skips_work_across_packed_samples_where_it_can(monkey
     import torch
     import transformers.utils
 
-    from ctloop import cpu_attention
-    from ctloop.train import training_attention
+    from ctloop.kernels import attention as cpu_attention
+    from ctloop.training.trainer import training_attention
 
     if not torch.cuda.is_available():  # this machine: ctloop's CPU kernel, whatever the batches
         assert training_attention(True, True) == training_attention(False, False) == cpu_attention.NAME
@@ -230,3 +233,78 @@ def test_training_attention_skips_work_across_packed_samples_where_it_can(monkey
     assert training_attention(True, False) == "flex_attention"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     assert training_attention(True, True) == "flex_attention"
+
+
+PAYLOAD_MARKER = "pwned-by-checkpoint"
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint in a shared workspace would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_pickle_checkpoint_never_runs_and_training_starts_over(tiny_base, tmp_path):
+    import pickle
+
+    checkpoints, marker = tmp_path / "checkpoints", tmp_path / PAYLOAD_MARKER
+    checkpoints.mkdir()
+    (checkpoints / "checkpoint.pt").write_bytes(pickle.dumps({"adapter": _Payload(marker)}))
+    result = _train(tiny_base, tmp_path / "adapter", checkpoints)
+    assert not marker.exists()  # the pickle was never loaded
+    assert result.resumed_from_step == 0 and (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_crafted_checkpoint_in_the_new_format_is_refused_with_a_clear_error(tiny_base, tmp_path):
+    import pickle
+
+    from ctloop.errors import WorkspaceError
+
+    checkpoints, marker = tmp_path / "checkpoints", tmp_path / PAYLOAD_MARKER
+    checkpoints.mkdir()
+    (checkpoints / "checkpoint.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(WorkspaceError, match="not a checkpoint ctloop can read.*delete"):
+        _train(tiny_base, tmp_path / "adapter", checkpoints)
+    assert not marker.exists()
+
+
+def test_the_checkpoint_round_trips_optimizer_scheduler_rng_and_progress(tmp_path):
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctloop.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def setup():
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2))
+        model = get_peft_model(base, PeftLoraConfig(r=2, target_modules=["q_proj"]))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+
+    model, optimizer, scheduler = setup()
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    progress = {"step": 1, "losses": [[1, 2.5]], "seconds": 0.5}
+    save_checkpoint(tmp_path, model, optimizer, scheduler, progress)
+    expected_draw = torch.rand(3)
+
+    fresh, fresh_optimizer, fresh_scheduler = setup()
+    restored: dict = {}
+    assert load_checkpoint(tmp_path, fresh, fresh_optimizer, fresh_scheduler, restored) == 1
+    assert restored == progress and fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert torch.equal(torch.rand(3), expected_draw)
+    for want, got in zip(optimizer.state.values(), fresh_optimizer.state.values(), strict=True):
+        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    for (name, want), got in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        if want.requires_grad:
+            assert torch.equal(want, got), name

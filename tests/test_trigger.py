@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ctloop.config import DriftConfig
-from ctloop.drift import DetectorResult, DriftReport
-from ctloop.trigger import TriggerDecision, decide_trigger
+from ctloop.drift.detectors import DetectorResult, DriftReport
+from ctloop.drift.trigger import TriggerDecision, decide_trigger
 
 MMD_HIT = DetectorResult("mmd", 0.25, 0.002, drift=True, adjusted_p=0.004)
 MMD_MISS = DetectorResult("mmd", 0.001, 0.4, drift=False, adjusted_p=0.8)

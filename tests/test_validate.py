@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ctloop.config import DataConfig
-from ctloop.records import RawRow, fingerprint, read_raw_rows
-from ctloop.validate import validate_records
+from ctloop.data.records import RawRow, fingerprint, read_raw_rows
+from ctloop.data.validation import validate_records
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN = REPO / "examples" / "broken.jsonl"

@@ -1,6 +1,7 @@
 """ctloop: continuous training of LLM LoRA adapters.
 
-Read `pipeline.py` first: it runs one cycle, calling the stage modules in order.
+Read `cycle/declaration.py` first: it declares the stages of a cycle in order; then the stage
+functions in `cycle/stages.py`, and `cycle/run.py`, which runs them.
 """
 
 __version__ = "0.1.0"

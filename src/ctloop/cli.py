@@ -31,7 +31,7 @@ def run(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML
         force: Annotated[bool, typer.Option("--force", help="train even without drift")] = False) -> None:
     """Run one cycle: validate, check drift, replay mix, train, evaluate, gate, register."""
     from ctloop.config import load_config
-    from ctloop.pipeline import run_cycle
+    from ctloop.cycle.run import run_cycle
     from ctloop.workspace import resolve_workspace
 
     cfg = load_config(config)
@@ -46,11 +46,13 @@ def train(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YA
     """Run only the training stage of a prepared cycle; scale out with
     `torchrun --nproc_per_node N -m ctloop train ...` (a re-run of the cycle then re-uses the adapter)."""
     from ctloop.config import load_config
-    from ctloop.stages import train_stage
+    from ctloop.cycle.declaration import stage
+    from ctloop.cycle.folder import StageContext
+    from ctloop.cycle.run import run_stage
     from ctloop.workspace import resolve_workspace
 
     cfg = load_config(config)
-    train_stage(cfg, resolve_workspace(workspace, cfg), cycle)
+    run_stage(stage("train"), StageContext(cfg, resolve_workspace(workspace, cfg), cycle))
 
 
 @app.command()
@@ -63,7 +65,7 @@ def drift(reference: Annotated[Path, typer.Option(help="reference records (.json
           ert: Annotated[int, typer.Option(help="online: expected rows between false alarms")] = 500,
           window: Annotated[int, typer.Option(help="online: rows in the sliding window")] = 50) -> None:
     """Test whether CURRENT is distributed like REFERENCE. Exit 0: no drift, 3: drift, 2: error."""
-    from ctloop.drift_check import check_files, check_stream
+    from ctloop.drift.check import check_files, check_stream
 
     result = check_stream(reference, current, config, ert, window) if online else \
         check_files(reference, current, config, report)
@@ -89,7 +91,7 @@ def demo(workspace: WorkspaceOption = None) -> None:
 def status(config: ConfigOption = None, workspace: WorkspaceOption = None,
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """Show the champion, the challenger, all versions and the last cycles."""
-    from ctloop.status import collect_status, render_status
+    from ctloop.cycle.status import collect_status, render_status
 
     info = collect_status(*_registry_context(config, workspace))
     if as_json:
@@ -106,33 +108,21 @@ def promote(version: Annotated[int | None, typer.Option(help="version to promote
                 "--require-shadow", help="refuse unless `ctloop shadow report` decides PROMOTE")] = False,
             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
     """Move the `champion` alias to a version (the challenger by default)."""
-    from ctloop.errors import RegistryError
-    from ctloop.registry import CHALLENGER
+    from ctloop.registry.promotion import promote as promote_version
 
     registry, ws = _registry_context(config, workspace)
-    target = version if version is not None else registry.alias(CHALLENGER)
-    if target is None:
-        raise RegistryError("there is no challenger to promote; pass --version N (see `ctloop status`)")
-    if require_shadow:
-        report = _shadow_report(config, ws, registry, None, target)[0]
-        console.print(report.summary())
-        if report.decision != "PROMOTE":
-            raise RegistryError(f"the shadow decision for v{target} is {report.decision}, not PROMOTE; "
-                                f"serve more traffic or drop --require-shadow")
-    previous = registry.make_champion(target, by=by, note=note)
-    if previous == target:
-        console.print(f"version {target} is already the champion; nothing changed")
-    else:
-        console.print(f"champion: v{previous if previous is not None else '-'} -> v{target}")
+    check = _shadow_check(config, ws, registry) if require_shadow else None
+    console.print(promote_version(registry, version, by=by, note=note, shadow_check=check).summary())
 
 
 @app.command()
 def rollback(by: Annotated[str, typer.Option(help="who rolls back")] = "cli",
              config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
     """Move `champion` back to the previous champion."""
+    from ctloop.registry.promotion import rollback as rollback_champion
+
     registry, _ = _registry_context(config, workspace)
-    current, target = registry.rollback(by=by)
-    console.print(f"champion: v{current} -> v{target} (rolled back)")
+    console.print(rollback_champion(registry, by=by).summary() + " (rolled back)")
 
 
 @app.command()
@@ -141,18 +131,12 @@ def approve(version: Annotated[int, typer.Argument(help="the version to approve"
             note: Annotated[str, typer.Option(help="why")],
             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
     """Record a human approval; an approved version becomes the challenger (gate.require_approval)."""
-    from ctloop.errors import RegistryError
-    from ctloop.registry import CHAMPION
-    from ctloop.stages import take_challenger_role
+    from ctloop.registry.client import CHAMPION
+    from ctloop.registry.promotion import approve as approve_version
 
     registry, _ = _registry_context(config, workspace)
-    info = registry.version(version)
-    if info.tags.get("ctloop.gate") != "PASS":
-        raise RegistryError(f"version {version} did not pass the gate ({info.tags.get('ctloop.gate', 'no gate')}); "
-                            f"only passing versions can be approved")
-    registry.approve(version, by=by, note=note)
-    console.print(f"version {version} approved by {by}")
-    take_challenger_role(registry, version, promote_first=registry.alias(CHAMPION) is None)
+    approve_version(registry, version, by=by, note=note, promote_first=registry.alias(CHAMPION) is None)
+    console.print(f"version {version} approved by {by}; champion v{registry.alias(CHAMPION)}")
 
 
 @app.command()
@@ -182,7 +166,7 @@ def serve(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YA
           workspace: WorkspaceOption = None) -> None:
     """Serve the champion behind an OpenAI-compatible API and shadow the challenger."""
     from ctloop.config import load_config
-    from ctloop.shadow.server import serve as run_server
+    from ctloop.serving.server import serve as run_server
     from ctloop.workspace import resolve_workspace
 
     cfg = load_config(config)
@@ -201,7 +185,7 @@ def shadow_report(config: ConfigOption = None, workspace: WorkspaceOption = None
                   html: Annotated[Path | None, typer.Option(
                       "--html", help="HTML report path (default: <workspace>/shadow/vN-vs-vM.html)")] = None) -> None:
     """Compare the logged shadow pairs and decide PROMOTE / HOLD / REJECT. Exit 0: PROMOTE, 3: HOLD, 4: REJECT."""
-    from ctloop.tracking import publish_shadow_report
+    from ctloop.serving.evidence import publish_shadow_report
 
     registry, ws = _registry_context(config, workspace)
     report, rows = _shadow_report(config, ws, registry, champion, challenger)
@@ -214,15 +198,26 @@ def shadow_report(config: ConfigOption = None, workspace: WorkspaceOption = None
     raise typer.Exit({"PROMOTE": 0, "HOLD": 3, "REJECT": 4}[report.decision])
 
 
+def _shadow_check(config_path: Path | None, ws, registry):
+    """The shadow comparison for `promote --require-shadow`: (decision, reasons), with the summary printed."""
+
+    def check(champion: int, challenger: int) -> tuple[str, str]:
+        report = _shadow_report(config_path, ws, registry, champion, challenger)[0]
+        console.print(report.summary())
+        return report.decision, "; ".join(report.reasons)
+
+    return check
+
+
 def _shadow_report(config_path: Path | None, ws, registry, champion: int | None, challenger: int | None):
     from ctloop.config import load_config
     from ctloop.errors import RegistryError
-    from ctloop.pipeline import shadow_settings
-    from ctloop.registry import CHALLENGER, CHAMPION
-    from ctloop.shadow.compare import shadow_report as compare_logged
+    from ctloop.registry.client import CHALLENGER, CHAMPION
+    from ctloop.serving.compare import shadow_report as compare_logged
+    from ctloop.workspace import saved_shadow_settings
 
     # Without --config: the settings the workspace's last cycle ran with (store URL, thresholds, judge).
-    settings = load_config(config_path).shadow if config_path is not None else shadow_settings(ws)
+    settings = load_config(config_path).shadow if config_path is not None else saved_shadow_settings(ws)
     champion = champion if champion is not None else registry.alias(CHAMPION)
     challenger = challenger if challenger is not None else registry.alias(CHALLENGER)
     if champion is None or challenger is None:
@@ -241,8 +236,8 @@ def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to ch
 
 
 def _registry_context(config_path: Path | None, workspace: Path | None):
-    from ctloop.pipeline import open_registry, registry_settings
-    from ctloop.workspace import resolve_workspace
+    from ctloop.registry.client import open_registry
+    from ctloop.workspace import resolve_workspace, saved_registry_settings
 
     if config_path is not None:
         from ctloop.config import load_config
@@ -252,11 +247,19 @@ def _registry_context(config_path: Path | None, workspace: Path | None):
         settings = cfg.registry
     else:
         ws = resolve_workspace(workspace)
-        settings = registry_settings(ws)
+        settings = saved_registry_settings(ws)
     return open_registry(settings, ws), ws
 
 
 def main() -> None:
+    import os
+
+    from ctloop.logs import configure_logging
+
+    # The process is ctloop's here (an edge), so it may set MLflow's process-wide switches.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    configure_logging()
     try:
         app()
     except CtloopError as exc:

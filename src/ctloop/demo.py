@@ -42,7 +42,7 @@ def prepare_workspace(workspace: Workspace) -> None:
 
 
 def build_base_model(workspace: Workspace, steps: int = 300) -> Path:
-    from ctloop.tinymodel import TinyModelSpec, build_tiny_model
+    from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
 
     rows = [json.loads(line) for line in quickstart_file("pretrain.jsonl").read_text().splitlines()]
     texts = [row["prompt"] + row["completion"] for row in rows]
@@ -54,9 +54,10 @@ def build_base_model(workspace: Workspace, steps: int = 300) -> Path:
 
 def run_demo(workspace: Workspace) -> None:
     from ctloop.config import load_config
-    from ctloop.pipeline import open_registry, run_cycle
-    from ctloop.registry import CHALLENGER
-    from ctloop.shadow.compare import PROMOTE
+    from ctloop.cycle.run import run_cycle
+    from ctloop.registry.client import open_registry
+    from ctloop.registry.promotion import promote
+    from ctloop.serving.compare import PROMOTE
 
     prepare_workspace(workspace)
     console.rule("[bold]ctloop demo")
@@ -76,8 +77,7 @@ def run_demo(workspace: Workspace) -> None:
         console.rule("shadow: serve the champion, mirror live traffic to the challenger, compare, decide")
         shadow, shadow_html = shadow_phase(config, workspace, registry)
         if shadow.decision == PROMOTE:
-            registry.make_champion(registry.alias(CHALLENGER), by="ctloop demo",
-                                   note="passed the gate in cycle 2 and the shadow comparison")
+            promote(registry, by="ctloop demo", note="passed the gate in cycle 2 and the shadow comparison")
     _print_story(first, second, registry, workspace, config_path, shadow, shadow_html)
 
 
@@ -86,10 +86,10 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
     (the shadow log drains), then compare the logged pairs and log the report to MLflow."""
     import httpx
 
-    from ctloop.registry import CHALLENGER, CHAMPION
-    from ctloop.shadow.compare import shadow_report
-    from ctloop.shadow.server import create_app, serve_in_background
-    from ctloop.tracking import publish_shadow_report
+    from ctloop.registry.client import CHALLENGER, CHAMPION
+    from ctloop.serving.compare import shadow_report
+    from ctloop.serving.evidence import publish_shadow_report
+    from ctloop.serving.server import create_app, serve_in_background
 
     prompts = [prompt for name in ("new_domain.jsonl", "old_domain.jsonl")
                for prompt in _prompts(quickstart_file(name))[-requests // 2:]]

@@ -11,15 +11,14 @@ Layout (all under one root, `./ctloop-workspace` by default):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ctloop.config import DEFAULT_WORKSPACE, CtloopConfig
+from ctloop.config import DEFAULT_WORKSPACE, CtloopConfig, RegistryConfig, ShadowConfig
+from ctloop.fileio import read_json, utc_now, write_json
 
 
 @dataclass(frozen=True)
@@ -59,22 +58,39 @@ class Workspace:
         return self
 
 
+SETTINGS_FILE = "ctloop.json"
+
+
+def save_settings(workspace: Workspace, config: CtloopConfig) -> None:
+    """Keep the registry and shadow settings of the last cycle, so later commands need no --config."""
+    write_json(workspace.root / SETTINGS_FILE, {"registry": config.registry.model_dump(mode="json"),
+                                               "shadow": config.shadow.model_dump(mode="json")})
+
+
+def saved_registry_settings(workspace: Workspace) -> RegistryConfig:
+    """The registry settings the workspace's last cycle used."""
+    return RegistryConfig(**_saved_settings(workspace).get("registry", {}))
+
+
+def saved_shadow_settings(workspace: Workspace) -> ShadowConfig:
+    """The shadow settings of the workspace's last cycle."""
+    return ShadowConfig(**_saved_settings(workspace).get("shadow", {}))
+
+
+def _saved_settings(workspace: Workspace) -> dict:
+    from ctloop.errors import WorkspaceError
+
+    if not workspace.root.is_dir():
+        raise WorkspaceError(f"no workspace at {workspace.root}; run `ctloop demo` or `ctloop run` first, "
+                             f"or pass --workspace")
+    path = workspace.root / SETTINGS_FILE
+    return read_json(path) if path.is_file() else {}
+
+
 def resolve_workspace(cli_value: Path | None, config: CtloopConfig | None = None) -> Workspace:
     """--workspace wins, then the config's `workspace`, then ./ctloop-workspace."""
     chosen = cli_value or (config.workspace if config else None) or DEFAULT_WORKSPACE
     return Workspace(Path(chosen).expanduser().resolve())
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 _held_locks: dict[Path, int] = {}  # lock path -> nesting depth in this process
@@ -118,7 +134,7 @@ def workspace_lock(workspace: Workspace, purpose: str, wait_seconds: float = 0.0
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {purpose}\n")
+                 f"{utc_now()}: {purpose}\n")
     handle.flush()
     _held_locks[path] = 1
     try:

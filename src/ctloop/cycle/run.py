@@ -1,0 +1,181 @@
+"""Running a cycle: every stage of `declaration.CYCLE` in order (`run_cycle`, for `ctloop run`),
+or one stage by itself (`run_stage`, for an orchestrator's task). Both share the same rules:
+
+- A finished cycle is never redone: the same data and config find their folder and stop.
+- The deciding stage's "no" ends the cycle as skipped, not failed.
+- A stage that fails marks the cycle's MLflow run FAILED and records the stage and the error in
+  `cycle.json`; running the cycle again resumes from the finished stages.
+
+The cycle id is a hash of the validated data's fingerprint, the config and the base model
+revision. The workspace lock keeps two cycles apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ctloop.config import CtloopConfig
+from ctloop.console import console
+from ctloop.cycle.declaration import CYCLE, Stage
+from ctloop.cycle.folder import FINISHED, CycleFolder, StageContext
+from ctloop.fileio import utc_now
+from ctloop.registry.client import open_registry
+from ctloop.workspace import Workspace, workspace_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    cycle_id: str
+    status: str  # "registered", "rejected", "inconclusive", "skipped" or "already_done"
+    cycle_dir: str
+    run_id: str
+    version: int | None
+    champion_before: int | None
+    means: dict[str, dict[str, float]] = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    trigger: str = ""
+
+    @property
+    def trained(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gate.get("passed"))
+
+    def summary(self) -> str:
+        if self.status == "skipped":
+            return f"cycle {self.cycle_id}: skipped, not trained - {self.trigger}"
+        where = f"version {self.version}" if self.version else "not registered"
+        return f"cycle {self.cycle_id}: {self.status} ({where}); gate {self.gate.get('outcome', '?')}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """What running one stage left: the cycle's id, and whether the cycle goes on."""
+
+    cycle_id: str
+    proceed: bool
+    stopped_because: str = ""  # "already_done" or "skipped" when proceed is False
+
+
+def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace, force: bool = False,
+              wait_seconds: float = 0.0) -> CycleResult:
+    """Run one cycle on the records in `data_path`. `force` trains even when the trigger (drift,
+    schedule) sees no need; `wait_seconds` is how long to wait for a busy workspace."""
+    context = StageContext(config, workspace, data=data_path, force=force)
+    with workspace_lock(workspace, f"ctloop run on {data_path}", wait_seconds):
+        for stage in CYCLE:
+            step = run_stage(stage, context)
+            context = StageContext(config, workspace, step.cycle_id, data_path, force)
+            if not step.proceed:
+                break
+        return cycle_result(config, workspace, context.cycle_id, already_done=step.stopped_because == "already_done")
+
+
+def run_stage(stage: Stage, context: StageContext) -> StageStep:
+    """Run one stage of the cycle with the cycle's rules (see the module docstring). The caller
+    holds the workspace lock."""
+    if stage.role != "opens" and _already_finished(stage, context):
+        return StageStep(context.cycle_id, False, "already_done")
+    log.info("stage %s of cycle %s", stage.name, context.cycle_id or "(new)")
+    try:
+        outcome = stage.run(context)
+    except BaseException as exc:
+        _record_failure(context, stage, exc)
+        raise
+    if stage.role == "opens":
+        cycle_id = str(outcome)
+        if finished_result(context.config, context.workspace, cycle_id):
+            console.print(f"cycle {cycle_id} already ran on this data and config: nothing to do")
+            return StageStep(cycle_id, False, "already_done")
+        return StageStep(cycle_id, True)
+    if stage.role == "decides" and not getattr(outcome, "train", outcome):
+        return StageStep(context.cycle_id, False, "skipped")
+    return StageStep(context.cycle_id, True)
+
+
+def run_stage_task(config_path: str | Path, stage_name: str, cycle_id: str = "", data: str | None = None,
+                   force: bool = False, purpose: str = "orchestrated task") -> StageStep:
+    """One stage as an orchestrator's task runs it (the Airflow DAGs): load the config, take the
+    workspace lock (waiting up to `orchestration.lock_wait_seconds`), run the stage with the
+    cycle's rules. `data` defaults to `orchestration.data`."""
+    from ctloop.config import load_config
+    from ctloop.cycle.declaration import stage
+    from ctloop.errors import ConfigError
+    from ctloop.workspace import resolve_workspace
+
+    config = load_config(config_path)
+    chosen = stage(stage_name)
+    data = data or config.orchestration.data
+    if chosen.role == "opens" and not data:
+        raise ConfigError(str(config_path), ["orchestration.data: no data file; set it, or trigger the run with "
+                                             "conf {\"data\": \"/path/to/new.jsonl\"}"])
+    workspace = resolve_workspace(None, config)
+    context = StageContext(config, workspace, cycle_id, Path(data) if data else None, force)
+    with workspace_lock(workspace, f"{purpose}: {stage_name}", config.orchestration.lock_wait_seconds):
+        return run_stage(chosen, context)
+
+
+def _already_finished(stage: Stage, context: StageContext) -> bool:
+    """Working stages look at the cycle's folder; the deciding stage also asks the registry, since
+    the same cycle may have been registered from another workspace."""
+    if stage.role == "works":
+        return context.folder.state().get("status") in FINISHED
+    return finished_result(context.config, context.workspace, context.cycle_id) is not None
+
+
+def cycle_result(config: CtloopConfig, workspace: Workspace, cycle_id: str,
+                 already_done: bool = False) -> CycleResult:
+    """The result of a cycle that has stopped: finished by this run, finished before it
+    (`already_done`), or skipped by the trigger."""
+    from ctloop.fileio import read_json
+
+    cycle = CycleFolder(workspace, cycle_id)
+    state = cycle.state()
+    done = finished_result(config, workspace, cycle_id) if already_done else None
+    if done is not None:
+        return done
+    if state.get("status") in FINISHED and "result" in state:
+        return CycleResult(**state["result"])
+    return CycleResult(cycle_id, "skipped", str(cycle.dir), "", None, None,
+                       validation=read_json(cycle.path("validation.json")), trigger=state.get("trigger", ""))
+
+
+def finished_result(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> CycleResult | None:
+    """The cycle's result when it already finished here, or registered from elsewhere; else None."""
+    cycle = CycleFolder(workspace, cycle_id)
+    state = cycle.state()
+    if state.get("status") in FINISHED:
+        return CycleResult(**{**state["result"], "status": "already_done"})
+    if "run_id" not in state:
+        done = open_registry(config.registry, workspace).find_by_cycle_key(cycle_id)
+        if done is not None:  # registered from another workspace, or this one was lost and recreated
+            return CycleResult(cycle_id, "already_done", str(cycle.dir), done.run_id, done.version, None)
+    return None
+
+
+def _record_failure(context: StageContext, stage: Stage, exc: BaseException) -> None:
+    """Mark the cycle's MLflow run FAILED (a retry resumes it) and note the failure in cycle.json."""
+    if not context.cycle_id:
+        return
+    cycle = context.folder
+    state = cycle.state()
+    if not cycle.dir.is_dir() or state.get("status") in FINISHED:
+        return
+    cycle.update_state(failed_stage=stage.name, failed_at=utc_now(),
+                       error=f"{exc.__class__.__name__}: {exc}"[:2000])
+    log.error("stage %s of cycle %s failed: %s: %s", stage.name, context.cycle_id, exc.__class__.__name__, exc)
+    if "run_id" in state:
+        try:
+            open_registry(context.config.registry, context.workspace).end_run(state["run_id"], "FAILED")
+        except Exception as registry_error:  # noqa: BLE001 - the stage's own error is the one to raise
+            log.warning("could not mark MLflow run %s FAILED: %s", state["run_id"], registry_error)

@@ -1,0 +1,345 @@
+"""The stage functions of a cycle, in the order `declaration.CYCLE` runs them.
+
+Each takes a `StageContext`, reads its inputs from the cycle's folder and writes its outputs
+there, so `ctloop run` and the Airflow DAG run the very same code, and a retried stage re-uses
+what a finished one left. What each stage reads and writes is listed in `declaration.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ctloop import __version__
+from ctloop.config import CtloopConfig
+from ctloop.console import console
+from ctloop.cycle.folder import CycleFolder, StageContext
+from ctloop.cycle.tracking import log_cycle_run
+from ctloop.data.records import Record, fingerprint, read_parquet, write_parquet
+from ctloop.drift.trigger import TriggerDecision
+from ctloop.errors import DataError
+from ctloop.evaluation.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
+from ctloop.fileio import parse_utc, read_json, utc_now, write_json
+from ctloop.registry.client import CHAMPION, Registry, open_registry
+from ctloop.training.trainer import TrainResult
+from ctloop.workspace import Workspace, save_settings
+
+# -- 1. validate ----------------------------------------------------------------------------------
+
+def validate_stage(ctx: StageContext) -> str:
+    """Validate the records; file the good ones, the report and the quarantine; return the cycle id.
+
+    The cycle id is a hash of the validated data's fingerprint, the config and the base model
+    revision, so the same data and config always land in the same folder. Raises DataError when
+    a limit (bad fraction, minimum rows) is crossed, after writing the quarantine."""
+    from ctloop.data.records import read_raw_rows
+    from ctloop.data.validation import record_lengths, validate_records
+    from ctloop.model.batching import token_counter
+    from ctloop.model.loading import base_model_revision, load_tokenizer
+
+    config, workspace, data_path = ctx.config, ctx.workspace, ctx.data
+    if data_path is None or not data_path.is_file():
+        raise DataError(f"{data_path}: no such file; check the --data path")
+    workspace.create()
+    save_settings(workspace, config)
+    tokenizer = load_tokenizer(config.model)
+    staging = workspace.root / "incoming" / hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:12]
+    count = token_counter(tokenizer)
+    good, report = validate_records(
+        read_raw_rows(data_path), source=str(data_path), config=config.data,
+        max_seq_tokens=config.model.max_seq_tokens, count_tokens=count, quarantine_path=staging / "quarantine.jsonl")
+    revision = base_model_revision(config.model)
+    cycle_id = hashlib.sha256(f"{report.fingerprint}|{config.training_hash()}|{revision}".encode()).hexdigest()[:16]
+    cycle = CycleFolder(workspace, cycle_id)
+    cycle.dir.mkdir(parents=True, exist_ok=True)
+    shutil.move(staging / "quarantine.jsonl", cycle.path("quarantine.jsonl"))
+    shutil.rmtree(staging, ignore_errors=True)
+    report = replace(report, quarantine_path=str(cycle.path("quarantine.jsonl")))
+    write_json(cycle.path("validation.json"), report.to_dict())
+    console.print(report.summary())
+    if not report.passed:
+        raise DataError(report.summary())
+    tokens = record_lengths(count, good)
+    write_parquet(cycle.path("new.parquet"), good, extra={"n_tokens": tokens})
+    state = cycle.state()
+    if "started" not in state:
+        cycle.update_state(cycle_id=cycle_id, data=str(data_path), started=utc_now(), base_revision=revision,
+                           data_fingerprint=report.fingerprint)
+    return cycle_id
+
+
+# -- 2. trigger ------------------------------------------------------------------------------------
+
+def trigger_stage(ctx: StageContext) -> TriggerDecision:
+    """Drift of the new data against the champion's training data (or drift.reference), then the
+    trigger policy. A cycle that already started training is resumed, and one already triggered
+    (say, by the drift-watch DAG) is not tested again: drift is computed once per cycle."""
+    from ctloop.drift.detectors import detect_drift
+    from ctloop.drift.embed import embed_records, make_embedder, texts_of
+    from ctloop.drift.trigger import decide_trigger
+    from ctloop.reports.drift import write_drift_report
+
+    config, workspace, cycle_id, force = ctx.config, ctx.workspace, ctx.cycle_id, ctx.force
+    cycle = CycleFolder(workspace, cycle_id)
+    state = cycle.state()
+    if "run_id" in state:
+        console.print(f"resuming cycle {cycle_id}: finished stages are re-used, none is registered twice")
+        return TriggerDecision(True, state.get("trigger", "resumed"))
+    if state.get("status") == "triggered":
+        console.print(f"cycle {cycle_id} was already triggered ({state['trigger']}); not testing drift again")
+        return TriggerDecision(True, state["trigger"])
+    registry = open_registry(config.registry, workspace)
+    champion = registry.alias(CHAMPION)
+    report = None
+    if config.drift.enabled and (champion is not None or config.drift.reference is not None):
+        new, _ = read_parquet(cycle.require("new.parquet", "validate"))
+        reference = _reference_records(config, workspace, registry, champion)
+        embedder = make_embedder(config.drift, config.model)
+        cache = workspace.root / "embeddings"
+        ref_emb = embed_records(reference, embedder, config.drift.text, cache)
+        cur_emb = embed_records(new, embedder, config.drift.text, cache)
+        report = detect_drift(ref_emb, cur_emb, config.drift)
+        write_json(cycle.path("drift.json"), report.to_dict())
+        write_drift_report(cycle.path("drift.html"), report, ref_emb, cur_emb, texts_of(new, config.drift.text))
+        console.print(report.summary())
+    decision = decide_trigger(report, has_champion=champion is not None, force=force,
+                              hours_since_training=_hours_since_training(workspace), config=config.drift)
+    console.print(decision.summary())
+    cycle.update_state(trigger=decision.reason, status="triggered" if decision.train else "skipped",
+                       checked=utc_now())
+    return decision
+
+
+def _reference_records(config: CtloopConfig, workspace: Workspace, registry: Registry,
+                       champion: int | None) -> list[Record]:
+    from ctloop.data.records import read_records
+
+    if config.drift.reference is not None:
+        return read_records(config.drift.reference)[0]
+    info = registry.version(champion)
+    local = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?")) / "train.parquet"
+    if local.is_file():
+        return read_parquet(local)[0]
+    fetched = registry.download_run_file(info.run_id, "data/train.parquet", workspace.root / "registry-cache")
+    if fetched is None:
+        raise DataError(f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
+                        f"MLflow run); set drift.reference to a file of reference records")
+    return read_parquet(fetched)[0]
+
+
+def _hours_since_training(workspace: Workspace) -> float | None:
+    finished = [read_json(p).get("finished") for p in workspace.cycles_dir.glob("*/cycle.json")]
+    stamps = [parse_utc(f) for f in finished if f]
+    return (time.time() - max(stamps)) / 3600 if stamps else None
+
+
+# -- 3. prepare: split the new data, mix in replay, open the MLflow run ----------------------------
+
+def prepare_stage(ctx: StageContext) -> dict:
+    """Holdout split and replay mix (deterministic, so a retry rewrites the same files); the MLflow
+    run and the champion to compare against are fixed here, once per cycle."""
+    from ctloop.data.replay import ReplayBuffer, build_training_set
+    from ctloop.data.split import split_holdout
+
+    config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
+    cycle = CycleFolder(workspace, cycle_id)
+    new, extra = read_parquet(cycle.require("new.parquet", "validate"))
+    tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
+    new_train, new_holdout = split_holdout(new, config.data, seed=config.train.seed)
+    buffer = ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed)
+    mix = build_training_set(new_train, tokens, buffer.rows(exclude_cycle=cycle_id), config.replay,
+                             seed=config.train.seed)
+    console.print(mix.summary())
+    write_parquet(cycle.path("train.parquet"), mix.records)
+    write_parquet(cycle.path("new_holdout.parquet"), new_holdout)
+    write_parquet(cycle.path("replay_holdout.parquet"), mix.replay_holdout)
+    new_ids = {r.id for r in new_train}
+    manifest = mix.manifest | {"replay_fingerprint": fingerprint(r for r in mix.records if r.id not in new_ids)}
+    write_json(cycle.path("replay_manifest.json"), manifest)
+    state = cycle.state()
+    if "run_id" not in state:
+        registry = open_registry(config.registry, workspace)
+        run_id = registry.start_run(f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id,
+                                                          "ctloop.data_fingerprint": state["data_fingerprint"]})
+        state = cycle.update_state(run_id=run_id, champion_before=registry.alias(CHAMPION))
+    return manifest
+
+
+# -- 4. train ----------------------------------------------------------------------------------------
+
+def train_stage(ctx: StageContext) -> TrainResult:
+    """Train the adapter, unless an earlier attempt of this cycle finished it."""
+    from ctloop.training.trainer import is_main_process, train_adapter
+
+    config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
+    cycle = CycleFolder(workspace, cycle_id)
+    adapter_dir = cycle.path("adapter")
+    training_path = cycle.path("training.json")
+    if (adapter_dir / "adapter_config.json").is_file() and training_path.is_file():
+        console.print(f"re-using the adapter trained earlier in this cycle: {adapter_dir}")
+        return TrainResult(**read_json(training_path))
+    records, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    champion = cycle.state().get("champion_before")
+    warm_start = None
+    if config.train.init == "champion" and champion is not None:
+        registry = open_registry(config.registry, workspace)
+        warm_start = registry.download_adapter(champion, workspace.root / "registry-cache")
+    trained = train_adapter(records, model=config.model, lora=config.lora, train=config.train, out_dir=adapter_dir,
+                            checkpoint_dir=cycle.path("checkpoints"), warm_start_from=warm_start)
+    if is_main_process():  # under torchrun, one process writes
+        resolved = {key: getattr(trained, key) for key in ("compute_dtype", "attn_implementation", "row_width",
+                                                            "world_size", "libraries")}
+        write_json(adapter_dir / "ctloop_manifest.json",
+                   _lineage(config, cycle) | {"config": config.model_dump(mode="json"), "training": resolved})
+        write_json(training_path, trained.to_dict())
+        console.print(trained.summary())
+    return trained
+
+
+def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
+    state = cycle.state()
+    return {"cycle_id": cycle.cycle_id, "base_model": config.model.base, "base_revision": state["base_revision"],
+            "data_fingerprint": state["data_fingerprint"],
+            "replay_fingerprint": read_json(cycle.path("replay_manifest.json"))["replay_fingerprint"],
+            "parent_version": state.get("champion_before"), "seed": config.train.seed,
+            "config_hash": config.training_hash(), "ctloop_version": __version__}
+
+
+# -- 5. evaluate -------------------------------------------------------------------------------------
+
+def evaluate_stage(ctx: StageContext):
+    """Candidate and reference (champion, or the bare base model in a first cycle) on the new and
+    the replay holdouts, per example. Re-used when an earlier attempt finished it."""
+    from ctloop.evaluation.evaluate import EvalReport, evaluate
+    from ctloop.evaluation.slices import slice_indices, slice_means
+
+    config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
+    cycle = CycleFolder(workspace, cycle_id)
+    if cycle.path("eval.json").is_file():
+        return EvalReport.from_dict(read_json(cycle.path("eval.json")))
+    champion = cycle.state().get("champion_before")
+    adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
+    if champion is not None:
+        registry = open_registry(config.registry, workspace)
+        adapters["champion"] = registry.download_adapter(champion, workspace.root / "registry-cache")
+    elif config.gate.first_cycle == "compare_to_base":
+        adapters["base"] = None
+    sets = {NEW_SET: read_parquet(cycle.require("new_holdout.parquet", "prepare"))[0],
+            OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0]}
+    sets |= {f"golden_{name}": _golden(name, path) for name, path in config.eval.golden.items()}
+    sets = _without_contamination(config, cycle, sets)
+    evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
+    slices = slice_indices(sets, config.eval.slice_by)
+    write_json(cycle.path("eval.json"), evaluation.to_dict() | {
+        "slices": slices, "slice_means": slice_means(evaluation.losses, slices),
+        "fingerprints": {name: fingerprint(records) for name, records in sets.items()}})
+    console.print(evaluation.summary())
+    return evaluation
+
+
+def _golden(name: str, path: Path) -> list[Record]:
+    from ctloop.data.records import read_records
+
+    records, skipped = read_records(path)
+    if skipped or not records:
+        raise DataError(f"eval.golden.{name}: {path} has {skipped} invalid rows and {len(records)} valid ones; "
+                        f"a golden set must be clean - fix the file")
+    return records
+
+
+def _without_contamination(config: CtloopConfig, cycle: CycleFolder,
+                           sets: dict[str, list[Record]]) -> dict[str, list[Record]]:
+    """Drop (and count) evaluation rows the training set already holds, or fail, per eval.contamination."""
+    from ctloop.data.contamination import find_contamination
+
+    if config.eval.contamination == "off":
+        return sets
+    train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    reports = find_contamination(train, sets, config.eval.ngram, config.eval.max_overlap)
+    write_json(cycle.path("contamination.json"), {name: r.to_dict() for name, r in reports.items()})
+    dirty = [r for r in reports.values() if r.contaminated]
+    for report in dirty:
+        console.print(f"contamination: {report.summary()}")
+    if dirty and config.eval.contamination == "fail":
+        raise DataError("evaluation rows overlap the training set: " + "; ".join(r.summary() for r in dirty)
+                        + "; remove them from the evaluation data, or set eval.contamination: drop")
+    dropped = {name: set(report.dropped_ids) for name, report in reports.items()}
+    return {name: [r for r in records if r.id not in dropped[name]] for name, records in sets.items()}
+
+
+# -- 6. gate -----------------------------------------------------------------------------------------
+
+def gate_stage(ctx: StageContext) -> GateDecision:
+    from ctloop.evaluation.gate import decide
+
+    config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
+    cycle = CycleFolder(workspace, cycle_id)
+    stored = read_json(cycle.require("eval.json", "evaluate"))
+    decision = decide(stored["losses"], config.gate, has_champion=cycle.state().get("champion_before") is not None,
+                      slices=stored.get("slices"), metrics=stored.get("metrics"))
+    write_json(cycle.path("gate.json"), decision.to_dict())
+    console.print(decision.summary())
+    return decision
+
+
+# -- 7. register ---------------------------------------------------------------------------------
+
+def register_stage(ctx: StageContext) -> dict[str, Any]:
+    """Log the cycle to its MLflow run; register a passing adapter as `challenger` (idempotent on the
+    cycle id); add the cycle's data to the replay buffer; mark the cycle finished."""
+    from ctloop.data.replay import ReplayBuffer
+    from ctloop.evaluation.evaluate import EvalReport
+    from ctloop.registry.promotion import APPROVAL_TAG, awaiting_approval, offer_as_challenger
+    from ctloop.reports.cycle import write_cycle_report
+
+    config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
+    cycle = CycleFolder(workspace, cycle_id)
+    state = cycle.state()
+    registry = open_registry(config.registry, workspace)
+    gate = read_json(cycle.require("gate.json", "gate"))
+    stored = read_json(cycle.require("eval.json", "evaluate"))
+    evaluation = EvalReport.from_dict(stored)
+    trained = TrainResult(**read_json(cycle.require("training.json", "train")))
+    lineage = _lineage(config, cycle)
+    report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage)
+    run_id = state["run_id"]
+    log_cycle_run(registry, run_id, config, cycle.dir, trained, evaluation, gate, lineage)
+    version = None
+    if gate["passed"]:
+        tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
+        tags |= {"ctloop.gate": gate["outcome"], "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000],
+                 "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True),
+                 "ctloop.adapter_config": cycle.path("adapter/adapter_config.json").read_text()[:4000]}
+        if config.gate.require_approval:
+            tags[APPROVAL_TAG] = "pending"
+        info = registry.register(run_id, cycle_id, tags, description=f"gate {gate['outcome']}: "
+                                 + "; ".join(gate["reasons"])[:3900])
+        version = info.version
+        if awaiting_approval(registry, version):
+            console.print(f"registered {registry.model_name} version {version}; it awaits approval: "
+                          f"`ctloop approve {version} --by NAME --note TEXT`")
+        else:
+            offer_as_challenger(registry, version, config.registry.promote_first)
+            role = "champion" if registry.alias(CHAMPION) == version else "challenger"
+            console.print(f"{registry.model_name} version {version} is now '{role}'")
+
+    # This cycle's data joins the replay buffer whatever the gate said: it is real data.
+    new, extra = read_parquet(cycle.require("new.parquet", "validate"))
+    holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
+    tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
+    ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(cycle_id, [r for r in new if r.id not in holdout_ids],
+                                                 [r for r in new if r.id in holdout_ids], tokens)
+    console.print(f"cycle report: {report_path}")
+    status = {"PASS": "registered", "FAIL": "rejected", "INCONCLUSIVE": "inconclusive"}[gate["outcome"]]
+    result = {"cycle_id": cycle_id, "status": status, "cycle_dir": str(cycle.dir), "run_id": run_id,
+              "version": version, "champion_before": state.get("champion_before"), "means": evaluation.means,
+              "gate": gate, "validation": read_json(cycle.path("validation.json")),
+              "trigger": state.get("trigger", "")}
+    cycle.update_state(status=status, finished=utc_now(), result=result)
+    registry.end_run(run_id)
+    return result

@@ -1,0 +1,61 @@
+"""What `ctloop status` shows: champion, challenger, versions with lineage, and the last cycles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ctloop.fileio import read_json
+from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
+from ctloop.registry.promotion import champion_history
+from ctloop.workspace import Workspace
+
+
+def collect_status(registry: Registry, workspace: Workspace, last_cycles: int = 10) -> dict[str, Any]:
+    versions = registry.versions()
+    cycles = []
+    for path in workspace.cycles_dir.glob("*/cycle.json"):
+        state = read_json(path)
+        result = state.get("result", {})
+        cycles.append({"cycle_id": state.get("cycle_id"), "data": state.get("data"),
+                       "started": state.get("started"), "finished": state.get("finished"),
+                       "status": state.get("status", "unfinished"), "version": result.get("version"),
+                       "gate": result.get("gate", {}).get("outcome")})
+    cycles.sort(key=lambda c: c["started"] or "")
+    return {
+        "workspace": str(workspace.root),
+        "tracking_uri": registry.tracking_uri,
+        "model_name": registry.model_name,
+        "aliases": {CHAMPION: registry.alias(CHAMPION), CHALLENGER: registry.alias(CHALLENGER)},
+        "champion_history": champion_history(registry),
+        "versions": [v.to_dict() for v in versions],
+        "cycles": cycles[-last_cycles:],
+    }
+
+
+def render_status(info: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    aliases = info["aliases"]
+    console.print(f"[bold]{info['model_name']}[/bold] in {info['tracking_uri']}")
+    pending = f"{_v(aliases['challenger'])} (awaiting shadow evidence and promotion)" \
+        if aliases["challenger"] is not None else "none pending"
+    console.print(f"champion: {_v(aliases['champion'])}   challenger: {pending}")
+    console.print(f"champion history: {' -> '.join(_v(v) for v in info['champion_history']) or '-'}")
+    versions = Table("version", "aliases", "gate", "cycle", "data", "parent", title="versions")
+    for v in info["versions"]:
+        tags = v["tags"]
+        versions.add_row(_v(v["version"]), ", ".join(v["aliases"]), tags.get("ctloop.gate", ""),
+                         tags.get("ctloop.cycle_id", ""), tags.get("ctloop.data_fingerprint", ""),
+                         tags.get("ctloop.parent_version", ""))
+    console.print(versions)
+    cycles = Table("cycle", "started", "status", "gate", "version", "data", title="last cycles")
+    for c in info["cycles"]:
+        cycles.add_row(c["cycle_id"], c["started"] or "", c["status"], c["gate"] or "", _v(c["version"]),
+                       c["data"] or "")
+    console.print(cycles)
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version is not None else "-"

@@ -1,0 +1,1 @@
+"""Records in and out: reading files, validation with quarantine, eval-set contamination, the replay buffer."""

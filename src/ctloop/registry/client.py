@@ -1,0 +1,253 @@
+"""The model registry and run tracking, on MLflow: the only module that imports mlflow.
+
+Each cycle is an MLflow run (params, metrics, reports, the adapter). A candidate that passes the
+gate becomes a registered model version with lineage tags. Who may hold the `challenger` and
+`champion` aliases, and when, is `promotion.py`'s business; this module only reads and writes.
+Every write is idempotent on the cycle key: a retried cycle finds its version instead of adding one.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctloop.config import RegistryConfig
+from ctloop.errors import RegistryError
+from ctloop.workspace import Workspace
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+CYCLE_KEY_TAG = "ctloop.cycle_key"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    run_id: str
+    source: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "run_id": self.run_id, "source": self.source,
+                "aliases": list(self.aliases), "tags": self.tags, "created": self.created}
+
+
+def _info(model_version: Any, aliases: dict[str, Any]) -> VersionInfo:
+    number = int(model_version.version)
+    return VersionInfo(number, model_version.run_id or "", model_version.source,
+                       tuple(sorted(a for a, v in aliases.items() if int(v) == number)), dict(model_version.tags),
+                       model_version.creation_timestamp / 1000)
+
+
+class Registry:
+    def __init__(self, tracking_uri: str, model_name: str, experiment: str, artifact_location: Path):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        # Always explicit: without it MLflow puts artifacts in ./mlruns of whatever the CWD is.
+        location = self.artifact_location.resolve().as_uri() if "://" not in str(self.artifact_location) \
+            else str(self.artifact_location)
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def start_run(self, run_name: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def log_series(self, run_id: str, key: str, points: list[tuple[int, float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(s)) for s, v in points]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start:start + 500])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # -- model versions --------------------------------------------------------------------------
+
+    def versions(self) -> list[VersionInfo]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            return []
+        found = self.client.search_model_versions(f"name='{self.model_name}'")
+        # Search results carry no aliases (MLflow 3): they come from the registered model.
+        return sorted((_info(v, model.aliases) for v in found), key=lambda info: info.version)
+
+    def version(self, number: int) -> VersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version(self.model_name, str(number))
+            aliases = self.client.get_registered_model(self.model_name).aliases
+        except MlflowException:
+            raise RegistryError(f"model '{self.model_name}' has no version {number}; "
+                                f"`ctloop status` lists the versions") from None
+        return _info(found, aliases)
+
+    def find_by_cycle_key(self, cycle_key: str) -> VersionInfo | None:
+        return next((v for v in self.versions() if v.tags.get(CYCLE_KEY_TAG) == cycle_key), None)
+
+    def register(self, run_id: str, cycle_key: str, tags: dict[str, str], description: str) -> VersionInfo:
+        """Register the run's adapter as a new version (or return the one this cycle key made)."""
+        from mlflow.exceptions import MlflowException
+
+        existing = self.find_by_cycle_key(cycle_key)
+        if existing is not None:
+            return existing
+        try:
+            self.client.create_registered_model(self.model_name, description="LoRA adapters trained by ctloop")
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        created = self.client.create_model_version(
+            name=self.model_name, source=f"runs:/{run_id}/adapter", run_id=run_id,
+            tags={**tags, CYCLE_KEY_TAG: cycle_key}, description=description)
+        return self.version(int(created.version))
+
+    def register_adapter_dir(self, adapter_dir: Path, key: str, tags: dict[str, str], description: str) -> VersionInfo:
+        """Register adapter files made elsewhere (one run that holds them); idempotent on `key`."""
+        existing = self.find_by_cycle_key(key)
+        if existing is not None:
+            return existing
+        run_id = self.start_run(f"import-{key}", {"ctloop.imported_from": str(adapter_dir)})
+        self.log_artifact(run_id, adapter_dir, "adapter")
+        self.end_run(run_id)
+        return self.register(run_id, key, tags, description)
+
+    def alias(self, name: str) -> int | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return int(self.client.get_registered_model(self.model_name).aliases[name])
+        except (MlflowException, KeyError):
+            return None
+
+    def set_alias(self, name: str, version: int) -> None:
+        self.client.set_registered_model_alias(self.model_name, name, str(version))
+
+    def delete_alias(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_registered_model_alias(self.model_name, name)
+        except MlflowException:
+            pass  # already gone
+
+    def add_model_event(self, prefix: str, event: dict[str, Any]) -> str:
+        """Append an event to the registered model as a tag of its own (`<prefix>.<time>.<random>`).
+        Append-only: two writers at once both land, where a read-modify-write of one tag would
+        lose one of them."""
+        key = f"{prefix}.{time.time_ns():020d}.{secrets.token_hex(4)}"
+        self.client.set_registered_model_tag(self.model_name, key, json.dumps(event, sort_keys=True))
+        return key
+
+    def model_events(self, prefix: str) -> list[dict[str, Any]]:
+        """The events added under `prefix`, oldest first."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.client.get_registered_model(self.model_name).tags
+        except MlflowException:
+            return []
+        return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(prefix + "."))]
+
+    def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), key, value)
+
+    def lineage(self, version: int) -> list[VersionInfo]:
+        """The version, its parent (the champion it was compared with), and so on back to the first."""
+        chain: list[VersionInfo] = []
+        current: int | None = version
+        while current is not None and current not in {v.version for v in chain}:
+            info = self.version(current)
+            chain.append(info)
+            parent = info.tags.get("ctloop.parent_version", "None")
+            current = int(parent) if parent.isdigit() else None
+        return chain
+
+    def download_adapter(self, version: int, cache_dir: Path) -> Path:
+        """The adapter files of a version, fetched once into `cache_dir/v<N>`."""
+        import mlflow.artifacts
+
+        target = cache_dir / f"v{version}"
+        if (target / "adapter_config.json").is_file():
+            return target
+        info = self.version(version)
+        partial = cache_dir / f"v{version}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(partial),
+                                                    tracking_uri=self.tracking_uri)
+        Path(local).rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+        return target
+
+    def download_run_file(self, run_id: str, artifact_path: str, cache_dir: Path) -> Path | None:
+        """One artifact file of a run, fetched into `cache_dir/<run_id>/`; None when the run lacks it."""
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        target = cache_dir / run_id / artifact_path
+        if target.is_file():
+            return target
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(cache_dir / run_id),
+                                                        tracking_uri=self.tracking_uri)
+        except (MlflowException, OSError):
+            return None
+        return Path(local)
+
+
+def open_registry(config: RegistryConfig, workspace: Workspace) -> Registry:
+    """The registry a config names: `registry.tracking_uri`, else MLFLOW_TRACKING_URI, else the
+    workspace's SQLite file (artifacts in the workspace)."""
+    return Registry(workspace.tracking_uri(config.tracking_uri), config.model_name, config.experiment,
+                    workspace.artifacts_dir)

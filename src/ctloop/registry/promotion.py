@@ -1,0 +1,134 @@
+"""Promotion policy, in one place: which version may become `challenger` or `champion`, and when.
+
+- A version that passed the gate becomes `challenger` (`offer_as_challenger`); with
+  `gate.require_approval` it waits for `approve` first. With no champion yet and
+  `registry.promote_first`, the first passing version also becomes `champion`.
+- `promote` moves `champion` to a version (the challenger by default). With a shadow check it
+  refuses unless the shadow comparison decides PROMOTE. A promoted challenger stops being the
+  challenger: after a promotion nothing is pending until the next cycle registers a version.
+- `rollback` moves `champion` back to the version it replaced.
+
+The champion history is an append-only log of events on the registered model (one tag per event),
+so two promoters at once never lose an entry; the `champion` alias is then set to the top of the
+history as replayed after the write, so both writers converge on the same alias. The CLI, the
+server's admin endpoints, the demo and the cycle's register stage all call these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ctloop.errors import RegistryError
+from ctloop.fileio import utc_now
+from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
+
+HISTORY_PREFIX = "ctloop.champion_event"
+APPROVAL_TAG = "ctloop.approval"
+PROMOTE = "PROMOTE"
+
+# (champion, challenger) -> (decision, reasons): the shadow comparison, supplied by the caller.
+ShadowCheck = Callable[[int, int], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ChampionChange:
+    """What a promotion or rollback did."""
+
+    before: int | None
+    after: int
+    changed: bool
+
+    def summary(self) -> str:
+        if not self.changed:
+            return f"version {self.after} is already the champion; nothing changed"
+        return f"champion: v{self.before if self.before is not None else '-'} -> v{self.after}"
+
+
+def champion_history(registry: Registry) -> list[int]:
+    """The champions in order, oldest first, as the event log says; rolled-back entries are gone."""
+    stack: list[int] = []
+    for event in registry.model_events(HISTORY_PREFIX):
+        if event["action"] == "promote" and (not stack or stack[-1] != event["version"]):
+            stack.append(event["version"])
+        elif event["action"] == "rollback" and len(stack) >= 2 and stack[-1] == event["from"]:
+            stack.pop()
+    return stack
+
+
+def awaiting_approval(registry: Registry, version: int) -> bool:
+    return registry.version(version).tags.get(APPROVAL_TAG) == "pending"
+
+
+def offer_as_challenger(registry: Registry, version: int, promote_first: bool) -> None:
+    """A version that passed the gate (and, where required, was approved) becomes `challenger`;
+    with no champion yet and `promote_first`, it becomes `champion` at once."""
+    if registry.alias(CHAMPION) is None and promote_first:
+        promote(registry, version, by="ctloop", note="first version to pass the gate")
+        return
+    registry.set_alias(CHALLENGER, version)
+
+
+def promote(registry: Registry, version: int | None = None, *, by: str, note: str,
+            shadow_check: ShadowCheck | None = None) -> ChampionChange:
+    """Move `champion` to `version` (default: the challenger). With `shadow_check`, refuse unless
+    the shadow comparison of the champion and that version decides PROMOTE."""
+    target = version if version is not None else registry.alias(CHALLENGER)
+    if target is None:
+        raise RegistryError("there is no challenger to promote; pass a version (see `ctloop status`)")
+    before = registry.alias(CHAMPION)
+    if before == target:
+        return ChampionChange(before, target, changed=False)
+    if awaiting_approval(registry, target):  # also fails clearly when the version does not exist
+        raise RegistryError(f"version {target} awaits approval (gate.require_approval); "
+                            f"run `ctloop approve {target} --by NAME --note TEXT` first")
+    if shadow_check is not None:
+        if before is None:
+            raise RegistryError("there is no champion to compare with in shadow; promote without requiring shadow")
+        decision, reasons = shadow_check(before, target)
+        if decision != PROMOTE:
+            raise RegistryError(f"the shadow decision for v{target} is {decision}, not {PROMOTE} ({reasons}); "
+                                f"serve more traffic, or promote without requiring shadow")
+    registry.add_model_event(HISTORY_PREFIX, {"action": "promote", "version": target, "by": by, "note": note,
+                                              "at": utc_now()})
+    _align_champion_alias(registry)
+    registry.set_version_tags(target, {"ctloop.promoted": f"{utc_now()} by {by}: {note}"})
+    if registry.alias(CHALLENGER) == target:
+        registry.delete_alias(CHALLENGER)
+    return ChampionChange(before, target, changed=True)
+
+
+def rollback(registry: Registry, by: str) -> ChampionChange:
+    """Move `champion` back to the version before it."""
+    history = champion_history(registry)
+    current = registry.alias(CHAMPION)
+    if current is None or len(history) < 2 or history[-1] != current:
+        raise RegistryError("there is no previous champion to roll back to; "
+                            "`ctloop status` shows the champion history")
+    registry.add_model_event(HISTORY_PREFIX, {"action": "rollback", "from": current, "by": by, "at": utc_now()})
+    target = _align_champion_alias(registry)
+    registry.set_version_tags(current, {"ctloop.rolled_back": f"{utc_now()} by {by}: champion moved back to v{target}"})
+    return ChampionChange(current, target, changed=True)
+
+
+def approve(registry: Registry, version: int, by: str, note: str, promote_first: bool) -> None:
+    """Record a human approval (who, when, why) of a version that passed the gate; it then
+    becomes the challenger (or the champion, when there is none and `promote_first`)."""
+    info = registry.version(version)
+    if info.tags.get("ctloop.gate") != "PASS":
+        raise RegistryError(f"version {version} did not pass the gate ({info.tags.get('ctloop.gate', 'no gate')}); "
+                            f"only passing versions can be approved")
+    registry.set_version_tags(version, {APPROVAL_TAG: "approved", "ctloop.approved_by": by,
+                                        "ctloop.approved_at": utc_now(), "ctloop.approval_note": note})
+    offer_as_challenger(registry, version, promote_first)
+
+
+def _align_champion_alias(registry: Registry) -> int:
+    """Point `champion` at the top of the history, re-reading until the two agree (a concurrent
+    writer may have appended an event between our read and our alias write)."""
+    for _ in range(5):
+        top = champion_history(registry)[-1]
+        registry.set_alias(CHAMPION, top)
+        if champion_history(registry)[-1] == top:
+            return top
+    return top

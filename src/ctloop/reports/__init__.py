@@ -1,0 +1,1 @@
+"""HTML reports people read instead of JSON: drift, cycle and shadow comparisons."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: backends, shadow router, request and shadow log store, comparison."""

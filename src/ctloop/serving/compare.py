@@ -1,0 +1,242 @@
+"""Comparison of logged shadow pairs and the decision: PROMOTE, HOLD or REJECT, with reasons.
+
+Shadow traffic is paired (the same request went to both models), so the statistics are paired:
+a one-sided exact binomial test on discordant empty answers (McNemar), Wilcoxon signed-rank
+tests on per-request log latency and log length ratios, Wilson bounds on the challenger's error
+rate and on a judge's win rate. Agreement (exact match, token F1, embedding cosine) is reported
+for triage: a different answer is not a worse one.
+
+REJECT: the evidence shows the challenger is worse (error rate, empty answers, latency, length,
+judge). HOLD: too few pairs, or a bound not yet met. PROMOTE: enough pairs and every check passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctloop.config import ShadowConfig
+
+PROMOTE, HOLD, REJECT = "PROMOTE", "HOLD", "REJECT"
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    champion_version: str
+    challenger_version: str
+    decision: str
+    reasons: list[str]
+    counts: dict[str, int]
+    error_rate: float
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency_ratio: float = float("nan")
+    length_ratio: float = float("nan")
+    agreement: dict[str, float] = field(default_factory=dict)
+    empty_answers: dict[str, int] = field(default_factory=dict)
+    judge: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"shadow v{self.champion_version} (champion) vs v{self.challenger_version} (challenger): "
+                 f"{self.decision}",
+                 f"  pairs: {self.counts.get('completed', 0)} completed, {self.counts.get('timed_out', 0)} timed out, "
+                 f"{self.counts.get('errored', 0)} errored, {self.counts.get('cancelled', 0)} cancelled"]
+        if self.latency_ms:
+            lines.append("  latency p50/p99 ms: " + ", ".join(
+                f"{side} {v['p50']:.1f}/{v['p99']:.1f}" for side, v in self.latency_ms.items()))
+        if self.agreement:
+            lines.append("  agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in self.agreement.items()))
+        lines += [f"  - {reason}" for reason in self.reasons]
+        return "\n".join(lines)
+
+
+def wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score bounds on a proportion; each is a one-sided bound at `confidence`."""
+    if n == 0:
+        return 0.0, 1.0
+    from scipy.stats import binomtest
+
+    # A two-sided interval at 2c - 1 has a one-sided bound at c on each side.
+    interval = binomtest(successes, n).proportion_ci(confidence_level=2 * confidence - 1, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(np.mean(values))}
+
+
+def _one_sided_wilcoxon_greater(log_ratios: np.ndarray) -> float:
+    """p-value of 'the challenger is larger' on paired log ratios (1.0 when undefined)."""
+    from scipy.stats import wilcoxon
+
+    nonzero = log_ratios[log_ratios != 0]
+    if len(nonzero) < 10:
+        return 1.0
+    return float(wilcoxon(nonzero, alternative="greater").pvalue)
+
+
+def compare(rows: list[dict[str, Any]], settings: ShadowConfig, champion_version: str, challenger_version: str,
+            judge: Any = None, embedder: Any = None) -> ShadowReport:
+    """Compare one champion/challenger pair's logged rows and decide."""
+    alpha = 1 - settings.confidence
+    counts = {status: sum(r["status"] == status for r in rows)
+              for status in ("completed", "timed_out", "errored", "cancelled")}
+    done = [r for r in rows if r["status"] == "completed"]
+    attempted = counts["completed"] + counts["timed_out"] + counts["errored"]  # cancelled: our shutdown, not theirs
+    failures = counts["timed_out"] + counts["errored"]
+    error_rate = failures / attempted if attempted else 0.0
+    reject: list[str] = []
+    hold: list[str] = []
+    passed: list[str] = []
+
+    if not rows:
+        hold.append(f"no logged pairs for v{champion_version} vs v{challenger_version}; send traffic to "
+                    f"`ctloop serve` (it mirrors to the challenger) and run the report again")
+    elif len(done) < settings.min_pairs:
+        hold.append(f"{len(done)} completed pairs, a decision needs shadow.min_pairs={settings.min_pairs}")
+
+    low, high = wilson(failures, attempted, settings.confidence)
+    if attempted:
+        if low > settings.max_error_rate:
+            reject.append(f"challenger error+timeout rate {error_rate:.1%} (lower bound {low:.1%}) is above "
+                          f"shadow.max_error_rate={settings.max_error_rate:.1%}")
+        elif error_rate > settings.max_error_rate:
+            hold.append(f"challenger error+timeout rate {error_rate:.1%} is above {settings.max_error_rate:.1%} "
+                        f"but not significantly (lower bound {low:.1%})")
+        else:
+            passed.append(f"challenger error+timeout rate {error_rate:.1%} <= {settings.max_error_rate:.1%}")
+
+    latency = {}
+    latency_ratio = length_ratio = float("nan")
+    agreement: dict[str, float] = {}
+    empty = {"champion_only": 0, "challenger_only": 0}
+    judged: dict[str, float] = {}
+    if done:
+        latency = {"champion": _percentiles([r["champion_latency_ms"] for r in done]),
+                   "challenger": _percentiles([r["challenger_latency_ms"] for r in done])}
+        log_latency = np.log(np.array([max(r["challenger_latency_ms"], 1e-3) for r in done])
+                             / np.array([max(r["champion_latency_ms"], 1e-3) for r in done]))
+        latency_ratio = float(np.exp(np.median(log_latency)))
+        # Each test asks "is the ratio above the limit?", not "is it above 1?".
+        limit = math.log(settings.max_latency_ratio)
+        _ratio_check("median challenger/champion latency ratio", latency_ratio, settings.max_latency_ratio,
+                     _one_sided_wilcoxon_greater(log_latency - limit), alpha, reject, hold, passed)
+        log_length = np.log((np.array([r["challenger_tokens"] for r in done]) + 1.0)
+                            / (np.array([r["champion_tokens"] for r in done]) + 1.0))
+        length_ratio = float(np.exp(np.median(log_length)))
+        limit = math.log(settings.max_length_ratio)
+        longer = _one_sided_wilcoxon_greater(log_length - limit)
+        shorter = _one_sided_wilcoxon_greater(-log_length - limit)
+        _ratio_check("median output length ratio", length_ratio, settings.max_length_ratio, longer, alpha,
+                     reject, hold, passed)
+        _ratio_check("median output length ratio (inverse)", 1 / length_ratio, settings.max_length_ratio, shorter,
+                     alpha, reject, hold, passed, report_pass=False)
+        empty = _empty_answers(done, alpha, reject, passed)
+        agreement = _agreement(done, embedder)
+        if judge is not None:
+            judged = _judge(done, judge, settings, reject, hold, passed)
+
+    decision = REJECT if reject else HOLD if hold else PROMOTE
+    return ShadowReport(champion_version=champion_version, challenger_version=challenger_version, decision=decision,
+                        reasons=reject + hold + passed, counts={**counts, "rows": len(rows)}, error_rate=error_rate,
+                        latency_ms=latency, latency_ratio=latency_ratio, length_ratio=length_ratio,
+                        agreement=agreement, empty_answers=empty, judge=judged)
+
+
+def _ratio_check(name: str, ratio: float, limit: float, p_greater: float, alpha: float, reject: list[str],
+                 hold: list[str], passed: list[str], report_pass: bool = True) -> None:
+    if ratio <= limit:
+        if report_pass:
+            passed.append(f"{name} {ratio:.2f} <= {limit:.2f}")
+    elif p_greater < alpha:
+        reject.append(f"{name} {ratio:.2f} exceeds {limit:.2f} (Wilcoxon p={p_greater:.3g})")
+    else:
+        hold.append(f"{name} {ratio:.2f} exceeds {limit:.2f}, not yet significantly (p={p_greater:.3g})")
+
+
+def _empty_answers(done: list[dict], alpha: float, reject: list[str], passed: list[str]) -> dict[str, int]:
+    """McNemar's exact test on pairs where exactly one side answered nothing."""
+    from scipy.stats import binomtest
+
+    champion_only = sum(not r["challenger_output"].strip() and bool(r["champion_output"].strip()) for r in done)
+    challenger_only = sum(not r["champion_output"].strip() and bool(r["challenger_output"].strip()) for r in done)
+    discordant = champion_only + challenger_only
+    p = binomtest(champion_only, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
+    if p < alpha:
+        reject.append(f"the challenger answers nothing where the champion answers in {champion_only} pairs "
+                      f"(vs {challenger_only} the other way; McNemar p={p:.3g})")
+    else:
+        passed.append(f"empty answers: challenger-only {champion_only}, champion-only {challenger_only}")
+    return {"champion_only": challenger_only, "challenger_only": champion_only}
+
+
+def _agreement(done: list[dict], embedder: Any) -> dict[str, float]:
+    from ctloop.evaluation.textmetrics import exact_match, token_f1
+
+    champion = [r["champion_output"] for r in done]
+    challenger = [r["challenger_output"] for r in done]
+    out = {"exact_match": float(np.mean([exact_match(a, b) for a, b in zip(challenger, champion, strict=True)])),
+           "token_f1": float(np.mean([token_f1(a, b) for a, b in zip(challenger, champion, strict=True)]))}
+    if embedder is not None:
+        a, b = embedder.embed(champion), embedder.embed(challenger)
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        out["embedding_cosine"] = float(np.mean(np.sum(a * b, axis=1)))
+    return out
+
+
+def _judge(done: list[dict], judge: Any, settings: ShadowConfig, reject: list[str], hold: list[str],
+           passed: list[str]) -> dict[str, float]:
+    """Each pair judged twice with the answers swapped; disagreeing verdicts count as a tie."""
+    wins = ties = consistent = 0
+    for row in done:
+        first = judge(row["prompt"], row["champion_output"], row["challenger_output"])  # challenger is 'b'
+        second = judge(row["prompt"], row["challenger_output"], row["champion_output"])  # challenger is 'a'
+        verdict_first = {"b": "challenger", "a": "champion"}.get(first, "tie")
+        verdict_second = {"a": "challenger", "b": "champion"}.get(second, "tie")
+        if verdict_first == verdict_second:
+            consistent += 1
+            wins += verdict_first == "challenger"
+            ties += verdict_first == "tie"
+        else:
+            ties += 1
+    n = len(done)
+    score = wins + 0.5 * ties
+    win_rate = score / n
+    low, high = wilson(round(score), n, settings.confidence)
+    floor = settings.min_judge_win_rate
+    if high < floor:
+        reject.append(f"judge: challenger win rate {win_rate:.1%} (upper bound {high:.1%}) is below {floor:.1%}")
+    elif low < floor:
+        hold.append(f"judge: challenger win rate {win_rate:.1%}, lower bound {low:.1%} not yet >= {floor:.1%}")
+    else:
+        passed.append(f"judge: challenger win rate {win_rate:.1%} (lower bound {low:.1%} >= {floor:.1%})")
+    return {"win_rate": win_rate, "lower": low, "upper": high, "consistency": consistent / n}
+
+
+def shadow_report(settings: ShadowConfig, store_url: str, champion_version: int, challenger_version: int,
+                  agreement_embeddings: bool = True) -> tuple[ShadowReport, list[dict[str, Any]]]:
+    """Read one pair's rows from the log store and compare them with the configured judge and embedder
+    (the embedder only scores agreement, which the decision does not use; a server skips it)."""
+    from ctloop.serving.store import read_rows
+
+    rows = read_rows(store_url, str(champion_version), str(challenger_version))
+    judge = embedder = None
+    if settings.judge:
+        from ctloop.plugins import import_callable
+
+        judge = import_callable(settings.judge, "shadow.judge")
+    if settings.embedding_similarity and agreement_embeddings and rows:
+        from ctloop.drift.embed import SentenceTransformerEmbedder
+
+        embedder = SentenceTransformerEmbedder("minilm")
+    report = compare(rows, settings, str(champion_version), str(challenger_version), judge, embedder)
+    return report, rows

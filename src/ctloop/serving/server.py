@@ -1,0 +1,507 @@
+"""`ctloop serve`: an OpenAI-compatible server that answers with the champion and shadows the challenger.
+
+Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics, and the admin
+endpoints /admin/reload, /admin/promote, /admin/rollback (bearer token from the env var named by
+`serve.admin_token_env`, compared in constant time).
+
+A request's `model` may be the registered model's name or `champion` (the champion answers and
+the request is mirrored to the challenger), or an explicit version (`<name>-v3`, `v3`, `3`) or
+`challenger`, which answer from that version without mirroring. The registry's aliases are
+re-read every `serve.poll_seconds`: when `champion` moves, the new adapter is loaded first and
+then swapped in, so requests already running finish on the adapter they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ctloop.config import CtloopConfig
+from ctloop.errors import CtloopError, ModelError
+from ctloop.serving.backends import USER, Backend, GenerationRequest
+from ctloop.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=None, ...)
+
+    model: str = ""
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int | None = Field(None, ge=1, le=1)
+    stream: bool | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Roles:
+    champion: int | None = None
+    challenger: int | None = None
+    previous: int | None = None
+
+    def versions(self) -> set[int]:
+        return {v for v in (self.champion, self.challenger, self.previous) if v is not None}
+
+
+class Serving:
+    """What the server holds: the backend, the router, the roles and the registry."""
+
+    def __init__(self, config: CtloopConfig, workspace: Workspace):
+        self.config = config
+        self.workspace = workspace
+        self.model_name = config.registry.model_name
+        self.roles = Roles()
+        self.backend: Backend | None = None
+        self.router: Any = None
+        self.registry: Any = None
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.latency_sum: Counter[str] = Counter()
+        self.last_sync_error = ""
+        self.sync_errors = 0
+        self._sync_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        from ctloop.registry.client import open_registry
+        from ctloop.serving.router import ShadowRouter
+        from ctloop.serving.store import ShadowStore
+
+        self.registry = await asyncio.to_thread(open_registry, self.config.registry, self.workspace)
+        self.backend = await asyncio.to_thread(self._make_backend)
+        shadow = self.config.shadow
+        store = ShadowStore(self.workspace.shadow_store_url(shadow.store_url), redact_pii=shadow.redact)
+        self.router = ShadowRouter(self.backend, store, shadow,
+                                   challenger=lambda: self.roles.challenger if shadow.enabled else None)
+        self.router.start()
+        await self.sync_roles()
+
+    def _make_backend(self) -> Backend:
+        serve = self.config.serve
+        if serve.backend == "openai":
+            from ctloop.serving.backends import OpenAIBackend
+
+            if not serve.upstream_url:
+                raise ModelError("serve.backend is 'openai' but serve.upstream_url is not set; set it to the "
+                                 "server's base URL, e.g. http://vllm:8000/v1")
+            return OpenAIBackend(serve.upstream_url, self.model_name, serve.upstream_model,
+                                 os.environ.get(serve.upstream_api_key_env), serve.upstream_timeout_s)
+        from ctloop.serving.backends import InProcessBackend
+
+        return InProcessBackend(self.config.model)
+
+    async def sync_roles(self) -> Roles:
+        """Read the aliases; load new versions before they take a role; free versions without one."""
+        from ctloop.registry.client import CHALLENGER, CHAMPION
+        from ctloop.registry.promotion import champion_history
+
+        async with self._sync_lock:
+            def read() -> Roles:
+                history = champion_history(self.registry)
+                champion = self.registry.alias(CHAMPION)
+                previous = next((v for v in reversed(history) if v != champion), None)
+                return Roles(champion, self.registry.alias(CHALLENGER), previous)
+
+            roles = await asyncio.to_thread(read)
+            if roles.challenger == roles.champion:
+                roles = Roles(roles.champion, None, roles.previous)
+            if roles.champion is not None:
+                await asyncio.to_thread(self._load, roles.champion)  # no champion adapter: keep the old roles
+            problems = []
+            for role in ("challenger", "previous"):  # optional: without them we serve, and say why
+                version = getattr(roles, role)
+                if version is not None:
+                    try:
+                        await asyncio.to_thread(self._load, version)
+                    except Exception as exc:  # noqa: BLE001 - reported on /healthz, the champion still serves
+                        problems.append(f"{role} v{version} not loaded ({exc.__class__.__name__}: {exc})"[:300])
+                        roles = replace(roles, **{role: None})
+            self.roles = roles  # one assignment: a request sees the old roles or the new, never a mix
+            await asyncio.to_thread(self.backend.unload_except, roles.versions())
+            self.last_sync_error = "; ".join(problems)
+            return roles
+
+    def _load(self, version: int) -> None:
+        if version in self.backend.loaded:
+            return
+        needs_files = self.config.serve.backend == "in_process"
+        path = self.registry.download_adapter(version, self.workspace.root / "registry-cache") if needs_files else None
+        self.backend.load(version, path)
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.serve.poll_seconds)
+            try:
+                await self.sync_roles()
+            except Exception as exc:  # noqa: BLE001 - keep serving the roles we have; logs, /healthz, /metrics
+                self.sync_errors += 1
+                self.last_sync_error = f"{exc.__class__.__name__}: {exc}"[:500]
+                log.warning("reading the registry's aliases failed (serving the roles we have): %s",
+                            self.last_sync_error)
+
+    async def stop(self) -> None:
+        try:
+            if self.router is not None:
+                await self.router.shutdown(self.config.serve.drain_seconds)
+        finally:
+            if self.backend is not None:
+                await self.backend.aclose()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def resolve(self, requested: str) -> tuple[int, bool]:
+        """(version, explicit) for a request's `model`; explicit versions are not mirrored."""
+        roles = self.roles
+        name = requested.strip()
+        if name in ("", self.model_name, "champion"):
+            if roles.champion is None:
+                raise ApiError(503, "there is no champion yet; register one (`ctloop run`, `ctloop promote`)",
+                               kind="service_unavailable")
+            return roles.champion, False
+        if name == "challenger":
+            if roles.challenger is None:
+                raise ApiError(404, "there is no challenger now; ask for the champion", "model", "model_not_found")
+            return roles.challenger, True
+        match = re.fullmatch(rf"(?:{re.escape(self.model_name)}[-:/])?v?(\d+)", name)
+        if match is None:
+            raise ApiError(404, f"unknown model {requested!r}; use {self.model_name!r} (the champion), 'champion', "
+                                f"'challenger' or a loaded version: {self.model_ids()}", "model", "model_not_found")
+        version = int(match.group(1))
+        if version not in self.backend.loaded:
+            raise ApiError(404, f"version {version} is not loaded here; loaded versions: "
+                                f"{sorted(self.backend.loaded)}", "model", "model_not_found")
+        return version, True
+
+    def model_ids(self) -> list[str]:
+        loaded = sorted(self.backend.loaded)
+        aliases = [self.model_name, "champion"] if self.roles.champion is not None else []
+        return aliases + (["challenger"] if self.roles.challenger else []) + [f"{self.model_name}-v{v}" for v in loaded]
+
+    def generation_request(self, body: _Body, prompt: str) -> GenerationRequest:
+        serve = self.config.serve
+        if body.stream:
+            raise ApiError(400, "streaming is not supported; send stream=false", "stream")
+        max_tokens = body.max_completion_tokens or body.max_tokens or serve.default_max_tokens
+        if max_tokens > serve.max_tokens:
+            raise ApiError(400, f"max_tokens={max_tokens} is above this server's cap serve.max_tokens="
+                                f"{serve.max_tokens}; ask for at most {serve.max_tokens}", "max_tokens")
+        if not prompt.strip():
+            raise ApiError(400, "the prompt is empty; send some text", "prompt")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > 4:
+            raise ApiError(400, f"{len(stop)} stop sequences; at most 4 are allowed", "stop")
+        return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature or 0.0,
+                                 top_p=body.top_p or 1.0, stop=stop, seed=body.seed)
+
+    async def answer(self, request_id: str, body: _Body, prompt: str) -> tuple[Any, int]:
+        """The champion's (or an explicit version's) answer; champion answers are then offered to the router."""
+        request = self.generation_request(body, prompt)
+        version, explicit = self.resolve(body.model)
+        try:
+            generation = await self.backend.generate(request, version, USER)
+        except TimeoutError as exc:
+            raise ApiError(504, f"the model did not answer in time: {exc}", kind="timeout") from exc
+        except CtloopError as exc:
+            raise ApiError(503, f"the model could not answer: {exc}", kind="service_unavailable") from exc
+        if not explicit:
+            self.router.submit(request_id, request, generation, version)
+        return generation, version
+
+
+def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
+    import json
+
+    if len(raw) > limit:
+        raise ApiError(413, f"the request body has {len(raw)} bytes, more than serve.max_body_bytes={limit}; "
+                            f"send a shorter prompt")
+    try:
+        data = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, f"{field}: {first['msg']} (got {first.get('input')!r})", field) from None
+
+
+def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+
+    serving = Serving(config, workspace)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await serving.start()
+        watcher = asyncio.create_task(serving.watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await serving.stop()
+
+    app = FastAPI(title="ctloop", lifespan=lifespan)
+    app.state.serving = serving
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
+                                       "code": exc.status}}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")  # the route's template, never the raw path: bounded, no injection
+        path = getattr(route, "path", "other")
+        serving.requests[(path, response.status_code)] += 1
+        serving.latency_sum[path] += time.perf_counter() - started
+        return response
+
+    def request_id(request: Request) -> str:
+        given = request.headers.get("x-request-id", "")
+        return given[:128] if given else uuid.uuid4().hex
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = _parse(CompletionBody, await request.body(), config.serve.max_body_bytes)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, f"{len(prompts)} prompts in one request; send one prompt per request", "prompt")
+        rid = request_id(request)
+        generation, version = await serving.answer(rid, body, prompts[0])
+        return JSONResponse({
+            "id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
+            "model": f"{serving.model_name}-v{version}",
+            "choices": [{"index": 0, "text": generation.text, "logprobs": None,
+                         "finish_reason": generation.finish_reason}],
+            "usage": _usage(generation)}, headers={"x-request-id": rid})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        from ctloop.data.records import chat_prompt
+
+        body = _parse(ChatBody, await request.body(), config.serve.max_body_bytes)
+        rid = request_id(request)
+        prompt = chat_prompt([m.model_dump() for m in body.messages])
+        generation, version = await serving.answer(rid, body, prompt)
+        return JSONResponse({
+            "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
+            "model": f"{serving.model_name}-v{version}",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text.strip()},
+                         "logprobs": None, "finish_reason": generation.finish_reason}],
+            "usage": _usage(generation)}, headers={"x-request-id": rid})
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "ctloop"}
+                                           for m in serving.model_ids()]}
+
+    @app.get("/healthz")
+    async def healthz():
+        roles = serving.roles
+        ok = roles.champion is not None
+        return JSONResponse({"status": "ok" if ok else "no_champion", "champion": roles.champion,
+                             "challenger": roles.challenger, "previous": roles.previous,
+                             "loaded": sorted(serving.backend.loaded),
+                             "breaker": serving.router.breaker.state, "last_sync_error": serving.last_sync_error,
+                             "last_store_error": serving.router.store.last_error},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(_prometheus(serving), media_type=CONTENT_TYPE_LATEST)
+
+    def require_admin(request: Request) -> None:
+        expected = os.environ.get(config.serve.admin_token_env, "")
+        if not expected:
+            raise ApiError(403, f"admin endpoints are disabled; set {config.serve.admin_token_env} in the server's "
+                                f"environment", kind="permission_denied")
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            raise ApiError(401, "missing or wrong bearer token for an admin endpoint", kind="authentication_error")
+
+    @app.post("/admin/reload")
+    async def reload(request: Request):
+        require_admin(request)
+        return _roles(await _registry_call(serving.sync_roles()))
+
+    @app.post("/admin/promote")
+    async def promote(request: Request):
+        require_admin(request)
+        options = _parse(PromoteBody, await request.body() or b"{}", config.serve.max_body_bytes)
+        from ctloop.registry.promotion import promote as promote_version
+
+        target = options.version or serving.roles.challenger
+        if target is None:
+            raise ApiError(409, "there is no challenger to promote; pass {\"version\": N}")
+        check = (lambda champion, challenger: _shadow_decision(serving, champion, challenger)) \
+            if options.require_shadow else None
+        await _registry_call(asyncio.to_thread(promote_version, serving.registry, target, by=options.by,
+                                               note=options.note, shadow_check=check))
+        return _roles(await _registry_call(serving.sync_roles()))
+
+    @app.post("/admin/rollback")
+    async def rollback(request: Request):
+        require_admin(request)
+        options = _parse(PromoteBody, await request.body() or b"{}", config.serve.max_body_bytes)
+        from ctloop.registry.promotion import rollback as rollback_champion
+
+        await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by))
+        return _roles(await _registry_call(serving.sync_roles()))
+
+    return app
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=1)
+    require_shadow: bool = False
+    by: str = "admin-api"
+    note: str = "promoted through the server's admin API"
+
+
+async def _registry_call(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except CtloopError as exc:
+        raise ApiError(409, str(exc), kind="conflict") from exc
+
+
+def _shadow_decision(serving: Serving, champion: int, challenger: int) -> tuple[str, str]:
+    """The shadow comparison of two versions on the logged pairs: (decision, reasons)."""
+    from ctloop.serving.compare import shadow_report
+
+    settings = serving.config.shadow
+    report = shadow_report(settings, serving.workspace.shadow_store_url(settings.store_url), champion, challenger,
+                           agreement_embeddings=False)[0]
+    return report.decision, "; ".join(report.reasons)
+
+
+def _roles(roles: Roles) -> dict[str, Any]:
+    return {"champion": roles.champion, "challenger": roles.challenger, "previous": roles.previous}
+
+
+def _usage(generation: Any) -> dict[str, int]:
+    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+
+
+def _prometheus(serving: Serving) -> bytes:
+    """The Prometheus text exposition (prometheus_client) of the server's and the router's counters,
+    read from their current values at scrape time."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    rows: list[tuple[str, str, float, dict[str, str]]] = []
+    for (path, code), count in sorted(serving.requests.items()):
+        rows.append(("ctloop_http_requests_total", "counter", count, {"path": path, "code": str(code)}))
+    for path, seconds in sorted(serving.latency_sum.items()):
+        rows.append(("ctloop_http_request_seconds_total", "counter", seconds, {"path": path}))
+    roles = serving.roles
+    rows.append(("ctloop_champion_version", "gauge", roles.champion or 0, {}))
+    rows.append(("ctloop_challenger_version", "gauge", roles.challenger or 0, {}))
+    rows.append(("ctloop_role_sync_errors_total", "counter", serving.sync_errors, {}))
+    if serving.router is not None:
+        rows += serving.router.metrics()
+
+    class Snapshot:
+        def collect(self):
+            families: dict[str, Any] = {}
+            for name, kind, value, labels in rows:
+                if name not in families:
+                    family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    families[name] = family(name, name.replace("_", " "), labels=list(labels))
+                families[name].add_metric(list(labels.values()), value)
+            yield from families.values()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry)
+
+
+def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, port: int | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; shutdown drains the shadow queue and the log writer."""
+    import uvicorn
+
+    app = create_app(config, workspace)
+    uvicorn.run(app, host=host or config.serve.host, port=port if port is not None else config.serve.port,
+                log_level="info", timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5)
+
+
+@contextmanager
+def serve_in_background(app: Any, host: str = "127.0.0.1", port: int = 0,
+                        start_timeout: float = 300.0) -> Iterator[str]:
+    """Run an app with uvicorn in a thread (the demo, tests); yield its base URL; on exit shut it down
+    the same way SIGTERM does (the shadow queue drains, the log writer flushes)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="ctloop-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise CtloopError("the server stopped while starting; see the messages above")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise CtloopError(f"the server did not start within {start_timeout:.0f} s")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(120)

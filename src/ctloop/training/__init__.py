@@ -1,0 +1,1 @@
+"""Training a LoRA adapter: the resumable trainer and the tiny base model of the quickstart."""

@@ -1,0 +1,107 @@
+"""Promotion policy (`registry.promotion`) against a real MLflow with a SQLite backend."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ctloop.errors import RegistryError
+from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
+from ctloop.registry.promotion import (
+    APPROVAL_TAG,
+    approve,
+    champion_history,
+    offer_as_challenger,
+    promote,
+    rollback,
+)
+from test_registry import run_with_adapter
+
+
+@pytest.fixture()
+def registry(tmp_path) -> Registry:
+    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", "adapter", "exp", tmp_path / "artifacts")
+    for name in ("a", "b", "c"):
+        registry.register(run_with_adapter(registry, tmp_path, name), f"key-{name}", {"ctloop.gate": "PASS"}, name)
+    return registry
+
+
+def test_promote_and_rollback_move_champion_and_keep_history(registry):
+    registry.set_alias(CHALLENGER, 3)
+    assert promote(registry, 1, by="t", note="first").summary() == "champion: v- -> v1"
+    assert promote(registry, by="t", note="the challenger").after == 3
+    again = promote(registry, 3, by="t", note="again")
+    assert not again.changed and "already the champion" in again.summary()
+    assert champion_history(registry) == [1, 3]
+    assert registry.alias(CHALLENGER) is None  # the promoted challenger is no longer pending
+    change = rollback(registry, by="t")
+    assert (change.before, change.after) == (3, 1) and registry.alias(CHAMPION) == 1
+    assert champion_history(registry) == [1]
+    assert "rolled_back" in " ".join(registry.version(3).tags)
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(registry, by="t")
+
+
+def test_promoting_a_missing_version_or_no_challenger_fails_clearly(registry):
+    with pytest.raises(RegistryError, match="has no version 7"):
+        promote(registry, 7, by="t", note="typo")
+    with pytest.raises(RegistryError, match="no challenger to promote"):
+        promote(registry, by="t", note="nothing pending")
+    assert registry.alias(CHAMPION) is None
+
+
+def test_require_shadow_refuses_unless_the_shadow_check_says_promote(registry):
+    promote(registry, 1, by="t", note="first")
+    asked = []
+
+    def hold(champion: int, challenger: int) -> tuple[str, str]:
+        asked.append((champion, challenger))
+        return "HOLD", "3 pairs, below shadow.min_pairs=50"
+
+    with pytest.raises(RegistryError, match="HOLD, not PROMOTE .*min_pairs=50"):
+        promote(registry, 2, by="t", note="x", shadow_check=hold)
+    assert asked == [(1, 2)] and registry.alias(CHAMPION) == 1
+    promote(registry, 2, by="t", note="x", shadow_check=lambda champion, challenger: ("PROMOTE", ""))
+    assert registry.alias(CHAMPION) == 2
+
+
+def test_approval_gates_the_challenger_role(registry):
+    registry.set_version_tags(2, {APPROVAL_TAG: "pending"})
+    with pytest.raises(RegistryError, match="awaits approval"):
+        promote(registry, 2, by="t", note="too early")
+    approve(registry, 2, by="alice", note="read the report", promote_first=False)
+    assert registry.alias(CHALLENGER) == 2 and registry.alias(CHAMPION) is None
+    registry.set_version_tags(3, {"ctloop.gate": "FAIL"})
+    with pytest.raises(RegistryError, match="did not pass the gate"):
+        approve(registry, 3, by="alice", note="no", promote_first=False)
+
+
+def test_the_first_passing_version_becomes_champion_with_promote_first(registry):
+    offer_as_challenger(registry, 1, promote_first=True)
+    assert registry.alias(CHAMPION) == 1 and registry.alias(CHALLENGER) is None
+    offer_as_challenger(registry, 2, promote_first=True)  # a champion exists: 2 waits as challenger
+    assert registry.alias(CHAMPION) == 1 and registry.alias(CHALLENGER) == 2
+
+
+def test_concurrent_promoters_lose_no_history_entry(registry):
+    promote(registry, 1, by="t", note="first")
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def promoter(version: int) -> None:
+        try:
+            start.wait()
+            promote(registry, version, by=f"promoter-{version}", note="at once")
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promoter, args=(v,)) for v in (2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    history = champion_history(registry)
+    assert history[0] == 1 and sorted(history[1:]) == [2, 3]  # both promotions are in the history
+    assert registry.alias(CHAMPION) == history[-1]  # and the alias agrees with it
