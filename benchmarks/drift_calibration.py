@@ -43,16 +43,21 @@ def main() -> None:
         config = DriftConfig(detectors=detectors, permutations=args.permutations, min_rows=10, max_rows=10**7)
         started = time.perf_counter()
         false_alarms = sum(detect_drift(*sample(args, trial, 0.0), config).drift for trial in range(args.trials))
-        hits = sum(detect_drift(*sample(args, 10**6 + trial, args.delta), config).drift
-                   for trial in range(args.power_trials))
+        hits = sum(
+            detect_drift(*sample(args, 10**6 + trial, args.delta), config).drift for trial in range(args.power_trials)
+        )
         seconds = (time.perf_counter() - started) / (args.trials + args.power_trials)
         rows[name] = (false_alarms / args.trials, hits / args.power_trials, seconds)
         print(f"{name}: false alarms {rows[name][0]:.3f}, power {rows[name][1]:.2f}", flush=True)
     seed_fa = sum(seed_check(*sample(args, t, 0.0)) for t in range(args.trials)) / args.trials
-    seed_power = sum(seed_check(*sample(args, 10**6 + t, args.delta)) for t in range(args.power_trials)) / args.power_trials
+    seed_power = (
+        sum(seed_check(*sample(args, 10**6 + t, args.delta)) for t in range(args.power_trials)) / args.power_trials
+    )
 
-    print(f"\nn = {args.n} per side, d = {args.dim}, alpha 0.05, {args.trials} null trials, "
-          f"{args.power_trials} shifted trials (delta {args.delta} on 5 dims), B = {args.permutations}")
+    print(
+        f"\nn = {args.n} per side, d = {args.dim}, alpha 0.05, {args.trials} null trials, "
+        f"{args.power_trials} shifted trials (delta {args.delta} on 5 dims), B = {args.permutations}"
+    )
     print(f"{'detector':32s} {'false alarms':>12s} {'in [0.03,0.07]':>15s} {'power':>6s} {'s/trial':>8s}")
     for name, (fa, power, seconds) in rows.items():
         print(f"{name:32s} {fa:12.3f} {str(0.03 <= fa <= 0.07):>15s} {power:6.2f} {seconds:8.3f}")

@@ -63,9 +63,11 @@ def main() -> None:
         delays.append(fired.index(True) + 1 if True in fired else len(fired))
 
     print(f"\nreference {args.reference} rows, d = 384, window {args.window}, target ERT {args.ert}")
-    print(f"mean run length between false alarms: {mean_rl:.1f} +- {stderr:.1f} over {len(run_lengths)} alarms "
-          f"and {args.references} reference samples (per reference: {', '.join(f'{x:.0f}' for x in per_reference)}) "
-          f"({mean_rl / args.ert - 1:+.1%} vs target; within 10%: {abs(mean_rl / args.ert - 1) <= 0.10})")
+    print(
+        f"mean run length between false alarms: {mean_rl:.1f} +- {stderr:.1f} over {len(run_lengths)} alarms "
+        f"and {args.references} reference samples (per reference: {', '.join(f'{x:.0f}' for x in per_reference)}) "
+        f"({mean_rl / args.ert - 1:+.1%} vs target; within 10%: {abs(mean_rl / args.ert - 1) <= 0.10})"
+    )
     print(f"median detection delay after a shift of {args.shift} on 5 dims: {np.median(delays):.0f} instances")
     print(f"init {np.mean(init_seconds):.2f} s; {update_us:.1f} us per instance")
 

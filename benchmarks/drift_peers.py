@@ -30,8 +30,7 @@ def run_ctloop(reference, current, permutations: int) -> tuple[float, bool, floa
     from ctloop.drift.detectors import detect_drift
 
     started = time.perf_counter()
-    report = detect_drift(reference, current, DriftConfig(detectors=["mmd"], permutations=permutations,
-                                                          max_rows=10**7))
+    report = detect_drift(reference, current, DriftConfig(detectors=["mmd"], permutations=permutations, max_rows=10**7))
     return time.perf_counter() - started, report.drift, report.detectors[0].p_value
 
 
@@ -65,10 +64,12 @@ def main() -> None:
     rows = []
     for label, shift in (("no shift", 0.0), ("shift 0.1 x 5 dims", 0.1)):
         reference, current = scenario(shift, args.n, seed=1)
-        for name, runner in (("ctloop mmd", lambda: run_ctloop(reference, current, args.permutations)),
-                             ("alibi-detect MMDDrift", lambda: run_alibi(reference, current, args.permutations)),
-                             ("evidently model()", lambda: run_evidently(reference, current, "model")),
-                             ("evidently distance()", lambda: run_evidently(reference, current, "distance"))):
+        for name, runner in (
+            ("ctloop mmd", lambda: run_ctloop(reference, current, args.permutations)),
+            ("alibi-detect MMDDrift", lambda: run_alibi(reference, current, args.permutations)),
+            ("evidently model()", lambda: run_evidently(reference, current, "model")),
+            ("evidently distance()", lambda: run_evidently(reference, current, "distance")),
+        ):
             seconds, drift, value = runner()
             rows.append((label, name, seconds, drift, value))
             print(rows[-1], flush=True)
@@ -81,8 +82,10 @@ def main() -> None:
     for label in ("no shift", "shift 0.1 x 5 dims"):
         ours = next(r for r in rows if r[0] == label and r[1] == "ctloop mmd")
         alibi = next(r for r in rows if r[0] == label and r[1] == "alibi-detect MMDDrift")
-        print(f"{label}: ctloop mmd is {alibi[2] / ours[2]:.1f}x faster than alibi-detect; same decision: "
-              f"{ours[3] == alibi[3]}")
+        print(
+            f"{label}: ctloop mmd is {alibi[2] / ours[2]:.1f}x faster than alibi-detect; same decision: "
+            f"{ours[3] == alibi[3]}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,13 @@ def main() -> None:
         libs = rng.sample(by_section["libs"] + by_section["libdevel"], 2 * args.n)
         games = rng.sample(by_section["games"], args.n)
         reference = embedder.embed(libs[: args.n])
-        same = detect_drift(reference, embedder.embed(libs[args.n:]), config)
+        same = detect_drift(reference, embedder.embed(libs[args.n :]), config)
         shifted = detect_drift(reference, embedder.embed(games), config)
         results.append((same, shifted))
-        print(f"trial {trial}: same sections -> {same.outcome} ({same.evidence()}); "
-              f"libs vs games -> {shifted.outcome}", flush=True)
+        print(
+            f"trial {trial}: same sections -> {same.outcome} ({same.evidence()}); libs vs games -> {shifted.outcome}",
+            flush=True,
+        )
     false_alarms = sum(same.drift for same, _ in results)
     detected = sum(shifted.drift for _, shifted in results)
     print(f"\nall-MiniLM-L6-v2 embeddings, {args.n} rows per side, detectors mmd + mean (Holm), alpha 0.05")

@@ -36,10 +36,18 @@ def measure(n: int, detector: str, permutations: int) -> dict:
     started = time.perf_counter()
     report = detect_drift(reference, current, config)
     seconds = time.perf_counter() - started
-    return {"n": n, "detector": detector, "seconds": seconds, "p_value": report.detectors[0].p_value,
-            "drift": report.drift, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "data_gb": data_bytes / 2**30, "seed_seconds": seed_seconds, "seed_distance": seed_distance,
-            "seed_drift": seed_distance > 0.1}
+    return {
+        "n": n,
+        "detector": detector,
+        "seconds": seconds,
+        "p_value": report.detectors[0].p_value,
+        "drift": report.drift,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "data_gb": data_bytes / 2**30,
+        "seed_seconds": seed_seconds,
+        "seed_distance": seed_distance,
+        "seed_drift": seed_distance > 0.1,
+    }
 
 
 def main() -> None:
@@ -56,19 +64,26 @@ def main() -> None:
         for detector in ("mean", "rff_mmd", "mmd"):
             if detector == "mmd" and n > EXACT_MMD_LIMIT:
                 continue
-            out = subprocess.run([sys.executable, __file__, "--one", str(n), detector,
-                                  "--permutations", str(args.permutations)], capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(n), detector, "--permutations", str(args.permutations)],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(results[-1], flush=True)
     print(f"\nnull data, d = 384, B = {args.permutations} permutations, alpha 0.05; seed = ||mean diff|| > 0.1")
-    print(f"{'n per side':>10s} {'detector':>8s} {'seconds':>8s} {'p':>7s} {'drift':>6s} {'peak GB':>8s} "
-          f"{'data GB':>8s} {'seed says drift':>16s}")
+    print(
+        f"{'n per side':>10s} {'detector':>8s} {'seconds':>8s} {'p':>7s} {'drift':>6s} {'peak GB':>8s} "
+        f"{'data GB':>8s} {'seed says drift':>16s}"
+    )
     for r in results:
-        print(f"{r['n']:>10,d} {r['detector']:>8s} {r['seconds']:8.2f} {r['p_value']:7.3f} {str(r['drift']):>6s} "
-              f"{r['peak_rss_gb']:8.2f} {r['data_gb']:8.2f} {str(r['seed_drift']):>16s}")
+        print(
+            f"{r['n']:>10,d} {r['detector']:>8s} {r['seconds']:8.2f} {r['p_value']:7.3f} {str(r['drift']):>6s} "
+            f"{r['peak_rss_gb']:8.2f} {r['data_gb']:8.2f} {str(r['seed_drift']):>16s}"
+        )
 
 
 if __name__ == "__main__":

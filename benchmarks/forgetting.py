@@ -52,8 +52,10 @@ def load_eras(holdout: int) -> dict[str, tuple[list[Record], list[Record]]]:
 def base_model(work: Path) -> Path:
     from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
 
-    texts = [json.loads(line)["prompt"] + json.loads(line)["completion"]
-             for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["prompt"] + json.loads(line)["completion"]
+        for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()
+    ]
     return build_tiny_model(texts, work / "base", TinyModelSpec(pretrain_steps=300))
 
 
@@ -73,17 +75,26 @@ def run(ratio: float, eras, base: Path, work: Path, args, seed: int) -> list[dic
         tokens = {r.id: n for r, n in zip(train, counts(train), strict=True)}
         mix = build_training_set(train, tokens, buffer.rows(), replay, seed=100 * seed + k)
         out = work / f"adapter-{ratio}-{seed}-{k}"
-        train_adapter(mix.records, model=model, lora=LoraConfig(),
-                      train=TrainConfig(epochs=args.epochs, learning_rate=3e-3, batch_tokens=1024,
-                                        checkpoint_every=0, seed=100 * seed + k),
-                      out_dir=out, warm_start_from=adapter)
+        train_adapter(
+            mix.records,
+            model=model,
+            lora=LoraConfig(),
+            train=TrainConfig(
+                epochs=args.epochs, learning_rate=3e-3, batch_tokens=1024, checkpoint_every=0, seed=100 * seed + k
+            ),
+            out_dir=out,
+            warm_start_from=adapter,
+        )
         adapter = out
         buffer.add_cycle(era, train, [], tokens)
-        report = evaluate({name: held for name, (_, held) in eras.items()}, {"adapter": adapter}, model=model,
-                          config=EvalConfig())
+        report = evaluate(
+            {name: held for name, (_, held) in eras.items()}, {"adapter": adapter}, model=model, config=EvalConfig()
+        )
         scores.append({name: report.mean(name, "adapter") for name in eras})
-        print(f"seed {seed} ratio {ratio}: after {era}: " + ", ".join(f"{n} {v:.3f}" for n, v in scores[-1].items()),
-              flush=True)
+        print(
+            f"seed {seed} ratio {ratio}: after {era}: " + ", ".join(f"{n} {v:.3f}" for n, v in scores[-1].items()),
+            flush=True,
+        )
     return scores
 
 
@@ -92,8 +103,10 @@ def _token_counter(base: Path):
     from ctloop.model.loading import load_tokenizer
 
     count = token_counter(load_tokenizer(ModelConfig(base=str(base))))
-    return lambda records: [p + c + 2 for p, c in zip(count([r.prompt for r in records]),
-                                                       count([r.completion for r in records]), strict=True)]
+    return lambda records: [
+        p + c + 2
+        for p, c in zip(count([r.prompt for r in records]), count([r.completion for r in records]), strict=True)
+    ]
 
 
 def summarise(scores: list[dict[str, float]], eras: list[str]) -> tuple[float, float]:
@@ -120,21 +133,30 @@ def main() -> None:
     names = list(eras)
     runs = {ratio: [run(ratio, eras, base, work, args, seed) for seed in range(args.seeds)] for ratio in args.ratios}
     # one run is noisy (a few hundred rows per era): scores are averaged over seeds
-    results = {ratio: [{era: sum(scores[k][era] for scores in per_seed) / len(per_seed) for era in names}
-                       for k in range(len(names))] for ratio, per_seed in runs.items()}
+    results = {
+        ratio: [
+            {era: sum(scores[k][era] for scores in per_seed) / len(per_seed) for era in names}
+            for k in range(len(names))
+        ]
+        for ratio, per_seed in runs.items()
+    }
     summary = {ratio: summarise(scores, names) for ratio, scores in results.items()}
     write_report(work / "forgetting.html", results, summary, names)
 
-    print(f"\neras: {' -> '.join(names)}; warm-started adapter, {args.epochs} epochs per cycle; "
-          f"mean of {args.seeds} seeds; {time.perf_counter() - started:.0f} s")
+    print(
+        f"\neras: {' -> '.join(names)}; warm-started adapter, {args.epochs} epochs per cycle; "
+        f"mean of {args.seeds} seeds; {time.perf_counter() - started:.0f} s"
+    )
     print(f"{'replay ratio':>12s} {'avg forgetting':>15s} {'avg new-era gain':>17s}")
     for ratio, (forgetting, gain) in summary.items():
         print(f"{ratio:12.2f} {forgetting:15.4f} {gain:17.4f}")
     if 0.0 in summary and args.default_ratio in summary:
         f0, g0 = summary[0.0]
         fd, gd = summary[args.default_ratio]
-        print(f"default ratio {args.default_ratio}: forgetting {fd / f0:.0%} of no-replay's "
-              f"(target <= 50%), new-era gain {gd / g0:.0%} of no-replay's (target >= 90%)")
+        print(
+            f"default ratio {args.default_ratio}: forgetting {fd / f0:.0%} of no-replay's "
+            f"(target <= 50%), new-era gain {gd / g0:.0%} of no-replay's (target >= 90%)"
+        )
     print(f"report: {work / 'forgetting.html'}")
 
 
@@ -142,16 +164,45 @@ def write_report(path: Path, results, summary, names: list[str]) -> None:
     from ctloop.reports.charts import grouped_bars
     from ctloop.reports.page import Table, write_page
 
-    sections = [("Summary", [Table(tuple((f"ratio {r}", f"avg forgetting {f:.4f}, avg new-era gain {g:.4f}")
-                                         for r, (f, g) in summary.items()))]),
-                ("Forgetting by ratio", [grouped_bars("average forgetting (lower is better)",
-                                                      {f"ratio {r}": {"forgetting": max(f, 0.0)}
-                                                       for r, (f, _) in summary.items()}, "loss increase")])]
+    sections = [
+        (
+            "Summary",
+            [
+                Table(
+                    tuple(
+                        (f"ratio {r}", f"avg forgetting {f:.4f}, avg new-era gain {g:.4f}")
+                        for r, (f, g) in summary.items()
+                    )
+                )
+            ],
+        ),
+        (
+            "Forgetting by ratio",
+            [
+                grouped_bars(
+                    "average forgetting (lower is better)",
+                    {f"ratio {r}": {"forgetting": max(f, 0.0)} for r, (f, _) in summary.items()},
+                    "loss increase",
+                )
+            ],
+        ),
+    ]
     for ratio, scores in results.items():
-        sections.append((f"ratio {ratio}: loss on each era after the last cycle",
-                         [grouped_bars("mean completion loss", {era: {"after last cycle": scores[-1][era],
-                                                                      "right after learning it": scores[j][era]}
-                                                                for j, era in enumerate(names)}, "loss")]))
+        sections.append(
+            (
+                f"ratio {ratio}: loss on each era after the last cycle",
+                [
+                    grouped_bars(
+                        "mean completion loss",
+                        {
+                            era: {"after last cycle": scores[-1][era], "right after learning it": scores[j][era]}
+                            for j, era in enumerate(names)
+                        },
+                        "loss",
+                    )
+                ],
+            )
+        )
     write_page(path, "ctloop forgetting benchmark", sections)
 
 

@@ -47,26 +47,33 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/ctloop-gate-benchmark")
     args = parser.parse_args()
     work = Path(args.work)
-    texts = [json.loads(line)["prompt"] + json.loads(line)["completion"]
-             for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["prompt"] + json.loads(line)["completion"]
+        for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()
+    ]
     base = build_tiny_model(texts, work / "base", TinyModelSpec(pretrain_steps=300))
     model = ModelConfig(base=str(base), max_seq_tokens=128)
     new, old = records("new_domain.jsonl"), records("old_domain.jsonl")
-    holdout, new_train = new[:200], new[200:200 + args.train_rows]
+    holdout, new_train = new[:200], new[200 : 200 + args.train_rows]
     old_train = old[: args.train_rows]
     rules = GateConfig()  # the defaults: min_new_improvement 0.01, 95% one-sided bound
 
     def adapter(rows, seed: int, tag: str) -> Path:
         out = work / f"{tag}-{seed}"
         if not (out / "adapter_config.json").is_file():
-            train_adapter(rows, model=model, lora=LoraConfig(), out_dir=out,
-                          train=TrainConfig(epochs=1, learning_rate=3e-3, batch_tokens=1024, seed=seed,
-                                            checkpoint_every=0))
+            train_adapter(
+                rows,
+                model=model,
+                lora=LoraConfig(),
+                out_dir=out,
+                train=TrainConfig(epochs=1, learning_rate=3e-3, batch_tokens=1024, seed=seed, checkpoint_every=0),
+            )
         return out
 
     def gates(champion: Path, candidate: Path) -> tuple[bool, bool, float, bool, bool]:
-        report = evaluate({"new_holdout": holdout}, {"candidate": candidate, "champion": champion}, model=model,
-                          config=EvalConfig())
+        report = evaluate(
+            {"new_holdout": holdout}, {"candidate": candidate, "champion": champion}, model=model, config=EvalConfig()
+        )
         ref, cand = report.mean("new_holdout", "champion"), report.mean("new_holdout", "candidate")
         change = (ref - cand) / ref
         # Margin 1% (the default) and margin 0 ("any improvement", what a plain A/B comparison does).
@@ -79,15 +86,24 @@ def main() -> None:
         champion = adapter(new_train, seed=2 * rep, tag="new")
         aa.append(gates(champion, adapter(new_train, seed=2 * rep + 1, tag="new")))
         ab.append(gates(adapter(old_train, seed=2 * rep, tag="old"), champion))
-        print(f"rep {rep}: A/A improvement {aa[-1][2]:+.2%} (ctloop {aa[-1][0]}, point {aa[-1][1]}); "
-              f"A/B improvement {ab[-1][2]:+.2%} (ctloop {ab[-1][0]}, point {ab[-1][1]})", flush=True)
+        print(
+            f"rep {rep}: A/A improvement {aa[-1][2]:+.2%} (ctloop {aa[-1][0]}, point {aa[-1][1]}); "
+            f"A/B improvement {ab[-1][2]:+.2%} (ctloop {ab[-1][0]}, point {ab[-1][1]})",
+            flush=True,
+        )
 
     n = args.repetitions
-    print(f"\n{n} repetitions; tiny model; {len(holdout)} holdout rows; rule: new-data improvement >= "
-          f"{rules.min_new_improvement:.0%}")
+    print(
+        f"\n{n} repetitions; tiny model; {len(holdout)} holdout rows; rule: new-data improvement >= "
+        f"{rules.min_new_improvement:.0%}"
+    )
     print(f"{'gate':44s} {'A/A false promotions':>21s} {'A/B power':>10s}")
-    for label, k in (("ctloop, margin 1% (95% paired bootstrap)", 0), ("point estimate, margin 1%", 1),
-                     ("ctloop, margin 0 (95% paired bootstrap)", 3), ("point estimate, margin 0", 4)):
+    for label, k in (
+        ("ctloop, margin 1% (95% paired bootstrap)", 0),
+        ("point estimate, margin 1%", 1),
+        ("ctloop, margin 0 (95% paired bootstrap)", 3),
+        ("point estimate, margin 0", 4),
+    ):
         print(f"{label:44s} {sum(r[k] for r in aa) / n:21.0%} {sum(r[k] for r in ab) / n:10.0%}")
     print("targets: false promotions <= 5%, power >= 80%")
 

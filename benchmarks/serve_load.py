@@ -41,23 +41,32 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstar
 
 def prepare(root: Path) -> tuple[Path, list[str]]:
     rows = [json.loads(line) for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()]
-    base = build_tiny_model([r["prompt"] + r["completion"] for r in rows], root / "base", TinyModelSpec(pretrain_steps=30))
+    base = build_tiny_model(
+        [r["prompt"] + r["completion"] for r in rows], root / "base", TinyModelSpec(pretrain_steps=30)
+    )
     prompts = [json.loads(line)["prompt"] for line in (QUICKSTART / "old_domain.jsonl").read_text().splitlines()[:200]]
     return base, prompts
 
 
 def write_config(root: Path, base: Path, port: int, shadow: bool) -> Path:
     path = root / f"serve-{'on' if shadow else 'off'}.yaml"
-    path.write_text(yaml.safe_dump({
-        "workspace": str(root / "ws"), "model": {"base": str(base)},
-        "registry": {"model_name": "bench", "experiment": "bench"},
-        "serve": {"port": port, "max_tokens": 64, "drain_seconds": 30},
-        "shadow": {"enabled": shadow, "store_url": f"sqlite:///{root / f'shadow-{shadow}.db'}"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "workspace": str(root / "ws"),
+                "model": {"base": str(base)},
+                "registry": {"model_name": "bench", "experiment": "bench"},
+                "serve": {"port": port, "max_tokens": 64, "drain_seconds": 30},
+                "shadow": {"enabled": shadow, "store_url": f"sqlite:///{root / f'shadow-{shadow}.db'}"},
+            }
+        )
+    )
     return path
 
 
-async def load(url: str, prompts: list[str], seconds: float, concurrency: int, max_tokens: int,
-               rate: float | None = None) -> dict:
+async def load(
+    url: str, prompts: list[str], seconds: float, concurrency: int, max_tokens: int, rate: float | None = None
+) -> dict:
     """Closed loop (`concurrency` clients back to back), or open loop at `rate` requests/s."""
     latencies: list[float] = []
     tokens = errors = 0
@@ -66,8 +75,10 @@ async def load(url: str, prompts: list[str], seconds: float, concurrency: int, m
     async def one(http: httpx.AsyncClient, i: int) -> None:
         nonlocal tokens, errors
         began = time.perf_counter()
-        response = await http.post(f"{url}/v1/completions", json={
-            "model": "bench", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens})
+        response = await http.post(
+            f"{url}/v1/completions",
+            json={"model": "bench", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens},
+        )
         if response.status_code == 200:
             latencies.append(time.perf_counter() - began)
             tokens += response.json()["usage"]["completion_tokens"]
@@ -83,9 +94,14 @@ async def load(url: str, prompts: list[str], seconds: float, concurrency: int, m
                 pending.append(asyncio.create_task(one(http, i)))
             await asyncio.gather(*pending)
         elapsed = time.perf_counter() - started
-        return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
-                "tokens_per_s": tokens / elapsed, "p50_ms": 1000 * statistics.median(latencies),
-                "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98]}
+        return {
+            "requests": len(latencies),
+            "errors": errors,
+            "rps": len(latencies) / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
+        }
 
     async def client(offset: int) -> None:
         async with httpx.AsyncClient(timeout=120) as http:
@@ -97,9 +113,14 @@ async def load(url: str, prompts: list[str], seconds: float, concurrency: int, m
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
-            "tokens_per_s": tokens / elapsed, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98]}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
+    }
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -113,8 +134,12 @@ def metrics(url: str) -> dict[str, float]:
 
 def run_server(config: Path, port: int, prompts: list[str], args) -> dict:
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "ctloop", "serve", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ctloop", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -132,13 +157,17 @@ def run_server(config: Path, port: int, prompts: list[str], args) -> dict:
         after = metrics(url)
         result["open_loop"] = asyncio.run(load(url, prompts, args.seconds, 0, args.max_tokens, rate=args.rate))
         later = metrics(url)
-        result["open_loop"]["shadow_completed"] = (later.get('ctloop_shadow_finished_total{outcome="completed"}', 0)
-                                                   - after.get('ctloop_shadow_finished_total{outcome="completed"}', 0))
+        result["open_loop"]["shadow_completed"] = later.get(
+            'ctloop_shadow_finished_total{outcome="completed"}', 0
+        ) - after.get('ctloop_shadow_finished_total{outcome="completed"}', 0)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(120)
-    result["shadow"] = {k.removeprefix("ctloop_shadow_"): after[k] - before.get(k, 0) for k in after
-                        if k.startswith("ctloop_shadow_") and k.endswith("_total")}
+    result["shadow"] = {
+        k.removeprefix("ctloop_shadow_"): after[k] - before.get(k, 0)
+        for k in after
+        if k.startswith("ctloop_shadow_") and k.endswith("_total")
+    }
     result["enqueued_total"] = later.get("ctloop_shadow_enqueued_total", 0)
     result["exit_code"] = server.returncode
     return result
@@ -165,24 +194,34 @@ def main() -> None:
         registry.set_alias(CHALLENGER, 2)
         results = {shadow: run_server(configs[shadow], port, prompts, args) for shadow in (False, True)}
         rows = len(read_rows(f"sqlite:///{root / 'shadow-True.db'}"))
-    print(f"\n== ctloop serve over loopback: tiny model, {args.concurrency} clients, {args.seconds:.0f} s, "
-          f"max_tokens {args.max_tokens} ==")
+    print(
+        f"\n== ctloop serve over loopback: tiny model, {args.concurrency} clients, {args.seconds:.0f} s, "
+        f"max_tokens {args.max_tokens} =="
+    )
     print(f"{'shadowing':<10}{'requests':>9}{'errors':>7}{'req/s':>8}{'tokens/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     for shadow, r in results.items():
-        print(f"{'on' if shadow else 'off':<10}{r['requests']:>9}{r['errors']:>7}{r['rps']:>8.1f}"
-              f"{r['tokens_per_s']:>10.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")
+        print(
+            f"{'on' if shadow else 'off':<10}{r['requests']:>9}{r['errors']:>7}{r['rps']:>8.1f}"
+            f"{r['tokens_per_s']:>10.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+        )
     on = results[True]
     print(f"shadow counters during the closed-loop window: {json.dumps(on['shadow'])}")
     print("(the closed loop keeps user requests waiting, and shadow calls yield to them: most finish later)")
-    print(f"\n== open loop at {args.rate:g} requests/s (under capacity): shadow calls complete live; in-process, "
-          f"they share the CPU with the champion, so a user request that arrives during one waits for it ==")
+    print(
+        f"\n== open loop at {args.rate:g} requests/s (under capacity): shadow calls complete live; in-process, "
+        f"they share the CPU with the champion, so a user request that arrives during one waits for it =="
+    )
     print(f"{'shadowing':<10}{'requests':>9}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'shadow completed':>18}")
     for shadow, r in results.items():
         o = r["open_loop"]
-        print(f"{'on' if shadow else 'off':<10}{o['requests']:>9}{o['errors']:>7}{o['p50_ms']:>9.1f}{o['p99_ms']:>9.1f}"
-              f"{o['shadow_completed']:>18.0f}")
-    print(f"after SIGTERM (uvicorn re-raises it after its graceful shutdown): exit code {on['exit_code']}, rows in the log database {rows}, "
-          f"enqueued over the whole run {on['enqueued_total']:.0f} -> {'equal' if rows == on['enqueued_total'] else 'MISMATCH'}")
+        print(
+            f"{'on' if shadow else 'off':<10}{o['requests']:>9}{o['errors']:>7}{o['p50_ms']:>9.1f}{o['p99_ms']:>9.1f}"
+            f"{o['shadow_completed']:>18.0f}"
+        )
+    print(
+        f"after SIGTERM (uvicorn re-raises it after its graceful shutdown): exit code {on['exit_code']}, rows in the log database {rows}, "
+        f"enqueued over the whole run {on['enqueued_total']:.0f} -> {'equal' if rows == on['enqueued_total'] else 'MISMATCH'}"
+    )
     print(f"throughput with shadowing on / off: {on['rps'] / results[False]['rps']:.2f}x")
 
 

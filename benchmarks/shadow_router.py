@@ -83,8 +83,15 @@ class SeedRouter:
         self.completed += 1
 
 
-async def drive(rate: float, seconds: float, mode: str, challenger_seconds: float, store_dir: Path,
-                fraction: float = 1.0, requests: int | None = None) -> dict:
+async def drive(
+    rate: float,
+    seconds: float,
+    mode: str,
+    challenger_seconds: float,
+    store_dir: Path,
+    fraction: float = 1.0,
+    requests: int | None = None,
+) -> dict:
     """Send requests open-loop; return production latency percentiles and the shadow outcome."""
     total = requests if requests is not None else int(rate * seconds)
     latencies: list[float] = []
@@ -94,8 +101,15 @@ async def drive(rate: float, seconds: float, mode: str, challenger_seconds: floa
     rss_before = rss_mb()
     router = seed = None
     if mode == "ctloop":
-        settings = ShadowConfig(fraction=fraction, workers=4, queue_size=256, timeout_s=0.5, breaker_window=20,
-                                breaker_failure_ratio=0.5, breaker_cooldown_s=5)
+        settings = ShadowConfig(
+            fraction=fraction,
+            workers=4,
+            queue_size=256,
+            timeout_s=0.5,
+            breaker_window=20,
+            breaker_failure_ratio=0.5,
+            breaker_cooldown_s=5,
+        )
         store = ShadowStore(f"sqlite:///{store_dir / f'shadow-{mode}-{rate}-{time.time_ns()}.db'}")
         router = ShadowRouter(SleepingChallenger(challenger_seconds), store, settings, challenger=lambda: 2)
         router.start()
@@ -133,20 +147,34 @@ async def drive(rate: float, seconds: float, mode: str, challenger_seconds: floa
         tasks.append(asyncio.create_task(handle(index, arrival)))
     await asyncio.gather(*tasks)
     sampler.cancel()
-    result = {"mode": mode, "rate": rate, "requests": total, "p50_ms": 1000 * statistics.median(latencies),
-              "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98], "peak_threads": peak["threads"] - threads_before,
-              "rss_growth_mb": peak["rss"] - rss_before,
-              "path_us": _us(path_costs)}
+    result = {
+        "mode": mode,
+        "rate": rate,
+        "requests": total,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
+        "peak_threads": peak["threads"] - threads_before,
+        "rss_growth_mb": peak["rss"] - rss_before,
+        "path_us": _us(path_costs),
+    }
     if router is not None:
         await router.shutdown(drain_seconds=2.0)
         counters = router.counters.as_dict()
-        result.update(counters=counters, rows=len(read_rows(router.store.url)), log_dropped=router.store.dropped,
-                      accounted=counters["offered"] == counters["sampled_out"] + counters["skipped"]
-                      + counters["dropped"] + counters["enqueued"]
-                      and counters["enqueued"] == counters["finished"])
+        result.update(
+            counters=counters,
+            rows=len(read_rows(router.store.url)),
+            log_dropped=router.store.dropped,
+            accounted=counters["offered"]
+            == counters["sampled_out"] + counters["skipped"] + counters["dropped"] + counters["enqueued"]
+            and counters["enqueued"] == counters["finished"],
+        )
     if seed is not None:
-        result.update(shadow_started=seed.started, shadow_completed=seed.completed,
-                      shadow_lost_at_exit=seed.started - seed.completed, rows=0)
+        result.update(
+            shadow_started=seed.started,
+            shadow_completed=seed.completed,
+            shadow_lost_at_exit=seed.started - seed.completed,
+            rows=0,
+        )
     return result
 
 
@@ -172,7 +200,8 @@ def run(seconds: float, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         challengers = (("healthy", CHALLENGER_SECONDS), ("hung", HANG_SECONDS))
         for _, (challenger, challenger_seconds), rate, mode in itertools.product(  # repeats interleaved
-                range(repeats), challengers, (100, 400), ("off", "ctloop", "seed")):
+            range(repeats), challengers, (100, 400), ("off", "ctloop", "seed")
+        ):
             if not (mode == "off" and challenger == "hung"):
                 jobs.append((f"latency/{challenger}", rate, seconds, mode, challenger_seconds, 1.0, None, tmp))
         for mode in ("ctloop", "seed"):
@@ -198,21 +227,27 @@ def _medians(results: list[dict]) -> dict[tuple, dict]:
         grouped.setdefault((r["scenario"], r["rate"], r["mode"]), []).append(r)
     out = {}
     for key, runs in grouped.items():
-        out[key] = {"p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                    "p99_ms": statistics.median(r["p99_ms"] for r in runs),
-                    "path_p50": statistics.median(r["path_us"]["p50"] for r in runs),
-                    "path_p99": statistics.median(r["path_us"]["p99"] for r in runs),
-                    "peak_threads": statistics.median(r["peak_threads"] for r in runs),
-                    "rows": statistics.median(r.get("rows", 0) for r in runs)}
+        out[key] = {
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "path_p50": statistics.median(r["path_us"]["p50"] for r in runs),
+            "path_p99": statistics.median(r["path_us"]["p99"] for r in runs),
+            "peak_threads": statistics.median(r["peak_threads"] for r in runs),
+            "rows": statistics.median(r.get("rows", 0) for r in runs),
+        }
     return out
 
 
 def report(results: list[dict]) -> str:
     lines = ["", "== added production latency (ms) vs shadowing off, same run =="]
-    lines.append(f"{'challenger':<10}{'rate/s':>8}{'router':>9}{'p50':>9}{'p99':>9}{'+p50':>8}{'+p99':>8}"
-                 f"{'call p50':>10}{'call p99':>10}{'threads':>9}{'logged':>13}")
-    lines.append("(p50/p99: production latency, ms, median of the repeats; call: the router's own call on the "
-                 "request path, us; threads: added at peak)")
+    lines.append(
+        f"{'challenger':<10}{'rate/s':>8}{'router':>9}{'p50':>9}{'p99':>9}{'+p50':>8}{'+p99':>8}"
+        f"{'call p50':>10}{'call p99':>10}{'threads':>9}{'logged':>13}"
+    )
+    lines.append(
+        "(p50/p99: production latency, ms, median of the repeats; call: the router's own call on the "
+        "request path, us; threads: added at peak)"
+    )
     latency = _medians([r for r in results if r["scenario"].startswith("latency")])
     off = {rate: r for (scenario, rate, mode), r in latency.items() if mode == "off"}
     for (scenario, rate, mode), r in latency.items():
@@ -220,11 +255,15 @@ def report(results: list[dict]) -> str:
             continue
         base = off[rate]
         logged = r["rows"] if mode == "ctloop" else "0 (printed)"
-        lines.append(f"{scenario.split('/')[1]:<10}{rate:>8}{mode:>9}{r['p50_ms']:>9.2f}"
-                     f"{r['p99_ms']:>9.2f}{r['p50_ms'] - base['p50_ms']:>+8.2f}{r['p99_ms'] - base['p99_ms']:>+8.2f}"
-                     f"{r['path_p50']:>10.1f}{r['path_p99']:>10.1f}{r['peak_threads']:>9.0f}{logged!s:>13}")
-    lines.append(f"(shadowing off: p50/p99 {off[100]['p50_ms']:.2f}/{off[100]['p99_ms']:.2f} ms at 100/s, "
-                 f"{off[400]['p50_ms']:.2f}/{off[400]['p99_ms']:.2f} ms at 400/s; targets: +1 ms p50, +3 ms p99)")
+        lines.append(
+            f"{scenario.split('/')[1]:<10}{rate:>8}{mode:>9}{r['p50_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{r['p50_ms'] - base['p50_ms']:>+8.2f}{r['p99_ms'] - base['p99_ms']:>+8.2f}"
+            f"{r['path_p50']:>10.1f}{r['path_p99']:>10.1f}{r['peak_threads']:>9.0f}{logged!s:>13}"
+        )
+    lines.append(
+        f"(shadowing off: p50/p99 {off[100]['p50_ms']:.2f}/{off[100]['p99_ms']:.2f} ms at 100/s, "
+        f"{off[400]['p50_ms']:.2f}/{off[400]['p99_ms']:.2f} ms at 400/s; targets: +1 ms p50, +3 ms p99)"
+    )
     for scenario in ("overload 2.5x", "10k then shutdown"):
         lines.append(f"\n== {scenario} ==")
         for r in results:
@@ -232,16 +271,20 @@ def report(results: list[dict]) -> str:
                 continue
             if r["mode"] == "ctloop":
                 c = r["counters"]
-                lines.append(f"ctloop: offered {c['offered']} = sampled_out {c['sampled_out']} + skipped {c['skipped']} "
-                             f"+ dropped {c['dropped']} + enqueued {c['enqueued']}; enqueued = completed "
-                             f"{c['completed']} + timed_out {c['timed_out']} + errored {c['errored']} + cancelled "
-                             f"{c['cancelled']}; accounted: {r['accounted']}; rows in DB {r['rows']} "
-                             f"(enqueued {c['enqueued']}, log dropped {r['log_dropped']}); added threads "
-                             f"{r['peak_threads']}; RSS growth {r['rss_growth_mb']:.1f} MB")
+                lines.append(
+                    f"ctloop: offered {c['offered']} = sampled_out {c['sampled_out']} + skipped {c['skipped']} "
+                    f"+ dropped {c['dropped']} + enqueued {c['enqueued']}; enqueued = completed "
+                    f"{c['completed']} + timed_out {c['timed_out']} + errored {c['errored']} + cancelled "
+                    f"{c['cancelled']}; accounted: {r['accounted']}; rows in DB {r['rows']} "
+                    f"(enqueued {c['enqueued']}, log dropped {r['log_dropped']}); added threads "
+                    f"{r['peak_threads']}; RSS growth {r['rss_growth_mb']:.1f} MB"
+                )
             else:
-                lines.append(f"seed:   {r['shadow_started']} shadow threads started, {r['shadow_completed']} completed, "
-                             f"{r['shadow_lost_at_exit']} still running when the run ended (lost); rows in DB 0; "
-                             f"added threads {r['peak_threads']}; RSS growth {r['rss_growth_mb']:.1f} MB")
+                lines.append(
+                    f"seed:   {r['shadow_started']} shadow threads started, {r['shadow_completed']} completed, "
+                    f"{r['shadow_lost_at_exit']} still running when the run ended (lost); rows in DB 0; "
+                    f"added threads {r['peak_threads']}; RSS growth {r['rss_growth_mb']:.1f} MB"
+                )
     return "\n".join(lines)
 
 

@@ -53,10 +53,14 @@ def load_rows(limit: int, max_packages: int) -> tuple[list[dict], str]:
         rng.shuffle(raw)
         rows, i = [], 0
         while len(rows) < limit and i < len(raw):
-            group = raw[i:i + rng.randint(1, max_packages)]
+            group = raw[i : i + rng.randint(1, max_packages)]
             i += len(group)
-            rows.append({"prompt": "Describe the Debian packages " + ", ".join(r["package"] for r in group) + ":",
-                         "completion": "".join(f" {r['package']}: {r['description']}." for r in group)})
+            rows.append(
+                {
+                    "prompt": "Describe the Debian packages " + ", ".join(r["package"] for r in group) + ":",
+                    "completion": "".join(f" {r['package']}: {r['description']}." for r in group),
+                }
+            )
         return rows, f"{SHARED} (1-{max_packages} packages per row)"
     rows = []
     for name in ("old_domain.jsonl", "new_domain.jsonl", "pretrain.jsonl"):
@@ -65,18 +69,24 @@ def load_rows(limit: int, max_packages: int) -> tuple[list[dict], str]:
                 row = json.loads(line)
             except json.JSONDecodeError:  # the quickstart data carries a few malformed rows on purpose
                 continue
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str) \
-                    and isinstance(row.get("completion"), str) and row["completion"].strip():
+            if (
+                isinstance(row, dict)
+                and isinstance(row.get("prompt"), str)
+                and isinstance(row.get("completion"), str)
+                and row["completion"].strip()
+            ):
                 rows.append(row)
     print(f"note: {SHARED} is absent; using the quickstart samples (short rows)", file=sys.stderr)
     return rows[:limit], "quickstart samples"
 
 
 SHAPES = {  # Llama shapes; 1b is the H100 baseline's (TinyLlama 1.1B dimensions)
-    "30m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=8),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4),
+    "30m": dict(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
+    ),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
 }
 
 
@@ -93,9 +103,15 @@ def build_model(folder: Path, rows: list[dict], shape: str) -> None:
 
     torch.manual_seed(0)
     tokenizer = _train_tokenizer([r["prompt"] + r["completion"] for r in rows], 8000)
-    config = LlamaConfig(vocab_size=len(tokenizer), **SHAPES[shape], max_position_embeddings=1024,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        **SHAPES[shape],
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -128,14 +144,27 @@ def run_seed(model_dir: Path, rows: list[dict]) -> dict:
     texts = [tokenizer.bos_token + r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]
     dataset = [{"input_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8,
-                                             lora_alpha=32, lora_dropout=0.1))
-    args = TrainingArguments(output_dir=str(model_dir.parent / "seed-out"), num_train_epochs=1,
-                             per_device_train_batch_size=4, learning_rate=2e-4, report_to=[],
-                             use_cpu=not torch.cuda.is_available(),
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    model = get_peft_model(
+        model, LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
+    )
+    args = TrainingArguments(
+        output_dir=str(model_dir.parent / "seed-out"),
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        learning_rate=2e-4,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -145,20 +174,36 @@ def run_seed(model_dir: Path, rows: list[dict]) -> dict:
     return {"seconds": seconds, "real_tokens": real, "adapter": str(out)}
 
 
-def run_ctloop(model_dir: Path, rows: list[dict], precision: str, batch_tokens: int, attn: str | None,
-               checkpointing: bool, packing: bool) -> dict:
+def run_ctloop(
+    model_dir: Path,
+    rows: list[dict],
+    precision: str,
+    batch_tokens: int,
+    attn: str | None,
+    checkpointing: bool,
+    packing: bool,
+) -> dict:
     from ctloop.config import LoraConfig, ModelConfig, TrainConfig
     from ctloop.data.records import record_from_fields
     from ctloop.training.trainer import train_adapter
 
     records = [record_from_fields(r) for r in rows]
     out = model_dir.parent / f"ctloop-adapter-{precision}-{batch_tokens}-{attn}-{checkpointing}-{packing}"
-    result = train_adapter(records, model=ModelConfig(base=str(model_dir), max_seq_tokens=1024, attn_implementation=attn),
-                           lora=LoraConfig(), train=TrainConfig(epochs=1, learning_rate=1e-3, batch_tokens=batch_tokens,
-                                                                checkpoint_every=0, precision=precision,
-                                                                activation_checkpointing=checkpointing,
-                                                                packing=packing),
-                           out_dir=out)
+    result = train_adapter(
+        records,
+        model=ModelConfig(base=str(model_dir), max_seq_tokens=1024, attn_implementation=attn),
+        lora=LoraConfig(),
+        train=TrainConfig(
+            epochs=1,
+            learning_rate=1e-3,
+            batch_tokens=batch_tokens,
+            checkpoint_every=0,
+            precision=precision,
+            activation_checkpointing=checkpointing,
+            packing=packing,
+        ),
+        out_dir=out,
+    )
     return {"seconds": result.seconds, "real_tokens": result.tokens, "adapter": str(out)}
 
 
@@ -168,8 +213,12 @@ def eval_loss(model_dir: Path, adapter: str, rows: list[dict]) -> float:
     from ctloop.data.records import record_from_fields
     from ctloop.evaluation.evaluate import evaluate
 
-    report = evaluate({"heldout": [record_from_fields(r) for r in rows]}, {"adapter": Path(adapter)},
-                      model=ModelConfig(base=str(model_dir), max_seq_tokens=256), config=EvalConfig())
+    report = evaluate(
+        {"heldout": [record_from_fields(r) for r in rows]},
+        {"adapter": Path(adapter)},
+        model=ModelConfig(base=str(model_dir), max_seq_tokens=256),
+        config=EvalConfig(),
+    )
     return report.mean("heldout", "adapter")
 
 
@@ -188,12 +237,20 @@ def child(args: argparse.Namespace) -> None:
         out = run_seed(model_dir, train_rows)
     else:
         parts = name.split("-")  # ctloop-<precision>-<batch tokens>[-eager|-sdpa|-flex][-gc][-grouped]
-        attn = next((kernel for tag, kernel in (("eager", "eager"), ("sdpa", "sdpa"), ("flex", "flex_attention"))
-                     if tag in parts), None)
-        out = run_ctloop(model_dir, train_rows, parts[1], int(parts[2]), attn, "gc" in parts,
-                         "grouped" not in parts)
-    out["peak_rss_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()  # training only
-                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        attn = next(
+            (
+                kernel
+                for tag, kernel in (("eager", "eager"), ("sdpa", "sdpa"), ("flex", "flex_attention"))
+                if tag in parts
+            ),
+            None,
+        )
+        out = run_ctloop(model_dir, train_rows, parts[1], int(parts[2]), attn, "gc" in parts, "grouped" not in parts)
+    out["peak_rss_gb"] = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()  # training only
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     out["eval_loss"] = eval_loss(model_dir, out["adapter"], rows["eval"])
     print(json.dumps(out))
 
@@ -203,12 +260,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40000, help="real training tokens per configuration")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="30m")
     parser.add_argument("--work", default="/tmp/ctloop-train-throughput")
-    parser.add_argument("--configs", nargs="+",
-                        default=["seed", "ctloop-fp32-1024", "ctloop-auto-1024", "ctloop-auto-1024-gc",
-                                 "ctloop-auto-1024-grouped"])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["seed", "ctloop-fp32-1024", "ctloop-auto-1024", "ctloop-auto-1024-gc", "ctloop-auto-1024-grouped"],
+    )
     parser.add_argument("--max-packages", type=int, default=8, help="1 = one short description per row")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over all configurations (this machine is "
-                                                               "noisy: 3 rounds give a median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds over all configurations (this machine is noisy: 3 rounds give a median)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -223,8 +286,22 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for round_ in range(args.repeats):  # rounds alternate the configurations, so drift hits them alike
         for name in args.configs:
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
-                                   "--tokens", str(args.tokens), "--shape", args.shape], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    name,
+                    "--work",
+                    str(work),
+                    "--tokens",
+                    str(args.tokens),
+                    "--shape",
+                    args.shape,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 continue
@@ -237,10 +314,14 @@ def main() -> None:
     import torch
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "1 CPU thread"
-    print(f"\ndata: {source}; {args.tokens} real training tokens per configuration; {args.shape} Llama shape; "
-          f"{where}; {args.repeats} round(s), medians; peak memory: {'GPU' if torch.cuda.is_available() else 'RSS'}")
-    print(f"{'configuration':26s} {'tokens/s':>9s} {'x seed':>7s} {'per round':>16s} {'peak mem GB':>12s} "
-          f"{'eval loss':>10s}")
+    print(
+        f"\ndata: {source}; {args.tokens} real training tokens per configuration; {args.shape} Llama shape; "
+        f"{where}; {args.repeats} round(s), medians; peak memory: {'GPU' if torch.cuda.is_available() else 'RSS'}"
+    )
+    print(
+        f"{'configuration':26s} {'tokens/s':>9s} {'x seed':>7s} {'per round':>16s} {'peak mem GB':>12s} "
+        f"{'eval loss':>10s}"
+    )
     seed_rates = {run["round"]: run["rate"] for run in runs.get("seed", [])}
     for name, done in runs.items():
         if not done:
@@ -249,9 +330,11 @@ def main() -> None:
         ratios = [r["rate"] / seed_rates[r["round"]] for r in done if r["round"] in seed_rates]
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
         ratio = statistics.median(ratios) if ratios else float("nan")
-        print(f"{name:26s} {statistics.median(r['rate'] for r in done):9.0f} {ratio:7.2f} {spread:>16s} "
-              f"{statistics.median(r['peak_rss_gb'] for r in done):12.2f} "
-              f"{statistics.median(r['eval_loss'] for r in done):10.3f}")
+        print(
+            f"{name:26s} {statistics.median(r['rate'] for r in done):9.0f} {ratio:7.2f} {spread:>16s} "
+            f"{statistics.median(r['peak_rss_gb'] for r in done):12.2f} "
+            f"{statistics.median(r['eval_loss'] for r in done):10.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ def _config_path() -> str:
 
         path = Variable.get("ctloop_config", default=None)
     if not path:
-        raise RuntimeError("ctloop DAGs need a config: set the environment variable CTLOOP_CONFIG or the Airflow "
-                           "Variable ctloop_config to the path of a ctloop YAML file")
+        raise RuntimeError(
+            "ctloop DAGs need a config: set the environment variable CTLOOP_CONFIG or the Airflow "
+            "Variable ctloop_config to the path of a ctloop YAML file"
+        )
     return path
 
 
@@ -52,8 +54,14 @@ def _stage_tasks(dag_id: str, stages) -> list:
         @kind(task_id=stage.name)
         def run(cycle_id: str = ""):
             params = get_current_context()["params"]
-            step = run_stage_task(CONFIG_PATH, stage.name, cycle_id, params.get("data"),
-                                  bool(params.get("force", False)), f"airflow {dag_id}")
+            step = run_stage_task(
+                CONFIG_PATH,
+                stage.name,
+                cycle_id,
+                params.get("data"),
+                bool(params.get("force", False)),
+                f"airflow {dag_id}",
+            )
             return step.proceed if stage.role == "decides" else step.cycle_id
 
         return run
@@ -68,25 +76,45 @@ def _stage_tasks(dag_id: str, stages) -> list:
     return tasks
 
 
-@dag(dag_id="ctloop_cycle", schedule=SETTINGS.schedule, start_date=datetime(2026, 1, 1), catchup=False,
-     max_active_runs=1, default_args=DEFAULT_ARGS, params={"data": "", "force": False}, tags=["ctloop"],
-     doc_md=__doc__)
+@dag(
+    dag_id="ctloop_cycle",
+    schedule=SETTINGS.schedule,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"data": "", "force": False},
+    tags=["ctloop"],
+    doc_md=__doc__,
+)
 def ctloop_cycle():
     from ctloop.cycle.declaration import CYCLE
 
     _stage_tasks("ctloop_cycle", CYCLE)
 
 
-@dag(dag_id="ctloop_drift_watch", schedule=SETTINGS.drift_watch_schedule, start_date=datetime(2026, 1, 1),
-     catchup=False, max_active_runs=1, default_args=DEFAULT_ARGS, params={"data": ""}, tags=["ctloop"])
+@dag(
+    dag_id="ctloop_drift_watch",
+    schedule=SETTINGS.drift_watch_schedule,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"data": ""},
+    tags=["ctloop"],
+)
 def ctloop_drift_watch():
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 
     from ctloop.cycle.declaration import up_to_decision
 
     tasks = _stage_tasks("ctloop_drift_watch", up_to_decision())
-    tasks[-1] >> TriggerDagRunOperator(task_id="start_cycle", trigger_dag_id="ctloop_cycle",
-                                       conf={"data": "{{ params.data or '' }}"}, wait_for_completion=False)
+    tasks[-1] >> TriggerDagRunOperator(
+        task_id="start_cycle",
+        trigger_dag_id="ctloop_cycle",
+        conf={"data": "{{ params.data or '' }}"},
+        wait_for_completion=False,
+    )
 
 
 cycle_dag = ctloop_cycle()

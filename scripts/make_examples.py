@@ -23,8 +23,23 @@ from pathlib import Path
 
 OLD_SECTIONS = {"python", "perl"}
 NEW_SECTIONS = {"games", "sound", "graphics"}
-PRETRAIN_SECTIONS = {"utils", "net", "admin", "text", "misc", "x11", "devel", "web", "mail",
-                     "editors", "database", "science", "math", "doc", "video"}
+PRETRAIN_SECTIONS = {
+    "utils",
+    "net",
+    "admin",
+    "text",
+    "misc",
+    "x11",
+    "devel",
+    "web",
+    "mail",
+    "editors",
+    "database",
+    "science",
+    "math",
+    "doc",
+    "video",
+}
 SIZES = {"pretrain": 6000, "old_domain": 1200, "new_domain": 1200}
 
 BROKEN_LINES = [
@@ -54,8 +69,15 @@ def main(source: Path, out_dir: Path, examples_dir: Path) -> None:
         if not row["description"].strip():
             continue
         section = row["section"]
-        name = ("old_domain" if section in OLD_SECTIONS else "new_domain" if section in NEW_SECTIONS
-                else "pretrain" if section in PRETRAIN_SECTIONS else None)
+        name = (
+            "old_domain"
+            if section in OLD_SECTIONS
+            else "new_domain"
+            if section in NEW_SECTIONS
+            else "pretrain"
+            if section in PRETRAIN_SECTIONS
+            else None
+        )
         if name and len(groups[name]) < SIZES[name]:
             groups[name].append(row)
     out_dir.mkdir(parents=True, exist_ok=True)

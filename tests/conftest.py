@@ -31,8 +31,17 @@ def tiny_base(tmp_path_factory) -> Path:
     from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
 
     torch.set_num_threads(1)
-    texts = [json.loads(line)["prompt"] + json.loads(line)["completion"]
-             for line in quickstart_rows("pretrain.jsonl", 1500)]
-    spec = TinyModelSpec(vocab_size=512, hidden_size=32, layers=2, heads=2, intermediate_size=64,
-                         max_positions=128, pretrain_steps=40, batch_rows=32)
+    texts = [
+        json.loads(line)["prompt"] + json.loads(line)["completion"] for line in quickstart_rows("pretrain.jsonl", 1500)
+    ]
+    spec = TinyModelSpec(
+        vocab_size=512,
+        hidden_size=32,
+        layers=2,
+        heads=2,
+        intermediate_size=64,
+        max_positions=128,
+        pretrain_steps=40,
+        batch_rows=32,
+    )
     return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-base"), spec)

@@ -12,16 +12,29 @@ from ctloop.workspace import Workspace
 
 def shadow_record(i: int, prompt: str = "p", challenger: str = "2") -> ShadowRecord:
     """One completed pair, request id r<i>."""
-    return ShadowRecord(request_id=f"r{i}", prompt=prompt, champion_output="a", challenger_output="b",
-                        status="completed", champion_version="1", challenger_version=challenger,
-                        champion_latency_ms=1.5, challenger_latency_ms=2.5, champion_tokens=3, challenger_tokens=4)
+    return ShadowRecord(
+        request_id=f"r{i}",
+        prompt=prompt,
+        champion_output="a",
+        challenger_output="b",
+        status="completed",
+        champion_version="1",
+        challenger_version=challenger,
+        champion_latency_ms=1.5,
+        challenger_latency_ms=2.5,
+        champion_tokens=3,
+        challenger_tokens=4,
+    )
 
 
 def serving_config(base: Path, workspace: Path, **sections) -> object:
-    raw = {"workspace": str(workspace), "model": {"base": str(base)},
-           "registry": {"model_name": "srv", "experiment": "srv"},
-           "serve": {"poll_seconds": 0.2, "default_max_tokens": 6, "max_tokens": 32, "drain_seconds": 5},
-           "shadow": {"min_pairs": 5, "embedding_similarity": False}}
+    raw = {
+        "workspace": str(workspace),
+        "model": {"base": str(base)},
+        "registry": {"model_name": "srv", "experiment": "srv"},
+        "serve": {"poll_seconds": 0.2, "default_max_tokens": 6, "max_tokens": 32, "drain_seconds": 5},
+        "shadow": {"min_pairs": 5, "embedding_similarity": False},
+    }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return config_from_dict(raw)

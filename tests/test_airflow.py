@@ -18,9 +18,12 @@ from conftest import REPO, quickstart_rows
 
 # Airflow reads its settings once, at first import: set them before anything imports it.
 _HOME = tempfile.mkdtemp(prefix="ctloop-airflow-home-")
-os.environ.update(AIRFLOW_HOME=_HOME, AIRFLOW__CORE__LOAD_EXAMPLES="False",
-                  AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-                  AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{_HOME}/airflow.db")
+os.environ.update(
+    AIRFLOW_HOME=_HOME,
+    AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+    AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{_HOME}/airflow.db",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +31,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def airflow_env(tiny_base, tmp_path_factory):
     """An initialised Airflow DB and a ctloop config the DAG file reads through CTLOOP_CONFIG."""
-    migrate = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-                             capture_output=True, text=True, env=os.environ, timeout=300)
+    migrate = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
+    )
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     root = tmp_path_factory.mktemp("airflow-ctloop")
-    for name, source, rows in (("old.jsonl", "old_domain.jsonl", slice(0, 200)),
-                               ("new.jsonl", "new_domain.jsonl", slice(0, 200))):
+    for name, source, rows in (
+        ("old.jsonl", "old_domain.jsonl", slice(0, 200)),
+        ("new.jsonl", "new_domain.jsonl", slice(0, 200)),
+    ):
         (root / name).write_bytes(b"\n".join(quickstart_rows(source)[rows]) + b"\n")
     config = {
         "workspace": str(root / "ws"),
@@ -183,8 +193,9 @@ def test_a_task_failing_in_airflow_leaves_the_state_a_failing_cli_run_leaves(air
     config = load_config(root / "ctloop.yaml")
     workspace = Workspace(Path(config.workspace))
     registry, _ = _registry(root)
-    airflow_cycles = [p.parent for p in workspace.cycles_dir.glob("*/cycle.json")
-                      if json.loads(p.read_text()).get("failed_stage")]
+    airflow_cycles = [
+        p.parent for p in workspace.cycles_dir.glob("*/cycle.json") if json.loads(p.read_text()).get("failed_stage")
+    ]
     assert len(airflow_cycles) == 1
     airflow_state = json.loads((airflow_cycles[0] / "cycle.json").read_text())
 
@@ -209,10 +220,12 @@ def test_a_task_failing_in_airflow_leaves_the_state_a_failing_cli_run_leaves(air
 
 
 def test_parsing_the_dag_file_loads_no_heavy_library(airflow_env):
-    code = ("import importlib.util, sys; "
-            f"spec = importlib.util.spec_from_file_location('d', {str(REPO / 'dags' / 'ctloop_dag.py')!r}); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "print(sorted(x for x in ('torch', 'transformers', 'peft', 'mlflow') if x in sys.modules)); "
-            "print(m.cycle_dag.dag_id, m.drift_watch_dag.dag_id)")
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('d', {str(REPO / 'dags' / 'ctloop_dag.py')!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(sorted(x for x in ('torch', 'transformers', 'peft', 'mlflow') if x in sys.modules)); "
+        "print(m.cycle_dag.dag_id, m.drift_watch_dag.dag_id)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     assert out.stdout.splitlines() == ["[]", "ctloop_cycle ctloop_drift_watch"]

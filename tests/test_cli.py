@@ -8,13 +8,14 @@ from pathlib import Path
 
 
 def _ctloop(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctloop", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "ctloop", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 def test_help_does_not_import_heavy_libraries():
-    code = ("import sys, ctloop.cli; "
-            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'mlflow') if m in sys.modules))")
+    code = (
+        "import sys, ctloop.cli; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     help_text = _ctloop("--help").stdout
@@ -28,8 +29,12 @@ def test_validate_config_lists_every_problem_and_exits_2(tmp_path):
     result = _ctloop("validate-config", str(bad))
     assert result.returncode == 2
     assert "4 problems" in result.stderr
-    for expected in ("model.base: required", "did you mean 'base'", "replay.ratio: got 1.5",
-                     "did you mean 'learning_rate'"):
+    for expected in (
+        "model.base: required",
+        "did you mean 'base'",
+        "replay.ratio: got 1.5",
+        "did you mean 'learning_rate'",
+    ):
         assert expected in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -43,8 +48,9 @@ def test_status_without_a_workspace_says_what_to_do(tmp_path):
 def test_run_with_a_missing_data_file_names_it(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  base: nowhere\n")
-    result = _ctloop("run", "--config", str(config), "--data", str(tmp_path / "missing.jsonl"),
-                     "--workspace", str(tmp_path / "ws"))
+    result = _ctloop(
+        "run", "--config", str(config), "--data", str(tmp_path / "missing.jsonl"), "--workspace", str(tmp_path / "ws")
+    )
     assert result.returncode == 2
     assert "missing.jsonl" in result.stderr and "Traceback" not in result.stderr
 

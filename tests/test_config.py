@@ -27,6 +27,7 @@ def _problems(exc_info: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
 
 # -- shipped configs -----------------------------------------------------------------------------
 
+
 def test_shipped_configs_are_found():
     names = {p.relative_to(REPO).as_posix() for p in SHIPPED}
     assert {"configs/production.example.yaml", "src/ctloop/quickstart/quickstart.yaml"} <= names
@@ -100,12 +101,14 @@ def test_each_problem_names_key_and_fix(tmp_path, key, fragments):
     ("raw", "key", "fragment"),
     [
         ({"model": {"base": "m", "max_seq_tokens": 4}}, "model.max_seq_tokens", "set it to a value >= 8"),
-        ({"model": {"base": "m"}, "data": {"holdout_fraction": 0}}, "data.holdout_fraction",
-         "set it to a value > 0"),
+        ({"model": {"base": "m"}, "data": {"holdout_fraction": 0}}, "data.holdout_fraction", "set it to a value > 0"),
         ({"model": {"base": "m"}, "replay": {"ratio": 1}}, "replay.ratio", "set it to a value < 1"),
         ({"model": {"base": "m"}, "gate": {"first_cycle": "always"}}, "gate.first_cycle", "use one of"),
-        ({"model": {"base": "m"}, "registry": {"model_name": "a b"}}, "registry.model_name",
-         "use only characters matching"),
+        (
+            {"model": {"base": "m"}, "registry": {"model_name": "a b"}},
+            "registry.model_name",
+            "use only characters matching",
+        ),
         ({"model": {"base": "m"}, "train": {"seed": "abc"}}, "train.seed", "correct the value's type"),
         ({}, "model", "required but missing"),
     ],
@@ -156,6 +159,7 @@ def test_missing_file_gives_config_error(tmp_path):
 
 # -- relative paths ------------------------------------------------------------------------------
 
+
 def test_relative_model_base_resolves_next_to_config(tmp_path):
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     config = load_config(_write(tmp_path, "model:\n  base: models/tiny\n"))
@@ -175,10 +179,17 @@ def test_relative_workspace_resolves_next_to_config(tmp_path):
 
 # -- frozen --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("section", "field", "value"),
-    [(None, "workspace", Path("x")), ("model", "base", "other"), ("data", "min_rows", 1),
-     ("replay", "ratio", 0.5), ("gate", "first_cycle", "accept"), ("registry", "model_name", "x")],
+    [
+        (None, "workspace", Path("x")),
+        ("model", "base", "other"),
+        ("data", "min_rows", 1),
+        ("replay", "ratio", 0.5),
+        ("gate", "first_cycle", "accept"),
+        ("registry", "model_name", "x"),
+    ],
     ids=["root", "model", "data", "replay", "gate", "registry"],
 )
 def test_config_is_frozen(section, field, value):
@@ -204,12 +215,32 @@ def _with(section: str, field: str, value) -> dict:
 
 @pytest.mark.parametrize(
     ("section", "field", "value"),
-    [("model", "base", "other"), ("model", "max_seq_tokens", 256), ("model", "dtype", "bfloat16"),
-     ("data", "min_rows", 5), ("replay", "ratio", 0.5), ("replay", "enabled", False), ("lora", "r", 8),
-     ("train", "seed", 1), ("train", "learning_rate", 1e-3), ("eval", "batch_tokens", 1024),
-     ("gate", "first_cycle", "accept")],
-    ids=["model.base", "model.max_seq_tokens", "model.dtype", "data.min_rows", "replay.ratio", "replay.enabled",
-         "lora.r", "train.seed", "train.learning_rate", "eval.batch_tokens", "gate.first_cycle"],
+    [
+        ("model", "base", "other"),
+        ("model", "max_seq_tokens", 256),
+        ("model", "dtype", "bfloat16"),
+        ("data", "min_rows", 5),
+        ("replay", "ratio", 0.5),
+        ("replay", "enabled", False),
+        ("lora", "r", 8),
+        ("train", "seed", 1),
+        ("train", "learning_rate", 1e-3),
+        ("eval", "batch_tokens", 1024),
+        ("gate", "first_cycle", "accept"),
+    ],
+    ids=[
+        "model.base",
+        "model.max_seq_tokens",
+        "model.dtype",
+        "data.min_rows",
+        "replay.ratio",
+        "replay.enabled",
+        "lora.r",
+        "train.seed",
+        "train.learning_rate",
+        "eval.batch_tokens",
+        "gate.first_cycle",
+    ],
 )
 def test_training_hash_changes_with_training_fields(section, field, value):
     base = config_from_dict(BASE_RAW).training_hash()
@@ -220,11 +251,14 @@ def test_training_hash_changes_with_training_fields(section, field, value):
 
 @pytest.mark.parametrize(
     ("section", "field", "value"),
-    [("", "workspace", "/somewhere/else"), ("registry", "model_name", "other-name"),
-     ("registry", "experiment", "other-exp"), ("registry", "tracking_uri", "http://mlflow:5000"),
-     ("registry", "promote_first", False)],
-    ids=["workspace", "registry.model_name", "registry.experiment", "registry.tracking_uri",
-         "registry.promote_first"],
+    [
+        ("", "workspace", "/somewhere/else"),
+        ("registry", "model_name", "other-name"),
+        ("registry", "experiment", "other-exp"),
+        ("registry", "tracking_uri", "http://mlflow:5000"),
+        ("registry", "promote_first", False),
+    ],
+    ids=["workspace", "registry.model_name", "registry.experiment", "registry.tracking_uri", "registry.promote_first"],
 )
 def test_training_hash_ignores_storage_fields(section, field, value):
     assert config_from_dict(_with(section, field, value)).training_hash() == config_from_dict(BASE_RAW).training_hash()

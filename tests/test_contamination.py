@@ -10,8 +10,10 @@ def rec(i: str, prompt: str, completion: str) -> Record:
     return Record(id=i, prompt=prompt, completion=completion)
 
 
-TRAIN = [rec("t1", "Describe the Debian package 0ad:", " Real-time strategy game of ancient warfare"),
-         rec("t2", "Describe the Debian package xmoto:", " 2D motocross platform game with realistic physics")]
+TRAIN = [
+    rec("t1", "Describe the Debian package 0ad:", " Real-time strategy game of ancient warfare"),
+    rec("t2", "Describe the Debian package xmoto:", " 2D motocross platform game with realistic physics"),
+]
 
 
 def test_exact_and_near_duplicates_are_found_and_clean_rows_kept():

@@ -14,9 +14,16 @@ def _model(attn: str, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, pad_token_id=0,
-                         attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        pad_token_id=0,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -74,10 +81,20 @@ def test_soft_capped_attention_goes_to_the_models_own_eager_attention():
     losses = []
     for attn in ("eager", cpu_attention.register()):
         torch.manual_seed(0)
-        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                               head_dim=8, attn_logit_softcapping=0.5, pad_token_id=0,
-                                               attn_implementation=attn)).eval()
+        model = Gemma2ForCausalLM(
+            Gemma2Config(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                attn_logit_softcapping=0.5,
+                pad_token_id=0,
+                attn_implementation=attn,
+            )
+        ).eval()
         with torch.no_grad():
             losses.append(token_losses(model, collate_packed(rows, 0, width=16))[0])
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)

@@ -42,9 +42,11 @@ def brute_force_mmd2(pooled: np.ndarray, in_x: np.ndarray, bandwidth: float, cen
     x, y = np.flatnonzero(in_x), np.flatnonzero(~in_x)
     k_xx, k_yy, k_xy = kernel[np.ix_(x, x)], kernel[np.ix_(y, y)], kernel[np.ix_(x, y)]
     n_x, n_y = len(x), len(y)
-    return float((k_xx.sum() - np.trace(k_xx)) / (n_x * (n_x - 1))
-                 + (k_yy.sum() - np.trace(k_yy)) / (n_y * (n_y - 1))
-                 - 2 * k_xy.sum() / (n_x * n_y))
+    return float(
+        (k_xx.sum() - np.trace(k_xx)) / (n_x * (n_x - 1))
+        + (k_yy.sum() - np.trace(k_yy)) / (n_y * (n_y - 1))
+        - 2 * k_xy.sum() / (n_x * n_y)
+    )
 
 
 def two_samples(seed: int, n_x: int = 40, n_y: int = 50, dims: int = 5, shift: float = 0.3) -> np.ndarray:
@@ -53,6 +55,7 @@ def two_samples(seed: int, n_x: int = 40, n_y: int = 50, dims: int = 5, shift: f
 
 
 # -- mmd: the blockwise statistic is the textbook one ---------------------------------------------
+
 
 @pytest.mark.parametrize(
     "offset",
@@ -101,15 +104,16 @@ def test_unbiased_mmd_is_invariant_to_kernel_centring(offset):
 
 # -- p-values ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("observed", "null", "expected"),
     [
-        (10.0, [1.0, 2.0, 3.0], 1 / 4),           # floor: (1 + 0) / (1 + 3)
-        (2.0, [1.0, 2.0, 3.0], 3 / 4),            # a tie counts as "at least as extreme"
-        (0.0, [1.0, 2.0, 3.0], 1.0),              # every null value is larger
-        (1.0, [1.0 - 1e-15, 0.5], 2 / 3),         # float noise below the observed value is a tie
-        (-1.0, [-2.0, -0.5], 2 / 3),              # negative statistics (unbiased MMD can be < 0)
-        (5.0, [], 1.0),                           # no permutations: nothing can be concluded
+        (10.0, [1.0, 2.0, 3.0], 1 / 4),  # floor: (1 + 0) / (1 + 3)
+        (2.0, [1.0, 2.0, 3.0], 3 / 4),  # a tie counts as "at least as extreme"
+        (0.0, [1.0, 2.0, 3.0], 1.0),  # every null value is larger
+        (1.0, [1.0 - 1e-15, 0.5], 2 / 3),  # float noise below the observed value is a tie
+        (-1.0, [-2.0, -0.5], 2 / 3),  # negative statistics (unbiased MMD can be < 0)
+        (5.0, [], 1.0),  # no permutations: nothing can be concluded
     ],
     ids=["floor", "tie", "all-larger", "near-tie", "negative", "empty-null"],
 )
@@ -125,9 +129,11 @@ def test_p_value_floor_for_a_huge_shift_is_one_over_b_plus_one(detector):
     pooled = two_samples(seed=4, n_x=30, n_y=30, shift=50.0).astype(np.float32)
     labels = labels_for(30, len(pooled), permutations)
     rng = np.random.default_rng(0)
-    result = {"mean": lambda: mean_shift_test(pooled, labels),
-              "mmd": lambda: mmd_test(pooled, labels, rng),
-              "rff_mmd": lambda: rff_mmd_test(pooled, labels, rng, features=256)}[detector]()
+    result = {
+        "mean": lambda: mean_shift_test(pooled, labels),
+        "mmd": lambda: mmd_test(pooled, labels, rng),
+        "rff_mmd": lambda: rff_mmd_test(pooled, labels, rng, features=256),
+    }[detector]()
     assert result.p_value == 1 / (permutations + 1)
     assert result.p_value > 0
 
@@ -180,6 +186,7 @@ def test_mean_and_mmd_detect_a_unit_shift_in_two_dimensions():
 
 # -- label-free preprocessing ----------------------------------------------------------------------
 
+
 def test_pooled_pca_does_not_depend_on_which_side_comes_first():
     rng = np.random.default_rng(6)
     a, b = rng.normal(size=(30, 6)), rng.normal(size=(40, 6)) + np.r_[1.0, 0, 0, 0, 0, 0]
@@ -194,7 +201,8 @@ def test_pooled_pca_does_not_depend_on_which_side_comes_first():
     pooled_forward = np.concatenate([a, b]).astype(np.float32)
     pooled_swapped = np.concatenate([b, a]).astype(np.float32)
     assert pca_ks_test(pooled_forward, 30, 4).details["component_p_values"] == pytest.approx(
-        pca_ks_test(pooled_swapped, 40, 4).details["component_p_values"], rel=1e-6)
+        pca_ks_test(pooled_swapped, 40, 4).details["component_p_values"], rel=1e-6
+    )
 
 
 def test_pooled_pca_signs_do_not_depend_on_row_order():
@@ -208,14 +216,15 @@ def test_pooled_pca_signs_do_not_depend_on_row_order():
 
 # -- combining p-values ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("p_values", "expected"),
     [
-        ([0.01, 0.04, 0.03], [0.03, 0.06, 0.06]),        # 3*0.01, max(2*0.03, 0.03), max(1*0.04, 0.06)
-        ([0.01, 0.01, 0.04], [0.03, 0.03, 0.04]),        # ties: 3*0.01, max(2*0.01, 0.03), 0.04
-        ([0.5, 0.6], [1.0, 1.0]),                        # 2*0.5 = 1.0; max(0.6, 1.0) = 1.0
-        ([0.3, 0.9, 0.02], [0.6, 0.9, 0.06]),            # unsorted input keeps its order
-        ([0.8, 0.7, 0.9], [1.0, 1.0, 1.0]),              # 3*0.7 = 2.1 caps at 1
+        ([0.01, 0.04, 0.03], [0.03, 0.06, 0.06]),  # 3*0.01, max(2*0.03, 0.03), max(1*0.04, 0.06)
+        ([0.01, 0.01, 0.04], [0.03, 0.03, 0.04]),  # ties: 3*0.01, max(2*0.01, 0.03), 0.04
+        ([0.5, 0.6], [1.0, 1.0]),  # 2*0.5 = 1.0; max(0.6, 1.0) = 1.0
+        ([0.3, 0.9, 0.02], [0.6, 0.9, 0.06]),  # unsorted input keeps its order
+        ([0.8, 0.7, 0.9], [1.0, 1.0, 1.0]),  # 3*0.7 = 2.1 caps at 1
         ([0.2], [0.2]),
     ],
     ids=["step-down", "ties", "cap-exactly-one", "unsorted", "cap", "single"],
@@ -229,8 +238,8 @@ def test_holm(p_values, expected):
     [
         # sorted 0.01, 0.03, 0.04, 0.2 -> *4/rank = 0.04, 0.06, 0.0533, 0.2 -> running min from the top
         ([0.01, 0.04, 0.03, 0.2], [0.04, 0.16 / 3, 0.16 / 3, 0.2]),
-        ([0.02, 0.02], [0.02, 0.02]),                    # ties: 0.04, 0.02 -> 0.02, 0.02
-        ([0.9, 0.8], [0.9, 0.9]),                        # 1.6, 0.9 -> 0.9, 0.9 (never above the max p)
+        ([0.02, 0.02], [0.02, 0.02]),  # ties: 0.04, 0.02 -> 0.02, 0.02
+        ([0.9, 0.8], [0.9, 0.9]),  # 1.6, 0.9 -> 0.9, 0.9 (never above the max p)
         ([0.04, 0.01, 0.04, 0.04], [0.04, 0.04, 0.04, 0.04]),
         ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),
         ([0.5], [0.5]),
@@ -244,6 +253,7 @@ def test_benjamini_hochberg(p_values, expected):
 
 
 # -- detect_drift: decisions, errors, subsampling, explanation -------------------------------------
+
 
 def test_not_enough_data_names_the_setting():
     rng = np.random.default_rng(7)
@@ -259,8 +269,7 @@ def test_not_enough_data_names_the_setting():
 
 def test_exactly_min_rows_is_enough():
     rng = np.random.default_rng(8)
-    report = detect_drift(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)),
-                          DriftConfig(min_rows=20, permutations=19))
+    report = detect_drift(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)), DriftConfig(min_rows=20, permutations=19))
     assert report.outcome in ("drift", "no_drift")
     assert [d.name for d in report.detectors] == ["mmd", "mean"]
 
@@ -293,10 +302,10 @@ def test_bad_embeddings_raise_data_error(reference, current, fragments):
 def test_subsampled_outlier_indices_point_into_the_callers_current_array():
     rng = np.random.default_rng(9)
     centre = np.full(6, 4.0)
-    reference = rng.normal(size=(80, 6)) + centre           # 80 <= max_rows: used whole
+    reference = rng.normal(size=(80, 6)) + centre  # 80 <= max_rows: used whole
     current = rng.normal(size=(300, 6)) + centre
-    planted = np.arange(150, 300, 3)                        # all beyond max_rows: a missing mapping shows
-    current[planted] = -(rng.normal(size=(len(planted), 6)) + centre)   # pointing away from the reference
+    planted = np.arange(150, 300, 3)  # all beyond max_rows: a missing mapping shows
+    current[planted] = -(rng.normal(size=(len(planted), 6)) + centre)  # pointing away from the reference
     config = DriftConfig(max_rows=100, min_rows=20, permutations=49)
     report = detect_drift(reference, current, config)
 
@@ -317,16 +326,18 @@ def test_subsampled_outlier_indices_point_into_the_callers_current_array():
 
 def test_no_subsampling_reason_below_max_rows():
     rng = np.random.default_rng(10)
-    report = detect_drift(rng.normal(size=(50, 4)), rng.normal(size=(50, 4)),
-                          DriftConfig(max_rows=50, min_rows=20, permutations=19))
+    report = detect_drift(
+        rng.normal(size=(50, 4)), rng.normal(size=(50, 4)), DriftConfig(max_rows=50, min_rows=20, permutations=19)
+    )
     assert not any("max_rows" in reason for reason in report.reasons)
     assert all(0 <= o["index"] < 50 for o in report.explanation["outliers"])
 
 
 def test_reasons_carry_statistic_p_value_and_holm_adjustment():
     rng = np.random.default_rng(11)
-    report = detect_drift(rng.normal(size=(50, 4)), rng.normal(size=(50, 4)) + 3.0,
-                          DriftConfig(min_rows=20, permutations=99))
+    report = detect_drift(
+        rng.normal(size=(50, 4)), rng.normal(size=(50, 4)) + 3.0, DriftConfig(min_rows=20, permutations=99)
+    )
     assert report.outcome == "drift"
     assert all(r.startswith(f"{d.name}: statistic ") for d, r in zip(report.detectors, report.reasons, strict=True))
     assert all("Holm-adjusted" in r and "<= alpha 0.05" in r for r in report.reasons)
@@ -335,6 +346,7 @@ def test_reasons_carry_statistic_p_value_and_holm_adjustment():
 
 
 # -- serialisation ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shift", [0.0, 2.0], ids=["no-drift", "drift"])
 def test_report_to_dict_is_json_serialisable(shift):
@@ -354,6 +366,14 @@ def test_report_to_dict_is_json_serialisable(shift):
 def test_not_enough_data_report_to_dict_is_json_serialisable():
     report = detect_drift(np.zeros((3, 2)), np.zeros((3, 2)), DriftConfig(min_rows=5))
     out = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert out == {"outcome": "not_enough_data", "drift": False, "n_reference": 3, "n_current": 3,
-                   "alpha": 0.05, "detectors": [], "reasons": list(report.reasons), "explanation": {}}
+    assert out == {
+        "outcome": "not_enough_data",
+        "drift": False,
+        "n_reference": 3,
+        "n_current": 3,
+        "alpha": 0.05,
+        "detectors": [],
+        "reasons": list(report.reasons),
+        "explanation": {},
+    }
     assert isinstance(report, DriftReport)

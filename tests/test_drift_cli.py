@@ -43,8 +43,17 @@ def files(tiny_base, tmp_path_factory) -> dict[str, Path]:
 
 
 def _drift_json(files: dict[str, Path], current: str, *extra: str) -> tuple[int, dict]:
-    result = _ctloop("drift", "--reference", str(files["reference"]), "--current", str(files[current]),
-                     "--config", str(files["config"]), "--json", *extra)
+    result = _ctloop(
+        "drift",
+        "--reference",
+        str(files["reference"]),
+        "--current",
+        str(files[current]),
+        "--config",
+        str(files["config"]),
+        "--json",
+        *extra,
+    )
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -84,8 +93,16 @@ def test_new_domain_is_drift(files):
 
 
 def test_empty_current_file_is_a_clear_error(files):
-    result = _ctloop("drift", "--reference", str(files["reference"]), "--current", str(files["empty"]),
-                     "--config", str(files["config"]), "--json")
+    result = _ctloop(
+        "drift",
+        "--reference",
+        str(files["reference"]),
+        "--current",
+        str(files["empty"]),
+        "--config",
+        str(files["config"]),
+        "--json",
+    )
     assert result.returncode == 2
     assert "empty.jsonl" in result.stderr
     assert "no valid records" in result.stderr

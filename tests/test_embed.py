@@ -122,8 +122,7 @@ def test_cache_order_with_duplicate_ids(tmp_path):
     twins = [Record(id="same", prompt="aaaa", completion="x"), Record(id="same", prompt="e", completion="y")]
     embed_records(twins, embedder, "prompt", tmp_path)
     swapped = twins[::-1]
-    np.testing.assert_array_equal(embed_records(swapped, embedder, "prompt", tmp_path),
-                                  expected(swapped, "prompt"))
+    np.testing.assert_array_equal(embed_records(swapped, embedder, "prompt", tmp_path), expected(swapped, "prompt"))
 
 
 @pytest.mark.slow
@@ -131,8 +130,9 @@ def test_default_minilm_embedder_loads_offline_and_ranks_similarity():
     from ctloop.drift.embed import SentenceTransformerEmbedder
 
     embedder = SentenceTransformerEmbedder("minilm")
-    vectors = embedder.embed(["The cat sat on the mat.", "A cat was sitting on a rug.",
-                              "Quarterly tax filings are due in April."])
+    vectors = embedder.embed(
+        ["The cat sat on the mat.", "A cat was sitting on a rug.", "Quarterly tax filings are due in April."]
+    )
     assert vectors.shape == (3, 384)
     assert np.isfinite(vectors).all()
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

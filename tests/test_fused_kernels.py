@@ -145,6 +145,7 @@ def test_rotary_functions_with_other_maths_are_left_alone(monkeypatch):
     def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J style: rotates pairs, not halves
         def rotate(x):
             return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
@@ -173,7 +174,9 @@ def test_chunked_cross_entropy_matches_torch_in_values_and_gradients(dtype, monk
         logits.grad = None
     (want, want_grad), (got, got_grad) = results
     assert got.dtype == torch.float32 and got_grad.dtype == dtype
-    assert torch.equal(got[[2, 11, 19]], torch.zeros(3)) and torch.equal(got_grad[[2, 11, 19]], torch.zeros(3, 50, dtype=dtype))
+    assert torch.equal(got[[2, 11, 19]], torch.zeros(3)) and torch.equal(
+        got_grad[[2, 11, 19]], torch.zeros(3, 50, dtype=dtype)
+    )
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
     assert torch.equal(logits.detach(), before)  # fp32 logits are not a copy: they must stay untouched
@@ -190,8 +193,10 @@ def test_training_kernels_undo_every_switch_and_refuse_a_second_training(monkeyp
     with training_kernels(model, cpu=True, activation_dtype=torch.float32):
         switched = [m for m in model.modules() if "forward" in m.__dict__]
         assert len(switched) > 0 and isinstance(getattr(modeling_llama, ROTARY), _FusedRotary)
-        with pytest.raises(ModelError, match="another training is running in this process"), \
-                training_kernels(tiny_lora_llama(), cpu=True, activation_dtype=torch.float32):
+        with (
+            pytest.raises(ModelError, match="another training is running in this process"),
+            training_kernels(tiny_lora_llama(), cpu=True, activation_dtype=torch.float32),
+        ):
             pass
     assert [m for m in model.modules() if "forward" in m.__dict__] == []
     assert getattr(modeling_llama, ROTARY) is original_rotary

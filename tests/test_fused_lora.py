@@ -23,7 +23,6 @@ def test_fused_forward_matches_peft_in_outputs_and_gradients(autocast):
         torch.testing.assert_close(grads_fused[name], grads_ref[name], **tolerance, msg=name)
 
 
-
 def test_the_fused_path_runs_and_steps_aside_for_disabled_adapters():
     ids = torch.randint(1, 64, (2, 9))
     reference, fused = tiny_lora_llama(), tiny_lora_llama()

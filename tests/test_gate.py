@@ -28,13 +28,15 @@ def means(new_ref=2.0, new_cand=1.8, old_ref=1.0, old_cand=1.0, reference="champ
 
 # -- with a champion -----------------------------------------------------------------------------
 
+
 def test_pass_when_new_improves_and_old_holds():
     decision = decide(means(), RULES, has_champion=True)
     assert decision.passed is True
     assert decision.outcome == "PASS"
     assert decision.reference == "champion"
-    assert decision.metrics == pytest.approx({"new_improvement": 0.1, "new_improvement_bound": 0.1,
-                                              "old_regression": 0.0, "old_regression_bound": 0.0})
+    assert decision.metrics == pytest.approx(
+        {"new_improvement": 0.1, "new_improvement_bound": 0.1, "old_regression": 0.0, "old_regression_bound": 0.0}
+    )
     assert decision.reasons == (
         "new data: loss 2.0000 -> 1.8000, improvement +10.00% (95% lower bound +10.00%, n=40) >= required +1.00%",
         "old data: loss 1.0000 -> 1.0000, change +0.00% (95% upper bound +0.00%, n=40) <= allowed +2.00%",
@@ -105,8 +107,11 @@ def test_both_rules_fail():
 
 @pytest.mark.parametrize(
     "scores",
-    [means(old_ref=None), {**means(old_ref=None), "replay_holdout": {"candidate": [1.0] * N}},
-     {**means(old_ref=None), "replay_holdout": {}}],
+    [
+        means(old_ref=None),
+        {**means(old_ref=None), "replay_holdout": {"candidate": [1.0] * N}},
+        {**means(old_ref=None), "replay_holdout": {}},
+    ],
     ids=["set-absent", "reference-absent", "set-empty"],
 )
 def test_old_data_not_checked_without_replay_holdout(scores):
@@ -131,6 +136,7 @@ def test_missing_new_scores_raise():
 
 # -- the first cycle -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("policy", "passed", "fragment"),
     [("accept", True, "gate.first_cycle=accept"), ("reject", False, "gate.first_cycle=reject")],
@@ -146,7 +152,8 @@ def test_first_cycle_accept_and_reject_need_no_scores(policy, passed, fragment):
 
 
 @pytest.mark.parametrize(
-    ("new_cand", "passed"), [(1.8, True), (1.999, False)], ids=["beats-base", "does-not-beat-base"])
+    ("new_cand", "passed"), [(1.8, True), (1.999, False)], ids=["beats-base", "does-not-beat-base"]
+)
 def test_first_cycle_compare_to_base(new_cand, passed):
     rules = GateConfig(first_cycle="compare_to_base", min_new_improvement=0.01)
     decision = decide(means(new_cand=new_cand, old_ref=None, reference="base"), rules, has_champion=False)
@@ -170,12 +177,12 @@ def test_compare_to_base_needs_base_scores():
 
 # -- degenerate references -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("reference", [0.0, 1e-12, -1e-12], ids=["zero", "tiny", "tiny-negative"])
 def test_new_reference_near_zero_fails_with_reason(reference):
     decision = decide(means(new_ref=reference, new_cand=0.5), RULES, has_champion=True)
     assert decision.passed is False
-    assert decision.reasons[0] == ("new data: champion loss is ~0, relative change undefined; "
-                                   "check the evaluation set")
+    assert decision.reasons[0] == ("new data: champion loss is ~0, relative change undefined; check the evaluation set")
     assert all(math.isfinite(v) for v in decision.metrics.values())
     assert "new_improvement" not in decision.metrics
 
@@ -202,6 +209,7 @@ def test_non_finite_candidate_reason_names_the_candidate(value):
 
 # -- purity and output ---------------------------------------------------------------------------
 
+
 def test_decide_is_pure():
     scores = means(new_cand=1.9, old_cand=1.01)
     snapshot = copy.deepcopy(scores)
@@ -222,6 +230,7 @@ def test_summary_and_dict():
 
 
 # -- statistics: paired bootstrap bounds and minimum sizes ----------------------------------------
+
 
 def noisy(center: float, spread: float, n: int, seed: int) -> list[float]:
     rng = np.random.default_rng(seed)
@@ -315,12 +324,14 @@ def _with_metric(candidate: list[float], champion: list[float]) -> dict:
 
 @pytest.mark.parametrize(
     ("rule", "outcome", "fragment"),
-    [(GateRule(metric="token_f1", min=0.5), "PASS", "lower bound 0.6000 >= min 0.5"),
-     (GateRule(metric="token_f1", max=0.5), "FAIL", "upper bound 0.6000 > max 0.5"),
-     (GateRule(metric="token_f1", min_change=0.1), "PASS", "relative change +20.00%"),
-     (GateRule(metric="token_f1", min_change=0.3), "FAIL", "< required +30.00%"),
-     (GateRule(metric="token_f1", min_change=0.1, change="absolute"), "PASS", "absolute change +0.1000"),
-     (GateRule(metric="token_f1", higher_is_better=False, min_change=-0.1), "FAIL", "change -20.00%")],
+    [
+        (GateRule(metric="token_f1", min=0.5), "PASS", "lower bound 0.6000 >= min 0.5"),
+        (GateRule(metric="token_f1", max=0.5), "FAIL", "upper bound 0.6000 > max 0.5"),
+        (GateRule(metric="token_f1", min_change=0.1), "PASS", "relative change +20.00%"),
+        (GateRule(metric="token_f1", min_change=0.3), "FAIL", "< required +30.00%"),
+        (GateRule(metric="token_f1", min_change=0.1, change="absolute"), "PASS", "absolute change +0.1000"),
+        (GateRule(metric="token_f1", higher_is_better=False, min_change=-0.1), "FAIL", "change -20.00%"),
+    ],
     ids=["abs-min", "abs-max", "rel-change", "rel-change-too-small", "abs-change", "lower-is-better-worse"],
 )
 def test_configured_rules(rule, outcome, fragment):

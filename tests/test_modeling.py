@@ -20,11 +20,27 @@ for _i in (3, 50, 99):
     WITH_LONG[_i] = 400  # longer than the whole budget
 
 BATCH_CASES = [
-    (VARIED, 256, 0), (VARIED, 256, 1), (VARIED, 256, None), (VARIED, 61, 7), (VARIED, 4096, 0),
-    (WITH_LONG, 256, 0), (WITH_LONG, 256, None), ([10] * 50, 30, 3), ([1], 16, 0),
+    (VARIED, 256, 0),
+    (VARIED, 256, 1),
+    (VARIED, 256, None),
+    (VARIED, 61, 7),
+    (VARIED, 4096, 0),
+    (WITH_LONG, 256, 0),
+    (WITH_LONG, 256, None),
+    ([10] * 50, 30, 3),
+    ([1], 16, 0),
 ]
-BATCH_IDS = ["varied-seed0", "varied-seed1", "varied-noseed", "tight-budget", "large-budget", "overlong-seed0",
-             "overlong-noseed", "equal-lengths", "single"]
+BATCH_IDS = [
+    "varied-seed0",
+    "varied-seed1",
+    "varied-noseed",
+    "tight-budget",
+    "large-budget",
+    "overlong-seed0",
+    "overlong-noseed",
+    "equal-lengths",
+    "single",
+]
 
 
 @pytest.mark.parametrize(("lengths", "budget", "seed"), BATCH_CASES, ids=BATCH_IDS)
@@ -101,6 +117,7 @@ def test_collate_pad_id_only_in_padding():
 
 # -- encode --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from ctloop.training.tinymodel import _train_tokenizer
@@ -121,20 +138,30 @@ def test_encode_adds_bos_eos_and_prompt_len(tokenizer):
         assert example.prompt_len == 1 + p
         assert len(example.input_ids) == 1 + p + c + 1
         prompt_ids = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
-        assert example.input_ids[1:1 + p] == prompt_ids
-        assert tokenizer.decode(example.input_ids[example.prompt_len:-1]) == record.completion
+        assert example.input_ids[1 : 1 + p] == prompt_ids
+        assert tokenizer.decode(example.input_ids[example.prompt_len : -1]) == record.completion
 
 
 # -- token_losses on a tiny random Llama ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -168,8 +195,9 @@ def test_token_losses_match_manual_cross_entropy(tiny_llama):
             logits = tiny_llama(input_ids=ids).logits[0, :-1]
             expected = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             start = example.prompt_len - 1
-            torch.testing.assert_close(nll[row, start:len(example.input_ids) - 1], expected[start:],
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                nll[row, start : len(example.input_ids) - 1], expected[start:], atol=1e-5, rtol=1e-4
+            )
 
 
 def test_token_losses_ignore_padding(tiny_llama):
@@ -180,13 +208,18 @@ def test_token_losses_ignore_padding(tiny_llama):
         alone, _ = token_losses(tiny_llama, collate(examples[1:2], pad_id=0))
     assert torch.equal(mask_a, mask_b)
     torch.testing.assert_close(nll_a, nll_b, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(nll_a[1, :alone.shape[1]], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(nll_a[1, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-4)
 
 
 def test_prompt_changes_completion_loss_but_is_not_scored(tiny_llama):
     examples = _examples()
-    changed = [Example([e.input_ids[0], *[(t % 60) + 3 for t in e.input_ids[1:e.prompt_len]],
-                        *e.input_ids[e.prompt_len:]], e.prompt_len) for e in examples]
+    changed = [
+        Example(
+            [e.input_ids[0], *[(t % 60) + 3 for t in e.input_ids[1 : e.prompt_len]], *e.input_ids[e.prompt_len :]],
+            e.prompt_len,
+        )
+        for e in examples
+    ]
     with torch.no_grad():
         nll, mask = token_losses(tiny_llama, collate(examples, pad_id=0))
         nll_changed, mask_changed = token_losses(tiny_llama, collate(changed, pad_id=0))
@@ -200,9 +233,19 @@ def test_token_losses_keep_the_models_own_head_soft_capping():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, num_key_value_heads=2, head_dim=8,
-                                           final_logit_softcapping=2.0, pad_token_id=0)).eval()
+    model = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            final_logit_softcapping=2.0,
+            pad_token_id=0,
+        )
+    ).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(200)  # logits around 10: far beyond the cap
     examples = _examples()
@@ -212,11 +255,13 @@ def test_token_losses_keep_the_models_own_head_soft_capping():
             ids = torch.tensor([example.input_ids])
             output = model(input_ids=ids, output_hidden_states=True)
             expected = torch.nn.functional.cross_entropy(output.logits[0, :-1], ids[0, 1:], reduction="none")
-            uncapped = torch.nn.functional.cross_entropy(model.lm_head(output.hidden_states[-1])[0, :-1], ids[0, 1:],
-                                                         reduction="none")
+            uncapped = torch.nn.functional.cross_entropy(
+                model.lm_head(output.hidden_states[-1])[0, :-1], ids[0, 1:], reduction="none"
+            )
             start = example.prompt_len - 1
-            torch.testing.assert_close(nll[row, start:len(example.input_ids) - 1], expected[start:],
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                nll[row, start : len(example.input_ids) - 1], expected[start:], atol=1e-5, rtol=1e-4
+            )
             assert (uncapped[start:] - expected[start:]).abs().max() > 1.0  # the cap matters here
 
 
@@ -228,8 +273,9 @@ def test_token_losses_give_the_gradients_of_full_logits(tiny_llama):
     tiny_llama.zero_grad()
     logits = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
-    torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                      reduction="sum").backward()
+    torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    ).backward()
     for name, p in tiny_llama.named_parameters():
         torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
     tiny_llama.zero_grad()

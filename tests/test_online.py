@@ -26,16 +26,18 @@ def test_false_alarms_come_about_every_ert_instances():
     run_lengths = []
     for seed in range(3):
         rng = np.random.default_rng(seed)
-        detector = OnlineDriftDetector(rng.standard_normal((2000, 16)), ert=100, window=20, features=64,
-                                       calibration_runs=400, seed=seed)
+        detector = OnlineDriftDetector(
+            rng.standard_normal((2000, 16)), ert=100, window=20, features=64, calibration_runs=400, seed=seed
+        )
         run_lengths.append(_mean_run_length(detector, rng, 16, alarms=80))
     assert 70 <= np.mean(run_lengths) <= 140
 
 
 def test_a_shift_is_detected_quickly_and_the_detector_resets_after_an_alarm():
     rng = np.random.default_rng(5)
-    detector = OnlineDriftDetector(rng.standard_normal((2000, 16)), ert=400, window=20, features=64,
-                                   calibration_runs=300)
+    detector = OnlineDriftDetector(
+        rng.standard_normal((2000, 16)), ert=400, window=20, features=64, calibration_runs=300
+    )
     shifted = rng.standard_normal((400, 16)) + 1.0
     updates = detector.update(shifted)
     first = next(u for u in updates if u.drift)
@@ -46,8 +48,11 @@ def test_a_shift_is_detected_quickly_and_the_detector_resets_after_an_alarm():
 
 @pytest.mark.parametrize(
     ("reference", "kwargs", "message"),
-    [(np.full((500, 4), np.nan), {}, "finite 2-D"), (np.zeros((50, 4)), {"window": 20}, "too few"),
-     (np.zeros((500, 4)), {"ert": 30, "window": 20}, "at least twice the window")],
+    [
+        (np.full((500, 4), np.nan), {}, "finite 2-D"),
+        (np.zeros((50, 4)), {"window": 20}, "too few"),
+        (np.zeros((500, 4)), {"ert": 30, "window": 20}, "at least twice the window"),
+    ],
     ids=["nan", "too-few-rows", "ert-below-window"],
 )
 def test_bad_setups_are_refused(reference, kwargs, message):
@@ -56,7 +61,8 @@ def test_bad_setups_are_refused(reference, kwargs, message):
 
 
 def test_rows_of_the_wrong_width_are_refused():
-    detector = OnlineDriftDetector(np.random.default_rng(0).standard_normal((500, 8)), ert=100, window=20,
-                                   features=16, calibration_runs=50)
+    detector = OnlineDriftDetector(
+        np.random.default_rng(0).standard_normal((500, 8)), ert=100, window=20, features=16, calibration_runs=50
+    )
     with pytest.raises(DataError, match="8 dims"):
         detector.update(np.zeros((3, 9)))

@@ -180,8 +180,13 @@ def test_cli_status_promote_rollback(two_cycles):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def ctloop(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ctloop", *args, "--workspace", str(workspace.root)],
-                              capture_output=True, text=True, env=env, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "ctloop", *args, "--workspace", str(workspace.root)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
 
     status = json.loads(ctloop("status", "--json").stdout)
     assert status["aliases"] == {"champion": 1, "challenger": 2}
@@ -227,8 +232,18 @@ def test_a_cycle_killed_mid_training_resumes_and_registers_once(tiny_base, tmp_p
     config_path.write_text(yaml.safe_dump(raw))
     data = _data(tmp_path, "old.jsonl", "old_domain.jsonl", 200)
     workspace = tmp_path / "ws"
-    command = [sys.executable, "-m", "ctloop", "run", "--config", str(config_path), "--data", str(data),
-               "--workspace", str(workspace)]
+    command = [
+        sys.executable,
+        "-m",
+        "ctloop",
+        "run",
+        "--config",
+        str(config_path),
+        "--data",
+        str(data),
+        "--workspace",
+        str(workspace),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -255,8 +270,12 @@ def test_a_cycle_killed_mid_training_resumes_and_registers_once(tiny_base, tmp_p
 
 def test_lineage_traces_a_version_back_to_the_first(two_cycles):
     workspace, _, first, second, _ = two_cycles
-    out = subprocess.run([sys.executable, "-m", "ctloop", "lineage", "2", "--json", "--workspace",
-                          str(workspace.root)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ctloop", "lineage", "2", "--json", "--workspace", str(workspace.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     chain = json.loads(out.stdout)
     assert [v["version"] for v in chain] == [2, 1]
     assert chain[0]["tags"]["ctloop.cycle_id"] == second.cycle_id
@@ -278,8 +297,24 @@ def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path):
     assert registry.alias(CHALLENGER) is None and registry.alias(CHAMPION) is None
     with pytest.raises(RegistryError, match="awaits approval"):
         promote(registry, 1, by="t", note="too early")
-    done = subprocess.run([sys.executable, "-m", "ctloop", "approve", "1", "--by", "alice", "--note", "looked good",
-                           "--workspace", str(workspace.root)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctloop",
+            "approve",
+            "1",
+            "--by",
+            "alice",
+            "--note",
+            "looked good",
+            "--workspace",
+            str(workspace.root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     info = registry.version(1)
     assert info.tags["ctloop.approved_by"] == "alice" and info.tags["ctloop.approval_note"] == "looked good"
@@ -299,5 +334,8 @@ def test_contaminated_evaluation_rows_are_dropped_and_counted(tiny_base, tmp_pat
     assert report["golden_fresh"]["contaminated"] == 0
     assert "golden_fresh" in result.means
     with pytest.raises(DataError, match="overlap the training set"):
-        run_cycle(_config(tiny_base, eval={"golden": {"faq": str(golden)}, "contamination": "fail"},
-                          train={"seed": 1}), data, Workspace(tmp_path / "ws2"))
+        run_cycle(
+            _config(tiny_base, eval={"golden": {"faq": str(golden)}, "contamination": "fail"}, train={"seed": 1}),
+            data,
+            Workspace(tmp_path / "ws2"),
+        )

@@ -23,11 +23,15 @@ from ctloop.data.records import (
 )
 from ctloop.errors import DataError
 
-CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}]
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+]
 
 
 # -- JSONL ---------------------------------------------------------------------------------------
+
 
 def test_jsonl_rows_good_and_bad(tmp_path):
     path = tmp_path / "data.jsonl"
@@ -41,8 +45,13 @@ def test_jsonl_rows_good_and_bad(tmp_path):
         b'{"prompt": "p3", "completion": "c3"}'  # no trailing newline
     )
     rows = list(read_raw_rows(path))
-    assert [r.location for r in rows] == ["data.jsonl:1", "data.jsonl:4", "data.jsonl:5", "data.jsonl:6",
-                                          "data.jsonl:7"]
+    assert [r.location for r in rows] == [
+        "data.jsonl:1",
+        "data.jsonl:4",
+        "data.jsonl:5",
+        "data.jsonl:6",
+        "data.jsonl:7",
+    ]
     assert [r.reason for r in rows] == ["", "invalid_json", "not_an_object", "invalid_utf8", ""]
     assert rows[0].fields == {"prompt": "p1", "completion": "c1"}
     assert rows[4].fields == {"prompt": "p3", "completion": "c3"}
@@ -64,8 +73,14 @@ def test_jsonl_crlf_line_endings(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("a.jsonl", "jsonl"), ("a.NDJSON", "jsonl"), ("a.json", "jsonl"), ("a.parquet", "parquet"),
-     ("a.pq", "parquet"), ("a.csv", "csv")],
+    [
+        ("a.jsonl", "jsonl"),
+        ("a.NDJSON", "jsonl"),
+        ("a.json", "jsonl"),
+        ("a.parquet", "parquet"),
+        ("a.pq", "parquet"),
+        ("a.csv", "csv"),
+    ],
     ids=["jsonl", "ndjson-upper", "json", "parquet", "pq", "csv"],
 )
 def test_detect_format(name, expected):
@@ -81,8 +96,10 @@ def test_unknown_extension_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "content"),
-    [("bom.csv", b"\xef\xbb\xbfid,prompt,completion\na,p,c\n"),
-     ("bom.jsonl", b'\xef\xbb\xbf{"id": "a", "prompt": "p", "completion": "c"}\n')],
+    [
+        ("bom.csv", b"\xef\xbb\xbfid,prompt,completion\na,p,c\n"),
+        ("bom.jsonl", b'\xef\xbb\xbf{"id": "a", "prompt": "p", "completion": "c"}\n'),
+    ],
     ids=["csv", "jsonl"],
 )
 def test_utf8_bom_is_ignored(tmp_path, name, content):
@@ -93,6 +110,7 @@ def test_utf8_bom_is_ignored(tmp_path, name, content):
 
 
 # -- CSV -----------------------------------------------------------------------------------------
+
 
 def test_csv_rows(tmp_path):
     path = tmp_path / "data.csv"
@@ -131,21 +149,29 @@ def test_csv_quoted_multiline_cell(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text('prompt,completion\n"line one\nline two",done\nq,a\n', encoding="utf-8")
     rows = list(read_raw_rows(path))
-    assert [r.fields for r in rows] == [{"prompt": "line one\nline two", "completion": "done"},
-                                        {"prompt": "q", "completion": "a"}]
+    assert [r.fields for r in rows] == [
+        {"prompt": "line one\nline two", "completion": "done"},
+        {"prompt": "q", "completion": "a"},
+    ]
     assert [r.location for r in rows] == ["data.csv:3", "data.csv:4"]
 
 
 # -- Parquet -------------------------------------------------------------------------------------
 
+
 def test_parquet_rows(tmp_path):
     path = tmp_path / "data.parquet"
-    pq.write_table(pa.table({
-        "id": ["a", None, "c"],
-        "prompt": ["p1", "p2", "p3"],
-        "completion": ["c1", "c2", "c3"],
-        "source": pa.array([b"web", b"caf\xe9", b"x"], type=pa.binary()),
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", None, "c"],
+                "prompt": ["p1", "p2", "p3"],
+                "completion": ["c1", "c2", "c3"],
+                "source": pa.array([b"web", b"caf\xe9", b"x"], type=pa.binary()),
+            }
+        ),
+        path,
+    )
     rows = list(read_raw_rows(path))
     assert [r.location for r in rows] == ["data.parquet:row 1", "data.parquet:row 2", "data.parquet:row 3"]
     assert [r.reason for r in rows] == ["", "invalid_utf8", ""]
@@ -174,8 +200,13 @@ def test_mixed_forms_in_one_file(tmp_path, fmt):
     """Columnar files give every row every column: null or "" there means the field is absent."""
     if fmt == "jsonl":
         path = tmp_path / "mixed.jsonl"
-        path.write_text(json.dumps({"prompt": "p", "completion": "c", "messages": None}) + "\n"
-                        + json.dumps({"prompt": None, "completion": None, "messages": CHAT}) + "\n", encoding="utf-8")
+        path.write_text(
+            json.dumps({"prompt": "p", "completion": "c", "messages": None})
+            + "\n"
+            + json.dumps({"prompt": None, "completion": None, "messages": CHAT})
+            + "\n",
+            encoding="utf-8",
+        )
     elif fmt == "parquet":
         path = tmp_path / "mixed.parquet"
         pq.write_table(pa.table({"prompt": ["p", None], "completion": ["c", None], "messages": [None, CHAT]}), path)
@@ -189,11 +220,21 @@ def test_mixed_forms_in_one_file(tmp_path, fmt):
 
 # -- the schema ----------------------------------------------------------------------------------
 
+
 def test_prompt_completion_record():
-    record = record_from_fields({"id": 7, "prompt": "Q:", "completion": " A", "source": "s",
-                                 "timestamp": "2024-01-01", "metadata": {"lang": "en"}})
-    assert record == Record(id="7", prompt="Q:", completion=" A", source="s", timestamp="2024-01-01",
-                            metadata={"lang": "en"})
+    record = record_from_fields(
+        {
+            "id": 7,
+            "prompt": "Q:",
+            "completion": " A",
+            "source": "s",
+            "timestamp": "2024-01-01",
+            "metadata": {"lang": "en"},
+        }
+    )
+    assert record == Record(
+        id="7", prompt="Q:", completion=" A", source="s", timestamp="2024-01-01", metadata={"lang": "en"}
+    )
 
 
 def test_chat_record():
@@ -222,9 +263,24 @@ def test_chat_record():
         ({"messages": [{"role": "user", "content": 3}]}, "invalid_messages", "string 'content'"),
         ({"messages": CHAT[:2]}, "invalid_messages", "last message must have role 'assistant'"),
     ],
-    ids=["no-completion", "no-prompt", "null-prompt", "int-completion", "list-prompt", "bool-id", "float-source",
-         "list-metadata", "unknown-field", "both-forms", "both-forms-partial", "empty-messages",
-         "messages-not-list", "message-no-content", "message-int-content", "last-not-assistant"],
+    ids=[
+        "no-completion",
+        "no-prompt",
+        "null-prompt",
+        "int-completion",
+        "list-prompt",
+        "bool-id",
+        "float-source",
+        "list-metadata",
+        "unknown-field",
+        "both-forms",
+        "both-forms-partial",
+        "empty-messages",
+        "messages-not-list",
+        "message-no-content",
+        "message-int-content",
+        "last-not-assistant",
+    ],
 )
 def test_bad_rows(fields, reason, fragment):
     with pytest.raises(BadRow) as exc_info:
@@ -253,8 +309,10 @@ def test_auto_id_nfc_normalised():
 
 # -- fingerprints --------------------------------------------------------------------------------
 
-RECORDS = [Record(id=f"id{i}", prompt=f"p{i}", completion=f"c{i}", source="s", timestamp="t",
-                  metadata={"n": i}) for i in range(4)]
+RECORDS = [
+    Record(id=f"id{i}", prompt=f"p{i}", completion=f"c{i}", source="s", timestamp="t", metadata={"n": i})
+    for i in range(4)
+]
 
 
 def test_fingerprint_is_order_independent():
@@ -265,8 +323,14 @@ def test_fingerprint_is_order_independent():
 
 @pytest.mark.parametrize(
     "change",
-    [{"id": "other"}, {"prompt": "p9"}, {"completion": "c9"}, {"source": "s2"}, {"timestamp": "t2"},
-     {"metadata": {"n": 99}}],
+    [
+        {"id": "other"},
+        {"prompt": "p9"},
+        {"completion": "c9"},
+        {"source": "s2"},
+        {"timestamp": "t2"},
+        {"metadata": {"n": 99}},
+    ],
     ids=["id", "prompt", "completion", "source", "timestamp", "metadata"],
 )
 def test_fingerprint_changes_with_any_field(change):
@@ -281,6 +345,7 @@ def test_fingerprint_changes_when_a_row_is_added_or_removed():
 
 
 # -- Parquet storage -----------------------------------------------------------------------------
+
 
 def test_parquet_round_trip_with_extra_columns(tmp_path):
     records = [*RECORDS, Record(id="u", prompt="caf\u00e9 \u2603", completion="\n", metadata={"nested": {"a": [1, 2]}})]

@@ -36,6 +36,7 @@ def mix(ratio=0.25, seed=0, enabled=True, holdout_rows=200, new=NEW, tokens=NEW_
 
 # -- the buffer ----------------------------------------------------------------------------------
 
+
 def test_add_cycle_twice_overwrites(tmp_path):
     buffer = ReplayBuffer(tmp_path / "replay")
     first = [rec("a", i) for i in range(3)]
@@ -70,9 +71,12 @@ def test_rows_round_trip_and_exclude_cycle(tmp_path):
     assert buffer.cycles() == ["c2", "c1"]  # the order they were added: oldest first
     everything = buffer.rows()
     assert everything == [
-        BufferRow(rec("y", 0), "c2", "train", 13), BufferRow(rec("yh", 0), "c2", "holdout", 14),
-        BufferRow(rec("yh", 1), "c2", "holdout", 15), BufferRow(rec("x", 0), "c1", "train", 10),
-        BufferRow(rec("x", 1), "c1", "train", 11), BufferRow(rec("xh", 0), "c1", "holdout", 12),
+        BufferRow(rec("y", 0), "c2", "train", 13),
+        BufferRow(rec("yh", 0), "c2", "holdout", 14),
+        BufferRow(rec("yh", 1), "c2", "holdout", 15),
+        BufferRow(rec("x", 0), "c1", "train", 10),
+        BufferRow(rec("x", 1), "c1", "train", 11),
+        BufferRow(rec("xh", 0), "c1", "holdout", 12),
     ]
     assert [r.record.id for r in buffer.rows(exclude_cycle="c1")] == ["y-0", "yh-0", "yh-1"]
     assert [r.record.id for r in buffer.rows(exclude_cycle="c2")] == ["x-0", "x-1", "xh-0"]
@@ -86,6 +90,7 @@ def test_empty_buffer(tmp_path):
 
 
 # -- the mix: sizes ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75], ids=["0.1", "0.25", "0.5", "0.75"])
 def test_replayed_tokens_reach_target_within_one_row(ratio):
@@ -127,6 +132,7 @@ def test_training_set_is_new_plus_replayed():
 
 # -- the mix: which rows ---------------------------------------------------------------------------
 
+
 def test_only_train_rows_replayed_and_holdout_only_from_holdout():
     ts = mix(ratio=0.9)  # target 1800 > all train tokens: every train row is replayed
     replayed = {entry["id"] for entry in ts.manifest["replayed"]}
@@ -146,10 +152,14 @@ def test_replay_holdout_is_capped_by_holdout_rows():
 
 
 def test_rows_identical_to_new_rows_are_never_replayed():
-    twins = [Record(id=f"twin-{i}", prompt=f"  {r.prompt} ", completion=r.completion + "\n")
-             for i, r in enumerate(NEW[:5])]
-    rows = BUFFER + [BufferRow(t, "c1", "train", 1) for t in twins[:3]] + \
-        [BufferRow(t, "c2", "holdout", 1) for t in twins[3:]]
+    twins = [
+        Record(id=f"twin-{i}", prompt=f"  {r.prompt} ", completion=r.completion + "\n") for i, r in enumerate(NEW[:5])
+    ]
+    rows = (
+        BUFFER
+        + [BufferRow(t, "c1", "train", 1) for t in twins[:3]]
+        + [BufferRow(t, "c2", "holdout", 1) for t in twins[3:]]
+    )
     ts = mix(ratio=0.9, rows=rows)
     replayed = {entry["id"] for entry in ts.manifest["replayed"]}
     assert replayed == TRAIN_IDS  # everything else was taken, the twins were not
@@ -167,6 +177,7 @@ def test_replay_holdout_never_overlaps_the_training_set():
 
 
 # -- the mix: seeds, switches, manifest ----------------------------------------------------------
+
 
 def test_same_seed_same_manifest():
     a, b = mix(ratio=0.5, seed=3), mix(ratio=0.5, seed=3)
@@ -222,16 +233,27 @@ def test_manifest_lists_ids_with_their_cycle():
 def test_summary_names_the_counts():
     ts = mix(ratio=0.5)
     m = ts.manifest
-    assert ts.summary() == (f"training set: 20 new + {m['replayed_rows']} replayed rows "
-                            f"({m['replayed_tokens']} of {m['total_tokens']} tokens replayed, target ratio 0.5, uniform); "
-                            f"replay holdout 40 rows")
+    assert ts.summary() == (
+        f"training set: 20 new + {m['replayed_rows']} replayed rows "
+        f"({m['replayed_tokens']} of {m['total_tokens']} tokens replayed, target ratio 0.5, uniform); "
+        f"replay holdout 40 rows"
+    )
 
 
 # -- strategies and the bounded buffer -------------------------------------------------------------
 
+
 def _past(cycles: int, rows_per_cycle: int, source_of=lambda c, i: "") -> list[BufferRow]:
-    return [BufferRow(Record(id=f"c{c}-{i}", prompt=f"p{c}-{i}", completion=f"c{c}-{i}", source=source_of(c, i)),
-                      f"c{c}", "train", 10) for c in range(cycles) for i in range(rows_per_cycle)]
+    return [
+        BufferRow(
+            Record(id=f"c{c}-{i}", prompt=f"p{c}-{i}", completion=f"c{c}-{i}", source=source_of(c, i)),
+            f"c{c}",
+            "train",
+            10,
+        )
+        for c in range(cycles)
+        for i in range(rows_per_cycle)
+    ]
 
 
 def _replayed_by_cycle(training_set) -> dict[str, int]:

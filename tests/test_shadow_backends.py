@@ -78,10 +78,14 @@ def test_the_lock_serves_users_first_then_in_arrival_order():
         lock.release()
 
     threads = []
-    for name, priority in (("shadow-1", SHADOW), ("user-1", USER), ("shadow-2", SHADOW), ("user-2", USER)):
+    for arrived, (name, priority) in enumerate(
+        (("shadow-1", SHADOW), ("user-1", USER), ("shadow-2", SHADOW), ("user-2", USER)), start=1
+    ):
         threads.append(threading.Thread(target=waiter, args=(name, priority)))
         threads[-1].start()
-        time.sleep(0.05)  # arrival order
+        deadline = time.monotonic() + 10
+        while lock.waiting < arrived and time.monotonic() < deadline:  # the next arrives after this one waits
+            time.sleep(0.001)
     lock.release()
     for thread in threads:
         thread.join(5)

@@ -15,17 +15,34 @@ from ctloop.serving.compare import HOLD, PROMOTE, REJECT, compare
 SETTINGS = ShadowConfig(min_pairs=50, embedding_similarity=False)
 
 
-def _rows(n: int, *, status=lambda i: "completed", challenger_latency=lambda i, base: base,
-          challenger_tokens=lambda i, base: base, challenger_text=lambda i: f"answer {i}", seed: int = 0):
+def _rows(
+    n: int,
+    *,
+    status=lambda i: "completed",
+    challenger_latency=lambda i, base: base,
+    challenger_tokens=lambda i, base: base,
+    challenger_text=lambda i: f"answer {i}",
+    seed: int = 0,
+):
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         latency = rng.uniform(20, 40)
         tokens = rng.randint(5, 30)
-        rows.append({"request_id": f"r{i}", "prompt": f"question {i}", "champion_output": f"answer {i}",
-                     "challenger_output": challenger_text(i), "status": status(i), "error": "",
-                     "champion_latency_ms": latency, "challenger_latency_ms": challenger_latency(i, latency),
-                     "champion_tokens": tokens, "challenger_tokens": challenger_tokens(i, tokens)})
+        rows.append(
+            {
+                "request_id": f"r{i}",
+                "prompt": f"question {i}",
+                "champion_output": f"answer {i}",
+                "challenger_output": challenger_text(i),
+                "status": status(i),
+                "error": "",
+                "champion_latency_ms": latency,
+                "challenger_latency_ms": challenger_latency(i, latency),
+                "champion_tokens": tokens,
+                "challenger_tokens": challenger_tokens(i, tokens),
+            }
+        )
     return rows
 
 

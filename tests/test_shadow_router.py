@@ -93,8 +93,15 @@ def test_a_hung_challenger_times_out_opens_the_breaker_and_never_blocks_submit(t
     backend = ScriptedChallenger(hang=True)
 
     async def scenario():
-        router = _router(tmp_path, backend, workers=4, timeout_s=0.05, breaker_window=4, breaker_failure_ratio=0.5,
-                         breaker_cooldown_s=60)
+        router = _router(
+            tmp_path,
+            backend,
+            workers=4,
+            timeout_s=0.05,
+            breaker_window=4,
+            breaker_failure_ratio=0.5,
+            breaker_cooldown_s=60,
+        )
         router.start()
         for i in range(40):
             router.submit(f"r{i}", REQUEST, CHAMPION, 1)
@@ -192,8 +199,12 @@ def test_jobs_queued_for_a_replaced_challenger_are_cancelled_not_blamed_on_it(tm
 
     async def scenario():
         store = ShadowStore(f"sqlite:///{tmp_path / 'shadow.db'}", flush_seconds=0.05)
-        router = ShadowRouter(ScriptedChallenger(0.02), store, ShadowConfig(workers=1, breaker_window=4),
-                              challenger=lambda: current["challenger"])
+        router = ShadowRouter(
+            ScriptedChallenger(0.02),
+            store,
+            ShadowConfig(workers=1, breaker_window=4),
+            challenger=lambda: current["challenger"],
+        )
         router.start()
         for i in range(10):
             router.submit(f"r{i}", REQUEST, CHAMPION, 1)

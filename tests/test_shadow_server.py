@@ -49,15 +49,18 @@ def test_the_openai_client_gets_the_champion_and_the_challenger_is_shadowed(setu
         assert {m.id for m in client.models.list().data} >= {"srv", "champion", "challenger", "srv-v1", "srv-v2"}
         answers = []
         for i in range(6):
-            completion = client.completions.create(model="srv", prompt=f"Package: python{i}-requests\nDescription:",
-                                                   max_tokens=6)
+            completion = client.completions.create(
+                model="srv", prompt=f"Package: python{i}-requests\nDescription:", max_tokens=6
+            )
             assert completion.model == "srv-v1" and completion.usage.completion_tokens >= 1
             answers.append(completion.choices[0].text)
-        chat = client.chat.completions.create(model="champion", messages=[{"role": "user", "content": "a game"}],
-                                              max_tokens=5)
+        chat = client.chat.completions.create(
+            model="champion", messages=[{"role": "user", "content": "a game"}], max_tokens=5
+        )
         assert chat.model == "srv-v1" and chat.choices[0].message.role == "assistant"
-        explicit = client.completions.create(model="srv-v2", prompt="Package: python0-requests\nDescription:",
-                                             max_tokens=6)
+        explicit = client.completions.create(
+            model="srv-v2", prompt="Package: python0-requests\nDescription:", max_tokens=6
+        )
         assert explicit.model == "srv-v2"
         assert explicit.choices[0].text != answers[0]  # a different adapter really answered
     rows = read_rows(Workspace(config.workspace).shadow_store_url())
@@ -71,36 +74,48 @@ def test_counters_are_exported_and_add_up(setup):
     config, _ = setup
     with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
         for i in range(4):
-            response = httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": f"p{i}"},
-                                  headers={"x-request-id": f"req-{i}"}, timeout=60)
+            response = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": "srv", "prompt": f"p{i}"},
+                headers={"x-request-id": f"req-{i}"},
+                timeout=60,
+            )
             assert response.status_code == 200 and response.headers["x-request-id"] == f"req-{i}"
         assert httpx.get(f"{url}/healthz").json()["champion"] == 1
-        assert httpx.get(f'{url}/x%22%7D%201%0Actloop_shadow_offered_total%209999').status_code == 404
+        assert httpx.get(f"{url}/x%22%7D%201%0Actloop_shadow_offered_total%209999").status_code == 404
         metrics = _metrics(url)
     assert metrics["ctloop_shadow_offered_total"] == 4
     skipped = sum(v for k, v in metrics.items() if k.startswith("ctloop_shadow_skipped_total"))
-    assert metrics["ctloop_shadow_offered_total"] == (metrics["ctloop_shadow_sampled_out_total"] + skipped
-                                                      + metrics["ctloop_shadow_dropped_total"]
-                                                      + metrics["ctloop_shadow_enqueued_total"])
-    assert metrics['ctloop_http_requests_total{code="200",path="/v1/completions"}'] == 4  # prometheus_client sorts labels
+    assert metrics["ctloop_shadow_offered_total"] == (
+        metrics["ctloop_shadow_sampled_out_total"]
+        + skipped
+        + metrics["ctloop_shadow_dropped_total"]
+        + metrics["ctloop_shadow_enqueued_total"]
+    )
+    assert (
+        metrics['ctloop_http_requests_total{code="200",path="/v1/completions"}'] == 4
+    )  # prometheus_client sorts labels
     assert not any("9999" in name for name in metrics)  # the injection below did not land
 
 
-@pytest.mark.parametrize(("body", "status", "needle"), [
-    (b"{not json", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "JSON object"),
-    (b'{"model": "srv"}', 400, "prompt"),
-    (b'{"model": "srv", "prompt": "x", "max_tokens": 100000}', 400, "serve.max_tokens"),
-    (b'{"model": "srv", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
-    (b'{"model": "srv", "prompt": "x", "stream": true}', 400, "streaming"),
-    (b'{"model": "srv", "prompt": ["a", "b"]}', 400, "one prompt per request"),
-    (b'{"model": "srv", "prompt": "   "}', 400, "empty"),
-    (b'{"model": "gpt-4", "prompt": "x"}', 404, "unknown model"),
-    (b'{"model": "v9", "prompt": "x"}', 404, "not loaded"),
-    (b'{"model": "srv", "prompt": "' + b"x" * 70_000 + b'"}', 413, "max_body_bytes"),
-    (b'{"model": "srv", "prompt": "x", "seed": 18446744073709551616}', 400, "seed"),
-    (b"[" * 60_000, 400, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"model": "srv"}', 400, "prompt"),
+        (b'{"model": "srv", "prompt": "x", "max_tokens": 100000}', 400, "serve.max_tokens"),
+        (b'{"model": "srv", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        (b'{"model": "srv", "prompt": "x", "stream": true}', 400, "streaming"),
+        (b'{"model": "srv", "prompt": ["a", "b"]}', 400, "one prompt per request"),
+        (b'{"model": "srv", "prompt": "   "}', 400, "empty"),
+        (b'{"model": "gpt-4", "prompt": "x"}', 404, "unknown model"),
+        (b'{"model": "v9", "prompt": "x"}', 404, "not loaded"),
+        (b'{"model": "srv", "prompt": "' + b"x" * 70_000 + b'"}', 413, "max_body_bytes"),
+        (b'{"model": "srv", "prompt": "x", "seed": 18446744073709551616}', 400, "seed"),
+        (b"[" * 60_000, 400, "not valid JSON"),
+    ],
+)
 def test_malformed_requests_get_a_clear_4xx(setup, body, status, needle):
     config, _ = setup
     with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
@@ -161,16 +176,22 @@ def test_a_champion_moved_in_the_registry_is_picked_up_without_failing_requests(
 def test_the_openai_backend_fronts_another_openai_compatible_server(setup, tiny_base, tmp_path):
     config, _ = setup
     with serve_in_background(create_app(config, Workspace(config.workspace))) as upstream:
-        direct = httpx.post(f"{upstream}/v1/completions", json={"model": "srv-v2", "prompt": "Package: y"},
-                            timeout=60).json()["choices"][0]["text"]
-        front_config = serving_config(tiny_base, config.workspace, serve={"backend": "openai",
-                                                                          "upstream_url": f"{upstream}/v1"},
-                                      shadow={"store_url": f"sqlite:///{tmp_path / 'front.db'}"})
+        direct = httpx.post(
+            f"{upstream}/v1/completions", json={"model": "srv-v2", "prompt": "Package: y"}, timeout=60
+        ).json()["choices"][0]["text"]
+        front_config = serving_config(
+            tiny_base,
+            config.workspace,
+            serve={"backend": "openai", "upstream_url": f"{upstream}/v1"},
+            shadow={"store_url": f"sqlite:///{tmp_path / 'front.db'}"},
+        )
         with serve_in_background(create_app(front_config, Workspace(config.workspace))) as front:
-            via_front = httpx.post(f"{front}/v1/completions", json={"model": "srv-v2", "prompt": "Package: y"},
-                                   timeout=60).json()
-            champion = httpx.post(f"{front}/v1/completions", json={"model": "srv", "prompt": "Package: y"},
-                                  timeout=60).json()
+            via_front = httpx.post(
+                f"{front}/v1/completions", json={"model": "srv-v2", "prompt": "Package: y"}, timeout=60
+            ).json()
+            champion = httpx.post(
+                f"{front}/v1/completions", json={"model": "srv", "prompt": "Package: y"}, timeout=60
+            ).json()
     assert via_front["choices"][0]["text"] == direct and via_front["model"] == "srv-v2"
     assert champion["model"] == "srv-v1"
     rows = read_rows(f"sqlite:///{tmp_path / 'front.db'}")
@@ -194,8 +215,12 @@ def test_shadow_report_and_promote_require_shadow_from_the_command_line(setup, t
         raw["shadow"] = {**raw["shadow"], "embedding_similarity": True, **shadow}
         config_file = tmp_path / "serve.yaml"
         config_file.write_text(yaml.safe_dump(raw))
-        return subprocess.run([sys.executable, "-m", "ctloop", *args, "--config", str(config_file)],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "ctloop", *args, "--config", str(config_file)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     html = tmp_path / "shadow.html"
     held = ctloop({"min_pairs": 50}, "shadow", "report", "--json", "--html", str(html))

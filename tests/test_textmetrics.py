@@ -13,11 +13,13 @@ def test_normalise_drops_case_punctuation_and_articles():
 
 @pytest.mark.parametrize(
     ("prediction", "reference", "em", "f1", "rouge"),
-    [("A puzzle game", "puzzle game", 1.0, 1.0, 1.0),
-     ("puzzle game for kids", "puzzle game", 0.0, 2 * (2 / 4) * 1 / (2 / 4 + 1), 2 * (2 / 4) * 1 / (2 / 4 + 1)),
-     ("game puzzle", "puzzle game", 0.0, 1.0, 0.5),
-     ("sound editor", "puzzle game", 0.0, 0.0, 0.0),
-     ("", "", 1.0, 1.0, 1.0)],
+    [
+        ("A puzzle game", "puzzle game", 1.0, 1.0, 1.0),
+        ("puzzle game for kids", "puzzle game", 0.0, 2 * (2 / 4) * 1 / (2 / 4 + 1), 2 * (2 / 4) * 1 / (2 / 4 + 1)),
+        ("game puzzle", "puzzle game", 0.0, 1.0, 0.5),
+        ("sound editor", "puzzle game", 0.0, 0.0, 0.0),
+        ("", "", 1.0, 1.0, 1.0),
+    ],
     ids=["articles-ignored", "extra-words", "order-matters-for-rouge", "disjoint", "both-empty"],
 )
 def test_metrics(prediction, reference, em, f1, rouge):

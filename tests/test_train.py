@@ -32,9 +32,14 @@ def _train(tiny_base, out: Path, checkpoint_dir: Path | None = None, **train):
     from ctloop.training.trainer import train_adapter
 
     settings = {"epochs": 2, "learning_rate": 0.01, "batch_tokens": 256, "checkpoint_every": 3} | train
-    return train_adapter(_records(120), model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
-                         lora=LoraConfig(r=4, alpha=8), train=TrainConfig(**settings), out_dir=out,
-                         checkpoint_dir=checkpoint_dir)
+    return train_adapter(
+        _records(120),
+        model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
+        lora=LoraConfig(r=4, alpha=8),
+        train=TrainConfig(**settings),
+        out_dir=out,
+        checkpoint_dir=checkpoint_dir,
+    )
 
 
 def test_packed_samples_do_not_attend_to_each_other():
@@ -45,8 +50,16 @@ def test_packed_samples_do_not_attend_to_each_other():
     from ctloop.model.losses import token_losses
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
     first = Example([1, 5, 6, 7, 8, 9, 2], prompt_len=3)
     second, perturbed = Example([1, 10, 11, 12, 2], 2), Example([1, 30, 31, 32, 2], 2)
     with torch.no_grad():
@@ -134,11 +147,14 @@ def test_warm_start_continues_the_given_adapter(tiny_base, tmp_path):
 
     first = _train(tiny_base, tmp_path / "first", epochs=3, log_every=1)
     fresh = _train(tiny_base, tmp_path / "fresh", epochs=1, log_every=1)
-    continued = train_adapter(_records(120), model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
-                              lora=LoraConfig(r=4, alpha=8),
-                              train=TrainConfig(epochs=1, learning_rate=0.01, batch_tokens=256, log_every=1,
-                                                warmup_fraction=0.3),
-                              out_dir=tmp_path / "continued", warm_start_from=Path(first.adapter_dir))
+    continued = train_adapter(
+        _records(120),
+        model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
+        lora=LoraConfig(r=4, alpha=8),
+        train=TrainConfig(epochs=1, learning_rate=0.01, batch_tokens=256, log_every=1, warmup_fraction=0.3),
+        out_dir=tmp_path / "continued",
+        warm_start_from=Path(first.adapter_dir),
+    )
     assert continued.warm_start == first.adapter_dir
     # It starts where the first adapter ended, below a fresh adapter's first loss (deterministic on CPU).
     assert continued.losses[0][1] < fresh.losses[0][1]
@@ -158,8 +174,12 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
     from ctloop.fileio import read_json
     from ctloop.workspace import Workspace
 
-    raw = {"model": {"base": str(tiny_base), "max_seq_tokens": 96}, "data": {"min_rows": 20},
-           "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 256}, "registry": {"model_name": "ddp"}}
+    raw = {
+        "model": {"base": str(tiny_base), "max_seq_tokens": 96},
+        "data": {"min_rows": 20},
+        "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 256},
+        "registry": {"model_name": "ddp"},
+    }
     config_path = tmp_path / "c.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     config, workspace = config_from_dict(raw), Workspace(tmp_path / "ws")
@@ -169,11 +189,26 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
     assert trigger_stage(StageContext(config, workspace, cycle_id)).train
     prepare_stage(StageContext(config, workspace, cycle_id))
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ctloop", "train", "--config", str(config_path), "--cycle", cycle_id,
-               "--workspace", str(workspace.root)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ctloop",
+        "train",
+        "--config",
+        str(config_path),
+        "--cycle",
+        cycle_id,
+        "--workspace",
+        str(workspace.root),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     cycle_dir = workspace.cycle_dir(cycle_id)
     assert read_json(cycle_dir / "training.json")["world_size"] == 2
@@ -188,18 +223,26 @@ def test_evaluation_with_generation_scores_greedy_answers(tiny_base, tmp_path):
 
     adapter = Path(_train(tiny_base, tmp_path / "a", epochs=1).adapter_dir)
     rows = _records(12)
-    report = evaluate({"heldout": rows}, {"candidate": adapter, "base": None},
-                      model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
-                      config=EvalConfig(generate=True, max_new_tokens=8, generation_batch=5,
-                                        custom_metrics={"verbatim": "operator:eq"}))
+    report = evaluate(
+        {"heldout": rows},
+        {"candidate": adapter, "base": None},
+        model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
+        config=EvalConfig(
+            generate=True, max_new_tokens=8, generation_batch=5, custom_metrics={"verbatim": "operator:eq"}
+        ),
+    )
     for model in ("candidate", "base"):
         assert len(report.predictions["heldout"][model]) == 12
         assert all(isinstance(answer, str) for answer in report.predictions["heldout"][model])
         for metric in ("exact_match", "token_f1", "rouge_l", "verbatim"):
             values = report.metrics["heldout"][model][metric]
             assert len(values) == 12 and all(0.0 <= v <= 1.0 for v in values)
-    assert report.to_dict()["metric_means"]["heldout"]["candidate"].keys() == {"exact_match", "token_f1", "rouge_l",
-                                                                               "verbatim"}
+    assert report.to_dict()["metric_means"]["heldout"]["candidate"].keys() == {
+        "exact_match",
+        "token_f1",
+        "rouge_l",
+        "verbatim",
+    }
 
 
 def test_bf16_training_keeps_an_fp32_adapter_and_tracks_fp32(tiny_base, tmp_path):
@@ -284,8 +327,16 @@ def test_the_checkpoint_round_trips_optimizer_scheduler_rng_and_progress(tmp_pat
 
     def setup():
         torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, num_key_value_heads=2))
+        base = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        )
         model = get_peft_model(base, PeftLoraConfig(r=2, target_modules=["q_proj"]))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))

@@ -13,8 +13,14 @@ MMD_MISS = DetectorResult("mmd", 0.001, 0.4, drift=False, adjusted_p=0.8)
 
 DRIFT = DriftReport("drift", 200, 150, 0.05, (MMD_HIT,), ("mmd: p 0.002 <= alpha",))
 NO_DRIFT = DriftReport("no_drift", 200, 150, 0.05, (MMD_MISS,), ("mmd: p 0.4 > alpha",))
-TOO_FEW = DriftReport("not_enough_data", 200, 12, 0.05, (), (
-    "reference has 200 rows and current 12; each needs at least drift.min_rows=50 for a decision",))
+TOO_FEW = DriftReport(
+    "not_enough_data",
+    200,
+    12,
+    0.05,
+    (),
+    ("reference has 200 rows and current 12; each needs at least drift.min_rows=50 for a decision",),
+)
 
 DEFAULT = DriftConfig()
 COOLDOWN = DriftConfig(cooldown_hours=24.0)
@@ -33,10 +39,8 @@ RETRAIN = DriftConfig(retrain_after_days=7)
         (NO_DRIFT, True, False, 24 * 30.0, RETRAIN, True, ["drift.retrain_after_days=7"]),
         (None, True, False, 24 * 30.0, RETRAIN, True, ["drift.retrain_after_days=7"]),
         (TOO_FEW, True, False, None, RETRAIN, True, ["drift.retrain_after_days=7"]),
-        (NO_DRIFT, True, False, 24 * 7.0 - 1, RETRAIN, False, ["no drift detected", "mmd p=0.4",
-                                                              "--force"]),
-        (DRIFT, True, False, 2.0, COOLDOWN, False, ["drift detected", "2.0 h ago",
-                                                    "drift.cooldown_hours=24.0"]),
+        (NO_DRIFT, True, False, 24 * 7.0 - 1, RETRAIN, False, ["no drift detected", "mmd p=0.4", "--force"]),
+        (DRIFT, True, False, 2.0, COOLDOWN, False, ["drift detected", "2.0 h ago", "drift.cooldown_hours=24.0"]),
         (DRIFT, True, False, 24.0, COOLDOWN, True, ["drift detected", "mmd p=0.002"]),
         (DRIFT, True, False, 100.0, COOLDOWN, True, ["drift detected", "reference 200", "current 150"]),
         (DRIFT, True, False, None, COOLDOWN, True, ["drift detected"]),
@@ -65,8 +69,7 @@ RETRAIN = DriftConfig(retrain_after_days=7)
     ],
 )
 def test_decision_table(report, has_champion, force, hours, config, train, fragments):
-    decision = decide_trigger(report, has_champion=has_champion, force=force, hours_since_training=hours,
-                              config=config)
+    decision = decide_trigger(report, has_champion=has_champion, force=force, hours_since_training=hours, config=config)
     assert isinstance(decision, TriggerDecision)
     assert decision.train is train
     for fragment in fragments:

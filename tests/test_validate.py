@@ -22,8 +22,14 @@ def words(texts: list[str]) -> list[int]:
 
 def _validate(path: Path, tmp_path: Path, config: DataConfig = LENIENT, max_seq_tokens: int = 512):
     quarantine = tmp_path / "q" / "quarantine.jsonl"
-    good, report = validate_records(read_raw_rows(path), source=str(path), config=config,
-                                    max_seq_tokens=max_seq_tokens, count_tokens=words, quarantine_path=quarantine)
+    good, report = validate_records(
+        read_raw_rows(path),
+        source=str(path),
+        config=config,
+        max_seq_tokens=max_seq_tokens,
+        count_tokens=words,
+        quarantine_path=quarantine,
+    )
     lines = quarantine.read_text(encoding="utf-8").splitlines()
     return good, report, [json.loads(line) for line in lines]
 
@@ -51,8 +57,14 @@ def test_broken_example_counts(tmp_path):
     assert report.total_rows == 26
     assert report.good_rows == 20
     assert report.bad_rows == 6
-    assert report.bad_by_reason == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1, "empty_text": 1,
-                                    "invalid_utf8": 1, "duplicate": 1}
+    assert report.bad_by_reason == {
+        "invalid_json": 1,
+        "missing_field": 1,
+        "wrong_type": 1,
+        "empty_text": 1,
+        "invalid_utf8": 1,
+        "duplicate": 1,
+    }
     assert [r.id for r in good] == [f"broken-{i:05d}" for i in range(20)]
     assert report.good_rows + sum(report.bad_by_reason.values()) == report.total_rows
     assert report.fingerprint == fingerprint(good)
@@ -83,8 +95,7 @@ def test_too_long_with_small_max_seq_tokens(tmp_path):
     # whitespace words of prompt + completion, + 2 special tokens: lines 2, 7, 11, 14 and 16 are > 14
     good, report, quarantined = _validate(BROKEN, tmp_path, max_seq_tokens=14)
     too_long = sorted(q["location"] for q in quarantined if q["reason"] == "too_long")
-    assert too_long == ["broken.jsonl:11", "broken.jsonl:14", "broken.jsonl:16", "broken.jsonl:2",
-                        "broken.jsonl:7"]
+    assert too_long == ["broken.jsonl:11", "broken.jsonl:14", "broken.jsonl:16", "broken.jsonl:2", "broken.jsonl:7"]
     assert report.bad_by_reason["too_long"] == 5
     assert report.good_rows == 15
     assert report.total_rows == 26
@@ -103,7 +114,7 @@ def test_exactly_max_seq_tokens_is_kept(tmp_path):
 
 DUPLICATE_ROWS = [
     {"id": "a", "prompt": "p1", "completion": "c1"},
-    {"id": "a", "prompt": "p2", "completion": "c2"},   # same id, other content
+    {"id": "a", "prompt": "p2", "completion": "c2"},  # same id, other content
     {"id": "b", "prompt": " p1", "completion": "c1 "},  # other id, same normalised content
     {"id": "c", "prompt": "p3", "completion": "c3"},
 ]
@@ -113,8 +124,10 @@ def test_duplicate_ids_and_content(tmp_path):
     good, report, quarantined = _validate(_jsonl(tmp_path, DUPLICATE_ROWS), tmp_path)
     assert [r.id for r in good] == ["a", "c"]
     assert report.bad_by_reason == {"duplicate_id": 1, "duplicate": 1}
-    assert {q["location"]: q["reason"] for q in quarantined} == {"data.jsonl:2": "duplicate_id",
-                                                                 "data.jsonl:3": "duplicate"}
+    assert {q["location"]: q["reason"] for q in quarantined} == {
+        "data.jsonl:2": "duplicate_id",
+        "data.jsonl:3": "duplicate",
+    }
     assert "id 'a' is used by an earlier row" in quarantined[0]["detail"]
 
 
@@ -127,14 +140,13 @@ def test_duplicate_content_kept_when_drop_duplicates_off(tmp_path):
 
 # -- limits --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("config", "fragments"),
     [
-        (DataConfig(min_rows=1, max_bad_fraction=0.2),
-         ["23.1% of rows are bad, above data.max_bad_fraction=0.2"]),
+        (DataConfig(min_rows=1, max_bad_fraction=0.2), ["23.1% of rows are bad, above data.max_bad_fraction=0.2"]),
         (DataConfig(min_rows=21, max_bad_fraction=0.5), ["only 20 good rows, below data.min_rows=21"]),
-        (DataConfig(min_rows=21, max_bad_fraction=0.1),
-         ["above data.max_bad_fraction=0.1", "below data.min_rows=21"]),
+        (DataConfig(min_rows=21, max_bad_fraction=0.1), ["above data.max_bad_fraction=0.1", "below data.min_rows=21"]),
     ],
     ids=["max_bad_fraction", "min_rows", "both"],
 )
@@ -161,8 +173,10 @@ def test_limits_at_the_boundary_pass(tmp_path, config):
     summary = report.summary()
     assert "validation passed" in summary
     assert "20 good of 26 rows" in summary
-    assert "quarantined 6 (duplicate: 1, empty_text: 1, invalid_json: 1, invalid_utf8: 1, missing_field: 1, " \
-           "wrong_type: 1)" in summary
+    assert (
+        "quarantined 6 (duplicate: 1, empty_text: 1, invalid_json: 1, invalid_utf8: 1, missing_field: 1, "
+        "wrong_type: 1)" in summary
+    )
 
 
 def test_default_limits_fail_on_broken_example(tmp_path):
@@ -172,6 +186,7 @@ def test_default_limits_fail_on_broken_example(tmp_path):
 
 
 # -- empty input ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["empty-file", "blank-lines"])
 def test_empty_input(tmp_path, content):
@@ -188,12 +203,19 @@ def test_empty_input(tmp_path, content):
 
 
 def test_rows_without_fields_keep_reader_reason(tmp_path):
-    rows = [RawRow("x:1", "raw", reason="invalid_csv", detail="more cells than header columns"),
-            RawRow("x:2", "{}", fields={"prompt": "a b", "completion": "c"})]
+    rows = [
+        RawRow("x:1", "raw", reason="invalid_csv", detail="more cells than header columns"),
+        RawRow("x:2", "{}", fields={"prompt": "a b", "completion": "c"}),
+    ]
     quarantine = tmp_path / "quarantine.jsonl"
-    good, report = validate_records(rows, source="x", config=LENIENT, max_seq_tokens=10, count_tokens=words,
-                                    quarantine_path=quarantine)
+    good, report = validate_records(
+        rows, source="x", config=LENIENT, max_seq_tokens=10, count_tokens=words, quarantine_path=quarantine
+    )
     assert [r.prompt for r in good] == ["a b"]
-    assert json.loads(quarantine.read_text()) == {"location": "x:1", "reason": "invalid_csv",
-                                                  "detail": "more cells than header columns", "raw": "raw"}
+    assert json.loads(quarantine.read_text()) == {
+        "location": "x:1",
+        "reason": "invalid_csv",
+        "detail": "more cells than header columns",
+        "raw": "raw",
+    }
     assert report.metrics["mean_tokens"] == 5.0  # 2 + 1 + 2 special tokens

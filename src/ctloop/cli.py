@@ -16,19 +16,27 @@ import typer
 from ctloop.console import console
 from ctloop.errors import CtloopError
 
-app = typer.Typer(help="Continuous training of LLM LoRA adapters.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Continuous training of LLM LoRA adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 
-WorkspaceOption = Annotated[Path | None, typer.Option(
-    "--workspace", "-w", help="workspace folder (default: the config's, else ./ctloop-workspace)")]
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help="workspace folder (default: the config's, else ./ctloop-workspace)"),
+]
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="ctloop YAML config")]
 
 
 @app.command()
-def run(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
-        data: Annotated[Path, typer.Option("--data", "-d", help="new records: .jsonl, .parquet or .csv")],
-        workspace: WorkspaceOption = None,
-        force: Annotated[bool, typer.Option("--force", help="train even without drift")] = False) -> None:
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="new records: .jsonl, .parquet or .csv")],
+    workspace: WorkspaceOption = None,
+    force: Annotated[bool, typer.Option("--force", help="train even without drift")] = False,
+) -> None:
     """Run one cycle: validate, check drift, replay mix, train, evaluate, gate, register."""
     from ctloop.config import load_config
     from ctloop.cycle.run import run_cycle
@@ -40,9 +48,11 @@ def run(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML
 
 
 @app.command()
-def train(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
-          cycle: Annotated[str, typer.Option(help="id of a prepared cycle (see `ctloop status`)")],
-          workspace: WorkspaceOption = None) -> None:
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+    cycle: Annotated[str, typer.Option(help="id of a prepared cycle (see `ctloop status`)")],
+    workspace: WorkspaceOption = None,
+) -> None:
     """Run only the training stage of a prepared cycle; scale out with
     `torchrun --nproc_per_node N -m ctloop train ...` (a re-run of the cycle then re-uses the adapter)."""
     from ctloop.config import load_config
@@ -56,19 +66,24 @@ def train(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YA
 
 
 @app.command()
-def drift(reference: Annotated[Path, typer.Option(help="reference records (.jsonl, .parquet, .csv)")],
-          current: Annotated[Path, typer.Option(help="current records to compare")],
-          config: ConfigOption = None,
-          as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-          report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
-          online: Annotated[bool, typer.Option(help="feed CURRENT row by row to the online detector")] = False,
-          ert: Annotated[int, typer.Option(help="online: expected rows between false alarms")] = 500,
-          window: Annotated[int, typer.Option(help="online: rows in the sliding window")] = 50) -> None:
+def drift(
+    reference: Annotated[Path, typer.Option(help="reference records (.jsonl, .parquet, .csv)")],
+    current: Annotated[Path, typer.Option(help="current records to compare")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
+    online: Annotated[bool, typer.Option(help="feed CURRENT row by row to the online detector")] = False,
+    ert: Annotated[int, typer.Option(help="online: expected rows between false alarms")] = 500,
+    window: Annotated[int, typer.Option(help="online: rows in the sliding window")] = 50,
+) -> None:
     """Test whether CURRENT is distributed like REFERENCE. Exit 0: no drift, 3: drift, 2: error."""
     from ctloop.drift.check import check_files, check_stream
 
-    result = check_stream(reference, current, config, ert, window) if online else \
-        check_files(reference, current, config, report)
+    result = (
+        check_stream(reference, current, config, ert, window)
+        if online
+        else check_files(reference, current, config, report)
+    )
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -88,8 +103,11 @@ def demo(workspace: WorkspaceOption = None) -> None:
 
 
 @app.command()
-def status(config: ConfigOption = None, workspace: WorkspaceOption = None,
-           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+def status(
+    config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """Show the champion, the challenger, all versions and the last cycles."""
     from ctloop.cycle.status import collect_status, render_status
 
@@ -101,12 +119,16 @@ def status(config: ConfigOption = None, workspace: WorkspaceOption = None,
 
 
 @app.command()
-def promote(version: Annotated[int | None, typer.Option(help="version to promote (default: the challenger)")] = None,
-            by: Annotated[str, typer.Option(help="who promotes")] = "cli",
-            note: Annotated[str, typer.Option(help="why")] = "promoted by hand",
-            require_shadow: Annotated[bool, typer.Option(
-                "--require-shadow", help="refuse unless `ctloop shadow report` decides PROMOTE")] = False,
-            config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+def promote(
+    version: Annotated[int | None, typer.Option(help="version to promote (default: the challenger)")] = None,
+    by: Annotated[str, typer.Option(help="who promotes")] = "cli",
+    note: Annotated[str, typer.Option(help="why")] = "promoted by hand",
+    require_shadow: Annotated[
+        bool, typer.Option("--require-shadow", help="refuse unless `ctloop shadow report` decides PROMOTE")
+    ] = False,
+    config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
+) -> None:
     """Move the `champion` alias to a version (the challenger by default)."""
     from ctloop.registry.promotion import promote as promote_version
 
@@ -116,8 +138,11 @@ def promote(version: Annotated[int | None, typer.Option(help="version to promote
 
 
 @app.command()
-def rollback(by: Annotated[str, typer.Option(help="who rolls back")] = "cli",
-             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+def rollback(
+    by: Annotated[str, typer.Option(help="who rolls back")] = "cli",
+    config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
+) -> None:
     """Move `champion` back to the previous champion."""
     from ctloop.registry.promotion import rollback as rollback_champion
 
@@ -126,10 +151,13 @@ def rollback(by: Annotated[str, typer.Option(help="who rolls back")] = "cli",
 
 
 @app.command()
-def approve(version: Annotated[int, typer.Argument(help="the version to approve")],
-            by: Annotated[str, typer.Option(help="who approves")],
-            note: Annotated[str, typer.Option(help="why")],
-            config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+def approve(
+    version: Annotated[int, typer.Argument(help="the version to approve")],
+    by: Annotated[str, typer.Option(help="who approves")],
+    note: Annotated[str, typer.Option(help="why")],
+    config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
+) -> None:
     """Record a human approval; an approved version becomes the challenger (gate.require_approval)."""
     from ctloop.registry.client import CHAMPION
     from ctloop.registry.promotion import approve as approve_version
@@ -140,9 +168,12 @@ def approve(version: Annotated[int, typer.Argument(help="the version to approve"
 
 
 @app.command()
-def lineage(version: Annotated[int, typer.Argument(help="the version to trace")],
-            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-            config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+def lineage(
+    version: Annotated[int, typer.Argument(help="the version to trace")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
+) -> None:
     """Print a version's lineage back to the first version: data, replay, base model, config, gate."""
     registry, _ = _registry_context(config, workspace)
     chain = registry.lineage(version)
@@ -151,19 +182,32 @@ def lineage(version: Annotated[int, typer.Argument(help="the version to trace")]
         return
     for info in chain:
         tags = info.tags
-        print(f"v{info.version}  cycle {tags.get('ctloop.cycle_id', '?')}  gate {tags.get('ctloop.gate', '?')}"
-              f"  parent {tags.get('ctloop.parent_version', 'None')}")
-        for key in ("base_model", "base_revision", "data_fingerprint", "replay_fingerprint", "config_hash", "seed",
-                    "ctloop_version", "approved_by", "promoted"):
+        print(
+            f"v{info.version}  cycle {tags.get('ctloop.cycle_id', '?')}  gate {tags.get('ctloop.gate', '?')}"
+            f"  parent {tags.get('ctloop.parent_version', 'None')}"
+        )
+        for key in (
+            "base_model",
+            "base_revision",
+            "data_fingerprint",
+            "replay_fingerprint",
+            "config_hash",
+            "seed",
+            "ctloop_version",
+            "approved_by",
+            "promoted",
+        ):
             if f"ctloop.{key}" in tags:
                 print(f"    {key}: {tags[f'ctloop.{key}']}")
 
 
 @app.command()
-def serve(config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
-          host: Annotated[str | None, typer.Option(help="bind address (default: serve.host)")] = None,
-          port: Annotated[int | None, typer.Option(help="port (default: serve.port)")] = None,
-          workspace: WorkspaceOption = None) -> None:
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+    host: Annotated[str | None, typer.Option(help="bind address (default: serve.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: serve.port)")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
     """Serve the champion behind an OpenAI-compatible API and shadow the challenger."""
     from ctloop.config import load_config
     from ctloop.serving.server import serve as run_server
@@ -178,12 +222,16 @@ app.add_typer(shadow_app, name="shadow")
 
 
 @shadow_app.command("report")
-def shadow_report(config: ConfigOption = None, workspace: WorkspaceOption = None,
-                  champion: Annotated[int | None, typer.Option(help="champion version (default: the alias)")] = None,
-                  challenger: Annotated[int | None, typer.Option(help="challenger version (default: the alias)")] = None,
-                  as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-                  html: Annotated[Path | None, typer.Option(
-                      "--html", help="HTML report path (default: <workspace>/shadow/vN-vs-vM.html)")] = None) -> None:
+def shadow_report(
+    config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
+    champion: Annotated[int | None, typer.Option(help="champion version (default: the alias)")] = None,
+    challenger: Annotated[int | None, typer.Option(help="challenger version (default: the alias)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="HTML report path (default: <workspace>/shadow/vN-vs-vM.html)")
+    ] = None,
+) -> None:
     """Compare the logged shadow pairs and decide PROMOTE / HOLD / REJECT. Exit 0: PROMOTE, 3: HOLD, 4: REJECT."""
     from ctloop.serving.evidence import publish_shadow_report
 
@@ -221,8 +269,10 @@ def _shadow_report(config_path: Path | None, ws, registry, champion: int | None,
     champion = champion if champion is not None else registry.alias(CHAMPION)
     challenger = challenger if challenger is not None else registry.alias(CHALLENGER)
     if champion is None or challenger is None:
-        raise RegistryError("the shadow report needs a champion and a challenger; pass --champion N --challenger M "
-                            "(see `ctloop status`)")
+        raise RegistryError(
+            "the shadow report needs a champion and a challenger; pass --champion N --challenger M "
+            "(see `ctloop status`)"
+        )
     return compare_logged(settings, ws.shadow_store_url(settings.store_url), champion, challenger)
 
 

@@ -29,13 +29,16 @@ class ModelConfig(Section):
     base: str = Field(description="local path or hub id of the base causal LM")
     revision: str | None = Field(None, description="hub revision (commit) to pin; local paths are hashed")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: str | None = Field(None, description="transformers attention kernel (sdpa, eager, "
-                                                              "flash_attention_2, flex_attention); default for "
-                                                              "training: ctloop's eager variant on CPU; on CUDA "
-                                                              "flash_attention_2 for bf16/fp16 on Ampere or newer "
-                                                              "with flash-attn installed, else flex_attention for "
-                                                              "packed rows (sdpa unpacked); elsewhere "
-                                                              "transformers' own")
+    attn_implementation: str | None = Field(
+        None,
+        description="transformers attention kernel (sdpa, eager, "
+        "flash_attention_2, flex_attention); default for "
+        "training: ctloop's eager variant on CPU; on CUDA "
+        "flash_attention_2 for bf16/fp16 on Ampere or newer "
+        "with flash-attn installed, else flex_attention for "
+        "packed rows (sdpa unpacked); elsewhere "
+        "transformers' own",
+    )
     max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
 
 
@@ -70,10 +73,13 @@ class DriftConfig(Section):
     """
 
     enabled: bool = True
-    embedder: str = Field("minilm", min_length=1, description="minilm | base_model | a sentence-transformers path or id")
+    embedder: str = Field(
+        "minilm", min_length=1, description="minilm | base_model | a sentence-transformers path or id"
+    )
     text: Literal["prompt", "completion", "both"] = "prompt"
     detectors: list[Literal["mean", "mmd", "rff_mmd", "pca_ks", "classifier"]] = Field(
-        default_factory=lambda: ["mmd", "mean"], min_length=1)
+        default_factory=lambda: ["mmd", "mean"], min_length=1
+    )
     alpha: float = Field(0.05, gt=0, lt=1)
     permutations: int = Field(500, ge=19, le=100_000)
     min_rows: int = Field(50, ge=5, description="fewest rows per side for a decision")
@@ -100,18 +106,24 @@ class TrainConfig(Section):
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_tokens: int = Field(4096, ge=16, description="token slots (rows x longest row) per optimizer step")
-    packing: bool = Field(True, description="pack samples into fixed-width rows with per-sample attention (almost no "
-                                            "padding, one batch shape); false: length-grouped padded batches; "
-                                            "'auto' (earlier default) means true")
+    packing: bool = Field(
+        True,
+        description="pack samples into fixed-width rows with per-sample attention (almost no "
+        "padding, one batch shape); false: length-grouped padded batches; "
+        "'auto' (earlier default) means true",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
     activation_checkpointing: bool = Field(False, description="trade ~20% speed for much less memory")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16: frozen base in bf16 + autocast; auto: bf16 where the hardware has fast bf16 "
-                            "(CUDA with bf16; CPUs with AMX for hidden size >= 512), else fp32")
+        "auto",
+        description="bf16: frozen base in bf16 + autocast; auto: bf16 where the hardware has fast bf16 "
+        "(CUDA with bf16; CPUs with AMX for hidden size >= 512), else fp32",
+    )
     init: Literal["fresh", "champion"] = Field(
-        "fresh", description="fresh adapter from the base model, or continue the champion's (LR re-warmed)")
+        "fresh", description="fresh adapter from the base model, or continue the champion's (LR re-warmed)"
+    )
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -121,20 +133,27 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     batch_tokens: int = Field(8192, ge=16)
-    slice_by: str | None = Field(None, description="report (and with gate.per_slice, gate) per value of `source` "
-                                                   "or of a metadata field, written `metadata.<key>`")
+    slice_by: str | None = Field(
+        None,
+        description="report (and with gate.per_slice, gate) per value of `source` "
+        "or of a metadata field, written `metadata.<key>`",
+    )
     generate: bool = Field(False, description="also decode greedily and score exact match, token F1, ROUGE-L")
     max_new_tokens: int = Field(32, ge=1, le=4096)
     custom_metrics: dict[str, str] = Field(
-        default_factory=dict, description="name -> 'module:function' taking (prediction, reference) -> float; "
-                                          "scored with the built-in metrics when generate is on")
+        default_factory=dict,
+        description="name -> 'module:function' taking (prediction, reference) -> float; "
+        "scored with the built-in metrics when generate is on",
+    )
     generation_batch: int = Field(16, ge=1)
     golden: dict[str, Path] = Field(default_factory=dict, description="fixed regression sets: name -> records file")
     contamination: Literal["drop", "fail", "off"] = Field(
-        "drop", description="evaluation rows found in the training set: drop and count them, or fail the cycle")
+        "drop", description="evaluation rows found in the training set: drop and count them, or fail the cycle"
+    )
     ngram: int = Field(8, ge=1, le=64, description="word n-gram size of the near-duplicate check")
-    max_overlap: float = Field(0.5, gt=0, le=1, description="share of a row's n-grams seen in training that "
-                                                            "makes it a near duplicate")
+    max_overlap: float = Field(
+        0.5, gt=0, le=1, description="share of a row's n-grams seen in training that makes it a near duplicate"
+    )
 
 
 class GateRule(Section):
@@ -145,7 +164,9 @@ class GateRule(Section):
     "at least 2% better", -0.01 means "may be up to 1% worse". Statistics as for the built-in
     rules: the one-sided paired-bootstrap bound must clear the bound."""
 
-    metric: str = Field(min_length=1, description="loss, exact_match, token_f1, rouge_l, or an eval.custom_metrics name")
+    metric: str = Field(
+        min_length=1, description="loss, exact_match, token_f1, rouge_l, or an eval.custom_metrics name"
+    )
     set: str = Field("new_holdout", min_length=1, description="new_holdout, replay_holdout or golden_<name>")
     slice: str | None = Field(None, description="a value of eval.slice_by; default: the whole set")
     higher_is_better: bool | None = Field(None, description="default: false for loss, true otherwise")
@@ -167,10 +188,15 @@ class GateConfig(Section):
     max_old_regression: float = Field(0.02, ge=0, lt=10)
     max_golden_regression: float = Field(0.02, ge=0, lt=10, description="the same bound for each eval.golden set")
     rules: list[GateRule] = Field(default_factory=list, description="more rules, on any metric, set and slice")
-    per_slice: bool = Field(False, description="apply the new/old-data rules to every eval.slice_by slice too "
-                                               "(slices under min_examples are reported, not gated)")
-    require_approval: bool = Field(False, description="a passing version waits for `ctloop approve` before it "
-                                                      "becomes challenger (and can be promoted)")
+    per_slice: bool = Field(
+        False,
+        description="apply the new/old-data rules to every eval.slice_by slice too "
+        "(slices under min_examples are reported, not gated)",
+    )
+    require_approval: bool = Field(
+        False,
+        description="a passing version waits for `ctloop approve` before it becomes challenger (and can be promoted)",
+    )
     confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided level of the paired-bootstrap bound")
     bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
     min_examples: int = Field(30, ge=1, description="fewer examples in an evaluation set: INCONCLUSIVE")
@@ -206,18 +232,23 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     backend: Literal["in_process", "openai"] = Field(
-        "in_process", description="in_process: the base model + adapters in this process; openai: an "
-                                  "OpenAI-compatible server (vLLM, TGI) that serves the adapters by name")
+        "in_process",
+        description="in_process: the base model + adapters in this process; openai: an "
+        "OpenAI-compatible server (vLLM, TGI) that serves the adapters by name",
+    )
     upstream_url: str | None = Field(None, description="openai backend: base URL, e.g. http://vllm:8000/v1")
-    upstream_model: str = Field("{name}-v{version}", description="openai backend: the upstream model name of a "
-                                                                 "version ({name}: registry.model_name)")
+    upstream_model: str = Field(
+        "{name}-v{version}",
+        description="openai backend: the upstream model name of a version ({name}: registry.model_name)",
+    )
     upstream_api_key_env: str = Field("CTLOOP_UPSTREAM_API_KEY", description="env var holding the upstream key")
     upstream_timeout_s: float = Field(60.0, gt=0)
     max_tokens: int = Field(256, ge=1, le=32768, description="cap on a request's max_tokens")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
-    admin_token_env: str = Field("CTLOOP_ADMIN_TOKEN", description="env var holding the admin bearer token; "
-                                                                   "unset: admin endpoints are disabled")
+    admin_token_env: str = Field(
+        "CTLOOP_ADMIN_TOKEN", description="env var holding the admin bearer token; unset: admin endpoints are disabled"
+    )
     poll_seconds: float = Field(5.0, gt=0, description="how often the registry's aliases are checked")
     drain_seconds: float = Field(10.0, ge=0, description="on shutdown, how long queued shadow calls may finish")
 
@@ -233,17 +264,24 @@ class ShadowConfig(Section):
     breaker_window: int = Field(20, ge=1, description="recent shadow calls the circuit breaker looks at")
     breaker_failure_ratio: float = Field(0.5, gt=0, le=1, description="failed share of the window that opens it")
     breaker_cooldown_s: float = Field(30.0, ge=0, description="open time before a probe call is let through")
-    store_url: str | None = Field(None, description="SQLAlchemy URL of the log store; default: SQLite "
-                                                    "<workspace>/shadow.db (postgresql+psycopg://... works)")
+    store_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the log store; default: SQLite "
+        "<workspace>/shadow.db (postgresql+psycopg://... works)",
+    )
     redact: bool = Field(False, description="replace e-mail addresses, phone numbers and keys before storing")
     min_pairs: int = Field(100, ge=1, description="completed pairs a PROMOTE needs")
     max_error_rate: float = Field(0.02, ge=0, le=1, description="challenger timeouts+errors above this: REJECT")
     max_latency_ratio: float = Field(1.5, gt=0, description="median challenger/champion latency above this: REJECT")
     max_length_ratio: float = Field(2.0, gt=1, description="median output length ratio outside [1/x, x]: REJECT")
-    min_judge_win_rate: float = Field(0.47, ge=0, le=1, description="with a judge: lower bound of the "
-                                                                   "challenger's win rate a PROMOTE needs")
-    judge: str | None = Field(None, description="'module:function' taking (prompt, answer_a, answer_b) and "
-                                                "returning 'a', 'b' or 'tie'; called twice, order swapped")
+    min_judge_win_rate: float = Field(
+        0.47, ge=0, le=1, description="with a judge: lower bound of the challenger's win rate a PROMOTE needs"
+    )
+    judge: str | None = Field(
+        None,
+        description="'module:function' taking (prompt, answer_a, answer_b) and "
+        "returning 'a', 'b' or 'tie'; called twice, order swapped",
+    )
     embedding_similarity: bool = Field(True, description="score agreement by MiniLM cosine similarity too")
     confidence: float = Field(0.95, ge=0.5, lt=1)
 
@@ -282,7 +320,9 @@ def load_config(path: str | Path, base_dir: Path | None = None) -> CtloopConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), ["the file does not exist; check the path, or start from configs/production.example.yaml"])
+        raise ConfigError(
+            str(path), ["the file does not exist; check the path, or start from configs/production.example.yaml"]
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -313,8 +353,9 @@ def _resolve_relative_paths(config: CtloopConfig, base_dir: Path) -> CtloopConfi
     data = config.orchestration.data
     if data is not None and not data.is_absolute():
         updates["orchestration"] = config.orchestration.model_copy(update={"data": (base_dir / data).resolve()})
-    golden = {name: path if path.is_absolute() else (base_dir / path).resolve()
-              for name, path in config.eval.golden.items()}
+    golden = {
+        name: path if path.is_absolute() else (base_dir / path).resolve() for name, path in config.eval.golden.items()
+    }
     if golden != config.eval.golden:
         updates["eval"] = config.eval.model_copy(update={"golden": golden})
     reference = config.drift.reference

@@ -21,8 +21,14 @@ def progress_bar(description: str, total: int, unit: str = "steps", enabled: boo
         yield lambda n=1, **fields: None
         return
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(unit), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, info="")
 

@@ -32,8 +32,9 @@ def prepare_workspace(workspace: Workspace) -> None:
     root = workspace.root
     if root.exists() and any(root.iterdir()):
         if not (root / DEMO_MARKER).exists():
-            raise WorkspaceError(f"{root} is not empty and was not made by `ctloop demo`; "
-                                 f"pass --workspace with a new folder")
+            raise WorkspaceError(
+                f"{root} is not empty and was not made by `ctloop demo`; pass --workspace with a new folder"
+            )
         for child in root.iterdir():
             if child.name not in KEEP_ON_RESET and child.name != DEMO_MARKER:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -48,8 +49,9 @@ def build_base_model(workspace: Workspace, steps: int = 300) -> Path:
     texts = [row["prompt"] + row["completion"] for row in rows]
     spec = TinyModelSpec(pretrain_steps=steps)
     with progress_bar("pre-training the tiny base model", spec.pretrain_steps) as advance:
-        return build_tiny_model(texts, workspace.base_models_dir / "tiny", spec,
-                                on_step=lambda step, loss: advance(loss=loss))
+        return build_tiny_model(
+            texts, workspace.base_models_dir / "tiny", spec, on_step=lambda step, loss: advance(loss=loss)
+        )
 
 
 def run_demo(workspace: Workspace) -> None:
@@ -91,17 +93,30 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
     from ctloop.serving.evidence import publish_shadow_report
     from ctloop.serving.server import create_app, serve_in_background
 
-    prompts = [prompt for name in ("new_domain.jsonl", "old_domain.jsonl")
-               for prompt in _prompts(quickstart_file(name))[-requests // 2:]]
-    with serve_in_background(create_app(config, workspace)) as url, httpx.Client(timeout=120) as http, \
-            progress_bar("live requests", len(prompts), unit="requests") as advance:
+    prompts = [
+        prompt
+        for name in ("new_domain.jsonl", "old_domain.jsonl")
+        for prompt in _prompts(quickstart_file(name))[-requests // 2 :]
+    ]
+    with (
+        serve_in_background(create_app(config, workspace)) as url,
+        httpx.Client(timeout=120) as http,
+        progress_bar("live requests", len(prompts), unit="requests") as advance,
+    ):
         for index, prompt in enumerate(prompts):
-            response = http.post(f"{url}/v1/completions", json={"model": config.registry.model_name, "prompt": prompt,
-                                                                "max_tokens": 24}, headers={"x-request-id": f"demo-{index}"})
+            response = http.post(
+                f"{url}/v1/completions",
+                json={"model": config.registry.model_name, "prompt": prompt, "max_tokens": 24},
+                headers={"x-request-id": f"demo-{index}"},
+            )
             response.raise_for_status()
             advance()
-    report, rows = shadow_report(config.shadow, workspace.shadow_store_url(config.shadow.store_url),
-                                 registry.alias(CHAMPION), registry.alias(CHALLENGER))
+    report, rows = shadow_report(
+        config.shadow,
+        workspace.shadow_store_url(config.shadow.store_url),
+        registry.alias(CHAMPION),
+        registry.alias(CHALLENGER),
+    )
     html = publish_shadow_report(registry, report, rows, workspace.root)
     console.print(report.summary())
     return report, html
@@ -120,16 +135,25 @@ def _prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _print_story(first, second, registry, workspace: Workspace, config_path: Path, shadow,
-                 shadow_html: Path | None) -> None:
+def _print_story(
+    first, second, registry, workspace: Workspace, config_path: Path, shadow, shadow_html: Path | None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     out = Console()
-    losses = Table("evaluation set", "reference", "reference loss", "candidate loss", "change",
-                   title="cycle 2: mean token loss, candidate vs champion (lower is better)")
-    for eval_set, label in (("new_holdout", "new data (games/sound/graphics)"),
-                            ("replay_holdout", "old data (python/perl, forgetting)")):
+    losses = Table(
+        "evaluation set",
+        "reference",
+        "reference loss",
+        "candidate loss",
+        "change",
+        title="cycle 2: mean token loss, candidate vs champion (lower is better)",
+    )
+    for eval_set, label in (
+        ("new_holdout", "new data (games/sound/graphics)"),
+        ("replay_holdout", "old data (python/perl, forgetting)"),
+    ):
         by_model = second.means.get(eval_set, {})
         reference = "champion" if "champion" in by_model else "base"
         if reference in by_model and "candidate" in by_model:
@@ -140,17 +164,28 @@ def _print_story(first, second, registry, workspace: Workspace, config_path: Pat
     for name, result in (("1", first), ("2", second)):
         gates.add_row(name, result.trigger, result.gate.get("outcome", "?"), "\n".join(result.gate.get("reasons", [])))
     out.print(gates)
-    versions = Table("version", "aliases", "cycle", "parent", "data fingerprint", title=f"registry: {registry.model_name}")
+    versions = Table(
+        "version", "aliases", "cycle", "parent", "data fingerprint", title=f"registry: {registry.model_name}"
+    )
     for v in registry.versions():
-        versions.add_row(f"v{v.version}", ", ".join(v.aliases), v.tags.get("ctloop.cycle_id", ""),
-                         v.tags.get("ctloop.parent_version", ""), v.tags.get("ctloop.data_fingerprint", ""))
+        versions.add_row(
+            f"v{v.version}",
+            ", ".join(v.aliases),
+            v.tags.get("ctloop.cycle_id", ""),
+            v.tags.get("ctloop.parent_version", ""),
+            v.tags.get("ctloop.data_fingerprint", ""),
+        )
     out.print(versions)
     quarantined = second.validation.get("bad_by_reason", {})
-    out.print(f"cycle 2 quarantined {sum(quarantined.values())} bad rows {quarantined} -> "
-              f"{second.validation.get('quarantine_path')}")
+    out.print(
+        f"cycle 2 quarantined {sum(quarantined.values())} bad rows {quarantined} -> "
+        f"{second.validation.get('quarantine_path')}"
+    )
     if shadow is not None:
-        out.print(f"shadow: {shadow.counts['completed']} mirrored pairs, decision {shadow.decision}; champion is now "
-                  f"v{registry.alias('champion')}")
+        out.print(
+            f"shadow: {shadow.counts['completed']} mirrored pairs, decision {shadow.decision}; champion is now "
+            f"v{registry.alias('champion')}"
+        )
     out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
     if shadow_html is not None:
         out.print(f"         {shadow_html}")

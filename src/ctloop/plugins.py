@@ -15,8 +15,9 @@ def import_callable(target: str, key: str) -> Callable[..., Any]:
     try:
         found = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError("config", [f"{key}: cannot load {target!r} ({exc}); give 'module:function' importable "
-                                     f"where ctloop runs"]) from None
+        raise ConfigError(
+            "config", [f"{key}: cannot load {target!r} ({exc}); give 'module:function' importable where ctloop runs"]
+        ) from None
     if not callable(found):
         raise ConfigError("config", [f"{key}: {target!r} is not callable"])
     return found

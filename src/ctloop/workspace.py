@@ -63,8 +63,10 @@ SETTINGS_FILE = "ctloop.json"
 
 def save_settings(workspace: Workspace, config: CtloopConfig) -> None:
     """Keep the registry and shadow settings of the last cycle, so later commands need no --config."""
-    write_json(workspace.root / SETTINGS_FILE, {"registry": config.registry.model_dump(mode="json"),
-                                               "shadow": config.shadow.model_dump(mode="json")})
+    write_json(
+        workspace.root / SETTINGS_FILE,
+        {"registry": config.registry.model_dump(mode="json"), "shadow": config.shadow.model_dump(mode="json")},
+    )
 
 
 def saved_registry_settings(workspace: Workspace) -> RegistryConfig:
@@ -81,8 +83,9 @@ def _saved_settings(workspace: Workspace) -> dict:
     from ctloop.errors import WorkspaceError
 
     if not workspace.root.is_dir():
-        raise WorkspaceError(f"no workspace at {workspace.root}; run `ctloop demo` or `ctloop run` first, "
-                             f"or pass --workspace")
+        raise WorkspaceError(
+            f"no workspace at {workspace.root}; run `ctloop demo` or `ctloop run` first, or pass --workspace"
+        )
     path = workspace.root / SETTINGS_FILE
     return read_json(path) if path.is_file() else {}
 
@@ -128,13 +131,13 @@ def workspace_lock(workspace: Workspace, purpose: str, wait_seconds: float = 0.0
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
-                raise WorkspaceError(f"workspace {workspace.root} is busy: {holder}; wait for it to finish, "
-                                     f"or use another --workspace") from None
+                raise WorkspaceError(
+                    f"workspace {workspace.root} is busy: {holder}; wait for it to finish, or use another --workspace"
+                ) from None
             time.sleep(0.5)
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{utc_now()}: {purpose}\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}: {purpose}\n")
     handle.flush()
     _held_locks[path] = 1
     try:

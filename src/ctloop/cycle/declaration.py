@@ -41,28 +41,64 @@ class Stage:
 
 
 CYCLE: tuple[Stage, ...] = (
-    Stage("validate", validate_stage, reads=("the run's data file",),
-          writes=("validation.json", "quarantine.jsonl", "new.parquet", "cycle.json"),
-          uses_registry=False, role="opens",
-          summary="schema, lengths, duplicates; bad rows quarantined; names the cycle"),
-    Stage("trigger", trigger_stage, reads=("new.parquet", "the champion's training data"),
-          writes=("drift.json", "drift.html", "cycle.json"), uses_registry=True, role="decides",
-          summary="embedding drift vs the champion's data, schedule or force: train or skip"),
-    Stage("prepare", prepare_stage, reads=("new.parquet", "the replay buffer"),
-          writes=("train.parquet", "new_holdout.parquet", "replay_holdout.parquet", "replay_manifest.json",
-                  "cycle.json"),
-          uses_registry=True, summary="holdout split, replay mix; opens the MLflow run"),
-    Stage("train", train_stage, reads=("train.parquet", "the champion's adapter (warm start)"),
-          writes=("adapter/", "training.json", "checkpoints/"), uses_registry=True,
-          summary="LoRA training, resumable from checkpoints"),
-    Stage("evaluate", evaluate_stage, reads=("adapter/", "new_holdout.parquet", "replay_holdout.parquet"),
-          writes=("eval.json", "contamination.json"), uses_registry=True,
-          summary="candidate vs champion per example on new and old data"),
-    Stage("gate", gate_stage, reads=("eval.json",), writes=("gate.json",), uses_registry=False,
-          summary="paired statistics against the configured thresholds: pass or fail"),
-    Stage("register", register_stage, reads=("everything above",), writes=("report.html", "cycle.json"),
-          uses_registry=True,
-          summary="MLflow run, model version and challenger alias; the data joins the replay buffer"),
+    Stage(
+        "validate",
+        validate_stage,
+        reads=("the run's data file",),
+        writes=("validation.json", "quarantine.jsonl", "new.parquet", "cycle.json"),
+        uses_registry=False,
+        role="opens",
+        summary="schema, lengths, duplicates; bad rows quarantined; names the cycle",
+    ),
+    Stage(
+        "trigger",
+        trigger_stage,
+        reads=("new.parquet", "the champion's training data"),
+        writes=("drift.json", "drift.html", "cycle.json"),
+        uses_registry=True,
+        role="decides",
+        summary="embedding drift vs the champion's data, schedule or force: train or skip",
+    ),
+    Stage(
+        "prepare",
+        prepare_stage,
+        reads=("new.parquet", "the replay buffer"),
+        writes=("train.parquet", "new_holdout.parquet", "replay_holdout.parquet", "replay_manifest.json", "cycle.json"),
+        uses_registry=True,
+        summary="holdout split, replay mix; opens the MLflow run",
+    ),
+    Stage(
+        "train",
+        train_stage,
+        reads=("train.parquet", "the champion's adapter (warm start)"),
+        writes=("adapter/", "training.json", "checkpoints/"),
+        uses_registry=True,
+        summary="LoRA training, resumable from checkpoints",
+    ),
+    Stage(
+        "evaluate",
+        evaluate_stage,
+        reads=("adapter/", "new_holdout.parquet", "replay_holdout.parquet"),
+        writes=("eval.json", "contamination.json"),
+        uses_registry=True,
+        summary="candidate vs champion per example on new and old data",
+    ),
+    Stage(
+        "gate",
+        gate_stage,
+        reads=("eval.json",),
+        writes=("gate.json",),
+        uses_registry=False,
+        summary="paired statistics against the configured thresholds: pass or fail",
+    ),
+    Stage(
+        "register",
+        register_stage,
+        reads=("everything above",),
+        writes=("report.html", "cycle.json"),
+        uses_registry=True,
+        summary="MLflow run, model version and challenger alias; the data joins the replay buffer",
+    ),
 )
 
 
@@ -77,4 +113,4 @@ def stage(name: str) -> Stage:
 def up_to_decision() -> tuple[Stage, ...]:
     """The stages up to and including the one that decides whether the cycle goes on (the drift watch)."""
     index = next(i for i, s in enumerate(CYCLE) if s.role == "decides")
-    return CYCLE[:index + 1]
+    return CYCLE[: index + 1]

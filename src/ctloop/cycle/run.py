@@ -67,8 +67,9 @@ class StageStep:
     stopped_because: str = ""  # "already_done" or "skipped" when proceed is False
 
 
-def run_cycle(config: CtloopConfig, data_path: Path, workspace: Workspace, force: bool = False,
-              wait_seconds: float = 0.0) -> CycleResult:
+def run_cycle(
+    config: CtloopConfig, data_path: Path, workspace: Workspace, force: bool = False, wait_seconds: float = 0.0
+) -> CycleResult:
     """Run one cycle on the records in `data_path`. `force` trains even when the trigger (drift,
     schedule) sees no need; `wait_seconds` is how long to wait for a busy workspace."""
     context = StageContext(config, workspace, data=data_path, force=force)
@@ -103,8 +104,14 @@ def run_stage(stage: Stage, context: StageContext) -> StageStep:
     return StageStep(context.cycle_id, True)
 
 
-def run_stage_task(config_path: str | Path, stage_name: str, cycle_id: str = "", data: str | None = None,
-                   force: bool = False, purpose: str = "orchestrated task") -> StageStep:
+def run_stage_task(
+    config_path: str | Path,
+    stage_name: str,
+    cycle_id: str = "",
+    data: str | None = None,
+    force: bool = False,
+    purpose: str = "orchestrated task",
+) -> StageStep:
     """One stage as an orchestrator's task runs it (the Airflow DAGs): load the config, take the
     workspace lock (waiting up to `orchestration.lock_wait_seconds`), run the stage with the
     cycle's rules. `data` defaults to `orchestration.data`."""
@@ -117,8 +124,10 @@ def run_stage_task(config_path: str | Path, stage_name: str, cycle_id: str = "",
     chosen = stage(stage_name)
     data = data or config.orchestration.data
     if chosen.role == "opens" and not data:
-        raise ConfigError(str(config_path), ["orchestration.data: no data file; set it, or trigger the run with "
-                                             "conf {\"data\": \"/path/to/new.jsonl\"}"])
+        raise ConfigError(
+            str(config_path),
+            ['orchestration.data: no data file; set it, or trigger the run with conf {"data": "/path/to/new.jsonl"}'],
+        )
     workspace = resolve_workspace(None, config)
     context = StageContext(config, workspace, cycle_id, Path(data) if data else None, force)
     with workspace_lock(workspace, f"{purpose}: {stage_name}", config.orchestration.lock_wait_seconds):
@@ -133,8 +142,7 @@ def _already_finished(stage: Stage, context: StageContext) -> bool:
     return finished_result(context.config, context.workspace, context.cycle_id) is not None
 
 
-def cycle_result(config: CtloopConfig, workspace: Workspace, cycle_id: str,
-                 already_done: bool = False) -> CycleResult:
+def cycle_result(config: CtloopConfig, workspace: Workspace, cycle_id: str, already_done: bool = False) -> CycleResult:
     """The result of a cycle that has stopped: finished by this run, finished before it
     (`already_done`), or skipped by the trigger."""
     from ctloop.fileio import read_json
@@ -146,8 +154,16 @@ def cycle_result(config: CtloopConfig, workspace: Workspace, cycle_id: str,
         return done
     if state.get("status") in FINISHED and "result" in state:
         return CycleResult(**state["result"])
-    return CycleResult(cycle_id, "skipped", str(cycle.dir), "", None, None,
-                       validation=read_json(cycle.path("validation.json")), trigger=state.get("trigger", ""))
+    return CycleResult(
+        cycle_id,
+        "skipped",
+        str(cycle.dir),
+        "",
+        None,
+        None,
+        validation=read_json(cycle.path("validation.json")),
+        trigger=state.get("trigger", ""),
+    )
 
 
 def finished_result(config: CtloopConfig, workspace: Workspace, cycle_id: str) -> CycleResult | None:
@@ -171,8 +187,7 @@ def _record_failure(context: StageContext, stage: Stage, exc: BaseException) -> 
     state = cycle.state()
     if not cycle.dir.is_dir() or state.get("status") in FINISHED:
         return
-    cycle.update_state(failed_stage=stage.name, failed_at=utc_now(),
-                       error=f"{exc.__class__.__name__}: {exc}"[:2000])
+    cycle.update_state(failed_stage=stage.name, failed_at=utc_now(), error=f"{exc.__class__.__name__}: {exc}"[:2000])
     log.error("stage %s of cycle %s failed: %s: %s", stage.name, context.cycle_id, exc.__class__.__name__, exc)
     if "run_id" in state:
         try:

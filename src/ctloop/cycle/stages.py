@@ -31,6 +31,7 @@ from ctloop.workspace import Workspace, save_settings
 
 # -- 1. validate ----------------------------------------------------------------------------------
 
+
 def validate_stage(ctx: StageContext) -> str:
     """Validate the records; file the good ones, the report and the quarantine; return the cycle id.
 
@@ -51,8 +52,13 @@ def validate_stage(ctx: StageContext) -> str:
     staging = workspace.root / "incoming" / hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:12]
     count = token_counter(tokenizer)
     good, report = validate_records(
-        read_raw_rows(data_path), source=str(data_path), config=config.data,
-        max_seq_tokens=config.model.max_seq_tokens, count_tokens=count, quarantine_path=staging / "quarantine.jsonl")
+        read_raw_rows(data_path),
+        source=str(data_path),
+        config=config.data,
+        max_seq_tokens=config.model.max_seq_tokens,
+        count_tokens=count,
+        quarantine_path=staging / "quarantine.jsonl",
+    )
     revision = base_model_revision(config.model)
     cycle_id = hashlib.sha256(f"{report.fingerprint}|{config.training_hash()}|{revision}".encode()).hexdigest()[:16]
     cycle = CycleFolder(workspace, cycle_id)
@@ -68,12 +74,18 @@ def validate_stage(ctx: StageContext) -> str:
     write_parquet(cycle.path("new.parquet"), good, extra={"n_tokens": tokens})
     state = cycle.state()
     if "started" not in state:
-        cycle.update_state(cycle_id=cycle_id, data=str(data_path), started=utc_now(), base_revision=revision,
-                           data_fingerprint=report.fingerprint)
+        cycle.update_state(
+            cycle_id=cycle_id,
+            data=str(data_path),
+            started=utc_now(),
+            base_revision=revision,
+            data_fingerprint=report.fingerprint,
+        )
     return cycle_id
 
 
 # -- 2. trigger ------------------------------------------------------------------------------------
+
 
 def trigger_stage(ctx: StageContext) -> TriggerDecision:
     """Drift of the new data against the champion's training data (or drift.reference), then the
@@ -107,16 +119,21 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
         write_json(cycle.path("drift.json"), report.to_dict())
         write_drift_report(cycle.path("drift.html"), report, ref_emb, cur_emb, texts_of(new, config.drift.text))
         console.print(report.summary())
-    decision = decide_trigger(report, has_champion=champion is not None, force=force,
-                              hours_since_training=_hours_since_training(workspace), config=config.drift)
+    decision = decide_trigger(
+        report,
+        has_champion=champion is not None,
+        force=force,
+        hours_since_training=_hours_since_training(workspace),
+        config=config.drift,
+    )
     console.print(decision.summary())
-    cycle.update_state(trigger=decision.reason, status="triggered" if decision.train else "skipped",
-                       checked=utc_now())
+    cycle.update_state(trigger=decision.reason, status="triggered" if decision.train else "skipped", checked=utc_now())
     return decision
 
 
-def _reference_records(config: CtloopConfig, workspace: Workspace, registry: Registry,
-                       champion: int | None) -> list[Record]:
+def _reference_records(
+    config: CtloopConfig, workspace: Workspace, registry: Registry, champion: int | None
+) -> list[Record]:
     from ctloop.data.records import read_records
 
     if config.drift.reference is not None:
@@ -127,8 +144,10 @@ def _reference_records(config: CtloopConfig, workspace: Workspace, registry: Reg
         return read_parquet(local)[0]
     fetched = registry.download_run_file(info.run_id, "data/train.parquet", workspace.root / "registry-cache")
     if fetched is None:
-        raise DataError(f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
-                        f"MLflow run); set drift.reference to a file of reference records")
+        raise DataError(
+            f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
+            f"MLflow run); set drift.reference to a file of reference records"
+        )
     return read_parquet(fetched)[0]
 
 
@@ -139,6 +158,7 @@ def _hours_since_training(workspace: Workspace) -> float | None:
 
 
 # -- 3. prepare: split the new data, mix in replay, open the MLflow run ----------------------------
+
 
 def prepare_stage(ctx: StageContext) -> dict:
     """Holdout split and replay mix (deterministic, so a retry rewrites the same files); the MLflow
@@ -152,8 +172,9 @@ def prepare_stage(ctx: StageContext) -> dict:
     tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
     new_train, new_holdout = split_holdout(new, config.data, seed=config.train.seed)
     buffer = ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed)
-    mix = build_training_set(new_train, tokens, buffer.rows(exclude_cycle=cycle_id), config.replay,
-                             seed=config.train.seed)
+    mix = build_training_set(
+        new_train, tokens, buffer.rows(exclude_cycle=cycle_id), config.replay, seed=config.train.seed
+    )
     console.print(mix.summary())
     write_parquet(cycle.path("train.parquet"), mix.records)
     write_parquet(cycle.path("new_holdout.parquet"), new_holdout)
@@ -164,13 +185,15 @@ def prepare_stage(ctx: StageContext) -> dict:
     state = cycle.state()
     if "run_id" not in state:
         registry = open_registry(config.registry, workspace)
-        run_id = registry.start_run(f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id,
-                                                          "ctloop.data_fingerprint": state["data_fingerprint"]})
+        run_id = registry.start_run(
+            f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id, "ctloop.data_fingerprint": state["data_fingerprint"]}
+        )
         state = cycle.update_state(run_id=run_id, champion_before=registry.alias(CHAMPION))
     return manifest
 
 
 # -- 4. train ----------------------------------------------------------------------------------------
+
 
 def train_stage(ctx: StageContext) -> TrainResult:
     """Train the adapter, unless an earlier attempt of this cycle finished it."""
@@ -189,13 +212,24 @@ def train_stage(ctx: StageContext) -> TrainResult:
     if config.train.init == "champion" and champion is not None:
         registry = open_registry(config.registry, workspace)
         warm_start = registry.download_adapter(champion, workspace.root / "registry-cache")
-    trained = train_adapter(records, model=config.model, lora=config.lora, train=config.train, out_dir=adapter_dir,
-                            checkpoint_dir=cycle.path("checkpoints"), warm_start_from=warm_start)
+    trained = train_adapter(
+        records,
+        model=config.model,
+        lora=config.lora,
+        train=config.train,
+        out_dir=adapter_dir,
+        checkpoint_dir=cycle.path("checkpoints"),
+        warm_start_from=warm_start,
+    )
     if is_main_process():  # under torchrun, one process writes
-        resolved = {key: getattr(trained, key) for key in ("compute_dtype", "attn_implementation", "row_width",
-                                                            "world_size", "libraries")}
-        write_json(adapter_dir / "ctloop_manifest.json",
-                   _lineage(config, cycle) | {"config": config.model_dump(mode="json"), "training": resolved})
+        resolved = {
+            key: getattr(trained, key)
+            for key in ("compute_dtype", "attn_implementation", "row_width", "world_size", "libraries")
+        }
+        write_json(
+            adapter_dir / "ctloop_manifest.json",
+            _lineage(config, cycle) | {"config": config.model_dump(mode="json"), "training": resolved},
+        )
         write_json(training_path, trained.to_dict())
         console.print(trained.summary())
     return trained
@@ -203,14 +237,21 @@ def train_stage(ctx: StageContext) -> TrainResult:
 
 def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
     state = cycle.state()
-    return {"cycle_id": cycle.cycle_id, "base_model": config.model.base, "base_revision": state["base_revision"],
-            "data_fingerprint": state["data_fingerprint"],
-            "replay_fingerprint": read_json(cycle.path("replay_manifest.json"))["replay_fingerprint"],
-            "parent_version": state.get("champion_before"), "seed": config.train.seed,
-            "config_hash": config.training_hash(), "ctloop_version": __version__}
+    return {
+        "cycle_id": cycle.cycle_id,
+        "base_model": config.model.base,
+        "base_revision": state["base_revision"],
+        "data_fingerprint": state["data_fingerprint"],
+        "replay_fingerprint": read_json(cycle.path("replay_manifest.json"))["replay_fingerprint"],
+        "parent_version": state.get("champion_before"),
+        "seed": config.train.seed,
+        "config_hash": config.training_hash(),
+        "ctloop_version": __version__,
+    }
 
 
 # -- 5. evaluate -------------------------------------------------------------------------------------
+
 
 def evaluate_stage(ctx: StageContext):
     """Candidate and reference (champion, or the bare base model in a first cycle) on the new and
@@ -229,15 +270,23 @@ def evaluate_stage(ctx: StageContext):
         adapters["champion"] = registry.download_adapter(champion, workspace.root / "registry-cache")
     elif config.gate.first_cycle == "compare_to_base":
         adapters["base"] = None
-    sets = {NEW_SET: read_parquet(cycle.require("new_holdout.parquet", "prepare"))[0],
-            OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0]}
+    sets = {
+        NEW_SET: read_parquet(cycle.require("new_holdout.parquet", "prepare"))[0],
+        OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0],
+    }
     sets |= {f"golden_{name}": _golden(name, path) for name, path in config.eval.golden.items()}
     sets = _without_contamination(config, cycle, sets)
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
     slices = slice_indices(sets, config.eval.slice_by)
-    write_json(cycle.path("eval.json"), evaluation.to_dict() | {
-        "slices": slices, "slice_means": slice_means(evaluation.losses, slices),
-        "fingerprints": {name: fingerprint(records) for name, records in sets.items()}})
+    write_json(
+        cycle.path("eval.json"),
+        evaluation.to_dict()
+        | {
+            "slices": slices,
+            "slice_means": slice_means(evaluation.losses, slices),
+            "fingerprints": {name: fingerprint(records) for name, records in sets.items()},
+        },
+    )
     console.print(evaluation.summary())
     return evaluation
 
@@ -247,13 +296,16 @@ def _golden(name: str, path: Path) -> list[Record]:
 
     records, skipped = read_records(path)
     if skipped or not records:
-        raise DataError(f"eval.golden.{name}: {path} has {skipped} invalid rows and {len(records)} valid ones; "
-                        f"a golden set must be clean - fix the file")
+        raise DataError(
+            f"eval.golden.{name}: {path} has {skipped} invalid rows and {len(records)} valid ones; "
+            f"a golden set must be clean - fix the file"
+        )
     return records
 
 
-def _without_contamination(config: CtloopConfig, cycle: CycleFolder,
-                           sets: dict[str, list[Record]]) -> dict[str, list[Record]]:
+def _without_contamination(
+    config: CtloopConfig, cycle: CycleFolder, sets: dict[str, list[Record]]
+) -> dict[str, list[Record]]:
     """Drop (and count) evaluation rows the training set already holds, or fail, per eval.contamination."""
     from ctloop.data.contamination import find_contamination
 
@@ -266,13 +318,17 @@ def _without_contamination(config: CtloopConfig, cycle: CycleFolder,
     for report in dirty:
         console.print(f"contamination: {report.summary()}")
     if dirty and config.eval.contamination == "fail":
-        raise DataError("evaluation rows overlap the training set: " + "; ".join(r.summary() for r in dirty)
-                        + "; remove them from the evaluation data, or set eval.contamination: drop")
+        raise DataError(
+            "evaluation rows overlap the training set: "
+            + "; ".join(r.summary() for r in dirty)
+            + "; remove them from the evaluation data, or set eval.contamination: drop"
+        )
     dropped = {name: set(report.dropped_ids) for name, report in reports.items()}
     return {name: [r for r in records if r.id not in dropped[name]] for name, records in sets.items()}
 
 
 # -- 6. gate -----------------------------------------------------------------------------------------
+
 
 def gate_stage(ctx: StageContext) -> GateDecision:
     from ctloop.evaluation.gate import decide
@@ -280,14 +336,20 @@ def gate_stage(ctx: StageContext) -> GateDecision:
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
     stored = read_json(cycle.require("eval.json", "evaluate"))
-    decision = decide(stored["losses"], config.gate, has_champion=cycle.state().get("champion_before") is not None,
-                      slices=stored.get("slices"), metrics=stored.get("metrics"))
+    decision = decide(
+        stored["losses"],
+        config.gate,
+        has_champion=cycle.state().get("champion_before") is not None,
+        slices=stored.get("slices"),
+        metrics=stored.get("metrics"),
+    )
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())
     return decision
 
 
 # -- 7. register ---------------------------------------------------------------------------------
+
 
 def register_stage(ctx: StageContext) -> dict[str, Any]:
     """Log the cycle to its MLflow run; register a passing adapter as `challenger` (idempotent on the
@@ -312,17 +374,23 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     version = None
     if gate["passed"]:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
-        tags |= {"ctloop.gate": gate["outcome"], "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000],
-                 "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True),
-                 "ctloop.adapter_config": cycle.path("adapter/adapter_config.json").read_text()[:4000]}
+        tags |= {
+            "ctloop.gate": gate["outcome"],
+            "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000],
+            "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True),
+            "ctloop.adapter_config": cycle.path("adapter/adapter_config.json").read_text()[:4000],
+        }
         if config.gate.require_approval:
             tags[APPROVAL_TAG] = "pending"
-        info = registry.register(run_id, cycle_id, tags, description=f"gate {gate['outcome']}: "
-                                 + "; ".join(gate["reasons"])[:3900])
+        info = registry.register(
+            run_id, cycle_id, tags, description=f"gate {gate['outcome']}: " + "; ".join(gate["reasons"])[:3900]
+        )
         version = info.version
         if awaiting_approval(registry, version):
-            console.print(f"registered {registry.model_name} version {version}; it awaits approval: "
-                          f"`ctloop approve {version} --by NAME --note TEXT`")
+            console.print(
+                f"registered {registry.model_name} version {version}; it awaits approval: "
+                f"`ctloop approve {version} --by NAME --note TEXT`"
+            )
         else:
             offer_as_challenger(registry, version, config.registry.promote_first)
             role = "champion" if registry.alias(CHAMPION) == version else "challenger"
@@ -332,14 +400,23 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     new, extra = read_parquet(cycle.require("new.parquet", "validate"))
     holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
     tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
-    ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(cycle_id, [r for r in new if r.id not in holdout_ids],
-                                                 [r for r in new if r.id in holdout_ids], tokens)
+    ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(
+        cycle_id, [r for r in new if r.id not in holdout_ids], [r for r in new if r.id in holdout_ids], tokens
+    )
     console.print(f"cycle report: {report_path}")
     status = {"PASS": "registered", "FAIL": "rejected", "INCONCLUSIVE": "inconclusive"}[gate["outcome"]]
-    result = {"cycle_id": cycle_id, "status": status, "cycle_dir": str(cycle.dir), "run_id": run_id,
-              "version": version, "champion_before": state.get("champion_before"), "means": evaluation.means,
-              "gate": gate, "validation": read_json(cycle.path("validation.json")),
-              "trigger": state.get("trigger", "")}
+    result = {
+        "cycle_id": cycle_id,
+        "status": status,
+        "cycle_dir": str(cycle.dir),
+        "run_id": run_id,
+        "version": version,
+        "champion_before": state.get("champion_before"),
+        "means": evaluation.means,
+        "gate": gate,
+        "validation": read_json(cycle.path("validation.json")),
+        "trigger": state.get("trigger", ""),
+    }
     cycle.update_state(status=status, finished=utc_now(), result=result)
     registry.end_run(run_id)
     return result

@@ -16,10 +16,17 @@ def collect_status(registry: Registry, workspace: Workspace, last_cycles: int = 
     for path in workspace.cycles_dir.glob("*/cycle.json"):
         state = read_json(path)
         result = state.get("result", {})
-        cycles.append({"cycle_id": state.get("cycle_id"), "data": state.get("data"),
-                       "started": state.get("started"), "finished": state.get("finished"),
-                       "status": state.get("status", "unfinished"), "version": result.get("version"),
-                       "gate": result.get("gate", {}).get("outcome")})
+        cycles.append(
+            {
+                "cycle_id": state.get("cycle_id"),
+                "data": state.get("data"),
+                "started": state.get("started"),
+                "finished": state.get("finished"),
+                "status": state.get("status", "unfinished"),
+                "version": result.get("version"),
+                "gate": result.get("gate", {}).get("outcome"),
+            }
+        )
     cycles.sort(key=lambda c: c["started"] or "")
     return {
         "workspace": str(workspace.root),
@@ -39,21 +46,30 @@ def render_status(info: dict[str, Any]) -> None:
     console = Console()
     aliases = info["aliases"]
     console.print(f"[bold]{info['model_name']}[/bold] in {info['tracking_uri']}")
-    pending = f"{_v(aliases['challenger'])} (awaiting shadow evidence and promotion)" \
-        if aliases["challenger"] is not None else "none pending"
+    pending = (
+        f"{_v(aliases['challenger'])} (awaiting shadow evidence and promotion)"
+        if aliases["challenger"] is not None
+        else "none pending"
+    )
     console.print(f"champion: {_v(aliases['champion'])}   challenger: {pending}")
     console.print(f"champion history: {' -> '.join(_v(v) for v in info['champion_history']) or '-'}")
     versions = Table("version", "aliases", "gate", "cycle", "data", "parent", title="versions")
     for v in info["versions"]:
         tags = v["tags"]
-        versions.add_row(_v(v["version"]), ", ".join(v["aliases"]), tags.get("ctloop.gate", ""),
-                         tags.get("ctloop.cycle_id", ""), tags.get("ctloop.data_fingerprint", ""),
-                         tags.get("ctloop.parent_version", ""))
+        versions.add_row(
+            _v(v["version"]),
+            ", ".join(v["aliases"]),
+            tags.get("ctloop.gate", ""),
+            tags.get("ctloop.cycle_id", ""),
+            tags.get("ctloop.data_fingerprint", ""),
+            tags.get("ctloop.parent_version", ""),
+        )
     console.print(versions)
     cycles = Table("cycle", "started", "status", "gate", "version", "data", title="last cycles")
     for c in info["cycles"]:
-        cycles.add_row(c["cycle_id"], c["started"] or "", c["status"], c["gate"] or "", _v(c["version"]),
-                       c["data"] or "")
+        cycles.add_row(
+            c["cycle_id"], c["started"] or "", c["status"], c["gate"] or "", _v(c["version"]), c["data"] or ""
+        )
     console.print(cycles)
 
 

@@ -10,21 +10,45 @@ from ctloop.registry.client import Registry
 from ctloop.training.trainer import TrainResult
 
 
-def log_cycle_run(registry: Registry, run_id: str, config: CtloopConfig, cycle_dir: Path, trained: TrainResult,
-                  evaluation, gate: dict, lineage: dict) -> None:
+def log_cycle_run(
+    registry: Registry,
+    run_id: str,
+    config: CtloopConfig,
+    cycle_dir: Path,
+    trained: TrainResult,
+    evaluation,
+    gate: dict,
+    lineage: dict,
+) -> None:
     """Params, metrics, tags and artifacts of a finished cycle on its MLflow run."""
     registry.log_params(run_id, flatten(config.model_dump(mode="json")))
     registry.log_series(run_id, "train_loss", trained.losses)
     registry.log_series(run_id, "learning_rate", trained.learning_rates)
     metrics = {"train_tokens": trained.tokens, "train_seconds": trained.seconds, "train_steps": trained.steps}
     metrics |= {f"{s}_{m}_loss": v for s, by_model in evaluation.means.items() for m, v in by_model.items()}
-    metrics |= {f"{s}_{m}_{k}": v for s, by_model in evaluation.metric_means().items()
-                for m, by_metric in by_model.items() for k, v in by_metric.items()}
+    metrics |= {
+        f"{s}_{m}_{k}": v
+        for s, by_model in evaluation.metric_means().items()
+        for m, by_metric in by_model.items()
+        for k, v in by_metric.items()
+    }
     metrics |= {f"gate_{k}": v for k, v in gate["metrics"].items()} | {"gate_passed": float(gate["passed"])}
     registry.log_metrics(run_id, metrics)
-    registry.set_run_tags(run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]})
-    for name in ("validation.json", "drift.json", "drift.html", "replay_manifest.json", "training.json",
-                 "contamination.json", "eval.json", "gate.json", "quarantine.jsonl", "report.html"):
+    registry.set_run_tags(
+        run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]}
+    )
+    for name in (
+        "validation.json",
+        "drift.json",
+        "drift.html",
+        "replay_manifest.json",
+        "training.json",
+        "contamination.json",
+        "eval.json",
+        "gate.json",
+        "quarantine.jsonl",
+        "report.html",
+    ):
         if (cycle_dir / name).is_file():
             registry.log_artifact(run_id, (cycle_dir / name), "reports")
     registry.log_artifact(run_id, cycle_dir / "train.parquet", "data")  # the next drift check's reference

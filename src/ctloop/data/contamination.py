@@ -29,8 +29,10 @@ class ContaminationReport:
         return self.exact + self.near
 
     def summary(self) -> str:
-        return (f"{self.eval_set}: {self.contaminated} of {self.rows} rows overlap the training set "
-                f"({self.exact} exact, {self.near} near-duplicate)")
+        return (
+            f"{self.eval_set}: {self.contaminated} of {self.rows} rows overlap the training set "
+            f"({self.exact} exact, {self.near} near-duplicate)"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "contaminated": self.contaminated}
@@ -43,11 +45,12 @@ def _words(record: Record) -> list[str]:
 def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
     if len(words) < n:
         return {tuple(words)} if words else set()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def find_contamination(train: list[Record], eval_sets: dict[str, list[Record]], ngram: int,
-                       max_overlap: float) -> dict[str, ContaminationReport]:
+def find_contamination(
+    train: list[Record], eval_sets: dict[str, list[Record]], ngram: int, max_overlap: float
+) -> dict[str, ContaminationReport]:
     """For each evaluation set, which rows overlap the training set (exactly or nearly)."""
     exact_keys = {" ".join(_words(r)) for r in train}
     train_ngrams: set[tuple[str, ...]] = set()

@@ -36,8 +36,14 @@ class Record:
 
     def digest(self) -> str:
         """Content hash of the normalised record (used for fingerprints and duplicate checks)."""
-        payload = [self.id, _norm(self.prompt), _norm(self.completion), self.source, self.timestamp,
-                   json.dumps(self.metadata, sort_keys=True, ensure_ascii=False)]
+        payload = [
+            self.id,
+            _norm(self.prompt),
+            _norm(self.completion),
+            self.source,
+            self.timestamp,
+            json.dumps(self.metadata, sort_keys=True, ensure_ascii=False),
+        ]
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
     def content_key(self) -> str:
@@ -71,11 +77,18 @@ def _norm(text: str) -> str:
 
 def detect_format(path: Path) -> str:
     suffix = path.suffix.lower().lstrip(".")
-    fmt = {"jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl", "parquet": "parquet", "pq": "parquet",
-           "csv": "csv"}.get(suffix)
+    fmt = {
+        "jsonl": "jsonl",
+        "ndjson": "jsonl",
+        "json": "jsonl",
+        "parquet": "parquet",
+        "pq": "parquet",
+        "csv": "csv",
+    }.get(suffix)
     if fmt is None:
-        raise DataError(f"{path}: cannot tell the format from the extension '.{suffix}'; "
-                        f"rename it to .jsonl, .parquet or .csv")
+        raise DataError(
+            f"{path}: cannot tell the format from the extension '.{suffix}'; rename it to .jsonl, .parquet or .csv"
+        )
     return fmt
 
 
@@ -103,8 +116,12 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             try:
                 text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # tolerate a byte-order mark
             except UnicodeDecodeError as exc:
-                yield RawRow(where, shown, reason="invalid_utf8",
-                             detail=f"byte {exc.start} is not valid UTF-8; re-encode the file as UTF-8")
+                yield RawRow(
+                    where,
+                    shown,
+                    reason="invalid_utf8",
+                    detail=f"byte {exc.start} is not valid UTF-8; re-encode the file as UTF-8",
+                )
                 continue
             try:
                 value = json.loads(text)
@@ -112,8 +129,12 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
                 yield RawRow(where, shown, reason="invalid_json", detail=f"{exc.msg} at column {exc.colno}")
                 continue
             if not isinstance(value, dict):
-                yield RawRow(where, shown, reason="not_an_object",
-                             detail=f"each line must be a JSON object, got {type(value).__name__}")
+                yield RawRow(
+                    where,
+                    shown,
+                    reason="not_an_object",
+                    detail=f"each line must be a JSON object, got {type(value).__name__}",
+                )
                 continue
             yield RawRow(where, shown, fields=value)
 
@@ -125,8 +146,11 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:
         where = f"{path.name}:{reader.line_num}"
-        shown = json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", "surrogateescape").decode(
-            "utf-8", "backslashreplace")
+        shown = (
+            json.dumps(row, ensure_ascii=False, default=str)
+            .encode("utf-8", "surrogateescape")
+            .decode("utf-8", "backslashreplace")
+        )
         if None in row:
             yield RawRow(where, shown, reason="invalid_csv", detail="more cells than header columns")
             continue
@@ -188,8 +212,9 @@ def record_from_fields(fields: dict[str, Any]) -> Record:
     else:
         for name in ("prompt", "completion"):
             if name not in fields or fields[name] is None:
-                raise BadRow("missing_field", f"'{name}' is missing; every row needs prompt and completion "
-                                              f"(or messages)")
+                raise BadRow(
+                    "missing_field", f"'{name}' is missing; every row needs prompt and completion (or messages)"
+                )
             if not isinstance(fields[name], str):
                 raise BadRow("wrong_type", f"'{name}' must be a string, got {type(fields[name]).__name__}")
         prompt, completion = fields["prompt"], fields["completion"]
@@ -206,8 +231,10 @@ def record_from_fields(fields: dict[str, Any]) -> Record:
     metadata = fields.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise BadRow("wrong_type", f"'metadata' must be an object, got {type(metadata).__name__}")
-    record_id = optional.pop("id", "") or "r-" + hashlib.sha256(
-        f"{_norm(prompt)}\x00{_norm(completion)}".encode()).hexdigest()[:16]
+    record_id = (
+        optional.pop("id", "")
+        or "r-" + hashlib.sha256(f"{_norm(prompt)}\x00{_norm(completion)}".encode()).hexdigest()[:16]
+    )
     return Record(id=record_id, prompt=prompt, completion=completion, metadata=metadata, **optional)
 
 
@@ -216,8 +243,11 @@ def _from_messages(messages: Any) -> tuple[str, str]:
     if not isinstance(messages, list) or not messages:
         raise BadRow("invalid_messages", "'messages' must be a non-empty list of {role, content}")
     for message in messages:
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
             raise BadRow("invalid_messages", "each message needs a string 'role' and a string 'content'")
     if messages[-1]["role"] != "assistant":
         raise BadRow("invalid_messages", "the last message must have role 'assistant' (the completion to learn)")
@@ -237,6 +267,7 @@ def fingerprint(records: Iterable[Record]) -> str:
 
 
 # -- Parquet storage of validated records (training sets, holdouts, the replay buffer) ------------
+
 
 def write_parquet(path: Path, records: list[Record], extra: dict[str, list[Any]] | None = None) -> None:
     """Write records (plus optional extra columns) atomically: a crash never leaves half a file."""

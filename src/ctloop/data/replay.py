@@ -40,16 +40,19 @@ class TrainingSet:
 
     def summary(self) -> str:
         m = self.manifest
-        return (f"training set: {m['new_rows']} new + {m['replayed_rows']} replayed rows "
-                f"({m['replayed_tokens']} of {m['total_tokens']} tokens replayed, target ratio {m['ratio']}, "
-                f"{m['strategy']}); replay holdout {len(self.replay_holdout)} rows")
+        return (
+            f"training set: {m['new_rows']} new + {m['replayed_rows']} replayed rows "
+            f"({m['replayed_tokens']} of {m['total_tokens']} tokens replayed, target ratio {m['ratio']}, "
+            f"{m['strategy']}); replay holdout {len(self.replay_holdout)} rows"
+        )
 
 
 class ReplayBuffer:
     """Past cycles' data, one Parquet file per cycle; adding a cycle twice never duplicates rows."""
 
-    def __init__(self, root: Path, max_train_rows: int | None = None, max_holdout_rows: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, root: Path, max_train_rows: int | None = None, max_holdout_rows: int | None = None, seed: int = 0
+    ):
         self.root = root
         self.caps = {"train": max_train_rows, "holdout": max_holdout_rows}
         self.seed = seed
@@ -70,11 +73,14 @@ class ReplayBuffer:
         """Add a cycle's rows (re-adding a cycle replaces its rows); then apply the reservoir caps."""
         state = self._state()
         path = self.root / f"cycle-{cycle_id}.parquet"
-        new_rows = [BufferRow(r, cycle_id, "train", tokens[r.id]) for r in train] + \
-                   [BufferRow(r, cycle_id, "holdout", tokens[r.id]) for r in holdout]
+        new_rows = [BufferRow(r, cycle_id, "train", tokens[r.id]) for r in train] + [
+            BufferRow(r, cycle_id, "holdout", tokens[r.id]) for r in holdout
+        ]
         if cycle_id in state["cycles"]:
-            self._write(cycle_id, new_rows if not any(self.caps.values()) else
-                        [row for row in self.rows() if row.cycle_id == cycle_id])
+            self._write(
+                cycle_id,
+                new_rows if not any(self.caps.values()) else [row for row in self.rows() if row.cycle_id == cycle_id],
+            )
             return path
         state["cycles"].append(cycle_id)
         kept = self.rows()
@@ -106,9 +112,15 @@ class ReplayBuffer:
 
     def _write(self, cycle_id: str, rows: list[BufferRow]) -> None:
         path = self.root / f"cycle-{cycle_id}.parquet"
-        write_parquet(path, [row.record for row in rows], extra={
-            "cycle_id": [row.cycle_id for row in rows], "split": [row.split for row in rows],
-            "n_tokens": [row.n_tokens for row in rows]})
+        write_parquet(
+            path,
+            [row.record for row in rows],
+            extra={
+                "cycle_id": [row.cycle_id for row in rows],
+                "split": [row.split for row in rows],
+                "n_tokens": [row.n_tokens for row in rows],
+            },
+        )
 
     def cycles(self) -> list[str]:
         """Cycle ids in the order they were added (oldest first)."""
@@ -121,13 +133,18 @@ class ReplayBuffer:
             if cycle == exclude_cycle or not path.is_file():
                 continue
             records, extra = read_parquet(path)
-            out.extend(BufferRow(record, c, split, n) for record, c, split, n
-                       in zip(records, extra["cycle_id"], extra["split"], extra["n_tokens"], strict=True))
+            out.extend(
+                BufferRow(record, c, split, n)
+                for record, c, split, n in zip(
+                    records, extra["cycle_id"], extra["split"], extra["n_tokens"], strict=True
+                )
+            )
         return out
 
 
-def build_training_set(new_train: list[Record], tokens: dict[str, int], buffer_rows: list[BufferRow],
-                       config: ReplayConfig, seed: int) -> TrainingSet:
+def build_training_set(
+    new_train: list[Record], tokens: dict[str, int], buffer_rows: list[BufferRow], config: ReplayConfig, seed: int
+) -> TrainingSet:
     """Mix new records with a seeded, token-sized sample of past training rows.
 
     `config.ratio` is the share of the mixed set's tokens that come from the buffer, so the
@@ -140,8 +157,9 @@ def build_training_set(new_train: list[Record], tokens: dict[str, int], buffer_r
     candidates = [row for row in buffer_rows if row.split == "train" and row.record.content_key() not in new_keys]
     # Forgetting is measured only on rows no adapter trained on: not new rows, not any past train row.
     trained_keys = new_keys | {row.record.content_key() for row in buffer_rows if row.split == "train"}
-    holdout_pool = [row for row in buffer_rows
-                    if row.split == "holdout" and row.record.content_key() not in trained_keys]
+    holdout_pool = [
+        row for row in buffer_rows if row.split == "holdout" and row.record.content_key() not in trained_keys
+    ]
     target = round(new_tokens * config.ratio / (1 - config.ratio)) if config.enabled else 0
 
     replayed: list[BufferRow] = []
@@ -193,8 +211,9 @@ def _replay_order(candidates: list[BufferRow], config: ReplayConfig, rng: random
         keys = sorted(groups)
         rng.shuffle(keys)
         # Round robin: one row from each group in turn, so every group gets an equal share.
-        return [groups[k][i] for i in range(max(map(len, groups.values()), default=0)) for k in keys
-                if i < len(groups[k])]
+        return [
+            groups[k][i] for i in range(max(map(len, groups.values()), default=0)) for k in keys if i < len(groups[k])
+        ]
     # recency: a weighted random order (Efraimidis-Spirakis keys), weight = decay ** age of the cycle
     cycles = list(dict.fromkeys(row.cycle_id for row in candidates))  # oldest first
     age = {cycle: len(cycles) - 1 - i for i, cycle in enumerate(cycles)}

@@ -36,16 +36,25 @@ class ValidationReport:
 
     def summary(self) -> str:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.bad_by_reason.items())) or "none"
-        text = (f"validation {'passed' if self.passed else 'FAILED'}: {self.good_rows} good of {self.total_rows} "
-                f"rows; quarantined {self.bad_rows} ({counts}) -> {self.quarantine_path}")
+        text = (
+            f"validation {'passed' if self.passed else 'FAILED'}: {self.good_rows} good of {self.total_rows} "
+            f"rows; quarantined {self.bad_rows} ({counts}) -> {self.quarantine_path}"
+        )
         return text if self.passed else text + "\nthe cycle stops: " + "; ".join(self.reasons)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def validate_records(rows: Iterable[RawRow], *, source: str, config: DataConfig, max_seq_tokens: int,
-                     count_tokens: TokenCounter, quarantine_path: Path) -> tuple[list[Record], ValidationReport]:
+def validate_records(
+    rows: Iterable[RawRow],
+    *,
+    source: str,
+    config: DataConfig,
+    max_seq_tokens: int,
+    count_tokens: TokenCounter,
+    quarantine_path: Path,
+) -> tuple[list[Record], ValidationReport]:
     """Split rows into good records and quarantined bad ones; check volume limits."""
     quarantined: list[dict] = []
     candidates: list[tuple[RawRow, Record]] = []
@@ -76,8 +85,11 @@ def validate_records(rows: Iterable[RawRow], *, source: str, config: DataConfig,
     seen_ids: set[str] = set()
     for (row, record), n_tokens in zip(candidates, lengths, strict=True):
         if n_tokens > max_seq_tokens:
-            quarantine(row, "too_long", f"{n_tokens} tokens > model.max_seq_tokens={max_seq_tokens}; "
-                                        f"shorten the row or raise the limit")
+            quarantine(
+                row,
+                "too_long",
+                f"{n_tokens} tokens > model.max_seq_tokens={max_seq_tokens}; shorten the row or raise the limit",
+            )
         elif config.drop_duplicates and record.content_key() in seen_content:
             quarantine(row, "duplicate", "same prompt and completion as an earlier row")
         elif record.id in seen_ids:
@@ -90,12 +102,18 @@ def validate_records(rows: Iterable[RawRow], *, source: str, config: DataConfig,
     write_jsonl(quarantine_path, quarantined)
     reasons = _limit_violations(total, len(good), config)
     report = ValidationReport(
-        source=source, total_rows=total, good_rows=len(good),
+        source=source,
+        total_rows=total,
+        good_rows=len(good),
         bad_by_reason=dict(Counter(q["reason"] for q in quarantined)),
-        quarantine_path=str(quarantine_path), fingerprint=fingerprint(good),
-        passed=not reasons, reasons=tuple(reasons),
-        metrics={"bad_fraction": (total - len(good)) / total if total else 0.0,
-                 "mean_tokens": sum(lengths) / len(lengths) if lengths else 0.0},
+        quarantine_path=str(quarantine_path),
+        fingerprint=fingerprint(good),
+        passed=not reasons,
+        reasons=tuple(reasons),
+        metrics={
+            "bad_fraction": (total - len(good)) / total if total else 0.0,
+            "mean_tokens": sum(lengths) / len(lengths) if lengths else 0.0,
+        },
     )
     return good, report
 
@@ -115,11 +133,12 @@ def _limit_violations(total: int, good: int, config: DataConfig) -> list[str]:
         return ["the input has no rows; check the --data path and file contents"]
     bad_fraction = (total - good) / total
     if bad_fraction > config.max_bad_fraction:
-        reasons.append(f"{bad_fraction:.1%} of rows are bad, above data.max_bad_fraction="
-                       f"{config.max_bad_fraction}; fix the rows listed in the quarantine file or raise the limit")
+        reasons.append(
+            f"{bad_fraction:.1%} of rows are bad, above data.max_bad_fraction="
+            f"{config.max_bad_fraction}; fix the rows listed in the quarantine file or raise the limit"
+        )
     if good < config.min_rows:
-        reasons.append(f"only {good} good rows, below data.min_rows={config.min_rows}; "
-                       f"collect more data or lower the limit")
+        reasons.append(
+            f"only {good} good rows, below data.min_rows={config.min_rows}; collect more data or lower the limit"
+        )
     return reasons
-
-

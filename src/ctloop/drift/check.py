@@ -23,16 +23,21 @@ def _embedded(reference_path: Path, current_path: Path, config_path: Path | None
     current, cur_skipped = read_records(current_path)
     for path, records in ((reference_path, reference), (current_path, current)):
         if not records:
-            raise DataError(f"{path}: no valid records to compare; check the file (each row needs "
-                            f"prompt and completion, or messages)")
+            raise DataError(
+                f"{path}: no valid records to compare; check the file (each row needs "
+                f"prompt and completion, or messages)"
+            )
     embedder = make_embedder(drift_config, model)
-    return (drift_config, current, embed_records(reference, embedder, drift_config.text, None),
-            embed_records(current, embedder, drift_config.text, None),
-            {"reference": ref_skipped, "current": cur_skipped})
+    return (
+        drift_config,
+        current,
+        embed_records(reference, embedder, drift_config.text, None),
+        embed_records(current, embedder, drift_config.text, None),
+        {"reference": ref_skipped, "current": cur_skipped},
+    )
 
 
-def check_stream(reference_path: Path, current_path: Path, config_path: Path | None, ert: int,
-                 window: int) -> dict:
+def check_stream(reference_path: Path, current_path: Path, config_path: Path | None, ert: int, window: int) -> dict:
     """Feed the current rows, in file order, to the online detector calibrated on the reference."""
     from ctloop.drift.online import OnlineDriftDetector
 
@@ -40,20 +45,37 @@ def check_stream(reference_path: Path, current_path: Path, config_path: Path | N
     detector = OnlineDriftDetector(ref_emb.astype(np.float64), ert=ert, window=window)
     updates = detector.update(cur_emb.astype(np.float64))
     alarms = [i for i, u in enumerate(updates) if u.drift]
-    summary = (f"online drift check: {'drift' if alarms else 'no drift'} over {len(updates)} rows "
-               f"(expected rows between false alarms {ert}, window {window})")
-    return {"drift": bool(alarms), "outcome": "drift" if alarms else "no_drift", "mode": "online",
-            "n_reference": len(ref_emb), "n_current": len(cur_emb), "skipped_rows": skipped,
-            "alarm_rows": alarms, "threshold": detector.threshold,
-            "detectors": [{"name": "online_rff_mmd", "statistic": max((u.statistic for u in updates
-                                                                       if u.statistic == u.statistic), default=0.0),
-                           "p_value": None, "drift": bool(alarms)}],
-            "reasons": [f"first alarm at row {alarms[0]}: {current[alarms[0]].id}" if alarms else
-                        "no alarm: the stream stayed like the reference"], "summary": summary}
+    summary = (
+        f"online drift check: {'drift' if alarms else 'no drift'} over {len(updates)} rows "
+        f"(expected rows between false alarms {ert}, window {window})"
+    )
+    return {
+        "drift": bool(alarms),
+        "outcome": "drift" if alarms else "no_drift",
+        "mode": "online",
+        "n_reference": len(ref_emb),
+        "n_current": len(cur_emb),
+        "skipped_rows": skipped,
+        "alarm_rows": alarms,
+        "threshold": detector.threshold,
+        "detectors": [
+            {
+                "name": "online_rff_mmd",
+                "statistic": max((u.statistic for u in updates if u.statistic == u.statistic), default=0.0),
+                "p_value": None,
+                "drift": bool(alarms),
+            }
+        ],
+        "reasons": [
+            f"first alarm at row {alarms[0]}: {current[alarms[0]].id}"
+            if alarms
+            else "no alarm: the stream stayed like the reference"
+        ],
+        "summary": summary,
+    }
 
 
-def check_files(reference_path: Path, current_path: Path, config_path: Path | None,
-                report_path: Path | None) -> dict:
+def check_files(reference_path: Path, current_path: Path, config_path: Path | None, report_path: Path | None) -> dict:
     """Embed both files, run the configured detectors, optionally write the HTML report.
 
     Returns the JSON-ready result: drift, sizes, skipped rows, detectors with p-values, reasons."""
@@ -66,10 +88,23 @@ def check_files(reference_path: Path, current_path: Path, config_path: Path | No
     if report_path:
         write_drift_report(report_path, report, ref_emb, cur_emb, texts_of(current, drift_config.text))
     return {
-        "drift": report.drift, "outcome": report.outcome, "n_reference": report.n_reference,
-        "n_current": report.n_current, "skipped_rows": skipped,
+        "drift": report.drift,
+        "outcome": report.outcome,
+        "n_reference": report.n_reference,
+        "n_current": report.n_current,
+        "skipped_rows": skipped,
         "alpha": report.alpha,
-        "detectors": [{"name": d.name, "statistic": d.statistic, "p_value": d.p_value,
-                       "adjusted_p_value": d.adjusted_p, "drift": d.drift} for d in report.detectors],
-        "reasons": list(report.reasons), "explanation": report.explanation, "summary": report.summary(),
+        "detectors": [
+            {
+                "name": d.name,
+                "statistic": d.statistic,
+                "p_value": d.p_value,
+                "adjusted_p_value": d.adjusted_p,
+                "drift": d.drift,
+            }
+            for d in report.detectors
+        ],
+        "reasons": list(report.reasons),
+        "explanation": report.explanation,
+        "summary": report.summary(),
     }

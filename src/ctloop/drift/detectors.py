@@ -78,57 +78,78 @@ def check_embeddings(reference: np.ndarray, current: np.ndarray) -> tuple[np.nda
             raise DataError(f"{name} embeddings must be a 2-D array (rows x dims), got shape {array.shape}")
         if not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).any(axis=1).sum())
-            raise DataError(f"{name} embeddings have {bad} rows with NaN or inf; fix the embedder or drop "
-                             f"those rows")
+            raise DataError(f"{name} embeddings have {bad} rows with NaN or inf; fix the embedder or drop those rows")
     if reference.shape[1] != current.shape[1]:
-        raise DataError(f"embedding dimensions differ: reference {reference.shape[1]}, current "
-                         f"{current.shape[1]}; embed both with the same model")
+        raise DataError(
+            f"embedding dimensions differ: reference {reference.shape[1]}, current "
+            f"{current.shape[1]}; embed both with the same model"
+        )
     return reference.astype(np.float32, copy=False), current.astype(np.float32, copy=False)
 
 
-def detect_drift(reference: np.ndarray, current: np.ndarray, config: DriftConfig,
-                 on_progress: Callable[[int], None] | None = None) -> DriftReport:
+def detect_drift(
+    reference: np.ndarray, current: np.ndarray, config: DriftConfig, on_progress: Callable[[int], None] | None = None
+) -> DriftReport:
     """Run the configured detectors on two embedding matrices and decide (Holm across detectors)."""
     reference, current = check_embeddings(reference, current)
     n_ref, n_cur = len(reference), len(current)
     if min(n_ref, n_cur) < config.min_rows:
-        return DriftReport("not_enough_data", n_ref, n_cur, config.alpha, (), (
-            f"reference has {n_ref} rows and current {n_cur}; each needs at least drift.min_rows="
-            f"{config.min_rows} for a decision (collect more data or lower the limit)",))
+        return DriftReport(
+            "not_enough_data",
+            n_ref,
+            n_cur,
+            config.alpha,
+            (),
+            (
+                f"reference has {n_ref} rows and current {n_cur}; each needs at least drift.min_rows="
+                f"{config.min_rows} for a decision (collect more data or lower the limit)",
+            ),
+        )
     rng = np.random.default_rng(config.seed)
     reference = reference[_subsample(len(reference), config.max_rows, rng)]
     current_rows = _subsample(n_cur, config.max_rows, rng)
     current = current[current_rows]
     pooled = np.concatenate([reference, current])
     labels = _permutation_labels(len(reference), len(pooled), config.permutations, rng)
-    runners = {"mean": lambda: mean_shift_test(pooled, labels),
-               "mmd": lambda: mmd_test(pooled, labels, rng),
-               "rff_mmd": lambda: rff_mmd_test(pooled, labels, rng, config.rff_features),
-               "pca_ks": lambda: pca_ks_test(pooled, len(reference), config.pca_components),
-               "classifier": lambda: classifier_test(pooled, len(reference), rng)}
+    runners = {
+        "mean": lambda: mean_shift_test(pooled, labels),
+        "mmd": lambda: mmd_test(pooled, labels, rng),
+        "rff_mmd": lambda: rff_mmd_test(pooled, labels, rng, config.rff_features),
+        "pca_ks": lambda: pca_ks_test(pooled, len(reference), config.pca_components),
+        "classifier": lambda: classifier_test(pooled, len(reference), rng),
+    }
     results = []
     for name in config.detectors:
         results.append(runners[name]())
         if on_progress:
             on_progress(1)
     adjusted = holm(np.array([r.p_value for r in results]))
-    results = [DetectorResult(r.name, r.statistic, r.p_value, bool(a <= config.alpha), float(a), r.details)
-               for r, a in zip(results, adjusted, strict=True)]
+    results = [
+        DetectorResult(r.name, r.statistic, r.p_value, bool(a <= config.alpha), float(a), r.details)
+        for r, a in zip(results, adjusted, strict=True)
+    ]
     drifted = [r for r in results if r.drift]
-    reasons = [f"{r.name}: statistic {r.statistic:.4g}, p {r.p_value:.4g}, Holm-adjusted {r.adjusted_p:.4g} "
-               f"{'<=' if r.drift else '>'} alpha {config.alpha}" for r in results]
+    reasons = [
+        f"{r.name}: statistic {r.statistic:.4g}, p {r.p_value:.4g}, Holm-adjusted {r.adjusted_p:.4g} "
+        f"{'<=' if r.drift else '>'} alpha {config.alpha}"
+        for r in results
+    ]
     if max(n_ref, n_cur) > config.max_rows:
-        reasons.append(f"each side subsampled to drift.max_rows={config.max_rows} rows (seeded): power is "
-                       f"that of {config.max_rows} rows per side")
+        reasons.append(
+            f"each side subsampled to drift.max_rows={config.max_rows} rows (seeded): power is "
+            f"that of {config.max_rows} rows per side"
+        )
     # The nearest-reference search is O(n_ref x n_cur): explain on a seeded sample of each side.
     ref_sample = _subsample(len(reference), EXPLAIN_ROWS, rng)
     cur_sample = _subsample(len(current), EXPLAIN_ROWS, rng)
     explanation = explain(reference[ref_sample], current[cur_sample], results, current_rows[cur_sample])
-    return DriftReport("drift" if drifted else "no_drift", n_ref, n_cur, config.alpha, tuple(results),
-                       tuple(reasons), explanation)
+    return DriftReport(
+        "drift" if drifted else "no_drift", n_ref, n_cur, config.alpha, tuple(results), tuple(reasons), explanation
+    )
 
 
 # -- the permutation engine ----------------------------------------------------------------------
+
 
 def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     """Row indices: all of them, or a seeded sample of `limit`."""
@@ -164,8 +185,8 @@ def _mean_diff_statistics(features: np.ndarray, labels: np.ndarray) -> np.ndarra
     sums_x = np.zeros((features.shape[1], labels.shape[1]), dtype=np.float64)
     total = np.zeros((features.shape[1], 1), dtype=np.float64)
     for start in range(0, n, 8192):
-        chunk = features[start:start + 8192] - centre
-        sums_x += (chunk.T @ labels[start:start + 8192]).astype(np.float64)
+        chunk = features[start : start + 8192] - centre
+        sums_x += (chunk.T @ labels[start : start + 8192]).astype(np.float64)
         total += chunk.sum(axis=0, dtype=np.float64)[:, None]
     diff = sums_x / n_x - (total - sums_x) / (n - n_x)
     return (diff**2).sum(axis=0)
@@ -173,8 +194,9 @@ def _mean_diff_statistics(features: np.ndarray, labels: np.ndarray) -> np.ndarra
 
 def mean_shift_test(pooled: np.ndarray, labels: np.ndarray) -> DetectorResult:
     stats = _mean_diff_statistics(pooled, labels)
-    return DetectorResult("mean", float(stats[0]), permutation_p_value(stats[0], stats[1:]),
-                          details={"permutations": labels.shape[1] - 1})
+    return DetectorResult(
+        "mean", float(stats[0]), permutation_p_value(stats[0], stats[1:]), details={"permutations": labels.shape[1] - 1}
+    )
 
 
 def _centred(pooled: np.ndarray) -> np.ndarray:
@@ -192,8 +214,7 @@ def median_bandwidth(pooled: np.ndarray, rng: np.random.Generator, sample: int =
     return median
 
 
-def mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-             block: int = 1024) -> DetectorResult:
+def mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator, block: int = 1024) -> DetectorResult:
     """Unbiased MMD^2 with a Gaussian kernel, exact permutation test, K computed block by block.
 
     With indicator a (X rows) and b = 1 - a: S_xx = a'Ka, S_yy = b'Kb, S_xy = a'Kb, all from the
@@ -225,15 +246,18 @@ def mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     diag = 1.0 - centre
     q_yy = total - 2 * q_row_total + q_xx
     q_xy = q_row_total - q_xx
-    stats = ((q_xx - n_x * diag) / (n_x * (n_x - 1)) + (q_yy - n_y * diag) / (n_y * (n_y - 1))
-             - 2 * q_xy / (n_x * n_y))
-    return DetectorResult("mmd", float(stats[0]), permutation_p_value(stats[0], stats[1:]),
-                          details={"bandwidth": bandwidth, "permutations": labels.shape[1] - 1,
-                                   "null": stats[1:].tolist()})
+    stats = (q_xx - n_x * diag) / (n_x * (n_x - 1)) + (q_yy - n_y * diag) / (n_y * (n_y - 1)) - 2 * q_xy / (n_x * n_y)
+    return DetectorResult(
+        "mmd",
+        float(stats[0]),
+        permutation_p_value(stats[0], stats[1:]),
+        details={"bandwidth": bandwidth, "permutations": labels.shape[1] - 1, "null": stats[1:].tolist()},
+    )
 
 
-def rff_mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                 features: int = 1024) -> DetectorResult:
+def rff_mmd_test(
+    pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator, features: int = 1024
+) -> DetectorResult:
     """MMD^2 approximated with random Fourier features of the same Gaussian kernel: linear in n."""
     pooled = _centred(pooled)  # shift-invariant kernel; keeps cos() arguments small in float32
     bandwidth = median_bandwidth(pooled, rng)
@@ -245,14 +269,17 @@ def rff_mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generato
     total = np.zeros((features, 1), dtype=np.float64)
     scale = np.float32(math.sqrt(2.0 / features))
     for start in range(0, n, 8192):
-        phi = scale * np.cos(pooled[start:start + 8192] @ weights + phase)
-        sums_x += (phi.T @ labels[start:start + 8192]).astype(np.float64)
+        phi = scale * np.cos(pooled[start : start + 8192] @ weights + phase)
+        sums_x += (phi.T @ labels[start : start + 8192]).astype(np.float64)
         total += phi.sum(axis=0, dtype=np.float64)[:, None]
     diff = sums_x / n_x - (total - sums_x) / (n - n_x)
     stats = (diff**2).sum(axis=0)
-    return DetectorResult("rff_mmd", float(stats[0]), permutation_p_value(stats[0], stats[1:]),
-                          details={"bandwidth": bandwidth, "features": features,
-                                   "permutations": labels.shape[1] - 1})
+    return DetectorResult(
+        "rff_mmd",
+        float(stats[0]),
+        permutation_p_value(stats[0], stats[1:]),
+        details={"bandwidth": bandwidth, "features": features, "permutations": labels.shape[1] - 1},
+    )
 
 
 def pooled_pca(pooled: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
@@ -274,9 +301,16 @@ def pca_ks_test(pooled: np.ndarray, n_x: int, components: int) -> DetectorResult
     tests = [ks_2samp(projections[:n_x, j], projections[n_x:, j]) for j in range(projections.shape[1])]
     p_values = np.array([t.pvalue for t in tests])
     adjusted = benjamini_hochberg(p_values)
-    return DetectorResult("pca_ks", float(max(t.statistic for t in tests)), float(adjusted.min()),
-                          details={"component_p_values": p_values.tolist(), "component_bh": adjusted.tolist(),
-                                   "explained_variance": explained.tolist()})
+    return DetectorResult(
+        "pca_ks",
+        float(max(t.statistic for t in tests)),
+        float(adjusted.min()),
+        details={
+            "component_p_values": p_values.tolist(),
+            "component_bh": adjusted.tolist(),
+            "explained_variance": explained.tolist(),
+        },
+    )
 
 
 def classifier_test(pooled: np.ndarray, n_x: int, rng: np.random.Generator) -> DetectorResult:
@@ -289,7 +323,7 @@ def classifier_test(pooled: np.ndarray, n_x: int, rng: np.random.Generator) -> D
 
     target = np.r_[np.zeros(n_x), np.ones(len(pooled) - n_x)]
     order = rng.permutation(len(pooled))
-    train, test = order[: len(order) // 2], order[len(order) // 2:]
+    train, test = order[: len(order) // 2], order[len(order) // 2 :]
     features = pooled.astype(np.float64)
     mean = features[train].mean(axis=0)
     x_train = features[train] - mean
@@ -306,6 +340,7 @@ def classifier_test(pooled: np.ndarray, n_x: int, rng: np.random.Generator) -> D
 
 
 # -- combining p-values --------------------------------------------------------------------------
+
 
 def holm(p_values: np.ndarray) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error control across detectors)."""
@@ -328,19 +363,24 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
 
 # -- explanation ---------------------------------------------------------------------------------
 
-def explain(reference: np.ndarray, current: np.ndarray, results: list[DetectorResult], current_rows: np.ndarray,
-            top: int = 8) -> dict:
+
+def explain(
+    reference: np.ndarray, current: np.ndarray, results: list[DetectorResult], current_rows: np.ndarray, top: int = 8
+) -> dict:
     """Which current rows are least like the reference (distance to the nearest reference row),
     and which pooled PCA components moved most. `current_rows` maps back to the caller's rows."""
     ref_norm = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
     cur_norm = current / np.maximum(np.linalg.norm(current, axis=1, keepdims=True), 1e-12)
     nearest = np.empty(len(current), dtype=np.float32)
     for start in range(0, len(current), 2048):
-        nearest[start:start + 2048] = (cur_norm[start:start + 2048] @ ref_norm.T).max(axis=1)
+        nearest[start : start + 2048] = (cur_norm[start : start + 2048] @ ref_norm.T).max(axis=1)
     outliers = np.argsort(nearest)[:top]
-    out: dict = {"outliers": [{"index": int(current_rows[i]), "nearest_reference_similarity": float(nearest[i])}
-                              for i in outliers],
-                 "median_nearest_similarity": float(np.median(nearest))}
+    out: dict = {
+        "outliers": [
+            {"index": int(current_rows[i]), "nearest_reference_similarity": float(nearest[i])} for i in outliers
+        ],
+        "median_nearest_similarity": float(np.median(nearest)),
+    }
     components = next((r for r in results if r.name == "pca_ks"), None)
     if components is None:  # not a decision detector here; still the best summary of what moved
         components = pca_ks_test(np.concatenate([reference, current]), len(reference), 10)

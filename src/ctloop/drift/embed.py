@@ -49,9 +49,10 @@ class SentenceTransformerEmbedder:
         out = []
         with progress_bar("embedding", len(texts), unit="rows") as advance:
             for start in range(0, len(texts), BATCH_ROWS):
-                batch = texts[start:start + BATCH_ROWS]
-                out.append(self.model.encode(batch, batch_size=BATCH_ROWS, convert_to_numpy=True,
-                                             show_progress_bar=False))
+                batch = texts[start : start + BATCH_ROWS]
+                out.append(
+                    self.model.encode(batch, batch_size=BATCH_ROWS, convert_to_numpy=True, show_progress_bar=False)
+                )
                 advance(len(batch))
         return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
 
@@ -70,21 +71,24 @@ class BaseModelEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        ids = [row[: self.max_tokens] or [self.tokenizer.eos_token_id]
-               for row in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids = [
+            row[: self.max_tokens] or [self.tokenizer.eos_token_id]
+            for row in self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ]
         out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         with torch.inference_mode(), progress_bar("embedding", len(ids), unit="rows") as advance:
             for start in range(0, len(order), BATCH_ROWS):
-                chunk = order[start:start + BATCH_ROWS]
+                chunk = order[start : start + BATCH_ROWS]
                 width = max(len(ids[i]) for i in chunk)
                 input_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 for row, i in enumerate(chunk):
                     input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                     mask[row, : len(ids[i])] = 1
-                hidden = self.model(input_ids=input_ids, attention_mask=mask,
-                                    output_hidden_states=True).hidden_states[-1]
+                hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[
+                    -1
+                ]
                 pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
                 out[chunk] = pooled.float().numpy()
                 advance(len(chunk))

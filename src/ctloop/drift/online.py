@@ -34,16 +34,27 @@ class OnlineUpdate:
 
 
 class OnlineDriftDetector:
-    def __init__(self, reference: np.ndarray, ert: int = 200, window: int = 50, features: int = 256,
-                 calibration_runs: int = 1000, seed: int = 0):
+    def __init__(
+        self,
+        reference: np.ndarray,
+        ert: int = 200,
+        window: int = 50,
+        features: int = 256,
+        calibration_runs: int = 1000,
+        seed: int = 0,
+    ):
         if reference.ndim != 2 or not np.isfinite(reference).all():
             raise DataError("online drift: the reference must be a finite 2-D array (rows x dims)")
         if len(reference) < 4 * window:
-            raise DataError(f"online drift: {len(reference)} reference rows are too few for a window of {window}; "
-                            f"give at least {4 * window}")
+            raise DataError(
+                f"online drift: {len(reference)} reference rows are too few for a window of {window}; "
+                f"give at least {4 * window}"
+            )
         if ert < 2 * window:
-            raise DataError(f"online drift: ert={ert} must be at least twice the window ({window}): the first "
-                            f"statistic only comes after the window fills")
+            raise DataError(
+                f"online drift: ert={ert} must be at least twice the window ({window}): the first "
+                f"statistic only comes after the window fills"
+            )
         rng = np.random.default_rng(seed)
         self.ert, self.window = ert, window
         self.centre = reference.mean(axis=0)
@@ -97,11 +108,11 @@ class OnlineDriftDetector:
             count = min(32, runs - start)
             picks = pool[rng.integers(0, len(pool), size=(count, horizon))]
             cumulative = np.cumsum(picks, axis=1)
-            window_sums = cumulative[:, self.window - 1:].copy()
+            window_sums = cumulative[:, self.window - 1 :].copy()
             window_sums[:, 1:] -= cumulative[:, : horizon - self.window]
             mean_error = rng.standard_normal((count, len(pool))) @ centred / len(pool)
             reference_means = (self.ref_mean + mean_error)[:, None, :]
-            stats[start:start + count] = ((window_sums / self.window - reference_means) ** 2).sum(axis=2)
+            stats[start : start + count] = ((window_sums / self.window - reference_means) ** 2).sum(axis=2)
 
         def mean_run_length(threshold: float) -> float:
             crossed = stats > threshold
@@ -118,4 +129,3 @@ class OnlineDriftDetector:
             else:
                 high = middle
         return high
-

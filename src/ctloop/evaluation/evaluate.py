@@ -32,12 +32,18 @@ class EvalReport:
     @classmethod
     def from_dict(cls, stored: dict) -> EvalReport:
         """Read back what `to_dict` wrote (eval.json)."""
-        return cls(ids=stored["ids"], losses=stored["losses"], metrics=stored.get("metrics", {}),
-                   predictions=stored.get("predictions", {}))
+        return cls(
+            ids=stored["ids"],
+            losses=stored["losses"],
+            metrics=stored.get("metrics", {}),
+            predictions=stored.get("predictions", {}),
+        )
 
     def metric_means(self) -> dict[str, dict[str, dict[str, float]]]:
-        return {s: {m: {k: sum(v) / len(v) for k, v in by_metric.items() if v} for m, by_metric in by_model.items()}
-                for s, by_model in self.metrics.items()}
+        return {
+            s: {m: {k: sum(v) / len(v) for k, v in by_metric.items() if v} for m, by_metric in by_model.items()}
+            for s, by_model in self.metrics.items()
+        }
 
     def mean(self, eval_set: str, model: str) -> float:
         values = self.losses[eval_set][model]
@@ -58,8 +64,9 @@ class EvalReport:
         return {**asdict(self), "means": self.means, "metric_means": self.metric_means()}
 
 
-def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None], *, model: ModelConfig,
-             config: EvalConfig) -> EvalReport:
+def evaluate(
+    eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None], *, model: ModelConfig, config: EvalConfig
+) -> EvalReport:
     """Score each adapter (None = the bare base model) on each non-empty evaluation set."""
     import torch
     from peft import PeftModel
@@ -78,8 +85,10 @@ def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None
 
     sets = {name: records for name, records in eval_sets.items() if records}
     encoded = {name: encode(records, tokenizer) for name, records in sets.items()}
-    plans = {name: token_budget_batches([len(e.input_ids) for e in ex], config.batch_tokens, seed=None)
-             for name, ex in encoded.items()}
+    plans = {
+        name: token_budget_batches([len(e.input_ids) for e in ex], config.batch_tokens, seed=None)
+        for name, ex in encoded.items()
+    }
     total = sum(len(p) for p in plans.values()) * len(adapters)
     losses: dict[str, dict[str, list[float]]] = {name: {} for name in sets}
     with torch.inference_mode(), progress_bar("evaluating", total, unit="batches") as advance:
@@ -106,13 +115,22 @@ def evaluate(eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None
         scorers = load_metrics(config.custom_metrics)
         for set_name, records in sets.items():
             for model_name, path in adapters.items():
-                answers = _generate(peft_model if peft_model is not None else base, tokenizer, records,
-                                    None if path is None else model_name, config)
+                answers = _generate(
+                    peft_model if peft_model is not None else base,
+                    tokenizer,
+                    records,
+                    None if path is None else model_name,
+                    config,
+                )
                 predictions.setdefault(set_name, {})[model_name] = answers
                 scored = [score(a, r.completion, scorers) for a, r in zip(answers, records, strict=True)]
                 metrics.setdefault(set_name, {})[model_name] = {k: [s[k] for s in scored] for k in scorers}
-    return EvalReport(ids={name: [r.id for r in records] for name, records in sets.items()}, losses=losses,
-                      metrics=metrics, predictions=predictions)
+    return EvalReport(
+        ids={name: [r.id for r in records] for name, records in sets.items()},
+        losses=losses,
+        metrics=metrics,
+        predictions=predictions,
+    )
 
 
 def _generate(network, tokenizer, records: list[Record], adapter: str | None, config: EvalConfig) -> list[str]:
@@ -123,20 +141,31 @@ def _generate(network, tokenizer, records: list[Record], adapter: str | None, co
 
     if adapter is not None:
         network.set_adapter(adapter)
-    quiet = network.disable_adapter() if adapter is None and hasattr(network, "disable_adapter") \
+    quiet = (
+        network.disable_adapter()
+        if adapter is None and hasattr(network, "disable_adapter")
         else contextlib.nullcontext()
+    )
     prompts = prompt_token_ids(tokenizer, [r.prompt for r in records])
     answers: list[str] = []
-    with torch.inference_mode(), quiet, progress_bar(f"generating ({adapter or 'base'})", len(records),
-                                                     unit="rows") as advance:
+    with (
+        torch.inference_mode(),
+        quiet,
+        progress_bar(f"generating ({adapter or 'base'})", len(records), unit="rows") as advance,
+    ):
         for start in range(0, len(prompts), config.generation_batch):
-            chunk = prompts[start:start + config.generation_batch]
+            chunk = prompts[start : start + config.generation_batch]
             width = max(len(p) for p in chunk)
             input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            out = network.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
-                                   do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+            out = network.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=config.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
             advance(len(chunk))
     return answers

@@ -60,9 +60,13 @@ class GateDecision:
         return {**asdict(self), "passed": self.passed}
 
 
-def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_champion: bool,
-           slices: dict[str, dict[str, list[int]]] | None = None,
-           metrics: dict[str, dict[str, dict[str, list[float]]]] | None = None) -> GateDecision:
+def decide(
+    losses: dict[str, dict[str, list[float]]],
+    config: GateConfig,
+    has_champion: bool,
+    slices: dict[str, dict[str, list[int]]] | None = None,
+    metrics: dict[str, dict[str, dict[str, list[float]]]] | None = None,
+) -> GateDecision:
     """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
 
     `slices[eval_set][value]` lists example indices per slice; with `config.per_slice` the new-
@@ -72,44 +76,91 @@ def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_ch
     elif config.first_cycle == "accept":
         return GateDecision(PASS, "none", ("first cycle (no champion yet): gate.first_cycle=accept",))
     elif config.first_cycle == "reject":
-        return GateDecision(FAIL, "none", ("first cycle (no champion yet): gate.first_cycle=reject; "
-                                           "register a champion by hand or change the policy",))
+        return GateDecision(
+            FAIL,
+            "none",
+            (
+                "first cycle (no champion yet): gate.first_cycle=reject; "
+                "register a champion by hand or change the policy",
+            ),
+        )
     else:
         reference = "base"
 
     new = losses.get(NEW_SET, {})
     if CANDIDATE not in new or reference not in new:
         raise ValueError(f"gate needs '{CANDIDATE}' and '{reference}' losses on '{NEW_SET}', got {sorted(new)}")
-    rules = [_rule("new data", new[reference], new[CANDIDATE], reference, config, sign=-1.0,
-                   margin=config.min_new_improvement)]
+    rules = [
+        _rule(
+            "new data", new[reference], new[CANDIDATE], reference, config, sign=-1.0, margin=config.min_new_improvement
+        )
+    ]
     old = losses.get(OLD_SET, {})
     if CANDIDATE in old and reference in old and old[CANDIDATE]:
-        rules.append(_rule("old data", old[reference], old[CANDIDATE], reference, config, sign=1.0,
-                           margin=config.max_old_regression))
+        rules.append(
+            _rule(
+                "old data",
+                old[reference],
+                old[CANDIDATE],
+                reference,
+                config,
+                sign=1.0,
+                margin=config.max_old_regression,
+            )
+        )
     else:
-        rules.append(RuleResult("old data", PASS, "old data: not checked - no past held-out data yet "
-                                                  "(first cycle, or replay disabled)"))
+        rules.append(
+            RuleResult(
+                "old data", PASS, "old data: not checked - no past held-out data yet (first cycle, or replay disabled)"
+            )
+        )
     keys = ["new_improvement", "old_regression"]
     for name in sorted(set(losses) - {NEW_SET, OLD_SET}):  # golden regression suites
         scores = losses[name]
         if CANDIDATE in scores and reference in scores:
-            rules.append(_rule(f"golden {name}", scores[reference], scores[CANDIDATE], reference, config,
-                               sign=1.0, margin=config.max_golden_regression))
+            rules.append(
+                _rule(
+                    f"golden {name}",
+                    scores[reference],
+                    scores[CANDIDATE],
+                    reference,
+                    config,
+                    sign=1.0,
+                    margin=config.max_golden_regression,
+                )
+            )
             keys.append(f"golden_{name}_regression")
     if config.per_slice and slices:
-        for set_name, label, sign, margin in ((NEW_SET, "new data", -1.0, config.min_new_improvement),
-                                              (OLD_SET, "old data", 1.0, config.max_old_regression)):
+        for set_name, label, sign, margin in (
+            (NEW_SET, "new data", -1.0, config.min_new_improvement),
+            (OLD_SET, "old data", 1.0, config.max_old_regression),
+        ):
             scores = losses.get(set_name, {})
             if CANDIDATE not in scores or reference not in scores:
                 continue
             for value, rows in sorted(slices.get(set_name, {}).items()):
                 name = f"{label} [{value}]"
                 if len(rows) < config.min_examples:
-                    rules.append(RuleResult(name, PASS, f"{name}: {len(rows)} examples < gate.min_examples, "
-                                                        f"reported, not gated", n=len(rows)))
+                    rules.append(
+                        RuleResult(
+                            name,
+                            PASS,
+                            f"{name}: {len(rows)} examples < gate.min_examples, reported, not gated",
+                            n=len(rows),
+                        )
+                    )
                 else:
-                    rules.append(_rule(name, [scores[reference][i] for i in rows],
-                                       [scores[CANDIDATE][i] for i in rows], reference, config, sign, margin))
+                    rules.append(
+                        _rule(
+                            name,
+                            [scores[reference][i] for i in rows],
+                            [scores[CANDIDATE][i] for i in rows],
+                            reference,
+                            config,
+                            sign,
+                            margin,
+                        )
+                    )
                 keys.append(f"slice_{set_name}_{value}")
     for index, extra in enumerate(config.rules):
         rules.append(_configured_rule(extra, losses, metrics or {}, slices or {}, reference, config))
@@ -124,29 +175,47 @@ def decide(losses: dict[str, dict[str, list[float]]], config: GateConfig, has_ch
     return GateDecision(outcome, reference, tuple(r.reason for r in rules), summary, tuple(rules))
 
 
-def _configured_rule(rule: GateRule, losses: dict, metrics: dict, slices: dict, reference: str,
-                     config: GateConfig) -> RuleResult:
+def _configured_rule(
+    rule: GateRule, losses: dict, metrics: dict, slices: dict, reference: str, config: GateConfig
+) -> RuleResult:
     """A `gate.rules` entry: absolute bounds on the candidate's mean, a change bound vs the reference."""
-    scores = losses.get(rule.set, {}) if rule.metric == "loss" else \
-        {model: by_metric.get(rule.metric) for model, by_metric in metrics.get(rule.set, {}).items()}
+    scores = (
+        losses.get(rule.set, {})
+        if rule.metric == "loss"
+        else {model: by_metric.get(rule.metric) for model, by_metric in metrics.get(rule.set, {}).items()}
+    )
     if scores.get(CANDIDATE) is None or scores.get(reference) is None:
-        raise ConfigError("gate.rules", [f"a rule names metric '{rule.metric}' on set '{rule.set}', which this "
-                                         f"evaluation did not produce (sets: {sorted(losses)}); fix the names, or "
-                                         f"set eval.generate: true for generation metrics"])
+        raise ConfigError(
+            "gate.rules",
+            [
+                f"a rule names metric '{rule.metric}' on set '{rule.set}', which this "
+                f"evaluation did not produce (sets: {sorted(losses)}); fix the names, or "
+                f"set eval.generate: true for generation metrics"
+            ],
+        )
     candidate, ref = np.asarray(scores[CANDIDATE], float), np.asarray(scores[reference], float)
     name = f"{rule.metric} on {rule.set}" + (f" [{rule.slice}]" if rule.slice else "")
     if rule.slice is not None:
         rows = slices.get(rule.set, {}).get(rule.slice)
         if rows is None:
-            raise ConfigError("gate.rules", [f"slice '{rule.slice}' of set '{rule.set}' does not exist; check "
-                                             f"eval.slice_by and the slice values"])
+            raise ConfigError(
+                "gate.rules",
+                [f"slice '{rule.slice}' of set '{rule.set}' does not exist; check eval.slice_by and the slice values"],
+            )
         candidate, ref = candidate[rows], ref[rows]
     if len(candidate) < config.min_examples:
-        return RuleResult(name, INCONCLUSIVE, f"{name}: {len(candidate)} examples < gate.min_examples="
-                                              f"{config.min_examples}: inconclusive", n=len(candidate))
+        return RuleResult(
+            name,
+            INCONCLUSIVE,
+            f"{name}: {len(candidate)} examples < gate.min_examples={config.min_examples}: inconclusive",
+            n=len(candidate),
+        )
     higher = rule.higher_is_better if rule.higher_is_better is not None else rule.metric != "loss"
-    level, problems, parts = config.confidence, [], [f"{name}: {reference} {ref.mean():.4f} -> candidate "
-                                                     f"{candidate.mean():.4f}"]
+    level, problems, parts = (
+        config.confidence,
+        [],
+        [f"{name}: {reference} {ref.mean():.4f} -> candidate {candidate.mean():.4f}"],
+    )
     rng = np.random.default_rng(config.seed)
     idx = rng.integers(0, len(candidate), size=(config.bootstrap_samples, len(candidate)))
     cand_means, ref_means = candidate[idx].mean(axis=1), ref[idx].mean(axis=1)
@@ -163,8 +232,12 @@ def _configured_rule(rule: GateRule, losses: dict, metrics: dict, slices: dict, 
     estimate = bound = float("nan")
     if rule.min_change is not None:
         if rule.change == "relative" and abs(ref.mean()) < EPSILON:
-            return RuleResult(name, FAIL, f"{name}: {reference} value is ~0, relative change undefined; use "
-                                          f"change: absolute", n=len(candidate))
+            return RuleResult(
+                name,
+                FAIL,
+                f"{name}: {reference} value is ~0, relative change undefined; use change: absolute",
+                n=len(candidate),
+            )
         sign = 1.0 if higher else -1.0
         denominator = np.maximum(np.abs(ref_means), EPSILON) if rule.change == "relative" else 1.0
         changes = sign * (cand_means - ref_means) / denominator
@@ -173,14 +246,23 @@ def _configured_rule(rule: GateRule, losses: dict, metrics: dict, slices: dict, 
         bound = float(np.quantile(changes, 1 - level))
         shown = "{:+.2%}" if rule.change == "relative" else "{:+.4f}"
         ok = bound >= rule.min_change - TOLERANCE
-        parts.append(f"{rule.change} change {shown.format(estimate)} ({level:.0%} lower bound {shown.format(bound)})"
-                     f" {'>=' if ok else '<'} required {shown.format(rule.min_change)}")
+        parts.append(
+            f"{rule.change} change {shown.format(estimate)} ({level:.0%} lower bound {shown.format(bound)})"
+            f" {'>=' if ok else '<'} required {shown.format(rule.min_change)}"
+        )
         problems += [] if ok else ["change"]
     return RuleResult(name, FAIL if problems else PASS, ", ".join(parts), estimate, bound, len(candidate))
 
 
-def _rule(name: str, reference_losses: list[float], candidate_losses: list[float], reference: str,
-          config: GateConfig, sign: float, margin: float) -> RuleResult:
+def _rule(
+    name: str,
+    reference_losses: list[float],
+    candidate_losses: list[float],
+    reference: str,
+    config: GateConfig,
+    sign: float,
+    margin: float,
+) -> RuleResult:
     """One paired rule. sign=-1: the improvement (-change) must reach `margin` (checked on its lower
     bound); sign=+1: the regression (change) must stay within `margin` (checked on its upper bound)."""
     ref = np.asarray(reference_losses, dtype=np.float64)
@@ -194,8 +276,12 @@ def _rule(name: str, reference_losses: list[float], candidate_losses: list[float
     if n and problem:
         return RuleResult(name, FAIL, f"{name}: {problem}", n=n)
     if n < config.min_examples:
-        return RuleResult(name, INCONCLUSIVE, f"{prefix}; {n} examples < gate.min_examples={config.min_examples}: "
-                                              f"inconclusive, collect a larger holdout", n=n)
+        return RuleResult(
+            name,
+            INCONCLUSIVE,
+            f"{prefix}; {n} examples < gate.min_examples={config.min_examples}: inconclusive, collect a larger holdout",
+            n=n,
+        )
     estimate = sign * (cand.mean() - ref.mean()) / abs(ref.mean())
     samples = _paired_bootstrap(ref, cand, config) * sign
     level = config.confidence
@@ -209,7 +295,7 @@ def _rule(name: str, reference_losses: list[float], candidate_losses: list[float
         ok = bound <= margin
         verdict = f"{'<=' if ok else '>'} allowed {margin:+.2%}"
         side = "upper"
-    reason = (f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, n={n}) {verdict}")
+    reason = f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, n={n}) {verdict}"
     return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
 
 

@@ -18,10 +18,19 @@ def slice_indices(sets: dict[str, list[Record]], slice_by: str | None) -> dict[s
     return out
 
 
-def slice_means(losses: dict[str, dict[str, list[float]]],
-                slices: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, dict[str, float]]]:
+def slice_means(
+    losses: dict[str, dict[str, list[float]]], slices: dict[str, dict[str, list[int]]]
+) -> dict[str, dict[str, dict[str, float]]]:
     """Mean loss per model in each slice of each set, with the slice's size as `n`."""
-    return {name: {value: {model: sum(per_example[i] for i in rows) / len(rows)
-                           for model, per_example in losses.get(name, {}).items()} | {"n": len(rows)}
-                   for value, rows in by_value.items()}
-            for name, by_value in slices.items() if name in losses}
+    return {
+        name: {
+            value: {
+                model: sum(per_example[i] for i in rows) / len(rows)
+                for model, per_example in losses.get(name, {}).items()
+            }
+            | {"n": len(rows)}
+            for value, rows in by_value.items()
+        }
+        for name, by_value in slices.items()
+        if name in losses
+    }

@@ -58,7 +58,10 @@ def load_metrics(custom: dict[str, str]) -> dict:
     """The built-in metrics plus custom ones named 'module:function' in the config."""
     from ctloop.plugins import import_callable
 
-    return {**METRICS, **{name: import_callable(target, f"eval.custom_metrics.{name}") for name, target in custom.items()}}
+    return {
+        **METRICS,
+        **{name: import_callable(target, f"eval.custom_metrics.{name}") for name, target in custom.items()},
+    }
 
 
 def score(prediction: str, reference: str, metrics: dict | None = None) -> dict[str, float]:

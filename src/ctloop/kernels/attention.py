@@ -31,8 +31,9 @@ def register() -> str:
     return NAME
 
 
-def _attention(module: Any, query, key, value, attention_mask, scaling: float | None = None,
-               dropout: float = 0.0, **kwargs: Any):
+def _attention(
+    module: Any, query, key, value, attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any
+):
     import sys
 
     import torch
@@ -40,8 +41,10 @@ def _attention(module: Any, query, key, value, attention_mask, scaling: float | 
     if any(kwargs.get(name) is not None for name in _UNSUPPORTED):
         own = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if own is None:
-            raise NotImplementedError(f"{type(module).__name__} passes {sorted(kwargs)} to its attention, which "
-                                      f"{NAME} does not implement; set model.attn_implementation: eager")
+            raise NotImplementedError(
+                f"{type(module).__name__} passes {sorted(kwargs)} to its attention, which "
+                f"{NAME} does not implement; set model.attn_implementation: eager"
+            )
         return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads

@@ -60,12 +60,19 @@ def fuse_rms_norms(model: Any, activation_dtype: Any) -> int:
     count = 0
     for module in model.modules():
         weight, eps = getattr(module, "weight", None), _epsilon(module)
-        if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
-                and weight.ndim == 1 and not weight.requires_grad and isinstance(eps, float)):
+        if not (
+            type(module).__name__.endswith("RMSNorm")
+            and isinstance(weight, torch.nn.Parameter)
+            and weight.ndim == 1
+            and not weight.requires_grad
+            and isinstance(eps, float)
+        ):
             continue
         fused = types.MethodType(_rms_norm_forward, module)
-        if all(_agrees(lambda x, m=module: type(m).forward(m, x), fused, (2, 5, weight.shape[0]), dtype,
-                       weight.device) for dtype in {weight.dtype, activation_dtype}):
+        if all(
+            _agrees(lambda x, m=module: type(m).forward(m, x), fused, (2, 5, weight.shape[0]), dtype, weight.device)
+            for dtype in {weight.dtype, activation_dtype}
+        ):
             module.forward = fused
             count += 1
     return count
@@ -106,14 +113,23 @@ class _FusedRotary:
     def __call__(self, q, k, cos, sin, *args: Any, **kwargs: Any):
         import torch
 
-        if args or set(kwargs) - {"unsqueeze_dim"} or cos.requires_grad or sin.requires_grad \
-                or not (q.dtype == k.dtype == cos.dtype == sin.dtype) or q.shape[-1] % 2:
+        if (
+            args
+            or set(kwargs) - {"unsqueeze_dim"}
+            or cos.requires_grad
+            or sin.requires_grad
+            or not (q.dtype == k.dtype == cos.dtype == sin.dtype)
+            or q.shape[-1] % 2
+        ):
             return self.original(q, k, cos, sin, *args, **kwargs)
         unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
         cos_wide, sin_wide = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        if not (cos_wide.shape == sin_wide.shape and cos.shape[-1] == q.shape[-1] == k.shape[-1]
-                and torch.broadcast_shapes(q.shape, cos_wide.shape) == q.shape
-                and torch.broadcast_shapes(k.shape, cos_wide.shape) == k.shape):
+        if not (
+            cos_wide.shape == sin_wide.shape
+            and cos.shape[-1] == q.shape[-1] == k.shape[-1]
+            and torch.broadcast_shapes(q.shape, cos_wide.shape) == q.shape
+            and torch.broadcast_shapes(k.shape, cos_wide.shape) == k.shape
+        ):
             return self.original(q, k, cos, sin, *args, **kwargs)
         rotate = _rotary_function()
         return rotate.apply(q, cos_wide, sin_wide), rotate.apply(k, cos_wide, sin_wide)
@@ -126,8 +142,13 @@ def _rotary_agrees(function) -> bool:
     cos, sin = (torch.randn(2, 5, 8, generator=generator) for _ in range(2))
     key = torch.randn(2, 1, 5, 8, generator=generator)
     fused = _FusedRotary(function)
-    return _agrees(lambda q: sum(function(q, key, cos, sin)), lambda q: sum(fused(q, key, cos, sin)),
-                   (2, 3, 5, 8), torch.float32, torch.device("cpu"))
+    return _agrees(
+        lambda q: sum(function(q, key, cos, sin)),
+        lambda q: sum(fused(q, key, cos, sin)),
+        (2, 3, 5, 8),
+        torch.float32,
+        torch.device("cpu"),
+    )
 
 
 def _agrees(reference, candidate, shape: tuple[int, ...], dtype, device) -> bool:
@@ -151,8 +172,10 @@ def _agrees(reference, candidate, shape: tuple[int, ...], dtype, device) -> bool
             return False
         results.append((out.dtype, out.detach().float(), x.grad.float()))
     (dtype_a, *tensors_a), (dtype_b, *tensors_b) = results
-    return dtype_a == dtype_b and all(a.shape == b.shape and bool(((a - b).abs() <= tolerance * (1 + b.abs())).all())
-                                      for a, b in zip(tensors_a, tensors_b))
+    return dtype_a == dtype_b and all(
+        a.shape == b.shape and bool(((a - b).abs() <= tolerance * (1 + b.abs())).all())
+        for a, b in zip(tensors_a, tensors_b)
+    )
 
 
 @functools.cache

@@ -33,8 +33,13 @@ def _fused_forward(self, x, *args: Any, **kwargs: Any):
 
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
-    plain = (name is not None and name in self.lora_A and name not in self.lora_variant
-             and self.lora_B[name].bias is None and not (self.disable_adapters or self.merged or args or kwargs))
+    plain = (
+        name is not None
+        and name in self.lora_A
+        and name not in self.lora_variant
+        and self.lora_B[name].bias is None
+        and not (self.disable_adapters or self.merged or args or kwargs)
+    )
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight

@@ -26,9 +26,11 @@ def training_kernels(model: Any, *, cpu: bool, activation_dtype: Any) -> Iterato
     """Within the block, `model` trains with the fused kernels; afterwards it and transformers are as
     they were. Raises ModelError when another training in this process holds them."""
     if not _one_training.acquire(blocking=False):
-        raise ModelError("another training is running in this process; ctloop trains one adapter per process "
-                         "at a time (its CPU kernels patch transformers' modeling modules while it runs): "
-                         "wait for it, or train in a separate process")
+        raise ModelError(
+            "another training is running in this process; ctloop trains one adapter per process "
+            "at a time (its CPU kernels patch transformers' modeling modules while it runs): "
+            "wait for it, or train in a separate process"
+        )
     try:
         fuse_lora_layers(model)
         if cpu:  # measured on CPU; GPUs keep transformers' own (or hub) kernels

@@ -24,7 +24,6 @@ class Example:
     prompt_len: int  # tokens (including <s>) that carry no loss
 
 
-
 def token_counter(tokenizer: Any):
     """A function counting the tokens of each text (without special tokens)."""
 
@@ -44,8 +43,10 @@ def encode(records: list[Record], tokenizer: Any) -> list[Example]:
     prompts = tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]
     completions = tokenizer([r.completion for r in records], add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [Example(bos + p + c + [tokenizer.eos_token_id], len(bos) + len(p))
-            for p, c in zip(prompts, completions, strict=True)]
+    return [
+        Example(bos + p + c + [tokenizer.eos_token_id], len(bos) + len(p))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
 
 
 def token_budget_batches(lengths: list[int], batch_tokens: int, seed: int | None) -> list[list[int]]:
@@ -60,8 +61,11 @@ def token_budget_batches(lengths: list[int], batch_tokens: int, seed: int | None
         rng = random.Random(seed)
         rng.shuffle(order)
         window = 64 * max(1, batch_tokens // max(1, max(lengths, default=1)))
-        order = [i for start in range(0, len(order), window)
-                 for i in sorted(order[start:start + window], key=lengths.__getitem__)]
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lengths.__getitem__)
+        ]
     else:
         order.sort(key=lengths.__getitem__)
     batches: list[list[int]] = []
@@ -120,7 +124,7 @@ def packed_batches(lengths: list[int], row_tokens: int, rows_per_batch: int, see
     window = 256
     for start in range(0, len(order), window):
         open_rows: list[tuple[int, list[int]]] = []  # (free tokens, indices)
-        for index in sorted(order[start:start + window], key=lambda i: -lengths[i]):
+        for index in sorted(order[start : start + window], key=lambda i: -lengths[i]):
             size = min(lengths[index], row_tokens)
             slot = next((k for k, (free, _) in enumerate(open_rows) if free >= size), None)
             if slot is None:
@@ -130,7 +134,7 @@ def packed_batches(lengths: list[int], row_tokens: int, rows_per_batch: int, see
                 open_rows[slot] = (free - size, members + [index])
         rows.extend(members for _, members in open_rows)
     rng.shuffle(rows)
-    return [rows[start:start + rows_per_batch] for start in range(0, len(rows), rows_per_batch)]
+    return [rows[start : start + rows_per_batch] for start in range(0, len(rows), rows_per_batch)]
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int, width: int = 0) -> dict[str, torch.Tensor]:
@@ -149,9 +153,9 @@ def collate_packed(rows: list[list[Example]], pad_id: int, width: int = 0) -> di
         for example in row:
             n = len(example.input_ids)
             ids = torch.tensor(example.input_ids, dtype=torch.long)
-            input_ids[r, offset:offset + n] = ids
-            position_ids[r, offset:offset + n] = torch.arange(n)
-            labels[r, offset + example.prompt_len:offset + n] = ids[example.prompt_len:]
+            input_ids[r, offset : offset + n] = ids
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            labels[r, offset + example.prompt_len : offset + n] = ids[example.prompt_len :]
             offset += n
         position_ids[r, offset:] = torch.arange(width - offset)  # padding: a block of its own
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
@@ -170,5 +174,5 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids = torch.tensor(example.input_ids, dtype=torch.long)
         input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
-        labels[row, example.prompt_len:n] = ids[example.prompt_len:]
+        labels[row, example.prompt_len : n] = ids[example.prompt_len :]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

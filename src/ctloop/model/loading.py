@@ -37,7 +37,8 @@ def load_base_model(config: ModelConfig) -> Any:
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     with _explained_load_errors(config):
         return AutoModelForCausalLM.from_pretrained(
-            config.base, revision=config.revision, dtype=getattr(torch, config.dtype), **extra)
+            config.base, revision=config.revision, dtype=getattr(torch, config.dtype), **extra
+        )
 
 
 CPU_BF16_MIN_HIDDEN = 512  # below this the casts cost more than AMX saves (measured: hidden 128 ran slower)
@@ -67,9 +68,11 @@ def _explained_load_errors(config: ModelConfig) -> Iterator[None]:
         yield
     except OSError as exc:  # transformers raises OSError for missing folders and unreachable hub ids
         where = "local folder" if Path(config.base).is_absolute() else "local folder or hub id"
-        raise ModelError(f"model.base={config.base!r} could not be loaded as a {where} ({exc.__class__.__name__}: "
-                         f"{str(exc).splitlines()[0]}); point model.base at a folder saved with "
-                         f"save_pretrained, or at a hub id this machine can reach") from exc
+        raise ModelError(
+            f"model.base={config.base!r} could not be loaded as a {where} ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}); point model.base at a folder saved with "
+            f"save_pretrained, or at a hub id this machine can reach"
+        ) from exc
 
 
 def quiet_transformers() -> None:

@@ -35,15 +35,26 @@ class VersionInfo:
     created: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "run_id": self.run_id, "source": self.source,
-                "aliases": list(self.aliases), "tags": self.tags, "created": self.created}
+        return {
+            "version": self.version,
+            "run_id": self.run_id,
+            "source": self.source,
+            "aliases": list(self.aliases),
+            "tags": self.tags,
+            "created": self.created,
+        }
 
 
 def _info(model_version: Any, aliases: dict[str, Any]) -> VersionInfo:
     number = int(model_version.version)
-    return VersionInfo(number, model_version.run_id or "", model_version.source,
-                       tuple(sorted(a for a, v in aliases.items() if int(v) == number)), dict(model_version.tags),
-                       model_version.creation_timestamp / 1000)
+    return VersionInfo(
+        number,
+        model_version.run_id or "",
+        model_version.source,
+        tuple(sorted(a for a, v in aliases.items() if int(v) == number)),
+        dict(model_version.tags),
+        model_version.creation_timestamp / 1000,
+    )
 
 
 class Registry:
@@ -63,8 +74,11 @@ class Registry:
         if found is not None:
             return found.experiment_id
         # Always explicit: without it MLflow puts artifacts in ./mlruns of whatever the CWD is.
-        location = self.artifact_location.resolve().as_uri() if "://" not in str(self.artifact_location) \
+        location = (
+            self.artifact_location.resolve().as_uri()
+            if "://" not in str(self.artifact_location)
             else str(self.artifact_location)
+        )
         return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def start_run(self, run_name: str, tags: dict[str, str]) -> str:
@@ -76,7 +90,7 @@ class Registry:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -92,7 +106,7 @@ class Registry:
         now = int(time.time() * 1000)
         items = [Metric(key, float(v), now, int(s)) for s, v in points]
         for start in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[start:start + 500])
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
@@ -127,8 +141,9 @@ class Registry:
             found = self.client.get_model_version(self.model_name, str(number))
             aliases = self.client.get_registered_model(self.model_name).aliases
         except MlflowException:
-            raise RegistryError(f"model '{self.model_name}' has no version {number}; "
-                                f"`ctloop status` lists the versions") from None
+            raise RegistryError(
+                f"model '{self.model_name}' has no version {number}; `ctloop status` lists the versions"
+            ) from None
         return _info(found, aliases)
 
     def find_by_cycle_key(self, cycle_key: str) -> VersionInfo | None:
@@ -147,8 +162,12 @@ class Registry:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
         created = self.client.create_model_version(
-            name=self.model_name, source=f"runs:/{run_id}/adapter", run_id=run_id,
-            tags={**tags, CYCLE_KEY_TAG: cycle_key}, description=description)
+            name=self.model_name,
+            source=f"runs:/{run_id}/adapter",
+            run_id=run_id,
+            tags={**tags, CYCLE_KEY_TAG: cycle_key},
+            description=description,
+        )
         return self.version(int(created.version))
 
     def register_adapter_dir(self, adapter_dir: Path, key: str, tags: dict[str, str], description: str) -> VersionInfo:
@@ -223,8 +242,9 @@ class Registry:
         info = self.version(version)
         partial = cache_dir / f"v{version}.partial"
         partial.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(partial),
-                                                    tracking_uri=self.tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=info.source, dst_path=str(partial), tracking_uri=self.tracking_uri
+        )
         Path(local).rename(target)
         shutil.rmtree(partial, ignore_errors=True)
         return target
@@ -238,9 +258,12 @@ class Registry:
         if target.is_file():
             return target
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                        dst_path=str(cache_dir / run_id),
-                                                        tracking_uri=self.tracking_uri)
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=artifact_path,
+                dst_path=str(cache_dir / run_id),
+                tracking_uri=self.tracking_uri,
+            )
         except (MlflowException, OSError):
             return None
         return Path(local)
@@ -249,5 +272,6 @@ class Registry:
 def open_registry(config: RegistryConfig, workspace: Workspace) -> Registry:
     """The registry a config names: `registry.tracking_uri`, else MLFLOW_TRACKING_URI, else the
     workspace's SQLite file (artifacts in the workspace)."""
-    return Registry(workspace.tracking_uri(config.tracking_uri), config.model_name, config.experiment,
-                    workspace.artifacts_dir)
+    return Registry(
+        workspace.tracking_uri(config.tracking_uri), config.model_name, config.experiment, workspace.artifacts_dir
+    )

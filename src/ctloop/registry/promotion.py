@@ -69,8 +69,9 @@ def offer_as_challenger(registry: Registry, version: int, promote_first: bool) -
     registry.set_alias(CHALLENGER, version)
 
 
-def promote(registry: Registry, version: int | None = None, *, by: str, note: str,
-            shadow_check: ShadowCheck | None = None) -> ChampionChange:
+def promote(
+    registry: Registry, version: int | None = None, *, by: str, note: str, shadow_check: ShadowCheck | None = None
+) -> ChampionChange:
     """Move `champion` to `version` (default: the challenger). With `shadow_check`, refuse unless
     the shadow comparison of the champion and that version decides PROMOTE."""
     target = version if version is not None else registry.alias(CHALLENGER)
@@ -80,17 +81,22 @@ def promote(registry: Registry, version: int | None = None, *, by: str, note: st
     if before == target:
         return ChampionChange(before, target, changed=False)
     if awaiting_approval(registry, target):  # also fails clearly when the version does not exist
-        raise RegistryError(f"version {target} awaits approval (gate.require_approval); "
-                            f"run `ctloop approve {target} --by NAME --note TEXT` first")
+        raise RegistryError(
+            f"version {target} awaits approval (gate.require_approval); "
+            f"run `ctloop approve {target} --by NAME --note TEXT` first"
+        )
     if shadow_check is not None:
         if before is None:
             raise RegistryError("there is no champion to compare with in shadow; promote without requiring shadow")
         decision, reasons = shadow_check(before, target)
         if decision != PROMOTE:
-            raise RegistryError(f"the shadow decision for v{target} is {decision}, not {PROMOTE} ({reasons}); "
-                                f"serve more traffic, or promote without requiring shadow")
-    registry.add_model_event(HISTORY_PREFIX, {"action": "promote", "version": target, "by": by, "note": note,
-                                              "at": utc_now()})
+            raise RegistryError(
+                f"the shadow decision for v{target} is {decision}, not {PROMOTE} ({reasons}); "
+                f"serve more traffic, or promote without requiring shadow"
+            )
+    registry.add_model_event(
+        HISTORY_PREFIX, {"action": "promote", "version": target, "by": by, "note": note, "at": utc_now()}
+    )
     _align_champion_alias(registry)
     registry.set_version_tags(target, {"ctloop.promoted": f"{utc_now()} by {by}: {note}"})
     if registry.alias(CHALLENGER) == target:
@@ -103,8 +109,7 @@ def rollback(registry: Registry, by: str) -> ChampionChange:
     history = champion_history(registry)
     current = registry.alias(CHAMPION)
     if current is None or len(history) < 2 or history[-1] != current:
-        raise RegistryError("there is no previous champion to roll back to; "
-                            "`ctloop status` shows the champion history")
+        raise RegistryError("there is no previous champion to roll back to; `ctloop status` shows the champion history")
     registry.add_model_event(HISTORY_PREFIX, {"action": "rollback", "from": current, "by": by, "at": utc_now()})
     target = _align_champion_alias(registry)
     registry.set_version_tags(current, {"ctloop.rolled_back": f"{utc_now()} by {by}: champion moved back to v{target}"})
@@ -116,10 +121,19 @@ def approve(registry: Registry, version: int, by: str, note: str, promote_first:
     becomes the challenger (or the champion, when there is none and `promote_first`)."""
     info = registry.version(version)
     if info.tags.get("ctloop.gate") != "PASS":
-        raise RegistryError(f"version {version} did not pass the gate ({info.tags.get('ctloop.gate', 'no gate')}); "
-                            f"only passing versions can be approved")
-    registry.set_version_tags(version, {APPROVAL_TAG: "approved", "ctloop.approved_by": by,
-                                        "ctloop.approved_at": utc_now(), "ctloop.approval_note": note})
+        raise RegistryError(
+            f"version {version} did not pass the gate ({info.tags.get('ctloop.gate', 'no gate')}); "
+            f"only passing versions can be approved"
+        )
+    registry.set_version_tags(
+        version,
+        {
+            APPROVAL_TAG: "approved",
+            "ctloop.approved_by": by,
+            "ctloop.approved_at": utc_now(),
+            "ctloop.approval_note": note,
+        },
+    )
     offer_as_challenger(registry, version, promote_first)
 
 

@@ -28,10 +28,12 @@ def line_chart(title: str, points: list[tuple[float, float]], y_label: str) -> M
         return HEIGHT - PAD - (y - y0) / (y1 - y0) * (HEIGHT - 2 * PAD)
 
     path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(points))
-    return Markup(f'<figure><figcaption>{html.escape(title)}</figcaption>'
-            f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
-            f'{_axes(f"{x0:g}", f"{x1:g}", f"{y0:.3g}", f"{y1:.3g}", "step", y_label)}'
-            f'<path d="{path}" fill="none" stroke="{COLORS["candidate"]}" stroke-width="2"/></svg></figure>')
+    return Markup(
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
+        f"{_axes(f'{x0:g}', f'{x1:g}', f'{y0:.3g}', f'{y1:.3g}', 'step', y_label)}"
+        f'<path d="{path}" fill="none" stroke="{COLORS["candidate"]}" stroke-width="2"/></svg></figure>'
+    )
 
 
 def grouped_bars(title: str, groups: dict[str, dict[str, float]], y_label: str) -> Markup:
@@ -48,34 +50,45 @@ def grouped_bars(title: str, groups: dict[str, dict[str, float]], y_label: str) 
             x = PAD + g * group_width + group_width * 0.1 + b * bar_width
             h = value / top * (HEIGHT - 2 * PAD)
             color = COLORS.get(model, "#4a5568")
-            bars.append(f'<rect x="{x:.1f}" y="{HEIGHT - PAD - h:.1f}" width="{bar_width - 2:.1f}" height="{h:.1f}"'
-                        f' fill="{color}"><title>{html.escape(model)}: {value:.4f}</title></rect>'
-                        f'<text x="{x + bar_width / 2:.1f}" y="{HEIGHT - PAD - h - 4:.1f}" font-size="10" '
-                        f'text-anchor="middle">{value:.3f}</text>')
-        bars.append(f'<text x="{PAD + (g + 0.5) * group_width:.1f}" y="{HEIGHT - PAD + 16}" font-size="11" '
-                    f'text-anchor="middle">{html.escape(group)}</text>')
-    legend = " ".join(f'<span style="color:{COLORS.get(m, "#4a5568")}">&#9632; {html.escape(m)}</span>'
-                      for m in dict.fromkeys(m for by_model in groups.values() for m in by_model))
-    return Markup(f'<figure><figcaption>{html.escape(title)} {legend}</figcaption>'
-            f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
-            f'{_axes("", "", "0", f"{top:.3g}", "", y_label)}{"".join(bars)}</svg></figure>')
+            bars.append(
+                f'<rect x="{x:.1f}" y="{HEIGHT - PAD - h:.1f}" width="{bar_width - 2:.1f}" height="{h:.1f}"'
+                f' fill="{color}"><title>{html.escape(model)}: {value:.4f}</title></rect>'
+                f'<text x="{x + bar_width / 2:.1f}" y="{HEIGHT - PAD - h - 4:.1f}" font-size="10" '
+                f'text-anchor="middle">{value:.3f}</text>'
+            )
+        bars.append(
+            f'<text x="{PAD + (g + 0.5) * group_width:.1f}" y="{HEIGHT - PAD + 16}" font-size="11" '
+            f'text-anchor="middle">{html.escape(group)}</text>'
+        )
+    legend = " ".join(
+        f'<span style="color:{COLORS.get(m, "#4a5568")}">&#9632; {html.escape(m)}</span>'
+        for m in dict.fromkeys(m for by_model in groups.values() for m in by_model)
+    )
+    return Markup(
+        f"<figure><figcaption>{html.escape(title)} {legend}</figcaption>"
+        f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
+        f"{_axes('', '', '0', f'{top:.3g}', '', y_label)}{''.join(bars)}</svg></figure>"
+    )
 
 
 def _axes(x_min: str, x_max: str, y_min: str, y_max: str, x_label: str, y_label: str) -> str:
     bottom, right = HEIGHT - PAD, WIDTH - PAD
-    return (f'<line x1="{PAD}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>'
-            f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{bottom}" stroke="#333"/>'
-            f'<text x="{PAD}" y="{bottom + 28}" font-size="10">{x_min}</text>'
-            f'<text x="{right}" y="{bottom + 28}" font-size="10" text-anchor="end">{x_max}</text>'
-            f'<text x="{WIDTH / 2}" y="{bottom + 28}" font-size="11" text-anchor="middle">{x_label}</text>'
-            f'<text x="{PAD - 4}" y="{bottom}" font-size="10" text-anchor="end">{y_min}</text>'
-            f'<text x="{PAD - 4}" y="{PAD + 4}" font-size="10" text-anchor="end">{y_max}</text>'
-            f'<text x="12" y="{HEIGHT / 2}" font-size="11" transform="rotate(-90 12 {HEIGHT / 2})" '
-            f'text-anchor="middle">{html.escape(y_label)}</text>')
+    return (
+        f'<line x1="{PAD}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>'
+        f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{bottom}" stroke="#333"/>'
+        f'<text x="{PAD}" y="{bottom + 28}" font-size="10">{x_min}</text>'
+        f'<text x="{right}" y="{bottom + 28}" font-size="10" text-anchor="end">{x_max}</text>'
+        f'<text x="{WIDTH / 2}" y="{bottom + 28}" font-size="11" text-anchor="middle">{x_label}</text>'
+        f'<text x="{PAD - 4}" y="{bottom}" font-size="10" text-anchor="end">{y_min}</text>'
+        f'<text x="{PAD - 4}" y="{PAD + 4}" font-size="10" text-anchor="end">{y_max}</text>'
+        f'<text x="12" y="{HEIGHT / 2}" font-size="11" transform="rotate(-90 12 {HEIGHT / 2})" '
+        f'text-anchor="middle">{html.escape(y_label)}</text>'
+    )
 
 
-def scatter(title: str, groups: dict[str, list[tuple[float, float]]], x_label: str = "PC 1",
-            y_label: str = "PC 2") -> Markup:
+def scatter(
+    title: str, groups: dict[str, list[tuple[float, float]]], x_label: str = "PC 1", y_label: str = "PC 2"
+) -> Markup:
     """Points of several groups (e.g. reference vs current) on shared axes."""
     points = [p for pts in groups.values() for p in pts]
     if not points:
@@ -91,9 +104,11 @@ def scatter(title: str, groups: dict[str, list[tuple[float, float]]], x_label: s
             cx = PAD + (x - x0) / (x1 - x0) * (WIDTH - 2 * PAD)
             cy = HEIGHT - PAD - (y - y0) / (y1 - y0) * (HEIGHT - 2 * PAD)
             dots.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2" fill="{color}" fill-opacity="0.5"/>')
-    return Markup(f'<figure><figcaption>{html.escape(title)} {" ".join(legend)}</figcaption>'
-            f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
-            f'{_axes(f"{x0:.2g}", f"{x1:.2g}", f"{y0:.2g}", f"{y1:.2g}", x_label, y_label)}{"".join(dots)}</svg></figure>')
+    return Markup(
+        f"<figure><figcaption>{html.escape(title)} {' '.join(legend)}</figcaption>"
+        f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
+        f"{_axes(f'{x0:.2g}', f'{x1:.2g}', f'{y0:.2g}', f'{y1:.2g}', x_label, y_label)}{''.join(dots)}</svg></figure>"
+    )
 
 
 def histogram(title: str, values: list[float], marker: float, marker_label: str, bins: int = 30) -> Markup:
@@ -110,11 +125,16 @@ def histogram(title: str, values: list[float], marker: float, marker_label: str,
     bars = "".join(
         f'<rect x="{PAD + i * width:.1f}" y="{HEIGHT - PAD - c / top * (HEIGHT - 2 * PAD):.1f}" '
         f'width="{width - 1:.1f}" height="{c / top * (HEIGHT - 2 * PAD):.1f}" fill="#a0aec0"/>'
-        for i, c in enumerate(counts))
+        for i, c in enumerate(counts)
+    )
     mx = PAD + (marker - lo) / (hi - lo) * (WIDTH - 2 * PAD)
-    line = (f'<line x1="{mx:.1f}" y1="{PAD}" x2="{mx:.1f}" y2="{HEIGHT - PAD}" stroke="#c53030" stroke-width="2"/>'
-            f'<text x="{mx:.1f}" y="{PAD - 6}" font-size="11" text-anchor="middle" fill="#c53030">'
-            f'{html.escape(marker_label)}</text>')
-    return Markup(f'<figure><figcaption>{html.escape(title)}</figcaption>'
-            f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
-            f'{_axes(f"{lo:.3g}", f"{hi:.3g}", "0", str(top), "statistic", "permutations")}{bars}{line}</svg></figure>')
+    line = (
+        f'<line x1="{mx:.1f}" y1="{PAD}" x2="{mx:.1f}" y2="{HEIGHT - PAD}" stroke="#c53030" stroke-width="2"/>'
+        f'<text x="{mx:.1f}" y="{PAD - 6}" font-size="11" text-anchor="middle" fill="#c53030">'
+        f"{html.escape(marker_label)}</text>"
+    )
+    return Markup(
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
+        f"{_axes(f'{lo:.3g}', f'{hi:.3g}', '0', str(top), 'statistic', 'permutations')}{bars}{line}</svg></figure>"
+    )

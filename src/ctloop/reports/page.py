@@ -61,8 +61,12 @@ def render_page(title: str, sections: list[tuple[str, list[Part]]]) -> str:
     from jinja2 import Environment
 
     environment = Environment(autoescape=True)
-    environment.tests.update(markup=lambda part: isinstance(part, Markup), text=lambda part: isinstance(part, Text),
-                             bullets=lambda part: isinstance(part, Bullets), table=lambda part: isinstance(part, Table))
+    environment.tests.update(
+        markup=lambda part: isinstance(part, Markup),
+        text=lambda part: isinstance(part, Text),
+        bullets=lambda part: isinstance(part, Bullets),
+        table=lambda part: isinstance(part, Table),
+    )
     return environment.from_string(PAGE).render(title=title, sections=sections)
 
 

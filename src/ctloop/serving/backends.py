@@ -58,8 +58,9 @@ class Backend(Protocol):
 
     def unload_except(self, keep: set[int]) -> None: ...
 
-    async def generate(self, request: GenerationRequest, version: int, priority: int = USER,
-                       timeout_s: float | None = None) -> Generation:
+    async def generate(
+        self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
+    ) -> Generation:
         """Answer; raise TimeoutError when the model itself takes longer than `timeout_s`."""
 
     async def aclose(self) -> None: ...
@@ -89,6 +90,12 @@ class PriorityLock:
             self._held = False
             self._condition.notify_all()
 
+    @property
+    def waiting(self) -> int:
+        """How many callers wait for the lock."""
+        with self._condition:
+            return len(self._waiting)
+
 
 def _truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
@@ -114,8 +121,10 @@ class InProcessBackend:
         self.loaded: dict[int, Path | None] = {}
         self._lock = PriorityLock()
         self._in_use: dict[int, int] = {}
-        self._pools = {USER: ThreadPoolExecutor(user_threads, thread_name_prefix="ctloop-gen-user"),
-                       SHADOW: ThreadPoolExecutor(1, thread_name_prefix="ctloop-gen-shadow")}
+        self._pools = {
+            USER: ThreadPoolExecutor(user_threads, thread_name_prefix="ctloop-gen-user"),
+            SHADOW: ThreadPoolExecutor(1, thread_name_prefix="ctloop-gen-shadow"),
+        }
 
     @staticmethod
     def adapter_name(version: int) -> str:
@@ -127,13 +136,16 @@ class InProcessBackend:
         if version in self.loaded:
             return
         if adapter_dir is None or not (adapter_dir / "adapter_config.json").is_file():
-            raise ModelError(f"version {version} has no adapter files at {adapter_dir}; re-register it or "
-                             f"check the registry's artifact store")
+            raise ModelError(
+                f"version {version} has no adapter files at {adapter_dir}; re-register it or "
+                f"check the registry's artifact store"
+            )
         self._lock.acquire(USER)
         try:
             if self.network is None:
-                self.network = PeftModel.from_pretrained(self.base, str(adapter_dir),
-                                                         adapter_name=self.adapter_name(version)).eval()
+                self.network = PeftModel.from_pretrained(
+                    self.base, str(adapter_dir), adapter_name=self.adapter_name(version)
+                ).eval()
             else:
                 self.network.load_adapter(str(adapter_dir), adapter_name=self.adapter_name(version))
             self.loaded[version] = adapter_dir
@@ -150,22 +162,30 @@ class InProcessBackend:
         finally:
             self._lock.release()
 
-    async def generate(self, request: GenerationRequest, version: int, priority: int = USER,
-                       timeout_s: float | None = None) -> Generation:
+    async def generate(
+        self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
+    ) -> Generation:
         if version not in self.loaded:
             raise ModelError(f"version {version} is not loaded; loaded: {sorted(self.loaded)}")
         cancelled = threading.Event()
         self._in_use[version] = self._in_use.get(version, 0) + 1
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pools[priority], self._generate, request, version, priority,
-                                              cancelled, timeout_s)
+            return await loop.run_in_executor(
+                self._pools[priority], self._generate, request, version, priority, cancelled, timeout_s
+            )
         finally:
             cancelled.set()  # a timed-out or cancelled call stops at its next token
             self._in_use[version] -= 1
 
-    def _generate(self, request: GenerationRequest, version: int, priority: int, cancelled: threading.Event,
-                  timeout_s: float | None) -> Generation:
+    def _generate(
+        self,
+        request: GenerationRequest,
+        version: int,
+        priority: int,
+        cancelled: threading.Event,
+        timeout_s: float | None,
+    ) -> Generation:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -197,15 +217,19 @@ class InProcessBackend:
             self.network.set_adapter(self.adapter_name(version))
             with torch.inference_mode():
                 out = self.network.generate(
-                    input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                    max_new_tokens=request.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                    input_ids=torch.tensor([ids]),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=request.max_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,
-                    stopping_criteria=StoppingCriteriaList([Cancelled()]), **sampling)
+                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    **sampling,
+                )
         finally:
             self._lock.release()
         if overtime.is_set():
             raise TimeoutError(f"the generation took longer than {timeout_s} s")
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         ended_by_eos = bool(new) and new[-1] == self.tokenizer.eos_token_id
         text, stopped = _truncate_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), request.stop)
         finish = "stop" if ended_by_eos or stopped or len(new) < request.max_tokens else "length"
@@ -221,8 +245,7 @@ class OpenAIBackend:
 
     shares_compute = False  # the upstream's queueing is the challenger's own latency
 
-    def __init__(self, base_url: str, model_name: str, model_template: str, api_key: str | None,
-                 timeout_s: float):
+    def __init__(self, base_url: str, model_name: str, model_template: str, api_key: str | None, timeout_s: float):
         import httpx
 
         self.base_url = base_url.rstrip("/")
@@ -246,23 +269,32 @@ class OpenAIBackend:
             response.raise_for_status()
             served = {m.get("id") for m in response.json().get("data", [])}
         except (httpx.HTTPError, ValueError) as exc:
-            raise ModelError(f"serve.upstream_url={self.base_url!r}: GET /models failed ({exc}); check the URL "
-                             f"(it should end in /v1) and that the server is up") from exc
+            raise ModelError(
+                f"serve.upstream_url={self.base_url!r}: GET /models failed ({exc}); check the URL "
+                f"(it should end in /v1) and that the server is up"
+            ) from exc
         name = self.upstream_model(version)
         if name not in served:
-            raise ModelError(f"the upstream server does not serve {name!r} (it serves {sorted(served)}); load the "
-                             f"adapter there (vLLM: --lora-modules {name}=PATH) or set serve.upstream_model")
+            raise ModelError(
+                f"the upstream server does not serve {name!r} (it serves {sorted(served)}); load the "
+                f"adapter there (vLLM: --lora-modules {name}=PATH) or set serve.upstream_model"
+            )
         self.loaded[version] = adapter_dir
 
     def unload_except(self, keep: set[int]) -> None:
         for version in [v for v in self.loaded if v not in keep]:
             del self.loaded[version]
 
-    async def generate(self, request: GenerationRequest, version: int, priority: int = USER,
-                       timeout_s: float | None = None) -> Generation:
-        body: dict[str, Any] = {"model": self.upstream_model(version), "prompt": request.prompt,
-                                "max_tokens": request.max_tokens, "temperature": request.temperature,
-                                "top_p": request.top_p}
+    async def generate(
+        self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
+    ) -> Generation:
+        body: dict[str, Any] = {
+            "model": self.upstream_model(version),
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+        }
         if request.stop:
             body["stop"] = list(request.stop)
         if request.seed is not None:
@@ -282,12 +314,18 @@ class OpenAIBackend:
             data = response.json()
             choice = data["choices"][0]
             usage = data.get("usage") or {}
-            return Generation(choice.get("text", ""), int(usage.get("prompt_tokens", 0)),
-                              int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop",
-                              (time.perf_counter() - started) * 1000)
+            return Generation(
+                choice.get("text", ""),
+                int(usage.get("prompt_tokens", 0)),
+                int(usage.get("completion_tokens", 0)),
+                choice.get("finish_reason") or "stop",
+                (time.perf_counter() - started) * 1000,
+            )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise ModelError(f"upstream {self.base_url} sent an answer that is not an OpenAI completion "
-                             f"({exc.__class__.__name__}: {exc}): {response.text[:200]}") from exc
+            raise ModelError(
+                f"upstream {self.base_url} sent an answer that is not an OpenAI completion "
+                f"({exc.__class__.__name__}: {exc}): {response.text[:200]}"
+            ) from exc
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -42,13 +42,16 @@ class ShadowReport:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"shadow v{self.champion_version} (champion) vs v{self.challenger_version} (challenger): "
-                 f"{self.decision}",
-                 f"  pairs: {self.counts.get('completed', 0)} completed, {self.counts.get('timed_out', 0)} timed out, "
-                 f"{self.counts.get('errored', 0)} errored, {self.counts.get('cancelled', 0)} cancelled"]
+        lines = [
+            f"shadow v{self.champion_version} (champion) vs v{self.challenger_version} (challenger): {self.decision}",
+            f"  pairs: {self.counts.get('completed', 0)} completed, {self.counts.get('timed_out', 0)} timed out, "
+            f"{self.counts.get('errored', 0)} errored, {self.counts.get('cancelled', 0)} cancelled",
+        ]
         if self.latency_ms:
-            lines.append("  latency p50/p99 ms: " + ", ".join(
-                f"{side} {v['p50']:.1f}/{v['p99']:.1f}" for side, v in self.latency_ms.items()))
+            lines.append(
+                "  latency p50/p99 ms: "
+                + ", ".join(f"{side} {v['p50']:.1f}/{v['p99']:.1f}" for side, v in self.latency_ms.items())
+            )
         if self.agreement:
             lines.append("  agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in self.agreement.items()))
         lines += [f"  - {reason}" for reason in self.reasons]
@@ -83,12 +86,20 @@ def _one_sided_wilcoxon_greater(log_ratios: np.ndarray) -> float:
     return float(wilcoxon(nonzero, alternative="greater").pvalue)
 
 
-def compare(rows: list[dict[str, Any]], settings: ShadowConfig, champion_version: str, challenger_version: str,
-            judge: Any = None, embedder: Any = None) -> ShadowReport:
+def compare(
+    rows: list[dict[str, Any]],
+    settings: ShadowConfig,
+    champion_version: str,
+    challenger_version: str,
+    judge: Any = None,
+    embedder: Any = None,
+) -> ShadowReport:
     """Compare one champion/challenger pair's logged rows and decide."""
     alpha = 1 - settings.confidence
-    counts = {status: sum(r["status"] == status for r in rows)
-              for status in ("completed", "timed_out", "errored", "cancelled")}
+    counts = {
+        status: sum(r["status"] == status for r in rows)
+        for status in ("completed", "timed_out", "errored", "cancelled")
+    }
     done = [r for r in rows if r["status"] == "completed"]
     attempted = counts["completed"] + counts["timed_out"] + counts["errored"]  # cancelled: our shutdown, not theirs
     failures = counts["timed_out"] + counts["errored"]
@@ -98,19 +109,25 @@ def compare(rows: list[dict[str, Any]], settings: ShadowConfig, champion_version
     passed: list[str] = []
 
     if not rows:
-        hold.append(f"no logged pairs for v{champion_version} vs v{challenger_version}; send traffic to "
-                    f"`ctloop serve` (it mirrors to the challenger) and run the report again")
+        hold.append(
+            f"no logged pairs for v{champion_version} vs v{challenger_version}; send traffic to "
+            f"`ctloop serve` (it mirrors to the challenger) and run the report again"
+        )
     elif len(done) < settings.min_pairs:
         hold.append(f"{len(done)} completed pairs, a decision needs shadow.min_pairs={settings.min_pairs}")
 
     low, high = wilson(failures, attempted, settings.confidence)
     if attempted:
         if low > settings.max_error_rate:
-            reject.append(f"challenger error+timeout rate {error_rate:.1%} (lower bound {low:.1%}) is above "
-                          f"shadow.max_error_rate={settings.max_error_rate:.1%}")
+            reject.append(
+                f"challenger error+timeout rate {error_rate:.1%} (lower bound {low:.1%}) is above "
+                f"shadow.max_error_rate={settings.max_error_rate:.1%}"
+            )
         elif error_rate > settings.max_error_rate:
-            hold.append(f"challenger error+timeout rate {error_rate:.1%} is above {settings.max_error_rate:.1%} "
-                        f"but not significantly (lower bound {low:.1%})")
+            hold.append(
+                f"challenger error+timeout rate {error_rate:.1%} is above {settings.max_error_rate:.1%} "
+                f"but not significantly (lower bound {low:.1%})"
+            )
         else:
             passed.append(f"challenger error+timeout rate {error_rate:.1%} <= {settings.max_error_rate:.1%}")
 
@@ -120,39 +137,82 @@ def compare(rows: list[dict[str, Any]], settings: ShadowConfig, champion_version
     empty = {"champion_only": 0, "challenger_only": 0}
     judged: dict[str, float] = {}
     if done:
-        latency = {"champion": _percentiles([r["champion_latency_ms"] for r in done]),
-                   "challenger": _percentiles([r["challenger_latency_ms"] for r in done])}
-        log_latency = np.log(np.array([max(r["challenger_latency_ms"], 1e-3) for r in done])
-                             / np.array([max(r["champion_latency_ms"], 1e-3) for r in done]))
+        latency = {
+            "champion": _percentiles([r["champion_latency_ms"] for r in done]),
+            "challenger": _percentiles([r["challenger_latency_ms"] for r in done]),
+        }
+        log_latency = np.log(
+            np.array([max(r["challenger_latency_ms"], 1e-3) for r in done])
+            / np.array([max(r["champion_latency_ms"], 1e-3) for r in done])
+        )
         latency_ratio = float(np.exp(np.median(log_latency)))
         # Each test asks "is the ratio above the limit?", not "is it above 1?".
         limit = math.log(settings.max_latency_ratio)
-        _ratio_check("median challenger/champion latency ratio", latency_ratio, settings.max_latency_ratio,
-                     _one_sided_wilcoxon_greater(log_latency - limit), alpha, reject, hold, passed)
-        log_length = np.log((np.array([r["challenger_tokens"] for r in done]) + 1.0)
-                            / (np.array([r["champion_tokens"] for r in done]) + 1.0))
+        _ratio_check(
+            "median challenger/champion latency ratio",
+            latency_ratio,
+            settings.max_latency_ratio,
+            _one_sided_wilcoxon_greater(log_latency - limit),
+            alpha,
+            reject,
+            hold,
+            passed,
+        )
+        log_length = np.log(
+            (np.array([r["challenger_tokens"] for r in done]) + 1.0)
+            / (np.array([r["champion_tokens"] for r in done]) + 1.0)
+        )
         length_ratio = float(np.exp(np.median(log_length)))
         limit = math.log(settings.max_length_ratio)
         longer = _one_sided_wilcoxon_greater(log_length - limit)
         shorter = _one_sided_wilcoxon_greater(-log_length - limit)
-        _ratio_check("median output length ratio", length_ratio, settings.max_length_ratio, longer, alpha,
-                     reject, hold, passed)
-        _ratio_check("median output length ratio (inverse)", 1 / length_ratio, settings.max_length_ratio, shorter,
-                     alpha, reject, hold, passed, report_pass=False)
+        _ratio_check(
+            "median output length ratio", length_ratio, settings.max_length_ratio, longer, alpha, reject, hold, passed
+        )
+        _ratio_check(
+            "median output length ratio (inverse)",
+            1 / length_ratio,
+            settings.max_length_ratio,
+            shorter,
+            alpha,
+            reject,
+            hold,
+            passed,
+            report_pass=False,
+        )
         empty = _empty_answers(done, alpha, reject, passed)
         agreement = _agreement(done, embedder)
         if judge is not None:
             judged = _judge(done, judge, settings, reject, hold, passed)
 
     decision = REJECT if reject else HOLD if hold else PROMOTE
-    return ShadowReport(champion_version=champion_version, challenger_version=challenger_version, decision=decision,
-                        reasons=reject + hold + passed, counts={**counts, "rows": len(rows)}, error_rate=error_rate,
-                        latency_ms=latency, latency_ratio=latency_ratio, length_ratio=length_ratio,
-                        agreement=agreement, empty_answers=empty, judge=judged)
+    return ShadowReport(
+        champion_version=champion_version,
+        challenger_version=challenger_version,
+        decision=decision,
+        reasons=reject + hold + passed,
+        counts={**counts, "rows": len(rows)},
+        error_rate=error_rate,
+        latency_ms=latency,
+        latency_ratio=latency_ratio,
+        length_ratio=length_ratio,
+        agreement=agreement,
+        empty_answers=empty,
+        judge=judged,
+    )
 
 
-def _ratio_check(name: str, ratio: float, limit: float, p_greater: float, alpha: float, reject: list[str],
-                 hold: list[str], passed: list[str], report_pass: bool = True) -> None:
+def _ratio_check(
+    name: str,
+    ratio: float,
+    limit: float,
+    p_greater: float,
+    alpha: float,
+    reject: list[str],
+    hold: list[str],
+    passed: list[str],
+    report_pass: bool = True,
+) -> None:
     if ratio <= limit:
         if report_pass:
             passed.append(f"{name} {ratio:.2f} <= {limit:.2f}")
@@ -171,8 +231,10 @@ def _empty_answers(done: list[dict], alpha: float, reject: list[str], passed: li
     discordant = champion_only + challenger_only
     p = binomtest(champion_only, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
     if p < alpha:
-        reject.append(f"the challenger answers nothing where the champion answers in {champion_only} pairs "
-                      f"(vs {challenger_only} the other way; McNemar p={p:.3g})")
+        reject.append(
+            f"the challenger answers nothing where the champion answers in {champion_only} pairs "
+            f"(vs {challenger_only} the other way; McNemar p={p:.3g})"
+        )
     else:
         passed.append(f"empty answers: challenger-only {champion_only}, champion-only {challenger_only}")
     return {"champion_only": challenger_only, "challenger_only": champion_only}
@@ -183,8 +245,10 @@ def _agreement(done: list[dict], embedder: Any) -> dict[str, float]:
 
     champion = [r["champion_output"] for r in done]
     challenger = [r["challenger_output"] for r in done]
-    out = {"exact_match": float(np.mean([exact_match(a, b) for a, b in zip(challenger, champion, strict=True)])),
-           "token_f1": float(np.mean([token_f1(a, b) for a, b in zip(challenger, champion, strict=True)]))}
+    out = {
+        "exact_match": float(np.mean([exact_match(a, b) for a, b in zip(challenger, champion, strict=True)])),
+        "token_f1": float(np.mean([token_f1(a, b) for a, b in zip(challenger, champion, strict=True)])),
+    }
     if embedder is not None:
         a, b = embedder.embed(champion), embedder.embed(challenger)
         a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -193,8 +257,9 @@ def _agreement(done: list[dict], embedder: Any) -> dict[str, float]:
     return out
 
 
-def _judge(done: list[dict], judge: Any, settings: ShadowConfig, reject: list[str], hold: list[str],
-           passed: list[str]) -> dict[str, float]:
+def _judge(
+    done: list[dict], judge: Any, settings: ShadowConfig, reject: list[str], hold: list[str], passed: list[str]
+) -> dict[str, float]:
     """Each pair judged twice with the answers swapped; disagreeing verdicts count as a tie."""
     wins = ties = consistent = 0
     for row in done:
@@ -222,8 +287,13 @@ def _judge(done: list[dict], judge: Any, settings: ShadowConfig, reject: list[st
     return {"win_rate": win_rate, "lower": low, "upper": high, "consistency": consistent / n}
 
 
-def shadow_report(settings: ShadowConfig, store_url: str, champion_version: int, challenger_version: int,
-                  agreement_embeddings: bool = True) -> tuple[ShadowReport, list[dict[str, Any]]]:
+def shadow_report(
+    settings: ShadowConfig,
+    store_url: str,
+    champion_version: int,
+    challenger_version: int,
+    agreement_embeddings: bool = True,
+) -> tuple[ShadowReport, list[dict[str, Any]]]:
     """Read one pair's rows from the log store and compare them with the configured judge and embedder
     (the embedder only scores agreement, which the decision does not use; a server skips it)."""
     from ctloop.serving.store import read_rows

@@ -40,7 +40,9 @@ class CircuitBreaker:
     """Opens when `failure_ratio` of the last `window` calls failed; after `cooldown_s` lets one probe
     through (half-open): its success closes the breaker, its failure opens it again."""
 
-    def __init__(self, window: int, failure_ratio: float, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, window: int, failure_ratio: float, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+    ):
         self.window = window
         self.max_failures = max(1, round(failure_ratio * window))
         self.cooldown_s = cooldown_s
@@ -117,15 +119,17 @@ class ShadowJob:
 class ShadowRouter:
     """Mirrors champion-answered requests to the challenger; one instance per event loop."""
 
-    def __init__(self, backend: Backend, store: ShadowStore, settings: ShadowConfig,
-                 challenger: Callable[[], int | None]):
+    def __init__(
+        self, backend: Backend, store: ShadowStore, settings: ShadowConfig, challenger: Callable[[], int | None]
+    ):
         self.backend = backend
         self.store = store
         self.settings = settings
         self.challenger = challenger
         self.counters = ShadowCounters()
-        self.breaker = CircuitBreaker(settings.breaker_window, settings.breaker_failure_ratio,
-                                      settings.breaker_cooldown_s)
+        self.breaker = CircuitBreaker(
+            settings.breaker_window, settings.breaker_failure_ratio, settings.breaker_cooldown_s
+        )
         self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=settings.queue_size)
         self.in_flight = 0
         self.draining = False
@@ -133,8 +137,9 @@ class ShadowRouter:
 
     def start(self) -> None:
         """Start the worker pool (call from inside the running event loop)."""
-        self._workers = [asyncio.create_task(self._work(), name=f"ctloop-shadow-{i}")
-                         for i in range(self.settings.workers)]
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"ctloop-shadow-{i}") for i in range(self.settings.workers)
+        ]
 
     def submit(self, request_id: str, request: GenerationRequest, champion: Generation, champion_version: int) -> str:
         """Offer a champion-answered request for shadowing; never blocks. Returns what happened to it."""
@@ -181,8 +186,9 @@ class ShadowRouter:
             if getattr(self.backend, "shares_compute", False):  # the backend times the generation itself
                 answer = await self.backend.generate(job.request, job.challenger_version, SHADOW, timeout_s=timeout)
             else:
-                answer = await asyncio.wait_for(self.backend.generate(job.request, job.challenger_version, SHADOW),
-                                                timeout)
+                answer = await asyncio.wait_for(
+                    self.backend.generate(job.request, job.challenger_version, SHADOW), timeout
+                )
         except TimeoutError:
             self.breaker.record(False)
             self.counters.timed_out += 1
@@ -201,13 +207,22 @@ class ShadowRouter:
             self._log(job, "completed", answer, "")
 
     def _log(self, job: ShadowJob, status: str, answer: Generation | None, error: str) -> None:
-        self.store.put(ShadowRecord(
-            request_id=job.request_id, prompt=job.request.prompt, champion_output=job.champion.text,
-            challenger_output=answer.text if answer else "", status=status, error=error,
-            champion_version=str(job.champion_version), challenger_version=str(job.challenger_version),
-            champion_latency_ms=job.champion.latency_ms, challenger_latency_ms=answer.latency_ms if answer else 0.0,
-            champion_tokens=job.champion.completion_tokens,
-            challenger_tokens=answer.completion_tokens if answer else 0))
+        self.store.put(
+            ShadowRecord(
+                request_id=job.request_id,
+                prompt=job.request.prompt,
+                champion_output=job.champion.text,
+                challenger_output=answer.text if answer else "",
+                status=status,
+                error=error,
+                champion_version=str(job.champion_version),
+                challenger_version=str(job.challenger_version),
+                champion_latency_ms=job.champion.latency_ms,
+                challenger_latency_ms=answer.latency_ms if answer else 0.0,
+                champion_tokens=job.champion.completion_tokens,
+                challenger_tokens=answer.completion_tokens if answer else 0,
+            )
+        )
 
     async def shutdown(self, drain_seconds: float) -> None:
         """Stop intake, let queued calls finish for up to `drain_seconds`, cancel and log the rest,

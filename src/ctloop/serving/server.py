@@ -108,8 +108,9 @@ class Serving:
         self.backend = await asyncio.to_thread(self._make_backend)
         shadow = self.config.shadow
         store = ShadowStore(self.workspace.shadow_store_url(shadow.store_url), redact_pii=shadow.redact)
-        self.router = ShadowRouter(self.backend, store, shadow,
-                                   challenger=lambda: self.roles.challenger if shadow.enabled else None)
+        self.router = ShadowRouter(
+            self.backend, store, shadow, challenger=lambda: self.roles.challenger if shadow.enabled else None
+        )
         self.router.start()
         await self.sync_roles()
 
@@ -119,10 +120,17 @@ class Serving:
             from ctloop.serving.backends import OpenAIBackend
 
             if not serve.upstream_url:
-                raise ModelError("serve.backend is 'openai' but serve.upstream_url is not set; set it to the "
-                                 "server's base URL, e.g. http://vllm:8000/v1")
-            return OpenAIBackend(serve.upstream_url, self.model_name, serve.upstream_model,
-                                 os.environ.get(serve.upstream_api_key_env), serve.upstream_timeout_s)
+                raise ModelError(
+                    "serve.backend is 'openai' but serve.upstream_url is not set; set it to the "
+                    "server's base URL, e.g. http://vllm:8000/v1"
+                )
+            return OpenAIBackend(
+                serve.upstream_url,
+                self.model_name,
+                serve.upstream_model,
+                os.environ.get(serve.upstream_api_key_env),
+                serve.upstream_timeout_s,
+            )
         from ctloop.serving.backends import InProcessBackend
 
         return InProcessBackend(self.config.model)
@@ -133,6 +141,7 @@ class Serving:
         from ctloop.registry.promotion import champion_history
 
         async with self._sync_lock:
+
             def read() -> Roles:
                 history = champion_history(self.registry)
                 champion = self.registry.alias(CHAMPION)
@@ -173,8 +182,9 @@ class Serving:
             except Exception as exc:  # noqa: BLE001 - keep serving the roles we have; logs, /healthz, /metrics
                 self.sync_errors += 1
                 self.last_sync_error = f"{exc.__class__.__name__}: {exc}"[:500]
-                log.warning("reading the registry's aliases failed (serving the roles we have): %s",
-                            self.last_sync_error)
+                log.warning(
+                    "reading the registry's aliases failed (serving the roles we have): %s", self.last_sync_error
+                )
 
     async def stop(self) -> None:
         try:
@@ -192,8 +202,11 @@ class Serving:
         name = requested.strip()
         if name in ("", self.model_name, "champion"):
             if roles.champion is None:
-                raise ApiError(503, "there is no champion yet; register one (`ctloop run`, `ctloop promote`)",
-                               kind="service_unavailable")
+                raise ApiError(
+                    503,
+                    "there is no champion yet; register one (`ctloop run`, `ctloop promote`)",
+                    kind="service_unavailable",
+                )
             return roles.champion, False
         if name == "challenger":
             if roles.challenger is None:
@@ -201,12 +214,21 @@ class Serving:
             return roles.challenger, True
         match = re.fullmatch(rf"(?:{re.escape(self.model_name)}[-:/])?v?(\d+)", name)
         if match is None:
-            raise ApiError(404, f"unknown model {requested!r}; use {self.model_name!r} (the champion), 'champion', "
-                                f"'challenger' or a loaded version: {self.model_ids()}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"unknown model {requested!r}; use {self.model_name!r} (the champion), 'champion', "
+                f"'challenger' or a loaded version: {self.model_ids()}",
+                "model",
+                "model_not_found",
+            )
         version = int(match.group(1))
         if version not in self.backend.loaded:
-            raise ApiError(404, f"version {version} is not loaded here; loaded versions: "
-                                f"{sorted(self.backend.loaded)}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"version {version} is not loaded here; loaded versions: {sorted(self.backend.loaded)}",
+                "model",
+                "model_not_found",
+            )
         return version, True
 
     def model_ids(self) -> list[str]:
@@ -220,15 +242,25 @@ class Serving:
             raise ApiError(400, "streaming is not supported; send stream=false", "stream")
         max_tokens = body.max_completion_tokens or body.max_tokens or serve.default_max_tokens
         if max_tokens > serve.max_tokens:
-            raise ApiError(400, f"max_tokens={max_tokens} is above this server's cap serve.max_tokens="
-                                f"{serve.max_tokens}; ask for at most {serve.max_tokens}", "max_tokens")
+            raise ApiError(
+                400,
+                f"max_tokens={max_tokens} is above this server's cap serve.max_tokens="
+                f"{serve.max_tokens}; ask for at most {serve.max_tokens}",
+                "max_tokens",
+            )
         if not prompt.strip():
             raise ApiError(400, "the prompt is empty; send some text", "prompt")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4:
             raise ApiError(400, f"{len(stop)} stop sequences; at most 4 are allowed", "stop")
-        return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature or 0.0,
-                                 top_p=body.top_p or 1.0, stop=stop, seed=body.seed)
+        return GenerationRequest(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=body.temperature or 0.0,
+            top_p=body.top_p or 1.0,
+            stop=stop,
+            seed=body.seed,
+        )
 
     async def answer(self, request_id: str, body: _Body, prompt: str) -> tuple[Any, int]:
         """The champion's (or an explicit version's) answer; champion answers are then offered to the router."""
@@ -249,8 +281,9 @@ def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
     import json
 
     if len(raw) > limit:
-        raise ApiError(413, f"the request body has {len(raw)} bytes, more than serve.max_body_bytes={limit}; "
-                            f"send a shorter prompt")
+        raise ApiError(
+            413, f"the request body has {len(raw)} bytes, more than serve.max_body_bytes={limit}; send a shorter prompt"
+        )
     try:
         data = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -287,8 +320,10 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
-                                       "code": exc.status}}, status_code=exc.status)
+        return JSONResponse(
+            {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}},
+            status_code=exc.status,
+        )
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -312,12 +347,19 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
             raise ApiError(400, f"{len(prompts)} prompts in one request; send one prompt per request", "prompt")
         rid = request_id(request)
         generation, version = await serving.answer(rid, body, prompts[0])
-        return JSONResponse({
-            "id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
-            "model": f"{serving.model_name}-v{version}",
-            "choices": [{"index": 0, "text": generation.text, "logprobs": None,
-                         "finish_reason": generation.finish_reason}],
-            "usage": _usage(generation)}, headers={"x-request-id": rid})
+        return JSONResponse(
+            {
+                "id": f"cmpl-{rid}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": f"{serving.model_name}-v{version}",
+                "choices": [
+                    {"index": 0, "text": generation.text, "logprobs": None, "finish_reason": generation.finish_reason}
+                ],
+                "usage": _usage(generation),
+            },
+            headers={"x-request-id": rid},
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -327,28 +369,49 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         rid = request_id(request)
         prompt = chat_prompt([m.model_dump() for m in body.messages])
         generation, version = await serving.answer(rid, body, prompt)
-        return JSONResponse({
-            "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
-            "model": f"{serving.model_name}-v{version}",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text.strip()},
-                         "logprobs": None, "finish_reason": generation.finish_reason}],
-            "usage": _usage(generation)}, headers={"x-request-id": rid})
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{rid}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": f"{serving.model_name}-v{version}",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": generation.text.strip()},
+                        "logprobs": None,
+                        "finish_reason": generation.finish_reason,
+                    }
+                ],
+                "usage": _usage(generation),
+            },
+            headers={"x-request-id": rid},
+        )
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "ctloop"}
-                                           for m in serving.model_ids()]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "ctloop"} for m in serving.model_ids()],
+        }
 
     @app.get("/healthz")
     async def healthz():
         roles = serving.roles
         ok = roles.champion is not None
-        return JSONResponse({"status": "ok" if ok else "no_champion", "champion": roles.champion,
-                             "challenger": roles.challenger, "previous": roles.previous,
-                             "loaded": sorted(serving.backend.loaded),
-                             "breaker": serving.router.breaker.state, "last_sync_error": serving.last_sync_error,
-                             "last_store_error": serving.router.store.last_error},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "no_champion",
+                "champion": roles.champion,
+                "challenger": roles.challenger,
+                "previous": roles.previous,
+                "loaded": sorted(serving.backend.loaded),
+                "breaker": serving.router.breaker.state,
+                "last_sync_error": serving.last_sync_error,
+                "last_store_error": serving.router.store.last_error,
+            },
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/metrics")
     async def metrics():
@@ -359,8 +422,11 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     def require_admin(request: Request) -> None:
         expected = os.environ.get(config.serve.admin_token_env, "")
         if not expected:
-            raise ApiError(403, f"admin endpoints are disabled; set {config.serve.admin_token_env} in the server's "
-                                f"environment", kind="permission_denied")
+            raise ApiError(
+                403,
+                f"admin endpoints are disabled; set {config.serve.admin_token_env} in the server's environment",
+                kind="permission_denied",
+            )
         given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), expected.encode()):
@@ -379,11 +445,17 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
         target = options.version or serving.roles.challenger
         if target is None:
-            raise ApiError(409, "there is no challenger to promote; pass {\"version\": N}")
-        check = (lambda champion, challenger: _shadow_decision(serving, champion, challenger)) \
-            if options.require_shadow else None
-        await _registry_call(asyncio.to_thread(promote_version, serving.registry, target, by=options.by,
-                                               note=options.note, shadow_check=check))
+            raise ApiError(409, 'there is no challenger to promote; pass {"version": N}')
+        check = (
+            (lambda champion, challenger: _shadow_decision(serving, champion, challenger))
+            if options.require_shadow
+            else None
+        )
+        await _registry_call(
+            asyncio.to_thread(
+                promote_version, serving.registry, target, by=options.by, note=options.note, shadow_check=check
+            )
+        )
         return _roles(await _registry_call(serving.sync_roles()))
 
     @app.post("/admin/rollback")
@@ -419,8 +491,13 @@ def _shadow_decision(serving: Serving, champion: int, challenger: int) -> tuple[
     from ctloop.serving.compare import shadow_report
 
     settings = serving.config.shadow
-    report = shadow_report(settings, serving.workspace.shadow_store_url(settings.store_url), champion, challenger,
-                           agreement_embeddings=False)[0]
+    report = shadow_report(
+        settings,
+        serving.workspace.shadow_store_url(settings.store_url),
+        champion,
+        challenger,
+        agreement_embeddings=False,
+    )[0]
     return report.decision, "; ".join(report.reasons)
 
 
@@ -429,8 +506,11 @@ def _roles(roles: Roles) -> dict[str, Any]:
 
 
 def _usage(generation: Any) -> dict[str, int]:
-    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
 
 
 def _prometheus(serving: Serving) -> bytes:
@@ -471,13 +551,19 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
     import uvicorn
 
     app = create_app(config, workspace)
-    uvicorn.run(app, host=host or config.serve.host, port=port if port is not None else config.serve.port,
-                log_level="info", timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5)
+    uvicorn.run(
+        app,
+        host=host or config.serve.host,
+        port=port if port is not None else config.serve.port,
+        log_level="info",
+        timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5,
+    )
 
 
 @contextmanager
-def serve_in_background(app: Any, host: str = "127.0.0.1", port: int = 0,
-                        start_timeout: float = 300.0) -> Iterator[str]:
+def serve_in_background(
+    app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 300.0
+) -> Iterator[str]:
     """Run an app with uvicorn in a thread (the demo, tests); yield its base URL; on exit shut it down
     the same way SIGTERM does (the shadow queue drains, the log writer flushes)."""
     import socket

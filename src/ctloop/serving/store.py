@@ -58,10 +58,12 @@ def open_engine(url: str) -> Any:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
+
         @event.listens_for(engine, "connect")
         def _wal(connection, _record):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
+
     return engine
 
 
@@ -69,20 +71,28 @@ def shadow_table(metadata: Any) -> Any:
     from sqlalchemy import Column, Float, Integer, String, Table, Text
 
     return Table(
-        "shadow_log", metadata,
+        "shadow_log",
+        metadata,
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column("request_id", String(128), nullable=False, index=True),
-        Column("prompt", Text), Column("champion_output", Text), Column("challenger_output", Text),
-        Column("status", String(32), index=True), Column("error", Text),
-        Column("champion_version", String(64), index=True), Column("challenger_version", String(64), index=True),
-        Column("champion_latency_ms", Float), Column("challenger_latency_ms", Float),
-        Column("champion_tokens", Integer), Column("challenger_tokens", Integer),
+        Column("prompt", Text),
+        Column("champion_output", Text),
+        Column("challenger_output", Text),
+        Column("status", String(32), index=True),
+        Column("error", Text),
+        Column("champion_version", String(64), index=True),
+        Column("challenger_version", String(64), index=True),
+        Column("champion_latency_ms", Float),
+        Column("challenger_latency_ms", Float),
+        Column("champion_tokens", Integer),
+        Column("challenger_tokens", Integer),
         Column("created_at", Float, index=True),
     )
 
 
-def read_rows(url: str, champion_version: str | None = None, challenger_version: str | None = None
-              ) -> list[dict[str, Any]]:
+def read_rows(
+    url: str, champion_version: str | None = None, challenger_version: str | None = None
+) -> list[dict[str, Any]]:
     """Logged pairs, oldest first, optionally for one champion/challenger pair."""
     from sqlalchemy import MetaData, inspect
 
@@ -103,8 +113,14 @@ def read_rows(url: str, champion_version: str | None = None, challenger_version:
 
 
 class ShadowStore:
-    def __init__(self, url: str, redact_pii: bool = False, batch_size: int = 200, queue_size: int = 10_000,
-                 flush_seconds: float = 0.2):
+    def __init__(
+        self,
+        url: str,
+        redact_pii: bool = False,
+        batch_size: int = 200,
+        queue_size: int = 10_000,
+        flush_seconds: float = 0.2,
+    ):
         from sqlalchemy import MetaData
 
         self.url = url
@@ -169,8 +185,13 @@ class ShadowStore:
             except SQLAlchemyError as exc:
                 self.write_errors += 1
                 self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
-                log.warning("writing %d log rows failed (attempt %d of %d): %s", len(rows), attempt + 1, attempts,
-                            self.last_error)
+                log.warning(
+                    "writing %d log rows failed (attempt %d of %d): %s",
+                    len(rows),
+                    attempt + 1,
+                    attempts,
+                    self.last_error,
+                )
                 time.sleep(0.5 * 2**attempt)
         self.dropped += len(rows)
         log.error("dropped %d log rows after %d failed attempts: %s", len(rows), attempts, self.last_error)
@@ -188,8 +209,9 @@ class ShadowStore:
         self.queue.put(None)
         self._writer.join(timeout)
         if self._writer.is_alive():
-            raise TimeoutError(f"the shadow log writer did not finish within {timeout} s; "
-                               f"{self.queue.qsize()} rows still queued")
+            raise TimeoutError(
+                f"the shadow log writer did not finish within {timeout} s; {self.queue.qsize()} rows still queued"
+            )
         self.engine.dispose()
 
     def rows(self) -> list[dict[str, Any]]:

@@ -40,12 +40,19 @@ def save_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any, pr
             else:
                 scalars.setdefault(str(index), {})[key] = value
     tensors["rng"] = torch.get_rng_state()
-    metadata = {"param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
-                "scheduler": scheduler.state_dict(), "progress": progress}
+    metadata = {
+        "param_groups": optimizer_state["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+        "progress": progress,
+    }
     path = folder / CHECKPOINT
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={METADATA_KEY: json.dumps(metadata)})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={METADATA_KEY: json.dumps(metadata)},
+        )
     return path
 
 
@@ -57,14 +64,17 @@ def load_checkpoint(folder: Path | None, model: Any, optimizer: Any, scheduler: 
     if folder is None:
         return 0
     if (folder / LEGACY_CHECKPOINT).is_file():
-        log.warning("ignoring %s: pickled checkpoints are never loaded (they can run code); training starts "
-                    "over from step 0", folder / LEGACY_CHECKPOINT)
+        log.warning(
+            "ignoring %s: pickled checkpoints are never loaded (they can run code); training starts over from step 0",
+            folder / LEGACY_CHECKPOINT,
+        )
     path = folder / CHECKPOINT
     if not path.is_file():
         return 0
     tensors, metadata = _read(path)
-    set_peft_model_state_dict(model, {k.removeprefix("adapter/"): v for k, v in tensors.items()
-                                      if k.startswith("adapter/")})
+    set_peft_model_state_dict(
+        model, {k.removeprefix("adapter/"): v for k, v in tensors.items() if k.startswith("adapter/")}
+    )
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer/"):
@@ -72,8 +82,9 @@ def load_checkpoint(folder: Path | None, model: Any, optimizer: Any, scheduler: 
             state.setdefault(int(index), {})[name] = value
     for index, values in metadata["optimizer_scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-              for group in metadata["param_groups"]]
+    groups = [
+        {**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in metadata["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(metadata["scheduler"])
     torch.set_rng_state(tensors["rng"])
@@ -89,9 +100,12 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             metadata = json.loads((handle.metadata() or {})[METADATA_KEY])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise WorkspaceError(f"{path} is not a checkpoint ctloop can read ({exc.__class__.__name__}: {exc}); "
-                             f"delete {path.parent} to train this cycle from the start") from None
+        raise WorkspaceError(
+            f"{path} is not a checkpoint ctloop can read ({exc.__class__.__name__}: {exc}); "
+            f"delete {path.parent} to train this cycle from the start"
+        ) from None
     if "rng" not in tensors or not {"param_groups", "optimizer_scalars", "scheduler", "progress"} <= set(metadata):
-        raise WorkspaceError(f"{path} lacks parts of the training state; delete {path.parent} to train this "
-                             f"cycle from the start")
+        raise WorkspaceError(
+            f"{path} lacks parts of the training state; delete {path.parent} to train this cycle from the start"
+        )
     return tensors, metadata

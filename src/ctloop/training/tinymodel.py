@@ -39,8 +39,12 @@ class TinyModelSpec:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def build_tiny_model(texts: list[str], out_dir: Path, spec: TinyModelSpec = TinyModelSpec(),
-                     on_step: Callable[[int, float], None] | None = None) -> Path:
+def build_tiny_model(
+    texts: list[str],
+    out_dir: Path,
+    spec: TinyModelSpec = TinyModelSpec(),
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
     """Train a tokenizer and pre-train a tiny Llama on `texts`; save both to `out_dir`.
 
     Idempotent: a folder already holding a finished model of the same spec and corpus is reused.
@@ -61,15 +65,23 @@ def build_tiny_model(texts: list[str], out_dir: Path, spec: TinyModelSpec = Tiny
     set_seed(spec.seed)
     tokenizer = _train_tokenizer(texts, spec.vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
-    ids = [[tokenizer.bos_token_id, *row[: spec.max_positions - 2], tokenizer.eos_token_id]
-           for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    ids = [
+        [tokenizer.bos_token_id, *row[: spec.max_positions - 2], tokenizer.eos_token_id]
+        for row in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
     generator = torch.Generator().manual_seed(spec.seed)
     model.train()
@@ -94,8 +106,15 @@ def build_tiny_model(texts: list[str], out_dir: Path, spec: TinyModelSpec = Tiny
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    write_json(out_dir / "pretrain.json", {"steps": spec.pretrain_steps, "final_loss": loss.item(),
-                                           "seconds": round(time.monotonic() - started, 1), "rows": len(texts)})
+    write_json(
+        out_dir / "pretrain.json",
+        {
+            "steps": spec.pretrain_steps,
+            "final_loss": loss.item(),
+            "seconds": round(time.monotonic() - started, 1),
+            "rows": len(texts),
+        },
+    )
     write_json(marker, {"spec": spec.key(), "corpus": corpus_key})
     return out_dir
 
@@ -107,8 +126,12 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(texts, trainer=trainer)
     pad, bos, eos = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, bos_token=bos, eos_token=eos)

@@ -79,16 +79,25 @@ class TrainResult:
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
         resumed = f", resumed at step {self.resumed_from_step}" if self.resumed_from_step else ""
-        return (f"trained {self.steps} steps on {self.examples} examples ({self.tokens} tokens, "
-                f"{rate:,.0f} tokens/s{resumed}); final loss {self.final_loss:.3f} -> {self.adapter_dir}")
+        return (
+            f"trained {self.steps} steps on {self.examples} examples ({self.tokens} tokens, "
+            f"{rate:,.0f} tokens/s{resumed}); final loss {self.final_loss:.3f} -> {self.adapter_dir}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig, train: TrainConfig,
-                  out_dir: Path, checkpoint_dir: Path | None = None,
-                  warm_start_from: Path | None = None) -> TrainResult:
+def train_adapter(
+    records: list[Record],
+    *,
+    model: ModelConfig,
+    lora: LoraConfig,
+    train: TrainConfig,
+    out_dir: Path,
+    checkpoint_dir: Path | None = None,
+    warm_start_from: Path | None = None,
+) -> TrainResult:
     """Train a LoRA adapter on `records` and save it (safetensors + adapter_config.json)."""
     import contextlib
 
@@ -133,6 +142,7 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
         resumed_from = load_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
 
         peft_model.train()
+
         # In bf16, peft would cast each LoRA layer's input up to the adapter's fp32 (and autocast back down):
         # two copies of every activation per layer. Without that cast, autocast casts the small adapter
         # weights instead; the adapter and its optimizer state stay fp32.
@@ -162,8 +172,13 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
                     progress["rates"].append((step, scheduler.get_last_lr()[0]))
                 progress["step"] = step
                 progress["seconds"] = time.monotonic() - started
-                if checkpoint_dir is not None and train.checkpoint_every and step % train.checkpoint_every == 0 \
-                        and step < total_steps and rank == 0:
+                if (
+                    checkpoint_dir is not None
+                    and train.checkpoint_every
+                    and step % train.checkpoint_every == 0
+                    and step < total_steps
+                    and rank == 0
+                ):
                     save_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
                 advance(loss=loss.item())
 
@@ -177,13 +192,24 @@ def train_adapter(records: list[Record], *, model: ModelConfig, lora: LoraConfig
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
         if world > 1:
             torch.distributed.barrier()
-        return TrainResult(adapter_dir=str(out_dir), steps=total_steps, examples=len(examples),
-                           tokens=progress["tokens"], loss_tokens=progress["loss_tokens"],
-                           seconds=round(progress["seconds"], 2), losses=progress["losses"],
-                           learning_rates=progress["rates"], padded_tokens=progress["padded"],
-                           resumed_from_step=resumed_from, warm_start=str(warm_start_from or ""), world_size=world,
-                           compute_dtype=model.dtype, attn_implementation=model.attn_implementation,
-                           row_width=row_width, libraries=library_versions())
+        return TrainResult(
+            adapter_dir=str(out_dir),
+            steps=total_steps,
+            examples=len(examples),
+            tokens=progress["tokens"],
+            loss_tokens=progress["loss_tokens"],
+            seconds=round(progress["seconds"], 2),
+            losses=progress["losses"],
+            learning_rates=progress["rates"],
+            padded_tokens=progress["padded"],
+            resumed_from_step=resumed_from,
+            warm_start=str(warm_start_from or ""),
+            world_size=world,
+            compute_dtype=model.dtype,
+            attn_implementation=model.attn_implementation,
+            row_width=row_width,
+            libraries=library_versions(),
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -236,8 +262,16 @@ def _adapter_model(base, lora: LoraConfig, warm_start_from: Path | None):
 
     if warm_start_from is not None:
         return PeftModel.from_pretrained(base, str(warm_start_from), is_trainable=True)
-    return get_peft_model(base, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return get_peft_model(
+        base,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def _schedule(lengths: list[int], train: TrainConfig, row_width: int) -> list:
@@ -246,8 +280,11 @@ def _schedule(lengths: list[int], train: TrainConfig, row_width: int) -> list:
     schedule: list = []
     for epoch in range(math.ceil(train.epochs)):
         seed = train.seed + epoch
-        batches = (packed_batches(lengths, row_width, max(1, train.batch_tokens // row_width), seed)
-                   if row_width else token_budget_batches(lengths, train.batch_tokens, seed=seed))
+        batches = (
+            packed_batches(lengths, row_width, max(1, train.batch_tokens // row_width), seed)
+            if row_width
+            else token_budget_batches(lengths, train.batch_tokens, seed=seed)
+        )
         share = min(1.0, train.epochs - epoch)
         schedule.extend(batches[: max(1, round(share * len(batches)))])
     return schedule
@@ -274,5 +311,7 @@ def _lr_scale(step: int, warmup: int, total: int) -> float:
 def is_main_process() -> bool:
     import torch
 
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
         or torch.distributed.get_rank() == 0
+    )

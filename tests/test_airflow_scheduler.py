@@ -1,0 +1,129 @@
+"""The cycle DAG under a real Airflow 3 scheduler: the scheduler, the DAG processor and the API
+server run as separate processes on loopback (as `airflow standalone` starts them, LocalExecutor,
+SQLite metadata), the run is triggered through Airflow's REST API with a data conf, and every task
+runs in its own process. `test_airflow.py` covers the DAGs' logic in one process (`dag.test()`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import REPO, quickstart_rows
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(what: str, check, timeout: float, logs: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log")))
+    pytest.fail(f"timed out waiting for {what}\n{tails}")
+
+
+def test_the_cycle_dag_runs_under_a_real_scheduler_triggered_through_the_rest_api(tiny_base, tmp_path):
+    home, logs, port = tmp_path / "airflow-home", tmp_path / "logs", _free_port()
+    logs.mkdir()
+    data = tmp_path / "new.jsonl"
+    data.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl")[:200]) + b"\n")
+    config = {
+        "workspace": str(tmp_path / "ws"),
+        "model": {"base": str(tiny_base), "max_seq_tokens": 96},
+        "data": {"min_rows": 20, "holdout_fraction": 0.15},
+        "drift": {"embedder": "base_model", "permutations": 200, "min_rows": 20},
+        "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 512},
+        "gate": {"min_new_improvement": -1.0, "max_old_regression": 1.0, "min_examples": 10},
+        "registry": {"model_name": "scheduled-adapter"},
+        "orchestration": {"retries": 0},
+    }
+    (tmp_path / "ctloop.yaml").write_text(yaml.safe_dump(config))
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "ctloop-test-secret-not-for-production",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "CTLOOP_CONFIG": str(tmp_path / "ctloop.yaml"),
+        "OMP_NUM_THREADS": "1",
+    }
+    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
+    commands = {
+        "scheduler": ["scheduler"],
+        "dag-processor": ["dag-processor"],
+        "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+    }
+    processes = [
+        subprocess.Popen([airflow, *args], env=env, stdout=(logs / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
+        for name, args in commands.items()
+    ]
+    api = f"http://127.0.0.1:{port}/api/v2"
+    try:
+
+        def dag_parsed() -> bool:
+            try:
+                return httpx.get(f"{api}/dags/ctloop_cycle", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for("the DAG processor to parse dags/ and the API server to answer", dag_parsed, 300, logs)
+        started = httpx.post(
+            f"{api}/dags/ctloop_cycle/dagRuns", timeout=30, json={"logical_date": None, "conf": {"data": str(data)}}
+        )
+        assert started.status_code == 200, started.text
+        run_id = started.json()["dag_run_id"]
+
+        def finished() -> str | None:
+            state = httpx.get(f"{api}/dags/ctloop_cycle/dagRuns/{run_id}", timeout=10).json()["state"]
+            return state if state in ("success", "failed") else None
+
+        assert _wait_for("the DAG run to finish", finished, 900, logs) == "success"
+        tasks = httpx.get(f"{api}/dags/ctloop_cycle/dagRuns/{run_id}/taskInstances", timeout=10).json()
+        states = {t["task_id"]: t["state"] for t in tasks["task_instances"]}
+        from ctloop.cycle.declaration import CYCLE
+
+        assert states == {stage.name: "success" for stage in CYCLE}
+        pids = {t["task_id"]: t.get("pid") for t in tasks["task_instances"]}
+        assert len({pid for pid in pids.values() if pid}) == len(CYCLE)  # each task in its own process
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    from ctloop.config import load_config
+    from ctloop.registry.client import open_registry
+    from ctloop.workspace import resolve_workspace
+
+    loaded = load_config(tmp_path / "ctloop.yaml")
+    registry = open_registry(loaded.registry, resolve_workspace(None, loaded))
+    assert [v.version for v in registry.versions()] == [1] and registry.alias("champion") == 1
