@@ -30,9 +30,9 @@ import httpx
 import yaml
 
 from ctloop.config import load_config
+from ctloop.logstore.shadow import read_rows
 from ctloop.registry.client import CHALLENGER, open_registry
 from ctloop.registry.promotion import promote
-from ctloop.serving.store import read_rows
 from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model, random_adapter
 from ctloop.workspace import Workspace
 

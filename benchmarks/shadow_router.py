@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from ctloop.config import ShadowConfig
+from ctloop.logstore.shadow import ShadowStore, read_rows
 from ctloop.serving.backends import Generation, GenerationRequest
 from ctloop.serving.router import ShadowRouter, sampled
-from ctloop.serving.store import ShadowStore, read_rows
 
 CHAMPION_SECONDS = 0.020
 CHALLENGER_SECONDS = 0.050

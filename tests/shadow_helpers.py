@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ctloop.config import config_from_dict
+from ctloop.logstore.shadow import ShadowRecord
 from ctloop.registry.client import CHALLENGER, Registry
-from ctloop.serving.store import ShadowRecord
 from ctloop.workspace import Workspace
 
 
@@ -53,3 +53,29 @@ def register_versions(config, adapters: list[Path]) -> Registry:
     if len(adapters) > 1:
         registry.set_alias(CHALLENGER, 2)
     return registry
+
+
+def echo_upstream(models: list[str]):
+    """A real OpenAI-compatible HTTP app that answers at once (the prompt's last word, reversed), for
+    tests of what ctloop does around generation (logging, feedback, load) where the tiny model's
+    speed would make 10,000 requests take minutes. It stands where vLLM stands in production."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def listed():
+        return {"object": "list", "data": [{"id": m, "object": "model"} for m in models]}
+
+    @app.post("/v1/completions")
+    async def complete(body: dict):
+        words = str(body.get("prompt", "")).split() or ["-"]
+        return {
+            "id": "up",
+            "object": "text_completion",
+            "model": body.get("model"),
+            "choices": [{"index": 0, "text": " " + words[-1][::-1], "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(words), "completion_tokens": 1, "total_tokens": len(words) + 1},
+        }
+
+    return app

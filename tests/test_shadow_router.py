@@ -12,9 +12,9 @@ import pytest
 
 from ctloop.config import ShadowConfig
 from ctloop.errors import ModelError
+from ctloop.logstore.shadow import ShadowStore
 from ctloop.serving.backends import Generation, GenerationRequest
 from ctloop.serving.router import CircuitBreaker, ShadowRouter, sampled
-from ctloop.serving.store import ShadowStore
 
 CHAMPION = Generation("champion answer", 3, 2, "stop", 5.0)
 REQUEST = GenerationRequest(prompt="hello", max_tokens=8)

@@ -8,9 +8,9 @@ import threading
 import httpx
 import pytest
 
+from ctloop.logstore.shadow import read_rows
 from ctloop.registry.promotion import promote
 from ctloop.serving.server import create_app, serve_in_background
-from ctloop.serving.store import read_rows
 from ctloop.training.tinymodel import random_adapter
 from ctloop.workspace import Workspace
 from shadow_helpers import register_versions, serving_config

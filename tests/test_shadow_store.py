@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from ctloop.serving.store import ShadowStore, read_rows, redact
+from ctloop.logstore.shadow import ShadowStore, read_rows, redact
 from shadow_helpers import shadow_record
 
 POSTGRES_URL = os.environ.get("CTLOOP_TEST_POSTGRES_URL")

@@ -251,6 +251,23 @@ class ServeConfig(Section):
     )
     poll_seconds: float = Field(5.0, gt=0, description="how often the registry's aliases are checked")
     drain_seconds: float = Field(10.0, ge=0, description="on shutdown, how long queued shadow calls may finish")
+    log_fraction: float = Field(
+        1.0, ge=0, le=1, description="share of answered requests written to the request log (hash of the id); 0: none"
+    )
+    log_retention_days: float | None = Field(
+        30.0,
+        gt=0,
+        description="log store rows (requests, feedback, shadow pairs) older than this are purged, by the server "
+        "every hour and by `ctloop logs purge`; null: kept forever",
+    )
+    redact: bool = Field(
+        False, description="replace e-mail addresses, phone numbers and keys in the request log and feedback"
+    )
+    feedback_token_env: str = Field(
+        "CTLOOP_FEEDBACK_TOKEN",
+        description="env var holding the bearer token of POST /v1/feedback; unset: feedback is disabled (403)",
+    )
+    max_correction_chars: int = Field(16384, ge=1, description="a longer feedback correction gets 413")
 
 
 class ShadowConfig(Section):

@@ -296,7 +296,7 @@ def shadow_report(
 ) -> tuple[ShadowReport, list[dict[str, Any]]]:
     """Read one pair's rows from the log store and compare them with the configured judge and embedder
     (the embedder only scores agreement, which the decision does not use; a server skips it)."""
-    from ctloop.serving.store import read_rows
+    from ctloop.logstore.shadow import read_rows
 
     rows = read_rows(store_url, str(champion_version), str(challenger_version))
     judge = embedder = None

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from ctloop.config import ShadowConfig
+from ctloop.logstore.shadow import ShadowRecord, ShadowStore
 from ctloop.serving.backends import SHADOW, Backend, Generation, GenerationRequest
-from ctloop.serving.store import ShadowRecord, ShadowStore
 
 
 def sampled(request_id: str, fraction: float) -> bool:

@@ -1,8 +1,12 @@
 """`ctloop serve`: an OpenAI-compatible server that answers with the champion and shadows the challenger.
 
-Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics, and the admin
-endpoints /admin/reload, /admin/promote, /admin/rollback (bearer token from the env var named by
-`serve.admin_token_env`, compared in constant time).
+Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /v1/feedback, /healthz, /metrics,
+and the admin endpoints /admin/reload, /admin/promote, /admin/rollback (bearer token from the env
+var named by `serve.admin_token_env`, compared in constant time).
+
+Every answered request is written to the request log (`production_log.py`) with the id the client
+sent as X-Request-Id (or a new one), which the response carries as its `id` and `X-Request-Id`;
+feedback on an answer names that id.
 
 A request's `model` may be the registered model's name or `champion` (the champion answers and
 the request is mirrored to the challenger), or an explicit version (`<name>-v3`, `v3`, `3`) or
@@ -55,6 +59,8 @@ class _Body(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int | None = Field(None, ge=1, le=1)
     stream: bool | None = None
+    user: str | None = Field(None, max_length=256)  # logged with the request, as OpenAI clients send it
+    metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
 class CompletionBody(_Body):
@@ -95,19 +101,23 @@ class Serving:
         self.registry: Any = None
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency_sum: Counter[str] = Counter()
+        self.production: Any = None
         self.last_sync_error = ""
         self.sync_errors = 0
         self._sync_lock = asyncio.Lock()
 
     async def start(self) -> None:
+        from ctloop.logstore.shadow import ShadowStore
         from ctloop.registry.client import open_registry
+        from ctloop.serving.production_log import ProductionLog
         from ctloop.serving.router import ShadowRouter
-        from ctloop.serving.store import ShadowStore
 
         self.registry = await asyncio.to_thread(open_registry, self.config.registry, self.workspace)
         self.backend = await asyncio.to_thread(self._make_backend)
         shadow = self.config.shadow
-        store = ShadowStore(self.workspace.shadow_store_url(shadow.store_url), redact_pii=shadow.redact)
+        store_url = self.workspace.shadow_store_url(shadow.store_url)
+        store = ShadowStore(store_url, redact_pii=shadow.redact)
+        self.production = ProductionLog(self.config, store_url)
         self.router = ShadowRouter(
             self.backend, store, shadow, challenger=lambda: self.roles.challenger if shadow.enabled else None
         )
@@ -191,8 +201,12 @@ class Serving:
             if self.router is not None:
                 await self.router.shutdown(self.config.serve.drain_seconds)
         finally:
-            if self.backend is not None:
-                await self.backend.aclose()
+            try:
+                if self.production is not None:
+                    await asyncio.to_thread(self.production.close)  # every queued request row is written
+            finally:
+                if self.backend is not None:
+                    await self.backend.aclose()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -262,8 +276,13 @@ class Serving:
             seed=body.seed,
         )
 
-    async def answer(self, request_id: str, body: _Body, prompt: str) -> tuple[Any, int]:
-        """The champion's (or an explicit version's) answer; champion answers are then offered to the router."""
+    async def answer(
+        self, request_id: str, body: _Body, prompt: str, endpoint: str, messages: list[dict[str, str]] | None = None
+    ) -> tuple[Any, int]:
+        """The champion's (or an explicit version's) answer, logged in the request log; champion
+        answers are then offered to the router."""
+        from ctloop.logstore.requests import RequestRecord
+
         request = self.generation_request(body, prompt)
         version, explicit = self.resolve(body.model)
         try:
@@ -272,6 +291,23 @@ class Serving:
             raise ApiError(504, f"the model did not answer in time: {exc}", kind="timeout") from exc
         except CtloopError as exc:
             raise ApiError(503, f"the model could not answer: {exc}", kind="service_unavailable") from exc
+        self.production.record(
+            RequestRecord(
+                request_id=request_id,
+                model_version=str(version),
+                endpoint=endpoint,
+                prompt=prompt,
+                answer=generation.text,
+                explicit_version=explicit,
+                messages=messages,
+                finish_reason=generation.finish_reason,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                latency_ms=generation.latency_ms,
+                user=body.user or "",
+                request_metadata=body.metadata or {},
+            )
+        )
         if not explicit:
             self.router.submit(request_id, request, generation, version)
         return generation, version
@@ -307,12 +343,13 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await serving.start()
-        watcher = asyncio.create_task(serving.watch())
+        background = [asyncio.create_task(serving.watch()), asyncio.create_task(serving.production.purge_forever())]
         try:
             yield
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await serving.stop()
 
     app = FastAPI(title="ctloop", lifespan=lifespan)
@@ -346,7 +383,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         if len(prompts) != 1:
             raise ApiError(400, f"{len(prompts)} prompts in one request; send one prompt per request", "prompt")
         rid = request_id(request)
-        generation, version = await serving.answer(rid, body, prompts[0])
+        generation, version = await serving.answer(rid, body, prompts[0], "completions")
         return JSONResponse(
             {
                 "id": f"cmpl-{rid}",
@@ -367,8 +404,8 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
         body = _parse(ChatBody, await request.body(), config.serve.max_body_bytes)
         rid = request_id(request)
-        prompt = chat_prompt([m.model_dump() for m in body.messages])
-        generation, version = await serving.answer(rid, body, prompt)
+        messages = [m.model_dump() for m in body.messages]
+        generation, version = await serving.answer(rid, body, chat_prompt(messages), "chat", messages)
         return JSONResponse(
             {
                 "id": f"chatcmpl-{rid}",
@@ -387,6 +424,19 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
             },
             headers={"x-request-id": rid},
         )
+
+    @app.post("/v1/feedback", status_code=201)
+    async def feedback(request: Request):
+        from ctloop.serving.production_log import FeedbackRefused
+
+        raw = await request.body()
+        try:
+            answer = await serving.production.add_feedback(
+                request.headers, raw, lambda model, data: _parse(model, data, config.serve.max_body_bytes)
+            )
+        except FeedbackRefused as exc:
+            raise ApiError(exc.status, exc.message, exc.param, exc.kind) from None
+        return JSONResponse(answer, status_code=201)
 
     @app.get("/v1/models")
     async def models():
@@ -530,6 +580,8 @@ def _prometheus(serving: Serving) -> bytes:
     rows.append(("ctloop_role_sync_errors_total", "counter", serving.sync_errors, {}))
     if serving.router is not None:
         rows += serving.router.metrics()
+    if serving.production is not None:
+        rows += serving.production.metrics()
 
     class Snapshot:
         def collect(self):

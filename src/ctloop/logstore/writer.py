@@ -1,0 +1,138 @@
+"""One batched background writer per log table, and redaction before anything is stored.
+
+The request path only puts a row on a bounded queue (never waits on the database); one thread
+inserts what is waiting in batches, in one transaction each. A full queue drops and counts; a
+database that stays down costs the batch (counted, logged, on /healthz), never the thread.
+`close()` drains the queue, so a clean shutdown (SIGTERM included) loses no row.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ctloop.logstore.database import open_engine
+
+log = logging.getLogger(__name__)
+
+REDACTIONS = (
+    (re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"), "[email]"),
+    (re.compile(r"\b(sk|pk|api|key|token)[-_][A-Za-z0-9_-]{12,}\b", re.IGNORECASE), "[key]"),
+    (re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)"), "[phone]"),
+)
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def clean_text(value: str, redact_pii: bool) -> str:
+    """What a text field becomes in the store: no NUL (PostgreSQL refuses it, which would cost the
+    whole batch), and redacted when asked."""
+    value = value.replace("\x00", "")
+    return redact(value) if redact_pii else value
+
+
+class BatchedWriter:
+    """Rows for one table of the log store, written in batches by a background thread."""
+
+    def __init__(
+        self,
+        url: str,
+        table_name: str,
+        to_row: Callable[[Any], dict[str, Any]],
+        batch_size: int = 200,
+        queue_size: int = 10_000,
+        flush_seconds: float = 0.2,
+    ):
+        from sqlalchemy import MetaData, Table
+
+        self.url = url
+        self.engine = open_engine(url)
+        self.table = Table(table_name, MetaData(), autoload_with=self.engine)
+        self.to_row = to_row
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.written = 0
+        self.dropped = 0
+        self.last_error = ""
+        self.write_errors = 0
+        self._writer = threading.Thread(target=self._run, name=f"ctloop-{table_name}-writer", daemon=True)
+        self._writer.start()
+
+    def put(self, record: Any) -> bool:
+        """Queue a row for the writer; False (and counted) when the queue is full."""
+        try:
+            self.queue.put_nowait(record)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def _run(self) -> None:
+        batch: list[Any] = []
+        stopping = False
+        while not stopping:
+            try:
+                item = self.queue.get(timeout=self.flush_seconds)
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+                    while len(batch) < self.batch_size:  # take what is already waiting
+                        item = self.queue.get_nowait()
+                        if item is None:
+                            stopping = True
+                            break
+                        batch.append(item)
+            except queue.Empty:
+                pass
+            if batch:
+                self._insert(batch)
+                batch = []
+
+    def _insert(self, batch: list[Any], attempts: int = 3) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        rows = [self.to_row(record) for record in batch]
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(self.table.insert(), rows)
+                self.written += len(rows)
+                return
+            except SQLAlchemyError as exc:
+                self.write_errors += 1
+                self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+                log.warning(
+                    "writing %d %s rows failed (attempt %d of %d): %s",
+                    len(rows),
+                    self.table.name,
+                    attempt + 1,
+                    attempts,
+                    self.last_error,
+                )
+                time.sleep(0.5 * 2**attempt)
+        self.dropped += len(rows)
+        log.error(
+            "dropped %d %s rows after %d failed attempts: %s", len(rows), self.table.name, attempts, self.last_error
+        )
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop after writing every queued row."""
+        self.queue.put(None)
+        self._writer.join(timeout)
+        if self._writer.is_alive():
+            raise TimeoutError(
+                f"the {self.table.name} writer did not finish within {timeout} s; "
+                f"{self.queue.qsize()} rows still queued"
+            )
+        self.engine.dispose()

@@ -1,0 +1,125 @@
+"""What the server keeps of production: every answered request in the request log (sampled by
+`serve.log_fraction`), and the feedback clients post on those answers (`POST /v1/feedback`)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+from ctloop.config import CtloopConfig
+from ctloop.logstore.requests import FeedbackBody, LogReader, RequestLog, RequestRecord
+from ctloop.serving.router import sampled
+
+log = logging.getLogger(__name__)
+
+RECENT_IDS = 100_000  # request ids answered here lately: feedback on them is accepted before the row is flushed
+PURGE_EVERY_S = 3600.0
+
+
+class FeedbackRefused(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class ProductionLog:
+    """The request log writer, the reader used for feedback, and their counters."""
+
+    def __init__(self, config: CtloopConfig, store_url: str):
+        self.settings = config.serve
+        self.writer = RequestLog(store_url, redact_pii=self.settings.redact)
+        self.reader = LogReader(store_url, redact_pii=self.settings.redact)
+        self.sampled_out = 0
+        self.feedback = Counter()  # kind -> posts accepted: rating, correction
+        self.purged = Counter()  # table -> rows deleted by retention
+        self.recent: OrderedDict[str, None] = OrderedDict()
+
+    def record(self, record: RequestRecord) -> None:
+        """Log an answered request (never blocks the request path)."""
+        if not sampled(record.request_id, self.settings.log_fraction):
+            self.sampled_out += 1
+            return
+        if self.writer.put(record):
+            self.recent[self.reader.stored_id(record.request_id)] = None
+            if len(self.recent) > RECENT_IDS:
+                self.recent.popitem(last=False)
+
+    async def add_feedback(self, headers: Any, raw: bytes, parse: Any) -> dict[str, Any]:
+        """Check the bearer token, the body and the request id; store the feedback; the API's answer."""
+        expected = os.environ.get(self.settings.feedback_token_env, "")
+        if not expected:
+            raise FeedbackRefused(
+                403,
+                f"feedback is disabled; set {self.settings.feedback_token_env} in the server's environment",
+                kind="permission_denied",
+            )
+        given = headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            raise FeedbackRefused(401, "missing or wrong bearer token for /v1/feedback", kind="authentication_error")
+        body = parse(FeedbackBody, raw)
+        if body.correction is not None and len(body.correction) > self.settings.max_correction_chars:
+            raise FeedbackRefused(
+                413,
+                f"the correction has {len(body.correction)} characters, more than serve.max_correction_chars="
+                f"{self.settings.max_correction_chars}; send a shorter one",
+                "correction",
+            )
+        stored_id = self.reader.stored_id(body.request_id)
+        if stored_id not in self.recent and not await asyncio.to_thread(self.reader.has_request, body.request_id):
+            raise FeedbackRefused(
+                404,
+                f"no logged request has id {body.request_id!r}; send the X-Request-Id (or the response id) of an "
+                f"answer this server logged (serve.log_fraction decides which are logged)",
+                "request_id",
+                "not_found",
+            )
+        record = body.record()
+        await asyncio.to_thread(self.reader.add_feedback, [record])
+        for kind in ("rating", "correction"):
+            if getattr(record, kind) is not None:
+                self.feedback[kind] += 1
+        return {
+            "id": f"fb-{record.feedback_id}",
+            "object": "feedback",
+            "request_id": body.request_id,
+            "created": int(record.created_at),
+        }
+
+    async def purge_forever(self) -> None:
+        """Delete rows past `serve.log_retention_days`, now and every hour."""
+        days = self.settings.log_retention_days
+        if days is None:
+            return
+        while True:
+            try:
+                deleted = await asyncio.to_thread(self.reader.purge, time.time() - days * 86400)
+                self.purged.update(deleted)
+                if any(deleted.values()):
+                    log.info("log retention (%s days) purged %s", days, deleted)
+            except Exception as exc:  # noqa: BLE001 - retention must not stop the server; it tries again
+                log.warning("purging the log store failed: %s: %s", exc.__class__.__name__, exc)
+            await asyncio.sleep(PURGE_EVERY_S)
+
+    def metrics(self) -> list[tuple[str, str, float, dict[str, str]]]:
+        w = self.writer
+        rows = [
+            ("ctloop_request_log_sampled_out_total", "counter", self.sampled_out, {}),
+            ("ctloop_request_log_rows_written_total", "counter", w.written, {}),
+            ("ctloop_request_log_rows_dropped_total", "counter", w.dropped, {}),
+            ("ctloop_request_log_write_errors_total", "counter", w.write_errors, {}),
+        ]
+        rows += [("ctloop_feedback_total", "counter", self.feedback[k], {"kind": k}) for k in ("rating", "correction")]
+        rows += [("ctloop_log_rows_purged_total", "counter", n, {"table": t}) for t, n in sorted(self.purged.items())]
+        return rows
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.reader.close()

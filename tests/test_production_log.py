@@ -1,0 +1,319 @@
+"""The request log and feedback: the store on real SQLite and PostgreSQL, and the HTTP API of
+`ctloop serve` in front of a real OpenAI-compatible upstream (an instant one, so thousands of
+requests take seconds, not the tiny model's minutes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+import yaml
+
+from ctloop.logstore.requests import FeedbackRecord, LogReader, RequestLog, RequestRecord
+from ctloop.serving.server import create_app, serve_in_background
+from ctloop.training.tinymodel import random_adapter
+from ctloop.workspace import Workspace
+from shadow_helpers import echo_upstream, register_versions, serving_config
+
+POSTGRES_URL = os.environ.get("CTLOOP_TEST_POSTGRES_URL")
+TOKEN = "feedback-s3cret"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty log store of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'logs.db'}"
+        return
+    if POSTGRES_URL is None:
+        pytest.skip("no PostgreSQL: run the tests through `make test` (scripts/with_postgres.sh starts one)")
+    from sqlalchemy import create_engine, text
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def _request(i: int, **fields) -> RequestRecord:
+    return RequestRecord(
+        request_id=f"r{i}", model_version="1", endpoint="completions", prompt=f"p{i}", answer=f"a{i}", **fields
+    )
+
+
+def test_requests_join_their_latest_feedback_and_retention_purges(store_url):
+    writer = RequestLog(store_url)
+    for i in range(3):
+        writer.put(_request(i, user="u", request_metadata={"team": "x"}, created_at=1000.0 + i))
+    writer.close()
+    reader = LogReader(store_url)
+    first = FeedbackRecord("r1", rating=-1, created_at=2000.0)
+    second = FeedbackRecord("r1", rating=1, correction="better", created_at=2001.0)
+    assert reader.add_feedback([first, second]) == 2
+    rows = reader.requests()
+    assert [r["request_id"] for r in rows] == ["r0", "r1", "r2"]
+    assert rows[0]["feedback"] is None and rows[0]["request_metadata"] == {"team": "x"}
+    assert rows[1]["feedback"]["correction"] == "better" and rows[1]["feedback"]["score"] == 1.0  # superseded
+    assert reader.counts()["feedback"] == 2  # and both are kept
+    assert [r["request_id"] for r in reader.requests(since=1001.0, until=1002.0)] == ["r1"]
+    deleted = reader.purge(older_than=1001.5)
+    assert deleted["request_log"] == 2 and deleted["feedback"] == 0
+    assert [r["request_id"] for r in reader.requests()] == ["r2"]
+    reader.close()
+
+
+def test_a_thumbs_down_is_score_zero_and_redaction_keeps_ids_joinable(store_url):
+    writer = RequestLog(store_url, redact_pii=True)
+    writer.put(
+        RequestRecord(
+            request_id="id-of-jane@example.com",
+            model_version="1",
+            endpoint="completions",
+            prompt="mail jane@example.com",
+            answer="a",
+            user="jane@example.com",
+        )
+    )
+    writer.close()
+    reader = LogReader(store_url, redact_pii=True)
+    assert reader.has_request("id-of-jane@example.com")
+    reader.add_feedback([FeedbackRecord("id-of-jane@example.com", rating=-1, comment="call +1 415 555 0100")])
+    row = reader.requests()[0]
+    assert "example.com" not in row["request_id"] and row["feedback"]["score"] == 0.0
+    assert "555" not in row["feedback"]["comment"]
+    reader.close()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [random_adapter(tiny_base, root / f"a{seed}", seed) for seed in (1, 2)]
+
+
+@pytest.fixture()
+def upstream():
+    with serve_in_background(echo_upstream(["srv-v1", "srv-v2"])) as url:
+        yield url
+
+
+def _config(tiny_base, tmp_path, upstream: str, store_url: str | None = None, **serve):
+    return serving_config(
+        tiny_base,
+        tmp_path / "ws",
+        serve={"backend": "openai", "upstream_url": f"{upstream}/v1", **serve},
+        shadow={"store_url": store_url, "enabled": False},
+    )
+
+
+def test_answers_are_logged_with_their_id_user_and_metadata(tiny_base, adapters, tmp_path, upstream, monkeypatch):
+    config = _config(tiny_base, tmp_path, upstream)
+    register_versions(config, adapters)
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+        given = httpx.post(
+            f"{url}/v1/completions",
+            headers={"x-request-id": "client-7"},
+            timeout=30,
+            json={"model": "srv", "prompt": "hello world", "user": "u1", "metadata": {"team": "a"}},
+        )
+        fresh = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=30,
+            json={"model": "srv-v2", "messages": [{"role": "user", "content": "hi there"}]},
+        )
+        sampled_off = fresh.headers["x-request-id"]
+    assert given.json()["id"] == "cmpl-client-7" and given.headers["x-request-id"] == "client-7"
+    assert fresh.json()["id"] == f"chatcmpl-{sampled_off}"
+    reader = LogReader(Workspace(config.workspace).shadow_store_url())
+    rows = {r["request_id"]: r for r in reader.requests()}
+    assert rows["client-7"]["answer"] == " dlrow" and rows["client-7"]["user"] == "u1"
+    assert rows["client-7"]["request_metadata"] == {"team": "a"} and rows["client-7"]["model_version"] == "1"
+    chat = rows[sampled_off]
+    assert chat["messages"] == [{"role": "user", "content": "hi there"}] and chat["explicit_version"]
+    assert chat["model_version"] == "2" and chat["prompt_tokens"] > 0 and chat["latency_ms"] > 0
+    reader.close()
+
+
+def test_feedback_api_authorises_validates_and_supersedes(tiny_base, adapters, tmp_path, upstream, monkeypatch):
+    config = _config(tiny_base, tmp_path, upstream, max_correction_chars=100)
+    register_versions(config, adapters)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+        rid = httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": "x y"}, timeout=30).headers[
+            "x-request-id"
+        ]
+
+        def post(body, headers=auth, raw: bytes | None = None):
+            return httpx.post(
+                f"{url}/v1/feedback",
+                headers=headers,
+                timeout=30,
+                **({"content": raw} if raw is not None else {"json": body}),
+            )
+
+        assert post({"request_id": rid, "rating": 1}).status_code == 403  # no token configured: disabled
+        monkeypatch.setenv("CTLOOP_FEEDBACK_TOKEN", TOKEN)
+        assert post({"request_id": rid, "rating": 1}, headers={"authorization": "Bearer nope"}).status_code == 401
+        refused = {
+            "unknown id": (post({"request_id": "never-served", "rating": 1}), 404, "never-served"),
+            "rating 2": (post({"request_id": rid, "rating": 2}), 400, "rating"),
+            "rating true": (post({"request_id": rid, "rating": True}), 400, "rating"),
+            "no content": (post({"request_id": rid}), 400, "rating, a correction"),
+            "extra field": (post({"request_id": rid, "rating": 1, "stars": 5}), 400, "stars"),
+            "not json": (post(None, raw=b"{oops"), 400, "not valid JSON"),
+            "oversize": (post({"request_id": rid, "correction": "x" * 101}), 413, "max_correction_chars"),
+        }
+        for name, (response, status, needle) in refused.items():
+            assert response.status_code == status, name
+            error = response.json()["error"]
+            assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}, name
+        first = post({"request_id": rid, "rating": -1, "comment": "wrong"})
+        second = post({"request_id": f"cmpl-{rid}", "rating": 1, "correction": "the right answer", "user": "qa"})
+        assert first.status_code == second.status_code == 201
+        assert second.json()["object"] == "feedback" and second.json()["request_id"] == rid
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'ctloop_feedback_total{kind="rating"} 2.0' in metrics
+    assert 'ctloop_feedback_total{kind="correction"} 1.0' in metrics
+    reader = LogReader(Workspace(config.workspace).shadow_store_url())
+    assert reader.counts()["feedback"] == 2  # nothing the refused posts sent was stored
+    latest = reader.requests()[0]["feedback"]
+    assert latest["correction"] == "the right answer" and latest["user"] == "qa"
+    reader.close()
+
+
+@pytest.mark.slow
+def test_ten_thousand_requests_and_two_thousand_feedbacks_survive_a_sigterm(
+    tiny_base, adapters, tmp_path, upstream, store_url
+):
+    config = _config(tiny_base, tmp_path, upstream, store_url)
+    register_versions(config, adapters)
+    raw = {
+        "workspace": str(config.workspace),
+        "model": {"base": str(tiny_base)},
+        "registry": config.registry.model_dump(mode="json"),
+        "serve": {**config.serve.model_dump(mode="json"), "port": 0},
+        "shadow": {"store_url": store_url, "enabled": False},
+    }
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(raw))
+    port = _free_port()
+    env = {**os.environ, "CTLOOP_FEEDBACK_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ctloop", "serve", "--config", str(tmp_path / "serve.yaml"), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(url, server)
+        ok = asyncio.run(_load(url, requests=10_000, feedbacks=2_000))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=120)
+    # uvicorn finishes its graceful shutdown, then re-raises SIGTERM (exit -15) as a signal-killed process would
+    assert server.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in stderr, stderr[-2000:]
+    assert ok == {"requests": 10_000, "feedback": 2_000}
+    reader = LogReader(store_url)
+    rows = reader.requests()
+    assert len(rows) == 10_000 and len({r["request_id"] for r in rows}) == 10_000  # every request logged once
+    rated = [r for r in rows if r["feedback"] is not None]
+    assert len(rated) == 2_000 and all(r["feedback"]["correction"] == f"fixed {r['request_id']}" for r in rated)
+    assert reader.counts()["feedback"] == 2_000
+    reader.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_healthy(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stderr.read()[-2000:]
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("ctloop serve did not become healthy")
+
+
+async def _load(url: str, requests: int, feedbacks: int) -> dict[str, int]:
+    """Requests from 32 concurrent clients, then feedback on every fifth one; counts of 200/201 answers."""
+    ok = {"requests": 0, "feedback": 0}
+    ids = [f"load-{i}" for i in range(requests)]
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        semaphore = asyncio.Semaphore(32)
+
+        async def ask(rid: str) -> None:
+            async with semaphore:
+                response = await client.post(
+                    "/v1/completions",
+                    headers={"x-request-id": rid},
+                    json={"model": "srv", "prompt": f"question {rid}", "max_tokens": 4},
+                )
+                ok["requests"] += response.status_code == 200
+
+        async def rate(rid: str) -> None:
+            async with semaphore:
+                response = await client.post(
+                    "/v1/feedback",
+                    headers={"authorization": f"Bearer {TOKEN}"},
+                    json={"request_id": rid, "rating": -1, "correction": f"fixed {rid}"},
+                )
+                ok["feedback"] += response.status_code == 201
+
+        await asyncio.gather(*(ask(rid) for rid in ids))
+        await asyncio.gather(*(rate(rid) for rid in ids[:: requests // feedbacks]))
+    return ok
+
+
+def test_feedback_import_takes_jsonl_and_csv_and_reports_what_it_refused(tiny_base, tmp_path):
+    url = f"sqlite:///{tmp_path / 'logs.db'}"
+    writer = RequestLog(url)
+    for i in range(3):
+        writer.put(_request(i))
+    writer.close()
+    jsonl = tmp_path / "fb.jsonl"
+    jsonl.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"request_id": "r0", "rating": 1},
+                {"request_id": "r1", "rating": -1, "correction": "c1"},
+                {"request_id": "zz", "rating": 1},
+                {"request_id": "r2", "rating": 7},
+            ]
+        )
+        + "\n{broken\n"
+    )
+    csv = tmp_path / "fb.csv"
+    csv.write_text("request_id,rating,correction,comment,user\nr2,0.5,,ok,qa\n")
+    from ctloop.logstore.feedback_import import import_feedback
+
+    report = import_feedback(jsonl, url)
+    assert report.imported == 2 and report.refused == {"unknown request id": 1, "invalid": 2}
+    assert import_feedback(csv, url).imported == 1
+    reader = LogReader(url)
+    scores = {r["request_id"]: r["feedback"]["score"] for r in reader.requests() if r["feedback"]}
+    assert scores == {"r0": 1.0, "r1": 0.0, "r2": 0.5}
+    assert {f["source"] for f in reader.latest_feedback().values()} == {str(jsonl), str(csv)}
+    reader.close()
