@@ -13,7 +13,7 @@ is one (the seed through HF Trainer, ctloop's trainer on its own), else on one C
 
 - seed: HF Trainer + peft, fp32, batch 4 samples padded to the longest, LoRA r=8 alpha=32 on
   q/v with dropout 0.1, loss on every token (DataCollatorForLanguageModeling);
-- ctloop: `ctloop.train.train_adapter` with its defaults (token-budget batches of fixed-width packed
+- ctloop: `ctloop.training.trainer.train_adapter` with its defaults (token-budget batches of fixed-width packed
   rows, LoRA on all linear layers with the fused forward, dropout 0, logits and loss on completions
   only, chunked cross-entropy; on CPU its attention and fused RMSNorm and rotary), forced to fp32,
   and with its `precision: auto` (bf16 on CPUs with AMX); variants: its CPU default attention

@@ -22,7 +22,6 @@ from datetime import datetime, timedelta
 from airflow.sdk import dag, task
 
 from ctloop.config import load_config  # pydantic + yaml only: parsing stays fast
-from ctloop.cycle.run import run_stage_task
 
 
 def _config_path() -> str:
@@ -53,6 +52,8 @@ def _stage_tasks(dag_id: str, stages) -> list:
 
         @kind(task_id=stage.name)
         def run(cycle_id: str = ""):
+            from ctloop.cycle.run import run_stage_task
+
             params = get_current_context()["params"]
             step = run_stage_task(
                 CONFIG_PATH,

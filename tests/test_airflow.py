@@ -194,7 +194,7 @@ def test_a_task_failing_in_airflow_leaves_the_state_a_failing_cli_run_leaves(air
     workspace = Workspace(Path(config.workspace))
     registry, _ = _registry(root)
     airflow_cycles = [
-        p.parent for p in workspace.cycles_dir.glob("*/cycle.json") if json.loads(p.read_text()).get("failed_stage")
+        p.parent for p in workspace.cycles_dir.glob("*/cycle.json") if json.loads(p.read_text()).get("failures")
     ]
     assert len(airflow_cycles) == 1
     airflow_state = json.loads((airflow_cycles[0] / "cycle.json").read_text())
@@ -205,7 +205,8 @@ def test_a_task_failing_in_airflow_leaves_the_state_a_failing_cli_run_leaves(air
     cli_state = CycleFolder(cli_workspace, airflow_state["cycle_id"]).state()
 
     for state, where in ((airflow_state, workspace), (cli_state, cli_workspace)):
-        assert state["failed_stage"] == "train" and "out of memory (simulated)" in state["error"]
+        [failure] = state["failures"]
+        assert failure["stage"] == "train" and "out of memory (simulated)" in failure["error"]
         assert state["status"] == "triggered"
         run = open_registry(config.registry, where).client.get_run(state["run_id"])
         assert run.info.status == "FAILED"
@@ -224,7 +225,8 @@ def test_parsing_the_dag_file_loads_no_heavy_library(airflow_env):
         "import importlib.util, sys; "
         f"spec = importlib.util.spec_from_file_location('d', {str(REPO / 'dags' / 'ctloop_dag.py')!r}); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        "print(sorted(x for x in ('torch', 'transformers', 'peft', 'mlflow') if x in sys.modules)); "
+        "print(sorted(x for x in ('torch', 'transformers', 'peft', 'mlflow', 'numpy', 'ctloop.cycle.stages') "
+        "if x in sys.modules)); "
         "print(m.cycle_dag.dag_id, m.drift_watch_dag.dag_id)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)

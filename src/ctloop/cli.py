@@ -33,18 +33,65 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="ctloo
 @app.command()
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="new records: .jsonl, .parquet or .csv")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="new records: .jsonl, .parquet or .csv")] = None,
+    from_production: Annotated[
+        bool, typer.Option("--from-production", help="harvest the request log and feedback since --since first")
+    ] = False,
+    since: Annotated[str, typer.Option(help="with --from-production: window start (24h, 7d, or a UTC time)")] = "7d",
     workspace: WorkspaceOption = None,
     force: Annotated[bool, typer.Option("--force", help="train even without drift")] = False,
 ) -> None:
     """Run one cycle: validate, check drift, replay mix, train, evaluate, gate, register."""
     from ctloop.config import load_config
     from ctloop.cycle.run import run_cycle
+    from ctloop.errors import DataError
+    from ctloop.workspace import resolve_workspace
+
+    if (data is None) == (not from_production):
+        raise DataError("ctloop run needs --data FILE or --from-production (one of them)")
+    cfg = load_config(config)
+    ws = resolve_workspace(workspace, cfg)
+    if from_production:
+        data = Path(_harvest(cfg, ws, since, None, "records").out_path)
+    result = run_cycle(cfg, data, ws, force=force)
+    console.print(result.summary())
+
+
+@app.command()
+def harvest(
+    config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+    since: Annotated[str, typer.Option(help="window start: a duration back from now (24h, 7d) or a UTC time")] = "7d",
+    out: Annotated[
+        Path | None, typer.Option(help="records file (default: <workspace>/harvest/harvest-<time>.jsonl)")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="records (ctloop), dpo or kto (TRL's formats)")] = "records",
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Turn the request log and its feedback into the next cycle's records (corrections, well-rated
+    answers), the rejected set and a record of why each request was kept or dropped."""
+    from ctloop.config import load_config
     from ctloop.workspace import resolve_workspace
 
     cfg = load_config(config)
-    result = run_cycle(cfg, data, resolve_workspace(workspace, cfg), force=force)
-    console.print(result.summary())
+    report = _harvest(cfg, resolve_workspace(workspace, cfg), since, out, fmt)
+    console.print(report.summary())
+    console.print(
+        f"rejected answers: {report.rejected} more in {report.rejected_path}; decisions: {report.decisions_path}"
+    )
+
+
+def _harvest(cfg, ws, since: str, out: Path | None, fmt: str):
+    from ctloop.data.harvest import harvest as harvest_log
+    from ctloop.errors import DataError
+    from ctloop.fileio import parse_since
+
+    if fmt not in ("records", "dpo", "kto"):
+        raise DataError(f"--format {fmt!r}: use records, dpo or kto")
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    return harvest_log(cfg, ws, start, out=out, fmt=fmt)
 
 
 @app.command()
@@ -65,32 +112,88 @@ def train(
     run_stage(stage("train"), StageContext(cfg, resolve_workspace(workspace, cfg), cycle))
 
 
+SinceOption = Annotated[str, typer.Option(help="window start: a duration back from now (90m, 24h, 7d) or a UTC time")]
+EXIT_NO_DRIFT, EXIT_DRIFT, EXIT_NOT_ENOUGH = 0, 3, 4
+
+
 @app.command()
 def drift(
-    reference: Annotated[Path, typer.Option(help="reference records (.jsonl, .parquet, .csv)")],
-    current: Annotated[Path, typer.Option(help="current records to compare")],
+    reference: Annotated[Path | None, typer.Option(help="reference records (.jsonl, .parquet, .csv)")] = None,
+    current: Annotated[Path | None, typer.Option(help="current records to compare")] = None,
+    production: Annotated[
+        bool, typer.Option("--production", help="compare the prompts served since --since with the champion's data")
+    ] = False,
+    since: SinceOption = "24h",
     config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
     online: Annotated[bool, typer.Option(help="feed CURRENT row by row to the online detector")] = False,
     ert: Annotated[int, typer.Option(help="online: expected rows between false alarms")] = 500,
     window: Annotated[int, typer.Option(help="online: rows in the sliding window")] = 50,
 ) -> None:
-    """Test whether CURRENT is distributed like REFERENCE. Exit 0: no drift, 3: drift, 2: error."""
+    """Test whether CURRENT is distributed like REFERENCE, or (--production) whether live traffic is
+    like the champion's training data. Exit 0: no drift, 3: drift, 4: too little data to decide, 2: error."""
     from ctloop.drift.check import check_files, check_stream
+    from ctloop.errors import DataError
 
-    result = (
-        check_stream(reference, current, config, ert, window)
-        if online
-        else check_files(reference, current, config, report)
-    )
+    if production:
+        if reference is not None or current is not None or online:
+            raise DataError(
+                "--production compares live traffic with the champion's data; drop --reference, "
+                "--current and --online (or drop --production to compare two files)"
+            )
+        result = _production_drift(config, workspace, since, report.parent if report else None)
+    elif reference is None or current is None:
+        raise DataError("ctloop drift needs --reference FILE and --current FILE, or --production (with --config)")
+    else:
+        result = (
+            check_stream(reference, current, config, ert, window)
+            if online
+            else check_files(reference, current, config, report)
+        )
+    _print_drift(result, as_json)
+
+
+@app.command()
+def watch(
+    config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+    since: SinceOption = "24h",
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """One drift check of live traffic (for cron): the prompts served since --since against the
+    champion's training data; the report goes to <workspace>/watch/. Exit 0: no drift, 3: drift,
+    4: too few requests to decide, 2: error."""
+    _print_drift(_production_drift(config, workspace, since, None), as_json)
+
+
+def _production_drift(config_path: Path | None, workspace: Path | None, since: str, report_dir: Path | None) -> dict:
+    from ctloop.config import load_config
+    from ctloop.cycle.production import check_production_drift
+    from ctloop.errors import DataError
+    from ctloop.fileio import parse_since
+    from ctloop.workspace import resolve_workspace
+
+    if config_path is None:
+        raise DataError("a production drift check needs --config (the model, drift and registry settings)")
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    cfg = load_config(config_path)
+    return check_production_drift(cfg, resolve_workspace(workspace, cfg), start, report_dir)
+
+
+def _print_drift(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, default=str))
     else:
         console.print(result["summary"])
         for reason in result["reasons"]:
             console.print(f"  {reason}")
-    raise typer.Exit(3 if result["drift"] else 0)
+    outcome = result.get("outcome")
+    raise typer.Exit(EXIT_DRIFT if result["drift"] else EXIT_NOT_ENOUGH if outcome == "not_enough_data" else 0)
 
 
 @app.command()
@@ -194,6 +297,7 @@ def lineage(
             "config_hash",
             "seed",
             "ctloop_version",
+            "harvest",
             "approved_by",
             "promoted",
         ):
@@ -276,6 +380,61 @@ def _shadow_report(config_path: Path | None, ws, registry, champion: int | None,
     return compare_logged(settings, ws.shadow_store_url(settings.store_url), champion, challenger)
 
 
+logs_app = typer.Typer(help="The log store: served requests, feedback, shadow pairs.", no_args_is_help=True)
+app.add_typer(logs_app, name="logs")
+feedback_app = typer.Typer(help="Feedback on served answers.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@logs_app.command("purge")
+def logs_purge(
+    config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+    older_than_days: Annotated[
+        float | None, typer.Option(help="delete rows older than this (default: serve.log_retention_days)")
+    ] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Delete log store rows (requests, feedback, shadow pairs) past the retention period."""
+    import time
+
+    from ctloop.config import load_config
+    from ctloop.errors import ConfigError
+    from ctloop.logstore.requests import LogReader
+    from ctloop.workspace import resolve_workspace
+
+    cfg = load_config(config)
+    days = older_than_days if older_than_days is not None else cfg.serve.log_retention_days
+    if days is None or days <= 0:
+        raise ConfigError(str(config), ["serve.log_retention_days is null (keep forever); pass --older-than-days N"])
+    reader = LogReader(resolve_workspace(workspace, cfg).shadow_store_url(cfg.shadow.store_url))
+    try:
+        deleted = reader.purge(time.time() - days * 86400)
+    finally:
+        reader.close()
+    console.print(f"purged rows older than {days:g} days: " + ", ".join(f"{k} {v}" for k, v in deleted.items()))
+
+
+@feedback_app.command("import")
+def feedback_import(
+    path: Annotated[Path, typer.Argument(help="feedback records: .jsonl or .csv with request_id, rating, ...")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Store feedback gathered elsewhere, with the rules of POST /v1/feedback. Exit 0: all imported,
+    3: some records refused (listed)."""
+    from ctloop.config import load_config
+    from ctloop.logstore.feedback_import import import_feedback
+    from ctloop.workspace import resolve_workspace
+
+    cfg = load_config(config)
+    url = resolve_workspace(workspace, cfg).shadow_store_url(cfg.shadow.store_url)
+    report = import_feedback(path, url, cfg.serve.redact, cfg.serve.max_correction_chars)
+    console.print(report.summary())
+    for problem in report.problems:
+        console.print(f"  {problem}")
+    raise typer.Exit(3 if report.refused else 0)
+
+
 @app.command("validate-config")
 def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
     """Check a config file and report every problem at once."""
@@ -302,13 +461,9 @@ def _registry_context(config_path: Path | None, workspace: Path | None):
 
 
 def main() -> None:
-    import os
+    from ctloop.logs import apply_process_defaults, configure_logging
 
-    from ctloop.logs import configure_logging
-
-    # The process is ctloop's here (an edge), so it may set MLflow's process-wide switches.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    apply_process_defaults()
     configure_logging()
     try:
         app()

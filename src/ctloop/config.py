@@ -156,6 +156,19 @@ class EvalConfig(Section):
     )
 
 
+class HarvestConfig(Section):
+    """`ctloop harvest`: the request log and its feedback -> the next cycle's records.
+
+    A correction becomes the completion; an answer whose latest rating (on [0, 1]: thumbs up 1,
+    thumbs down 0) is at least `min_rating` is kept as it was; one rated below `rejected_below`
+    without a correction goes to the rejected set, never to training."""
+
+    min_rating: float = Field(0.75, ge=0, le=1, description="keep an uncorrected answer rated at least this")
+    rejected_below: float = Field(0.5, ge=0, le=1, description="an uncorrected answer rated below this is rejected")
+    include_unrated: bool = Field(False, description="keep answers nobody rated, as they were")
+    redact: bool = Field(True, description="replace e-mail addresses, phone numbers and keys in harvested text")
+
+
 class GateRule(Section):
     """One extra rule: an absolute bound on the candidate's mean and/or a change bound vs the reference.
 
@@ -317,12 +330,15 @@ class CtloopConfig(Section):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    harvest: HarvestConfig = HarvestConfig()
     serve: ServeConfig = ServeConfig()
     shadow: ShadowConfig = ShadowConfig()
 
     def training_hash(self) -> str:
         """Hash of everything that changes what a cycle computes (not where it stores it)."""
-        payload = self.model_dump(mode="json", exclude={"workspace", "registry", "orchestration", "serve", "shadow"})
+        payload = self.model_dump(
+            mode="json", exclude={"workspace", "registry", "orchestration", "serve", "shadow", "harvest"}
+        )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

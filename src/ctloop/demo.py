@@ -11,7 +11,10 @@ compared, and the challenger is promoted only on a PROMOTE decision.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -74,18 +77,22 @@ def run_demo(workspace: Workspace) -> None:
     second = run_cycle(config, quickstart_file("new_domain.jsonl"), workspace)
 
     registry = open_registry(config.registry, workspace)
-    shadow = shadow_html = None
+    shadow = shadow_html = production = None
     if second.passed:
         console.rule("shadow: serve the champion, mirror live traffic to the challenger, compare, decide")
-        shadow, shadow_html = shadow_phase(config, workspace, registry)
+        served_since = time.time()
+        shadow, shadow_html, feedback = shadow_phase(config, workspace, registry)
         if shadow.decision == PROMOTE:
             promote(registry, by="ctloop demo", note="passed the gate in cycle 2 and the shadow comparison")
-    _print_story(first, second, registry, workspace, config_path, shadow, shadow_html)
+        console.rule("production: feedback on served answers, drift of live traffic, harvest for the next cycle")
+        production = production_phase(config, workspace, served_since, feedback)
+    _print_story(first, second, registry, workspace, config_path, shadow, shadow_html, production)
 
 
 def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
-    """Start `ctloop serve` in this process, send it traffic from both domains over HTTP, stop it
-    (the shadow log drains), then compare the logged pairs and log the report to MLflow."""
+    """Start `ctloop serve` in this process, send it traffic from both domains over HTTP, let scripted
+    users rate and correct some answers through /v1/feedback, stop it (the logs drain), then compare
+    the logged pairs and log the report to MLflow. Returns the report, its HTML and the feedback counts."""
     import httpx
 
     from ctloop.registry.client import CHALLENGER, CHAMPION
@@ -93,24 +100,26 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
     from ctloop.serving.evidence import publish_shadow_report
     from ctloop.serving.server import create_app, serve_in_background
 
-    prompts = [
-        prompt
+    examples = [
+        example
         for name in ("new_domain.jsonl", "old_domain.jsonl")
-        for prompt in _prompts(quickstart_file(name))[-requests // 2 :]
+        for example in _examples(quickstart_file(name))[-requests // 2 :]
     ]
-    with (
-        serve_in_background(create_app(config, workspace)) as url,
-        httpx.Client(timeout=120) as http,
-        progress_bar("live requests", len(prompts), unit="requests") as advance,
-    ):
-        for index, prompt in enumerate(prompts):
-            response = http.post(
-                f"{url}/v1/completions",
-                json={"model": config.registry.model_name, "prompt": prompt, "max_tokens": 24},
-                headers={"x-request-id": f"demo-{index}"},
-            )
-            response.raise_for_status()
-            advance()
+    # The demo's process is its own: it may give the server a feedback token for its scripted users.
+    token = os.environ.setdefault(config.serve.feedback_token_env, secrets.token_hex(16))
+    answers = []
+    with serve_in_background(create_app(config, workspace)) as url, httpx.Client(timeout=120) as http:
+        with progress_bar("live requests", len(examples), unit="requests") as advance:
+            for index, (prompt, reference) in enumerate(examples):
+                response = http.post(
+                    f"{url}/v1/completions",
+                    json={"model": config.registry.model_name, "prompt": prompt, "max_tokens": 24},
+                    headers={"x-request-id": f"demo-{index}"},
+                )
+                response.raise_for_status()
+                answers.append((response.json()["id"], response.json()["choices"][0]["text"], reference))
+                advance()
+        feedback = scripted_feedback(http, url, token, answers)
     report, rows = shadow_report(
         config.shadow,
         workspace.shadow_store_url(config.shadow.store_url),
@@ -119,24 +128,62 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
     )
     html = publish_shadow_report(registry, report, rows, workspace.root)
     console.print(report.summary())
-    return report, html
+    return report, html, feedback
 
 
-def _prompts(path: Path) -> list[str]:
-    """The prompts of a records file, skipping the rows that are broken on purpose."""
-    prompts = []
+def scripted_feedback(http, url: str, token: str, answers: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Every third answer gets feedback, as users would give it: a thumbs up when it matches the
+    reference answer well (token F1 >= 0.5); otherwise a thumbs down, with the reference as the
+    correction two times in three."""
+    from ctloop.evaluation.textmetrics import token_f1
+
+    counts = {"rated up": 0, "corrected": 0, "rated down": 0}
+    for index, (response_id, answer, reference) in enumerate(answers[::3]):
+        good = token_f1(answer, reference) >= 0.5
+        body = {"request_id": response_id, "rating": 1 if good else -1, "user": f"demo-user-{index % 5}"}
+        if not good and index % 3 != 2:
+            body["correction"] = reference.strip()
+        response = http.post(f"{url}/v1/feedback", json=body, headers={"authorization": f"Bearer {token}"})
+        response.raise_for_status()
+        counts["rated up" if good else "corrected" if "correction" in body else "rated down"] += 1
+    console.print("feedback posted: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
+def production_phase(config, workspace: Workspace, since: float, feedback: dict[str, int]) -> dict:
+    """The production drift check on the traffic just served, and the harvest of its feedback."""
+    from ctloop.cycle.production import check_production_drift
+    from ctloop.data.harvest import harvest
+
+    drift = check_production_drift(config, workspace, since)
+    harvested = harvest(config, workspace, since)
+    console.print(harvested.summary())
+    return {"feedback": feedback, "drift": drift, "harvest": harvested}
+
+
+def _examples(path: Path) -> list[tuple[str, str]]:
+    """The (prompt, completion) pairs of a records file, skipping the rows that are broken on purpose."""
+    examples = []
     for line in path.read_bytes().splitlines():
         try:
-            prompt = json.loads(line.decode("utf-8"))["prompt"]
+            row = json.loads(line.decode("utf-8"))
+            prompt, completion = row["prompt"], row["completion"]
         except (UnicodeDecodeError, ValueError, KeyError, TypeError):
             continue
-        if isinstance(prompt, str) and prompt.strip():
-            prompts.append(prompt)
-    return prompts
+        if isinstance(prompt, str) and isinstance(completion, str) and prompt.strip() and completion.strip():
+            examples.append((prompt, completion))
+    return examples
 
 
 def _print_story(
-    first, second, registry, workspace: Workspace, config_path: Path, shadow, shadow_html: Path | None
+    first,
+    second,
+    registry,
+    workspace: Workspace,
+    config_path: Path,
+    shadow,
+    shadow_html: Path | None,
+    production: dict | None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -186,6 +233,14 @@ def _print_story(
             f"shadow: {shadow.counts['completed']} mirrored pairs, decision {shadow.decision}; champion is now "
             f"v{registry.alias('champion')}"
         )
+    if production is not None:
+        drift, harvested = production["drift"], production["harvest"]
+        out.print("feedback: " + ", ".join(f"{k} {v}" for k, v in production["feedback"].items()))
+        out.print(f"production drift: {drift['outcome']} ({drift['window']['requests']} requests served)")
+        out.print(
+            f"harvest: {harvested.kept} rows for the next cycle, {harvested.rejected} rejected answers kept aside "
+            f"-> {harvested.out_path}"
+        )
     out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
     if shadow_html is not None:
         out.print(f"         {shadow_html}")
@@ -195,6 +250,7 @@ def _print_story(
     out.print(f"  {exe} serve --config {config_path}   # OpenAI-compatible, on http://127.0.0.1:8000/v1")
     out.print(f"  {exe} shadow report --config {config_path}")
     out.print(f"  {exe} run --config {config_path} --data your-data.jsonl --workspace {workspace.root}")
+    out.print(f"  {exe} run --config {config_path} --from-production --since 1h   # the next cycle, on the harvest")
     mlflow = str(Path(exe).with_name("mlflow")) if "/" in exe else "mlflow"
     out.print(f"  {mlflow} ui --backend-store-uri {registry.tracking_uri}   # then open http://127.0.0.1:5000")
 

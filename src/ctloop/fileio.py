@@ -53,3 +53,23 @@ def utc_now() -> str:
 def parse_utc(stamp: str) -> float:
     """Seconds since the epoch of a `utc_now()` string."""
     return calendar.timegm(time.strptime(stamp, TIMESTAMP_FORMAT))
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    """The start of a window, as epoch seconds: a duration back from now (`90m`, `24h`, `7d`) or a
+    time as ctloop writes them (`2026-11-29T15:43:53Z`). Raises ValueError naming both forms."""
+    import re
+
+    now = time.time() if now is None else now
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value)
+    if match:
+        return now - float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    try:
+        return parse_utc(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since {value!r} is neither a duration (90m, 24h, 7d) nor a UTC time like 2026-11-29T15:43:53Z"
+        ) from None

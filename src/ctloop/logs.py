@@ -33,6 +33,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def apply_process_defaults() -> None:
+    """What an edge (the CLI, an Airflow task) sets for the libraries ctloop drives, in a process
+    that is ctloop's: MLflow telemetry and artifact progress bars off unless the environment says
+    otherwise, and their schema-migration chatter quiet. Library code never calls this."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def configure_logging(level: int = logging.INFO, log_format: str | None = None) -> None:
     """Route ctloop's log records to stderr: rich text, or JSON lines when the format (argument, else
     the CTLOOP_LOG_FORMAT environment variable) is `json`. Safe to call more than once."""
@@ -51,5 +61,3 @@ def configure_logging(level: int = logging.INFO, log_format: str | None = None) 
     ctloop_logger.handlers = [h for h in ctloop_logger.handlers if h.get_name() != "ctloop"] + [handler]
     ctloop_logger.setLevel(level)
     ctloop_logger.propagate = False
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)

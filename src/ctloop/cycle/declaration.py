@@ -11,20 +11,11 @@ rest, it is not a failure), and the others *work*.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from typing import Literal
 
 from ctloop.cycle.folder import StageContext
-from ctloop.cycle.stages import (
-    evaluate_stage,
-    gate_stage,
-    prepare_stage,
-    register_stage,
-    train_stage,
-    trigger_stage,
-    validate_stage,
-)
 
 Role = Literal["opens", "decides", "works"]
 
@@ -32,18 +23,23 @@ Role = Literal["opens", "decides", "works"]
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[StageContext], object]
+    function: str  # its function in `ctloop.cycle.stages`, imported when the stage runs
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     uses_registry: bool
     role: Role = "works"
     summary: str = ""
 
+    def run(self, context: StageContext) -> object:
+        # Imported here, not at the top: an Airflow scheduler parses the DAG file (which reads this
+        # declaration) often, and the stage functions' imports are not cheap.
+        return getattr(importlib.import_module("ctloop.cycle.stages"), self.function)(context)
+
 
 CYCLE: tuple[Stage, ...] = (
     Stage(
         "validate",
-        validate_stage,
+        "validate_stage",
         reads=("the run's data file",),
         writes=("validation.json", "quarantine.jsonl", "new.parquet", "cycle.json"),
         uses_registry=False,
@@ -52,7 +48,7 @@ CYCLE: tuple[Stage, ...] = (
     ),
     Stage(
         "trigger",
-        trigger_stage,
+        "trigger_stage",
         reads=("new.parquet", "the champion's training data"),
         writes=("drift.json", "drift.html", "cycle.json"),
         uses_registry=True,
@@ -61,7 +57,7 @@ CYCLE: tuple[Stage, ...] = (
     ),
     Stage(
         "prepare",
-        prepare_stage,
+        "prepare_stage",
         reads=("new.parquet", "the replay buffer"),
         writes=("train.parquet", "new_holdout.parquet", "replay_holdout.parquet", "replay_manifest.json", "cycle.json"),
         uses_registry=True,
@@ -69,7 +65,7 @@ CYCLE: tuple[Stage, ...] = (
     ),
     Stage(
         "train",
-        train_stage,
+        "train_stage",
         reads=("train.parquet", "the champion's adapter (warm start)"),
         writes=("adapter/", "training.json", "checkpoints/"),
         uses_registry=True,
@@ -77,7 +73,7 @@ CYCLE: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate",
-        evaluate_stage,
+        "evaluate_stage",
         reads=("adapter/", "new_holdout.parquet", "replay_holdout.parquet"),
         writes=("eval.json", "contamination.json"),
         uses_registry=True,
@@ -85,7 +81,7 @@ CYCLE: tuple[Stage, ...] = (
     ),
     Stage(
         "gate",
-        gate_stage,
+        "gate_stage",
         reads=("eval.json",),
         writes=("gate.json",),
         uses_registry=False,
@@ -93,7 +89,7 @@ CYCLE: tuple[Stage, ...] = (
     ),
     Stage(
         "register",
-        register_stage,
+        "register_stage",
         reads=("everything above",),
         writes=("report.html", "cycle.json"),
         uses_registry=True,

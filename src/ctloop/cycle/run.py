@@ -118,8 +118,10 @@ def run_stage_task(
     from ctloop.config import load_config
     from ctloop.cycle.declaration import stage
     from ctloop.errors import ConfigError
+    from ctloop.logs import apply_process_defaults
     from ctloop.workspace import resolve_workspace
 
+    apply_process_defaults()  # a task process is ctloop's, as the CLI's is
     config = load_config(config_path)
     chosen = stage(stage_name)
     data = data or config.orchestration.data
@@ -180,17 +182,19 @@ def finished_result(config: CtloopConfig, workspace: Workspace, cycle_id: str) -
 
 
 def _record_failure(context: StageContext, stage: Stage, exc: BaseException) -> None:
-    """Mark the cycle's MLflow run FAILED (a retry resumes it) and note the failure in cycle.json."""
+    """Mark the cycle's MLflow run FAILED (a retry resumes it) and add the failure to cycle.json's
+    `failures`. Best effort: the stage's own error is the one the caller sees."""
     if not context.cycle_id:
         return
     cycle = context.folder
-    state = cycle.state()
-    if not cycle.dir.is_dir() or state.get("status") in FINISHED:
-        return
-    cycle.update_state(failed_stage=stage.name, failed_at=utc_now(), error=f"{exc.__class__.__name__}: {exc}"[:2000])
     log.error("stage %s of cycle %s failed: %s: %s", stage.name, context.cycle_id, exc.__class__.__name__, exc)
-    if "run_id" in state:
-        try:
+    try:
+        state = cycle.state()
+        if not cycle.dir.is_dir() or state.get("status") in FINISHED:
+            return
+        failure = {"stage": stage.name, "at": utc_now(), "error": f"{exc.__class__.__name__}: {exc}"[:2000]}
+        cycle.update_state(failures=[*state.get("failures", []), failure])
+        if "run_id" in state:
             open_registry(context.config.registry, context.workspace).end_run(state["run_id"], "FAILED")
-        except Exception as registry_error:  # noqa: BLE001 - the stage's own error is the one to raise
-            log.warning("could not mark MLflow run %s FAILED: %s", state["run_id"], registry_error)
+    except Exception as recording_error:  # noqa: BLE001 - never hide the stage's error behind this one
+        log.warning("could not record the failure of cycle %s: %s", context.cycle_id, recording_error)

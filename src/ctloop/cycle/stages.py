@@ -19,13 +19,14 @@ from ctloop import __version__
 from ctloop.config import CtloopConfig
 from ctloop.console import console
 from ctloop.cycle.folder import CycleFolder, StageContext
+from ctloop.cycle.reference import champion_reference
 from ctloop.cycle.tracking import log_cycle_run
 from ctloop.data.records import Record, fingerprint, read_parquet, write_parquet
 from ctloop.drift.trigger import TriggerDecision
 from ctloop.errors import DataError
 from ctloop.evaluation.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
 from ctloop.fileio import parse_utc, read_json, utc_now, write_json
-from ctloop.registry.client import CHAMPION, Registry, open_registry
+from ctloop.registry.client import CHAMPION, open_registry
 from ctloop.training.trainer import TrainResult
 from ctloop.workspace import Workspace, save_settings
 
@@ -38,6 +39,7 @@ def validate_stage(ctx: StageContext) -> str:
     The cycle id is a hash of the validated data's fingerprint, the config and the base model
     revision, so the same data and config always land in the same folder. Raises DataError when
     a limit (bad fraction, minimum rows) is crossed, after writing the quarantine."""
+    from ctloop.data.harvest import harvest_manifest
     from ctloop.data.records import read_raw_rows
     from ctloop.data.validation import record_lengths, validate_records
     from ctloop.model.batching import token_counter
@@ -74,12 +76,14 @@ def validate_stage(ctx: StageContext) -> str:
     write_parquet(cycle.path("new.parquet"), good, extra={"n_tokens": tokens})
     state = cycle.state()
     if "started" not in state:
+        harvested = harvest_manifest(data_path)  # records harvested from production carry their window
         cycle.update_state(
             cycle_id=cycle_id,
             data=str(data_path),
             started=utc_now(),
             base_revision=revision,
             data_fingerprint=report.fingerprint,
+            **({"harvest": harvested} if harvested else {}),
         )
     return cycle_id
 
@@ -102,15 +106,15 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
     if "run_id" in state:
         console.print(f"resuming cycle {cycle_id}: finished stages are re-used, none is registered twice")
         return TriggerDecision(True, state.get("trigger", "resumed"))
-    if state.get("status") == "triggered":
-        console.print(f"cycle {cycle_id} was already triggered ({state['trigger']}); not testing drift again")
-        return TriggerDecision(True, state["trigger"])
     registry = open_registry(config.registry, workspace)
     champion = registry.alias(CHAMPION)
+    if state.get("status") == "triggered" and state.get("trigger_champion", -1) == champion:
+        console.print(f"cycle {cycle_id} was already triggered ({state['trigger']}); not testing drift again")
+        return TriggerDecision(True, state["trigger"])
     report = None
     if config.drift.enabled and (champion is not None or config.drift.reference is not None):
         new, _ = read_parquet(cycle.require("new.parquet", "validate"))
-        reference = _reference_records(config, workspace, registry, champion)
+        reference = champion_reference(config, workspace, registry, champion)
         embedder = make_embedder(config.drift, config.model)
         cache = workspace.root / "embeddings"
         ref_emb = embed_records(reference, embedder, config.drift.text, cache)
@@ -127,28 +131,13 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
         config=config.drift,
     )
     console.print(decision.summary())
-    cycle.update_state(trigger=decision.reason, status="triggered" if decision.train else "skipped", checked=utc_now())
+    cycle.update_state(
+        trigger=decision.reason,
+        status="triggered" if decision.train else "skipped",
+        checked=utc_now(),
+        trigger_champion=champion,  # a decision is re-used only while the champion it was made against holds
+    )
     return decision
-
-
-def _reference_records(
-    config: CtloopConfig, workspace: Workspace, registry: Registry, champion: int | None
-) -> list[Record]:
-    from ctloop.data.records import read_records
-
-    if config.drift.reference is not None:
-        return read_records(config.drift.reference)[0]
-    info = registry.version(champion)
-    local = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?")) / "train.parquet"
-    if local.is_file():
-        return read_parquet(local)[0]
-    fetched = registry.download_run_file(info.run_id, "data/train.parquet", workspace.root / "registry-cache")
-    if fetched is None:
-        raise DataError(
-            f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
-            f"MLflow run); set drift.reference to a file of reference records"
-        )
-    return read_parquet(fetched)[0]
 
 
 def _hours_since_training(workspace: Workspace) -> float | None:
@@ -247,7 +236,16 @@ def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
         "seed": config.train.seed,
         "config_hash": config.training_hash(),
         "ctloop_version": __version__,
+        **({"harvest": _harvest_lineage(state["harvest"])} if state.get("harvest") else {}),
     }
+
+
+def _harvest_lineage(manifest: dict[str, Any]) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(manifest["counts"].items()))
+    return (
+        f"{manifest['kept']} rows from production feedback between {manifest['since']} and {manifest['until']} "
+        f"({counts})"
+    )
 
 
 # -- 5. evaluate -------------------------------------------------------------------------------------
@@ -417,6 +415,6 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
         "validation": read_json(cycle.path("validation.json")),
         "trigger": state.get("trigger", ""),
     }
+    registry.end_run(run_id)  # before the cycle is marked finished: a retry after a failure here redoes both
     cycle.update_state(status=status, finished=utc_now(), result=result)
-    registry.end_run(run_id)
     return result

@@ -203,19 +203,27 @@ class Registry:
         """Append an event to the registered model as a tag of its own (`<prefix>.<time>.<random>`).
         Append-only: two writers at once both land, where a read-modify-write of one tag would
         lose one of them."""
-        key = f"{prefix}.{time.time_ns():020d}.{secrets.token_hex(4)}"
+        # Keys sort in log order: a stamp after the newest event, even when this host's clock is behind.
+        newest = max((int(k.split(".")[-2]) for k in self._model_tags() if k.startswith(prefix + ".")), default=0)
+        key = f"{prefix}.{max(time.time_ns(), newest + 1):020d}.{secrets.token_hex(4)}"
         self.client.set_registered_model_tag(self.model_name, key, json.dumps(event, sort_keys=True))
         return key
 
     def model_events(self, prefix: str) -> list[dict[str, Any]]:
         """The events added under `prefix`, oldest first."""
+        tags = self._model_tags()
+        return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(prefix + "."))]
+
+    def model_tag(self, key: str) -> str | None:
+        return self._model_tags().get(key)
+
+    def _model_tags(self) -> dict[str, str]:
         from mlflow.exceptions import MlflowException
 
         try:
-            tags = self.client.get_registered_model(self.model_name).tags
+            return dict(self.client.get_registered_model(self.model_name).tags)
         except MlflowException:
-            return []
-        return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(prefix + "."))]
+            return {}
 
     def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
         for key, value in tags.items():

@@ -16,6 +16,7 @@ server's admin endpoints, the demo and the cycle's register stage all call these
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from ctloop.fileio import utc_now
 from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
 
 HISTORY_PREFIX = "ctloop.champion_event"
+LEGACY_HISTORY_TAG = "ctloop.champion_history"  # ctloop 0.1.0 kept the history as one JSON list
 APPROVAL_TAG = "ctloop.approval"
 PROMOTE = "PROMOTE"
 
@@ -46,8 +48,9 @@ class ChampionChange:
 
 
 def champion_history(registry: Registry) -> list[int]:
-    """The champions in order, oldest first, as the event log says; rolled-back entries are gone."""
-    stack: list[int] = []
+    """The champions in order, oldest first, as the event log says; rolled-back entries are gone.
+    A registry written by ctloop 0.1.0 starts from its history tag."""
+    stack: list[int] = [int(v) for v in json.loads(registry.model_tag(LEGACY_HISTORY_TAG) or "[]")]
     for event in registry.model_events(HISTORY_PREFIX):
         if event["action"] == "promote" and (not stack or stack[-1] != event["version"]):
             stack.append(event["version"])
@@ -62,7 +65,10 @@ def awaiting_approval(registry: Registry, version: int) -> bool:
 
 def offer_as_challenger(registry: Registry, version: int, promote_first: bool) -> None:
     """A version that passed the gate (and, where required, was approved) becomes `challenger`;
-    with no champion yet and `promote_first`, it becomes `champion` at once."""
+    with no champion yet and `promote_first`, it becomes `champion` at once. A version that is or
+    was champion is never offered again (a retried register stage, a late approval)."""
+    if registry.alias(CHAMPION) == version or version in champion_history(registry):
+        return
     if registry.alias(CHAMPION) is None and promote_first:
         promote(registry, version, by="ctloop", note="first version to pass the gate")
         return
@@ -97,9 +103,9 @@ def promote(
     registry.add_model_event(
         HISTORY_PREFIX, {"action": "promote", "version": target, "by": by, "note": note, "at": utc_now()}
     )
-    _align_champion_alias(registry)
+    _took_effect(registry, target, f"promoting v{target}")
     registry.set_version_tags(target, {"ctloop.promoted": f"{utc_now()} by {by}: {note}"})
-    if registry.alias(CHALLENGER) == target:
+    if registry.alias(CHALLENGER) == target:  # read just before: a new challenger may have just arrived
         registry.delete_alias(CHALLENGER)
     return ChampionChange(before, target, changed=True)
 
@@ -110,8 +116,9 @@ def rollback(registry: Registry, by: str) -> ChampionChange:
     current = registry.alias(CHAMPION)
     if current is None or len(history) < 2 or history[-1] != current:
         raise RegistryError("there is no previous champion to roll back to; `ctloop status` shows the champion history")
+    target = history[-2]
     registry.add_model_event(HISTORY_PREFIX, {"action": "rollback", "from": current, "by": by, "at": utc_now()})
-    target = _align_champion_alias(registry)
+    _took_effect(registry, target, f"rolling back from v{current}")
     registry.set_version_tags(current, {"ctloop.rolled_back": f"{utc_now()} by {by}: champion moved back to v{target}"})
     return ChampionChange(current, target, changed=True)
 
@@ -146,3 +153,13 @@ def _align_champion_alias(registry: Registry) -> int:
         if champion_history(registry)[-1] == top:
             return top
     return top
+
+
+def _took_effect(registry: Registry, expected: int, what: str) -> None:
+    """Align the alias with the history; when a concurrent change landed after ours, say so."""
+    winner = _align_champion_alias(registry)
+    if winner != expected:
+        raise RegistryError(
+            f"{what} was overtaken by a concurrent change: the champion is now v{winner}; "
+            f"`ctloop status` shows the history"
+        )

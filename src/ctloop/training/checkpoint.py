@@ -40,6 +40,8 @@ def save_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any, pr
             else:
                 scalars.setdefault(str(index), {})[key] = value
     tensors["rng"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout on a GPU draws from its own generator
+        tensors |= {f"rng_cuda/{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
     metadata = {
         "param_groups": optimizer_state["param_groups"],
         "optimizer_scalars": scalars,
@@ -88,6 +90,10 @@ def load_checkpoint(folder: Path | None, model: Any, optimizer: Any, scheduler: 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(metadata["scheduler"])
     torch.set_rng_state(tensors["rng"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng_cuda/")), key=lambda k: int(k.split("/")[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     progress.update(metadata["progress"])
     return int(progress["step"])
 

@@ -1,0 +1,87 @@
+"""Drift on live traffic: the prompts the server answered in a window, against the champion's
+training prompts, with the same embedder, cache, detectors and report as any other drift check.
+`ctloop drift --production`, `ctloop watch` and the drift-watch DAG use it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ctloop.config import CtloopConfig
+from ctloop.console import console
+from ctloop.data.records import Record
+from ctloop.errors import DataError
+from ctloop.fileio import utc_now, write_json
+from ctloop.workspace import Workspace
+
+NOT_ENOUGH = "not_enough_data"
+
+
+def served_prompts(
+    config: CtloopConfig, workspace: Workspace, since: float, until: float | None = None
+) -> list[Record]:
+    """The logged requests in [since, until) as records (the prompt is what drift compares)."""
+    from ctloop.logstore.requests import LogReader
+
+    reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
+    try:
+        rows = reader.requests(since=since, until=until)
+    finally:
+        reader.close()
+    return [Record(id=row["request_id"], prompt=row["prompt"] or "", completion=row["answer"] or "") for row in rows]
+
+
+def check_production_drift(
+    config: CtloopConfig, workspace: Workspace, since: float, report_dir: Path | None = None
+) -> dict:
+    """Served prompts since `since` vs the champion's training prompts. The result has the shape of
+    `ctloop drift`'s, plus the window; with too few requests for `drift.min_rows` the outcome is
+    `not_enough_data` and nothing is decided. Reports go to `report_dir` (default
+    <workspace>/watch/)."""
+    from ctloop.cycle.reference import champion_reference
+    from ctloop.drift.detectors import detect_drift
+    from ctloop.drift.embed import embed_records, make_embedder, texts_of
+    from ctloop.registry.client import CHAMPION, open_registry
+    from ctloop.reports.drift import write_drift_report
+
+    until = time.time()
+    registry = open_registry(config.registry, workspace)
+    champion = registry.alias(CHAMPION)
+    if champion is None:
+        raise DataError(
+            "production drift compares live traffic with the champion's training data, and there is no "
+            "champion yet; run a cycle first (`ctloop run`)"
+        )
+    current = served_prompts(config, workspace, since, until)
+    reference = champion_reference(config, workspace, registry, champion)
+    drift_config = config.drift.model_copy(update={"text": "prompt"})  # answers are outputs, not data
+    embedder = make_embedder(drift_config, config.model)
+    cache = workspace.root / "embeddings"
+    ref_emb = embed_records(reference, embedder, "prompt", cache)
+    cur_emb = embed_records(current, embedder, "prompt", cache) if current else ref_emb[:0]
+    report = detect_drift(ref_emb, cur_emb, drift_config)
+    window = {
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+        "until": utc_now(),
+        "requests": len(current),
+        "champion": champion,
+    }
+    report_dir = report_dir or workspace.root / "watch"
+    stem = report_dir / f"production-drift-{window['until'].replace(':', '')}"
+    result = report.to_dict() | {
+        "mode": "production",
+        "window": window,
+        "summary": report.summary(),
+        "reasons": list(report.reasons),
+    }
+    if report.outcome == NOT_ENOUGH:
+        result["summary"] = (
+            f"production drift: not enough traffic to decide ({len(current)} requests since "
+            f"{window['since']}; drift.min_rows={drift_config.min_rows})"
+        )
+    elif current:
+        write_drift_report(stem.with_suffix(".html"), report, ref_emb, cur_emb, texts_of(current, "prompt"))
+        result["report"] = str(stem.with_suffix(".html"))
+    write_json(stem.with_suffix(".json"), result)
+    console.print(result["summary"])
+    return result

@@ -1,0 +1,236 @@
+"""`ctloop harvest`: production's answers and their feedback -> the next cycle's records.
+
+For every request logged in the window, its latest feedback decides (`harvest` settings):
+
+- a correction becomes the completion (reason `correction`);
+- an answer rated at least `min_rating` is kept as it was (`rated_up`);
+- an answer rated below `rejected_below` without a correction goes to the rejected set
+  (`rejected`), never to training; it grows with every harvest, for review and preference data;
+- anything else is dropped with its reason (`no_feedback`, `middling_rating`, `empty`,
+  `already_harvested`, `duplicate`, `overlaps_eval_set`).
+
+Each kept row carries its request and feedback ids; `decisions.jsonl` records why every request
+was kept or dropped, and the harvest's manifest (window, counts by reason) travels with the file
+into the cycle's lineage. `--format dpo|kto` writes TRL's preference formats instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ctloop.config import CtloopConfig, HarvestConfig
+from ctloop.data.records import Record
+from ctloop.fileio import TIMESTAMP_FORMAT, read_json, utc_now, write_json, write_jsonl
+from ctloop.logstore.writer import redact
+from ctloop.workspace import Workspace
+
+Format = Literal["records", "dpo", "kto"]
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+@dataclass(frozen=True)
+class Decision:
+    request_id: str
+    reason: str
+    kept: bool
+    feedback_id: str | None = None
+
+
+@dataclass(frozen=True)
+class HarvestReport:
+    since: str
+    until: str
+    out_path: str
+    counts: dict[str, int]
+    kept: int
+    rejected: int
+    format: str = "records"
+    rejected_path: str = ""
+    decisions_path: str = ""
+    created: str = field(default_factory=utc_now)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        return (
+            f"harvested {self.kept} rows from production feedback between {self.since} and {self.until} "
+            f"({reasons}) -> {self.out_path}"
+        )
+
+    def lineage(self) -> str:
+        return f"{self.kept} rows from production feedback between {self.since} and {self.until}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_rows(
+    rows: list[dict[str, Any]], settings: HarvestConfig, seen: set[str]
+) -> list[tuple[Decision, Record | None]]:
+    """The decision for each logged request (with its latest `feedback`), and the record to train on
+    (kept rows) or to keep as rejected (rejected rows). `seen` holds the content keys of earlier
+    harvests and grows with this one."""
+    out: list[tuple[Decision, Record | None]] = []
+    for row in rows:
+        feedback = row.get("feedback") or {}
+        fid, score, correction = feedback.get("feedback_id"), feedback.get("score"), feedback.get("correction")
+        prompt = row.get("prompt") or ""
+        if correction:
+            reason, completion = "correction", correction
+        elif score is not None and score >= settings.min_rating:
+            reason, completion = "rated_up", row.get("answer") or ""
+        elif score is not None and score < settings.rejected_below:
+            reason, completion = "rejected", row.get("answer") or ""
+        elif score is None:
+            reason, completion = (
+                ("unrated", row.get("answer") or "") if settings.include_unrated else ("no_feedback", "")
+            )
+        else:
+            reason, completion = "middling_rating", ""
+        kept = reason in ("correction", "rated_up", "unrated", "rejected")
+        if kept and not (prompt.strip() and completion.strip()):
+            reason, kept = "empty", False
+        record = None
+        if kept:
+            if settings.redact:
+                prompt, completion = redact(prompt), redact(completion)
+            key = content_key(prompt, completion)
+            if key in seen:
+                reason, kept = "duplicate", False
+            else:
+                seen.add(key)
+                record = Record(
+                    id=f"prod-{row['request_id']}",
+                    prompt=prompt,
+                    completion=completion,
+                    source="production",
+                    timestamp=time.strftime(TIMESTAMP_FORMAT, time.gmtime(row["created_at"])),
+                    metadata={
+                        "request_id": row["request_id"],
+                        "feedback_id": fid or "",
+                        "harvest_reason": reason,
+                        "model_version": row.get("model_version") or "",
+                        **({"rejected_answer": row.get("answer") or ""} if correction else {}),
+                    },
+                )
+        out.append((Decision(row["request_id"], reason, kept and reason != "rejected", fid), record))
+    return out
+
+
+def content_key(prompt: str, completion: str) -> str:
+    normalised = json.dumps([" ".join(prompt.split()).lower(), " ".join(completion.split()).lower()])
+    return hashlib.sha256(normalised.encode()).hexdigest()[:24]
+
+
+def harvest(
+    config: CtloopConfig,
+    workspace: Workspace,
+    since: float,
+    until: float | None = None,
+    out: Path | None = None,
+    fmt: Format = "records",
+) -> HarvestReport:
+    """Harvest the log store's window [since, until) into `out` (default
+    <workspace>/harvest/harvest-<time>.jsonl); rejected answers join <workspace>/harvest/rejected.jsonl."""
+    from ctloop.logstore.requests import LogReader
+
+    until = time.time() if until is None else until
+    folder = workspace.root / "harvest"
+    ledger_path = folder / "ledger.json"  # request ids and content keys of earlier harvests
+    ledger = read_json(ledger_path) if ledger_path.is_file() else {"request_ids": [], "content_keys": []}
+    reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
+    try:
+        rows = reader.requests(since=since, until=until)
+    finally:
+        reader.close()
+    done_ids = set(ledger["request_ids"])
+    fresh = [row for row in rows if row["request_id"] not in done_ids]
+    seen = set(ledger["content_keys"])
+    decided = decide_rows(fresh, config.harvest, seen)
+    decided += [
+        (Decision(row["request_id"], "already_harvested", False), None) for row in rows if row["request_id"] in done_ids
+    ]
+    decided = _without_eval_overlap(config, decided)
+    kept = [record for decision, record in decided if decision.kept and record is not None]
+    rejected = [record for decision, record in decided if decision.reason == "rejected" and record is not None]
+    counts = Counter(decision.reason for decision, _ in decided)
+
+    stamp = utc_now().replace(":", "")
+    out = out or folder / f"harvest-{stamp}.jsonl"
+    exported = [_export(r, fmt) for r in (kept + rejected if fmt == "kto" else kept)]
+    write_jsonl(out, [row for row in exported if row is not None])
+    rejected_path = folder / "rejected.jsonl"
+    previous = rejected_path.read_text(encoding="utf-8").splitlines() if rejected_path.is_file() else []
+    write_jsonl(rejected_path, [json.loads(line) for line in previous] + [_row(r) for r in rejected])
+    decisions_path = out.with_name(out.stem + ".decisions.jsonl")
+    write_jsonl(decisions_path, [asdict(decision) for decision, _ in decided])
+    report = HarvestReport(
+        since=time.strftime(TIMESTAMP_FORMAT, time.gmtime(since)),
+        until=time.strftime(TIMESTAMP_FORMAT, time.gmtime(until)),
+        out_path=str(out),
+        counts=dict(counts),
+        kept=len(kept),
+        rejected=len(rejected),
+        format=fmt,
+        rejected_path=str(rejected_path),
+        decisions_path=str(decisions_path),
+    )
+    write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
+    ledger["request_ids"] = sorted(done_ids | {d.request_id for d, r in decided if d.kept or d.reason == "rejected"})
+    ledger["content_keys"] = sorted(seen)
+    write_json(ledger_path, ledger)
+    return report
+
+
+def harvest_manifest(data_path: Path) -> dict[str, Any] | None:
+    """The manifest a harvest wrote next to its records file, if `data_path` is one."""
+    path = data_path.with_name(data_path.name + MANIFEST_SUFFIX)
+    return read_json(path) if path.is_file() else None
+
+
+def _without_eval_overlap(config: CtloopConfig, decided: list[tuple[Decision, Record | None]]):
+    """Drop harvested rows that overlap an evaluation set (eval.golden), exactly or nearly."""
+    from ctloop.data.contamination import find_contamination
+    from ctloop.data.records import read_records
+
+    golden = [record for path in config.eval.golden.values() for record in read_records(path)[0]]
+    candidates = [record for decision, record in decided if decision.kept and record is not None]
+    if not golden or not candidates or config.eval.contamination == "off":
+        return decided
+    report = find_contamination(golden, {"harvest": candidates}, config.eval.ngram, config.eval.max_overlap)
+    dirty = set(report["harvest"].dropped_ids)
+    return [
+        (Decision(d.request_id, "overlaps_eval_set", False, d.feedback_id), None)
+        if record is not None and record.id in dirty
+        else (d, record)
+        for d, record in decided
+    ]
+
+
+def _row(record: Record) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "prompt": record.prompt,
+        "completion": record.completion,
+        "source": record.source,
+        "timestamp": record.timestamp,
+        "metadata": record.metadata,
+    }
+
+
+def _export(record: Record, fmt: Format) -> dict[str, Any] | None:
+    """One row in the chosen format: ctloop records, TRL's DPO (prompt, chosen, rejected: corrected
+    answers only) or TRL's KTO (prompt, completion, label: kept answers true, rejected ones false)."""
+    if fmt == "records":
+        return _row(record)
+    reason = record.metadata["harvest_reason"]
+    if fmt == "dpo":
+        if reason != "correction" or not record.metadata.get("rejected_answer"):
+            return None
+        return {"prompt": record.prompt, "chosen": record.completion, "rejected": record.metadata["rejected_answer"]}
+    return {"prompt": record.prompt, "completion": record.completion, "label": reason in ("correction", "rated_up")}

@@ -1,0 +1,204 @@
+"""`ctloop harvest`: the request log and its feedback -> the next cycle's records, on a real SQLite
+log store; and a cycle run on harvested records carries the harvest in its lineage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import quickstart_rows
+from ctloop.config import HarvestConfig, config_from_dict
+from ctloop.data.harvest import decide_rows, harvest
+from ctloop.fileio import read_json
+from ctloop.logstore.requests import FeedbackRecord, LogReader, RequestLog, RequestRecord
+from ctloop.workspace import Workspace
+
+
+def _row(rid: str, answer: str = "an answer", feedback: dict | None = None, prompt: str = "a question") -> dict:
+    return {
+        "request_id": rid,
+        "prompt": prompt,
+        "answer": answer,
+        "created_at": 1_800_000_000.0,
+        "model_version": "1",
+        "feedback": feedback,
+    }
+
+
+@pytest.mark.parametrize(
+    ("feedback", "reason", "kept", "completion"),
+    [
+        ({"feedback_id": "f", "score": 0.0, "correction": "fixed"}, "correction", True, "fixed"),
+        ({"feedback_id": "f", "score": 1.0, "correction": None}, "rated_up", True, "an answer"),
+        ({"feedback_id": "f", "score": 0.0, "correction": None}, "rejected", False, "an answer"),
+        ({"feedback_id": "f", "score": 0.6, "correction": None}, "middling_rating", False, None),
+        (None, "no_feedback", False, None),
+    ],
+    ids=["correction", "rated-up", "rated-down", "middling", "unrated"],
+)
+def test_each_request_gets_one_reason(feedback, reason, kept, completion):
+    [(decision, record)] = decide_rows([_row("r1", feedback=feedback)], HarvestConfig(), set())
+    assert (decision.reason, decision.kept) == (reason, kept)
+    assert (record.completion if record else None) == completion
+    if record is not None:
+        assert record.metadata["request_id"] == "r1" and record.source == "production"
+
+
+def test_unrated_answers_only_when_asked_and_duplicates_and_empties_are_dropped():
+    seen: set[str] = set()
+    rows = [_row("a"), _row("b"), _row("c", answer="  ")]
+    decided = decide_rows(rows, HarvestConfig(include_unrated=True), seen)
+    assert [(d.reason, d.kept) for d, _ in decided] == [("unrated", True), ("duplicate", False), ("empty", False)]
+
+
+def test_secrets_are_redacted_before_they_reach_training_data():
+    row = _row("r", prompt="mail bob@example.com", feedback={"feedback_id": "f", "score": 1.0, "correction": None})
+    [(_, record)] = decide_rows([row], HarvestConfig(), set())
+    assert "example.com" not in record.prompt and "[email]" in record.prompt
+
+
+def _logged(workspace: Workspace, items: list[tuple[str, str, str, FeedbackRecord | None]]) -> str:
+    url = workspace.shadow_store_url()
+    writer = RequestLog(url)
+    for rid, prompt, answer, _ in items:
+        writer.put(
+            RequestRecord(request_id=rid, model_version="1", endpoint="completions", prompt=prompt, answer=answer)
+        )
+    writer.close()
+    reader = LogReader(url)
+    reader.add_feedback([fb for *_, fb in items if fb is not None])
+    reader.close()
+    return url
+
+
+def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twice(tmp_path):
+    workspace = Workspace(tmp_path / "ws").create()
+    config = config_from_dict({"workspace": str(workspace.root), "model": {"base": "unused"}})
+    _logged(
+        workspace,
+        [
+            ("r1", "q1", "wrong", FeedbackRecord("r1", rating=-1, correction="right")),
+            ("r2", "q2", "good", FeedbackRecord("r2", rating=1)),
+            ("r3", "q3", "bad", FeedbackRecord("r3", rating=-1)),
+            ("r4", "q4", "meh", None),
+        ],
+    )
+    report = harvest(config, workspace, since=time.time() - 3600)
+    assert report.kept == 2 and report.rejected == 1
+    assert report.counts == {"correction": 1, "rated_up": 1, "rejected": 1, "no_feedback": 1}
+    rows = [json.loads(line) for line in Path(report.out_path).read_text().splitlines()]
+    assert {(r["prompt"], r["completion"]) for r in rows} == {("q1", "right"), ("q2", "good")}
+    assert all(r["metadata"]["feedback_id"] and r["metadata"]["request_id"] for r in rows)
+    rejected = [json.loads(line) for line in Path(report.rejected_path).read_text().splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in rejected] == [("q3", "bad")]
+    decisions = {
+        json.loads(line)["request_id"]: json.loads(line)["reason"]
+        for line in Path(report.decisions_path).read_text().splitlines()
+    }
+    assert decisions == {"r1": "correction", "r2": "rated_up", "r3": "rejected", "r4": "no_feedback"}
+    assert read_json(Path(report.out_path + ".manifest.json"))["counts"] == report.counts
+
+    again = harvest(config, workspace, since=time.time() - 3600)  # the same window again
+    assert again.kept == 0 and again.counts == {"already_harvested": 3, "no_feedback": 1}
+    assert len(Path(report.rejected_path).read_text().splitlines()) == 1  # rejected set did not double
+
+
+def test_preference_exports_use_trls_formats(tmp_path):
+    workspace = Workspace(tmp_path / "ws").create()
+    config = config_from_dict({"workspace": str(workspace.root), "model": {"base": "unused"}})
+    _logged(
+        workspace,
+        [
+            ("r1", "q1", "wrong", FeedbackRecord("r1", rating=-1, correction="right")),
+            ("r2", "q2", "good", FeedbackRecord("r2", rating=1)),
+            ("r3", "q3", "bad", FeedbackRecord("r3", rating=-1)),
+        ],
+    )
+    dpo = harvest(config, workspace, since=0, out=tmp_path / "dpo.jsonl", fmt="dpo")
+    assert [json.loads(x) for x in Path(dpo.out_path).read_text().splitlines()] == [
+        {"prompt": "q1", "chosen": "right", "rejected": "wrong"}
+    ]
+    workspace2 = Workspace(tmp_path / "ws2").create()
+    config2 = config_from_dict({"workspace": str(workspace2.root), "model": {"base": "unused"}})
+    _logged(
+        workspace2,
+        [("r2", "q2", "good", FeedbackRecord("r2", rating=1)), ("r3", "q3", "bad", FeedbackRecord("r3", rating=-1))],
+    )
+    kto = harvest(config2, workspace2, since=0, out=tmp_path / "kto.jsonl", fmt="kto")
+    assert sorted(json.dumps(json.loads(x), sort_keys=True) for x in Path(kto.out_path).read_text().splitlines()) == [
+        json.dumps({"completion": "bad", "label": False, "prompt": "q3"}, sort_keys=True),
+        json.dumps({"completion": "good", "label": True, "prompt": "q2"}, sort_keys=True),
+    ]
+
+
+def test_harvested_rows_that_overlap_an_eval_set_are_dropped(tmp_path):
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(
+        json.dumps({"prompt": "what is the capital of france", "completion": "paris is the capital"}) + "\n"
+    )
+    workspace = Workspace(tmp_path / "ws").create()
+    config = config_from_dict(
+        {
+            "workspace": str(workspace.root),
+            "model": {"base": "unused"},
+            "eval": {"golden": {"faq": str(golden)}, "ngram": 3},
+        }
+    )
+    _logged(
+        workspace,
+        [
+            ("r1", "what is the capital of france", "paris is the capital", FeedbackRecord("r1", rating=1)),
+            ("r2", "q2", "good", FeedbackRecord("r2", rating=1)),
+        ],
+    )
+    report = harvest(config, workspace, since=0)
+    assert report.counts == {"overlaps_eval_set": 1, "rated_up": 1} and report.kept == 1
+
+
+@pytest.mark.slow
+def test_a_cycle_on_harvested_records_names_the_harvest_in_its_lineage(tiny_base, tmp_path):
+    import yaml
+
+    workspace = Workspace(tmp_path / "ws").create()
+    raw = {
+        "workspace": str(workspace.root),
+        "model": {"base": str(tiny_base), "max_seq_tokens": 96},
+        "data": {"min_rows": 20, "holdout_fraction": 0.15},
+        "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 512},
+        "gate": {"first_cycle": "accept"},
+        "registry": {"model_name": "harvested"},
+    }
+    config_path = tmp_path / "ctloop.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    items = []
+    for i, line in enumerate(quickstart_rows("old_domain.jsonl")[:120]):
+        fields = json.loads(line)
+        if isinstance(fields.get("prompt"), str) and isinstance(fields.get("completion"), str):
+            items.append(
+                (
+                    f"r{i}",
+                    fields["prompt"],
+                    "not this",
+                    FeedbackRecord(f"r{i}", rating=-1, correction=fields["completion"]),
+                )
+            )
+    _logged(workspace, items)
+    result = subprocess.run(
+        [sys.executable, "-m", "ctloop", "run", "--config", str(config_path), "--from-production", "--since", "1h"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lineage = subprocess.run(
+        [sys.executable, "-m", "ctloop", "lineage", "1", "--workspace", str(workspace.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"harvest: {len(items)} rows from production feedback between" in lineage.stdout, lineage.stdout

@@ -1,0 +1,126 @@
+"""Drift on live traffic: prompts in the request log against the champion's training data, through
+`ctloop drift --production` and `ctloop watch` (real embeddings from the tiny base model, a real
+MLflow registry, the SQLite log store)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import quickstart_rows
+from ctloop.config import load_config
+from ctloop.data.records import record_from_fields, write_parquet
+from ctloop.logstore.requests import RequestLog, RequestRecord
+from ctloop.registry.client import open_registry
+from ctloop.registry.promotion import promote
+from ctloop.training.tinymodel import random_adapter
+from ctloop.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+
+
+def _records(name: str, rows: slice):
+    return [record_from_fields(json.loads(line)) for line in quickstart_rows(name)[rows]]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, tmp_path_factory):
+    """A champion trained (as far as the registry knows) on Python/Perl packages, and a config."""
+    root = tmp_path_factory.mktemp("production-drift")
+    config_path = root / "ctloop.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "workspace": str(root / "ws"),
+                "model": {"base": str(tiny_base)},
+                "drift": {"embedder": "base_model", "min_rows": 50},
+                "registry": {"model_name": "live"},
+            }
+        )
+    )
+    config = load_config(config_path)
+    workspace = Workspace(root / "ws").create()
+    write_parquet(
+        workspace.cycle_dir("c1") / "train.parquet",
+        [r for r in _records("old_domain.jsonl", slice(0, 400, 2)) if r is not None],
+    )
+    registry = open_registry(config.registry, workspace)
+    adapter = random_adapter(tiny_base, root / "adapter", 1)
+    registry.register_adapter_dir(adapter, "key-1", {"ctloop.gate": "PASS", "ctloop.cycle_id": "c1"}, "v1")
+    promote(registry, 1, by="test", note="champion")
+    return config, config_path, workspace
+
+
+def _serve(config, workspace: Workspace, prompts: list[str], created_at: float) -> None:
+    writer = RequestLog(workspace.shadow_store_url(config.shadow.store_url))
+    for i, prompt in enumerate(prompts):
+        writer.put(
+            RequestRecord(
+                request_id=f"{created_at}-{i}",
+                model_version="1",
+                endpoint="completions",
+                prompt=prompt,
+                answer="x",
+                created_at=created_at,
+            )
+        )
+    writer.close()
+
+
+def _check(command: str, config_path: Path, since: str) -> tuple[int, dict]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctloop",
+            command,
+            *(["--production"] if command == "drift" else []),
+            "--since",
+            since,
+            "--config",
+            str(config_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_production_drift_fires_on_another_domain_and_stays_quiet_on_the_training_distribution(served):
+    config, config_path, workspace = served
+    now = time.time()
+    # Yesterday: the same kind of prompts as the champion was trained on (rows it never saw).
+    _serve(config, workspace, [r.prompt for r in _records("old_domain.jsonl", slice(1, 400, 2)) if r], now - 86400)
+    code, quiet = _check("drift", config_path, "25h")  # the window holds yesterday's traffic only
+    assert code == 0 and quiet["outcome"] == "no_drift" and quiet["window"]["requests"] == 200
+    # The last hour: games, sound, graphics.
+    _serve(config, workspace, [r.prompt for r in _records("new_domain.jsonl", slice(0, 200)) if r], now - 600)
+    code, fired = _check("watch", config_path, "1h")
+    assert code == 3 and fired["outcome"] == "drift" and fired["window"]["requests"] <= 200
+    assert Path(fired["report"]).is_file() and fired["report"].startswith(str(workspace.root / "watch"))
+
+
+def test_a_watch_with_too_few_requests_says_so_instead_of_deciding(served):
+    _, config_path, _ = served
+    code, result = _check("watch", config_path, "1m")
+    assert code == 4 and result["outcome"] == "not_enough_data" and "not enough traffic" in result["summary"]
+
+
+def test_bad_since_values_are_one_line_errors(served):
+    _, config_path, _ = served
+    result = subprocess.run(
+        [sys.executable, "-m", "ctloop", "watch", "--since", "yesterday", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "neither a duration" in result.stderr and "Traceback" not in result.stderr
