@@ -35,6 +35,7 @@ async def drive(rate: float, seconds: float, logged: bool, store_url: str) -> di
     latencies: list[float] = []
     path_costs: list[float] = []
     production = ProductionLog(CtloopConfig(model={"base": "unused"}), store_url) if logged else None
+    before = _rows(store_url) if logged else 0  # a shared store (PostgreSQL) holds earlier runs' rows
 
     async def handle(index: int, arrival: float) -> None:
         await asyncio.sleep(CHAMPION_SECONDS)
@@ -77,11 +78,17 @@ async def drive(rate: float, seconds: float, logged: bool, store_url: str) -> di
     }
     if production is not None:
         production.close()  # drains the queue: every row written
-        reader = LogReader(store_url)
-        result["rows"] = reader.counts()["request_log"]
-        reader.close()
+        result["rows"] = _rows(store_url) - before
         result["dropped"] = production.writer.dropped
     return result
+
+
+def _rows(store_url: str) -> int:
+    reader = LogReader(store_url)
+    try:
+        return reader.counts()["request_log"]
+    finally:
+        reader.close()
 
 
 def run_one(job: tuple) -> dict:
