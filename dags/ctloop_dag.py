@@ -1,12 +1,15 @@
 """Airflow 3 DAGs that run ctloop cycles, derived from ctloop's cycle declaration (`CYCLE`).
 
-- `ctloop_cycle`: one task per stage, in the declared order. Tasks pass the cycle id (a short
-  string), never data. The deciding stage (trigger) is a short-circuit: when it says no (no drift,
+- `ctloop_cycle`: one task per stage, in the declared order (with `orchestration.source:
+  production`, a harvest task first, which hands validate the records it harvested). Tasks pass
+  the cycle id (a short string), never data. The deciding stage (trigger) is a short-circuit: when it says no (no drift,
   cooldown) or the cycle already ran, the downstream tasks are skipped, not failed. A failed task
   marks the cycle's MLflow run FAILED exactly as `ctloop run` does; a retried task re-uses the
   cycle folder's finished work, and the registry never gets a duplicate version.
 - `ctloop_drift_watch`: the stages up to the decision, on newly landed data, more often; it
   triggers `ctloop_cycle` only when the decision is to train (the cycle re-uses that decision).
+  With `orchestration.source: production` it checks live traffic (the prompts served in
+  `orchestration.production_window`) against the champion's training data instead.
 
 Configuration: the environment variable CTLOOP_CONFIG (or the Airflow Variable `ctloop_config`)
 names a ctloop YAML file; its `orchestration` section sets the data path, schedules, retries.
@@ -39,19 +42,21 @@ def _config_path() -> str:
 
 
 CONFIG_PATH = _config_path()
-SETTINGS = load_config(CONFIG_PATH).orchestration
+CONFIG = load_config(CONFIG_PATH)  # read once, at parse time
+SETTINGS = CONFIG.orchestration
 DEFAULT_ARGS = {"retries": SETTINGS.retries, "retry_delay": timedelta(minutes=SETTINGS.retry_delay_minutes)}
 
 
 def _stage_tasks(dag_id: str, stages) -> list:
-    """One task per stage, chained in order; the opening stage's id reaches the others by XCom."""
+    """One task per stage, chained in order. The opening stage's cycle id reaches the later tasks by
+    XCom; a sources stage (the harvest) hands the opening stage its records file the same way."""
     from airflow.sdk import get_current_context
 
     def make(stage):
         kind = task.short_circuit if stage.role == "decides" else task
 
         @kind(task_id=stage.name)
-        def run(cycle_id: str = ""):
+        def run(cycle_id: str = "", data: str = ""):
             from ctloop.cycle.run import run_stage_task
 
             params = get_current_context()["params"]
@@ -59,20 +64,27 @@ def _stage_tasks(dag_id: str, stages) -> list:
                 CONFIG_PATH,
                 stage.name,
                 cycle_id,
-                params.get("data"),
+                data or params.get("data"),
                 bool(params.get("force", False)),
                 f"airflow {dag_id}",
             )
-            return step.proceed if stage.role == "decides" else step.cycle_id
+            if stage.role == "decides":
+                return step.proceed
+            return step.data if stage.role == "sources" else step.cycle_id
 
         return run
 
-    opening, *rest = stages
-    cycle_id = make(opening)()
-    tasks = [cycle_id]
-    for stage in rest:
-        current = make(stage)(cycle_id)
-        tasks[-1] >> current
+    tasks: list = []
+    data = cycle_id = None
+    for stage in stages:
+        if stage.role == "sources":
+            current = data = make(stage)()
+        elif stage.role == "opens":
+            current = cycle_id = make(stage)(data=data) if data is not None else make(stage)()
+        else:
+            current = make(stage)(cycle_id)
+        if tasks:
+            tasks[-1] >> current
         tasks.append(current)
     return tasks
 
@@ -89,9 +101,9 @@ def _stage_tasks(dag_id: str, stages) -> list:
     doc_md=__doc__,
 )
 def ctloop_cycle():
-    from ctloop.cycle.declaration import CYCLE
+    from ctloop.cycle.declaration import stages_for
 
-    _stage_tasks("ctloop_cycle", CYCLE)
+    _stage_tasks("ctloop_cycle", stages_for(CONFIG))
 
 
 @dag(
@@ -109,7 +121,17 @@ def ctloop_drift_watch():
 
     from ctloop.cycle.declaration import up_to_decision
 
-    tasks = _stage_tasks("ctloop_drift_watch", up_to_decision())
+    if SETTINGS.source == "production":
+
+        @task.short_circuit(task_id="production_drift")
+        def production_drift() -> bool:
+            from ctloop.cycle.production import watch_production
+
+            return watch_production(CONFIG_PATH)
+
+        tasks = [production_drift()]
+    else:
+        tasks = _stage_tasks("ctloop_drift_watch", up_to_decision())
     tasks[-1] >> TriggerDagRunOperator(
         task_id="start_cycle",
         trigger_dag_id="ctloop_cycle",

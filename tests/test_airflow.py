@@ -231,3 +231,74 @@ def test_parsing_the_dag_file_loads_no_heavy_library(airflow_env):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     assert out.stdout.splitlines() == ["[]", "ctloop_cycle ctloop_drift_watch"]
+
+
+def test_with_production_as_the_source_the_dags_harvest_and_watch_live_traffic(
+    airflow_env, tiny_base, tmp_path, monkeypatch
+):
+    """orchestration.source: production: the cycle DAG starts with a harvest task that hands validate
+    its records; the watch DAG checks the prompts served lately against the champion's data."""
+    from ctloop.logstore.requests import FeedbackRecord, LogReader, RequestLog, RequestRecord
+    from ctloop.workspace import Workspace
+
+    _, root = airflow_env
+    config = yaml.safe_load((root / "ctloop.yaml").read_text())
+    config |= {
+        "workspace": str(tmp_path / "ws"),
+        "registry": {"model_name": "airflow-production"},
+        "gate": {"first_cycle": "accept"},
+        "orchestration": {"source": "production", "production_window": "1h", "retries": 0},
+    }
+    (tmp_path / "ctloop.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("CTLOOP_CONFIG", str(tmp_path / "ctloop.yaml"))
+    spec = importlib.util.spec_from_file_location("ctloop_dag_production", REPO / "dags" / "ctloop_dag.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    url = Workspace(tmp_path / "ws").create().shadow_store_url()
+    writer, corrections = RequestLog(url), []
+    for i, line in enumerate(quickstart_rows("old_domain.jsonl")[:160]):
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(fields.get("prompt"), str) and isinstance(fields.get("completion"), str):
+            writer.put(
+                RequestRecord(
+                    request_id=f"p{i}",
+                    model_version="0",
+                    endpoint="completions",
+                    prompt=fields["prompt"],
+                    answer="not quite",
+                )
+            )
+            corrections.append(FeedbackRecord(f"p{i}", rating=-1, correction=fields["completion"]))
+    writer.close()
+    reader = LogReader(url)
+    reader.add_feedback(corrections)
+    reader.close()
+
+    run = module.cycle_dag.test()
+    states = _states(run)
+    assert str(run.state) == "success", states
+    from ctloop.cycle.declaration import CYCLE
+
+    assert states == {name: "success" for name in ["harvest", *(stage.name for stage in CYCLE)]}
+    cycle_state = next(json.loads(p.read_text()) for p in (tmp_path / "ws").glob("cycles/*/cycle.json"))
+    assert cycle_state["harvest"]["kept"] == len(corrections) and cycle_state["status"] == "registered"
+
+    quiet = module.drift_watch_dag.test()  # the traffic served so far is what the champion was trained on
+    assert _states(quiet) == {"production_drift": "success", "start_cycle": "skipped"}
+    writer = RequestLog(url)
+    for i, line in enumerate(quickstart_rows("new_domain.jsonl")[:200]):
+        try:
+            prompt = json.loads(line).get("prompt")
+        except ValueError:
+            continue
+        if isinstance(prompt, str):
+            writer.put(
+                RequestRecord(request_id=f"n{i}", model_version="1", endpoint="completions", prompt=prompt, answer="x")
+            )
+    writer.close()
+    fired = module.drift_watch_dag.test()
+    assert _states(fired) == {"production_drift": "success", "start_cycle": "success"}

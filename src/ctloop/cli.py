@@ -50,10 +50,12 @@ def run(
     if (data is None) == (not from_production):
         raise DataError("ctloop run needs --data FILE or --from-production (one of them)")
     cfg = load_config(config)
-    ws = resolve_workspace(workspace, cfg)
     if from_production:
-        data = Path(_harvest(cfg, ws, since, None, "records").out_path)
-    result = run_cycle(cfg, data, ws, force=force)
+        _check_since(since)
+        cfg = cfg.model_copy(
+            update={"orchestration": cfg.orchestration.model_copy(update={"production_window": since})}
+        )
+    result = run_cycle(cfg, data, resolve_workspace(workspace, cfg), force=force, from_production=from_production)
     console.print(result.summary())
 
 
@@ -83,15 +85,20 @@ def harvest(
 def _harvest(cfg, ws, since: str, out: Path | None, fmt: str):
     from ctloop.data.harvest import harvest as harvest_log
     from ctloop.errors import DataError
-    from ctloop.fileio import parse_since
 
     if fmt not in ("records", "dpo", "kto"):
         raise DataError(f"--format {fmt!r}: use records, dpo or kto")
+    return harvest_log(cfg, ws, _check_since(since), out=out, fmt=fmt)
+
+
+def _check_since(since: str) -> float:
+    from ctloop.errors import DataError
+    from ctloop.fileio import parse_since
+
     try:
-        start = parse_since(since)
+        return parse_since(since)
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    return harvest_log(cfg, ws, start, out=out, fmt=fmt)
 
 
 @app.command()

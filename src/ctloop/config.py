@@ -237,6 +237,22 @@ class OrchestrationConfig(Section):
     retries: int = Field(1, ge=0, le=20)
     retry_delay_minutes: float = Field(5.0, ge=0)
     lock_wait_seconds: float = Field(600.0, ge=0, description="how long a task waits for a busy workspace")
+    source: Literal["files", "production"] = Field(
+        "files",
+        description="files: cycles run on `data` (or a run's conf); production: the cycle DAG harvests the request "
+        "log and feedback first, and the watch DAG checks live traffic for drift",
+    )
+    production_window: str = Field(
+        "7d", description="source production: how far back the harvest and the drift watch look (24h, 7d, ...)"
+    )
+
+    @field_validator("production_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        from ctloop.fileio import parse_since
+
+        parse_since(value)  # raises ValueError naming the two accepted forms
+        return value
 
 
 class ServeConfig(Section):

@@ -4,9 +4,10 @@ its function, and whether it needs the registry.
 `run_cycle`, both Airflow DAGs and the tests are derived from `CYCLE`; none writes the order out
 again. Adding a stage is one entry here and one function in `stages.py`.
 
-Three roles: the first stage *opens* the cycle (validate names it after the data it accepts),
-one stage *decides* whether the cycle goes on (trigger: drift, schedule, force; its "no" skips the
-rest, it is not a failure), and the others *work*.
+Roles: the first stage *opens* the cycle (validate names it after the data it accepts), one
+stage *decides* whether the cycle goes on (trigger: drift, schedule, force; its "no" skips the
+rest, it is not a failure), and the others *work*. With `orchestration.source: production` a
+*sources* stage (harvest) comes first and hands validate the records it harvested.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
+from ctloop.config import CtloopConfig
 from ctloop.cycle.folder import StageContext
 
-Role = Literal["opens", "decides", "works"]
+Role = Literal["sources", "opens", "decides", "works"]
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,25 @@ CYCLE: tuple[Stage, ...] = (
 )
 
 
+HARVEST = Stage(
+    "harvest",
+    "harvest_stage",
+    reads=("the request log and feedback of orchestration.production_window",),
+    writes=("<workspace>/harvest/harvest-<time>.jsonl and its manifest and decisions",),
+    uses_registry=False,
+    role="sources",
+    summary="production answers and their feedback -> the cycle's records",
+)
+
+
+def stages_for(config: CtloopConfig) -> tuple[Stage, ...]:
+    """The stages a config runs: the harvest first when `orchestration.source` is production."""
+    return (HARVEST, *CYCLE) if config.orchestration.source == "production" else CYCLE
+
+
 def stage(name: str) -> Stage:
     """The stage called `name`."""
-    for candidate in CYCLE:
+    for candidate in (HARVEST, *CYCLE):
         if candidate.name == name:
             return candidate
     raise KeyError(f"no stage {name!r}; the stages are {', '.join(s.name for s in CYCLE)}")

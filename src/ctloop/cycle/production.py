@@ -85,3 +85,21 @@ def check_production_drift(
     write_json(stem.with_suffix(".json"), result)
     console.print(result["summary"])
     return result
+
+
+def watch_production(config_path: str | Path) -> bool:
+    """One production drift check as an orchestrator's task runs it (the drift-watch DAG with
+    `orchestration.source: production`): True when live traffic drifted; too few requests is False."""
+    from ctloop.config import load_config
+    from ctloop.fileio import parse_since
+    from ctloop.logs import apply_process_defaults
+    from ctloop.workspace import resolve_workspace, workspace_lock
+
+    apply_process_defaults()
+    config = load_config(config_path)
+    workspace = resolve_workspace(None, config)
+    since = parse_since(config.orchestration.production_window)
+    with workspace_lock(
+        workspace, "airflow ctloop_drift_watch: production drift", config.orchestration.lock_wait_seconds
+    ):
+        return bool(check_production_drift(config, workspace, since)["drift"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ctloop.config import CtloopConfig
 from ctloop.console import console
-from ctloop.cycle.declaration import CYCLE, Stage
+from ctloop.cycle.declaration import CYCLE, HARVEST, Stage
 from ctloop.cycle.folder import FINISHED, CycleFolder, StageContext
 from ctloop.fileio import utc_now
 from ctloop.registry.client import open_registry
@@ -65,18 +65,28 @@ class StageStep:
     cycle_id: str
     proceed: bool
     stopped_because: str = ""  # "already_done" or "skipped" when proceed is False
+    data: str = ""  # what a sources stage (harvest) produced: the records file validate takes
 
 
 def run_cycle(
-    config: CtloopConfig, data_path: Path, workspace: Workspace, force: bool = False, wait_seconds: float = 0.0
+    config: CtloopConfig,
+    data_path: Path | None,
+    workspace: Workspace,
+    force: bool = False,
+    wait_seconds: float = 0.0,
+    from_production: bool = False,
 ) -> CycleResult:
-    """Run one cycle on the records in `data_path`. `force` trains even when the trigger (drift,
+    """Run one cycle on the records in `data_path`, or (`from_production`) on what the harvest of
+    `orchestration.production_window` yields. `force` trains even when the trigger (drift,
     schedule) sees no need; `wait_seconds` is how long to wait for a busy workspace."""
+    stages = (HARVEST, *CYCLE) if from_production else CYCLE
     context = StageContext(config, workspace, data=data_path, force=force)
-    with workspace_lock(workspace, f"ctloop run on {data_path}", wait_seconds):
-        for stage in CYCLE:
+    where = "production's feedback" if from_production else data_path
+    with workspace_lock(workspace, f"ctloop run on {where}", wait_seconds):
+        for stage in stages:
             step = run_stage(stage, context)
-            context = StageContext(config, workspace, step.cycle_id, data_path, force)
+            data = Path(step.data) if step.data else context.data
+            context = StageContext(config, workspace, step.cycle_id, data, force)
             if not step.proceed:
                 break
         return cycle_result(config, workspace, context.cycle_id, already_done=step.stopped_because == "already_done")
@@ -85,6 +95,8 @@ def run_cycle(
 def run_stage(stage: Stage, context: StageContext) -> StageStep:
     """Run one stage of the cycle with the cycle's rules (see the module docstring). The caller
     holds the workspace lock."""
+    if stage.role == "sources":
+        return StageStep("", True, data=str(stage.run(context)))
     if stage.role != "opens" and _already_finished(stage, context):
         return StageStep(context.cycle_id, False, "already_done")
     log.info("stage %s of cycle %s", stage.name, context.cycle_id or "(new)")
@@ -124,7 +136,7 @@ def run_stage_task(
     apply_process_defaults()  # a task process is ctloop's, as the CLI's is
     config = load_config(config_path)
     chosen = stage(stage_name)
-    data = data or config.orchestration.data
+    data = data or (None if config.orchestration.source == "production" else config.orchestration.data)
     if chosen.role == "opens" and not data:
         raise ConfigError(
             str(config_path),

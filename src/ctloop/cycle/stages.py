@@ -30,6 +30,20 @@ from ctloop.registry.client import CHAMPION, open_registry
 from ctloop.training.trainer import TrainResult
 from ctloop.workspace import Workspace, save_settings
 
+# -- 0. harvest (orchestration.source: production) ------------------------------------------------
+
+
+def harvest_stage(ctx: StageContext) -> str:
+    """Harvest the request log and its feedback of `orchestration.production_window` into records;
+    return the records file, which validate then takes as the cycle's data."""
+    from ctloop.data.harvest import harvest
+    from ctloop.fileio import parse_since
+
+    report = harvest(ctx.config, ctx.workspace, since=parse_since(ctx.config.orchestration.production_window))
+    console.print(report.summary())
+    return report.out_path
+
+
 # -- 1. validate ----------------------------------------------------------------------------------
 
 
