@@ -226,6 +226,11 @@ class RegistryConfig(Section):
         None, description="MLflow URI; default: MLFLOW_TRACKING_URI, else SQLite in the workspace"
     )
     promote_first: bool = Field(True, description="make the first passing version champion right away")
+    artifact_location: str | None = Field(
+        None,
+        description="where a new experiment keeps its artifacts (s3://..., gs://...); default: with a tracking "
+        "server, the server's own store (mlflow-artifacts:/); without one, <workspace>/mlartifacts",
+    )
 
 
 class OrchestrationConfig(Section):

@@ -58,7 +58,7 @@ def _info(model_version: Any, aliases: dict[str, Any]) -> VersionInfo:
 
 
 class Registry:
-    def __init__(self, tracking_uri: str, model_name: str, experiment: str, artifact_location: Path):
+    def __init__(self, tracking_uri: str, model_name: str, experiment: str, artifact_location: str | Path | None):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -70,16 +70,21 @@ class Registry:
     # -- runs ------------------------------------------------------------------------------------
 
     def experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        # Always explicit: without it MLflow puts artifacts in ./mlruns of whatever the CWD is.
-        location = (
-            self.artifact_location.resolve().as_uri()
-            if "://" not in str(self.artifact_location)
-            else str(self.artifact_location)
-        )
-        return self.client.create_experiment(self.experiment, artifact_location=location)
+        location = None  # a tracking server decides: its proxied store, reachable from every host
+        if self.artifact_location is not None:
+            raw = str(self.artifact_location)
+            location = raw if "://" in raw else Path(raw).resolve().as_uri()
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=location)
+        except MlflowException as exc:  # another cycle created it a moment ago
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def start_run(self, run_name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
@@ -277,9 +282,17 @@ class Registry:
         return Path(local)
 
 
+REMOTE_SCHEMES = ("http://", "https://", "databricks")
+
+
 def open_registry(config: RegistryConfig, workspace: Workspace) -> Registry:
     """The registry a config names: `registry.tracking_uri`, else MLFLOW_TRACKING_URI, else the
-    workspace's SQLite file (artifacts in the workspace)."""
-    return Registry(
-        workspace.tracking_uri(config.tracking_uri), config.model_name, config.experiment, workspace.artifacts_dir
-    )
+    workspace's SQLite file. Artifacts go to `registry.artifact_location` when set; else, with a
+    tracking server, where the server says (so any host that reaches the server can download any
+    version); else (a database or file URI on this host) to the workspace's mlartifacts/: never
+    to ./mlruns of whatever the current directory is."""
+    uri = workspace.tracking_uri(config.tracking_uri)
+    location: str | Path | None = config.artifact_location
+    if location is None and not uri.startswith(REMOTE_SCHEMES):
+        location = workspace.artifacts_dir
+    return Registry(uri, config.model_name, config.experiment, location)
