@@ -244,7 +244,10 @@ def promote(
 
     registry, ws = _registry_context(config, workspace)
     check = _shadow_check(config, ws, registry) if require_shadow else None
-    console.print(promote_version(registry, version, by=by, note=note, shadow_check=check).summary())
+    change = promote_version(
+        registry, version, by=by, note=note, shadow_check=check, publisher=_publisher(config, ws, registry)
+    )
+    console.print(change.summary())
 
 
 @app.command()
@@ -256,8 +259,10 @@ def rollback(
     """Move `champion` back to the previous champion."""
     from ctloop.registry.promotion import rollback as rollback_champion
 
-    registry, _ = _registry_context(config, workspace)
-    console.print(rollback_champion(registry, by=by).summary() + " (rolled back)")
+    registry, ws = _registry_context(config, workspace)
+    console.print(
+        rollback_champion(registry, by=by, publisher=_publisher(config, ws, registry)).summary() + " (rolled back)"
+    )
 
 
 @app.command()
@@ -272,8 +277,15 @@ def approve(
     from ctloop.registry.client import CHAMPION
     from ctloop.registry.promotion import approve as approve_version
 
-    registry, _ = _registry_context(config, workspace)
-    approve_version(registry, version, by=by, note=note, promote_first=registry.alias(CHAMPION) is None)
+    registry, ws = _registry_context(config, workspace)
+    approve_version(
+        registry,
+        version,
+        by=by,
+        note=note,
+        promote_first=registry.alias(CHAMPION) is None,
+        publisher=_publisher(config, ws, registry),
+    )
     console.print(f"version {version} approved by {by}; champion v{registry.alias(CHAMPION)}")
 
 
@@ -449,6 +461,39 @@ def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to ch
 
     load_config(path)
     console.print(f"{path}: valid")
+
+
+@app.command()
+def publish(
+    version: Annotated[int, typer.Argument(help="the version to publish to every target")],
+    config: ConfigOption = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Load a version on every publish target (retrying what failed before); moves no alias.
+    Exit 0: publish.require met, 3: not met (the failing replicas are listed)."""
+    from ctloop.errors import ConfigError
+
+    registry, ws = _registry_context(config, workspace)
+    publisher = _publisher(config, ws, registry)
+    if not publisher.active:
+        raise ConfigError(str(config or "the workspace's settings"), ["publish.targets is empty; list the targets"])
+    registry.version(version)  # a clear error for a version that does not exist
+    result = publisher.publish(version)
+    console.print(result.summary())
+    raise typer.Exit(0 if result.enough(publisher.config.require) else 3)
+
+
+def _publisher(config_path: Path | None, ws, registry):
+    from ctloop.registry.publishing import make_publisher
+    from ctloop.workspace import saved_publish_settings
+
+    if config_path is not None:
+        from ctloop.config import load_config
+
+        settings = load_config(config_path).publish
+    else:
+        settings = saved_publish_settings(ws)
+    return make_publisher(settings, registry, ws)
 
 
 def _registry_context(config_path: Path | None, workspace: Path | None):

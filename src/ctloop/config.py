@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ctloop.errors import ConfigError
 
@@ -233,6 +233,42 @@ class RegistryConfig(Section):
     )
 
 
+class PublishTarget(Section):
+    """One place a promoted version must be servable before the alias moves.
+
+    vllm: each replica's runtime LoRA API (POST /v1/load_lora_adapter, also SGLang), told to load
+    `lora_path` (a template with {name} and {version}: where that server reads the adapter, on a
+    shared volume). ctloop: other `ctloop serve` instances, same API; each downloads the version
+    from the registry itself. directory: an atomic copy to `path`/<name>-v<N>/, for vLLM's
+    filesystem resolver or any engine that watches a folder."""
+
+    kind: Literal["vllm", "ctloop", "directory"]
+    urls: list[str] = Field(default_factory=list, description="vllm, ctloop: each replica's base URL")
+    path: str | None = Field(None, description="directory: the folder; vllm: the lora_path template")
+    token_env: str | None = Field(None, description="env var holding the bearer token (ctloop: its admin token)")
+    timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> PublishTarget:
+        if self.kind in ("vllm", "ctloop") and not self.urls:
+            raise ValueError(f"a {self.kind} publish target needs urls: the base URL of every replica")
+        if self.kind in ("vllm", "directory") and not self.path:
+            what = "the folder to copy into" if self.kind == "directory" else "the lora_path template"
+            raise ValueError(f"a {self.kind} publish target needs path: {what}")
+        return self
+
+
+class PublishConfig(Section):
+    """Where promoted, rolled-back and challenger versions are published, as `<name>-v<N>` (never a
+    reused name), before any alias moves."""
+
+    targets: list[PublishTarget] = Field(default_factory=list)
+    require: Literal["all"] | int = Field(
+        "all", description="all: every replica must load the version; N: at least N replicas"
+    )
+    attempts: int = Field(3, ge=1, le=20, description="tries per replica, with backoff")
+
+
 class OrchestrationConfig(Section):
     """How the Airflow DAGs (dags/ctloop_dag.py) run this config."""
 
@@ -302,6 +338,10 @@ class ServeConfig(Section):
         description="env var holding the bearer token of POST /v1/feedback; unset: feedback is disabled (403)",
     )
     max_correction_chars: int = Field(16384, ge=1, description="a longer feedback correction gets 413")
+    adapter_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders /v1/load_lora_adapter may load a lora_path from; empty: only registry versions",
+    )
 
 
 class ShadowConfig(Section):
@@ -352,13 +392,14 @@ class CtloopConfig(Section):
     registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     harvest: HarvestConfig = HarvestConfig()
+    publish: PublishConfig = PublishConfig()
     serve: ServeConfig = ServeConfig()
     shadow: ShadowConfig = ShadowConfig()
 
     def training_hash(self) -> str:
         """Hash of everything that changes what a cycle computes (not where it stores it)."""
         payload = self.model_dump(
-            mode="json", exclude={"workspace", "registry", "orchestration", "serve", "shadow", "harvest"}
+            mode="json", exclude={"workspace", "registry", "orchestration", "serve", "shadow", "harvest", "publish"}
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

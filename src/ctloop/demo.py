@@ -62,6 +62,7 @@ def run_demo(workspace: Workspace) -> None:
     from ctloop.cycle.run import run_cycle
     from ctloop.registry.client import open_registry
     from ctloop.registry.promotion import promote
+    from ctloop.registry.publishing import make_publisher
     from ctloop.serving.compare import PROMOTE
 
     prepare_workspace(workspace)
@@ -83,7 +84,12 @@ def run_demo(workspace: Workspace) -> None:
         served_since = time.time()
         shadow, shadow_html, feedback = shadow_phase(config, workspace, registry)
         if shadow.decision == PROMOTE:
-            promote(registry, by="ctloop demo", note="passed the gate in cycle 2 and the shadow comparison")
+            promote(
+                registry,
+                by="ctloop demo",
+                note="passed the gate in cycle 2 and the shadow comparison",
+                publisher=make_publisher(config.publish, registry, workspace),
+            )
         console.rule("production: feedback on served answers, drift of live traffic, harvest for the next cycle")
         production = production_phase(config, workspace, served_since, feedback)
     _print_story(first, second, registry, workspace, config_path, shadow, shadow_html, production)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctloop.config import DEFAULT_WORKSPACE, CtloopConfig, RegistryConfig, ShadowConfig
+from ctloop.config import DEFAULT_WORKSPACE, CtloopConfig, PublishConfig, RegistryConfig, ShadowConfig
 from ctloop.fileio import read_json, utc_now, write_json
 
 
@@ -62,10 +62,14 @@ SETTINGS_FILE = "ctloop.json"
 
 
 def save_settings(workspace: Workspace, config: CtloopConfig) -> None:
-    """Keep the registry and shadow settings of the last cycle, so later commands need no --config."""
+    """Keep the registry, shadow and publish settings of the last cycle, so later commands need no --config."""
     write_json(
         workspace.root / SETTINGS_FILE,
-        {"registry": config.registry.model_dump(mode="json"), "shadow": config.shadow.model_dump(mode="json")},
+        {
+            "registry": config.registry.model_dump(mode="json"),
+            "shadow": config.shadow.model_dump(mode="json"),
+            "publish": config.publish.model_dump(mode="json"),
+        },
     )
 
 
@@ -77,6 +81,11 @@ def saved_registry_settings(workspace: Workspace) -> RegistryConfig:
 def saved_shadow_settings(workspace: Workspace) -> ShadowConfig:
     """The shadow settings of the workspace's last cycle."""
     return ShadowConfig(**_saved_settings(workspace).get("shadow", {}))
+
+
+def saved_publish_settings(workspace: Workspace) -> PublishConfig:
+    """The publish targets of the workspace's last cycle."""
+    return PublishConfig(**_saved_settings(workspace).get("publish", {}))
 
 
 def _saved_settings(workspace: Workspace) -> dict:

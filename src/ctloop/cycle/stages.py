@@ -369,6 +369,7 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     from ctloop.data.replay import ReplayBuffer
     from ctloop.evaluation.evaluate import EvalReport
     from ctloop.registry.promotion import APPROVAL_TAG, awaiting_approval, offer_as_challenger
+    from ctloop.registry.publishing import make_publisher
     from ctloop.reports.cycle import write_cycle_report
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
@@ -404,7 +405,8 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
                 f"`ctloop approve {version} --by NAME --note TEXT`"
             )
         else:
-            offer_as_challenger(registry, version, config.registry.promote_first)
+            publisher = make_publisher(config.publish, registry, workspace)
+            offer_as_challenger(registry, version, config.registry.promote_first, publisher)
             role = "champion" if registry.alias(CHAMPION) == version else "challenger"
             console.print(f"{registry.model_name} version {version} is now '{role}'")
 

@@ -7,6 +7,7 @@ from typing import Any
 from ctloop.fileio import read_json
 from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
 from ctloop.registry.promotion import champion_history
+from ctloop.registry.publishing import TAG_PREFIX
 from ctloop.workspace import Workspace
 
 
@@ -53,7 +54,7 @@ def render_status(info: dict[str, Any]) -> None:
     )
     console.print(f"champion: {_v(aliases['champion'])}   challenger: {pending}")
     console.print(f"champion history: {' -> '.join(_v(v) for v in info['champion_history']) or '-'}")
-    versions = Table("version", "aliases", "gate", "cycle", "data", "parent", title="versions")
+    versions = Table("version", "aliases", "gate", "cycle", "data", "parent", "published", title="versions")
     for v in info["versions"]:
         tags = v["tags"]
         versions.add_row(
@@ -63,6 +64,7 @@ def render_status(info: dict[str, Any]) -> None:
             tags.get("ctloop.cycle_id", ""),
             tags.get("ctloop.data_fingerprint", ""),
             tags.get("ctloop.parent_version", ""),
+            _published(tags),
         )
     console.print(versions)
     cycles = Table("cycle", "started", "status", "gate", "version", "data", title="last cycles")
@@ -75,3 +77,13 @@ def render_status(info: dict[str, Any]) -> None:
 
 def _v(version: int | None) -> str:
     return f"v{version}" if version is not None else "-"
+
+
+def _published(tags: dict[str, str]) -> str:
+    """'2/2 replicas', or which replicas failed, from the outcomes `ctloop publish` recorded."""
+    outcomes = {k.removeprefix(TAG_PREFIX): v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
+    if not outcomes:
+        return "-"
+    failed = [target for target, outcome in outcomes.items() if not outcome.startswith("ok")]
+    ok = len(outcomes) - len(failed)
+    return f"{ok}/{len(outcomes)} replicas" + (f"; failed: {', '.join(failed)}" if failed else "")

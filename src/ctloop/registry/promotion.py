@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ctloop.errors import RegistryError
 from ctloop.fileio import utc_now
 from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
+from ctloop.registry.publishing import Publisher
 
 HISTORY_PREFIX = "ctloop.champion_event"
 LEGACY_HISTORY_TAG = "ctloop.champion_history"  # ctloop 0.1.0 kept the history as one JSON list
@@ -63,20 +64,29 @@ def awaiting_approval(registry: Registry, version: int) -> bool:
     return registry.version(version).tags.get(APPROVAL_TAG) == "pending"
 
 
-def offer_as_challenger(registry: Registry, version: int, promote_first: bool) -> None:
+def offer_as_challenger(
+    registry: Registry, version: int, promote_first: bool, publisher: Publisher | None = None
+) -> None:
     """A version that passed the gate (and, where required, was approved) becomes `challenger`;
     with no champion yet and `promote_first`, it becomes `champion` at once. A version that is or
     was champion is never offered again (a retried register stage, a late approval)."""
     if registry.alias(CHAMPION) == version or version in champion_history(registry):
         return
     if registry.alias(CHAMPION) is None and promote_first:
-        promote(registry, version, by="ctloop", note="first version to pass the gate")
+        promote(registry, version, by="ctloop", note="first version to pass the gate", publisher=publisher)
         return
+    _publish(publisher, version, "challenger")  # shadow traffic needs it served too
     registry.set_alias(CHALLENGER, version)
 
 
 def promote(
-    registry: Registry, version: int | None = None, *, by: str, note: str, shadow_check: ShadowCheck | None = None
+    registry: Registry,
+    version: int | None = None,
+    *,
+    by: str,
+    note: str,
+    shadow_check: ShadowCheck | None = None,
+    publisher: Publisher | None = None,
 ) -> ChampionChange:
     """Move `champion` to `version` (default: the challenger). With `shadow_check`, refuse unless
     the shadow comparison of the champion and that version decides PROMOTE."""
@@ -100,6 +110,7 @@ def promote(
                 f"the shadow decision for v{target} is {decision}, not {PROMOTE} ({reasons}); "
                 f"serve more traffic, or promote without requiring shadow"
             )
+    _publish(publisher, target, "champion")  # servable everywhere before traffic can switch to it
     registry.add_model_event(
         HISTORY_PREFIX, {"action": "promote", "version": target, "by": by, "note": note, "at": utc_now()}
     )
@@ -107,23 +118,28 @@ def promote(
     registry.set_version_tags(target, {"ctloop.promoted": f"{utc_now()} by {by}: {note}"})
     if registry.alias(CHALLENGER) == target:  # read just before: a new challenger may have just arrived
         registry.delete_alias(CHALLENGER)
+    _retire(publisher, registry, {target, before})
     return ChampionChange(before, target, changed=True)
 
 
-def rollback(registry: Registry, by: str) -> ChampionChange:
+def rollback(registry: Registry, by: str, publisher: Publisher | None = None) -> ChampionChange:
     """Move `champion` back to the version before it."""
     history = champion_history(registry)
     current = registry.alias(CHAMPION)
     if current is None or len(history) < 2 or history[-1] != current:
         raise RegistryError("there is no previous champion to roll back to; `ctloop status` shows the champion history")
     target = history[-2]
+    _publish(publisher, target, "champion")
     registry.add_model_event(HISTORY_PREFIX, {"action": "rollback", "from": current, "by": by, "at": utc_now()})
     _took_effect(registry, target, f"rolling back from v{current}")
     registry.set_version_tags(current, {"ctloop.rolled_back": f"{utc_now()} by {by}: champion moved back to v{target}"})
+    _retire(publisher, registry, {target, current})
     return ChampionChange(current, target, changed=True)
 
 
-def approve(registry: Registry, version: int, by: str, note: str, promote_first: bool) -> None:
+def approve(
+    registry: Registry, version: int, by: str, note: str, promote_first: bool, publisher: Publisher | None = None
+) -> None:
     """Record a human approval (who, when, why) of a version that passed the gate; it then
     becomes the challenger (or the champion, when there is none and `promote_first`)."""
     info = registry.version(version)
@@ -141,7 +157,7 @@ def approve(registry: Registry, version: int, by: str, note: str, promote_first:
             "ctloop.approval_note": note,
         },
     )
-    offer_as_challenger(registry, version, promote_first)
+    offer_as_challenger(registry, version, promote_first, publisher)
 
 
 def _align_champion_alias(registry: Registry) -> int:
@@ -163,3 +179,21 @@ def _took_effect(registry: Registry, expected: int, what: str) -> None:
             f"{what} was overtaken by a concurrent change: the champion is now v{winner}; "
             f"`ctloop status` shows the history"
         )
+
+
+def _publish(publisher: Publisher | None, version: int, role: str) -> None:
+    """Publish before an alias moves; when too few replicas load it, stop with nothing changed."""
+    if publisher is None or not publisher.active:
+        return
+    result = publisher.publish(version)
+    if not result.enough(publisher.config.require):
+        raise RegistryError(
+            f"v{version} cannot become {role}: publish.require={publisher.config.require} not met "
+            f"({result.failures()}); no alias moved. Fix those targets, then `ctloop publish {version}` "
+            f"and promote again (or lower publish.require)"
+        )
+
+
+def _retire(publisher: Publisher | None, registry: Registry, keep: set[int | None]) -> None:
+    if publisher is not None and publisher.active:
+        publisher.retire({v for v in keep | {registry.alias(CHALLENGER)} if v is not None})

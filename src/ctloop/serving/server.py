@@ -102,6 +102,7 @@ class Serving:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency_sum: Counter[str] = Counter()
         self.production: Any = None
+        self.pinned: set[int] = set()  # loaded through /v1/load_lora_adapter: kept until unloaded there
         self.last_sync_error = ""
         self.sync_errors = 0
         self._sync_lock = asyncio.Lock()
@@ -173,9 +174,21 @@ class Serving:
                         problems.append(f"{role} v{version} not loaded ({exc.__class__.__name__}: {exc})"[:300])
                         roles = replace(roles, **{role: None})
             self.roles = roles  # one assignment: a request sees the old roles or the new, never a mix
-            await asyncio.to_thread(self.backend.unload_except, roles.versions())
+            await asyncio.to_thread(self.backend.unload_except, roles.versions() | self.pinned)
             self.last_sync_error = "; ".join(problems)
             return roles
+
+    def load_pinned(self, version: int, adapter_dir: Any) -> None:
+        """Load a version for /v1/load_lora_adapter (from `adapter_dir`, or from the registry) and keep it."""
+        if adapter_dir is None:
+            self._load(version)
+        elif version not in self.backend.loaded:
+            self.backend.load(version, adapter_dir)
+        self.pinned.add(version)
+
+    def unload_pinned(self, version: int) -> None:
+        self.pinned.discard(version)
+        self.backend.unload_except(self.roles.versions() | self.pinned)
 
     def _load(self, version: int) -> None:
         if version in self.backend.loaded:
@@ -209,6 +222,11 @@ class Serving:
                     await self.backend.aclose()
 
     # -- requests ---------------------------------------------------------------------------------
+
+    def publisher(self) -> Any:
+        from ctloop.registry.publishing import make_publisher
+
+        return make_publisher(self.config.publish, self.registry, self.workspace)
 
     def resolve(self, requested: str) -> tuple[int, bool]:
         """(version, explicit) for a request's `model`; explicit versions are not mirrored."""
@@ -336,7 +354,7 @@ def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
 
 def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     serving = Serving(config, workspace)
 
@@ -503,7 +521,13 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         )
         await _registry_call(
             asyncio.to_thread(
-                promote_version, serving.registry, target, by=options.by, note=options.note, shadow_check=check
+                promote_version,
+                serving.registry,
+                target,
+                by=options.by,
+                note=options.note,
+                shadow_check=check,
+                publisher=serving.publisher(),
             )
         )
         return _roles(await _registry_call(serving.sync_roles()))
@@ -514,8 +538,45 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         options = _parse(PromoteBody, await request.body() or b"{}", config.serve.max_body_bytes)
         from ctloop.registry.promotion import rollback as rollback_champion
 
-        await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by))
+        await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by, serving.publisher()))
         return _roles(await _registry_call(serving.sync_roles()))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        from ctloop.serving.adapter_api import AdapterRequestError, LoadAdapterBody, confined_path, version_of
+
+        require_admin(request)
+        body = _parse(LoadAdapterBody, await request.body(), config.serve.max_body_bytes)
+        try:
+            version = version_of(body.lora_name, serving.model_name)
+            folder = None if body.lora_path is None else confined_path(body.lora_path, config.serve.adapter_roots)
+        except AdapterRequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        try:
+            await asyncio.to_thread(serving.load_pinned, version, folder)
+        except CtloopError as exc:
+            raise ApiError(404, f"cannot load {body.lora_name}: {exc}", "lora_name", "not_found") from exc
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        from ctloop.serving.adapter_api import AdapterRequestError, UnloadAdapterBody, version_of
+
+        require_admin(request)
+        body = _parse(UnloadAdapterBody, await request.body(), config.serve.max_body_bytes)
+        try:
+            version = version_of(body.lora_name, serving.model_name)
+        except AdapterRequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        if version in serving.roles.versions():
+            raise ApiError(
+                409,
+                f"{body.lora_name} is the champion, challenger or previous champion here; move the alias first",
+                "lora_name",
+                "conflict",
+            )
+        await asyncio.to_thread(serving.unload_pinned, version)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app
 

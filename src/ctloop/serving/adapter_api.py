@@ -1,0 +1,66 @@
+"""vLLM's runtime LoRA API on `ctloop serve`: POST /v1/load_lora_adapter and
+/v1/unload_lora_adapter, behind the admin token, with vLLM's request shape, so a ctloop server is a
+publish target like a vLLM replica.
+
+A `lora_name` is always `<name>-v<N>` (a version is never loaded under another name). Without a
+`lora_path` the server fetches version N from the registry; a `lora_path` must lie inside one of
+`serve.adapter_roots` once resolved (symlinks and `..` included), or the request gets 400.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+
+class LoadAdapterBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # vLLM clients may send load_inplace and the like
+
+    lora_name: StrictStr = Field(min_length=1, max_length=200)
+    lora_path: StrictStr | None = Field(None, max_length=4096)
+
+
+class UnloadAdapterBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: StrictStr = Field(min_length=1, max_length=200)
+
+
+class AdapterRequestError(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def version_of(lora_name: str, model_name: str) -> int:
+    match = re.fullmatch(rf"{re.escape(model_name)}-v(\d{{1,9}})", lora_name)
+    if match is None:
+        raise AdapterRequestError(
+            f"lora_name {lora_name[:80]!r} is not '{model_name}-v<N>'; ctloop serves registry versions under "
+            f"their immutable names",
+            "lora_name",
+        )
+    return int(match.group(1))
+
+
+def confined_path(lora_path: str, roots: list[Path]) -> Path:
+    """The adapter folder, if it lies inside an allowed root; else AdapterRequestError."""
+    if not roots:
+        raise AdapterRequestError(
+            "this server loads adapters from its registry only: omit lora_path, or list the folders it may "
+            "read in serve.adapter_roots",
+            "lora_path",
+        )
+    if "\x00" in lora_path:
+        raise AdapterRequestError("lora_path holds a NUL character", "lora_path")
+    resolved = Path(lora_path).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        raise AdapterRequestError(
+            f"lora_path {lora_path[:200]!r} is outside serve.adapter_roots ({', '.join(str(r) for r in roots)})",
+            "lora_path",
+        )
+    if not (resolved / "adapter_config.json").is_file():
+        raise AdapterRequestError(f"lora_path {lora_path[:200]!r} holds no adapter_config.json", "lora_path")
+    return resolved

@@ -1,0 +1,134 @@
+"""Publishing a version to serving engines before an alias moves: a directory target, and two real
+`ctloop serve` replicas through vLLM's runtime LoRA API (one stopped: reported, and the promotion
+refused with nothing changed, or allowed with `publish.require: 1`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+import yaml
+
+from ctloop.config import PublishConfig, PublishTarget
+from ctloop.errors import RegistryError
+from ctloop.registry.client import CHALLENGER, CHAMPION
+from ctloop.registry.promotion import champion_history, offer_as_challenger, promote, rollback
+from ctloop.registry.publishing import make_publisher, publication_status
+from ctloop.serving.server import create_app, serve_in_background
+from ctloop.training.tinymodel import random_adapter
+from ctloop.workspace import Workspace
+from shadow_helpers import register_versions, serving_config
+
+pytestmark = pytest.mark.slow
+TOKEN = "publish-s3cret"
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [random_adapter(tiny_base, root / f"a{seed}", seed) for seed in (1, 2, 3)]
+
+
+def test_a_directory_target_gets_an_atomic_copy_before_the_alias_moves(tiny_base, adapters, tmp_path):
+    config = serving_config(tiny_base, tmp_path / "ws")
+    registry = register_versions(config, adapters)  # v1 champion, v2 challenger, v3
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    publisher = make_publisher(
+        PublishConfig(targets=[PublishTarget(kind="directory", path=str(shelf))]), registry, Workspace(config.workspace)
+    )
+    assert publisher.publish(1).enough("all")  # the champion as it was published before
+    assert publisher.publish(2).enough("all")  # a version that will be neither champion nor challenger
+    offer_as_challenger(registry, 3, promote_first=False, publisher=publisher)
+    assert (shelf / "srv-v3" / "adapter_config.json").is_file() and registry.alias(CHALLENGER) == 3
+    promote(registry, by="t", note="v3", publisher=publisher)
+    assert sorted(p.name for p in shelf.iterdir()) == ["srv-v1", "srv-v3"]  # v1 stays: the previous champion; v2 goes
+    assert [v[:2] for v in publication_status(registry, 3).values()] == ["ok"]
+    rollback(registry, by="t", publisher=publisher)
+    assert registry.alias(CHAMPION) == 1 and (shelf / "srv-v1").is_dir()
+    config_file = tmp_path / "ctloop.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            config.model_dump(mode="json") | {"publish": {"targets": [{"kind": "directory", "path": str(shelf)}]}}
+        )
+    )
+    published = subprocess.run(
+        [sys.executable, "-m", "ctloop", "publish", "2", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert published.returncode == 0 and "published v2 to 1 of 1 replicas" in published.stderr, published.stderr
+    assert (shelf / "srv-v2" / "adapter_config.json").is_file()  # `ctloop publish` moves no alias, retires nothing
+    status = subprocess.run(
+        [sys.executable, "-m", "ctloop", "status", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "1/1 replicas" in status.stdout, status.stdout
+
+
+def test_two_ctloop_replicas_load_the_version_first_and_a_down_one_stops_the_promotion(
+    tiny_base, adapters, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CTLOOP_ADMIN_TOKEN", TOKEN)
+    config = serving_config(tiny_base, tmp_path / "ws", shadow={"enabled": False})
+    registry = register_versions(config, adapters)
+    workspace = Workspace(config.workspace)
+    with serve_in_background(create_app(config, workspace)) as replica_a:
+        with serve_in_background(create_app(config, workspace)) as replica_b:
+            targets = [PublishTarget(kind="ctloop", urls=[replica_a, replica_b], token_env="CTLOOP_ADMIN_TOKEN")]
+            publisher = make_publisher(PublishConfig(targets=targets, attempts=2), registry, workspace)
+            promote(registry, 2, by="t", note="both replicas", publisher=publisher)
+            for url in (replica_a, replica_b):
+                assert "srv-v2" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+            assert all(v.startswith("ok") for v in publication_status(registry, 2).values())
+        # replica B is down now: with publish.require "all" the promotion stops, nothing moved
+        with pytest.raises(RegistryError, match=rf"cannot become champion.*{replica_b}.*unreachable"):
+            promote(registry, 3, by="t", note="B is down", publisher=publisher)
+        assert registry.alias(CHAMPION) == 2 and champion_history(registry) == [1, 2]
+        port_b = replica_b.rsplit(":", 1)[1]
+        [outcome_b] = [v for k, v in publication_status(registry, 3).items() if k.endswith(port_b)]
+        assert outcome_b.startswith("failed") and "unreachable" in outcome_b
+        lenient = make_publisher(PublishConfig(targets=targets, require=1, attempts=1), registry, workspace)
+        promote(registry, 3, by="t", note="one replica is enough", publisher=lenient)
+        assert registry.alias(CHAMPION) == 3
+        assert "srv-v3" in {m["id"] for m in httpx.get(f"{replica_a}/v1/models").json()["data"]}
+
+
+def test_the_load_api_confines_paths_and_names(tiny_base, adapters, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTLOOP_ADMIN_TOKEN", TOKEN)
+    roots = tmp_path / "allowed"
+    (roots / "srv-v7").mkdir(parents=True)
+    for item in adapters[2].iterdir():
+        (roots / "srv-v7" / item.name).write_bytes(item.read_bytes())
+    config = serving_config(tiny_base, tmp_path / "ws", serve={"adapter_roots": [str(roots)]})
+    register_versions(config, adapters[:1])
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+
+        def load(body, headers=auth):
+            return httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=headers, timeout=60)
+
+        assert load({"lora_name": "srv-v7", "lora_path": str(roots / "srv-v7")}, headers={}).status_code == 401
+        refused = [
+            load({"lora_name": "srv-v7", "lora_path": str(adapters[2])}),  # outside the roots
+            load({"lora_name": "srv-v7", "lora_path": str(roots / "srv-v7" / ".." / ".." / adapters[2].name)}),
+            load({"lora_name": "other-v7", "lora_path": str(roots / "srv-v7")}),
+            load({"lora_name": "srv-v7", "lora_path": str(roots)}),  # no adapter there
+        ]
+        assert [r.status_code for r in refused] == [400, 400, 400, 400]
+        assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in refused)
+        ok = load({"lora_name": "srv-v7", "lora_path": str(roots / "srv-v7")})
+        assert ok.status_code == 200 and "added successfully" in ok.text
+        assert "srv-v7" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "srv-v7", "prompt": "x"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == "srv-v7"
+        busy = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v1"}, headers=auth)
+        assert busy.status_code == 409  # the champion is not unloaded behind the registry's back
+        gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v7"}, headers=auth)
+        assert gone.status_code == 200 and "srv-v7" not in json.dumps(httpx.get(f"{url}/v1/models").json())
