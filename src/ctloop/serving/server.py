@@ -1,8 +1,9 @@
 """`ctloop serve`: an OpenAI-compatible server that answers with the champion and shadows the challenger.
 
 Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /v1/feedback, /healthz, /metrics,
-and the admin endpoints /admin/reload, /admin/promote, /admin/rollback (bearer token from the env
-var named by `serve.admin_token_env`, compared in constant time).
+and the admin endpoints /admin/reload, /admin/promote, /admin/rollback and vLLM's runtime LoRA API
+/v1/load_lora_adapter, /v1/unload_lora_adapter (`adapter_api.py`), with a bearer token from the env
+var named by `serve.admin_token_env`, compared in constant time.
 
 Every answered request is written to the request log (`production_log.py`) with the id the client
 sent as X-Request-Id (or a new one), which the response carries as its `id` and `X-Request-Id`;
