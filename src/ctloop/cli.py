@@ -136,14 +136,16 @@ def drift(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
     online: Annotated[bool, typer.Option(help="feed CURRENT row by row to the online detector")] = False,
-    ert: Annotated[int, typer.Option(help="online: expected rows between false alarms")] = 500,
-    window: Annotated[int, typer.Option(help="online: rows in the sliding window")] = 50,
+    ert: Annotated[int, typer.Option(min=2, help="online: expected rows between false alarms")] = 500,
+    window: Annotated[int, typer.Option(min=2, help="online: rows in the sliding window")] = 50,
 ) -> None:
     """Test whether CURRENT is distributed like REFERENCE, or (--production) whether live traffic is
     like the champion's training data. Exit 0: no drift, 3: drift, 4: too little data to decide, 2: error."""
     from ctloop.drift.check import check_files, check_stream
     from ctloop.errors import DataError
 
+    if report is not None and not report.parent.is_dir():  # checked before minutes of embedding, not after
+        raise DataError(f"--report {report}: the folder {report.parent} does not exist; create it or pick another")
     if production:
         if reference is not None or current is not None or online:
             raise DataError(

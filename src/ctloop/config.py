@@ -338,10 +338,22 @@ class ServeConfig(Section):
         description="env var holding the bearer token of POST /v1/feedback; unset: feedback is disabled (403)",
     )
     max_correction_chars: int = Field(16384, ge=1, description="a longer feedback correction gets 413")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="refuse longer prompts (400) below the model's own context length"
+    )
     adapter_roots: list[Path] = Field(
         default_factory=list,
         description="folders /v1/load_lora_adapter may load a lora_path from; empty: only registry versions",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(
+                f"serve.default_max_tokens={self.default_max_tokens} is above serve.max_tokens={self.max_tokens}, "
+                f"so every request without max_tokens would be refused; lower default_max_tokens or raise max_tokens"
+            )
+        return self
 
 
 class ShadowConfig(Section):

@@ -58,6 +58,13 @@ class Backend(Protocol):
 
     def unload_except(self, keep: set[int]) -> None: ...
 
+    def count_tokens(self, prompt: str) -> int | None:
+        """The prompt's tokens as the model sees them, or None when the upstream counts (openai)."""
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The model's context length (prompt + answer), or None when unknown here."""
+
     async def generate(
         self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
     ) -> Generation:
@@ -125,6 +132,15 @@ class InProcessBackend:
             USER: ThreadPoolExecutor(user_threads, thread_name_prefix="ctloop-gen-user"),
             SHADOW: ThreadPoolExecutor(1, thread_name_prefix="ctloop-gen-shadow"),
         }
+
+    def count_tokens(self, prompt: str) -> int | None:
+        from ctloop.model.batching import prompt_token_ids
+
+        return len(prompt_token_ids(self.tokenizer, [prompt])[0])
+
+    @property
+    def context_tokens(self) -> int | None:
+        return getattr(self.base.config, "max_position_embeddings", None)
 
     @staticmethod
     def adapter_name(version: int) -> str:
@@ -256,6 +272,13 @@ class OpenAIBackend:
         self._timeout = timeout_s
         self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
         self.loaded: dict[int, Path | None] = {}
+
+    def count_tokens(self, prompt: str) -> int | None:
+        return None  # the upstream knows its tokenizer and context, and refuses what does not fit
+
+    @property
+    def context_tokens(self) -> int | None:
+        return None
 
     def upstream_model(self, version: int) -> str:
         return self.model_template.format(name=self.model_name, version=version)

@@ -224,6 +224,31 @@ class Serving:
 
     # -- requests ---------------------------------------------------------------------------------
 
+    async def check_fits(self, request: GenerationRequest) -> None:
+        """400 before any generation when the prompt plus max_tokens exceeds the model's context (or the
+        prompt exceeds serve.max_prompt_tokens); counting runs off the event loop."""
+        context, cap = self.backend.context_tokens, self.config.serve.max_prompt_tokens
+        if context is None and cap is None:
+            return
+        tokens = await asyncio.to_thread(self.backend.count_tokens, request.prompt)
+        if tokens is None:
+            return
+        if cap is not None and tokens > cap:
+            raise ApiError(
+                400,
+                f"the prompt has {tokens} tokens, over serve.max_prompt_tokens={cap}; send a shorter prompt",
+                "prompt",
+                "context_length_exceeded",
+            )
+        if context is not None and tokens + request.max_tokens > context:
+            raise ApiError(
+                400,
+                f"the prompt has {tokens} tokens and max_tokens is {request.max_tokens}: {tokens + request.max_tokens}"
+                f" tokens, over the model's context of {context}; shorten the prompt or lower max_tokens",
+                "prompt",
+                "context_length_exceeded",
+            )
+
     def publisher(self) -> Any:
         from ctloop.registry.publishing import make_publisher
 
@@ -245,7 +270,7 @@ class Serving:
             if roles.challenger is None:
                 raise ApiError(404, "there is no challenger now; ask for the champion", "model", "model_not_found")
             return roles.challenger, True
-        match = re.fullmatch(rf"(?:{re.escape(self.model_name)}[-:/])?v?(\d+)", name)
+        match = re.fullmatch(rf"(?:{re.escape(self.model_name)}[-:/])?v?(\d{{1,9}})", name)
         if match is None:
             raise ApiError(
                 404,
@@ -304,6 +329,7 @@ class Serving:
 
         request = self.generation_request(body, prompt)
         version, explicit = self.resolve(body.model)
+        await self.check_fits(request)
         try:
             generation = await self.backend.generate(request, version, USER)
         except TimeoutError as exc:
@@ -332,19 +358,48 @@ class Serving:
         return generation, version
 
 
+def _error_response(exc: ApiError) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}},
+        status_code=exc.status,
+    )
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"the request body has {size} bytes or more, over serve.max_body_bytes={limit}; send a shorter prompt"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read in chunks and abandoned (413) once it passes `limit` (a chunked upload has no
+    Content-Length to refuse up front)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, _too_large(size, limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
     import json
 
     if len(raw) > limit:
-        raise ApiError(
-            413, f"the request body has {len(raw)} bytes, more than serve.max_body_bytes={limit}; send a shorter prompt"
-        )
+        raise ApiError(413, _too_large(len(raw), limit))
     try:
         data = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "the body holds a lone UTF-16 surrogate (like \\ud800), which is not text; send valid Unicode"
+        ) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -376,15 +431,23 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse(
-            {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}},
-            status_code=exc.status,
-        )
+        return _error_response(exc)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        declared = request.headers.get("content-length", "")
+        limit = config.serve.max_body_bytes
+        if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
+            response = _error_response(ApiError(413, _too_large(int(declared), limit)))
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # noqa: BLE001 - a bug must still answer in the API's shape, and be counted
+                log.exception("unhandled error on %s", request.url.path)
+                response = _error_response(
+                    ApiError(500, f"internal error ({exc.__class__.__name__}); see the server log", kind="server_error")
+                )
         route = request.scope.get("route")  # the route's template, never the raw path: bounded, no injection
         path = getattr(route, "path", "other")
         serving.requests[(path, response.status_code)] += 1
@@ -397,7 +460,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(CompletionBody, await request.body(), config.serve.max_body_bytes)
+        body = _parse(
+            CompletionBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes
+        )
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, f"{len(prompts)} prompts in one request; send one prompt per request", "prompt")
@@ -421,7 +486,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def chat_completions(request: Request):
         from ctloop.data.records import chat_prompt
 
-        body = _parse(ChatBody, await request.body(), config.serve.max_body_bytes)
+        body = _parse(ChatBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes)
         rid = request_id(request)
         messages = [m.model_dump() for m in body.messages]
         generation, version = await serving.answer(rid, body, chat_prompt(messages), "chat", messages)
@@ -448,7 +513,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def feedback(request: Request):
         from ctloop.serving.production_log import FeedbackRefused
 
-        raw = await request.body()
+        raw = await read_body(request, config.serve.max_body_bytes)
         try:
             answer = await serving.production.add_feedback(
                 request.headers, raw, lambda model, data: _parse(model, data, config.serve.max_body_bytes)
@@ -509,7 +574,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     @app.post("/admin/promote")
     async def promote(request: Request):
         require_admin(request)
-        options = _parse(PromoteBody, await request.body() or b"{}", config.serve.max_body_bytes)
+        options = _parse(
+            PromoteBody, await read_body(request, config.serve.max_body_bytes) or b"{}", config.serve.max_body_bytes
+        )
         from ctloop.registry.promotion import promote as promote_version
 
         target = options.version or serving.roles.challenger
@@ -536,7 +603,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     @app.post("/admin/rollback")
     async def rollback(request: Request):
         require_admin(request)
-        options = _parse(PromoteBody, await request.body() or b"{}", config.serve.max_body_bytes)
+        options = _parse(
+            PromoteBody, await read_body(request, config.serve.max_body_bytes) or b"{}", config.serve.max_body_bytes
+        )
         from ctloop.registry.promotion import rollback as rollback_champion
 
         await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by, serving.publisher()))
@@ -547,7 +616,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         from ctloop.serving.adapter_api import AdapterRequestError, LoadAdapterBody, confined_path, version_of
 
         require_admin(request)
-        body = _parse(LoadAdapterBody, await request.body(), config.serve.max_body_bytes)
+        body = _parse(
+            LoadAdapterBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes
+        )
         try:
             version = version_of(body.lora_name, serving.model_name)
             folder = None if body.lora_path is None else confined_path(body.lora_path, config.serve.adapter_roots)
@@ -564,7 +635,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         from ctloop.serving.adapter_api import AdapterRequestError, UnloadAdapterBody, version_of
 
         require_admin(request)
-        body = _parse(UnloadAdapterBody, await request.body(), config.serve.max_body_bytes)
+        body = _parse(
+            UnloadAdapterBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes
+        )
         try:
             version = version_of(body.lora_name, serving.model_name)
         except AdapterRequestError as exc:

@@ -1,0 +1,115 @@
+"""Hostile but fair input (#17): every bad request gets a 4xx in the OpenAI error shape before any
+work, every status is counted, and bad CLI arguments are one-line errors before any computation."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from ctloop.config import config_from_dict
+from ctloop.errors import ConfigError
+from ctloop.serving.server import create_app, serve_in_background
+from ctloop.training.tinymodel import random_adapter
+from ctloop.workspace import Workspace
+from shadow_helpers import register_versions, serving_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hardening")
+    config = serving_config(tiny_base, root / "ws", serve={"max_body_bytes": 4096, "max_tokens": 32})
+    register_versions(config, [random_adapter(tiny_base, root / "a1", 1)])
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+        yield url
+
+
+def _is_openai_error(response: httpx.Response) -> bool:
+    return set(response.json()) == {"error"} and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_prompt_longer_than_the_context_is_400_naming_both_numbers(server):
+    long_prompt = " ".join(["package"] * 600)  # far beyond the tiny model's context
+    response = httpx.post(
+        f"{server}/v1/completions", json={"model": "srv", "prompt": long_prompt[:3900], "max_tokens": 8}, timeout=60
+    )
+    assert response.status_code == 400 and _is_openai_error(response)
+    message = response.json()["error"]["message"]
+    assert re.search(
+        r"the prompt has \d+ tokens and max_tokens is 8: \d+ tokens, over the model's context of \d+", message
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ('{"model": "srv", "prompt": "a\\ud800b"}', "surrogate"),
+        ('{"model": "' + "9" * 5000 + '", "prompt": "x"}', None),
+    ],
+    ids=["lone-surrogate", "5000-digit-model"],
+)
+def test_inputs_that_used_to_raise_are_4xx(server, body, needle):
+    response = httpx.post(
+        f"{server}/v1/completions", content=body.encode(), timeout=60, headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500 and _is_openai_error(response)
+    if needle:
+        assert needle in response.json()["error"]["message"]
+
+
+def test_a_huge_body_is_refused_by_its_declared_length_before_it_is_read(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 150000000\r\n\r\n{"
+        )  # declares 150 MB, sends one byte
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 413") and "max_body_bytes" in answer
+
+
+def test_a_chunked_body_stops_being_read_at_the_cap(server):
+    def chunks():
+        yield b'{"model": "srv", "prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+
+    response = httpx.post(f"{server}/v1/completions", content=chunks(), timeout=60)
+    assert response.status_code == 413 and _is_openai_error(response)
+
+
+def test_every_status_code_is_counted(server):
+    httpx.post(f"{server}/v1/completions", json={"model": "gpt-4", "prompt": "x"}, timeout=60)  # 404
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'code="404"' in metrics and 'code="413"' in metrics and 'code="400"' in metrics
+
+
+def test_a_config_that_refuses_every_request_is_invalid():
+    with pytest.raises(ConfigError, match="default_max_tokens=64 is above serve.max_tokens=32"):
+        config_from_dict({"model": {"base": "x"}, "serve": {"max_tokens": 32}})
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--online", "--window", "0"], "--window"),
+        (["--report", "/nonexistent-dir/x.html"], "does not exist"),
+    ],
+    ids=["window-0", "report-folder-missing"],
+)
+def test_bad_drift_arguments_are_one_line_errors(tmp_path, args, needle):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "ctloop", "drift", "--reference", str(data), "--current", str(data), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
