@@ -354,3 +354,22 @@ def test_a_rule_on_a_slice_uses_only_its_rows():
     slices = {"new_holdout": {"games": list(range(20)), "sound": list(range(20, 40))}}
     decision = decide(scores, GateConfig(min_examples=10, rules=config.rules), has_champion=True, slices=slices)
     assert decision.rules[-1].outcome == "PASS" and decision.rules[-1].n == 20
+
+
+@pytest.mark.parametrize(
+    ("candidate_on_rejected", "outcome"),
+    [(2.0, "PASS"), (2.1, "PASS"), (1.5, "FAIL")],
+    ids=["unchanged", "further-away", "25%-likelier"],
+)
+def test_the_candidate_may_not_move_toward_answers_users_rated_down(candidate_on_rejected, outcome):
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.01, 60)
+    losses = {
+        "new_holdout": {"champion": [2.0] * 60, "candidate": [1.8] * 60},
+        "rejected_answers": {"champion": list(2.0 + noise), "candidate": list(candidate_on_rejected + noise)},
+    }
+    decision = decide(losses, RULES, has_champion=True)
+    rule = next(r for r in decision.rules if r.name == "rejected answers")
+    assert rule.outcome == outcome, rule.reason
+    assert decision.outcome == outcome
+    assert "rejected_gain" in decision.metrics

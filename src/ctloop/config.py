@@ -147,6 +147,11 @@ class EvalConfig(Section):
     )
     generation_batch: int = Field(16, ge=1)
     golden: dict[str, Path] = Field(default_factory=dict, description="fixed regression sets: name -> records file")
+    rejected_answers: bool = Field(
+        True,
+        description="gate on the answers production rated down (<workspace>/harvest/rejected.jsonl, written by "
+        "ctloop harvest): a candidate may not make them likelier than gate.max_rejected_gain allows",
+    )
     contamination: Literal["drop", "fail", "off"] = Field(
         "drop", description="evaluation rows found in the training set: drop and count them, or fail the cycle"
     )
@@ -200,6 +205,9 @@ class GateConfig(Section):
     min_new_improvement: float = Field(0.01, ge=-1, lt=1)
     max_old_regression: float = Field(0.02, ge=0, lt=10)
     max_golden_regression: float = Field(0.02, ge=0, lt=10, description="the same bound for each eval.golden set")
+    max_rejected_gain: float = Field(
+        0.02, ge=0, lt=1, description="how much lower (relative) the candidate's loss on rejected answers may be"
+    )
     rules: list[GateRule] = Field(default_factory=list, description="more rules, on any metric, set and slice")
     per_slice: bool = Field(
         False,

@@ -287,6 +287,12 @@ def evaluate_stage(ctx: StageContext):
         OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0],
     }
     sets |= {f"golden_{name}": _golden(name, path) for name, path in config.eval.golden.items()}
+    rejected = workspace.root / "harvest" / "rejected.jsonl"
+    if config.eval.rejected_answers and rejected.is_file() and champion is not None:
+        from ctloop.data.records import read_records
+        from ctloop.evaluation.gate import REJECTED_SET
+
+        sets[REJECTED_SET] = read_records(rejected)[0]
     sets = _without_contamination(config, cycle, sets)
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
     slices = slice_indices(sets, config.eval.slice_by)

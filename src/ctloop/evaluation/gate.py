@@ -25,6 +25,7 @@ from ctloop.errors import ConfigError
 
 NEW_SET = "new_holdout"
 OLD_SET = "replay_holdout"
+REJECTED_SET = "rejected_answers"  # answers production rated down: the candidate must not move toward them
 CANDIDATE = "candidate"
 EPSILON = 1e-9
 TOLERANCE = 1e-12  # bounds are inclusive; float noise must not turn 0.6 - 0.5 >= 0.1 into a failure
@@ -115,7 +116,11 @@ def decide(
             )
         )
     keys = ["new_improvement", "old_regression"]
-    for name in sorted(set(losses) - {NEW_SET, OLD_SET}):  # golden regression suites
+    rejected = losses.get(REJECTED_SET, {})
+    if CANDIDATE in rejected and reference in rejected and rejected[CANDIDATE]:
+        rules.append(_rejected_rule(rejected[reference], rejected[CANDIDATE], reference, config))
+        keys.append("rejected_gain")
+    for name in sorted(set(losses) - {NEW_SET, OLD_SET, REJECTED_SET}):  # golden regression suites
         scores = losses[name]
         if CANDIDATE in scores and reference in scores:
             rules.append(
@@ -297,6 +302,29 @@ def _rule(
         side = "upper"
     reason = f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, n={n}) {verdict}"
     return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
+
+
+def _rejected_rule(
+    reference_losses: list[float], candidate_losses: list[float], reference: str, config: GateConfig
+) -> RuleResult:
+    """The answers users rated down: the candidate's loss on them may fall (the answer becoming
+    likelier) by at most gate.max_rejected_gain, checked on the upper bound of that fall."""
+    name = "rejected answers"
+    ref = np.asarray(reference_losses, dtype=np.float64)
+    cand = np.asarray(candidate_losses, dtype=np.float64)
+    n = len(ref)
+    prefix = f"{name}: loss {ref.mean():.4f} -> {cand.mean():.4f}"
+    if n < config.min_examples:
+        return RuleResult(name, PASS, f"{prefix}; {n} examples < gate.min_examples: reported, not gated", n=n)
+    gain = float((ref.mean() - cand.mean()) / max(abs(ref.mean()), EPSILON))
+    bound = float(np.quantile(-_paired_bootstrap(ref, cand, config), config.confidence))
+    ok = bound <= config.max_rejected_gain
+    verdict = f"{'<=' if ok else '>'} allowed {config.max_rejected_gain:+.2%}"
+    reason = (
+        f"{prefix}, moved toward them by {gain:+.2%} ({config.confidence:.0%} upper bound {bound:+.2%}, "
+        f"n={n}) {verdict}"
+    )
+    return RuleResult(name, PASS if ok else FAIL, reason, gain, bound, n)
 
 
 def _paired_bootstrap(ref: np.ndarray, cand: np.ndarray, config: GateConfig) -> np.ndarray:
