@@ -113,3 +113,55 @@ def test_bad_drift_arguments_are_one_line_errors(tmp_path, args, needle):
         timeout=120,
     )
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "srv", "prompt": "x", "max_tokens": "5"},
+        {"model": "srv", "prompt": "x", "max_tokens": True},
+        {"model": "srv", "prompt": "x", "stream": "yes"},
+    ],
+    ids=["string-number", "bool-number", "string-bool"],
+)
+def test_request_fields_are_not_coerced(server, body):
+    response = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400 and _is_openai_error(response)
+
+
+def test_unknown_paths_and_methods_answer_in_the_openai_error_shape(server):
+    missing = httpx.get(f"{server}/v1/nothing-here")
+    wrong_method = httpx.get(f"{server}/v1/completions")
+    assert (missing.status_code, wrong_method.status_code) == (404, 405)
+    assert _is_openai_error(missing) and _is_openai_error(wrong_method)
+
+
+def test_each_failed_run_keeps_its_own_quarantine(tiny_base, tmp_path):
+    """Two files without a single good row land in the same (empty) cycle; neither quarantine is lost."""
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"base": str(tiny_base)}, "workspace": str(tmp_path / "ws")}))
+    kept = []
+    for name, rows in (("a.jsonl", "{broken\n" * 18), ("b.jsonl", '{"prompt": 1}\n' * 5)):
+        (tmp_path / name).write_text(rows)
+        result = subprocess.run(
+            [sys.executable, "-m", "ctloop", "run", "--config", str(config), "--data", str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        kept.append(sorted((tmp_path / "ws" / "quarantine").glob("*.jsonl")))
+    assert len(kept[-1]) == 2
+    assert sorted(len(p.read_text().splitlines()) for p in kept[-1]) == [5, 18]
+
+
+def test_a_folder_given_as_data_is_named_as_a_folder(tiny_base, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ctloop", "drift", "--reference", str(tmp_path), "--current", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "is a folder" in result.stderr and "--data" not in result.stderr

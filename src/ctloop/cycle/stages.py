@@ -60,6 +60,8 @@ def validate_stage(ctx: StageContext) -> str:
     from ctloop.model.loading import base_model_revision, load_tokenizer
 
     config, workspace, data_path = ctx.config, ctx.workspace, ctx.data
+    if data_path is not None and data_path.is_dir():
+        raise DataError(f"{data_path} is a folder; pass one records file (.jsonl, .parquet or .csv)")
     if data_path is None or not data_path.is_file():
         raise DataError(f"{data_path}: no such file; check the --data path")
     workspace.create()
@@ -83,9 +85,17 @@ def validate_stage(ctx: StageContext) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     report = replace(report, quarantine_path=str(cycle.path("quarantine.jsonl")))
     write_json(cycle.path("validation.json"), report.to_dict())
-    console.print(report.summary())
     if not report.passed:
+        # Runs that fail validation can share a cycle id (no good rows): keep each run's quarantine
+        # under the input's own fingerprint and the time, so a later run never overwrites it.
+        kept = workspace.root / "quarantine" / f"{utc_now().replace(':', '')}-{_file_digest(data_path)}.jsonl"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cycle.path("quarantine.jsonl"), kept)
+        report = replace(report, quarantine_path=str(kept))
+        write_json(cycle.path("validation.json"), report.to_dict())
+        console.print(report.summary())
         raise DataError(report.summary())
+    console.print(report.summary())
     tokens = record_lengths(count, good)
     write_parquet(cycle.path("new.parquet"), good, extra={"n_tokens": tokens})
     state = cycle.state()
@@ -152,6 +162,14 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
         trigger_champion=champion,  # a decision is re-used only while the champion it was made against holds
     )
     return decision
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def _hours_since_training(workspace: Workspace) -> float | None:

@@ -95,8 +95,10 @@ def detect_format(path: Path) -> str:
 def read_raw_rows(path: str | Path) -> Iterator[RawRow]:
     """Yield every row of a JSONL, Parquet or CSV file, parsed or marked bad; never skip one."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass one records file (.jsonl, .parquet or .csv)")
     if not path.is_file():
-        raise DataError(f"{path}: no such file; check the --data path")
+        raise DataError(f"{path}: no such file; check the path")
     fmt = detect_format(path)
     if fmt == "jsonl":
         yield from _read_jsonl(path)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ctloop.config import CtloopConfig
 from ctloop.errors import CtloopError, ModelError
@@ -51,15 +51,16 @@ class ApiError(Exception):
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=None, ...)
 
-    model: str = ""
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int | None = Field(None, ge=1, le=1)
-    stream: bool | None = None
+    # Strict types: "5", true or "yes" where a number or a boolean belongs is a 400, not a guess.
+    model: StrictStr = Field("", max_length=512)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    n: StrictInt | None = Field(None, ge=1, le=1)
+    stream: StrictBool | None = None
     user: str | None = Field(None, max_length=256)  # logged with the request, as OpenAI clients send it
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
@@ -411,6 +412,7 @@ def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
 def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     serving = Serving(config, workspace)
 
@@ -432,6 +434,13 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404, 405 from routing
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(
+            ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
+        )
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
