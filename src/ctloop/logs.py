@@ -1,7 +1,8 @@
 """Logging for the edges (CLI, server): events go through `logging`; this sets where they show.
 
-On a terminal a rich handler prints them readably; with `CTLOOP_LOG_FORMAT=json` every record is
-one JSON object per line on stderr, for log shippers. Library modules only call
+On a terminal a rich handler prints warnings and errors readably (the console already tells the
+story; `CTLOOP_LOG_LEVEL=info` adds every stage start and the like); with `CTLOOP_LOG_FORMAT=json`
+every record from INFO up is one JSON object per line on stderr, for log shippers. Library modules only call
 `logging.getLogger(__name__)`; nothing is configured at import.
 """
 
@@ -13,6 +14,7 @@ import os
 import time
 
 LOG_FORMAT_ENV = "CTLOOP_LOG_FORMAT"
+LOG_LEVEL_ENV = "CTLOOP_LOG_LEVEL"
 # Chatter from libraries ctloop drives that is not news to a ctloop user (schema migrations on a new
 # SQLite file, per-request access lines).
 QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration", "uvicorn.access")
@@ -43,10 +45,13 @@ def apply_process_defaults() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def configure_logging(level: int = logging.INFO, log_format: str | None = None) -> None:
+def configure_logging(level: int | None = None, log_format: str | None = None) -> None:
     """Route ctloop's log records to stderr: rich text, or JSON lines when the format (argument, else
     the CTLOOP_LOG_FORMAT environment variable) is `json`. Safe to call more than once."""
     chosen = (log_format or os.environ.get(LOG_FORMAT_ENV, "text")).lower()
+    if level is None:
+        named = os.environ.get(LOG_LEVEL_ENV, "info" if chosen == "json" else "warning").upper()
+        level = logging.getLevelNamesMapping().get(named, logging.INFO)
     if chosen == "json":
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
