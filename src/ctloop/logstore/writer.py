@@ -20,14 +20,45 @@ from ctloop.logstore.database import open_engine
 
 log = logging.getLogger(__name__)
 
+# Secrets first (their shapes, after the detectors of detect-secrets and the providers' documented
+# token formats), then e-mail addresses, then phone numbers: a Slack token must be one [secret],
+# not "xoxb-[phone]-...". Each pattern replaces the secret itself and keeps its label visible.
 REDACTIONS = (
-    (re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"), "[email]"),
+    (
+        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.DOTALL),
+        "[private-key]",
+    ),
+    (re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b"), "[aws-key]"),
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}\b"), "[github-token]"),
+    (re.compile(r"\bglpat-[A-Za-z0-9_\-]{20,}\b"), "[gitlab-token]"),
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"), "[slack-token]"),
+    (re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}\b"), "[stripe-key]"),
+    (re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b"), "[google-key]"),
+    (re.compile(r"\bSG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}\b"), "[sendgrid-key]"),
+    (re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"), "[npm-token]"),
+    (re.compile(r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"), "[jwt]"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/\-]{16,}=*"), r"\1 [token]"),
+    (re.compile(r"(?i)(://[^\s:/@]+:)[^\s@/]+(@)"), r"\1[password]\2"),
+    (
+        re.compile(
+            r"(?i)\b((?:api[_-]?key|apikey|secret|client[_-]?secret|access[_-]?token|auth[_-]?token|token|password|passwd|pwd)"
+            r"\s*[:=]\s*[\"']?)([^\s\"',;]{6,})"
+        ),
+        r"\1[secret]",
+    ),
     (re.compile(r"\b(sk|pk|api|key|token)[-_][A-Za-z0-9_-]{12,}\b", re.IGNORECASE), "[key]"),
-    (re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)"), "[phone]"),
+    (re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"), "[email]"),
+    # A phone number has 9 or more digits; dates (2023-05-22) and version numbers do not.
+    (re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)"), lambda m: "[phone]" if _digits(m.group()) >= 9 else m.group()),
 )
 
 
+def _digits(text: str) -> int:
+    return sum(c.isdigit() for c in text)
+
+
 def redact(text: str) -> str:
+    """Replace secrets, e-mail addresses and phone numbers in `text`."""
     for pattern, replacement in REDACTIONS:
         text = pattern.sub(replacement, text)
     return text
