@@ -51,3 +51,40 @@ def test_the_lock_is_reentrant_in_one_process(tmp_path):
             pass
         assert "outer" in (workspace.root / ".lock").read_text()
     assert (workspace.root / ".lock").read_text() == ""
+
+
+def test_a_copied_workspace_never_writes_into_the_original(tmp_path):
+    """`cp -r ws ws-copy`: the copy's MLflow database still names ws's artifacts; opening it says so,
+    and `ctloop workspace relocate` points it at the copy's own (#17 item 2)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    from ctloop.config import RegistryConfig
+    from ctloop.errors import WorkspaceError
+    from ctloop.registry.client import open_registry
+
+    original = Workspace(tmp_path / "ws").create()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    settings = RegistryConfig(model_name="copied")
+    open_registry(settings, original).register_adapter_dir(adapter, "k1", {}, "v1")
+    shutil.copytree(original.root, tmp_path / "ws-copy")
+    copy = Workspace(tmp_path / "ws-copy")
+    with pytest.raises(WorkspaceError, match="copied or moved.*ctloop workspace relocate"):
+        open_registry(settings, copy)
+    relocated = subprocess.run(
+        [sys.executable, "-m", "ctloop", "workspace", "relocate", "--workspace", str(copy.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert relocated.returncode == 0 and "1 experiments, 1 runs" in relocated.stderr, relocated.stderr
+    registry = open_registry(settings, copy)
+    before = sorted(p.relative_to(original.root) for p in original.artifacts_dir.rglob("*"))
+    registry.register_adapter_dir(adapter, "k2", {}, "v2 from the copy")
+    assert sorted(p.relative_to(original.root) for p in original.artifacts_dir.rglob("*")) == before
+    assert (registry.download_adapter(1, tmp_path / "cache") / "adapter_config.json").is_file()

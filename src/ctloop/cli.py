@@ -456,6 +456,25 @@ def feedback_import(
     raise typer.Exit(3 if report.refused else 0)
 
 
+workspace_app = typer.Typer(help="The workspace folder.", no_args_is_help=True)
+app.add_typer(workspace_app, name="workspace")
+
+
+@workspace_app.command("relocate")
+def workspace_relocate(workspace: WorkspaceOption = None) -> None:
+    """After copying or moving a workspace: point its embedded MLflow database at this folder's
+    artifacts (never the original's)."""
+    from ctloop.registry.client import relocate_embedded
+    from ctloop.workspace import resolve_workspace
+
+    ws = resolve_workspace(workspace)
+    changed = relocate_embedded(ws)
+    console.print(
+        f"{ws.root}: artifact locations now point here ({changed['experiments']} experiments, "
+        f"{changed['runs']} runs updated)"
+    )
+
+
 @app.command("validate-config")
 def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
     """Check a config file and report every problem at once."""

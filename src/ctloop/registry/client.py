@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ctloop.config import RegistryConfig
-from ctloop.errors import RegistryError
+from ctloop.errors import RegistryError, WorkspaceError
 from ctloop.workspace import Workspace
 
 CHAMPION = "champion"
@@ -295,4 +295,53 @@ def open_registry(config: RegistryConfig, workspace: Workspace) -> Registry:
     location: str | Path | None = config.artifact_location
     if location is None and not uri.startswith(REMOTE_SCHEMES):
         location = workspace.artifacts_dir
+    if uri == workspace.tracking_uri():  # the embedded registry: its artifacts must be this workspace's
+        foreign = foreign_artifact_locations(workspace)
+        if foreign:
+            raise WorkspaceError(
+                f"{workspace.root} holds an MLflow database whose artifacts live in {foreign[0]}, outside this "
+                f"workspace: it was copied or moved from there, and would write into the original. Run "
+                f"`ctloop workspace relocate --workspace {workspace.root}` to point it at this folder"
+            )
     return Registry(uri, config.model_name, config.experiment, location)
+
+
+def _embedded_db(workspace: Workspace) -> Path:
+    return workspace.root / "mlflow.db"
+
+
+def foreign_artifact_locations(workspace: Workspace) -> list[str]:
+    """Artifact locations in the workspace's own MLflow database that point at another workspace's
+    mlartifacts/ (read with sqlite3: no MLflow import, no schema migration)."""
+    import sqlite3
+
+    db = _embedded_db(workspace)
+    if not db.is_file():
+        return []
+    here = workspace.artifacts_dir.resolve().as_uri()
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+        try:
+            rows = connection.execute("SELECT artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # not initialised yet
+            return []
+    return [loc for (loc,) in rows if loc and loc.rstrip("/").endswith("/mlartifacts") and loc.rstrip("/") != here]
+
+
+def relocate_embedded(workspace: Workspace) -> dict[str, int]:
+    """Point the workspace's own MLflow database at this workspace's mlartifacts/ (after a copy or a
+    move): experiments' artifact locations and runs' artifact URIs. Returns rows changed per table."""
+    import sqlite3
+
+    here = workspace.artifacts_dir.resolve().as_uri()
+    changed = {"experiments": 0, "runs": 0}
+    with sqlite3.connect(_embedded_db(workspace)) as connection:
+        for old in foreign_artifact_locations(workspace):
+            old = old.rstrip("/")
+            changed["experiments"] += connection.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (here, old)
+            ).rowcount
+            changed["runs"] += connection.execute(
+                "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE artifact_uri LIKE ? || '/%'",
+                (here, len(old) + 1, old),
+            ).rowcount
+    return changed
