@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -165,3 +166,18 @@ def test_a_folder_given_as_data_is_named_as_a_folder(tiny_base, tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "is a folder" in result.stderr and "--data" not in result.stderr
+
+
+def test_a_body_trickling_in_is_cut_off_with_408(tiny_base, tmp_path):
+    config = serving_config(tiny_base, tmp_path / "ws", serve={"body_timeout_s": 1.0})
+    register_versions(config, [random_adapter(tiny_base, tmp_path / "a1", 1)])
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 40\r\n\r\n{"
+            )
+            started = time.monotonic()
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and time.monotonic() - started < 10

@@ -372,15 +372,21 @@ def _too_large(size: int, limit: int) -> str:
     return f"the request body has {size} bytes or more, over serve.max_body_bytes={limit}; send a shorter prompt"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, read in chunks and abandoned (413) once it passes `limit` (a chunked upload has no
-    Content-Length to refuse up front)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, read in chunks and abandoned once it passes `limit` (413; a chunked upload has no
+    Content-Length to refuse up front) or takes longer than `timeout_s` to arrive (408)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, _too_large(size, limit))
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, _too_large(size, limit))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g} s; send it at once", kind="timeout"
+        ) from None
     return b"".join(chunks)
 
 
@@ -470,7 +476,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = _parse(
-            CompletionBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes
+            CompletionBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
+            config.serve.max_body_bytes,
         )
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -495,7 +503,11 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def chat_completions(request: Request):
         from ctloop.data.records import chat_prompt
 
-        body = _parse(ChatBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes)
+        body = _parse(
+            ChatBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
+            config.serve.max_body_bytes,
+        )
         rid = request_id(request)
         messages = [m.model_dump() for m in body.messages]
         generation, version = await serving.answer(rid, body, chat_prompt(messages), "chat", messages)
@@ -522,7 +534,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def feedback(request: Request):
         from ctloop.serving.production_log import FeedbackRefused
 
-        raw = await read_body(request, config.serve.max_body_bytes)
+        raw = await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s)
         try:
             answer = await serving.production.add_feedback(
                 request.headers, raw, lambda model, data: _parse(model, data, config.serve.max_body_bytes)
@@ -584,7 +596,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def promote(request: Request):
         require_admin(request)
         options = _parse(
-            PromoteBody, await read_body(request, config.serve.max_body_bytes) or b"{}", config.serve.max_body_bytes
+            PromoteBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
+            config.serve.max_body_bytes,
         )
         from ctloop.registry.promotion import promote as promote_version
 
@@ -613,7 +627,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def rollback(request: Request):
         require_admin(request)
         options = _parse(
-            PromoteBody, await read_body(request, config.serve.max_body_bytes) or b"{}", config.serve.max_body_bytes
+            PromoteBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
+            config.serve.max_body_bytes,
         )
         from ctloop.registry.promotion import rollback as rollback_champion
 
@@ -626,7 +642,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
         require_admin(request)
         body = _parse(
-            LoadAdapterBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes
+            LoadAdapterBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
+            config.serve.max_body_bytes,
         )
         try:
             version = version_of(body.lora_name, serving.model_name)
@@ -645,7 +663,9 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
         require_admin(request)
         body = _parse(
-            UnloadAdapterBody, await read_body(request, config.serve.max_body_bytes), config.serve.max_body_bytes
+            UnloadAdapterBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
+            config.serve.max_body_bytes,
         )
         try:
             version = version_of(body.lora_name, serving.model_name)
