@@ -267,3 +267,24 @@ def test_training_hash_ignores_storage_fields(section, field, value):
 def test_training_hash_is_stable_and_default_equivalent():
     explicit = config_from_dict({"model": {"base": "m", "dtype": "float32"}, "train": {"seed": 0}})
     assert explicit.training_hash() == config_from_dict(BASE_RAW).training_hash()
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"drift": {"permutations": 30}}, "use at least 39"),
+        ({"drift": {"permutations": 50, "alpha": 0.01}}, "use at least 199"),
+        ({"serve": {"max_tokens": 32}}, "every request without max_tokens would be refused"),
+        ({"publish": {"targets": [{"kind": "vllm"}]}}, "needs urls"),
+        ({"orchestration": {"production_window": "soon"}}, "neither a duration"),
+    ],
+    ids=["drift-b-too-small", "drift-b-for-alpha", "serve-tokens", "publish-target", "window"],
+)
+def test_cross_field_rules_name_the_keys_and_the_fix(raw, needle):
+    with pytest.raises(ConfigError, match=needle) as caught:
+        config_from_dict({"model": {"base": "m"}, **raw})
+    assert "correct the value's type" not in str(caught.value)
+
+
+def test_a_drift_setting_that_can_fire_is_accepted():
+    assert config_from_dict({"model": {"base": "m"}, "drift": {"permutations": 39}}).drift.permutations == 39

@@ -269,7 +269,7 @@ def test_not_enough_data_names_the_setting():
 
 def test_exactly_min_rows_is_enough():
     rng = np.random.default_rng(8)
-    report = detect_drift(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)), DriftConfig(min_rows=20, permutations=19))
+    report = detect_drift(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)), DriftConfig(min_rows=20, permutations=39))
     assert report.outcome in ("drift", "no_drift")
     assert [d.name for d in report.detectors] == ["mmd", "mean"]
 
@@ -327,7 +327,7 @@ def test_subsampled_outlier_indices_point_into_the_callers_current_array():
 def test_no_subsampling_reason_below_max_rows():
     rng = np.random.default_rng(10)
     report = detect_drift(
-        rng.normal(size=(50, 4)), rng.normal(size=(50, 4)), DriftConfig(max_rows=50, min_rows=20, permutations=19)
+        rng.normal(size=(50, 4)), rng.normal(size=(50, 4)), DriftConfig(max_rows=50, min_rows=20, permutations=39)
     )
     assert not any("max_rows" in reason for reason in report.reasons)
     assert all(0 <= o["index"] < 50 for o in report.explanation["outliers"])

@@ -98,7 +98,7 @@ def _check_since(since: str) -> float:
     try:
         return parse_since(since)
     except ValueError as exc:
-        raise DataError(str(exc)) from None
+        raise DataError(f"--since {exc}") from None
 
 
 @app.command()
@@ -181,15 +181,11 @@ def _production_drift(config_path: Path | None, workspace: Path | None, since: s
     from ctloop.config import load_config
     from ctloop.cycle.production import check_production_drift
     from ctloop.errors import DataError
-    from ctloop.fileio import parse_since
     from ctloop.workspace import resolve_workspace
 
     if config_path is None:
         raise DataError("a production drift check needs --config (the model, drift and registry settings)")
-    try:
-        start = parse_since(since)
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
+    start = _check_since(since)
     cfg = load_config(config_path)
     return check_production_drift(cfg, resolve_workspace(workspace, cfg), start, report_dir)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,6 +91,20 @@ class DriftConfig(Section):
     cooldown_hours: float = Field(0.0, ge=0, description="after a training, ignore drift for this long")
     retrain_after_days: float | None = Field(None, gt=0, description="train anyway when the last training is older")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _can_fire(self) -> DriftConfig:
+        # A permutation p-value is at least 1/(B+1), and Holm multiplies the smallest by the number of
+        # detectors m: with only permutation detectors, drift can be flagged only if m/(B+1) <= alpha.
+        permutation_tests = {"mean", "mmd", "rff_mmd"}
+        m = len(self.detectors)
+        if self.enabled and set(self.detectors) <= permutation_tests and m / (self.permutations + 1) > self.alpha:
+            needed = math.ceil(m / self.alpha) - 1
+            raise ValueError(
+                f"drift.permutations={self.permutations} can never flag drift with {m} permutation detectors at "
+                f"alpha={self.alpha} (smallest Holm-adjusted p = {m}/({self.permutations}+1)); use at least {needed}"
+            )
+        return self
 
 
 class LoraConfig(Section):
@@ -502,6 +517,8 @@ def _describe(err: dict[str, Any]) -> str:
         "literal_error": f"use one of {ctx.get('expected')}",
         "string_pattern_mismatch": f"use only characters matching {ctx.get('pattern')}",
     }
+    if kind == "value_error":  # ctloop's own cross-field rules: the message names the keys and the fix
+        return f"{key or 'config'}: {str(err['msg']).removeprefix('Value error, ')}"
     fix = fixes.get(kind, "correct the value's type or format")
     return f"{key}: got {value!r}; {err['msg'].lower()}; {fix}"
 

@@ -71,5 +71,5 @@ def parse_since(value: str, now: float | None = None) -> float:
         return parse_utc(value.strip())
     except ValueError:
         raise ValueError(
-            f"--since {value!r} is neither a duration (90m, 24h, 7d) nor a UTC time like 2026-11-29T15:43:53Z"
+            f"{value!r} is neither a duration (90m, 24h, 7d) nor a UTC time like 2026-11-29T15:43:53Z"
         ) from None
