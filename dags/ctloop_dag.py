@@ -135,7 +135,8 @@ def ctloop_drift_watch():
     tasks[-1] >> TriggerDagRunOperator(
         task_id="start_cycle",
         trigger_dag_id="ctloop_cycle",
-        conf={"data": "{{ params.data or '' }}"},
+        # production: the drift was found in live traffic, not in the harvested records; train on it
+        conf={"force": True} if SETTINGS.source == "production" else {"data": "{{ params.data or '' }}"},
         wait_for_completion=False,
     )
 

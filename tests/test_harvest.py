@@ -13,7 +13,7 @@ import pytest
 
 from conftest import quickstart_rows
 from ctloop.config import HarvestConfig, config_from_dict
-from ctloop.data.harvest import decide_rows, harvest
+from ctloop.data.harvest import commit_harvest, decide_rows, harvest
 from ctloop.fileio import read_json
 from ctloop.logstore.requests import FeedbackRecord, LogReader, RequestLog, RequestRecord
 from ctloop.workspace import Workspace
@@ -103,9 +103,14 @@ def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twic
     assert decisions == {"r1": "correction", "r2": "rated_up", "r3": "rejected", "r4": "no_feedback"}
     assert read_json(Path(report.out_path + ".manifest.json"))["counts"] == report.counts
 
-    again = harvest(config, workspace, since=time.time() - 3600)  # the same window again
+    # No cycle has trained on it yet (skipped, failed): the same rows are harvested again...
+    retried = harvest(config, workspace, since=time.time() - 3600)
+    assert retried.kept == 2 and len(Path(report.rejected_path).read_text().splitlines()) == 1  # not doubled
+    # ...until a cycle registers on it: then they are used, and the next harvest skips them.
+    commit_harvest(workspace, read_json(Path(retried.out_path + ".manifest.json")))
+    again = harvest(config, workspace, since=time.time() - 3600)
     assert again.kept == 0 and again.counts == {"already_harvested": 3, "no_feedback": 1}
-    assert len(Path(report.rejected_path).read_text().splitlines()) == 1  # rejected set did not double
+    assert len(Path(report.rejected_path).read_text().splitlines()) == 1
 
 
 def test_preference_exports_use_trls_formats(tmp_path):

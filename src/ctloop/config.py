@@ -278,6 +278,13 @@ class PublishTarget(Section):
         if self.kind in ("vllm", "directory") and not self.path:
             what = "the folder to copy into" if self.kind == "directory" else "the lora_path template"
             raise ValueError(f"a {self.kind} publish target needs path: {what}")
+        if self.kind == "vllm":
+            try:
+                self.path.format(name="model", version=1)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"publish target path {self.path!r} is not a template of {{name}} and {{version}} ({exc!r})"
+                ) from None
         return self
 
 
@@ -289,6 +296,16 @@ class PublishConfig(Section):
     require: Literal["all"] | int = Field(
         "all", description="all: every replica must load the version; N: at least N replicas"
     )
+
+    @model_validator(mode="after")
+    def _reachable(self) -> PublishConfig:
+        replicas = sum(len(t.urls) if t.kind != "directory" else 1 for t in self.targets)
+        if self.require != "all" and not 1 <= self.require <= max(replicas, 1):
+            raise ValueError(
+                f"publish.require={self.require} must be 'all' or between 1 and the {replicas} replicas listed"
+            )
+        return self
+
     attempts: int = Field(3, ge=1, le=20, description="tries per replica, with backoff")
 
 

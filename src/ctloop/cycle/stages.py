@@ -348,7 +348,11 @@ def _without_contamination(
     if config.eval.contamination == "off":
         return sets
     train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
-    reports = find_contamination(train, sets, config.eval.ngram, config.eval.max_overlap)
+    from ctloop.evaluation.gate import REJECTED_SET
+
+    # Rejected answers overlapping training data are what their rule exists to catch: never dropped.
+    checked = {name: records for name, records in sets.items() if name != REJECTED_SET}
+    reports = find_contamination(train, checked, config.eval.ngram, config.eval.max_overlap)
     write_json(cycle.path("contamination.json"), {name: r.to_dict() for name, r in reports.items()})
     dirty = [r for r in reports.values() if r.contaminated]
     for report in dirty:
@@ -360,7 +364,7 @@ def _without_contamination(
             + "; remove them from the evaluation data, or set eval.contamination: drop"
         )
     dropped = {name: set(report.dropped_ids) for name, report in reports.items()}
-    return {name: [r for r in records if r.id not in dropped[name]] for name, records in sets.items()}
+    return {name: [r for r in records if r.id not in dropped.get(name, set())] for name, records in sets.items()}
 
 
 # -- 6. gate -----------------------------------------------------------------------------------------
@@ -455,6 +459,10 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
         "validation": read_json(cycle.path("validation.json")),
         "trigger": state.get("trigger", ""),
     }
+    if state.get("harvest"):  # the harvested rows are now used: later harvests skip them
+        from ctloop.data.harvest import commit_harvest
+
+        commit_harvest(workspace, state["harvest"])
     registry.end_run(run_id)  # before the cycle is marked finished: a retry after a failure here redoes both
     cycle.update_state(status=status, finished=utc_now(), result=result)
     return result

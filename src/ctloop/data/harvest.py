@@ -54,6 +54,10 @@ class HarvestReport:
     rejected_path: str = ""
     decisions_path: str = ""
     created: str = field(default_factory=utc_now)
+    # What this harvest took: committed to the ledger only when a cycle has trained on it
+    # (`commit_harvest`), so a harvest whose cycle skips or fails leaves the rows for the next one.
+    request_ids: tuple[str, ...] = ()
+    content_keys: tuple[str, ...] = ()
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
@@ -115,11 +119,15 @@ def decide_rows(
                         "feedback_id": fid or "",
                         "harvest_reason": reason,
                         "model_version": row.get("model_version") or "",
-                        **({"rejected_answer": row.get("answer") or ""} if correction else {}),
+                        **({"rejected_answer": _clean(row.get("answer") or "", settings)} if correction else {}),
                     },
                 )
         out.append((Decision(row["request_id"], reason, kept and reason != "rejected", fid), record))
     return out
+
+
+def _clean(text: str, settings: HarvestConfig) -> str:
+    return redact(text) if settings.redact else text
 
 
 def content_key(prompt: str, completion: str) -> str:
@@ -165,8 +173,10 @@ def harvest(
     exported = [_export(r, fmt) for r in (kept + rejected if fmt == "kto" else kept)]
     write_jsonl(out, [row for row in exported if row is not None])
     rejected_path = folder / "rejected.jsonl"
-    previous = rejected_path.read_text(encoding="utf-8").splitlines() if rejected_path.is_file() else []
-    write_jsonl(rejected_path, [json.loads(line) for line in previous] + [_row(r) for r in rejected])
+    lines = rejected_path.read_text(encoding="utf-8").splitlines() if rejected_path.is_file() else []
+    previous = [json.loads(line) for line in lines]
+    known = {row["id"] for row in previous}  # a harvest repeated before its cycle ran adds nothing twice
+    write_jsonl(rejected_path, previous + [_row(r) for r in rejected if r.id not in known])
     decisions_path = out.with_name(out.stem + ".decisions.jsonl")
     write_jsonl(decisions_path, [asdict(decision) for decision, _ in decided])
     report = HarvestReport(
@@ -179,12 +189,20 @@ def harvest(
         format=fmt,
         rejected_path=str(rejected_path),
         decisions_path=str(decisions_path),
+        request_ids=tuple(d.request_id for d, r in decided if r is not None and (d.kept or d.reason == "rejected")),
+        content_keys=tuple(sorted(seen - set(ledger["content_keys"]))),
     )
     write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
-    ledger["request_ids"] = sorted(done_ids | {d.request_id for d, r in decided if d.kept or d.reason == "rejected"})
-    ledger["content_keys"] = sorted(seen)
-    write_json(ledger_path, ledger)
     return report
+
+
+def commit_harvest(workspace: Workspace, manifest: dict[str, Any]) -> None:
+    """Record a harvest's rows as used (after its cycle finished), so later harvests skip them."""
+    ledger_path = workspace.root / "harvest" / "ledger.json"
+    ledger = read_json(ledger_path) if ledger_path.is_file() else {"request_ids": [], "content_keys": []}
+    ledger["request_ids"] = sorted(set(ledger["request_ids"]) | set(manifest.get("request_ids", ())))
+    ledger["content_keys"] = sorted(set(ledger["content_keys"]) | set(manifest.get("content_keys", ())))
+    write_json(ledger_path, ledger)
 
 
 def harvest_manifest(data_path: Path) -> dict[str, Any] | None:

@@ -44,11 +44,13 @@ def import_feedback(
                 body = FeedbackBody.model_validate(fields)
                 if body.correction is not None and len(body.correction) > max_correction_chars:
                     problem = f"correction longer than {max_correction_chars} characters"
-                elif not reader.has_request(body.request_id):
-                    reason, problem = "unknown request id", f"no logged request has id {body.request_id!r}"
                 else:
-                    records.append(body.record(source=str(path)))
-                    continue
+                    found = next((c for c in body.request_id_candidates() if reader.has_request(c)), None)
+                    if found is None:
+                        reason, problem = "unknown request id", f"no logged request has id {body.request_id!r}"
+                    else:
+                        records.append(body.record(found, source=str(path)))
+                        continue
             except ValidationError as exc:
                 first = exc.errors()[0]
                 problem = f"{'.'.join(str(p) for p in first['loc']) or 'record'}: {first['msg']}"

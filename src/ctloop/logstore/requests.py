@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
 from ctloop.logstore.database import open_engine, tables
-from ctloop.logstore.writer import BatchedWriter, clean_text
+from ctloop.logstore.writer import BatchedWriter, clean_text, stored_id
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,13 @@ class FeedbackBody(BaseModel):
             raise ValueError("a rating is +1 or -1 (thumbs), or a score in [0, 1]")
         return value
 
-    @field_validator("request_id")
-    @classmethod
-    def _request_id(cls, value: str) -> str:
-        for prefix in RESPONSE_ID_PREFIXES:  # the response's `id` works as well as its X-Request-Id
-            if value.startswith(prefix) and len(value) > len(prefix):
-                return value.removeprefix(prefix)
-        return value
+    def request_id_candidates(self) -> list[str]:
+        """The id as given (an X-Request-Id), then without the response id's prefix (`cmpl-...`)."""
+        ids = [self.request_id]
+        for prefix in RESPONSE_ID_PREFIXES:
+            if self.request_id.startswith(prefix) and len(self.request_id) > len(prefix):
+                ids.append(self.request_id.removeprefix(prefix))
+        return ids
 
     @model_validator(mode="after")
     def _something(self) -> FeedbackBody:
@@ -93,9 +93,10 @@ class FeedbackBody(BaseModel):
             raise ValueError("feedback needs a rating, a correction or both")
         return self
 
-    def record(self, source: str = "api") -> FeedbackRecord:
+    def record(self, request_id: str, source: str = "api") -> FeedbackRecord:
+        """The feedback on `request_id` (the candidate that names a logged request)."""
         rating = None if self.rating is None else float(self.rating)
-        return FeedbackRecord(self.request_id, rating, self.correction, self.comment, self.user, source)
+        return FeedbackRecord(request_id, rating, self.correction, self.comment, self.user, source)
 
 
 class RequestLog(BatchedWriter):
@@ -105,8 +106,11 @@ class RequestLog(BatchedWriter):
 
     def _row(self, record: RequestRecord) -> dict[str, Any]:
         row = asdict(record)
-        for key in ("request_id", "prompt", "answer", "user"):
+        row["request_id"] = stored_id(record.request_id, self.redact_pii)
+        for key in ("prompt", "answer"):
             row[key] = clean_text(row[key], self.redact_pii)
+        for key, width in (("user", 256), ("model_version", 64), ("endpoint", 32), ("finish_reason", 32)):
+            row[key] = clean_text(row[key], self.redact_pii, width)
         row["messages"] = (
             None
             if record.messages is None
@@ -129,7 +133,7 @@ class LogReader:
         self.engine.dispose()
 
     def stored_id(self, request_id: str) -> str:
-        return clean_text(request_id, self.redact_pii)
+        return stored_id(request_id, self.redact_pii)
 
     def has_request(self, request_id: str) -> bool:
         from sqlalchemy import select
@@ -149,7 +153,7 @@ class LogReader:
                 "score": r.score,
                 "correction": None if r.correction is None else clean_text(r.correction, self.redact_pii),
                 "comment": None if r.comment is None else clean_text(r.comment, self.redact_pii),
-                "user": None if r.user is None else clean_text(r.user, self.redact_pii)[:256],
+                "user": None if r.user is None else clean_text(r.user, self.redact_pii, 256),
                 "source": r.source,
             }
             for r in records

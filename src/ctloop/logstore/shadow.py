@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ctloop.logstore.database import open_engine, tables
-from ctloop.logstore.writer import BatchedWriter, clean_text, redact
+from ctloop.logstore.writer import BatchedWriter, clean_text, redact, stored_id
 
 __all__ = ["ShadowRecord", "ShadowStore", "read_rows", "redact"]
 
@@ -36,8 +36,11 @@ class ShadowStore(BatchedWriter):
 
     def _row(self, record: ShadowRecord) -> dict[str, Any]:
         row = asdict(record)
-        for key in ("request_id", "prompt", "champion_output", "challenger_output", "error"):
+        row["request_id"] = stored_id(record.request_id, self.redact_pii)
+        for key in ("prompt", "champion_output", "challenger_output", "error"):
             row[key] = clean_text(row[key], self.redact_pii)
+        for key, width in (("status", 32), ("champion_version", 64), ("challenger_version", 64)):
+            row[key] = clean_text(row[key], self.redact_pii, width)
         return row
 
     def rows(self) -> list[dict[str, Any]]:

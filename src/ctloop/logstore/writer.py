@@ -8,6 +8,7 @@ database that stays down costs the batch (counted, logged, on /healthz), never t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import re
@@ -47,7 +48,8 @@ REDACTIONS = (
         r"\1[secret]",
     ),
     (re.compile(r"\b(sk|pk|api|key|token)[-_][A-Za-z0-9_-]{12,}\b", re.IGNORECASE), "[key]"),
-    (re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"), "[email]"),
+    # Bounded and anchored: an unbounded `[\w.+-]+@...` rescans to the end from every position (quadratic).
+    (re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})+"), "[email]"),
     # A phone number has 9 or more digits; dates (2023-05-22) and version numbers do not.
     (re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)"), lambda m: "[phone]" if _digits(m.group()) >= 9 else m.group()),
 )
@@ -60,15 +62,31 @@ def _digits(text: str) -> int:
 def redact(text: str) -> str:
     """Replace secrets, e-mail addresses and phone numbers in `text`."""
     for pattern, replacement in REDACTIONS:
+        if replacement == "[email]" and "@" not in text:
+            continue
         text = pattern.sub(replacement, text)
     return text
 
 
-def clean_text(value: str, redact_pii: bool) -> str:
-    """What a text field becomes in the store: no NUL (PostgreSQL refuses it, which would cost the
-    whole batch), and redacted when asked."""
-    value = value.replace("\x00", "")
-    return redact(value) if redact_pii else value
+def clean_text(value: str, redact_pii: bool, max_chars: int | None = None) -> str:
+    """What a text field becomes in the store: valid UTF-8 (no lone surrogates), no NUL (PostgreSQL
+    refuses both, which would cost the whole batch), redacted when asked, and cut to its column."""
+    value = value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+    value = redact(value) if redact_pii else value
+    return value[:max_chars] if max_chars is not None else value
+
+
+def stored_id(request_id: str, redact_pii: bool) -> str:
+    """A request id as the log store keeps it: as given, unless redaction would change it (an id
+    holding an e-mail address, a phone-like number): then a hash of it, which is unique, stable
+    (feedback finds its request) and reveals nothing. Never longer than its column."""
+    cleaned = clean_text(request_id, redact_pii)
+    if cleaned == request_id and len(request_id) <= ID_CHARS:
+        return request_id
+    return "rid-" + hashlib.sha256(request_id.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+ID_CHARS = 128
 
 
 class BatchedWriter:
@@ -131,16 +149,26 @@ class BatchedWriter:
                 batch = []
 
     def _insert(self, batch: list[Any], attempts: int = 3) -> None:
-        from sqlalchemy.exc import SQLAlchemyError
+        from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-        rows = [self.to_row(record) for record in batch]
+        try:
+            rows = [self.to_row(record) for record in batch]
+        except Exception as exc:  # noqa: BLE001 - a row that cannot be built costs its batch, never the thread
+            self._drop(len(batch), f"{exc.__class__.__name__}: {exc}")
+            return
         for attempt in range(attempts):
             try:
                 with self.engine.begin() as connection:
                     connection.execute(self.table.insert(), rows)
                 self.written += len(rows)
                 return
-            except SQLAlchemyError as exc:
+            except (DataError, IntegrityError) as exc:  # a bad row: the rest of the batch still goes in
+                self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+                self._insert_one_by_one(rows)
+                return
+            except Exception as exc:  # noqa: BLE001 - the database is down or locked: retry, then drop
+                if not isinstance(exc, SQLAlchemyError | UnicodeError):
+                    log.exception("unexpected error writing %s rows", self.table.name)
                 self.write_errors += 1
                 self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
                 log.warning(
@@ -152,14 +180,29 @@ class BatchedWriter:
                     self.last_error,
                 )
                 time.sleep(0.5 * 2**attempt)
-        self.dropped += len(rows)
-        log.error(
-            "dropped %d %s rows after %d failed attempts: %s", len(rows), self.table.name, attempts, self.last_error
-        )
+        self._drop(len(rows), self.last_error)
+
+    def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(self.table.insert(), [row])
+                self.written += 1
+            except Exception as exc:  # noqa: BLE001 - this row alone is lost, counted and logged
+                self.write_errors += 1
+                self._drop(1, f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+
+    def _drop(self, n: int, reason: str) -> None:
+        self.dropped += n
+        self.last_error = reason[:500]
+        log.error("dropped %d %s rows: %s", n, self.table.name, self.last_error)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop after writing every queued row."""
-        self.queue.put(None)
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            raise TimeoutError(f"the {self.table.name} writer is not draining its queue; rows still queued") from None
         self._writer.join(timeout)
         if self._writer.is_alive():
             raise TimeoutError(

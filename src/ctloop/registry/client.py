@@ -319,11 +319,13 @@ def foreign_artifact_locations(workspace: Workspace) -> list[str]:
     if not db.is_file():
         return []
     here = workspace.artifacts_dir.resolve().as_uri()
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
-        try:
-            rows = connection.execute("SELECT artifact_location FROM experiments").fetchall()
-        except sqlite3.OperationalError:  # not initialised yet
-            return []
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = connection.execute("SELECT artifact_location FROM experiments").fetchall()
+    except sqlite3.OperationalError:  # not initialised yet
+        return []
+    finally:
+        connection.close()
     return [loc for (loc,) in rows if loc and loc.rstrip("/").endswith("/mlartifacts") and loc.rstrip("/") != here]
 
 
@@ -334,14 +336,17 @@ def relocate_embedded(workspace: Workspace) -> dict[str, int]:
 
     here = workspace.artifacts_dir.resolve().as_uri()
     changed = {"experiments": 0, "runs": 0}
-    with sqlite3.connect(_embedded_db(workspace)) as connection:
-        for old in foreign_artifact_locations(workspace):
+    foreign = foreign_artifact_locations(workspace)
+    connection = sqlite3.connect(_embedded_db(workspace))
+    with connection:  # one transaction
+        for old in foreign:
             old = old.rstrip("/")
             changed["experiments"] += connection.execute(
                 "UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (here, old)
             ).rowcount
             changed["runs"] += connection.execute(
-                "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE artifact_uri LIKE ? || '/%'",
-                (here, len(old) + 1, old),
+                "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE substr(artifact_uri, 1, ?) = ?",
+                (here, len(old) + 1, len(old) + 1, old + "/"),
             ).rowcount
+    connection.close()
     return changed

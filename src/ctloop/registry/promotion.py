@@ -195,5 +195,12 @@ def _publish(publisher: Publisher | None, version: int, role: str) -> None:
 
 
 def _retire(publisher: Publisher | None, registry: Registry, keep: set[int | None]) -> None:
-    if publisher is not None and publisher.active:
-        publisher.retire({v for v in keep | {registry.alias(CHALLENGER)} if v is not None})
+    """Unload what no role needs, read after the alias moved: champion, the one before it (answers in
+    flight, an instant rollback), the challenger, and anything newer than the champion (a
+    challenger being published at this moment)."""
+    if publisher is None or not publisher.active:
+        return
+    history = champion_history(registry)
+    needed = set(keep) | set(history[-2:]) | {registry.alias(CHAMPION), registry.alias(CHALLENGER)}
+    newest = max((v for v in needed if v is not None), default=0)
+    publisher.retire({v for v in needed if v is not None}, keep_newer_than=newest)

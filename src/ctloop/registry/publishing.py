@@ -75,7 +75,8 @@ class Publisher:
         """Load `version` on every replica of every target; record each outcome on the version."""
         outcomes: list[ReplicaOutcome] = []
         local: Path | None = None
-        for target in self.config.targets:
+        # Directories first: a vLLM target's lora_path usually points into one of them.
+        for target in sorted(self.config.targets, key=lambda t: t.kind != "directory"):
             if target.kind == "directory":
                 try:
                     local = local or self.registry.download_adapter(version, self.cache_dir)
@@ -92,21 +93,26 @@ class Publisher:
         log.info("%s", result.summary())
         return result
 
-    def retire(self, keep: set[int]) -> None:
-        """Unload from the targets every version of this model that is not in `keep` (best effort)."""
+    def retire(self, keep: set[int], keep_newer_than: int | None = None) -> None:
+        """Unload from the targets every version of this model that is not in `keep` and not newer
+        than `keep_newer_than` (best effort)."""
+
+        def unwanted(number: int) -> bool:
+            return number not in keep and (keep_newer_than is None or number <= keep_newer_than)
+
         prefix = f"{self.registry.model_name}-v"
         for target in self.config.targets:
             if target.kind == "directory":
                 for folder in Path(target.path).glob(f"{prefix}*"):
                     number = folder.name.removeprefix(prefix)
-                    if number.isdigit() and int(number) not in keep:
+                    if number.isdigit() and unwanted(int(number)):
                         shutil.rmtree(folder, ignore_errors=True)
                 continue
             for url in target.urls:
                 try:
                     for name in self._served(target, url):
                         number = name.removeprefix(prefix)
-                        if name.startswith(prefix) and number.isdigit() and int(number) not in keep:
+                        if name.startswith(prefix) and number.isdigit() and unwanted(int(number)):
                             self._post(target, url, "/v1/unload_lora_adapter", {"lora_name": name})
                 except Exception as exc:  # noqa: BLE001 - retiring is housekeeping; the next publish tries again
                     log.warning("could not retire old versions on %s: %s", url, exc)
@@ -155,6 +161,8 @@ class Publisher:
                 detail = f"loaded, but /v1/models lists {sorted(served)[:10]}, not {name}"
             except httpx.HTTPError as exc:
                 detail = f"unreachable ({exc.__class__.__name__}: {exc}); check the URL and that the server is up"
+            except (ValueError, AttributeError, TypeError) as exc:  # not the vLLM API's answers
+                detail = f"answered something that is not vLLM's API ({exc.__class__.__name__}: {exc}); check the URL"
         return ReplicaOutcome(label, False, detail)
 
     def _post(self, target: PublishTarget, url: str, path: str, body: dict):

@@ -55,12 +55,17 @@ def confined_path(lora_path: str, roots: list[Path]) -> Path:
         )
     if "\x00" in lora_path:
         raise AdapterRequestError("lora_path holds a NUL character", "lora_path")
-    resolved = Path(lora_path).resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+    try:
+        resolved = Path(lora_path).resolve()
+        inside = any(resolved.is_relative_to(root.resolve()) for root in roots)
+        has_adapter = inside and (resolved / "adapter_config.json").is_file()
+    except (OSError, ValueError) as exc:
+        raise AdapterRequestError(f"lora_path cannot be read ({exc.__class__.__name__})", "lora_path") from None
+    if not inside:
         raise AdapterRequestError(
             f"lora_path {lora_path[:200]!r} is outside serve.adapter_roots ({', '.join(str(r) for r in roots)})",
             "lora_path",
         )
-    if not (resolved / "adapter_config.json").is_file():
+    if not has_adapter:
         raise AdapterRequestError(f"lora_path {lora_path[:200]!r} holds no adapter_config.json", "lora_path")
     return resolved

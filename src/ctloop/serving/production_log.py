@@ -70,8 +70,14 @@ class ProductionLog:
                 f"{self.settings.max_correction_chars}; send a shorter one",
                 "correction",
             )
-        stored_id = self.reader.stored_id(body.request_id)
-        if stored_id not in self.recent and not await asyncio.to_thread(self.reader.has_request, body.request_id):
+        found = None
+        for candidate in body.request_id_candidates():
+            if self.reader.stored_id(candidate) in self.recent or await asyncio.to_thread(
+                self.reader.has_request, candidate
+            ):
+                found = candidate
+                break
+        if found is None:
             raise FeedbackRefused(
                 404,
                 f"no logged request has id {body.request_id!r}; send the X-Request-Id (or the response id) of an "
@@ -79,7 +85,7 @@ class ProductionLog:
                 "request_id",
                 "not_found",
             )
-        record = body.record()
+        record = body.record(found)
         await asyncio.to_thread(self.reader.add_feedback, [record])
         for kind in ("rating", "correction"):
             if getattr(record, kind) is not None:
@@ -87,7 +93,7 @@ class ProductionLog:
         return {
             "id": f"fb-{record.feedback_id}",
             "object": "feedback",
-            "request_id": body.request_id,
+            "request_id": found,
             "created": int(record.created_at),
         }
 

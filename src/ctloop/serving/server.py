@@ -119,7 +119,7 @@ class Serving:
         self.backend = await asyncio.to_thread(self._make_backend)
         shadow = self.config.shadow
         store_url = self.workspace.shadow_store_url(shadow.store_url)
-        store = ShadowStore(store_url, redact_pii=shadow.redact)
+        store = ShadowStore(store_url, redact_pii=shadow.redact or self.config.serve.redact)
         self.production = ProductionLog(self.config, store_url)
         self.router = ShadowRouter(
             self.backend, store, shadow, challenger=lambda: self.roles.challenger if shadow.enabled else None
@@ -655,6 +655,12 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
             await asyncio.to_thread(serving.load_pinned, version, folder)
         except CtloopError as exc:
             raise ApiError(404, f"cannot load {body.lora_name}: {exc}", "lora_name", "not_found") from exc
+        except (OSError, ValueError, RuntimeError) as exc:  # files that are not a loadable adapter
+            raise ApiError(
+                400,
+                f"cannot load {body.lora_name} from {body.lora_path}: {exc.__class__.__name__}: {exc}"[:500],
+                "lora_path",
+            ) from exc
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
