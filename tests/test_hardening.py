@@ -181,3 +181,29 @@ def test_a_body_trickling_in_is_cut_off_with_408(tiny_base, tmp_path):
             started = time.monotonic()
             answer = sock.recv(4096).decode()
         assert answer.startswith("HTTP/1.1 408") and time.monotonic() - started < 10
+
+
+def test_an_unexpected_error_is_a_counted_500_in_the_openai_shape(tiny_base, tmp_path):
+    config = serving_config(tiny_base, tmp_path / "ws")
+    register_versions(config, [random_adapter(tiny_base, tmp_path / "a1", 1)])
+    app = create_app(config, Workspace(config.workspace))
+
+    def broken(requested: str):
+        raise RuntimeError("a bug")
+
+    with serve_in_background(app) as url:
+        app.state.serving.resolve = broken  # a bug on the request path
+        response = httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": "x"}, timeout=60)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert response.status_code == 500 and _is_openai_error(response)
+    assert "RuntimeError" in response.json()["error"]["message"] and "a bug" not in response.json()["error"]["message"]
+    assert 'code="500",path="/v1/completions"' in metrics
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(server, monkeypatch):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+        started = time.monotonic()
+        closed = sock.recv(1024) == b""  # the server hangs up
+    assert closed and time.monotonic() - started < 25

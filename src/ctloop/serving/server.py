@@ -772,6 +772,8 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
     """Run the server until SIGINT/SIGTERM; shutdown drains the shadow queue and the log writer."""
     import uvicorn
 
+    from ctloop.serving.http_protocol import HeadTimeoutH11Protocol
+
     app = create_app(config, workspace)
     uvicorn.run(
         app,
@@ -779,6 +781,7 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
         port=port if port is not None else config.serve.port,
         log_level="info",
         timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5,
+        http=HeadTimeoutH11Protocol,
     )
 
 
@@ -797,7 +800,9 @@ def serve_in_background(
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    from ctloop.serving.http_protocol import HeadTimeoutH11Protocol
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=HeadTimeoutH11Protocol))
     thread = threading.Thread(target=server.run, name="ctloop-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
