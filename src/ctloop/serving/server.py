@@ -1,9 +1,9 @@
 """`ctloop serve`: an OpenAI-compatible server that answers with the champion and shadows the challenger.
 
-Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /v1/feedback, /healthz, /metrics,
-and the admin endpoints /admin/reload, /admin/promote, /admin/rollback and vLLM's runtime LoRA API
-/v1/load_lora_adapter, /v1/unload_lora_adapter (`adapter_api.py`), with a bearer token from the env
-var named by `serve.admin_token_env`, compared in constant time.
+Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /v1/feedback, /healthz, /metrics
+(`metrics.py`), and the admin API behind a bearer token (`admin.py`: /admin/reload, /admin/promote,
+/admin/rollback, vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter). Request models, body
+limits and the OpenAI error shape are in `schemas.py`.
 
 Every answered request is written to the request log (`production_log.py`) with the id the client
 sent as X-Request-Id (or a new one), which the response carries as its `id` and `X-Request-Id`;
@@ -19,7 +19,6 @@ then swapped in, so requests already running finish on the adapter they started 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import re
@@ -29,55 +28,28 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ctloop.config import CtloopConfig
 from ctloop.errors import CtloopError, ModelError
+from ctloop.serving.admin import add_admin_routes
 from ctloop.serving.backends import USER, Backend, GenerationRequest
+from ctloop.serving.metrics import prometheus_text
+from ctloop.serving.schemas import (
+    ApiError,
+    Body,
+    ChatBody,
+    CompletionBody,
+    error_response,
+    parse_body,
+    read_body,
+    too_large,
+)
 from ctloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=None, ...)
-
-    # Strict types: "5", true or "yes" where a number or a boolean belongs is a 400, not a guess.
-    model: StrictStr = Field("", max_length=512)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
-    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    n: StrictInt | None = Field(None, ge=1, le=1)
-    stream: StrictBool | None = None
-    user: str | None = Field(None, max_length=256)  # logged with the request, as OpenAI clients send it
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -295,7 +267,7 @@ class Serving:
         aliases = [self.model_name, "champion"] if self.roles.champion is not None else []
         return aliases + (["challenger"] if self.roles.challenger else []) + [f"{self.model_name}-v{v}" for v in loaded]
 
-    def generation_request(self, body: _Body, prompt: str) -> GenerationRequest:
+    def generation_request(self, body: Body, prompt: str) -> GenerationRequest:
         serve = self.config.serve
         if body.stream:
             raise ApiError(400, "streaming is not supported; send stream=false", "stream")
@@ -322,7 +294,7 @@ class Serving:
         )
 
     async def answer(
-        self, request_id: str, body: _Body, prompt: str, endpoint: str, messages: list[dict[str, str]] | None = None
+        self, request_id: str, body: Body, prompt: str, endpoint: str, messages: list[dict[str, str]] | None = None
     ) -> tuple[Any, int]:
         """The champion's (or an explicit version's) answer, logged in the request log; champion
         answers are then offered to the router."""
@@ -359,65 +331,9 @@ class Serving:
         return generation, version
 
 
-def _error_response(exc: ApiError) -> Any:
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(
-        {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}},
-        status_code=exc.status,
-    )
-
-
-def _too_large(size: int, limit: int) -> str:
-    return f"the request body has {size} bytes or more, over serve.max_body_bytes={limit}; send a shorter prompt"
-
-
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, read in chunks and abandoned once it passes `limit` (413; a chunked upload has no
-    Content-Length to refuse up front) or takes longer than `timeout_s` to arrive (408)."""
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, _too_large(size, limit))
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ApiError(
-            408, f"the request body did not arrive within {timeout_s:g} s; send it at once", kind="timeout"
-        ) from None
-    return b"".join(chunks)
-
-
-def _parse(model: type[BaseModel], raw: bytes, limit: int) -> Any:
-    import json
-
-    if len(raw) > limit:
-        raise ApiError(413, _too_large(len(raw), limit))
-    try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(
-            400, "the body holds a lone UTF-16 surrogate (like \\ud800), which is not text; send valid Unicode"
-        ) from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(400, f"{field}: {first['msg']} (got {first.get('input')!r})", field) from None
-
-
 def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     serving = Serving(config, workspace)
@@ -439,12 +355,12 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # 404, 405 from routing
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(
+        return error_response(
             ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind)
         )
 
@@ -454,13 +370,13 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         declared = request.headers.get("content-length", "")
         limit = config.serve.max_body_bytes
         if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
-            response = _error_response(ApiError(413, _too_large(int(declared), limit)))
+            response = error_response(ApiError(413, too_large(int(declared), limit)))
         else:
             try:
                 response = await call_next(request)
             except Exception as exc:  # noqa: BLE001 - a bug must still answer in the API's shape, and be counted
                 log.exception("unhandled error on %s", request.url.path)
-                response = _error_response(
+                response = error_response(
                     ApiError(500, f"internal error ({exc.__class__.__name__}); see the server log", kind="server_error")
                 )
         route = request.scope.get("route")  # the route's template, never the raw path: bounded, no injection
@@ -475,7 +391,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(
+        body = parse_body(
             CompletionBody,
             await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
             config.serve.max_body_bytes,
@@ -503,7 +419,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def chat_completions(request: Request):
         from ctloop.data.records import chat_prompt
 
-        body = _parse(
+        body = parse_body(
             ChatBody,
             await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
             config.serve.max_body_bytes,
@@ -537,7 +453,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         raw = await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s)
         try:
             answer = await serving.production.add_feedback(
-                request.headers, raw, lambda model, data: _parse(model, data, config.serve.max_body_bytes)
+                request.headers, raw, lambda model, data: parse_body(model, data, config.serve.max_body_bytes)
             )
         except FeedbackRefused as exc:
             raise ApiError(exc.status, exc.message, exc.param, exc.kind) from None
@@ -572,157 +488,10 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(_prometheus(serving), media_type=CONTENT_TYPE_LATEST)
+        return Response(prometheus_text(serving), media_type=CONTENT_TYPE_LATEST)
 
-    def require_admin(request: Request) -> None:
-        expected = os.environ.get(config.serve.admin_token_env, "")
-        if not expected:
-            raise ApiError(
-                403,
-                f"admin endpoints are disabled; set {config.serve.admin_token_env} in the server's environment",
-                kind="permission_denied",
-            )
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), expected.encode()):
-            raise ApiError(401, "missing or wrong bearer token for an admin endpoint", kind="authentication_error")
-
-    @app.post("/admin/reload")
-    async def reload(request: Request):
-        require_admin(request)
-        return _roles(await _registry_call(serving.sync_roles()))
-
-    @app.post("/admin/promote")
-    async def promote(request: Request):
-        require_admin(request)
-        options = _parse(
-            PromoteBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
-            config.serve.max_body_bytes,
-        )
-        from ctloop.registry.promotion import promote as promote_version
-
-        target = options.version or serving.roles.challenger
-        if target is None:
-            raise ApiError(409, 'there is no challenger to promote; pass {"version": N}')
-        check = (
-            (lambda champion, challenger: _shadow_decision(serving, champion, challenger))
-            if options.require_shadow
-            else None
-        )
-        await _registry_call(
-            asyncio.to_thread(
-                promote_version,
-                serving.registry,
-                target,
-                by=options.by,
-                note=options.note,
-                shadow_check=check,
-                publisher=serving.publisher(),
-            )
-        )
-        return _roles(await _registry_call(serving.sync_roles()))
-
-    @app.post("/admin/rollback")
-    async def rollback(request: Request):
-        require_admin(request)
-        options = _parse(
-            PromoteBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
-            config.serve.max_body_bytes,
-        )
-        from ctloop.registry.promotion import rollback as rollback_champion
-
-        await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by, serving.publisher()))
-        return _roles(await _registry_call(serving.sync_roles()))
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        from ctloop.serving.adapter_api import AdapterRequestError, LoadAdapterBody, confined_path, version_of
-
-        require_admin(request)
-        body = _parse(
-            LoadAdapterBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
-            config.serve.max_body_bytes,
-        )
-        try:
-            version = version_of(body.lora_name, serving.model_name)
-            folder = None if body.lora_path is None else confined_path(body.lora_path, config.serve.adapter_roots)
-        except AdapterRequestError as exc:
-            raise ApiError(400, str(exc), exc.param) from None
-        try:
-            await asyncio.to_thread(serving.load_pinned, version, folder)
-        except CtloopError as exc:
-            raise ApiError(404, f"cannot load {body.lora_name}: {exc}", "lora_name", "not_found") from exc
-        except (OSError, ValueError, RuntimeError) as exc:  # files that are not a loadable adapter
-            raise ApiError(
-                400,
-                f"cannot load {body.lora_name} from {body.lora_path}: {exc.__class__.__name__}: {exc}"[:500],
-                "lora_path",
-            ) from exc
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        from ctloop.serving.adapter_api import AdapterRequestError, UnloadAdapterBody, version_of
-
-        require_admin(request)
-        body = _parse(
-            UnloadAdapterBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
-            config.serve.max_body_bytes,
-        )
-        try:
-            version = version_of(body.lora_name, serving.model_name)
-        except AdapterRequestError as exc:
-            raise ApiError(400, str(exc), exc.param) from None
-        if version in serving.roles.versions():
-            raise ApiError(
-                409,
-                f"{body.lora_name} is the champion, challenger or previous champion here; move the alias first",
-                "lora_name",
-                "conflict",
-            )
-        await asyncio.to_thread(serving.unload_pinned, version)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
+    add_admin_routes(app, serving)
     return app
-
-
-class PromoteBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    version: int | None = Field(None, ge=1)
-    require_shadow: bool = False
-    by: str = "admin-api"
-    note: str = "promoted through the server's admin API"
-
-
-async def _registry_call(awaitable: Any) -> Any:
-    try:
-        return await awaitable
-    except CtloopError as exc:
-        raise ApiError(409, str(exc), kind="conflict") from exc
-
-
-def _shadow_decision(serving: Serving, champion: int, challenger: int) -> tuple[str, str]:
-    """The shadow comparison of two versions on the logged pairs: (decision, reasons)."""
-    from ctloop.serving.compare import shadow_report
-
-    settings = serving.config.shadow
-    report = shadow_report(
-        settings,
-        serving.workspace.shadow_store_url(settings.store_url),
-        champion,
-        challenger,
-        agreement_embeddings=False,
-    )[0]
-    return report.decision, "; ".join(report.reasons)
-
-
-def _roles(roles: Roles) -> dict[str, Any]:
-    return {"champion": roles.champion, "challenger": roles.challenger, "previous": roles.previous}
 
 
 def _usage(generation: Any) -> dict[str, int]:
@@ -731,41 +500,6 @@ def _usage(generation: Any) -> dict[str, int]:
         "completion_tokens": generation.completion_tokens,
         "total_tokens": generation.prompt_tokens + generation.completion_tokens,
     }
-
-
-def _prometheus(serving: Serving) -> bytes:
-    """The Prometheus text exposition (prometheus_client) of the server's and the router's counters,
-    read from their current values at scrape time."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    rows: list[tuple[str, str, float, dict[str, str]]] = []
-    for (path, code), count in sorted(serving.requests.items()):
-        rows.append(("ctloop_http_requests_total", "counter", count, {"path": path, "code": str(code)}))
-    for path, seconds in sorted(serving.latency_sum.items()):
-        rows.append(("ctloop_http_request_seconds_total", "counter", seconds, {"path": path}))
-    roles = serving.roles
-    rows.append(("ctloop_champion_version", "gauge", roles.champion or 0, {}))
-    rows.append(("ctloop_challenger_version", "gauge", roles.challenger or 0, {}))
-    rows.append(("ctloop_role_sync_errors_total", "counter", serving.sync_errors, {}))
-    if serving.router is not None:
-        rows += serving.router.metrics()
-    if serving.production is not None:
-        rows += serving.production.metrics()
-
-    class Snapshot:
-        def collect(self):
-            families: dict[str, Any] = {}
-            for name, kind, value, labels in rows:
-                if name not in families:
-                    family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                    families[name] = family(name, name.replace("_", " "), labels=list(labels))
-                families[name].add_metric(list(labels.values()), value)
-            yield from families.values()
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Snapshot())
-    return generate_latest(registry)
 
 
 def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, port: int | None = None) -> None:

@@ -1,0 +1,160 @@
+"""The admin API of `ctloop serve`, behind a bearer token (`serve.admin_token_env`, compared in
+constant time; unset: 403): /admin/reload, /admin/promote, /admin/rollback, and vLLM's runtime LoRA
+API /v1/load_lora_adapter and /v1/unload_lora_adapter (see `adapter_api.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from typing import Any
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
+
+from ctloop.errors import CtloopError
+from ctloop.serving.schemas import ApiError, PromoteBody, parse_body, read_body
+
+
+def add_admin_routes(app: Any, serving: Any) -> None:
+    from fastapi.responses import PlainTextResponse
+
+    config = serving.config
+
+    def require_admin(request: Request) -> None:
+        expected = os.environ.get(config.serve.admin_token_env, "")
+        if not expected:
+            raise ApiError(
+                403,
+                f"admin endpoints are disabled; set {config.serve.admin_token_env} in the server's environment",
+                kind="permission_denied",
+            )
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            raise ApiError(401, "missing or wrong bearer token for an admin endpoint", kind="authentication_error")
+
+    @app.post("/admin/reload")
+    async def reload(request: Request):
+        require_admin(request)
+        return _roles(await _registry_call(serving.sync_roles()))
+
+    @app.post("/admin/promote")
+    async def promote(request: Request):
+        require_admin(request)
+        options = parse_body(
+            PromoteBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
+            config.serve.max_body_bytes,
+        )
+        from ctloop.registry.promotion import promote as promote_version
+
+        target = options.version or serving.roles.challenger
+        if target is None:
+            raise ApiError(409, 'there is no challenger to promote; pass {"version": N}')
+        check = (
+            (lambda champion, challenger: _shadow_decision(serving, champion, challenger))
+            if options.require_shadow
+            else None
+        )
+        await _registry_call(
+            asyncio.to_thread(
+                promote_version,
+                serving.registry,
+                target,
+                by=options.by,
+                note=options.note,
+                shadow_check=check,
+                publisher=serving.publisher(),
+            )
+        )
+        return _roles(await _registry_call(serving.sync_roles()))
+
+    @app.post("/admin/rollback")
+    async def rollback(request: Request):
+        require_admin(request)
+        options = parse_body(
+            PromoteBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
+            config.serve.max_body_bytes,
+        )
+        from ctloop.registry.promotion import rollback as rollback_champion
+
+        await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by, serving.publisher()))
+        return _roles(await _registry_call(serving.sync_roles()))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        from ctloop.serving.adapter_api import AdapterRequestError, LoadAdapterBody, confined_path, version_of
+
+        require_admin(request)
+        body = parse_body(
+            LoadAdapterBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
+            config.serve.max_body_bytes,
+        )
+        try:
+            version = version_of(body.lora_name, serving.model_name)
+            folder = None if body.lora_path is None else confined_path(body.lora_path, config.serve.adapter_roots)
+        except AdapterRequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        try:
+            await asyncio.to_thread(serving.load_pinned, version, folder)
+        except CtloopError as exc:
+            raise ApiError(404, f"cannot load {body.lora_name}: {exc}", "lora_name", "not_found") from exc
+        except (OSError, ValueError, RuntimeError) as exc:  # files that are not a loadable adapter
+            raise ApiError(
+                400,
+                f"cannot load {body.lora_name} from {body.lora_path}: {exc.__class__.__name__}: {exc}"[:500],
+                "lora_path",
+            ) from exc
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        from ctloop.serving.adapter_api import AdapterRequestError, UnloadAdapterBody, version_of
+
+        require_admin(request)
+        body = parse_body(
+            UnloadAdapterBody,
+            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
+            config.serve.max_body_bytes,
+        )
+        try:
+            version = version_of(body.lora_name, serving.model_name)
+        except AdapterRequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        if version in serving.roles.versions():
+            raise ApiError(
+                409,
+                f"{body.lora_name} is the champion, challenger or previous champion here; move the alias first",
+                "lora_name",
+                "conflict",
+            )
+        await asyncio.to_thread(serving.unload_pinned, version)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+async def _registry_call(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except CtloopError as exc:
+        raise ApiError(409, str(exc), kind="conflict") from exc
+
+
+def _shadow_decision(serving: Any, champion: int, challenger: int) -> tuple[str, str]:
+    """The shadow comparison of two versions on the logged pairs: (decision, reasons)."""
+    from ctloop.serving.compare import shadow_report
+
+    settings = serving.config.shadow
+    report = shadow_report(
+        settings,
+        serving.workspace.shadow_store_url(settings.store_url),
+        champion,
+        challenger,
+        agreement_embeddings=False,
+    )[0]
+    return report.decision, "; ".join(report.reasons)
+
+
+def _roles(roles: Any) -> dict[str, Any]:
+    return {"champion": roles.champion, "challenger": roles.challenger, "previous": roles.previous}

@@ -1,0 +1,113 @@
+"""What the server accepts and how it refuses: request models (strictly typed), body reading with
+a size cap and a deadline, JSON parsing that names the bad field, and errors in the OpenAI shape."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=None, ...)
+
+    # Strict types: "5", true or "yes" where a number or a boolean belongs is a 400, not a guess.
+    model: StrictStr = Field("", max_length=512)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    n: StrictInt | None = Field(None, ge=1, le=1)
+    stream: StrictBool | None = None
+    user: str | None = Field(None, max_length=256)  # logged with the request, as OpenAI clients send it
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+class CompletionBody(Body):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatBody(Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=1)
+    require_shadow: bool = False
+    by: str = "admin-api"
+    note: str = "promoted through the server's admin API"
+
+
+def error_response(exc: ApiError) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}},
+        status_code=exc.status,
+    )
+
+
+def too_large(size: int, limit: int) -> str:
+    return f"the request body has {size} bytes or more, over serve.max_body_bytes={limit}; send a shorter prompt"
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, read in chunks and abandoned once it passes `limit` (413; a chunked upload has no
+    Content-Length to refuse up front) or takes longer than `timeout_s` to arrive (408)."""
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, too_large(size, limit))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g} s; send it at once", kind="timeout"
+        ) from None
+    return b"".join(chunks)
+
+
+def parse_body(model: type[BaseModel], raw: bytes, limit: int) -> Any:
+    import json
+
+    if len(raw) > limit:
+        raise ApiError(413, too_large(len(raw), limit))
+    try:
+        data = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "the body holds a lone UTF-16 surrogate (like \\ud800), which is not text; send valid Unicode"
+        ) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, f"{field}: {first['msg']} (got {first.get('input')!r})", field) from None
