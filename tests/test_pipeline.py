@@ -16,7 +16,7 @@ from ctloop.config import config_from_dict
 from ctloop.cycle.run import run_cycle
 from ctloop.errors import DataError
 from ctloop.fileio import read_json
-from ctloop.registry.client import CHALLENGER, CHAMPION, open_registry
+from ctloop.registry.client import CHALLENGER, CHAMPION, open_registry, relocate_embedded
 from ctloop.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -99,6 +99,7 @@ def test_data_like_the_champions_is_not_trained_on_unless_forced(two_cycles, tmp
     original, config, _, _, _ = two_cycles
     workspace = Workspace(tmp_path / "ws")  # a copy, so the other tests see the two cycles' registry
     shutil.copytree(original.root, workspace.root)
+    relocate_embedded(workspace)  # else the copy's MLflow database would write into the original's artifacts
     same_domain = tmp_path / "more_old.jsonl"
     same_domain.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl", 400)[200:]) + b"\n")
     registry = open_registry(config.registry, workspace)
