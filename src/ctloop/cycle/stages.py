@@ -138,7 +138,7 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
     report = None
     if config.drift.enabled and (champion is not None or config.drift.reference is not None):
         new, _ = read_parquet(cycle.require("new.parquet", "validate"))
-        reference = champion_reference(config, workspace, registry, champion)
+        reference = champion_reference(config, workspace, registry, champion, own_rows_only=True)
         embedder = make_embedder(config.drift, config.model)
         cache = workspace.root / "embeddings"
         ref_emb = embed_records(reference, embedder, config.drift.text, cache)
