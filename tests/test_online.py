@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctloop.drift.online import OnlineDriftDetector
+from ctloop.drift.online import OnlineDriftDetector, window_decision
 from ctloop.errors import DataError
 
 
@@ -66,3 +66,20 @@ def test_rows_of_the_wrong_width_are_refused():
     )
     with pytest.raises(DataError, match="8 dims"):
         detector.update(np.zeros((3, 9)))
+
+
+@pytest.mark.parametrize(
+    ("alarms", "rows", "ert", "drift"),
+    [
+        (10, 5000, 500, False),  # what no drift produces: "any alarm" called this drift (#16 item 7)
+        (14, 5000, 500, False),
+        (25, 5000, 500, True),
+        (0, 5000, 500, False),
+        (1, 150, 400, False),
+        (4, 150, 400, True),
+    ],
+    ids=["expected-count", "a-few-more", "far-more", "none", "one-in-a-short-stream", "several-in-a-short-stream"],
+)
+def test_the_window_decision_weighs_alarms_against_the_expected_false_ones(alarms, rows, ert, drift):
+    decided, expected, p_value = window_decision(alarms, rows, ert, alpha=0.05)
+    assert decided is drift and expected == rows / ert and 0 < p_value <= 1

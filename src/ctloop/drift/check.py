@@ -38,36 +38,47 @@ def _embedded(reference_path: Path, current_path: Path, config_path: Path | None
 
 
 def check_stream(reference_path: Path, current_path: Path, config_path: Path | None, ert: int, window: int) -> dict:
-    """Feed the current rows, in file order, to the online detector calibrated on the reference."""
-    from ctloop.drift.online import OnlineDriftDetector
+    """Feed the current rows, in file order, to the online detector calibrated on the reference.
 
-    _, current, ref_emb, cur_emb, skipped = _embedded(reference_path, current_path, config_path)
+    With no drift the detector raises a false alarm every `ert` rows on average (it resets after
+    each), so over N rows about N/ert alarms are expected: "any alarm" would be drift almost surely
+    on a long file. The decision is calibrated for the window instead: drift when the alarm count is
+    improbable under Poisson(N/ert) at `drift.alpha` (the run lengths make the count close to
+    Poisson; a little under-dispersed, so the test errs on the side of no drift)."""
+    from ctloop.drift.online import OnlineDriftDetector, window_decision
+
+    drift_config, current, ref_emb, cur_emb, skipped = _embedded(reference_path, current_path, config_path)
     detector = OnlineDriftDetector(ref_emb.astype(np.float64), ert=ert, window=window)
     updates = detector.update(cur_emb.astype(np.float64))
     alarms = [i for i, u in enumerate(updates) if u.drift]
+    drift, expected, p_value = window_decision(len(alarms), len(updates), ert, drift_config.alpha)
     summary = (
-        f"online drift check: {'drift' if alarms else 'no drift'} over {len(updates)} rows "
-        f"(expected rows between false alarms {ert}, window {window})"
+        f"online drift check: {'drift' if drift else 'no drift'} over {len(updates)} rows: {len(alarms)} alarms, "
+        f"{expected:.2f} expected without drift (expected rows between false alarms {ert}, window {window}; "
+        f"p={p_value:.3g}, alpha {drift_config.alpha})"
     )
     return {
-        "drift": bool(alarms),
-        "outcome": "drift" if alarms else "no_drift",
+        "drift": drift,
+        "outcome": "drift" if drift else "no_drift",
         "mode": "online",
         "n_reference": len(ref_emb),
         "n_current": len(cur_emb),
         "skipped_rows": skipped,
         "alarm_rows": alarms,
+        "expected_false_alarms": expected,
+        "p_value": p_value,
         "threshold": detector.threshold,
         "detectors": [
             {
                 "name": "online_rff_mmd",
                 "statistic": max((u.statistic for u in updates if u.statistic == u.statistic), default=0.0),
-                "p_value": None,
-                "drift": bool(alarms),
+                "p_value": p_value,
+                "drift": drift,
             }
         ],
         "reasons": [
-            f"first alarm at row {alarms[0]}: {current[alarms[0]].id}"
+            f"{len(alarms)} alarms in {len(updates)} rows, {expected:.2f} expected without drift; first at row "
+            f"{alarms[0]}: {current[alarms[0]].id}"
             if alarms
             else "no alarm: the stream stayed like the reference"
         ],

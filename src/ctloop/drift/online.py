@@ -129,3 +129,14 @@ class OnlineDriftDetector:
             else:
                 high = middle
         return high
+
+
+def window_decision(alarms: int, rows: int, ert: int, alpha: float) -> tuple[bool, float, float]:
+    """(drift, expected false alarms, p-value) for `alarms` seen in `rows` rows: with no drift about
+    rows/ert alarms come anyway (the detector resets after each), so drift is a count improbable
+    under Poisson(rows/ert) at `alpha`, not "any alarm"."""
+    from scipy.stats import poisson
+
+    expected = rows / ert
+    p_value = float(poisson.sf(alarms - 1, expected)) if alarms else 1.0
+    return p_value <= alpha, expected, p_value
