@@ -357,6 +357,9 @@ class ServeConfig(Section):
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
     body_timeout_s: float = Field(30.0, gt=0, description="a body that takes longer to arrive gets 408")
+    header_timeout_s: float = Field(
+        30.0, gt=0, description="a connection whose first request head takes longer is closed"
+    )
     admin_token_env: str = Field(
         "CTLOOP_ADMIN_TOKEN", description="env var holding the admin bearer token; unset: admin endpoints are disabled"
     )

@@ -506,7 +506,7 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
     """Run the server until SIGINT/SIGTERM; shutdown drains the shadow queue and the log writer."""
     import uvicorn
 
-    from ctloop.serving.http_protocol import HeadTimeoutH11Protocol
+    from ctloop.serving.http_protocol import head_timeout_protocol
 
     app = create_app(config, workspace)
     uvicorn.run(
@@ -515,7 +515,7 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
         port=port if port is not None else config.serve.port,
         log_level="info",
         timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5,
-        http=HeadTimeoutH11Protocol,
+        http=head_timeout_protocol(config.serve.header_timeout_s),
     )
 
 
@@ -534,9 +534,12 @@ def serve_in_background(
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
-    from ctloop.serving.http_protocol import HeadTimeoutH11Protocol
+    from ctloop.serving.http_protocol import head_timeout_protocol
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=HeadTimeoutH11Protocol))
+    serving = getattr(app.state, "serving", None)  # a ctloop app knows its limits; any other gets the default
+    seconds = serving.config.serve.header_timeout_s if serving is not None else 30.0
+    protocol = head_timeout_protocol(seconds)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=protocol))
     thread = threading.Thread(target=server.run, name="ctloop-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
