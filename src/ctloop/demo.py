@@ -256,7 +256,10 @@ def _print_story(
     out.print(f"  {exe} serve --config {config_path}   # OpenAI-compatible, on http://127.0.0.1:8000/v1")
     out.print(f"  {exe} shadow report --config {config_path}")
     out.print(f"  {exe} run --config {config_path} --data your-data.jsonl --workspace {workspace.root}")
-    out.print(f"  {exe} run --config {config_path} --from-production --since 1h   # the next cycle, on the harvest")
+    out.print(
+        f"  {exe} run --config {config_path} --from-production --since 1d   "
+        f"# the next cycle on production feedback, once it holds data.min_rows rows"
+    )
     mlflow = str(Path(exe).with_name("mlflow")) if "/" in exe else "mlflow"
     out.print(f"  {mlflow} ui --backend-store-uri {registry.tracking_uri}   # then open http://127.0.0.1:5000")
 
