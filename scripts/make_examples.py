@@ -1,9 +1,9 @@
-"""Build the sample data in examples/ from the shared Debian package list.
+"""Build the sample data in examples/ from a list of Debian package descriptions.
 
-The quickstart and the tests read only examples/, never the shared folder, so this script is
+The quickstart and the tests read only examples/, never that list, so this script is
 run by a maintainer when the samples change, not by users or CI:
 
-    python scripts/make_examples.py ../shared/data/debian_packages.jsonl
+    python scripts/make_examples.py PATH/TO/debian_packages.jsonl
 
 Three disjoint sets, seeded, written to src/ctloop/quickstart/ (shipped in the package, read by
 `ctloop demo`), plus examples/broken.jsonl:
