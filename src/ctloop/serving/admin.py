@@ -5,14 +5,12 @@ API /v1/load_lora_adapter and /v1/unload_lora_adapter (see `adapter_api.py`)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
-import os
 from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
 from ctloop.errors import CtloopError
-from ctloop.serving.schemas import ApiError, PromoteBody, parse_body, read_body
+from ctloop.serving.schemas import ApiError, PromoteBody, parse_request, require_bearer
 
 
 def add_admin_routes(app: Any, serving: Any) -> None:
@@ -21,17 +19,9 @@ def add_admin_routes(app: Any, serving: Any) -> None:
     config = serving.config
 
     def require_admin(request: Request) -> None:
-        expected = os.environ.get(config.serve.admin_token_env, "")
-        if not expected:
-            raise ApiError(
-                403,
-                f"admin endpoints are disabled; set {config.serve.admin_token_env} in the server's environment",
-                kind="permission_denied",
-            )
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), expected.encode()):
-            raise ApiError(401, "missing or wrong bearer token for an admin endpoint", kind="authentication_error")
+        require_bearer(
+            request.headers, config.serve.admin_token_env, "admin endpoints are disabled", "an admin endpoint"
+        )
 
     @app.post("/admin/reload")
     async def reload(request: Request):
@@ -41,11 +31,7 @@ def add_admin_routes(app: Any, serving: Any) -> None:
     @app.post("/admin/promote")
     async def promote(request: Request):
         require_admin(request)
-        options = parse_body(
-            PromoteBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
-            config.serve.max_body_bytes,
-        )
+        options = await parse_request(request, PromoteBody, config.serve, empty=b"{}")
         from ctloop.registry.promotion import promote as promote_version
 
         target = options.version or serving.roles.challenger
@@ -72,11 +58,7 @@ def add_admin_routes(app: Any, serving: Any) -> None:
     @app.post("/admin/rollback")
     async def rollback(request: Request):
         require_admin(request)
-        options = parse_body(
-            PromoteBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s) or b"{}",
-            config.serve.max_body_bytes,
-        )
+        options = await parse_request(request, PromoteBody, config.serve, empty=b"{}")
         from ctloop.registry.promotion import rollback as rollback_champion
 
         await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by, serving.publisher()))
@@ -87,11 +69,7 @@ def add_admin_routes(app: Any, serving: Any) -> None:
         from ctloop.serving.adapter_api import AdapterRequestError, LoadAdapterBody, confined_path, version_of
 
         require_admin(request)
-        body = parse_body(
-            LoadAdapterBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
-            config.serve.max_body_bytes,
-        )
+        body = await parse_request(request, LoadAdapterBody, config.serve)
         try:
             version = version_of(body.lora_name, serving.model_name)
             folder = None if body.lora_path is None else confined_path(body.lora_path, config.serve.adapter_roots)
@@ -114,11 +92,7 @@ def add_admin_routes(app: Any, serving: Any) -> None:
         from ctloop.serving.adapter_api import AdapterRequestError, UnloadAdapterBody, version_of
 
         require_admin(request)
-        body = parse_body(
-            UnloadAdapterBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
-            config.serve.max_body_bytes,
-        )
+        body = await parse_request(request, UnloadAdapterBody, config.serve)
         try:
             version = version_of(body.lora_name, serving.model_name)
         except AdapterRequestError as exc:

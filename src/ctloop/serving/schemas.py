@@ -4,6 +4,8 @@ a size cap and a deadline, JSON parsing that names the bad field, and errors in 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import os
 from typing import Any, Literal
 
 from fastapi import Request
@@ -111,3 +113,22 @@ def parse_body(model: type[BaseModel], raw: bytes, limit: int) -> Any:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiError(400, f"{field}: {first['msg']} (got {first.get('input')!r})", field) from None
+
+
+def require_bearer(headers: Any, env_name: str, disabled: str, endpoint: str) -> None:
+    """The bearer token in `headers` must equal the one in the env var `env_name`, compared in
+    constant time: 403 (`disabled`) when that variable is unset, 401 when the token is missing or wrong."""
+    expected = os.environ.get(env_name, "")
+    if not expected:
+        raise ApiError(403, f"{disabled}; set {env_name} in the server's environment", kind="permission_denied")
+    given = headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise ApiError(401, f"missing or wrong bearer token for {endpoint}", kind="authentication_error")
+
+
+async def parse_request(request: Request, model: type[BaseModel], serve: Any, empty: bytes = b"") -> Any:
+    """Read the body within `serve`'s size and time limits and parse it as `model`; an empty body
+    reads as `empty`."""
+    raw = await read_body(request, serve.max_body_bytes, serve.body_timeout_s)
+    return parse_body(model, raw or empty, serve.max_body_bytes)

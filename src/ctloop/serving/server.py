@@ -44,7 +44,9 @@ from ctloop.serving.schemas import (
     CompletionBody,
     error_response,
     parse_body,
+    parse_request,
     read_body,
+    require_bearer,
     too_large,
 )
 from ctloop.workspace import Workspace
@@ -391,11 +393,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse_body(
-            CompletionBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
-            config.serve.max_body_bytes,
-        )
+        body = await parse_request(request, CompletionBody, config.serve)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, f"{len(prompts)} prompts in one request; send one prompt per request", "prompt")
@@ -419,11 +417,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     async def chat_completions(request: Request):
         from ctloop.data.records import chat_prompt
 
-        body = parse_body(
-            ChatBody,
-            await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s),
-            config.serve.max_body_bytes,
-        )
+        body = await parse_request(request, ChatBody, config.serve)
         rid = request_id(request)
         messages = [m.model_dump() for m in body.messages]
         generation, version = await serving.answer(rid, body, chat_prompt(messages), "chat", messages)
@@ -448,15 +442,12 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.post("/v1/feedback", status_code=201)
     async def feedback(request: Request):
-        from ctloop.serving.production_log import FeedbackRefused
+        from ctloop.logstore.requests import FeedbackBody
 
-        raw = await read_body(request, config.serve.max_body_bytes, config.serve.body_timeout_s)
-        try:
-            answer = await serving.production.add_feedback(
-                request.headers, raw, lambda model, data: parse_body(model, data, config.serve.max_body_bytes)
-            )
-        except FeedbackRefused as exc:
-            raise ApiError(exc.status, exc.message, exc.param, exc.kind) from None
+        serve = config.serve
+        raw = await read_body(request, serve.max_body_bytes, serve.body_timeout_s)  # 413/408 before 401, as before
+        require_bearer(request.headers, serve.feedback_token_env, "feedback is disabled", "/v1/feedback")
+        answer = await serving.production.add_feedback(parse_body(FeedbackBody, raw, serve.max_body_bytes))
         return JSONResponse(answer, status_code=201)
 
     @app.get("/v1/models")
