@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,45 @@ def tiny_base(tmp_path_factory) -> Path:
         batch_rows=32,
     )
     return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-base"), spec)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def postgres_database(prefix: str = "t") -> Iterator[str]:
+    """A fresh, empty database on the PostgreSQL that `make test` starts (scripts/with_postgres.sh),
+    dropped afterwards; the test skips (CI: fails, see the script) without one."""
+    url = os.environ.get("CTLOOP_TEST_POSTGRES_URL")
+    if url is None:
+        pytest.skip("no PostgreSQL: run the tests through `make test` (scripts/with_postgres.sh starts one)")
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_store_url(request, tmp_path) -> Iterator[str]:
+    """A fresh, empty log store of each kind: SQLite in a temp folder, and PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'logs.db'}"
+        return
+    with postgres_database() as url:
+        yield url

@@ -6,7 +6,6 @@ runs in its own process. `test_airflow.py` covers the DAGs' logic in one process
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, quickstart_rows
+from conftest import REPO, free_port, quickstart_rows
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(what: str, check, timeout: float, logs: Path):
@@ -39,7 +32,7 @@ def _wait_for(what: str, check, timeout: float, logs: Path):
 
 
 def test_the_cycle_dag_runs_under_a_real_scheduler_triggered_through_the_rest_api(tiny_base, tmp_path):
-    home, logs, port = tmp_path / "airflow-home", tmp_path / "logs", _free_port()
+    home, logs, port = tmp_path / "airflow-home", tmp_path / "logs", free_port()
     logs.mkdir()
     data = tmp_path / "new.jsonl"
     data.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl")[:200]) + b"\n")

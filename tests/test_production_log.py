@@ -11,40 +11,19 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import httpx
 import pytest
 import yaml
 
+from conftest import free_port
 from ctloop.logstore.requests import FeedbackRecord, LogReader, RequestLog, RequestRecord
 from ctloop.serving.server import create_app, serve_in_background
 from ctloop.training.tinymodel import random_adapter
 from ctloop.workspace import Workspace
 from shadow_helpers import echo_upstream, register_versions, serving_config
 
-POSTGRES_URL = os.environ.get("CTLOOP_TEST_POSTGRES_URL")
 TOKEN = "feedback-s3cret"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    """A fresh, empty log store of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'logs.db'}"
-        return
-    if POSTGRES_URL is None:
-        pytest.skip("no PostgreSQL: run the tests through `make test` (scripts/with_postgres.sh starts one)")
-    from sqlalchemy import create_engine, text
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 def _request(i: int, **fields) -> RequestRecord:
@@ -53,12 +32,12 @@ def _request(i: int, **fields) -> RequestRecord:
     )
 
 
-def test_requests_join_their_latest_feedback_and_retention_purges(store_url):
-    writer = RequestLog(store_url)
+def test_requests_join_their_latest_feedback_and_retention_purges(log_store_url):
+    writer = RequestLog(log_store_url)
     for i in range(3):
         writer.put(_request(i, user="u", request_metadata={"team": "x"}, created_at=1000.0 + i))
     writer.close()
-    reader = LogReader(store_url)
+    reader = LogReader(log_store_url)
     first = FeedbackRecord("r1", rating=-1, created_at=2000.0)
     second = FeedbackRecord("r1", rating=1, correction="better", created_at=2001.0)
     assert reader.add_feedback([first, second]) == 2
@@ -74,8 +53,8 @@ def test_requests_join_their_latest_feedback_and_retention_purges(store_url):
     reader.close()
 
 
-def test_a_thumbs_down_is_score_zero_and_redaction_keeps_ids_joinable(store_url):
-    writer = RequestLog(store_url, redact_pii=True)
+def test_a_thumbs_down_is_score_zero_and_redaction_keeps_ids_joinable(log_store_url):
+    writer = RequestLog(log_store_url, redact_pii=True)
     writer.put(
         RequestRecord(
             request_id="id-of-jane@example.com",
@@ -87,7 +66,7 @@ def test_a_thumbs_down_is_score_zero_and_redaction_keeps_ids_joinable(store_url)
         )
     )
     writer.close()
-    reader = LogReader(store_url, redact_pii=True)
+    reader = LogReader(log_store_url, redact_pii=True)
     assert reader.has_request("id-of-jane@example.com")
     reader.add_feedback([FeedbackRecord("id-of-jane@example.com", rating=-1, comment="call +1 415 555 0100")])
     row = reader.requests()[0]
@@ -108,12 +87,12 @@ def upstream():
         yield url
 
 
-def _config(tiny_base, tmp_path, upstream: str, store_url: str | None = None, **serve):
+def _config(tiny_base, tmp_path, upstream: str, log_store_url: str | None = None, **serve):
     return serving_config(
         tiny_base,
         tmp_path / "ws",
         serve={"backend": "openai", "upstream_url": f"{upstream}/v1", **serve},
-        shadow={"store_url": store_url, "enabled": False},
+        shadow={"store_url": log_store_url, "enabled": False},
     )
 
 
@@ -194,19 +173,19 @@ def test_feedback_api_authorises_validates_and_supersedes(tiny_base, adapters, t
 
 @pytest.mark.slow
 def test_ten_thousand_requests_and_two_thousand_feedbacks_survive_a_sigterm(
-    tiny_base, adapters, tmp_path, upstream, store_url
+    tiny_base, adapters, tmp_path, upstream, log_store_url
 ):
-    config = _config(tiny_base, tmp_path, upstream, store_url)
+    config = _config(tiny_base, tmp_path, upstream, log_store_url)
     register_versions(config, adapters)
     raw = {
         "workspace": str(config.workspace),
         "model": {"base": str(tiny_base)},
         "registry": config.registry.model_dump(mode="json"),
         "serve": {**config.serve.model_dump(mode="json"), "port": 0},
-        "shadow": {"store_url": store_url, "enabled": False},
+        "shadow": {"store_url": log_store_url, "enabled": False},
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(raw))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CTLOOP_FEEDBACK_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "ctloop", "serve", "--config", str(tmp_path / "serve.yaml"), "--port", str(port)],
@@ -225,21 +204,13 @@ def test_ten_thousand_requests_and_two_thousand_feedbacks_survive_a_sigterm(
     # uvicorn finishes its graceful shutdown, then re-raises SIGTERM (exit -15) as a signal-killed process would
     assert server.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in stderr, stderr[-2000:]
     assert ok == {"requests": 10_000, "feedback": 2_000}
-    reader = LogReader(store_url)
+    reader = LogReader(log_store_url)
     rows = reader.requests()
     assert len(rows) == 10_000 and len({r["request_id"] for r in rows}) == 10_000  # every request logged once
     rated = [r for r in rows if r["feedback"] is not None]
     assert len(rated) == 2_000 and all(r["feedback"]["correction"] == f"fixed {r['request_id']}" for r in rated)
     assert reader.counts()["feedback"] == 2_000
     reader.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_until_healthy(url: str, server: subprocess.Popen) -> None:

@@ -8,47 +8,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from conftest import quickstart_rows
+from conftest import free_port, postgres_database, quickstart_rows
 
 pytestmark = pytest.mark.slow
-POSTGRES_URL = os.environ.get("CTLOOP_TEST_POSTGRES_URL")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    if POSTGRES_URL is None:
-        pytest.skip("no PostgreSQL: run the tests through `make test` (scripts/with_postgres.sh starts one)")
-    from sqlalchemy import create_engine, text
+    with postgres_database("mlflow") as backend:
+        yield from _mlflow_server(tmp_path, backend)
 
-    name = f"mlflow_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    port = _free_port()
+
+def _mlflow_server(tmp_path, backend: str):
+    port = free_port()
     log = (tmp_path / "mlflow-server.log").open("w")
     server = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("mlflow")),
             "server",
             "--backend-store-uri",
-            POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}",
+            backend,
             "--artifacts-destination",
             (tmp_path / "server-artifacts").as_uri(),
             "--host",
@@ -75,9 +63,6 @@ def mlflow_server(tmp_path):
     yield url
     server.terminate()
     server.wait(30)
-    with admin.connect() as connection:
-        connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 def _config(tiny_base: Path, workspace: Path, uri: str, model: str) -> Path:

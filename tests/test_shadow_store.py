@@ -5,40 +5,14 @@ redaction, NUL stripping, and reading one champion/challenger pair back."""
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
-
-import pytest
 
 from ctloop.logstore.shadow import ShadowStore, read_rows, redact
 from shadow_helpers import shadow_record
 
-POSTGRES_URL = os.environ.get("CTLOOP_TEST_POSTGRES_URL")
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shadow.db'}"
-        return
-    if POSTGRES_URL is None:
-        pytest.skip("no PostgreSQL: run the tests through `make test` (scripts/with_postgres.sh starts one)")
-    from sqlalchemy import create_engine, text
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
-
-
-def test_a_clean_shutdown_loses_no_row_even_from_many_threads(url):
-    store = ShadowStore(url, batch_size=100)
+def test_a_clean_shutdown_loses_no_row_even_from_many_threads(log_store_url):
+    store = ShadowStore(log_store_url, batch_size=100)
 
     def produce(offset: int) -> None:
         for i in range(500):
@@ -50,41 +24,41 @@ def test_a_clean_shutdown_loses_no_row_even_from_many_threads(url):
     for thread in threads:
         thread.join()
     store.close()
-    rows = read_rows(url)
+    rows = read_rows(log_store_url)
     assert len(rows) == 2000 == store.written and store.dropped == 0
     assert len({r["request_id"] for r in rows}) == 2000
-    pair = read_rows(url, champion_version="1", challenger_version="3")
+    pair = read_rows(log_store_url, champion_version="1", challenger_version="3")
     assert len(pair) == 1000 and pair[0]["challenger_latency_ms"] == 2.5 and pair[0]["challenger_tokens"] == 4
 
 
-def test_the_database_is_the_one_asked_for(url):
-    store = ShadowStore(url)
-    assert store.engine.dialect.name == url.split(":")[0].split("+")[0]
+def test_the_database_is_the_one_asked_for(log_store_url):
+    store = ShadowStore(log_store_url)
+    assert store.engine.dialect.name == log_store_url.split(":")[0].split("+")[0]
     if store.engine.dialect.name == "sqlite":
         with store.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     store.close()
 
 
-def test_a_full_queue_drops_and_counts_instead_of_blocking(url):
-    store = ShadowStore(url, queue_size=1, flush_seconds=5)
+def test_a_full_queue_drops_and_counts_instead_of_blocking(log_store_url):
+    store = ShadowStore(log_store_url, queue_size=1, flush_seconds=5)
     results = [store.put(shadow_record(i)) for i in range(200)]
     store.close()
     assert results.count(False) == store.dropped > 0
-    assert store.written == results.count(True) == len(read_rows(url))
+    assert store.written == results.count(True) == len(read_rows(log_store_url))
 
 
-def test_redaction_before_storage(url):
+def test_redaction_before_storage(log_store_url):
     text = "mail jane.doe@example.com or call +1 (555) 123-4567, key sk-abcdefghijklmnop1234"
     assert redact(text) == "mail [email] or call [phone], key [key]"
-    store = ShadowStore(url, redact_pii=True)
+    store = ShadowStore(log_store_url, redact_pii=True)
     store.put(shadow_record(0, prompt=text))
     store.close()
-    assert read_rows(url)[0]["prompt"] == "mail [email] or call [phone], key [key]"
+    assert read_rows(log_store_url)[0]["prompt"] == "mail [email] or call [phone], key [key]"
 
 
-def test_nul_characters_are_stripped_so_postgres_never_refuses_a_batch(url):
-    store = ShadowStore(url)
+def test_nul_characters_are_stripped_so_postgres_never_refuses_a_batch(log_store_url):
+    store = ShadowStore(log_store_url)
     store.put(shadow_record(1, prompt="a\x00b"))
     store.close()
-    assert read_rows(url)[0]["prompt"] == "ab" and store.dropped == 0
+    assert read_rows(log_store_url)[0]["prompt"] == "ab" and store.dropped == 0
