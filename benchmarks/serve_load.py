@@ -1,15 +1,17 @@
-"""Load test of the real server: `ctloop serve` in its own process over loopback, the real tiny model
-with two LoRA adapters (champion v1, challenger v2) from a real MLflow registry.
+"""Load test of the real server, serialised generation vs continuous batching, side by side in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/serve_load.py [--seconds 20] [--concurrency 8] [--max-tokens 16]
+`ctloop serve` in its own process over loopback, the real tiny model with two LoRA adapters
+(champion v1, challenger v2) from a real MLflow registry:
 
-Runs the same loads twice, shadowing off and on: closed loop (N clients, each sending its next
-request when the last one is answered: throughput at saturation), then open loop at a rate
-under capacity (latency, shadow calls completing live). Prints throughput, p50/p99 latency and
-the shadow counters; after a SIGTERM, the rows in the log database must equal the enqueued shadow
-requests.
-On a CPU the in-process backend serialises generations (user requests first), so with shadowing
-on, the challenger's generations share the CPU with the champion's: the figure shows that cost.
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py [--seconds 20] [--clients 8 32] [--max-tokens 16]
+
+Each backend runs with `serve.max_batch_size: 1` (the baseline: one request at a time through
+transformers' `generate`, user requests first) and with the default continuous batching, shadowing off
+and on. For each: a closed loop at every `--clients` count (each client sends its next request when the
+last one is answered: throughput at saturation), then an open loop at `--rate` requests/s under
+capacity (latency, shadow calls completing live). After a SIGTERM, the rows in the shadow log database
+must equal the shadow requests enqueued. It prints the batched / serialised ratios of requests/s and
+p99 at each client count; the target at 8 clients is at least 4x the requests/s with p99 no worse.
 """
 
 from __future__ import annotations
@@ -48,16 +50,16 @@ def prepare(root: Path) -> tuple[Path, list[str]]:
     return base, prompts
 
 
-def write_config(root: Path, base: Path, port: int, shadow: bool) -> Path:
-    path = root / f"serve-{'on' if shadow else 'off'}.yaml"
+def write_config(root: Path, base: Path, port: int, batch: int, shadow: bool) -> Path:
+    path = root / f"serve-{batch}-{'on' if shadow else 'off'}.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "workspace": str(root / "ws"),
                 "model": {"base": str(base)},
                 "registry": {"model_name": "bench", "experiment": "bench"},
-                "serve": {"port": port, "max_tokens": 64, "drain_seconds": 30},
-                "shadow": {"enabled": shadow, "store_url": f"sqlite:///{root / f'shadow-{shadow}.db'}"},
+                "serve": {"port": port, "max_tokens": 64, "drain_seconds": 30, "max_batch_size": batch},
+                "shadow": {"enabled": shadow, "store_url": f"sqlite:///{root / f'shadow-{batch}-{shadow}.db'}"},
             }
         )
     )
@@ -140,6 +142,7 @@ def run_server(config: Path, port: int, prompts: list[str], args) -> dict:
         stderr=subprocess.PIPE,
         text=True,
     )
+    result: dict = {"closed": {}}
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -151,32 +154,70 @@ def run_server(config: Path, port: int, prompts: list[str], args) -> dict:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not come up: {server.stderr.read()[-2000:]}")
             time.sleep(0.2)
-        asyncio.run(load(url, prompts, 2, args.concurrency, args.max_tokens))  # warm-up
+        asyncio.run(load(url, prompts, 2, max(args.clients), args.max_tokens))  # warm-up
+        completed = 'ctloop_shadow_finished_total{outcome="completed"}'
+        for clients in args.clients:
+            before = metrics(url)
+            result["closed"][clients] = asyncio.run(load(url, prompts, args.seconds, clients, args.max_tokens))
+            result["closed"][clients]["shadow_completed"] = metrics(url).get(completed, 0) - before.get(completed, 0)
         before = metrics(url)
-        result = asyncio.run(load(url, prompts, args.seconds, args.concurrency, args.max_tokens))
-        after = metrics(url)
         result["open_loop"] = asyncio.run(load(url, prompts, args.seconds, 0, args.max_tokens, rate=args.rate))
-        later = metrics(url)
-        result["open_loop"]["shadow_completed"] = later.get(
-            'ctloop_shadow_finished_total{outcome="completed"}', 0
-        ) - after.get('ctloop_shadow_finished_total{outcome="completed"}', 0)
+        after = metrics(url)
+        result["open_loop"]["shadow_completed"] = after.get(completed, 0) - before.get(completed, 0)
+        steps = after.get("ctloop_batch_steps_total", 0)
+        result["mean_batch"] = after.get("ctloop_batch_decoded_tokens_total", 0) / steps if steps else 1.0
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(120)
-    result["shadow"] = {
-        k.removeprefix("ctloop_shadow_"): after[k] - before.get(k, 0)
-        for k in after
-        if k.startswith("ctloop_shadow_") and k.endswith("_total")
-    }
-    result["enqueued_total"] = later.get("ctloop_shadow_enqueued_total", 0)
+    result["logged_total"] = (  # a row per enqueued request, and per one the breaker skipped or a full queue dropped
+        after.get("ctloop_shadow_enqueued_total", 0)
+        + after.get('ctloop_shadow_skipped_total{reason="breaker"}', 0)
+        + after.get("ctloop_shadow_dropped_total", 0)
+    )
     result["exit_code"] = server.returncode
     return result
+
+
+MODES = {1: "serialised", 16: "batched"}
+
+
+def engine_alone(base: Path, adapter: Path, prompts: list[str], args) -> dict[int, float]:
+    """The in-process backend without HTTP: closed-loop requests/s at the first client count."""
+    from ctloop.config import ModelConfig
+    from ctloop.serving.backends import GenerationRequest, InProcessBackend
+    from ctloop.serving.batching import BatchLimits
+
+    clients = args.clients[0]
+    out = {}
+    for batch in MODES:
+        backend = InProcessBackend(ModelConfig(base=str(base)), BatchLimits(batch, 8192))
+        backend.load(1, adapter)
+
+        async def run(backend=backend) -> float:
+            done = 0
+            deadline = time.perf_counter() + args.seconds
+
+            async def client(offset: int) -> None:
+                nonlocal done
+                i = offset
+                while time.perf_counter() < deadline:
+                    await backend.generate(GenerationRequest(prompts[i % len(prompts)], args.max_tokens), 1)
+                    done += 1
+                    i += clients
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client(k) for k in range(clients)))
+            await backend.aclose()
+            return done / (time.perf_counter() - started)
+
+        out[batch] = asyncio.run(run())
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="closed-loop client counts")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rate", type=float, default=3.0, help="open-loop requests/s (well under capacity)")
     args = parser.parse_args()
@@ -185,44 +226,63 @@ def main() -> None:
         root = Path(tmp)
         base, prompts = prepare(root)
         port = 18000 + os.getpid() % 1000
-        configs = {shadow: write_config(root, base, port, shadow) for shadow in (False, True)}
-        registry = open_registry(load_config(configs[False]).registry, Workspace(root / "ws").create())
+        runs = [(batch, shadow) for shadow in (False, True) for batch in MODES]
+        configs = {run: write_config(root, base, port, *run) for run in runs}
+        registry = open_registry(load_config(configs[runs[0]]).registry, Workspace(root / "ws").create())
         for version in (1, 2):
             adapter = random_adapter(base, root / f"adapter{version}", seed=version)
             registry.register_adapter_dir(adapter, f"bench-{version}", {}, f"benchmark adapter {version}")
         promote(registry, 1, by="benchmark", note="serve_load")
         registry.set_alias(CHALLENGER, 2)
-        results = {shadow: run_server(configs[shadow], port, prompts, args) for shadow in (False, True)}
-        rows = len(read_rows(f"sqlite:///{root / 'shadow-True.db'}"))
+        results = {run: run_server(configs[run], port, prompts, args) for run in runs}
+        alone = engine_alone(base, root / "adapter1", prompts, args)
+        rows = {batch: len(read_rows(f"sqlite:///{root / f'shadow-{batch}-True.db'}")) for batch in MODES}
     print(
-        f"\n== ctloop serve over loopback: tiny model, {args.concurrency} clients, {args.seconds:.0f} s, "
-        f"max_tokens {args.max_tokens} =="
+        f"\n== ctloop serve over loopback: tiny model, closed loop {args.seconds:.0f} s per client count, "
+        f"max_tokens {args.max_tokens}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, {os.cpu_count()} CPUs =="
     )
-    print(f"{'shadowing':<10}{'requests':>9}{'errors':>7}{'req/s':>8}{'tokens/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
-    for shadow, r in results.items():
-        print(
-            f"{'on' if shadow else 'off':<10}{r['requests']:>9}{r['errors']:>7}{r['rps']:>8.1f}"
-            f"{r['tokens_per_s']:>10.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-        )
-    on = results[True]
-    print(f"shadow counters during the closed-loop window: {json.dumps(on['shadow'])}")
-    print("(the closed loop keeps user requests waiting, and shadow calls yield to them: most finish later)")
+    header = f"{'backend':<12}{'shadowing':<10}{'clients':>8}{'requests':>9}{'errors':>7}{'req/s':>8}"
+    print(header + f"{'tokens/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'shadow done':>12}{'mean batch':>11}")
+    for (batch, shadow), r in results.items():
+        for clients, c in r["closed"].items():
+            print(
+                f"{MODES[batch]:<12}{'on' if shadow else 'off':<10}{clients:>8}{c['requests']:>9}{c['errors']:>7}"
+                f"{c['rps']:>8.1f}{c['tokens_per_s']:>10.1f}{c['p50_ms']:>9.1f}{c['p99_ms']:>9.1f}"
+                f"{c['shadow_completed']:>12.0f}{r['mean_batch']:>11.1f}"
+            )
+    print("(shadow done: shadow calls completed during that closed loop; serialised, they yield to waiting users)")
+    print("(mean batch: sequences per decoding step over the server's life, warm-up and open loop included)")
+    print(f"\n== batched / serialised, closed loop ==\n{'shadowing':<10}{'clients':>8}{'req/s':>8}{'p99':>8}  target")
+    for shadow in (False, True):
+        for clients in args.clients:
+            fast, slow = results[(16, shadow)]["closed"][clients], results[(1, shadow)]["closed"][clients]
+            target = "(>= 4x req/s, p99 <= 1x)" if clients == 8 else ""
+            print(
+                f"{'on' if shadow else 'off':<10}{clients:>8}{fast['rps'] / slow['rps']:>7.2f}x"
+                f"{fast['p99_ms'] / slow['p99_ms']:>7.2f}x  {target}"
+            )
     print(
-        f"\n== open loop at {args.rate:g} requests/s (under capacity): shadow calls complete live; in-process, "
-        f"they share the CPU with the champion, so a user request that arrives during one waits for it =="
+        f"\n== the in-process backend alone (no HTTP, no logs), {args.clients[0]} clients, shadowing off ==\n"
+        f"serialised {alone[1]:.1f} req/s, batched {alone[16]:.1f} req/s: {alone[16] / alone[1]:.2f}x"
     )
-    print(f"{'shadowing':<10}{'requests':>9}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'shadow completed':>18}")
-    for shadow, r in results.items():
+    print(f"\n== open loop at {args.rate:g} requests/s (under capacity): shadow calls complete live ==")
+    print(
+        f"{'backend':<12}{'shadowing':<10}{'requests':>9}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'shadow completed':>18}"
+    )
+    for (batch, shadow), r in results.items():
         o = r["open_loop"]
         print(
-            f"{'on' if shadow else 'off':<10}{o['requests']:>9}{o['errors']:>7}{o['p50_ms']:>9.1f}{o['p99_ms']:>9.1f}"
-            f"{o['shadow_completed']:>18.0f}"
+            f"{MODES[batch]:<12}{'on' if shadow else 'off':<10}{o['requests']:>9}{o['errors']:>7}{o['p50_ms']:>9.1f}"
+            f"{o['p99_ms']:>9.1f}{o['shadow_completed']:>18.0f}"
         )
-    print(
-        f"after SIGTERM (uvicorn re-raises it after its graceful shutdown): exit code {on['exit_code']}, rows in the log database {rows}, "
-        f"enqueued over the whole run {on['enqueued_total']:.0f} -> {'equal' if rows == on['enqueued_total'] else 'MISMATCH'}"
-    )
-    print(f"throughput with shadowing on / off: {on['rps'] / results[False]['rps']:.2f}x")
+    for batch in MODES:
+        on = results[(batch, True)]
+        verdict = "equal" if rows[batch] == on["logged_total"] else "MISMATCH"
+        print(
+            f"{MODES[batch]}, shadowing on, after SIGTERM: exit code {on['exit_code']}, rows in the shadow log "
+            f"{rows[batch]}, enqueued + breaker-skipped + dropped over the whole run {on['logged_total']:.0f} "
+            f"-> {verdict}"
+        )
 
 
 if __name__ == "__main__":

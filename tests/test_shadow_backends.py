@@ -1,5 +1,7 @@
-"""The in-process backend on the real tiny model with real LoRA adapters: per-request adapters under
-concurrency, user requests ahead of shadow calls, timeouts that count only the model's own time."""
+"""The in-process backend on the real tiny model with real LoRA adapters, in both modes (continuous
+batching, and one request at a time): per-request adapters under concurrency, batched answers equal
+to one-at-a-time ones, user requests ahead of shadow calls, timeouts that count only the model's own
+time."""
 
 from __future__ import annotations
 
@@ -12,37 +14,139 @@ import pytest
 from ctloop.config import ModelConfig
 from ctloop.errors import ModelError
 from ctloop.serving.backends import SHADOW, USER, GenerationRequest, InProcessBackend, PriorityLock
+from ctloop.serving.batching import BatchLimits
 from ctloop.training.tinymodel import random_adapter
 
 pytestmark = pytest.mark.slow
 
+PROMPTS = [f"Package: lib{name}\nDescription:" for name in ("a", "foo-utils", "x11-common-data", "q", "zlib1g", "perl")]
+
 
 @pytest.fixture(scope="module")
-def backend(tiny_base, tmp_path_factory):
+def adapters(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("backend-adapters")
-    loaded = InProcessBackend(ModelConfig(base=str(tiny_base)))
-    for version in (1, 2):
-        loaded.load(version, random_adapter(tiny_base, root / f"v{version}", seed=version))
-    return loaded
+    return {version: random_adapter(tiny_base, root / f"v{version}", seed=version) for version in (1, 2)}
 
 
-def _ask(prompt: str, tokens: int = 8) -> GenerationRequest:
-    return GenerationRequest(prompt=prompt, max_tokens=tokens)
+def _backend(tiny_base, adapters, max_sequences: int, max_tokens: int = 8192) -> InProcessBackend:
+    backend = InProcessBackend(ModelConfig(base=str(tiny_base)), BatchLimits(max_sequences, max_tokens))
+    for version, folder in adapters.items():
+        backend.load(version, folder)
+    return backend
+
+
+@pytest.fixture(scope="module")
+def serial(tiny_base, adapters):
+    return _backend(tiny_base, adapters, 1)
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_base, adapters):
+    return _backend(tiny_base, adapters, 16)
+
+
+@pytest.fixture(params=["serial", "batched"])
+def backend(request):
+    return request.getfixturevalue(request.param)
+
+
+def _ask(prompt: str, tokens: int = 8, stop: tuple[str, ...] = ()) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, max_tokens=tokens, stop=stop)
+
+
+def _requests() -> list[tuple[GenerationRequest, int]]:
+    """Prompts of different lengths, both adapters, different max_tokens, some with a stop string."""
+    asks = []
+    for i, prompt in enumerate(PROMPTS):
+        for version in (1, 2):
+            asks.append((_ask(prompt, tokens=4 + 5 * (i % 3), stop=("e",) if i % 2 else ()), version))
+    return asks
+
+
+def _summary(answer) -> tuple:
+    return answer.text, answer.completion_tokens, answer.prompt_tokens, answer.finish_reason
 
 
 def test_concurrent_requests_each_get_their_own_adapter(backend):
-    prompts = [f"Package: lib{i}\nDescription:" for i in range(6)]
-
     async def sequential():
-        return [(await backend.generate(_ask(p), v)).text for p in prompts for v in (1, 2)]
+        return [(await backend.generate(_ask(p), v)).text for p in PROMPTS for v in (1, 2)]
 
     async def concurrent():
-        answers = await asyncio.gather(*(backend.generate(_ask(p), v) for p in prompts for v in (1, 2)))
+        answers = await asyncio.gather(*(backend.generate(_ask(p), v) for p in PROMPTS for v in (1, 2)))
         return [a.text for a in answers]
 
     expected = asyncio.run(sequential())
     assert expected[0] != expected[1]  # the two adapters really differ
     assert asyncio.run(concurrent()) == expected
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_generation(serial, batched):
+    async def one_at_a_time():
+        return [_summary(await serial.generate(request, version)) for request, version in _requests()]
+
+    async def together():
+        answers = await asyncio.gather(*(batched.generate(request, v) for request, v in _requests()))
+        return [_summary(a) for a in answers]
+
+    steps = batched.batcher.steps
+    expected = asyncio.run(one_at_a_time())
+    assert {finish for *_, finish in expected} == {"stop", "length"}  # both endings are exercised
+    assert asyncio.run(together()) == expected
+    assert batched.batcher.largest > 1 and batched.batcher.steps - steps < len(expected) * 4  # really batched
+
+
+def test_a_user_request_waits_at_most_one_step_behind_shadow_calls(tiny_base, adapters, serial):
+    """The batch is full of long shadow calls; a user request still starts at the next step, and the
+    shadow calls it paused resume and give the same answers as if they had never been paused."""
+    backend = _backend(tiny_base, adapters, max_sequences=2)
+    batcher = backend.batcher
+    candidates = [_ask(prompt, tokens=14) for prompt in PROMPTS]
+    answers = [asyncio.run(serial.generate(request, 2)) for request in candidates]
+    long = [request for request, answer in zip(candidates, answers, strict=True) if answer.finish_reason == "length"]
+    assert len(long) >= 2, [(a.completion_tokens, a.finish_reason) for a in answers]
+    long = long[:2]
+    expected = [_summary(asyncio.run(serial.generate(request, 2))) for request in long]
+    question = _ask(PROMPTS[2], tokens=3)
+
+    async def scenario():
+        shadows = [asyncio.ensure_future(backend.generate(request, 2, SHADOW)) for request in long]
+        deadline = time.monotonic() + 60
+        while (batcher.running < 2 or batcher.steps < 3) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        backend._lock.acquire(USER)  # no step starts until the user request is queued
+        try:
+            before = batcher.steps
+            user = batcher.submit(question, backend.adapter_name(1), _prompt_ids(backend, question), USER, None)
+        finally:
+            backend._lock.release()
+        await asyncio.wrap_future(user.result)
+        shadows_finished = [s.done() for s in shadows]
+        return before, user, shadows_finished, [await s for s in shadows]
+
+    before, user, shadows_finished, shadow_answers = asyncio.run(scenario())
+    assert user.first_step <= before + 2  # the step already planned, then the user's own
+    assert batcher.paused >= 1 and shadows_finished == [False, False]
+    assert backend._answer(question, len(user.prompt_ids), user.generated, 0).text == (
+        asyncio.run(serial.generate(question, 1)).text
+    )
+    assert [_summary(a) for a in shadow_answers] == expected
+
+
+def _prompt_ids(backend, request) -> list[int]:
+    from ctloop.model.batching import prompt_token_ids
+
+    return prompt_token_ids(backend.tokenizer, [request.prompt])[0]
+
+
+def test_the_token_cap_limits_the_batch(tiny_base, adapters, serial):
+    prompt_tokens = serial.count_tokens(PROMPTS[0])
+    backend = _backend(tiny_base, adapters, max_sequences=16, max_tokens=2 * (prompt_tokens + 6) + 1)
+
+    async def run():
+        return await asyncio.gather(*(backend.generate(_ask(PROMPTS[0], tokens=6), 1 + i % 2) for i in range(6)))
+
+    answers = asyncio.run(run())
+    assert len(answers) == 6 and backend.batcher.largest == 2
 
 
 def test_a_shadow_timeout_counts_the_generation_not_the_wait_behind_users(backend):

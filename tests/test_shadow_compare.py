@@ -105,7 +105,7 @@ def test_the_judge_is_called_both_ways_and_decides():
 
 
 def test_the_html_report_has_the_decision_and_plots(tmp_path):
-    rows = _rows(100)
+    rows = _rows(200)
     report = compare(rows, SETTINGS, "1", "2")
     html = write_shadow_report(report, rows, tmp_path / "shadow.html").read_text()
     assert "PROMOTE" in html and "<svg" in html and "latency" in html
@@ -144,3 +144,53 @@ def test_skewed_ratios_whose_median_is_exactly_the_limit_are_rarely_rejected():
 
         rejects += compare(_rows(100, seed=seed, challenger_latency=latency), SETTINGS, "1", "2").decision == REJECT
     assert rejects <= MAX_FALSE_REJECTS  # Wilcoxon's ~51% would be ~100 of 200
+
+
+def test_a_point_estimate_under_the_error_limit_is_not_enough_to_promote():
+    """#16 item 2: 2 failures in 101 (1.98%) is under max_error_rate 2%, but its upper bound (5.8%) is
+    not: HOLD, saying how many pairs would do."""
+    rows = _rows(101, status=lambda i: "errored" if i in (10, 60) else "completed")
+    report = compare(rows, SETTINGS, "1", "2")
+    assert report.decision == HOLD, report.reasons
+    assert any("upper bound" in r and "more pairs" in r for r in report.reasons)
+    assert compare(_rows(300), SETTINGS, "1", "2").decision == PROMOTE  # 0 of 300: upper bound 0.9%
+
+
+def test_a_ratio_under_its_limit_but_not_significantly_holds():
+    rng = random.Random(5)
+    rows = _rows(200, challenger_latency=lambda i, b: b * 1.45 * math.exp(rng.gauss(0, 0.5)))
+    report = compare(rows, SETTINGS, "1", "2")
+    assert report.decision == HOLD and any("not yet significantly below 1.50" in r for r in report.reasons)
+
+
+def test_error_rate_exactly_at_the_limit_rarely_promotes():
+    """A challenger whose true error rate is max_error_rate must be promoted at most ~5% of the time
+    (promoting on the point estimate did so about half the time)."""
+    promotes = 0
+    for seed in range(TRIALS):
+        rng = random.Random(20_000 + seed)
+        rows = _rows(400, seed=seed, status=lambda i, rng=rng: "errored" if rng.random() < 0.02 else "completed")
+        promotes += compare(rows, SETTINGS, "1", "2").decision == PROMOTE
+    assert promotes <= MAX_FALSE_REJECTS
+
+
+def test_a_latency_ratio_exactly_at_the_limit_rarely_promotes():
+    promotes = 0
+    for seed in range(TRIALS):
+        rng = random.Random(30_000 + seed)
+        rows = _rows(200, seed=seed, challenger_latency=lambda i, b, rng=rng: b * 1.5 * math.exp(rng.gauss(0, 0.3)))
+        promotes += compare(rows, SETTINGS, "1", "2").decision == PROMOTE
+    assert promotes <= MAX_FALSE_REJECTS
+
+
+def test_requests_the_challenger_never_answered_count_against_it():
+    """#16 item 3: calls the open breaker skipped are failures; a large share dropped from a full queue
+    holds the decision. Both show in the report."""
+    skipped = _rows(300, status=lambda i: "skipped_breaker" if i % 10 == 0 else "completed")
+    report = compare(skipped, SETTINGS, "1", "2")
+    assert report.decision == REJECT and report.counts["skipped_breaker"] == 30
+    assert "30 skipped by the open breaker" in report.summary()
+    dropped = _rows(300, status=lambda i: "dropped" if i % 10 == 0 else "completed")
+    report = compare(dropped, SETTINGS, "1", "2")
+    assert report.decision == HOLD and any("max_dropped_share" in r for r in report.reasons)
+    assert report.error_rate == 0.0 and "30 dropped (queue full)" in report.summary()

@@ -44,7 +44,10 @@ def _assert_counters_add_up(router: ShadowRouter) -> dict:
     c = router.counters.as_dict()
     assert c["offered"] == c["sampled_out"] + c["skipped"] + c["dropped"] + c["enqueued"]
     assert c["enqueued"] == c["completed"] + c["timed_out"] + c["errored"] + c["cancelled"]
-    assert router.store.written == c["enqueued"] and router.store.dropped == 0
+    # Every enqueued request gets a row, and so does every one the breaker skipped or a full queue dropped.
+    assert router.store.written == c["enqueued"] + c["skipped_breaker"] + c["dropped"] and router.store.dropped == 0
+    statuses = [r["status"] for r in router.store.rows()]
+    assert statuses.count("skipped_breaker") == c["skipped_breaker"] and statuses.count("dropped") == c["dropped"]
     return c
 
 
@@ -146,7 +149,7 @@ def test_shutdown_cancels_what_cannot_finish_and_still_logs_every_enqueued_reque
     router, after = asyncio.run(scenario())
     counters = _assert_counters_add_up(router)
     assert counters["cancelled"] == 30 and after == "skipped_draining"
-    assert len(router.store.rows()) == 30
+    assert len(router.store.rows()) == 30 + counters["dropped"] + counters["skipped_breaker"]
 
 
 def test_no_challenger_means_nothing_is_mirrored(tmp_path):

@@ -353,6 +353,18 @@ class ServeConfig(Section):
     )
     upstream_api_key_env: str = Field("CTLOOP_UPSTREAM_API_KEY", description="env var holding the upstream key")
     upstream_timeout_s: float = Field(60.0, gt=0)
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="in_process backend: sequences decoded together, across adapters (continuous batching, user "
+        "requests before shadow calls); 1: one request at a time",
+    )
+    max_batch_tokens: int = Field(
+        8192,
+        ge=1,
+        description="in_process backend: cap on prompt + max_tokens summed over a batch (bounds its KV cache); a "
+        "larger single request still runs, alone",
+    )
     max_tokens: int = Field(256, ge=1, le=32768, description="cap on a request's max_tokens")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
@@ -418,7 +430,16 @@ class ShadowConfig(Section):
     )
     redact: bool = Field(False, description="replace e-mail addresses, phone numbers and keys before storing")
     min_pairs: int = Field(100, ge=1, description="completed pairs a PROMOTE needs")
-    max_error_rate: float = Field(0.02, ge=0, le=1, description="challenger timeouts+errors above this: REJECT")
+    max_error_rate: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="challenger timeouts+errors (+ calls its open breaker skipped): REJECT when significantly "
+        "above; PROMOTE needs the upper bound at or below it (0 failures: about 133 pairs at 2%)",
+    )
+    max_dropped_share: float = Field(
+        0.05, ge=0, le=1, description="more of the mirrored requests dropped from a full queue than this: HOLD"
+    )
     max_latency_ratio: float = Field(1.5, gt=0, description="median challenger/champion latency above this: REJECT")
     max_length_ratio: float = Field(2.0, gt=1, description="median output length ratio outside [1/x, x]: REJECT")
     min_judge_win_rate: float = Field(

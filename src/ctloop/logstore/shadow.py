@@ -18,7 +18,7 @@ class ShadowRecord:
     prompt: str
     champion_output: str
     challenger_output: str
-    status: str  # completed, timed_out, errored, cancelled
+    status: str  # completed, timed_out, errored, cancelled; skipped_breaker, dropped (never sent)
     champion_version: str = ""
     challenger_version: str = ""
     champion_latency_ms: float = 0.0

@@ -2,9 +2,10 @@
 
 - `InProcessBackend`: one base model in this process with several LoRA adapters loaded once
   (champion, challenger, previous champion), each request generating with its own adapter.
-  Generations are serialised by a priority lock (user requests go before shadow calls), so
-  switching adapters is safe under concurrent requests; a cancelled call stops generating at
-  the next token.
+  Requests waiting at the same moment are decoded together, one batch across adapters
+  (`serving/batching.py`: continuous batching, user requests before shadow calls). With
+  `serve.max_batch_size: 1` they are instead serialised by a priority lock and generated one at
+  a time by transformers' `generate`. Either way a cancelled call stops at the next token.
 - `OpenAIBackend`: any OpenAI-compatible server (vLLM, TGI) that serves each adapter under its
   own model name; ctloop's router then sits in front of real model servers.
 
@@ -25,8 +26,9 @@ from typing import Any, Protocol
 
 from ctloop.config import ModelConfig
 from ctloop.errors import ModelError
+from ctloop.serving.batching import SHADOW, USER, BatchLimits, ContinuousBatcher
 
-USER, SHADOW = 0, 1  # priorities: lower goes first
+__all__ = ["SHADOW", "USER", "Backend", "Generation", "GenerationRequest", "InProcessBackend", "OpenAIBackend"]
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class InProcessBackend:
 
     shares_compute = True
 
-    def __init__(self, model: ModelConfig, user_threads: int = 8):
+    def __init__(self, model: ModelConfig, batch: BatchLimits, user_threads: int = 8):
         from ctloop.model.loading import load_base_model, load_tokenizer
 
         self.model_config = model
@@ -132,6 +134,11 @@ class InProcessBackend:
             USER: ThreadPoolExecutor(user_threads, thread_name_prefix="ctloop-gen-user"),
             SHADOW: ThreadPoolExecutor(1, thread_name_prefix="ctloop-gen-shadow"),
         }
+        self.batcher = (
+            ContinuousBatcher(lambda: self.network, self.tokenizer, self._lock, batch)
+            if batch.max_sequences > 1
+            else None
+        )
 
     def count_tokens(self, prompt: str) -> int | None:
         from ctloop.model.batching import prompt_token_ids
@@ -165,6 +172,8 @@ class InProcessBackend:
             else:
                 self.network.load_adapter(str(adapter_dir), adapter_name=self.adapter_name(version))
             self.loaded[version] = adapter_dir
+            if self.batcher is not None:
+                self.batcher.adapters_changed()
         finally:
             self._lock.release()
 
@@ -172,9 +181,15 @@ class InProcessBackend:
         """Free adapters outside `keep` that no request is using (the rest go on a later call)."""
         self._lock.acquire(USER)
         try:
-            for version in [v for v in self.loaded if v not in keep and not self._in_use.get(v)]:
+            doomed = [v for v in self.loaded if v not in keep and not self._in_use.get(v)]
+            staying = [self.adapter_name(v) for v in self.loaded if v not in doomed]
+            if staying and self.network.active_adapter not in staying:
+                self.network.set_adapter(staying[0])  # peft would warn when the active adapter goes
+            for version in doomed:
                 self.network.delete_adapter(self.adapter_name(version))
                 del self.loaded[version]
+            if doomed and self.batcher is not None:
+                self.batcher.adapters_changed()
         finally:
             self._lock.release()
 
@@ -187,12 +202,33 @@ class InProcessBackend:
         self._in_use[version] = self._in_use.get(version, 0) + 1
         loop = asyncio.get_running_loop()
         try:
+            if self.batcher is not None:
+                return await self._generate_batched(request, version, priority, timeout_s)
             return await loop.run_in_executor(
                 self._pools[priority], self._generate, request, version, priority, cancelled, timeout_s
             )
         finally:
             cancelled.set()  # a timed-out or cancelled call stops at its next token
             self._in_use[version] -= 1
+
+    async def _generate_batched(
+        self, request: GenerationRequest, version: int, priority: int, timeout_s: float | None
+    ) -> Generation:
+        from ctloop.model.batching import prompt_token_ids
+
+        ids = prompt_token_ids(self.tokenizer, [request.prompt])[0]
+        sequence = self.batcher.submit(request, self.adapter_name(version), ids, priority, timeout_s)
+        try:
+            await asyncio.wrap_future(sequence.result)
+        finally:
+            sequence.cancelled.set()  # the scheduler drops it at the next step
+        return self._answer(request, len(ids), sequence.generated, sequence.busy_s)
+
+    def _answer(self, request: GenerationRequest, prompt_tokens: int, new: list[int], seconds: float) -> Generation:
+        ended_by_eos = bool(new) and new[-1] == self.tokenizer.eos_token_id
+        text, stopped = _truncate_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), request.stop)
+        finish = "stop" if ended_by_eos or stopped or len(new) < request.max_tokens else "length"
+        return Generation(text, prompt_tokens, len(new), finish, seconds * 1000)
 
     def _generate(
         self,
@@ -207,14 +243,17 @@ class InProcessBackend:
 
         from ctloop.model.batching import prompt_token_ids
 
-        class Cancelled(StoppingCriteria):
-            """Stops at the next token once the caller gave up or the call's own time ran out."""
+        class Stop(StoppingCriteria):
+            """Stops once a stop string appears, the caller gave up, or the call's own time ran out."""
 
             def __call__(self, input_ids, scores, **kwargs):
                 if timeout_s is not None and time.perf_counter() - started > timeout_s:
                     overtime.set()
-                return torch.full((input_ids.shape[0],), cancelled.is_set() or overtime.is_set(), dtype=torch.bool)
+                text = tokenizer.decode(input_ids[0, len(ids) :], skip_special_tokens=True) if request.stop else ""
+                done = cancelled.is_set() or overtime.is_set() or any(s and s in text for s in request.stop)
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
+        tokenizer = self.tokenizer
         overtime = threading.Event()
 
         ids = prompt_token_ids(self.tokenizer, [request.prompt])[0]
@@ -238,20 +277,18 @@ class InProcessBackend:
                     max_new_tokens=request.max_tokens,
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,
-                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    stopping_criteria=StoppingCriteriaList([Stop()]),
                     **sampling,
                 )
         finally:
             self._lock.release()
         if overtime.is_set():
             raise TimeoutError(f"the generation took longer than {timeout_s} s")
-        new = out[0, len(ids) :].tolist()
-        ended_by_eos = bool(new) and new[-1] == self.tokenizer.eos_token_id
-        text, stopped = _truncate_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), request.stop)
-        finish = "stop" if ended_by_eos or stopped or len(new) < request.max_tokens else "length"
-        return Generation(text, len(ids), len(new), finish, (time.perf_counter() - started) * 1000)
+        return self._answer(request, len(ids), out[0, len(ids) :].tolist(), time.perf_counter() - started)
 
     async def aclose(self) -> None:
+        if self.batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
 

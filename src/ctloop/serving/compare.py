@@ -7,7 +7,15 @@ rate and on a judge's win rate. Agreement (exact match, token F1, embedding cosi
 for triage: a different answer is not a worse one.
 
 REJECT: the evidence shows the challenger is worse (error rate, empty answers, latency, length,
-judge). HOLD: too few pairs, or a bound not yet met. PROMOTE: enough pairs and every check passes.
+judge). PROMOTE: enough pairs and every bound clears its limit: the error rate's upper bound is at
+most `max_error_rate`, the latency and length ratios are significantly inside their limits (sign
+tests), and a judge's win-rate lower bound reaches its floor. Otherwise HOLD, with the pairs that
+80% power needs at the rates seen so far. PROMOTE is an intersection of one-sided tests, each at
+1 - `confidence`: if any one limit is truly broken, a PROMOTE happens with probability at most that.
+
+Requests the challenger never answered count too: the ones its open circuit breaker skipped are
+failures in the error rate, and when more than `max_dropped_share` of the mirrored requests were
+dropped from a full queue, the pairs no longer stand for the traffic: HOLD.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ class ShadowReport:
         lines = [
             f"shadow v{self.champion_version} (champion) vs v{self.challenger_version} (challenger): {self.decision}",
             f"  pairs: {self.counts.get('completed', 0)} completed, {self.counts.get('timed_out', 0)} timed out, "
-            f"{self.counts.get('errored', 0)} errored, {self.counts.get('cancelled', 0)} cancelled",
+            f"{self.counts.get('errored', 0)} errored, {self.counts.get('cancelled', 0)} cancelled, "
+            f"{self.counts.get('skipped_breaker', 0)} skipped by the open breaker, "
+            f"{self.counts.get('dropped', 0)} dropped (queue full)",
         ]
         if self.latency_ms:
             lines.append(
@@ -76,17 +86,37 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(np.mean(values))}
 
 
-def _median_above_zero(log_ratios: np.ndarray) -> float:
-    """p-value of 'the median of the paired log ratios (already shifted by the log limit) is above
-    zero': an exact sign test, which tests the median itself and assumes no symmetry (Wilcoxon's
+def pairs_for_power(observed: float, limit: float, below: bool, confidence: float, power: float = 0.8) -> int | None:
+    """Pairs in all for a one-sided test that a proportion is below (or above) `limit` to succeed with
+    probability `power` if the true proportion is `observed` (the normal approximation of the
+    binomial). None when `observed` is not on that side of the limit: no number of pairs would do."""
+    from statistics import NormalDist
+
+    if (observed >= limit) if below else (observed <= limit):
+        return None
+    z_alpha, z_beta = NormalDist().inv_cdf(confidence), NormalDist().inv_cdf(power)
+    spread = z_alpha * math.sqrt(limit * (1 - limit)) + z_beta * math.sqrt(observed * (1 - observed))
+    return math.ceil((spread / (limit - observed)) ** 2)
+
+
+def _more_pairs(needed: int | None, have: int) -> str:
+    if needed is None:
+        return "no number of pairs clears it at the rate seen so far"
+    return f"about {max(needed - have, 1)} more pairs ({needed} in all) would clear it with 80% power at the rate seen so far"
+
+
+def _sign_test(differences: np.ndarray) -> tuple[float, float]:
+    """An exact sign test that the median of `differences` is above zero: (p-value, share of the
+    non-zero differences above zero). It tests the median itself and assumes no symmetry (Wilcoxon's
     signed-rank test does neither, and rejected a median sitting exactly at the limit up to 94% of
-    the time on skewed ratios). 1.0 when there are too few non-zero differences to say anything."""
+    the time on skewed ratios). p is 1.0 with fewer than 10 non-zero differences."""
     from scipy.stats import binomtest
 
-    nonzero = log_ratios[log_ratios != 0]
+    nonzero = differences[differences != 0]
+    share = float((nonzero > 0).mean()) if len(nonzero) else 0.5
     if len(nonzero) < 10:
-        return 1.0
-    return float(binomtest(int((nonzero > 0).sum()), len(nonzero), 0.5, alternative="greater").pvalue)
+        return 1.0, share
+    return float(binomtest(int((nonzero > 0).sum()), len(nonzero), 0.5, alternative="greater").pvalue), share
 
 
 def compare(
@@ -101,11 +131,12 @@ def compare(
     alpha = 1 - settings.confidence
     counts = {
         status: sum(r["status"] == status for r in rows)
-        for status in ("completed", "timed_out", "errored", "cancelled")
+        for status in ("completed", "timed_out", "errored", "cancelled", "skipped_breaker", "dropped")
     }
     done = [r for r in rows if r["status"] == "completed"]
-    attempted = counts["completed"] + counts["timed_out"] + counts["errored"]  # cancelled: our shutdown, not theirs
-    failures = counts["timed_out"] + counts["errored"]
+    # Cancelled: our shutdown, not the challenger's fault. Skipped by the open breaker: it failed before.
+    failures = counts["timed_out"] + counts["errored"] + counts["skipped_breaker"]
+    attempted = counts["completed"] + failures
     error_rate = failures / attempted if attempted else 0.0
     reject: list[str] = []
     hold: list[str] = []
@@ -118,6 +149,12 @@ def compare(
         )
     elif len(done) < settings.min_pairs:
         hold.append(f"{len(done)} completed pairs, a decision needs shadow.min_pairs={settings.min_pairs}")
+    if rows and counts["dropped"] / len(rows) > settings.max_dropped_share:
+        hold.append(
+            f"{counts['dropped']} of {len(rows)} mirrored requests ({counts['dropped'] / len(rows):.1%}) were dropped "
+            f"from a full shadow queue, above shadow.max_dropped_share={settings.max_dropped_share:.0%}: the pairs may "
+            f"not stand for the traffic; raise shadow.queue_size or shadow.workers, or lower shadow.fraction"
+        )
 
     low, high = wilson(failures, attempted, settings.confidence)
     if attempted:
@@ -126,13 +163,18 @@ def compare(
                 f"challenger error+timeout rate {error_rate:.1%} (lower bound {low:.1%}) is above "
                 f"shadow.max_error_rate={settings.max_error_rate:.1%}"
             )
-        elif error_rate > settings.max_error_rate:
+        elif high > settings.max_error_rate:
+            needed = pairs_for_power(error_rate, settings.max_error_rate, True, settings.confidence)
             hold.append(
-                f"challenger error+timeout rate {error_rate:.1%} is above {settings.max_error_rate:.1%} "
-                f"but not significantly (lower bound {low:.1%})"
+                f"challenger error+timeout rate {error_rate:.1%} ({failures} of {attempted}): its upper bound "
+                f"{high:.1%} is not yet <= shadow.max_error_rate={settings.max_error_rate:.1%}; "
+                + _more_pairs(needed, attempted)
             )
         else:
-            passed.append(f"challenger error+timeout rate {error_rate:.1%} <= {settings.max_error_rate:.1%}")
+            passed.append(
+                f"challenger error+timeout rate {error_rate:.1%} (upper bound {high:.1%} <= "
+                f"{settings.max_error_rate:.1%})"
+            )
 
     latency = {}
     latency_ratio = length_ratio = float("nan")
@@ -155,8 +197,10 @@ def compare(
             "median challenger/champion latency ratio",
             latency_ratio,
             settings.max_latency_ratio,
-            _median_above_zero(log_latency - limit),
-            alpha,
+            _sign_test(log_latency - limit),
+            _sign_test(limit - log_latency),
+            settings.confidence,
+            len(done),
             reject,
             hold,
             passed,
@@ -167,21 +211,29 @@ def compare(
         )
         length_ratio = float(np.exp(np.median(log_length)))
         limit = math.log(settings.max_length_ratio)
-        longer = _median_above_zero(log_length - limit)
-        shorter = _median_above_zero(-log_length - limit)
         _ratio_check(
-            "median output length ratio", length_ratio, settings.max_length_ratio, longer, alpha, reject, hold, passed
+            "median output length ratio",
+            length_ratio,
+            settings.max_length_ratio,
+            _sign_test(log_length - limit),
+            _sign_test(limit - log_length),
+            settings.confidence,
+            len(done),
+            reject,
+            hold,
+            passed,
         )
         _ratio_check(
             "median output length ratio (inverse)",
             1 / length_ratio,
             settings.max_length_ratio,
-            shorter,
-            alpha,
+            _sign_test(-log_length - limit),
+            _sign_test(log_length + limit),
+            settings.confidence,
+            len(done),
             reject,
             hold,
             passed,
-            report_pass=False,
         )
         empty = _empty_answers(done, alpha, reject, passed)
         agreement = _agreement(done, embedder)
@@ -209,20 +261,28 @@ def _ratio_check(
     name: str,
     ratio: float,
     limit: float,
-    p_greater: float,
-    alpha: float,
+    above: tuple[float, float],
+    below: tuple[float, float],
+    confidence: float,
+    pairs: int,
     reject: list[str],
     hold: list[str],
     passed: list[str],
-    report_pass: bool = True,
 ) -> None:
-    if ratio <= limit:
-        if report_pass:
-            passed.append(f"{name} {ratio:.2f} <= {limit:.2f}")
-    elif p_greater < alpha:
-        reject.append(f"{name} {ratio:.2f} exceeds {limit:.2f} (sign test p={p_greater:.3g})")
+    """REJECT when the median ratio is significantly above `limit`, pass when significantly below,
+    HOLD in between. `above`/`below`: sign tests (p, share of pairs on that side)."""
+    alpha = 1 - confidence
+    (p_above, _), (p_below, share_below) = above, below
+    if p_above < alpha:
+        reject.append(f"{name} {ratio:.2f} exceeds {limit:.2f} (sign test p={p_above:.3g})")
+    elif p_below < alpha:
+        passed.append(f"{name} {ratio:.2f} is below {limit:.2f} (sign test p={p_below:.3g})")
     else:
-        hold.append(f"{name} {ratio:.2f} exceeds {limit:.2f}, not yet significantly (p={p_greater:.3g})")
+        needed = pairs_for_power(share_below, 0.5, False, confidence)
+        hold.append(
+            f"{name} {ratio:.2f} is not yet significantly below {limit:.2f} (sign test p={p_below:.3g}, "
+            f"{share_below:.0%} of pairs below); " + _more_pairs(needed, pairs)
+        )
 
 
 def _empty_answers(done: list[dict], alpha: float, reject: list[str], passed: list[str]) -> dict[str, int]:
@@ -284,7 +344,11 @@ def _judge(
     if high < floor:
         reject.append(f"judge: challenger win rate {win_rate:.1%} (upper bound {high:.1%}) is below {floor:.1%}")
     elif low < floor:
-        hold.append(f"judge: challenger win rate {win_rate:.1%}, lower bound {low:.1%} not yet >= {floor:.1%}")
+        needed = pairs_for_power(win_rate, floor, False, settings.confidence)
+        hold.append(
+            f"judge: challenger win rate {win_rate:.1%}, lower bound {low:.1%} not yet >= {floor:.1%}; "
+            + _more_pairs(needed, n)
+        )
     else:
         passed.append(f"judge: challenger win rate {win_rate:.1%} (lower bound {low:.1%} >= {floor:.1%})")
     return {"win_rate": win_rate, "lower": low, "upper": high, "consistency": consistent / n}

@@ -25,6 +25,9 @@ def prometheus_text(serving: Any) -> bytes:
         rows += serving.router.metrics()
     if serving.production is not None:
         rows += serving.production.metrics()
+    batcher = getattr(serving.backend, "batcher", None)
+    if batcher is not None:
+        rows += batcher.metrics()
 
     class Snapshot:
         def collect(self):

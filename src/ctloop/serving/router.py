@@ -5,7 +5,8 @@ afterwards, off the user's critical path, and the pair is logged.
 decides whether the request is sampled, the circuit breaker whether the challenger is healthy,
 and the request goes into a bounded queue (full: dropped and counted). A fixed pool of workers
 calls the challenger with a per-call timeout and writes one row per enqueued request to the log
-store. `shutdown()` stops intake, lets queued calls finish for `drain_seconds`, cancels the
+store; a request the open circuit breaker skips, or a full queue drops, gets a row too (status
+`skipped_breaker` / `dropped`), so the shadow report counts what the challenger never answered. `shutdown()` stops intake, lets queued calls finish for `drain_seconds`, cancels the
 rest (counted and logged as `cancelled`) and closes the store, so no enqueued request goes
 unlogged.
 
@@ -155,13 +156,16 @@ class ShadowRouter:
         if challenger is None or challenger == champion_version:
             counters.skipped_no_challenger += 1
             return "skipped_no_challenger"
+        job = ShadowJob(request_id, request, champion, champion_version, challenger)
         if not self.breaker.allow():
             counters.skipped_breaker += 1
+            self._log(job, "skipped_breaker", None, "the circuit breaker was open")
             return "skipped_breaker"
         try:
-            self.queue.put_nowait(ShadowJob(request_id, request, champion, champion_version, challenger))
+            self.queue.put_nowait(job)
         except asyncio.QueueFull:
             counters.dropped += 1
+            self._log(job, "dropped", None, f"the shadow queue was full (shadow.queue_size={self.settings.queue_size})")
             return "dropped"
         counters.enqueued += 1
         return "enqueued"

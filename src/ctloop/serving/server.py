@@ -119,8 +119,9 @@ class Serving:
                 serve.upstream_timeout_s,
             )
         from ctloop.serving.backends import InProcessBackend
+        from ctloop.serving.batching import BatchLimits
 
-        return InProcessBackend(self.config.model)
+        return InProcessBackend(self.config.model, BatchLimits(serve.max_batch_size, serve.max_batch_tokens))
 
     async def sync_roles(self) -> Roles:
         """Read the aliases; load new versions before they take a role; free versions without one."""
