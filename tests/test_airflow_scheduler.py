@@ -1,6 +1,7 @@
 """The cycle DAG under a real Airflow 3 scheduler: the scheduler, the DAG processor and the API
-server run as separate processes on loopback (as `airflow standalone` starts them, LocalExecutor,
-SQLite metadata), the run is triggered through Airflow's REST API with a data conf, and every task
+server run as separate processes on loopback (as `airflow standalone` starts them, LocalExecutor;
+metadata on the throwaway PostgreSQL under `make test`, as production Airflow keeps it, else SQLite,
+which under load can answer a trigger with "Database error" while the scheduler holds its lock), the run is triggered through Airflow's REST API with a data conf, and every task
 runs in its own process. `test_airflow.py` covers the DAGs' logic in one process (`dag.test()`)."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, free_port, quickstart_rows
+from conftest import REPO, free_port, postgres_database, quickstart_rows
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,14 @@ def _wait_for(what: str, check, timeout: float, logs: Path):
 
 
 def test_the_cycle_dag_runs_under_a_real_scheduler_triggered_through_the_rest_api(tiny_base, tmp_path):
+    if os.environ.get("CTLOOP_TEST_POSTGRES_URL"):
+        with postgres_database("airflow") as metadata:
+            _run_the_dag(tiny_base, tmp_path, metadata)
+    else:
+        _run_the_dag(tiny_base, tmp_path, f"sqlite:///{tmp_path / 'airflow.db'}")
+
+
+def _run_the_dag(tiny_base, tmp_path: Path, metadata: str) -> None:
     home, logs, port = tmp_path / "airflow-home", tmp_path / "logs", free_port()
     logs.mkdir()
     data = tmp_path / "new.jsonl"
@@ -60,11 +69,13 @@ def test_the_cycle_dag_runs_under_a_real_scheduler_triggered_through_the_rest_ap
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__API_AUTH__JWT_SECRET": "ctloop-test-secret-not-for-production",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata,
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "CTLOOP_CONFIG": str(tmp_path / "ctloop.yaml"),
         "OMP_NUM_THREADS": "1",
     }
+    if metadata.startswith("postgresql"):
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = metadata  # psycopg 3 serves async too (default: asyncpg)
     migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     commands = {

@@ -114,12 +114,17 @@ def test_both_rules_fail():
     ],
     ids=["set-absent", "reference-absent", "set-empty"],
 )
-def test_old_data_not_checked_without_replay_holdout(scores):
+def test_old_data_not_checked_after_the_first_cycle_is_inconclusive(scores):
+    """#16 item 9: with a champion, forgetting unchecked is not a pass."""
     decision = decide(scores, RULES, has_champion=True)
-    assert decision.passed is True
+    assert decision.outcome == "INCONCLUSIVE"
     assert len(decision.reasons) == 2
-    assert decision.reasons[1].startswith("old data: not checked")
+    assert decision.reasons[1].startswith("old data: not checked") and "eval.golden" in decision.reasons[1]
     assert "old_regression" not in decision.metrics
+    with_golden = {**scores, "golden_faq": {"champion": [1.0] * N, "candidate": [1.0] * N}}
+    assert decide(with_golden, RULES, has_champion=True).outcome == "PASS"  # the golden set checks forgetting
+    first = {"new_holdout": {"base": [2.0] * N, "candidate": [1.8] * N}}
+    assert decide(first, RULES, has_champion=False).outcome == "PASS"  # a first cycle has no old data yet
 
 
 def test_not_checked_old_data_does_not_rescue_a_failing_new_rule():
@@ -255,7 +260,8 @@ def test_a_consistent_paired_improvement_passes_despite_noisy_examples():
     # Examples vary a lot, but the candidate is 5% better on every one: pairing sees it.
     ref = [abs(x) + 0.5 for x in noisy(2.0, 1.0, 60, seed=3)]
     cand = [x * 0.95 for x in ref]
-    decision = decide({"new_holdout": {"champion": ref, "candidate": cand}}, RULES, has_champion=True)
+    old = {"champion": [1.0] * N, "candidate": [1.0] * N}
+    decision = decide({"new_holdout": {"champion": ref, "candidate": cand}, "replay_holdout": old}, RULES, True)
     assert decision.outcome == "PASS"
     assert decision.rules[0].bound == pytest.approx(0.05, abs=1e-9)
 
@@ -297,6 +303,22 @@ def test_golden_sets_get_their_own_regression_rule():
     assert decision.metrics["golden_golden_faq_regression"] == pytest.approx(0.1)
     scores["golden_faq"]["candidate"] = [1.01] * N
     assert decide(scores, GateConfig(max_golden_regression=0.05), has_champion=True).outcome == "PASS"
+
+
+def test_regression_cannot_compound_past_the_budget_against_the_first_champion():
+    """#16 item 9: each cycle loses 1.5% against its champion, within max_old_regression 2%; four
+    cycles on, the candidate is 6% worse than the first champion: over max_cumulative_regression 5%."""
+    scores = means(old_ref=1.0, old_cand=1.015)
+    scores["replay_holdout"]["anchor"] = [1.015 / 1.015**4] * N
+    scores["new_holdout"]["anchor"] = [2.0] * N
+    config = GateConfig(min_new_improvement=0.01, max_old_regression=0.02, max_cumulative_regression=0.05)
+    assert decide(scores, config, has_champion=True).outcome == "PASS"  # without the anchor: each step passes
+    decision = decide(scores, config, has_champion=True, anchor="anchor")
+    assert decision.outcome == "FAIL"
+    assert any(r.startswith("old data vs the first champion (cumulative)") for r in decision.reasons)
+    assert decision.metrics["cumulative_replay_holdout_regression"] == pytest.approx(1.015**4 - 1)
+    off = config.model_copy(update={"max_cumulative_regression": None})
+    assert decide(scores, off, has_champion=True, anchor="anchor").outcome == "PASS"
 
 
 def test_per_slice_rules_catch_a_regression_the_average_hides():
@@ -366,6 +388,7 @@ def test_the_candidate_may_not_move_toward_answers_users_rated_down(candidate_on
     noise = rng.normal(0, 0.01, 60)
     losses = {
         "new_holdout": {"champion": [2.0] * 60, "candidate": [1.8] * 60},
+        "replay_holdout": {"champion": [1.0] * N, "candidate": [1.0] * N},
         "rejected_answers": {"champion": list(2.0 + noise), "candidate": list(candidate_on_rejected + noise)},
     }
     decision = decide(losses, RULES, has_champion=True)

@@ -31,7 +31,12 @@ def _config(base: Path, **overrides):
         "train": {"epochs": 2, "learning_rate": 0.01, "batch_tokens": 512, "log_every": 2},
         "eval": {"batch_tokens": 2048, "slice_by": "source"},
         # Permissive thresholds: these tests check the mechanics; the gate rules have their own tests.
-        "gate": {"min_new_improvement": 0.0, "max_old_regression": 1.0, "min_examples": 10},
+        "gate": {
+            "min_new_improvement": 0.0,
+            "max_old_regression": 1.0,
+            "max_cumulative_regression": 1.0,
+            "min_examples": 10,
+        },
         "registry": {"model_name": "test-adapter", "experiment": "test"},
     }
     for section, values in overrides.items():
@@ -82,6 +87,11 @@ def test_second_cycle_replays_old_data_and_measures_forgetting(two_cycles):
     assert set(manifest["replay_holdout"]) <= first_holdout  # forgetting is measured on unseen rows
     registry = open_registry(config.registry, workspace)
     assert registry.alias(CHALLENGER) == 2 and registry.alias(CHAMPION) == 1
+    # The first champion is the anchor of the cumulative budget (here the champion itself), and the
+    # evaluation rows were checked against what the champion trained on, not only the candidate.
+    assert any("vs the first champion (cumulative)" in reason for reason in second.gate["reasons"])
+    contamination = read_json(Path(second.cycle_dir) / "contamination.json")
+    assert contamination["checked_against"] == "the candidate's training rows and champion v1's"
 
 
 def test_drift_triggered_the_second_cycle_and_is_reported(two_cycles):
@@ -328,12 +338,22 @@ def test_contaminated_evaluation_rows_are_dropped_and_counted(tiny_base, tmp_pat
     golden = _data(tmp_path, "golden.jsonl", "old_domain.jsonl", 40)
     clean = tmp_path / "clean.jsonl"
     clean.write_bytes(b"\n".join(quickstart_rows("new_domain.jsonl", 60)[:40]) + b"\n")
-    config = _config(tiny_base, eval={"golden": {"faq": str(golden), "fresh": str(clean)}})
+    golden_sets = {"faq": str(golden), "fresh": str(clean)}
+    config = _config(tiny_base, eval={"golden": golden_sets}, gate={"first_cycle": "accept"})
     result = run_cycle(config, data, Workspace(tmp_path / "ws"))
     report = read_json(Path(result.cycle_dir) / "contamination.json")
     assert report["golden_faq"]["contaminated"] >= 30  # all but those that went to the holdout
     assert report["golden_fresh"]["contaminated"] == 0
     assert "golden_fresh" in result.means
+    # A second cycle on other data: the candidate replays only a sample of the first cycle's rows, but
+    # the champion trained on all of them, and rows it saw favour it: they are dropped too.
+    assert result.status == "registered"  # v1: the champion of the next cycle
+    second = run_cycle(config, _data(tmp_path, "new.jsonl", "new_domain.jsonl", 120), Workspace(tmp_path / "ws"))
+    later = read_json(Path(second.cycle_dir) / "contamination.json")
+    candidate_rows = {r["id"] for r in _jsonl_ids(Path(second.cycle_dir) / "train.parquet")}
+    golden_ids = {json.loads(line)["id"] for line in golden.read_text().splitlines() if line.strip()}
+    assert later["checked_against"].endswith("champion v1's")
+    assert later["golden_faq"]["contaminated"] > len(golden_ids & candidate_rows)
     with pytest.raises(DataError, match="overlap the training set"):
         run_cycle(
             _config(tiny_base, eval={"golden": {"faq": str(golden)}, "contamination": "fail"}, train={"seed": 1}),

@@ -220,6 +220,14 @@ class GateConfig(Section):
     min_new_improvement: float = Field(0.01, ge=-1, lt=1)
     max_old_regression: float = Field(0.02, ge=0, lt=10)
     max_golden_regression: float = Field(0.02, ge=0, lt=10, description="the same bound for each eval.golden set")
+    max_cumulative_regression: float | None = Field(
+        0.05,
+        ge=0,
+        lt=10,
+        description="regression on old data and on each golden set against the first champion, however many "
+        "cycles ago it was promoted: each cycle may lose up to max_old_regression against the current champion, "
+        "this bounds what they lose together; null: off",
+    )
     max_rejected_gain: float = Field(
         0.02, ge=0, lt=1, description="how much lower (relative) the candidate's loss on rejected answers may be"
     )
@@ -435,7 +443,7 @@ class ShadowConfig(Section):
         ge=0,
         le=1,
         description="challenger timeouts+errors (+ calls its open breaker skipped): REJECT when significantly "
-        "above; PROMOTE needs the upper bound at or below it (0 failures: about 133 pairs at 2%)",
+        "above; PROMOTE needs the always-valid upper bound at or below it (0 failures: about 225 pairs at 2%)",
     )
     max_dropped_share: float = Field(
         0.05, ge=0, le=1, description="more of the mirrored requests dropped from a full queue than this: HOLD"

@@ -29,18 +29,17 @@ def champion_reference(
 
     if config.drift.reference is not None:
         return read_records(config.drift.reference)[0]
-    info = registry.version(champion)
-    cycle_dir = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?"))
-    cache = workspace.root / "registry-cache"
-    train = _local_or_fetched(cycle_dir / "train.parquet", registry, info.run_id, "data/train.parquet", cache)
-    if train is None:
+    records = champion_training_rows(workspace, registry, champion)
+    if records is None:
         raise DataError(
             f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
             f"MLflow run); set drift.reference to a file of reference records"
         )
-    records = read_parquet(train)[0]
     if not own_rows_only:
         return records
+    info = registry.version(champion)
+    cycle_dir = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?"))
+    cache = workspace.root / "registry-cache"
     manifest = _local_or_fetched(
         cycle_dir / "replay_manifest.json", registry, info.run_id, "reports/replay_manifest.json", cache
     )
@@ -50,6 +49,16 @@ def champion_reference(
     replayed = {entry["id"] for entry in read_json(manifest).get("replayed", [])}
     own = [r for r in records if r.id not in replayed]
     return own or records
+
+
+def champion_training_rows(workspace: Workspace, registry: Registry, champion: int) -> list[Record] | None:
+    """Every row the champion trained on (its cycle's train.parquet, from this workspace or its MLflow
+    run), or None when neither has it (a version registered by hand)."""
+    info = registry.version(champion)
+    cycle_dir = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?"))
+    cache = workspace.root / "registry-cache"
+    train = _local_or_fetched(cycle_dir / "train.parquet", registry, info.run_id, "data/train.parquet", cache)
+    return None if train is None else read_parquet(train)[0]
 
 
 def _local_or_fetched(local: Path, registry: Registry, run_id: str, artifact: str, cache: Path) -> Path | None:

@@ -19,7 +19,7 @@ from ctloop import __version__
 from ctloop.config import CtloopConfig
 from ctloop.console import console
 from ctloop.cycle.folder import CycleFolder, StageContext
-from ctloop.cycle.reference import champion_reference
+from ctloop.cycle.reference import champion_reference, champion_training_rows
 from ctloop.cycle.tracking import log_cycle_run
 from ctloop.data.records import Record, fingerprint, read_parquet, write_parquet
 from ctloop.drift.trigger import TriggerDecision
@@ -295,9 +295,16 @@ def evaluate_stage(ctx: StageContext):
         return EvalReport.from_dict(read_json(cycle.path("eval.json")))
     champion = cycle.state().get("champion_before")
     adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
+    anchor = None
     if champion is not None:
+        from ctloop.evaluation.gate import ANCHOR
+        from ctloop.registry.promotion import champion_history
+
         registry = open_registry(config.registry, workspace)
         adapters["champion"] = registry.download_adapter(champion, workspace.root / "registry-cache")
+        anchor = next(iter(champion_history(registry)), champion)  # the first champion, fixed for the model's life
+        if anchor != champion and config.gate.max_cumulative_regression is not None:
+            adapters[ANCHOR] = registry.download_adapter(anchor, workspace.root / "registry-cache")
     elif config.gate.first_cycle == "compare_to_base":
         adapters["base"] = None
     sets = {
@@ -311,7 +318,7 @@ def evaluate_stage(ctx: StageContext):
         from ctloop.evaluation.gate import REJECTED_SET
 
         sets[REJECTED_SET] = read_records(rejected)[0]
-    sets = _without_contamination(config, cycle, sets)
+    sets = _without_contamination(config, workspace, cycle, sets)
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
     slices = slice_indices(sets, config.eval.slice_by)
     write_json(
@@ -321,6 +328,7 @@ def evaluate_stage(ctx: StageContext):
             "slices": slices,
             "slice_means": slice_means(evaluation.losses, slices),
             "fingerprints": {name: fingerprint(records) for name, records in sets.items()},
+            "anchor_version": anchor,
         },
     )
     console.print(evaluation.summary())
@@ -340,20 +348,37 @@ def _golden(name: str, path: Path) -> list[Record]:
 
 
 def _without_contamination(
-    config: CtloopConfig, cycle: CycleFolder, sets: dict[str, list[Record]]
+    config: CtloopConfig, workspace: Workspace, cycle: CycleFolder, sets: dict[str, list[Record]]
 ) -> dict[str, list[Record]]:
-    """Drop (and count) evaluation rows the training set already holds, or fail, per eval.contamination."""
+    """Drop (and count) evaluation rows that the candidate or the champion trained on, or fail, per
+    eval.contamination. Rows the champion saw favour the champion as much as the candidate's own
+    favour the candidate."""
     from ctloop.data.contamination import find_contamination
 
     if config.eval.contamination == "off":
         return sets
     train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    checked_against = ["the candidate's training rows"]
+    champion = cycle.state().get("champion_before")
+    if champion is not None:
+        theirs = champion_training_rows(workspace, open_registry(config.registry, workspace), champion)
+        if theirs is None:
+            console.print(
+                f"contamination: champion v{champion}'s training rows not found; checked the candidate's only"
+            )
+        else:
+            known = {r.id for r in train}
+            train = train + [r for r in theirs if r.id not in known]
+            checked_against.append(f"champion v{champion}'s")
     from ctloop.evaluation.gate import REJECTED_SET
 
     # Rejected answers overlapping training data are what their rule exists to catch: never dropped.
     checked = {name: records for name, records in sets.items() if name != REJECTED_SET}
     reports = find_contamination(train, checked, config.eval.ngram, config.eval.max_overlap)
-    write_json(cycle.path("contamination.json"), {name: r.to_dict() for name, r in reports.items()})
+    write_json(
+        cycle.path("contamination.json"),
+        {name: r.to_dict() for name, r in reports.items()} | {"checked_against": " and ".join(checked_against)},
+    )
     dirty = [r for r in reports.values() if r.contaminated]
     for report in dirty:
         console.print(f"contamination: {report.summary()}")
@@ -371,17 +396,21 @@ def _without_contamination(
 
 
 def gate_stage(ctx: StageContext) -> GateDecision:
-    from ctloop.evaluation.gate import decide
+    from ctloop.evaluation.gate import ANCHOR, decide
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
     stored = read_json(cycle.require("eval.json", "evaluate"))
+    champion = cycle.state().get("champion_before")
+    evaluated = {model for scores in stored["losses"].values() for model in scores}
+    anchor = ANCHOR if ANCHOR in evaluated else "champion" if stored.get("anchor_version") == champion else None
     decision = decide(
         stored["losses"],
         config.gate,
-        has_champion=cycle.state().get("champion_before") is not None,
+        has_champion=champion is not None,
         slices=stored.get("slices"),
         metrics=stored.get("metrics"),
+        anchor=anchor if champion is not None else None,
     )
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())

@@ -11,6 +11,12 @@ passes only when its one-sided paired-bootstrap confidence bound (resampling exa
 resample for both models) clears the margin. Fewer than `min_examples` examples: INCONCLUSIVE.
 The reference is the champion; with no champion, `first_cycle` decides: compare to the bare base
 model, accept, or reject.
+
+Regression could compound: every cycle may lose `max_old_regression` against the champion it
+replaces. The anchor (the first champion, fixed for the model's life) bounds the sum: on old data
+and on each golden set, the candidate's regression against it must stay within
+`max_cumulative_regression`. A cycle with a champion but no old data to check is INCONCLUSIVE
+(forgetting unchecked is not a pass), unless golden sets were checked.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ NEW_SET = "new_holdout"
 OLD_SET = "replay_holdout"
 REJECTED_SET = "rejected_answers"  # answers production rated down: the candidate must not move toward them
 CANDIDATE = "candidate"
+ANCHOR = "anchor"  # the first champion, when it is not the champion itself
 EPSILON = 1e-9
 TOLERANCE = 1e-12  # bounds are inclusive; float noise must not turn 0.6 - 0.5 >= 0.1 into a failure
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
@@ -67,11 +74,13 @@ def decide(
     has_champion: bool,
     slices: dict[str, dict[str, list[int]]] | None = None,
     metrics: dict[str, dict[str, dict[str, list[float]]]] | None = None,
+    anchor: str | None = None,
 ) -> GateDecision:
     """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
 
     `slices[eval_set][value]` lists example indices per slice; with `config.per_slice` the new-
-    and old-data rules also apply to each slice holding at least `min_examples` examples."""
+    and old-data rules also apply to each slice holding at least `min_examples` examples. `anchor`
+    names the model in `losses` that is the first champion (the champion itself when it is)."""
     if has_champion:
         reference = "champion"
     elif config.first_cycle == "accept":
@@ -109,18 +118,24 @@ def decide(
                 margin=config.max_old_regression,
             )
         )
-    else:
+    elif has_champion and not _goldens(losses):
         rules.append(
             RuleResult(
-                "old data", PASS, "old data: not checked - no past held-out data yet (first cycle, or replay disabled)"
+                "old data",
+                INCONCLUSIVE,
+                "old data: not checked - the replay holdout is empty, so forgetting is unchecked; enable replay "
+                "(replay.fraction > 0) or add golden sets (eval.golden)",
             )
         )
+    else:
+        why = "checked on the golden sets instead" if has_champion else "first cycle"
+        rules.append(RuleResult("old data", PASS, f"old data: not checked - no past held-out data yet ({why})"))
     keys = ["new_improvement", "old_regression"]
     rejected = losses.get(REJECTED_SET, {})
     if CANDIDATE in rejected and reference in rejected and rejected[CANDIDATE]:
         rules.append(_rejected_rule(rejected[reference], rejected[CANDIDATE], reference, config))
         keys.append("rejected_gain")
-    for name in sorted(set(losses) - {NEW_SET, OLD_SET, REJECTED_SET}):  # golden regression suites
+    for name in _goldens(losses):
         scores = losses[name]
         if CANDIDATE in scores and reference in scores:
             rules.append(
@@ -135,6 +150,23 @@ def decide(
                 )
             )
             keys.append(f"golden_{name}_regression")
+    if anchor is not None and config.max_cumulative_regression is not None:
+        for set_name in [OLD_SET, *_goldens(losses)]:
+            scores = losses.get(set_name, {})
+            if scores.get(CANDIDATE) and anchor in scores:
+                label = "old data" if set_name == OLD_SET else set_name
+                rules.append(
+                    _rule(
+                        f"{label} vs the first champion (cumulative)",
+                        scores[anchor],
+                        scores[CANDIDATE],
+                        anchor,
+                        config,
+                        sign=1.0,
+                        margin=config.max_cumulative_regression,
+                    )
+                )
+                keys.append(f"cumulative_{set_name}_regression")
     if config.per_slice and slices:
         for set_name, label, sign, margin in (
             (NEW_SET, "new data", -1.0, config.min_new_improvement),
@@ -178,6 +210,11 @@ def decide(
             summary[key] = rule.estimate
             summary[f"{key}_bound"] = rule.bound
     return GateDecision(outcome, reference, tuple(r.reason for r in rules), summary, tuple(rules))
+
+
+def _goldens(losses: dict) -> list[str]:
+    """The golden regression suites among the evaluated sets."""
+    return sorted(set(losses) - {NEW_SET, OLD_SET, REJECTED_SET})
 
 
 def _configured_rule(

@@ -1,17 +1,20 @@
 """Comparison of logged shadow pairs and the decision: PROMOTE, HOLD or REJECT, with reasons.
 
 Shadow traffic is paired (the same request went to both models), so the statistics are paired:
-a one-sided exact binomial test on discordant empty answers (McNemar), exact sign tests on the
-medians of per-request log latency and log length ratios, Wilson bounds on the challenger's error
-rate and on a judge's win rate. Agreement (exact match, token F1, embedding cosine) is reported
-for triage: a different answer is not a worse one.
+the challenger's error rate, discordant empty answers (McNemar), the medians of per-request log
+latency and log length ratios (sign tests) and a judge's win rate are all proportions, each tested
+against its limit. Agreement (exact match, token F1, embedding cosine) is reported for triage: a
+different answer is not a worse one.
+
+Every test is always valid (`sequential.py`: mixture e-values): the report may be run again and
+again as pairs arrive, and a decision it reaches at any look keeps its error rate.
 
 REJECT: the evidence shows the challenger is worse (error rate, empty answers, latency, length,
 judge). PROMOTE: enough pairs and every bound clears its limit: the error rate's upper bound is at
-most `max_error_rate`, the latency and length ratios are significantly inside their limits (sign
-tests), and a judge's win-rate lower bound reaches its floor. Otherwise HOLD, with the pairs that
-80% power needs at the rates seen so far. PROMOTE is an intersection of one-sided tests, each at
-1 - `confidence`: if any one limit is truly broken, a PROMOTE happens with probability at most that.
+most `max_error_rate`, the latency and length ratios are shown inside their limits, and a judge's
+win rate is shown at its floor. Otherwise HOLD, with the pairs that 80% power needs at the rates
+seen so far. PROMOTE is an intersection of one-sided tests, each at 1 - `confidence`: if any one
+limit is truly broken, a PROMOTE happens with probability at most that, at any look.
 
 Requests the challenger never answered count too: the ones its open circuit breaker skipped are
 failures in the error rate, and when more than `max_dropped_share` of the mirrored requests were
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ctloop.config import ShadowConfig
+from ctloop.serving.sequential import anytime_p_value, confidence_bound, pairs_for_power, shown
 
 PROMOTE, HOLD, REJECT = "PROMOTE", "HOLD", "REJECT"
 
@@ -68,17 +72,6 @@ class ShadowReport:
         return "\n".join(lines)
 
 
-def wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson score bounds on a proportion; each is a one-sided bound at `confidence`."""
-    if n == 0:
-        return 0.0, 1.0
-    from scipy.stats import binomtest
-
-    # A two-sided interval at 2c - 1 has a one-sided bound at c on each side.
-    interval = binomtest(successes, n).proportion_ci(confidence_level=2 * confidence - 1, method="wilson")
-    return float(interval.low), float(interval.high)
-
-
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -86,37 +79,23 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(np.mean(values))}
 
 
-def pairs_for_power(observed: float, limit: float, below: bool, confidence: float, power: float = 0.8) -> int | None:
-    """Pairs in all for a one-sided test that a proportion is below (or above) `limit` to succeed with
-    probability `power` if the true proportion is `observed` (the normal approximation of the
-    binomial). None when `observed` is not on that side of the limit: no number of pairs would do."""
-    from statistics import NormalDist
-
-    if (observed >= limit) if below else (observed <= limit):
-        return None
-    z_alpha, z_beta = NormalDist().inv_cdf(confidence), NormalDist().inv_cdf(power)
-    spread = z_alpha * math.sqrt(limit * (1 - limit)) + z_beta * math.sqrt(observed * (1 - observed))
-    return math.ceil((spread / (limit - observed)) ** 2)
-
-
 def _more_pairs(needed: int | None, have: int) -> str:
     if needed is None:
-        return "no number of pairs clears it at the rate seen so far"
-    return f"about {max(needed - have, 1)} more pairs ({needed} in all) would clear it with 80% power at the rate seen so far"
+        return (
+            "at the rate seen so far (at, above or within a hair of the limit) no practical number of pairs clears it"
+        )
+    return (
+        f"about {max(needed - have, 1)} more pairs ({needed} in all) would clear it with 80% power at the rate "
+        f"seen so far"
+    )
 
 
-def _sign_test(differences: np.ndarray) -> tuple[float, float]:
-    """An exact sign test that the median of `differences` is above zero: (p-value, share of the
-    non-zero differences above zero). It tests the median itself and assumes no symmetry (Wilcoxon's
-    signed-rank test does neither, and rejected a median sitting exactly at the limit up to 94% of
-    the time on skewed ratios). p is 1.0 with fewer than 10 non-zero differences."""
-    from scipy.stats import binomtest
-
+def _signs(differences: np.ndarray) -> tuple[int, int]:
+    """(differences above zero, non-zero differences): the counts of a sign test of the median. A sign
+    test tests the median itself and assumes no symmetry (Wilcoxon's signed-rank test does neither,
+    and rejected a median sitting exactly at the limit up to 94% of the time on skewed ratios)."""
     nonzero = differences[differences != 0]
-    share = float((nonzero > 0).mean()) if len(nonzero) else 0.5
-    if len(nonzero) < 10:
-        return 1.0, share
-    return float(binomtest(int((nonzero > 0).sum()), len(nonzero), 0.5, alternative="greater").pvalue), share
+    return int((nonzero > 0).sum()), len(nonzero)
 
 
 def compare(
@@ -156,15 +135,17 @@ def compare(
             f"not stand for the traffic; raise shadow.queue_size or shadow.workers, or lower shadow.fraction"
         )
 
-    low, high = wilson(failures, attempted, settings.confidence)
+    confidence = settings.confidence
+    low = confidence_bound(failures, attempted, confidence, upper=False)
+    high = confidence_bound(failures, attempted, confidence, upper=True)
     if attempted:
-        if low > settings.max_error_rate:
+        if shown(failures, attempted, settings.max_error_rate, True, confidence):
             reject.append(
                 f"challenger error+timeout rate {error_rate:.1%} (lower bound {low:.1%}) is above "
                 f"shadow.max_error_rate={settings.max_error_rate:.1%}"
             )
-        elif high > settings.max_error_rate:
-            needed = pairs_for_power(error_rate, settings.max_error_rate, True, settings.confidence)
+        elif not shown(failures, attempted, settings.max_error_rate, False, confidence):
+            needed = pairs_for_power(error_rate, settings.max_error_rate, False, confidence)
             hold.append(
                 f"challenger error+timeout rate {error_rate:.1%} ({failures} of {attempted}): its upper bound "
                 f"{high:.1%} is not yet <= shadow.max_error_rate={settings.max_error_rate:.1%}; "
@@ -197,8 +178,8 @@ def compare(
             "median challenger/champion latency ratio",
             latency_ratio,
             settings.max_latency_ratio,
-            _sign_test(log_latency - limit),
-            _sign_test(limit - log_latency),
+            _signs(log_latency - limit),
+            _signs(limit - log_latency),
             settings.confidence,
             len(done),
             reject,
@@ -215,8 +196,8 @@ def compare(
             "median output length ratio",
             length_ratio,
             settings.max_length_ratio,
-            _sign_test(log_length - limit),
-            _sign_test(limit - log_length),
+            _signs(log_length - limit),
+            _signs(limit - log_length),
             settings.confidence,
             len(done),
             reject,
@@ -227,8 +208,8 @@ def compare(
             "median output length ratio (inverse)",
             1 / length_ratio,
             settings.max_length_ratio,
-            _sign_test(-log_length - limit),
-            _sign_test(log_length + limit),
+            _signs(-log_length - limit),
+            _signs(log_length + limit),
             settings.confidence,
             len(done),
             reject,
@@ -261,42 +242,42 @@ def _ratio_check(
     name: str,
     ratio: float,
     limit: float,
-    above: tuple[float, float],
-    below: tuple[float, float],
+    above: tuple[int, int],
+    below: tuple[int, int],
     confidence: float,
     pairs: int,
     reject: list[str],
     hold: list[str],
     passed: list[str],
 ) -> None:
-    """REJECT when the median ratio is significantly above `limit`, pass when significantly below,
-    HOLD in between. `above`/`below`: sign tests (p, share of pairs on that side)."""
-    alpha = 1 - confidence
-    (p_above, _), (p_below, share_below) = above, below
-    if p_above < alpha:
-        reject.append(f"{name} {ratio:.2f} exceeds {limit:.2f} (sign test p={p_above:.3g})")
-    elif p_below < alpha:
-        passed.append(f"{name} {ratio:.2f} is below {limit:.2f} (sign test p={p_below:.3g})")
+    """REJECT when the median ratio is shown above `limit`, pass when shown below, HOLD in between.
+    `above`/`below`: sign-test counts (pairs on that side, non-zero pairs)."""
+    if shown(*above, 0.5, True, confidence):
+        p = anytime_p_value(*above, 0.5, True)
+        reject.append(f"{name} {ratio:.2f} exceeds {limit:.2f} (sign test, always-valid p={p:.3g})")
+    elif shown(*below, 0.5, True, confidence):
+        p = anytime_p_value(*below, 0.5, True)
+        passed.append(f"{name} {ratio:.2f} is below {limit:.2f} (sign test, always-valid p={p:.3g})")
     else:
-        needed = pairs_for_power(share_below, 0.5, False, confidence)
+        count, nonzero = below
+        share = count / nonzero if nonzero else 0.5
+        needed = pairs_for_power(share, 0.5, True, confidence)
         hold.append(
-            f"{name} {ratio:.2f} is not yet significantly below {limit:.2f} (sign test p={p_below:.3g}, "
-            f"{share_below:.0%} of pairs below); " + _more_pairs(needed, pairs)
+            f"{name} {ratio:.2f} is not yet shown below {limit:.2f} ({share:.0%} of pairs below, always-valid "
+            f"p={anytime_p_value(*below, 0.5, True):.3g}); " + _more_pairs(needed, pairs)
         )
 
 
 def _empty_answers(done: list[dict], alpha: float, reject: list[str], passed: list[str]) -> dict[str, int]:
-    """McNemar's exact test on pairs where exactly one side answered nothing."""
-    from scipy.stats import binomtest
-
+    """McNemar's test (always valid) on pairs where exactly one side answered nothing."""
     champion_only = sum(not r["challenger_output"].strip() and bool(r["champion_output"].strip()) for r in done)
     challenger_only = sum(not r["champion_output"].strip() and bool(r["challenger_output"].strip()) for r in done)
     discordant = champion_only + challenger_only
-    p = binomtest(champion_only, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
-    if p < alpha:
+    p = anytime_p_value(champion_only, discordant, 0.5, True)
+    if p <= alpha:
         reject.append(
             f"the challenger answers nothing where the champion answers in {champion_only} pairs "
-            f"(vs {challenger_only} the other way; McNemar p={p:.3g})"
+            f"(vs {challenger_only} the other way; McNemar, always-valid p={p:.3g})"
         )
     else:
         passed.append(f"empty answers: challenger-only {champion_only}, champion-only {challenger_only}")
@@ -339,12 +320,13 @@ def _judge(
     n = len(done)
     score = wins + 0.5 * ties
     win_rate = score / n
-    low, high = wilson(round(score), n, settings.confidence)
+    low = confidence_bound(score, n, settings.confidence, upper=False)
+    high = confidence_bound(score, n, settings.confidence, upper=True)
     floor = settings.min_judge_win_rate
-    if high < floor:
+    if shown(score, n, floor, False, settings.confidence):
         reject.append(f"judge: challenger win rate {win_rate:.1%} (upper bound {high:.1%}) is below {floor:.1%}")
-    elif low < floor:
-        needed = pairs_for_power(win_rate, floor, False, settings.confidence)
+    elif not shown(score, n, floor, True, settings.confidence):
+        needed = pairs_for_power(win_rate, floor, True, settings.confidence)
         hold.append(
             f"judge: challenger win rate {win_rate:.1%}, lower bound {low:.1%} not yet >= {floor:.1%}; "
             + _more_pairs(needed, n)
