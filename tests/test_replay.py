@@ -311,3 +311,38 @@ def test_reservoir_does_not_double_count_a_cycle_added_twice(tmp_path):
     before = buffer.rows()
     buffer.add_cycle("c0", train, [], {r.id: 5 for r in train})
     assert buffer.rows() == before
+
+
+def test_recency_shares_do_not_grow_with_a_cycles_size():
+    """#16 item 11: with no decay every cycle gets about the same share, however many rows it has
+    (per-row weights gave the 300-row cycle ten times the 30-row cycle's share)."""
+    small = [BufferRow(rec("s", i), "c0", "train", 10) for i in range(30)]
+    large = [BufferRow(rec("l", i), "c1", "train", 10) for i in range(300)]
+    new = [rec("n", i) for i in range(40)]
+    config = ReplayConfig(ratio=0.5, strategy="recency", recency_decay=1.0)
+    counts = _replayed_by_cycle(build_training_set(new, {r.id: 10 for r in new}, small + large, config, seed=0))
+    assert counts["c0"] + counts["c1"] == 40 and counts["c0"] >= 13  # per-row weights: 3.6 expected
+
+
+def test_balanced_gives_equal_tokens_not_equal_rows():
+    short = [BufferRow(rec("s", i), "c0", "train", 5) for i in range(100)]
+    long = [BufferRow(rec("l", i), "c1", "train", 20) for i in range(100)]
+    new = [rec("n", i) for i in range(40)]
+    config = ReplayConfig(ratio=0.5, strategy="balanced")
+    mix = build_training_set(new, {r.id: 10 for r in new}, short + long, config, seed=0)
+    tokens = {"c0": 0, "c1": 0}
+    for item in mix.manifest["replayed"]:
+        tokens[item["cycle"]] += 5 if item["cycle"] == "c0" else 20
+    assert abs(tokens["c0"] - tokens["c1"]) <= 20  # equal rows would give c1 four times c0's tokens
+
+
+def test_a_lowered_reservoir_cap_shrinks_the_buffer(tmp_path):
+    wide = ReplayBuffer(tmp_path, max_train_rows=50)
+    for cycle in range(3):
+        train = [rec(f"t{cycle}", i) for i in range(40)]
+        wide.add_cycle(f"c{cycle}", train, [], {r.id: 5 for r in train})
+    assert sum(r.split == "train" for r in wide.rows()) == 50
+    narrow = ReplayBuffer(tmp_path, max_train_rows=20)
+    train = [rec("t3", i) for i in range(40)]
+    narrow.add_cycle("c3", train, [], {r.id: 5 for r in train})
+    assert sum(r.split == "train" for r in narrow.rows()) == 20

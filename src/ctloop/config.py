@@ -60,9 +60,21 @@ class ReplayConfig(Section):
     ratio: float = Field(0.25, ge=0, lt=1, description="share of training tokens drawn from the buffer")
     holdout_rows: int = Field(200, ge=0, description="past held-out rows used to measure forgetting")
     strategy: Literal["uniform", "balanced", "recency"] = "uniform"
-    balance_by: Literal["cycle", "source"] = Field("cycle", description="groups that `balanced` shares equally")
-    recency_decay: float = Field(0.5, gt=0, le=1, description="`recency`: a cycle k cycles old weighs decay**k")
-    buffer_rows: int | None = Field(None, ge=1, description="reservoir cap on past training rows; null: keep all")
+    balance_by: Literal["cycle", "source"] = Field(
+        "cycle", description="groups that `balanced` gives equal shares of the replayed tokens"
+    )
+    recency_decay: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="`recency`: a cycle k cycles old gets decay**k times the newest cycle's share of the replayed "
+        "rows, whatever the cycles' sizes",
+    )
+    buffer_rows: int | None = Field(
+        None,
+        ge=1,
+        description="reservoir cap on past training rows (lowered: shrinks at the next cycle); null: keep all",
+    )
     buffer_holdout_rows: int | None = Field(None, ge=1, description="reservoir cap on past held-out rows")
 
 

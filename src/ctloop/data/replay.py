@@ -7,13 +7,19 @@ the order they were added). A new training set is the new records plus a seeded 
 forgetting.
 
 Sampling strategies (`replay.strategy`): `uniform` over all past rows; `balanced`, an equal share
-per past cycle or per source; `recency`, cycles weighted by `recency_decay ** age`. With
-`replay.buffer_rows` (and `buffer_holdout_rows`) the buffer is a reservoir sample: it stays
-bounded however many cycles pass, and every row ever added has the same chance to be in it.
+of the replayed *tokens* per past cycle or per source (rows differ in length; equal rows would
+favour groups of long rows); `recency`, each cycle's share of the replayed rows proportional to
+`recency_decay ** age`, whatever the cycle's size (weights are per cycle, spread over its rows).
+With `replay.buffer_rows` (and `buffer_holdout_rows`) the buffer is a reservoir sample: it stays
+bounded however many cycles pass, and every row ever added has the same chance to be in it. A cap
+lowered later shrinks the buffer at the next cycle (a uniform subsample, which keeps that chance
+equal).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -95,6 +101,8 @@ class ReplayBuffer:
             pool = [row for row in kept if row.split == split]
             others = [row for row in kept if row.split != split]
             count = seen.get(split, len(pool))
+            if len(pool) > cap:  # the cap was lowered: a uniform subsample of a reservoir is one too
+                pool = rng.sample(pool, cap)
             for row in incoming:  # Algorithm R: row n survives with probability cap / n
                 count += 1
                 if len(pool) < cap:
@@ -210,12 +218,26 @@ def _replay_order(candidates: list[BufferRow], config: ReplayConfig, rng: random
             rng.shuffle(rows)
         keys = sorted(groups)
         rng.shuffle(keys)
-        # Round robin: one row from each group in turn, so every group gets an equal share.
-        return [
-            groups[k][i] for i in range(max(map(len, groups.values()), default=0)) for k in keys if i < len(groups[k])
-        ]
-    # recency: a weighted random order (Efraimidis-Spirakis keys), weight = decay ** age of the cycle
+        # The next row always comes from the group with the fewest tokens taken so far, so every
+        # group gets an equal share of tokens (ties: the shuffled group order).
+        taken = [(0, position, key) for position, key in enumerate(keys)]
+        heapq.heapify(taken)
+        order, next_row = [], dict.fromkeys(keys, 0)
+        while taken:
+            tokens, position, key = heapq.heappop(taken)
+            row = groups[key][next_row[key]]
+            order.append(row)
+            next_row[key] += 1
+            if next_row[key] < len(groups[key]):
+                heapq.heappush(taken, (tokens + row.n_tokens, position, key))
+        return order
+    # recency: a weighted random order (Efraimidis-Spirakis keys). A cycle's weight, decay ** age, is
+    # spread over its rows, so its share does not grow with its size.
     cycles = list(dict.fromkeys(row.cycle_id for row in candidates))  # oldest first
     age = {cycle: len(cycles) - 1 - i for i, cycle in enumerate(cycles)}
-    keyed = [(rng.random() ** (1.0 / (config.recency_decay ** age[row.cycle_id])), row) for row in candidates]
+    size = defaultdict(int)
+    for row in candidates:
+        size[row.cycle_id] += 1
+    weight = {cycle: config.recency_decay ** age[cycle] / size[cycle] for cycle in cycles}
+    keyed = [(math.log(1.0 - rng.random()) / weight[row.cycle_id], row) for row in candidates]  # log u ** (1/w)
     return [row for _, row in sorted(keyed, key=lambda pair: -pair[0])]

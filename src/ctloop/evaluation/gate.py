@@ -124,7 +124,7 @@ def decide(
                 "old data",
                 INCONCLUSIVE,
                 "old data: not checked - the replay holdout is empty, so forgetting is unchecked; enable replay "
-                "(replay.fraction > 0) or add golden sets (eval.golden)",
+                "(replay.enabled with replay.holdout_rows > 0) or add golden sets (eval.golden)",
             )
         )
     else:
