@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/drift_online.py [--ert 200] [--alarms 300]
 
 No-drift stream: fresh N(0, I_384) rows (not the reference rows), fed in arrival order; the
-detector resets after each alarm; repeated for several reference samples. The mean run length must be within 10% of the target ERT (alibi-detect's
-MMDDriftOnline measured 152 against 200 on this kind of data). Also: a naive alternative (a batch
+detector resets after each alarm; repeated for several reference samples. The mean run length must
+be within 10% of the target ERT. Also: a naive alternative (a batch
 mean-shift test at alpha 0.05 on every full window) for comparison, the detection delay after a
 shift, and the cost of init and of one update. Figures printed last.
 """

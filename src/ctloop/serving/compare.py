@@ -84,10 +84,9 @@ def _more_pairs(needed: int | None, have: int) -> str:
         return (
             "at the rate seen so far (at, above or within a hair of the limit) no practical number of pairs clears it"
         )
-    return (
-        f"about {max(needed - have, 1)} more pairs ({needed} in all) would clear it with 80% power at the rate "
-        f"seen so far"
-    )
+    if needed <= have:  # an unlucky draw so far: more pairs will usually settle it
+        return f"at the rate seen so far {needed} pairs clear it with 80% power; collect more"
+    return f"about {needed - have} more pairs ({needed} in all) would clear it with 80% power at the rate seen so far"
 
 
 def _signs(differences: np.ndarray) -> tuple[int, int]:
