@@ -11,7 +11,7 @@ import pytest
 from ctloop.config import GateConfig
 from ctloop.evaluation.gate import decide
 
-RULES = GateConfig(min_new_improvement=0.01, max_old_regression=0.02)
+RULES = GateConfig(seed_spread=0, min_new_improvement=0.01, max_old_regression=0.02)
 
 
 N = 40  # examples per set: above the default gate.min_examples
@@ -60,14 +60,14 @@ def test_new_data_threshold(new_cand, passed, fragment):
 
 
 def test_new_data_threshold_is_inclusive():
-    rules = GateConfig(min_new_improvement=0.25)
+    rules = GateConfig(seed_spread=0, min_new_improvement=0.25)
     decision = decide(means(new_ref=4.0, new_cand=3.0), rules, has_champion=True)
     assert decision.passed is True
     assert decision.metrics["new_improvement"] == 0.25
 
 
 def test_negative_threshold_accepts_a_small_loss_increase():
-    rules = GateConfig(min_new_improvement=-0.05)
+    rules = GateConfig(seed_spread=0, min_new_improvement=-0.05)
     assert decide(means(new_ref=2.0, new_cand=2.05), rules, has_champion=True).passed is True
     assert decide(means(new_ref=2.0, new_cand=2.2), rules, has_champion=True).passed is False
 
@@ -91,7 +91,7 @@ def test_old_data_regression(old_cand, passed, fragment):
 
 
 def test_old_data_limit_is_inclusive():
-    rules = GateConfig(max_old_regression=0.125)
+    rules = GateConfig(seed_spread=0, max_old_regression=0.125)
     decision = decide(means(old_ref=4.0, old_cand=4.5), rules, has_champion=True)
     assert decision.passed is True
     assert decision.metrics["old_regression"] == 0.125
@@ -148,7 +148,7 @@ def test_missing_new_scores_raise():
     ids=["accept", "reject"],
 )
 def test_first_cycle_accept_and_reject_need_no_scores(policy, passed, fragment):
-    decision = decide({}, GateConfig(first_cycle=policy), has_champion=False)
+    decision = decide({}, GateConfig(seed_spread=0, first_cycle=policy), has_champion=False)
     assert decision.passed is passed
     assert decision.reference == "none"
     assert len(decision.reasons) == 1
@@ -160,7 +160,7 @@ def test_first_cycle_accept_and_reject_need_no_scores(policy, passed, fragment):
     ("new_cand", "passed"), [(1.8, True), (1.999, False)], ids=["beats-base", "does-not-beat-base"]
 )
 def test_first_cycle_compare_to_base(new_cand, passed):
-    rules = GateConfig(first_cycle="compare_to_base", min_new_improvement=0.01)
+    rules = GateConfig(seed_spread=0, first_cycle="compare_to_base", min_new_improvement=0.01)
     decision = decide(means(new_cand=new_cand, old_ref=None, reference="base"), rules, has_champion=False)
     assert decision.passed is passed
     assert decision.reference == "base"
@@ -170,14 +170,14 @@ def test_first_cycle_compare_to_base(new_cand, passed):
 
 def test_champion_wins_over_first_cycle_policy():
     for policy in ("accept", "reject", "compare_to_base"):
-        decision = decide(means(), GateConfig(first_cycle=policy), has_champion=True)
+        decision = decide(means(), GateConfig(seed_spread=0, first_cycle=policy), has_champion=True)
         assert decision.reference == "champion"
         assert decision.passed is True
 
 
 def test_compare_to_base_needs_base_scores():
     with pytest.raises(ValueError, match="'base'"):
-        decide(means(), GateConfig(first_cycle="compare_to_base"), has_champion=False)
+        decide(means(), GateConfig(seed_spread=0, first_cycle="compare_to_base"), has_champion=False)
 
 
 # -- degenerate references -----------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_a_consistent_paired_improvement_passes_despite_noisy_examples():
 
 
 def test_too_few_examples_is_inconclusive_not_pass():
-    decision = decide(means(new_cand=1.0, n=10), GateConfig(min_examples=30), has_champion=True)
+    decision = decide(means(new_cand=1.0, n=10), GateConfig(seed_spread=0, min_examples=30), has_champion=True)
     assert decision.outcome == "INCONCLUSIVE" and decision.passed is False
     assert "10 examples < gate.min_examples=30" in decision.reasons[0]
 
@@ -285,7 +285,7 @@ def test_bootstrap_is_seeded_and_reproducible():
     scores = {"new_holdout": {"champion": ref, "candidate": cand}}
     first = decide(scores, RULES, has_champion=True)
     assert first.rules[0].bound == decide(scores, RULES, has_champion=True).rules[0].bound
-    other = decide(scores, GateConfig(min_new_improvement=0.01, seed=1), has_champion=True)
+    other = decide(scores, GateConfig(seed_spread=0, min_new_improvement=0.01, seed=1), has_champion=True)
     assert other.rules[0].bound != first.rules[0].bound
 
 
@@ -297,12 +297,14 @@ def test_unpaired_sets_are_refused():
 def test_golden_sets_get_their_own_regression_rule():
     scores = means()
     scores["golden_faq"] = {"champion": [1.0] * N, "candidate": [1.1] * N}
-    decision = decide(scores, GateConfig(min_new_improvement=0.01, max_golden_regression=0.05), has_champion=True)
+    decision = decide(
+        scores, GateConfig(seed_spread=0, min_new_improvement=0.01, max_golden_regression=0.05), has_champion=True
+    )
     assert decision.outcome == "FAIL"
     assert decision.reasons[2].startswith("golden golden_faq: loss 1.0000 -> 1.1000, change +10.00%")
     assert decision.metrics["golden_golden_faq_regression"] == pytest.approx(0.1)
     scores["golden_faq"]["candidate"] = [1.01] * N
-    assert decide(scores, GateConfig(max_golden_regression=0.05), has_champion=True).outcome == "PASS"
+    assert decide(scores, GateConfig(seed_spread=0, max_golden_regression=0.05), has_champion=True).outcome == "PASS"
 
 
 def test_regression_cannot_compound_past_the_budget_against_the_first_champion():
@@ -311,7 +313,9 @@ def test_regression_cannot_compound_past_the_budget_against_the_first_champion()
     scores = means(old_ref=1.0, old_cand=1.015)
     scores["replay_holdout"]["anchor"] = [1.015 / 1.015**4] * N
     scores["new_holdout"]["anchor"] = [2.0] * N
-    config = GateConfig(min_new_improvement=0.01, max_old_regression=0.02, max_cumulative_regression=0.05)
+    config = GateConfig(
+        seed_spread=0, min_new_improvement=0.01, max_old_regression=0.02, max_cumulative_regression=0.05
+    )
     assert decide(scores, config, has_champion=True).outcome == "PASS"  # without the anchor: each step passes
     decision = decide(scores, config, has_champion=True, anchor="anchor")
     assert decision.outcome == "FAIL"
@@ -328,7 +332,9 @@ def test_per_slice_rules_catch_a_regression_the_average_hides():
     slices = {"replay_holdout": {"perl": list(range(40)), "python": list(range(40, 80)), "tiny": [0]}}
     flat = decide(scores, RULES, has_champion=True, slices=slices)
     assert flat.outcome == "PASS"  # per_slice is off by default
-    sliced = decide(scores, GateConfig(min_new_improvement=0.01, per_slice=True), has_champion=True, slices=slices)
+    sliced = decide(
+        scores, GateConfig(seed_spread=0, min_new_improvement=0.01, per_slice=True), has_champion=True, slices=slices
+    )
     assert sliced.outcome == "FAIL"
     assert any(r.startswith("old data [perl]") and "> allowed" in r for r in sliced.reasons)
     assert any(r.startswith("old data [tiny]: 1 examples < gate.min_examples") for r in sliced.reasons)
@@ -357,24 +363,26 @@ def _with_metric(candidate: list[float], champion: list[float]) -> dict:
     ids=["abs-min", "abs-max", "rel-change", "rel-change-too-small", "abs-change", "lower-is-better-worse"],
 )
 def test_configured_rules(rule, outcome, fragment):
-    config = GateConfig(min_new_improvement=0.01, rules=[rule])
+    config = GateConfig(seed_spread=0, min_new_improvement=0.01, rules=[rule])
     decision = decide(means(), config, has_champion=True, metrics=_with_metric([0.6] * N, [0.5] * N))
     extra = decision.rules[-1]
     assert extra.outcome == outcome and fragment in extra.reason
 
 
 def test_a_rule_on_a_missing_metric_fails_loudly():
-    config = GateConfig(rules=[GateRule(metric="rouge_l")])
+    config = GateConfig(seed_spread=0, rules=[GateRule(metric="rouge_l")])
     with pytest.raises(ConfigError, match="metric 'rouge_l' on set 'new_holdout'.*eval.generate"):
         decide(means(), config, has_champion=True, metrics=_with_metric([0.6] * N, [0.5] * N))
 
 
 def test_a_rule_on_a_slice_uses_only_its_rows():
-    config = GateConfig(rules=[GateRule(metric="loss", set="new_holdout", slice="games", max=1.5)])
+    config = GateConfig(seed_spread=0, rules=[GateRule(metric="loss", set="new_holdout", slice="games", max=1.5)])
     scores = means()
     scores["new_holdout"]["candidate"] = [1.0] * 20 + [3.0] * 20  # games fine, sound bad
     slices = {"new_holdout": {"games": list(range(20)), "sound": list(range(20, 40))}}
-    decision = decide(scores, GateConfig(min_examples=10, rules=config.rules), has_champion=True, slices=slices)
+    decision = decide(
+        scores, GateConfig(seed_spread=0, min_examples=10, rules=config.rules), has_champion=True, slices=slices
+    )
     assert decision.rules[-1].outcome == "PASS" and decision.rules[-1].n == 20
 
 
@@ -396,3 +404,17 @@ def test_the_candidate_may_not_move_toward_answers_users_rated_down(candidate_on
     assert rule.outcome == outcome, rule.reason
     assert decision.outcome == outcome
     assert "rejected_gain" in decision.metrics
+
+
+def test_seed_noise_widens_the_bound():
+    """#16 item 10: a candidate 0.5% better on every example clears margin 0 on evaluation noise alone,
+    but not once two training seeds may differ by 0.5% (the default gate.seed_spread)."""
+    old = {"champion": [1.0] * N, "candidate": [1.0] * N}
+    scores = {"new_holdout": {"champion": [2.0] * 60, "candidate": [1.99] * 60}, "replay_holdout": old}
+    rules = dict(min_new_improvement=0.0, max_old_regression=0.02)
+    assert decide(scores, GateConfig(seed_spread=0, **rules), has_champion=True).outcome == "PASS"
+    noisy = decide(scores, GateConfig(**rules), has_champion=True)
+    assert noisy.outcome == "FAIL" and noisy.rules[0].bound < 0 < noisy.rules[0].estimate
+    assert GateConfig().seed_spread == 0.005
+    clear = {**scores, "new_holdout": {"champion": [2.0] * 60, "candidate": [1.96] * 60}}  # 2% better
+    assert decide(clear, GateConfig(**rules), has_champion=True).outcome == "PASS"

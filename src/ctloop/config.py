@@ -254,6 +254,16 @@ class GateConfig(Section):
         description="a passing version waits for `ctloop approve` before it becomes challenger (and can be promoted)",
     )
     confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided level of the paired-bootstrap bound")
+    seed_spread: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        description="spread (standard deviation) of a rule's relative change between training seeds, added to the "
+        "bootstrap's evaluation noise: the bootstrap resamples examples, not training runs. Default: the 95% upper "
+        "limit of the spread measured on the quickstart's tiny model (0.35% over 20 seed pairs, "
+        "benchmarks/gate_false_promotions.py); measure your model's (the same data trained with two seeds, a few "
+        "times) and set it; 0: evaluation noise only",
+    )
     bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
     min_examples: int = Field(30, ge=1, description="fewer examples in an evaluation set: INCONCLUSIVE")
     seed: int = 0

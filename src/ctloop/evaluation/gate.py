@@ -6,9 +6,10 @@ the same examples. Changes are relative to the reference, defined as (candidate 
     improvement on new data = -change   must be >= min_new_improvement
     regression on old data  = change    must be <= max_old_regression
     regression on each golden set       must be <= max_golden_regression
-A point estimate is not enough: fine-tuning runs with different seeds differ by 1-2%, so a rule
-passes only when its one-sided paired-bootstrap confidence bound (resampling examples, the same
-resample for both models) clears the margin. Fewer than `min_examples` examples: INCONCLUSIVE.
+A point estimate is not enough: a rule passes only when its one-sided paired-bootstrap confidence
+bound (resampling examples, the same resample for both models) clears the margin, and that bound
+also carries the training-seed noise (`gate.seed_spread`): without it, an A/A candidate (same data,
+another seed) passed a margin-0 rule 25% of the time on the tiny model. Fewer than `min_examples` examples: INCONCLUSIVE.
 The reference is the champion; with no champion, `first_cycle` decides: compare to the bare base
 model, accept, or reject.
 
@@ -365,7 +366,9 @@ def _rejected_rule(
 
 
 def _paired_bootstrap(ref: np.ndarray, cand: np.ndarray, config: GateConfig) -> np.ndarray:
-    """Bootstrap distribution of (mean(cand) - mean(ref)) / |mean(ref)|, resampling examples in pairs."""
+    """Bootstrap distribution of (mean(cand) - mean(ref)) / |mean(ref)|, resampling examples in pairs, with
+    the training-seed noise (`seed_spread`, Gaussian) added to each replicate: two runs on the same data
+    differ by that much before any example is resampled."""
     rng = np.random.default_rng(config.seed)
     n = len(ref)
     out = np.empty(config.bootstrap_samples)
@@ -374,6 +377,8 @@ def _paired_bootstrap(ref: np.ndarray, cand: np.ndarray, config: GateConfig) -> 
         idx = rng.integers(0, n, size=(stop - start, n))
         ref_means = ref[idx].mean(axis=1)
         out[start:stop] = (cand[idx].mean(axis=1) - ref_means) / np.maximum(np.abs(ref_means), EPSILON)
+    if config.seed_spread:
+        out += rng.normal(0.0, config.seed_spread, size=len(out))
     return out
 
 
