@@ -29,7 +29,8 @@ def champion_reference(
 
     if config.drift.reference is not None:
         return read_records(config.drift.reference)[0]
-    records = champion_training_rows(workspace, registry, champion)
+    info = registry.version(champion)
+    records = _training_rows(workspace, registry, info)
     if records is None:
         raise DataError(
             f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
@@ -37,12 +38,7 @@ def champion_reference(
         )
     if not own_rows_only:
         return records
-    info = registry.version(champion)
-    cycle_dir = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?"))
-    cache = workspace.root / "registry-cache"
-    manifest = _local_or_fetched(
-        cycle_dir / "replay_manifest.json", registry, info.run_id, "reports/replay_manifest.json", cache
-    )
+    manifest = _champion_file(workspace, registry, info, "replay_manifest.json", "reports/replay_manifest.json")
     if manifest is None:
         log.warning("champion v%s has no replay manifest; its whole training set is the drift reference", champion)
         return records
@@ -54,14 +50,17 @@ def champion_reference(
 def champion_training_rows(workspace: Workspace, registry: Registry, champion: int) -> list[Record] | None:
     """Every row the champion trained on (its cycle's train.parquet, from this workspace or its MLflow
     run), or None when neither has it (a version registered by hand)."""
-    info = registry.version(champion)
-    cycle_dir = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?"))
-    cache = workspace.root / "registry-cache"
-    train = _local_or_fetched(cycle_dir / "train.parquet", registry, info.run_id, "data/train.parquet", cache)
+    return _training_rows(workspace, registry, registry.version(champion))
+
+
+def _training_rows(workspace: Workspace, registry: Registry, info) -> list[Record] | None:
+    train = _champion_file(workspace, registry, info, "train.parquet", "data/train.parquet")
     return None if train is None else read_parquet(train)[0]
 
 
-def _local_or_fetched(local: Path, registry: Registry, run_id: str, artifact: str, cache: Path) -> Path | None:
+def _champion_file(workspace: Workspace, registry: Registry, info, name: str, artifact: str) -> Path | None:
+    """A file of the champion's cycle: from this workspace when it trained here, else from its MLflow run."""
+    local = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?")) / name
     if local.is_file():
         return local
-    return registry.download_run_file(run_id, artifact, cache)
+    return registry.download_run_file(info.run_id, artifact, workspace.root / "registry-cache")

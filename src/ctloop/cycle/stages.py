@@ -26,7 +26,7 @@ from ctloop.drift.trigger import TriggerDecision
 from ctloop.errors import DataError
 from ctloop.evaluation.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
 from ctloop.fileio import parse_utc, read_json, utc_now, write_json
-from ctloop.registry.client import CHAMPION, open_registry
+from ctloop.registry.client import CHAMPION, Registry, open_registry
 from ctloop.training.trainer import TrainResult
 from ctloop.workspace import Workspace, save_settings
 
@@ -295,7 +295,7 @@ def evaluate_stage(ctx: StageContext):
         return EvalReport.from_dict(read_json(cycle.path("eval.json")))
     champion = cycle.state().get("champion_before")
     adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
-    anchor = None
+    anchor = registry = None
     if champion is not None:
         from ctloop.evaluation.gate import ANCHOR
         from ctloop.registry.promotion import champion_history
@@ -318,7 +318,7 @@ def evaluate_stage(ctx: StageContext):
         from ctloop.evaluation.gate import REJECTED_SET
 
         sets[REJECTED_SET] = read_records(rejected)[0]
-    sets = _without_contamination(config, workspace, cycle, sets)
+    sets = _without_contamination(config, cycle, sets, registry)
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
     slices = slice_indices(sets, config.eval.slice_by)
     write_json(
@@ -348,11 +348,11 @@ def _golden(name: str, path: Path) -> list[Record]:
 
 
 def _without_contamination(
-    config: CtloopConfig, workspace: Workspace, cycle: CycleFolder, sets: dict[str, list[Record]]
+    config: CtloopConfig, cycle: CycleFolder, sets: dict[str, list[Record]], registry: Registry | None
 ) -> dict[str, list[Record]]:
     """Drop (and count) evaluation rows that the candidate or the champion trained on, or fail, per
     eval.contamination. Rows the champion saw favour the champion as much as the candidate's own
-    favour the candidate."""
+    favour the candidate. `registry`: open when the cycle has a champion."""
     from ctloop.data.contamination import find_contamination
 
     if config.eval.contamination == "off":
@@ -360,8 +360,8 @@ def _without_contamination(
     train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
     checked_against = ["the candidate's training rows"]
     champion = cycle.state().get("champion_before")
-    if champion is not None:
-        theirs = champion_training_rows(workspace, open_registry(config.registry, workspace), champion)
+    if champion is not None and registry is not None:
+        theirs = champion_training_rows(cycle.workspace, registry, champion)
         if theirs is None:
             console.print(
                 f"contamination: champion v{champion}'s training rows not found; checked the candidate's only"
