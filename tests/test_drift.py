@@ -147,7 +147,8 @@ def test_detect_drift_never_reports_a_zero_p_value():
         assert 0 < result.p_value <= 1, result.name
         assert 0 < result.adjusted_p <= 1, result.name
     permutation_based = {r.name: r.p_value for r in report.detectors if r.name in ("mean", "mmd", "rff_mmd")}
-    assert permutation_based == {name: 1 / 50 for name in ("mean", "mmd", "rff_mmd")}
+    # Five detectors at alpha 0.05 need p <= 0.01 to flag anything: 99 permutations are drawn, not 49.
+    assert permutation_based == {name: 1 / 100 for name in ("mean", "mmd", "rff_mmd")}
 
 
 # -- calibration and power -----------------------------------------------------------------------
@@ -377,3 +378,43 @@ def test_not_enough_data_report_to_dict_is_json_serialisable():
         "explanation": {},
     }
     assert isinstance(report, DriftReport)
+
+
+# -- a small alpha (the drift watch's share of its budget) ---------------------------------------
+
+
+def test_a_small_alpha_draws_the_permutations_it_needs():
+    """At alpha 1e-4 with two detectors, Holm needs p <= 5e-5: 19,999 permutations, not 99."""
+    rng = np.random.default_rng(3)
+    config = DriftConfig(detectors=["mmd", "mean"], permutations=99, min_rows=5)
+    shifted = detect_drift(rng.normal(size=(60, 4)), rng.normal(size=(60, 4)) + 2.0, config, alpha=1e-4)
+    assert shifted.drift and shifted.alpha == 1e-4
+    assert {d.name: d.details["permutations"] for d in shifted.detectors} == {"mmd": 19_999, "mean": 19_999}
+    assert all(d.p_value == 1 / 20_000 for d in shifted.detectors)
+    quiet = detect_drift(rng.normal(size=(60, 4)), rng.normal(size=(60, 4)), config, alpha=1e-4)
+    assert not quiet.drift
+    # Nothing drifted: the tests stop after the rounds that show p cannot reach alpha (usually the first).
+    assert all(d.details["permutations"] < 1000 and d.p_value > 1e-4 for d in quiet.detectors)
+
+
+def test_stopping_early_gives_the_full_tests_decisions():
+    """The rounds draw the same permutations as one test with all of them; where they stop early,
+    the full test would not have flagged drift either."""
+    alpha, seen = 0.01, set()
+    for seed in range(40):
+        pooled = two_samples(seed, n_x=30, n_y=30, dims=3, shift=0.15 * (seed % 10))
+        reference, current = pooled[:30], pooled[30:]
+        rounds = detect_drift(
+            reference, current, DriftConfig(detectors=["mmd"], permutations=19, min_rows=5), None, alpha
+        )
+        full = detect_drift(
+            reference, current, DriftConfig(detectors=["mmd"], permutations=99, min_rows=5), None, alpha
+        )
+        assert rounds.drift == full.drift, seed
+        [r], [f] = rounds.detectors, full.detectors
+        if r.details["permutations"] == 99:
+            assert r.p_value == f.p_value, seed
+        else:
+            assert r.details["stopped_early"] and r.p_value > alpha and f.p_value > alpha, seed
+        seen.add((rounds.drift, r.details["permutations"] == 99))
+    assert {(True, True), (False, False)} <= seen  # drift after all permutations; quiet after an early stop

@@ -114,12 +114,23 @@ def test_production_drift_fires_on_another_domain_and_stays_quiet_on_the_trainin
     code, fired = _check("watch", config_path, "1h")
     assert code == 3 and fired["outcome"] == "drift" and fired["window"]["requests"] <= 200
     assert Path(fired["report"]).is_file() and fired["report"].startswith(str(workspace.root / "watch"))
+    # `ctloop watch` is a look of a repeated watch: it tests at 0.05 / 168 looks (the default budget)
+    # and draws the permutations that alpha needs; a one-off `ctloop drift --production` does not.
+    assert (fired["watch"]["period"], fired["watch"]["look"]) == (1, 1)
+    assert fired["alpha"] == pytest.approx(0.05 / 168) and "look 1 of 168" in fired["reasons"][-1]
+    assert {d["name"]: d["details"]["permutations"] for d in fired["detectors"]} == {"mmd": 6719, "mean": 6719}
+    assert quiet["alpha"] == 0.05 and "watch" not in quiet
+    code, again = _check("watch", config_path, "1h")
+    assert code == 3 and again["watch"]["look"] == 2
 
 
 def test_a_watch_with_too_few_requests_says_so_instead_of_deciding(served):
     _, config_path, _ = served
+    state = Path(served[2].root / "watch" / "state.json")
+    before = state.read_text() if state.exists() else None
     code, result = _check("watch", config_path, "1m")
     assert code == 4 and result["outcome"] == "not_enough_data" and "not enough traffic" in result["summary"]
+    assert "watch" not in result and (state.read_text() if state.exists() else None) == before  # nothing spent
 
 
 def test_bad_since_values_are_one_line_errors(served):

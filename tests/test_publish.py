@@ -4,9 +4,11 @@ refused with nothing changed, or allowed with `publish.require: 1`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -17,7 +19,7 @@ from ctloop.errors import RegistryError
 from ctloop.registry.client import CHALLENGER, CHAMPION
 from ctloop.registry.promotion import champion_history, offer_as_challenger, promote, rollback
 from ctloop.registry.publishing import make_publisher, publication_status
-from ctloop.serving.server import create_app, serve_in_background
+from ctloop.serving.server import Serving, create_app, serve_in_background
 from ctloop.training.tinymodel import random_adapter
 from ctloop.workspace import Workspace
 from shadow_helpers import register_versions, serving_config
@@ -132,3 +134,34 @@ def test_the_load_api_confines_paths_and_names(tiny_base, adapters, tmp_path, mo
         assert busy.status_code == 409  # the champion is not unloaded behind the registry's back
         gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v7"}, headers=auth)
         assert gone.status_code == 200 and "srv-v7" not in json.dumps(httpx.get(f"{url}/v1/models").json())
+
+
+def test_a_pinned_load_survives_concurrent_role_syncs(tiny_base, adapters, tmp_path):
+    """The registry watch frees versions without a role; it must never free one that
+    /v1/load_lora_adapter is loading at that moment (CI once saw the pin lost this way)."""
+    config = serving_config(tiny_base, tmp_path / "ws")
+    register_versions(config, adapters[:1])
+    serving = Serving(config, Workspace(config.workspace))
+
+    async def scenario() -> list[bool]:
+        await serving.start()
+        unload_except = serving.backend.unload_except
+
+        def slow_unload_except(keep):  # a sync whose unload thread is scheduled late, as under load
+            time.sleep(0.3)
+            unload_except(keep)
+
+        serving.backend.unload_except = slow_unload_except
+        try:
+            kept = []
+            for version in (7, 8):
+                syncs = [serving.sync_roles() for _ in range(4)]
+                await asyncio.gather(*syncs[:2], serving.load_pinned(version, adapters[1]), *syncs[2:])
+                kept.append(version in serving.backend.loaded)
+                await asyncio.gather(serving.sync_roles(), serving.unload_pinned(version), serving.sync_roles())
+                kept.append(version not in serving.backend.loaded)
+            return kept
+        finally:
+            await serving.stop()
+
+    assert asyncio.run(scenario()) == [True] * 4

@@ -172,12 +172,15 @@ def watch(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """One drift check of live traffic (for cron): the prompts served since --since against the
-    champion's training data; the report goes to <workspace>/watch/. Exit 0: no drift, 3: drift,
-    4: too few requests to decide, 2: error."""
-    _print_drift(_production_drift(config, workspace, since, None), as_json)
+    champion's training data; the report goes to <workspace>/watch/. Each look tests at its share
+    of watch.false_alarm_budget, so false alarms stay within the budget however often it runs.
+    Exit 0: no drift, 3: drift, 4: too few requests to decide, 2: error."""
+    _print_drift(_production_drift(config, workspace, since, None, watch=True), as_json)
 
 
-def _production_drift(config_path: Path | None, workspace: Path | None, since: str, report_dir: Path | None) -> dict:
+def _production_drift(
+    config_path: Path | None, workspace: Path | None, since: str, report_dir: Path | None, watch: bool = False
+) -> dict:
     from ctloop.config import load_config
     from ctloop.cycle.production import check_production_drift
     from ctloop.errors import DataError
@@ -187,7 +190,7 @@ def _production_drift(config_path: Path | None, workspace: Path | None, since: s
         raise DataError("a production drift check needs --config (the model, drift and registry settings)")
     start = _check_since(since)
     cfg = load_config(config_path)
-    return check_production_drift(cfg, resolve_workspace(workspace, cfg), start, report_dir)
+    return check_production_drift(cfg, resolve_workspace(workspace, cfg), start, report_dir, watch)
 
 
 def _print_drift(result: dict, as_json: bool) -> None:

@@ -119,6 +119,22 @@ class DriftConfig(Section):
         return self
 
 
+MAX_WATCH_PERMUTATIONS = 1_000_000
+
+
+class WatchConfig(Section):
+    """`ctloop watch` and the production drift-watch DAG test live traffic again and again. A budget
+    of false alarms is spread over each period of `period_looks` looks: every look tests at
+    false_alarm_budget / period_looks (Bonferroni), so the chance of any false alarm in a period is at
+    most `false_alarm_budget`, however much the looks' windows overlap. The permutation tests draw
+    as many permutations as that alpha needs, and stop early when a look is clearly quiet."""
+
+    false_alarm_budget: float = Field(0.05, gt=0, lt=1, description="chance of any false alarm in a period")
+    period_looks: int = Field(
+        168, ge=1, le=100_000, description="looks per period (168: a week of hourly looks); 1: each look at the budget"
+    )
+
+
 class LoraConfig(Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
@@ -491,6 +507,7 @@ class CtloopConfig(Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
     drift: DriftConfig = DriftConfig()
+    watch: WatchConfig = WatchConfig()
     replay: ReplayConfig = ReplayConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
@@ -503,10 +520,23 @@ class CtloopConfig(Section):
     serve: ServeConfig = ServeConfig()
     shadow: ShadowConfig = ShadowConfig()
 
+    @model_validator(mode="after")
+    def _watch_is_affordable(self) -> CtloopConfig:
+        permutation_tests = {"mean", "mmd", "rff_mmd"} & set(self.drift.detectors)
+        needed = math.ceil(len(self.drift.detectors) * self.watch.period_looks / self.watch.false_alarm_budget) - 1
+        if permutation_tests and needed > MAX_WATCH_PERMUTATIONS:
+            raise ValueError(
+                f"watch.period_looks={self.watch.period_looks} with watch.false_alarm_budget="
+                f"{self.watch.false_alarm_budget} tests each look at an alpha that needs {needed} permutations "
+                f"per drifted look (over {MAX_WATCH_PERMUTATIONS}); use fewer looks per period or a larger budget"
+            )
+        return self
+
     def training_hash(self) -> str:
         """Hash of everything that changes what a cycle computes (not where it stores it)."""
         payload = self.model_dump(
-            mode="json", exclude={"workspace", "registry", "orchestration", "serve", "shadow", "harvest", "publish"}
+            mode="json",
+            exclude={"workspace", "registry", "orchestration", "serve", "shadow", "harvest", "publish", "watch"},
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -5,6 +5,7 @@ training prompts, with the same embedder, cache, detectors and report as any oth
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ctloop.config import CtloopConfig
@@ -32,13 +33,18 @@ def served_prompts(
 
 
 def check_production_drift(
-    config: CtloopConfig, workspace: Workspace, since: float, report_dir: Path | None = None
+    config: CtloopConfig, workspace: Workspace, since: float, report_dir: Path | None = None, watch: bool = False
 ) -> dict:
     """Served prompts since `since` vs the champion's training prompts. The result has the shape of
     `ctloop drift`'s, plus the window; with too few requests for `drift.min_rows` the outcome is
     `not_enough_data` and nothing is decided. Reports go to `report_dir` (default
-    <workspace>/watch/)."""
+    <workspace>/watch/).
+
+    `watch`: this is one look of a repeated watch (`ctloop watch`, the drift-watch DAG). It tests at
+    its share of `watch.false_alarm_budget` (see `ctloop.drift.budget`) instead of `drift.alpha`; a
+    look without enough traffic decides nothing and spends nothing."""
     from ctloop.cycle.reference import champion_reference
+    from ctloop.drift.budget import take_look
     from ctloop.drift.detectors import detect_drift
     from ctloop.drift.embed import embed_records, make_embedder, texts_of
     from ctloop.registry.client import CHAMPION, open_registry
@@ -59,7 +65,12 @@ def check_production_drift(
     cache = workspace.root / "embeddings"
     ref_emb = embed_records(reference, embedder, "prompt", cache)
     cur_emb = embed_records(current, embedder, "prompt", cache) if current else ref_emb[:0]
-    report = detect_drift(ref_emb, cur_emb, drift_config)
+    look = None
+    if watch and min(len(ref_emb), len(cur_emb)) >= drift_config.min_rows:
+        look = take_look(workspace.root / "watch" / "state.json", config.watch)
+    report = detect_drift(ref_emb, cur_emb, drift_config, alpha=look.alpha if look else None)
+    if look is not None:
+        report = replace(report, reasons=(*report.reasons, look.describe()))
     window = {
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
         "until": utc_now(),
@@ -74,6 +85,8 @@ def check_production_drift(
         "summary": report.summary(),
         "reasons": list(report.reasons),
     }
+    if look is not None:
+        result["watch"] = look.to_dict()
     if report.outcome == NOT_ENOUGH:
         result["summary"] = (
             f"production drift: not enough traffic to decide ({len(current)} requests since "
@@ -102,4 +115,4 @@ def watch_production(config_path: str | Path) -> bool:
     with workspace_lock(
         workspace, "airflow ctloop_drift_watch: production drift", config.orchestration.lock_wait_seconds
     ):
-        return bool(check_production_drift(config, workspace, since)["drift"])
+        return bool(check_production_drift(config, workspace, since, watch=True)["drift"])

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from ctloop.config import DriftConfig
 from ctloop.errors import DataError
 
 DETECTORS = ("mean", "mmd", "rff_mmd", "pca_ks", "classifier")
+PERMUTATION_DETECTORS = ("mean", "mmd", "rff_mmd")
 EXPLAIN_ROWS = 5000  # rows per side the explanation (nearest-reference outliers) looks at
 
 
@@ -88,9 +90,20 @@ def check_embeddings(reference: np.ndarray, current: np.ndarray) -> tuple[np.nda
 
 
 def detect_drift(
-    reference: np.ndarray, current: np.ndarray, config: DriftConfig, on_progress: Callable[[int], None] | None = None
+    reference: np.ndarray,
+    current: np.ndarray,
+    config: DriftConfig,
+    on_progress: Callable[[int], None] | None = None,
+    alpha: float | None = None,
 ) -> DriftReport:
-    """Run the configured detectors on two embedding matrices and decide (Holm across detectors)."""
+    """Run the configured detectors on two embedding matrices and decide (Holm across detectors).
+
+    `alpha` overrides `config.alpha` (the drift watch passes its per-look share of a budget). When it
+    is so small that `config.permutations` cannot resolve it, the permutation tests draw more
+    permutations in rounds, up to `permutations_needed`, and stop as soon as the p-value can no
+    longer fall to alpha: the decision is that of the full test, at a fraction of its cost when
+    nothing drifted."""
+    alpha = config.alpha if alpha is None else alpha
     reference, current = check_embeddings(reference, current)
     n_ref, n_cur = len(reference), len(current)
     if min(n_ref, n_cur) < config.min_rows:
@@ -98,7 +111,7 @@ def detect_drift(
             "not_enough_data",
             n_ref,
             n_cur,
-            config.alpha,
+            alpha,
             (),
             (
                 f"reference has {n_ref} rows and current {n_cur}; each needs at least drift.min_rows="
@@ -110,28 +123,27 @@ def detect_drift(
     current_rows = _subsample(n_cur, config.max_rows, rng)
     current = current[current_rows]
     pooled = np.concatenate([reference, current])
-    labels = _permutation_labels(len(reference), len(pooled), config.permutations, rng)
-    runners = {
-        "mean": lambda: mean_shift_test(pooled, labels),
-        "mmd": lambda: mmd_test(pooled, labels, rng),
-        "rff_mmd": lambda: rff_mmd_test(pooled, labels, rng, config.rff_features),
-        "pca_ks": lambda: pca_ks_test(pooled, len(reference), config.pca_components),
-        "classifier": lambda: classifier_test(pooled, len(reference), rng),
-    }
+    n_x = len(reference)
+    labels = _permutation_labels(n_x, len(pooled), config.permutations, rng)
+    limit = permutations_needed(len(config.detectors), alpha, config.permutations)
     results = []
-    for name in config.detectors:
-        results.append(runners[name]())
+    for index, name in enumerate(config.detectors):
+        run = partial(_run_detector, name, pooled, n_x, config, (config.seed, index))
+        result = run(labels)
+        if name in PERMUTATION_DETECTORS and limit > config.permutations:
+            result = _more_permutations(run, result, limit, alpha, config.permutations, n_x, len(pooled), rng)
+        results.append(result)
         if on_progress:
             on_progress(1)
     adjusted = holm(np.array([r.p_value for r in results]))
     results = [
-        DetectorResult(r.name, r.statistic, r.p_value, bool(a <= config.alpha), float(a), r.details)
+        DetectorResult(r.name, r.statistic, r.p_value, bool(a <= alpha), float(a), r.details)
         for r, a in zip(results, adjusted, strict=True)
     ]
     drifted = [r for r in results if r.drift]
     reasons = [
         f"{r.name}: statistic {r.statistic:.4g}, p {r.p_value:.4g}, Holm-adjusted {r.adjusted_p:.4g} "
-        f"{'<=' if r.drift else '>'} alpha {config.alpha}"
+        f"{'<=' if r.drift else '>'} alpha {alpha:.4g}"
         for r in results
     ]
     if max(n_ref, n_cur) > config.max_rows:
@@ -144,7 +156,7 @@ def detect_drift(
     cur_sample = _subsample(len(current), EXPLAIN_ROWS, rng)
     explanation = explain(reference[ref_sample], current[cur_sample], results, current_rows[cur_sample])
     return DriftReport(
-        "drift" if drifted else "no_drift", n_ref, n_cur, config.alpha, tuple(results), tuple(reasons), explanation
+        "drift" if drifted else "no_drift", n_ref, n_cur, alpha, tuple(results), tuple(reasons), explanation
     )
 
 
@@ -169,9 +181,70 @@ def _permutation_labels(n_x: int, n: int, permutations: int, rng: np.random.Gene
     return labels
 
 
+def _exceedances(observed: float, null: np.ndarray) -> int:
+    return int(np.count_nonzero(null >= observed - 1e-12 * abs(observed)))
+
+
 def permutation_p_value(observed: float, null: np.ndarray) -> float:
     """(1 + #{null >= observed}) / (1 + B): a valid p-value, never 0."""
-    return float((1 + np.count_nonzero(null >= observed - 1e-12 * abs(observed))) / (1 + len(null)))
+    return float((1 + _exceedances(observed, null)) / (1 + len(null)))
+
+
+def _permutation_result(name: str, stats: np.ndarray, details: dict | None = None) -> DetectorResult:
+    """stats[0] is the observed statistic, stats[1:] its permutation null."""
+    null = stats[1:]
+    exceedances = _exceedances(float(stats[0]), null)
+    return DetectorResult(
+        name,
+        float(stats[0]),
+        (1 + exceedances) / (1 + len(null)),
+        details={"permutations": len(null), "exceedances": exceedances} | (details or {}),
+    )
+
+
+def permutations_needed(detectors: int, alpha: float, permutations: int) -> int:
+    """The most permutations a test may need: Holm's smallest threshold is alpha / detectors, and a
+    permutation p-value is at least 1 / (B + 1)."""
+    return max(permutations, math.ceil(detectors / alpha) - 1)
+
+
+def _more_permutations(
+    run: Callable[[np.ndarray], DetectorResult],
+    first: DetectorResult,
+    limit: int,
+    alpha: float,
+    chunk: int,
+    n_x: int,
+    n: int,
+    rng: np.random.Generator,
+) -> DetectorResult:
+    """Draw permutations in rounds of `chunk` up to `limit` while the p-value with all `limit` of them,
+    (1 + exceedances) / (1 + limit), could still be <= alpha. Stopping early changes no decision:
+    the p-value reported then is above alpha, and so is the full test's."""
+    exceedances, drawn = first.details["exceedances"], first.details["permutations"]
+    while drawn < limit and (exceedances + 1) / (limit + 1) <= alpha:
+        size = min(chunk, limit - drawn)
+        more = run(_permutation_labels(n_x, n, size, rng))
+        exceedances += more.details["exceedances"]
+        drawn += size
+    details = first.details | {"permutations": drawn, "exceedances": exceedances, "stopped_early": drawn < limit}
+    return replace(first, p_value=(exceedances + 1) / (drawn + 1), details=details)
+
+
+def _run_detector(
+    name: str, pooled: np.ndarray, n_x: int, config: DriftConfig, seed: tuple[int, int], labels: np.ndarray
+) -> DetectorResult:
+    # A fresh generator per call: the bandwidth, features and split are the same in every round.
+    rng = np.random.default_rng(seed)
+    if name == "mean":
+        return mean_shift_test(pooled, labels)
+    if name == "mmd":
+        return mmd_test(pooled, labels, rng)
+    if name == "rff_mmd":
+        return rff_mmd_test(pooled, labels, rng, config.rff_features)
+    if name == "pca_ks":
+        return pca_ks_test(pooled, n_x, config.pca_components)
+    return classifier_test(pooled, n_x, rng)
 
 
 def _mean_diff_statistics(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -193,10 +266,7 @@ def _mean_diff_statistics(features: np.ndarray, labels: np.ndarray) -> np.ndarra
 
 
 def mean_shift_test(pooled: np.ndarray, labels: np.ndarray) -> DetectorResult:
-    stats = _mean_diff_statistics(pooled, labels)
-    return DetectorResult(
-        "mean", float(stats[0]), permutation_p_value(stats[0], stats[1:]), details={"permutations": labels.shape[1] - 1}
-    )
+    return _permutation_result("mean", _mean_diff_statistics(pooled, labels))
 
 
 def _centred(pooled: np.ndarray) -> np.ndarray:
@@ -247,12 +317,7 @@ def mmd_test(pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator, b
     q_yy = total - 2 * q_row_total + q_xx
     q_xy = q_row_total - q_xx
     stats = (q_xx - n_x * diag) / (n_x * (n_x - 1)) + (q_yy - n_y * diag) / (n_y * (n_y - 1)) - 2 * q_xy / (n_x * n_y)
-    return DetectorResult(
-        "mmd",
-        float(stats[0]),
-        permutation_p_value(stats[0], stats[1:]),
-        details={"bandwidth": bandwidth, "permutations": labels.shape[1] - 1, "null": stats[1:].tolist()},
-    )
+    return _permutation_result("mmd", stats, {"bandwidth": bandwidth, "null": stats[1:].tolist()})
 
 
 def rff_mmd_test(
@@ -274,12 +339,7 @@ def rff_mmd_test(
         total += phi.sum(axis=0, dtype=np.float64)[:, None]
     diff = sums_x / n_x - (total - sums_x) / (n - n_x)
     stats = (diff**2).sum(axis=0)
-    return DetectorResult(
-        "rff_mmd",
-        float(stats[0]),
-        permutation_p_value(stats[0], stats[1:]),
-        details={"bandwidth": bandwidth, "features": features, "permutations": labels.shape[1] - 1},
-    )
+    return _permutation_result("rff_mmd", stats, {"bandwidth": bandwidth, "features": features})
 
 
 def pooled_pca(pooled: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ def write_drift_report(path: Path, report, reference, current, current_texts: li
             "Decision",
             [
                 Text(
-                    f"{report.outcome} (alpha {report.alpha}, reference {report.n_reference} rows, "
+                    f"{report.outcome} (alpha {report.alpha:.3g}, reference {report.n_reference} rows, "
                     f"current {report.n_current} rows)",
                     "fail" if report.drift else "pass",
                     bold=True,

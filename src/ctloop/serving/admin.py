@@ -76,7 +76,7 @@ def add_admin_routes(app: Any, serving: Any) -> None:
         except AdapterRequestError as exc:
             raise ApiError(400, str(exc), exc.param) from None
         try:
-            await asyncio.to_thread(serving.load_pinned, version, folder)
+            await serving.load_pinned(version, folder)
         except CtloopError as exc:
             raise ApiError(404, f"cannot load {body.lora_name}: {exc}", "lora_name", "not_found") from exc
         except (OSError, ValueError, RuntimeError) as exc:  # files that are not a loadable adapter
@@ -104,7 +104,7 @@ def add_admin_routes(app: Any, serving: Any) -> None:
                 "lora_name",
                 "conflict",
             )
-        await asyncio.to_thread(serving.unload_pinned, version)
+        await serving.unload_pinned(version)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 

@@ -155,17 +155,20 @@ class Serving:
             self.last_sync_error = "; ".join(problems)
             return roles
 
-    def load_pinned(self, version: int, adapter_dir: Any) -> None:
-        """Load a version for /v1/load_lora_adapter (from `adapter_dir`, or from the registry) and keep it."""
-        if adapter_dir is None:
-            self._load(version)
-        elif version not in self.backend.loaded:
-            self.backend.load(version, adapter_dir)
-        self.pinned.add(version)
+    async def load_pinned(self, version: int, adapter_dir: Any) -> None:
+        """Load a version for /v1/load_lora_adapter (from `adapter_dir`, or from the registry) and keep it.
+        Under the roles lock: a concurrent `sync_roles` cannot free it between the load and the pin."""
+        async with self._sync_lock:
+            if adapter_dir is None:
+                await asyncio.to_thread(self._load, version)
+            elif version not in self.backend.loaded:
+                await asyncio.to_thread(self.backend.load, version, adapter_dir)
+            self.pinned.add(version)
 
-    def unload_pinned(self, version: int) -> None:
-        self.pinned.discard(version)
-        self.backend.unload_except(self.roles.versions() | self.pinned)
+    async def unload_pinned(self, version: int) -> None:
+        async with self._sync_lock:
+            self.pinned.discard(version)
+            await asyncio.to_thread(self.backend.unload_except, self.roles.versions() | self.pinned)
 
     def _load(self, version: int) -> None:
         if version in self.backend.loaded:
