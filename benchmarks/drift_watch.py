@@ -17,34 +17,23 @@ Rates come with Clopper-Pearson 95% intervals; every watch run is pooled. Figure
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binomtest
+from _debian_text import sections
+from _intervals import interval
 
 from ctloop.config import DriftConfig, WatchConfig
 from ctloop.drift.budget import take_look
 from ctloop.drift.detectors import detect_drift
 
-DATA = Path(os.environ.get("CTLOOP_BENCH_DATA", "/nonexistent"))
-
 
 def embeddings() -> tuple[np.ndarray, np.ndarray, str]:
     """(home domain, other domain, description) as unit-norm float32 rows."""
-    if DATA.is_file():
-        from ctloop.drift.embed import SentenceTransformerEmbedder
-
-        rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-        home = [f"{r['package']}: {r['description']}" for r in rows if r["section"] in ("libs", "libdevel")]
-        other = [f"{r['package']}: {r['description']}" for r in rows if r["section"] == "games"]
-        embedder = SentenceTransformerEmbedder("minilm")
-        started = time.perf_counter()
-        home_emb, other_emb = embedder.embed(home), embedder.embed(other)
-        print(f"embedded {len(home)} libs and {len(other)} games rows in {time.perf_counter() - started:.0f} s")
-        return home_emb, other_emb, "real text: Debian libs+libdevel (home) vs games, all-MiniLM-L6-v2"
+    real = sections({"libs": ("libs", "libdevel"), "games": ("games",)})
+    if real is not None:
+        return real["libs"], real["games"], "real text: Debian libs+libdevel (home) vs games, all-MiniLM-L6-v2"
     rng = np.random.default_rng(12345)
     scales = np.geomspace(1.0, 0.02, 384)
     centre = rng.normal(size=384)
@@ -83,11 +72,6 @@ def run_watch(home, other, args, seed: int, drifting: bool, state: Path) -> tupl
                 alarms[k] += 1
                 first[k] = look if first[k] is None else first[k]
     return first[0], first[1], alarms[0], alarms[1]
-
-
-def interval(k: int, n: int) -> str:
-    ci = binomtest(k, n).proportion_ci(method="exact")
-    return f"{k}/{n} = {k / n:.3f} [95% CI {ci.low:.3f}, {ci.high:.3f}]"
 
 
 def main() -> None:

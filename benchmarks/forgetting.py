@@ -25,6 +25,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ctloop.config import EvalConfig, LoraConfig, ModelConfig, ReplayConfig, TrainConfig
 from ctloop.data.records import Record, record_from_fields
 from ctloop.data.replay import ReplayBuffer, build_training_set
@@ -75,12 +77,16 @@ def run(ratio: float, eras, base: Path, work: Path, args, seed: int) -> list[dic
         tokens = {r.id: n for r, n in zip(train, counts(train), strict=True)}
         mix = build_training_set(train, tokens, buffer.rows(), replay, seed=100 * seed + k)
         out = work / f"adapter-{ratio}-{seed}-{k}"
+        epochs = args.epochs
+        if args.compute_matched:  # the same tokens, so the same optimizer steps, as training on the era alone
+            mixed_tokens = sum(counts(mix.records))
+            epochs = args.epochs * sum(tokens.values()) / mixed_tokens
         train_adapter(
             mix.records,
             model=model,
             lora=LoraConfig(),
             train=TrainConfig(
-                epochs=args.epochs, learning_rate=3e-3, batch_tokens=1024, checkpoint_every=0, seed=100 * seed + k
+                epochs=epochs, learning_rate=3e-3, batch_tokens=1024, checkpoint_every=0, seed=100 * seed + k
             ),
             out_dir=out,
             warm_start_from=adapter,
@@ -122,7 +128,13 @@ def main() -> None:
     parser.add_argument("--default-ratio", type=float, default=0.25, help="ctloop's default replay.ratio")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--holdout", type=int, default=60)
-    parser.add_argument("--seeds", type=int, default=3, help="runs per ratio (training and replay seeds)")
+    parser.add_argument("--seeds", type=int, default=5, help="runs per ratio (training and replay seeds)")
+    parser.add_argument(
+        "--compute-matched",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train every ratio on as many tokens (optimizer steps) as no replay; --no-compute-matched: replay adds steps",
+    )
     parser.add_argument("--work", default="/tmp/ctloop-forgetting")
     args = parser.parse_args()
     work = Path(args.work)
@@ -141,23 +153,48 @@ def main() -> None:
         for ratio, per_seed in runs.items()
     }
     summary = {ratio: summarise(scores, names) for ratio, scores in results.items()}
+    per_seed = {ratio: [summarise(scores, names) for scores in seeds] for ratio, seeds in runs.items()}
     write_report(work / "forgetting.html", results, summary, names)
 
-    print(
-        f"\neras: {' -> '.join(names)}; warm-started adapter, {args.epochs} epochs per cycle; "
-        f"mean of {args.seeds} seeds; {time.perf_counter() - started:.0f} s"
+    matched = (
+        "compute-matched (every ratio trains on the era's own token count)"
+        if args.compute_matched
+        else ("replay adds tokens and steps")
     )
-    print(f"{'replay ratio':>12s} {'avg forgetting':>15s} {'avg new-era gain':>17s}")
-    for ratio, (forgetting, gain) in summary.items():
-        print(f"{ratio:12.2f} {forgetting:15.4f} {gain:17.4f}")
-    if 0.0 in summary and args.default_ratio in summary:
-        f0, g0 = summary[0.0]
-        fd, gd = summary[args.default_ratio]
+    print(
+        f"\neras: {' -> '.join(names)}; warm-started adapter, {args.epochs} epochs of the era's tokens per cycle, "
+        f"{matched}; {args.seeds} seeds, mean and 95% t-interval over seeds; {time.perf_counter() - started:.0f} s"
+    )
+    print(f"{'replay ratio':>12s} {'avg forgetting':>28s} {'avg new-era gain':>28s}")
+    for ratio, pairs in per_seed.items():
+        forgetting, gain = mean_interval([f for f, _ in pairs]), mean_interval([g for _, g in pairs])
+        print(f"{ratio:12.2f} {forgetting:>28s} {gain:>28s}")
+    if 0.0 in per_seed and args.default_ratio in per_seed:
+        none, default = np.array(per_seed[0.0]), np.array(per_seed[args.default_ratio])
+        kept_forgetting = ratio_interval(default[:, 0], none[:, 0])
+        kept_gain = ratio_interval(default[:, 1], none[:, 1])
         print(
-            f"default ratio {args.default_ratio}: forgetting {fd / f0:.0%} of no-replay's "
-            f"(target <= 50%), new-era gain {gd / g0:.0%} of no-replay's (target >= 90%)"
+            f"default ratio {args.default_ratio}: forgetting {kept_forgetting} of no-replay's (target <= 50%), "
+            f"new-era gain {kept_gain} of no-replay's (target >= 90%); ratios of means, 95% bootstrap over seeds"
         )
     print(f"report: {work / 'forgetting.html'}")
+
+
+def mean_interval(values: list[float]) -> str:
+    from scipy import stats
+
+    array = np.array(values)
+    half = stats.t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / np.sqrt(len(array)) if len(array) > 1 else np.nan
+    return f"{array.mean():.4f} [{array.mean() - half:.4f}, {array.mean() + half:.4f}]"
+
+
+def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, resamples: int = 10_000) -> str:
+    """mean(numerator) / mean(denominator), with a bootstrap interval that resamples seeds in pairs."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(numerator), size=(resamples, len(numerator)))
+    ratios = numerator[picks].mean(axis=1) / denominator[picks].mean(axis=1)
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return f"{numerator.mean() / denominator.mean():.0%} [{low:.0%}, {high:.0%}]"
 
 
 def write_report(path: Path, results, summary, names: list[str]) -> None:

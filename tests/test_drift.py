@@ -340,8 +340,12 @@ def test_reasons_carry_statistic_p_value_and_holm_adjustment():
         rng.normal(size=(50, 4)), rng.normal(size=(50, 4)) + 3.0, DriftConfig(min_rows=20, permutations=99)
     )
     assert report.outcome == "drift"
-    assert all(r.startswith(f"{d.name}: statistic ") for d, r in zip(report.detectors, report.reasons, strict=True))
-    assert all("Holm-adjusted" in r and "<= alpha 0.05" in r for r in report.reasons)
+    per_detector, effect = report.reasons[:-1], report.reasons[-1]
+    assert all(r.startswith(f"{d.name}: statistic ") for d, r in zip(report.detectors, per_detector, strict=True))
+    assert all("Holm-adjusted" in r and "<= alpha 0.05" in r for r in per_detector)
+    # The effect size: a mean shift of 3 in each of 4 dimensions is a distance of 6.
+    assert effect.startswith("effect: mean embedding distance") and "bootstrap interval" in effect
+    assert report.effect["lower"] < 6.0 < report.effect["upper"] and report.effect["null_median"] < 1.0
     # Holm with two detectors both at the floor 1/100: adjusted = 2/100.
     assert [d.adjusted_p for d in report.detectors] == pytest.approx([0.02, 0.02])
 
@@ -376,6 +380,7 @@ def test_not_enough_data_report_to_dict_is_json_serialisable():
         "detectors": [],
         "reasons": list(report.reasons),
         "explanation": {},
+        "effect": {},
     }
     assert isinstance(report, DriftReport)
 

@@ -6,6 +6,7 @@ import math
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from ctloop.config import ShadowConfig
@@ -54,6 +55,11 @@ def test_a_healthy_challenger_with_enough_pairs_is_promoted():
     report = compare(_rows(300, challenger_latency=lambda i, b: b * 1.05), SETTINGS, "1", "2")
     assert report.decision == PROMOTE, report.reasons
     assert report.agreement["exact_match"] == 1.0 and report.counts["completed"] == 300
+    # Effect sizes with their bounds: the latency ratio is exactly 1.05 on every pair.
+    effects = report.to_dict()["effects"]
+    assert effects["error_rate"] == {"estimate": 0.0, "lower": 0.0, "upper": pytest.approx(0.015, abs=0.002)}
+    assert effects["latency_ratio"]["lower"] == pytest.approx(1.05) == effects["latency_ratio"]["upper"]
+    assert effects["length_ratio"]["estimate"] == 1.0 and "effects (estimate [lower, upper])" in report.summary()
 
 
 def test_too_few_pairs_hold():
@@ -109,7 +115,7 @@ def test_the_html_report_has_the_decision_and_plots(tmp_path):
     rows = _rows(300)
     report = compare(rows, SETTINGS, "1", "2")
     html = write_shadow_report(report, rows, tmp_path / "shadow.html").read_text()
-    assert "PROMOTE" in html and "<svg" in html and "latency" in html
+    assert "PROMOTE" in html and "<svg" in html and "latency" in html and "latency_ratio" in html
 
 
 def test_report_texts_are_escaped_but_charts_are_not(tmp_path):
@@ -209,3 +215,20 @@ def test_running_the_report_again_and_again_keeps_the_false_promotion_rate():
         rows = _rows(400, seed=seed, challenger_latency=lambda i, b, rng=rng: b * 1.5 * math.exp(rng.gauss(0, 0.3)))
         promotes += any(compare(rows[:n], SETTINGS, "1", "2").decision == PROMOTE for n in range(50, 401, 10))
     assert promotes <= 10  # Binomial(100, 0.05) exceeds 10 with probability 1.1%
+
+
+def test_the_median_interval_covers_the_median_and_narrows_with_pairs():
+    """The sign test inverted: the bounds hold the true median (here 0) about as often as promised,
+    and shrink as pairs arrive."""
+    from ctloop.serving.sequential import median_interval
+
+    rng = np.random.default_rng(0)
+    misses = 0
+    for _ in range(200):
+        low, high = median_interval(rng.standard_exponential(300) - math.log(2), 0.95)  # skewed, median 0
+        misses += not (low <= 0.0 <= high)
+    assert misses <= 10  # two sides at 95% each (always valid, so conservative): at most 10% expected
+    narrow = median_interval(rng.normal(size=2000), 0.95)
+    wide = median_interval(rng.normal(size=100), 0.95)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 3
+    assert median_interval(np.array([1.0]), 0.95) == (-math.inf, math.inf)

@@ -54,6 +54,7 @@ class DriftReport:
     detectors: tuple[DetectorResult, ...]
     reasons: tuple[str, ...]
     explanation: dict = field(default_factory=dict)
+    effect: dict = field(default_factory=dict)  # see `mean_distance_effect`
 
     @property
     def drift(self) -> bool:
@@ -151,13 +152,39 @@ def detect_drift(
             f"each side subsampled to drift.max_rows={config.max_rows} rows (seeded): power is "
             f"that of {config.max_rows} rows per side"
         )
+    effect = mean_distance_effect(pooled, labels, rng)
+    reasons.append(
+        f"effect: mean embedding distance {effect['estimate']:.4g} (95% bootstrap interval {effect['lower']:.4g}-"
+        f"{effect['upper']:.4g}; with no drift it is typically {effect['null_median']:.4g} at these sample sizes)"
+    )
     # The nearest-reference search is O(n_ref x n_cur): explain on a seeded sample of each side.
     ref_sample = _subsample(len(reference), EXPLAIN_ROWS, rng)
     cur_sample = _subsample(len(current), EXPLAIN_ROWS, rng)
     explanation = explain(reference[ref_sample], current[cur_sample], results, current_rows[cur_sample])
     return DriftReport(
-        "drift" if drifted else "no_drift", n_ref, n_cur, alpha, tuple(results), tuple(reasons), explanation
+        "drift" if drifted else "no_drift", n_ref, n_cur, alpha, tuple(results), tuple(reasons), explanation, effect
     )
+
+
+def mean_distance_effect(
+    pooled: np.ndarray, labels: np.ndarray, rng: np.random.Generator, resamples: int = 200
+) -> dict[str, float]:
+    """How far apart the two samples are, in the embedding's own units: the distance between their
+    mean embeddings, a 95% bootstrap interval (rows resampled within each side), and the median of
+    the same distance over the permutations (what sampling noise alone gives at these sizes; the
+    distance is biased upwards, so compare the two rather than the distance with 0)."""
+    n_x = int(labels[:, 0].sum())
+    null = np.sqrt(_mean_diff_statistics(pooled, labels)[1:])
+    reference, current = pooled[:n_x], pooled[n_x:]
+    observed = float(np.linalg.norm(reference.mean(axis=0, dtype=np.float64) - current.mean(axis=0, dtype=np.float64)))
+
+    def resampled_means(side: np.ndarray) -> np.ndarray:
+        counts = rng.multinomial(len(side), np.full(len(side), 1 / len(side)), size=resamples).astype(np.float32)
+        return (counts @ side).astype(np.float64) / len(side)
+
+    distances = np.linalg.norm(resampled_means(reference) - resampled_means(current), axis=1)
+    low, high = np.quantile(distances, [0.025, 0.975])
+    return {"estimate": observed, "lower": float(low), "upper": float(high), "null_median": float(np.median(null))}
 
 
 # -- the permutation engine ----------------------------------------------------------------------

@@ -16,6 +16,17 @@ def write_shadow_report(report, rows: list[dict[str, Any]], path: Path) -> Path:
     sections: list = [
         ("decision", [Text(report.decision, bold=True), Bullets(tuple(report.reasons))]),
         ("counts", [Table(tuple((k, str(v)) for k, v in report.counts.items()))]),
+        (
+            "effects (always-valid bounds, each side at shadow.confidence)",
+            [
+                Table(
+                    tuple(
+                        (name, f"{v['estimate']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]")
+                        for name, v in report.effects.items()
+                    )
+                )
+            ],
+        ),
     ]
     if done:
         sections.append(

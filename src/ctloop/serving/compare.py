@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ctloop.config import ShadowConfig
-from ctloop.serving.sequential import anytime_p_value, confidence_bound, pairs_for_power, shown
+from ctloop.serving.sequential import anytime_p_value, confidence_bound, median_interval, pairs_for_power, shown
 
 PROMOTE, HOLD, REJECT = "PROMOTE", "HOLD", "REJECT"
 
@@ -49,6 +49,8 @@ class ShadowReport:
     agreement: dict[str, float] = field(default_factory=dict)
     empty_answers: dict[str, int] = field(default_factory=dict)
     judge: dict[str, float] = field(default_factory=dict)
+    # Effect sizes with their always-valid bounds (each side at shadow.confidence): estimate, lower, upper.
+    effects: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +70,13 @@ class ShadowReport:
             )
         if self.agreement:
             lines.append("  agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in self.agreement.items()))
+        if self.effects:
+            lines.append(
+                "  effects (estimate [lower, upper]): "
+                + ", ".join(
+                    f"{k} {v['estimate']:.3g} [{v['lower']:.3g}, {v['upper']:.3g}]" for k, v in self.effects.items()
+                )
+            )
         lines += [f"  - {reason}" for reason in self.reasons]
         return "\n".join(lines)
 
@@ -156,6 +165,7 @@ def compare(
                 f"{settings.max_error_rate:.1%})"
             )
 
+    effects = {"error_rate": _effect(error_rate, low, high)} if attempted else {}
     latency = {}
     latency_ratio = length_ratio = float("nan")
     agreement: dict[str, float] = {}
@@ -171,6 +181,7 @@ def compare(
             / np.array([max(r["champion_latency_ms"], 1e-3) for r in done])
         )
         latency_ratio = float(np.exp(np.median(log_latency)))
+        effects["latency_ratio"] = _effect(latency_ratio, *np.exp(median_interval(log_latency, confidence)))
         # Each test asks "is the ratio above the limit?", not "is it above 1?".
         limit = math.log(settings.max_latency_ratio)
         _ratio_check(
@@ -190,6 +201,7 @@ def compare(
             / (np.array([r["champion_tokens"] for r in done]) + 1.0)
         )
         length_ratio = float(np.exp(np.median(log_length)))
+        effects["length_ratio"] = _effect(length_ratio, *np.exp(median_interval(log_length, confidence)))
         limit = math.log(settings.max_length_ratio)
         _ratio_check(
             "median output length ratio",
@@ -219,6 +231,7 @@ def compare(
         agreement = _agreement(done, embedder)
         if judge is not None:
             judged = _judge(done, judge, settings, reject, hold, passed)
+            effects["judge_win_rate"] = _effect(judged["win_rate"], judged["lower"], judged["upper"])
 
     decision = REJECT if reject else HOLD if hold else PROMOTE
     return ShadowReport(
@@ -234,7 +247,12 @@ def compare(
         agreement=agreement,
         empty_answers=empty,
         judge=judged,
+        effects=effects,
     )
+
+
+def _effect(estimate: float, lower: float, upper: float) -> dict[str, float]:
+    return {"estimate": float(estimate), "lower": float(lower), "upper": float(upper)}
 
 
 def _ratio_check(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 _EDGE = 1e-12
 
 
@@ -61,6 +63,31 @@ def confidence_bound(successes: float, n: float, confidence: float, upper: bool)
         else:
             low, high = (middle, high) if clear else (low, middle)
     return high if upper else low
+
+
+def median_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Bounds on the median, valid at every look: the values m for which neither "the share below m
+    is above 1/2" nor "below 1/2" is shown (each side at `confidence`, the sign test inverted).
+    With k values below m, m lies between the k-th and (k+1)-th smallest; -inf/inf when a side
+    has too few pairs to bound it."""
+    ordered = np.sort(np.asarray(values, dtype=float))
+    n = len(ordered)
+    if n == 0:
+        return -math.inf, math.inf
+
+    def first(predicate) -> int:  # the smallest k in 0..n+1 with predicate(k); predicate is monotone
+        low, high = -1, n + 1
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if predicate(middle) else (middle, high)
+        return high
+
+    lowest = first(lambda k: not shown(k, n, 0.5, False, confidence))  # fewer below: m is under the median
+    highest = first(lambda k: shown(k, n, 0.5, True, confidence)) - 1  # more below: m is over the median
+    return (
+        float(ordered[lowest - 1]) if lowest >= 1 else -math.inf,
+        float(ordered[highest]) if highest <= n - 1 else math.inf,
+    )
 
 
 def pairs_for_power(observed: float, p0: float, above: bool, confidence: float, power: float = 0.8) -> int | None:
