@@ -66,55 +66,87 @@ def write_config(root: Path, base: Path, port: int, batch: int, shadow: bool) ->
     return path
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol for this load:
+    pre-encoded POSTs and Content-Length answers. The load generator shares the server's two
+    cores here, and httpx's per-request Python work would be charged to whichever server mode
+    answers more requests; raw asyncio streams keep the client's share small for both."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line, *headers = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        length = next(int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:"))
+        return int(status_line.split(" ", 2)[1]), await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def load(
     url: str, prompts: list[str], seconds: float, concurrency: int, max_tokens: int, rate: float | None = None
 ) -> dict:
-    """Closed loop (`concurrency` clients back to back), or open loop at `rate` requests/s."""
+    """Closed loop (`concurrency` clients back to back, one connection each), or open loop at `rate`
+    requests/s (a connection per request)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    bodies = [json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens}).encode() for prompt in prompts]
     latencies: list[float] = []
     tokens = errors = 0
     deadline = time.perf_counter() + seconds
 
-    async def one(http: httpx.AsyncClient, i: int) -> None:
+    async def one(connection: Connection, i: int) -> None:
         nonlocal tokens, errors
         began = time.perf_counter()
-        response = await http.post(
-            f"{url}/v1/completions",
-            json={"model": "bench", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens},
-        )
-        if response.status_code == 200:
+        status, answer = await connection.post("/v1/completions", bodies[i % len(bodies)])
+        if status == 200:
             latencies.append(time.perf_counter() - began)
-            tokens += response.json()["usage"]["completion_tokens"]
+            tokens += json.loads(answer)["usage"]["completion_tokens"]
         else:
             errors += 1
 
+    async def single(i: int) -> None:
+        connection = Connection(host, int(port))
+        try:
+            await one(connection, i)
+        finally:
+            await connection.close()
+
     if rate is not None:
         started = time.perf_counter()
-        async with httpx.AsyncClient(timeout=120) as http:
-            pending = []
-            for i in range(int(seconds * rate)):
-                await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
-                pending.append(asyncio.create_task(one(http, i)))
-            await asyncio.gather(*pending)
-        elapsed = time.perf_counter() - started
-        return {
-            "requests": len(latencies),
-            "errors": errors,
-            "rps": len(latencies) / elapsed,
-            "tokens_per_s": tokens / elapsed,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
-        }
+        pending = []
+        for i in range(int(seconds * rate)):
+            await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+            pending.append(asyncio.create_task(single(i)))
+        await asyncio.gather(*pending)
+        return summary(latencies, errors, tokens, time.perf_counter() - started)
 
     async def client(offset: int) -> None:
-        async with httpx.AsyncClient(timeout=120) as http:
-            i = offset
+        connection = Connection(host, int(port))
+        i = offset
+        try:
             while time.perf_counter() < deadline:
-                await one(http, i)
+                await one(connection, i)
                 i += concurrency
+        finally:
+            await connection.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    return summary(latencies, errors, tokens, time.perf_counter() - started)
+
+
+def summary(latencies: list[float], errors: int, tokens: int, elapsed: float) -> dict:
     return {
         "requests": len(latencies),
         "errors": errors,

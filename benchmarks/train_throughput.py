@@ -338,6 +338,16 @@ def main() -> None:
             f"{statistics.median(r['peak_rss_gb'] for r in done):12.2f} "
             f"{statistics.median(r['eval_loss'] for r in done):10.3f}"
         )
+    print(
+        "eval loss compares ctloop's configurations with each other only: the seed trains with another learning "
+        "rate, other target modules (q/v) and a loss on every token, so its loss is not comparable"
+    )
+    if not torch.cuda.is_available():
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        print(
+            f"CPU AMX: {'yes' if 'amx_bf16' in cpuinfo else 'no'} (on a CPU, precision auto trains in bf16 only "
+            "with AMX; without it, auto is fp32 like -fp32)"
+        )
 
 
 if __name__ == "__main__":

@@ -83,3 +83,16 @@ def test_rows_of_the_wrong_width_are_refused():
 def test_the_window_decision_weighs_alarms_against_the_expected_false_ones(alarms, rows, ert, drift):
     decided, expected, p_value = window_decision(alarms, rows, ert, alpha=0.05)
     assert decided is drift and expected == rows / ert and 0 < p_value <= 1
+
+
+def test_the_gram_simulation_computes_the_feature_space_statistics():
+    """References up to GRAM_ROWS rows calibrate through their Gram matrix: the same statistics,
+    a fraction of the work."""
+    rng = np.random.default_rng(1)
+    reference = rng.standard_normal((150, 12))
+    detector = OnlineDriftDetector(reference, ert=100, window=20, features=32, calibration_runs=20)
+    pool, picks, errors = detector._features(reference), rng.integers(0, 150, (4, 300)), rng.standard_normal((4, 150))
+    gram = detector._gram_statistics(pool, picks, errors)
+    features = detector._feature_statistics(pool, picks, errors)
+    assert gram.shape == features.shape == (4, 281)
+    np.testing.assert_allclose(gram, features, rtol=1e-9, atol=1e-12)
