@@ -95,6 +95,27 @@ def test_batched_greedy_answers_equal_one_at_a_time_generation(serial, batched):
     assert batched.batcher.largest > 1 and batched.batcher.steps - steps < len(expected) * 4  # really batched
 
 
+def test_answers_stay_the_same_after_a_long_run_on_one_adapter(serial, batched):
+    """After SINGLE_STEPS steps on one adapter the mixed-batch hooks are removed; the next mixed
+    batch registers them again, and its answers still equal one-at-a-time generation."""
+    from ctloop.serving.batching import _AdapterRouting
+
+    async def on_champion_only():
+        steps = batched.batcher.steps
+        while batched.batcher.steps - steps <= _AdapterRouting.SINGLE_STEPS:
+            await asyncio.gather(*(batched.generate(request, 1) for request, _ in _requests()))
+
+    asyncio.run(on_champion_only())
+    assert batched.batcher._routing._handles == []  # plain LoRA forwards, no hooks
+    expected = [_summary(asyncio.run(serial.generate(request, version))) for request, version in _requests()]
+
+    async def mixed():
+        return [_summary(a) for a in await asyncio.gather(*(batched.generate(r, v) for r, v in _requests()))]
+
+    assert asyncio.run(mixed()) == expected
+    assert batched.batcher._routing._handles  # the mixed batch brought them back
+
+
 def test_a_user_request_waits_at_most_one_step_behind_shadow_calls(tiny_base, adapters, serial):
     """The batch is full of long shadow calls; a user request still starts at the next step, and the
     shadow calls it paused resume and give the same answers as if they had never been paused."""
