@@ -166,26 +166,51 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-def run_server(config: Path, port: int, prompts: list[str], args) -> dict:
+def start_server(config: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """`ctloop serve` in its own process, once /healthz answers."""
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "ctloop", "serve", "--config", str(config)],
+        [sys.executable, "-m", "ctloop", "serve", "--config", str(config), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"the server did not come up: {server.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
+def alternating(configs: dict, port: int, prompts: list[str], args) -> dict[int, list[float]]:
+    """Both modes up at once (shadowing off), measured in turns at the first client count: a slow
+    minute on a shared machine then hits both, and the per-round ratios show the spread."""
+    servers = {batch: start_server(configs[(batch, False)], port + 1 + k) for k, batch in enumerate(MODES)}
+    rates: dict[int, list[float]] = {batch: [] for batch in MODES}
+    try:
+        for _, url in servers.values():
+            asyncio.run(load(url, prompts, 2, args.clients[0], args.max_tokens))  # warm-up
+        for _ in range(args.rounds):
+            for batch, (_, url) in servers.items():
+                measured = asyncio.run(load(url, prompts, args.round_seconds, args.clients[0], args.max_tokens))
+                rates[batch].append(measured["rps"])
+    finally:
+        for server, _ in servers.values():
+            server.send_signal(signal.SIGTERM)
+            server.wait(120)
+    return rates
+
+
+def run_server(config: Path, port: int, prompts: list[str], args) -> dict:
+    server, url = start_server(config, port)
     result: dict = {"closed": {}}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not come up: {server.stderr.read()[-2000:]}")
-            time.sleep(0.2)
         asyncio.run(load(url, prompts, 2, max(args.clients), args.max_tokens))  # warm-up
         completed = 'ctloop_shadow_finished_total{outcome="completed"}'
         for clients in args.clients:
@@ -252,6 +277,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="closed-loop client counts")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rate", type=float, default=3.0, help="open-loop requests/s (well under capacity)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds, both modes up at once")
+    parser.add_argument("--round-seconds", type=float, default=10)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,6 +294,7 @@ def main() -> None:
         promote(registry, 1, by="benchmark", note="serve_load")
         registry.set_alias(CHALLENGER, 2)
         results = {run: run_server(configs[run], port, prompts, args) for run in runs}
+        turns = alternating(configs, port, prompts, args)
         alone = engine_alone(base, root / "adapter1", prompts, args)
         rows = {batch: len(read_rows(f"sqlite:///{root / f'shadow-{batch}-True.db'}")) for batch in MODES}
     print(
@@ -293,6 +321,16 @@ def main() -> None:
                 f"{'on' if shadow else 'off':<10}{clients:>8}{fast['rps'] / slow['rps']:>7.2f}x"
                 f"{fast['p99_ms'] / slow['p99_ms']:>7.2f}x  {target}"
             )
+    ratios = [fast / slow for fast, slow in zip(turns[16], turns[1], strict=True)]
+    print(
+        f"\n== alternating rounds, both servers up, {args.clients[0]} clients, shadowing off, "
+        f"{args.round_seconds:.0f} s per turn ==\n"
+        + "\n".join(
+            f"round {k + 1}: serialised {slow:.1f} req/s, batched {fast:.1f} req/s: {fast / slow:.2f}x"
+            for k, (fast, slow) in enumerate(zip(turns[16], turns[1], strict=True))
+        )
+        + f"\nmedian {statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x; target >= 4x)"
+    )
     print(
         f"\n== the in-process backend alone (no HTTP, no logs), {args.clients[0]} clients, shadowing off ==\n"
         f"serialised {alone[1]:.1f} req/s, batched {alone[16]:.1f} req/s: {alone[16] / alone[1]:.2f}x"
