@@ -83,8 +83,7 @@ def _read(state_file: Path) -> WatchLook | None:
     try:
         raw = json.loads(state_file.read_text(encoding="utf-8"))
         look = WatchLook(
-            **{k: raw[k] for k in ("period", "look", "period_looks", "false_alarm_budget")},
-            period_started=raw["period_started"],
+            **{k: raw[k] for k in ("period", "look", "period_looks", "false_alarm_budget", "period_started")}
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
