@@ -202,6 +202,27 @@ def test_an_unexpected_error_is_a_counted_500_in_the_openai_shape(tiny_base, tmp
     assert 'code="500",path="/v1/completions"' in metrics
 
 
+def test_an_idle_keep_alive_connection_outlives_the_clients_pool_expiry(server):
+    """httpx (and so the OpenAI SDK) drops idle pooled connections after 5 s; a server closing its
+    side at the same moment races a client reusing it (CI saw a ReadError under load). The server
+    keeps them longer (serve.keep_alive_s, 65 s), so a request after 6 idle seconds still lands."""
+    host, port = server.removeprefix("http://").split(":")
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        statuses = []
+        for pause in (0, 6):
+            time.sleep(pause)
+            sock.sendall(request)
+            statuses.append(reader.readline())  # b"" if the server closed the connection
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)  # the whole answer, so the next read starts at the next one
+    assert statuses == [b"HTTP/1.1 200 OK\r\n"] * 2, statuses
+
+
 def test_a_client_that_never_finishes_its_headers_is_disconnected(server, monkeypatch):
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:

@@ -418,6 +418,12 @@ class ServeConfig(Section):
     header_timeout_s: float = Field(
         30.0, gt=0, description="a connection whose first request head takes longer is closed"
     )
+    keep_alive_s: int = Field(
+        65,
+        ge=1,
+        description="an idle keep-alive connection is closed after this long; keep it above the clients' own pool "
+        "expiry (httpx and the OpenAI SDK: 5 s), or a client may reuse a connection the server is closing",
+    )
     admin_token_env: str = Field(
         "CTLOOP_ADMIN_TOKEN", description="env var holding the admin bearer token; unset: admin endpoints are disabled"
     )

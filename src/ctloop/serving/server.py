@@ -32,7 +32,7 @@ from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
-from ctloop.config import CtloopConfig
+from ctloop.config import CtloopConfig, ServeConfig
 from ctloop.errors import CtloopError, ModelError
 from ctloop.serving.admin import add_admin_routes
 from ctloop.serving.backends import USER, Backend, GenerationRequest
@@ -511,6 +511,7 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
         log_level="info",
         timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5,
         http=head_timeout_protocol(config.serve.header_timeout_s),
+        timeout_keep_alive=config.serve.keep_alive_s,
     )
 
 
@@ -532,9 +533,13 @@ def serve_in_background(
     from ctloop.serving.http_protocol import head_timeout_protocol
 
     serving = getattr(app.state, "serving", None)  # a ctloop app knows its limits; any other gets the default
-    seconds = serving.config.serve.header_timeout_s if serving is not None else 30.0
-    protocol = head_timeout_protocol(seconds)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=protocol))
+    serve = serving.config.serve if serving is not None else ServeConfig()
+    protocol = head_timeout_protocol(serve.header_timeout_s)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", http=protocol, timeout_keep_alive=serve.keep_alive_s
+        )
+    )
     thread = threading.Thread(target=server.run, name="ctloop-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
