@@ -59,7 +59,10 @@ def test_a_healthy_challenger_with_enough_pairs_is_promoted():
     effects = report.to_dict()["effects"]
     assert effects["error_rate"] == {"estimate": 0.0, "lower": 0.0, "upper": pytest.approx(0.015, abs=0.002)}
     assert effects["latency_ratio"]["lower"] == pytest.approx(1.05) == effects["latency_ratio"]["upper"]
-    assert effects["length_ratio"]["estimate"] == 1.0 and "effects (estimate [lower, upper])" in report.summary()
+    assert (
+        effects["length_ratio"]["estimate"] == 1.0
+        and "effects, estimate (bounds): error_rate 0 (0 to 0.01" in report.summary()
+    )
 
 
 def test_too_few_pairs_hold():

@@ -72,9 +72,9 @@ class ShadowReport:
             lines.append("  agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in self.agreement.items()))
         if self.effects:
             lines.append(
-                "  effects (estimate [lower, upper]): "
+                "  effects, estimate (bounds): "
                 + ", ".join(
-                    f"{k} {v['estimate']:.3g} [{v['lower']:.3g}, {v['upper']:.3g}]" for k, v in self.effects.items()
+                    f"{k} {v['estimate']:.3g} ({v['lower']:.3g} to {v['upper']:.3g})" for k, v in self.effects.items()
                 )
             )
         lines += [f"  - {reason}" for reason in self.reasons]
