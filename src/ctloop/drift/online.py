@@ -99,21 +99,19 @@ class OnlineDriftDetector:
 
     def _feature_statistics(self, pool: np.ndarray, picks: np.ndarray, errors: np.ndarray) -> np.ndarray:
         """The statistic at every position of each simulated run, in feature space: O(runs x horizon x features)."""
-        centred = pool - self.ref_mean
+        centred = pool - self.ref_mean  # O(n x features), cheap next to the rest
         cumulative = np.cumsum(pool[picks], axis=1)
         window_sums = cumulative[:, self.window - 1 :].copy()
         window_sums[:, 1:] -= cumulative[:, : picks.shape[1] - self.window]
         reference_means = (self.ref_mean + errors @ centred / len(pool))[:, None, :]
         return ((window_sums / self.window - reference_means) ** 2).sum(axis=2)
 
-    def _gram_statistics(self, pool: np.ndarray, picks: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    def _gram_statistics(self, gram: np.ndarray, picks: np.ndarray, errors: np.ndarray) -> np.ndarray:
         """The same statistics through the Gram matrix G of the centred pool (psi = phi - ref_mean),
         O(runs x horizon x window): with window W and error coefficients z,
         ||mean_W(phi) - ref_mean - z'psi/n||^2 = sum_{i,j in W} G_ij / w^2 - 2 sum_{i in W} (G z)_i / (w n)
         + z'Gz / n^2. The double sum is taken lag by lag: pairs (p, p + lag) inside the window."""
-        centred = pool - self.ref_mean
-        gram = centred @ centred.T
-        n, w = len(pool), self.window
+        n, w = len(gram), self.window
 
         def window_sums(series: np.ndarray, length: int) -> np.ndarray:
             """Sums over [t - w + 1, t - w + length] for every window end t (a series of pairs or rows)."""
@@ -137,12 +135,16 @@ class OnlineDriftDetector:
         which the reference mean misses by such an error, so the simulation must too."""
         horizon = 8 * self.ert
         stats = np.empty((runs, horizon - self.window + 1))
+        centred = pool - self.ref_mean
+        gram = centred @ centred.T if len(pool) <= GRAM_ROWS else None  # once, not per chunk of runs
         for start in range(0, runs, 32):
             count = min(32, runs - start)
             picks = rng.integers(0, len(pool), size=(count, horizon))
             errors = rng.standard_normal((count, len(pool)))  # the reference mean's error: errors @ centred / n
-            simulate = self._gram_statistics if len(pool) <= GRAM_ROWS else self._feature_statistics
-            stats[start : start + count] = simulate(pool, picks, errors)
+            if gram is not None:
+                stats[start : start + count] = self._gram_statistics(gram, picks, errors)
+            else:
+                stats[start : start + count] = self._feature_statistics(pool, picks, errors)
 
         def mean_run_length(threshold: float) -> float:
             crossed = stats > threshold
