@@ -263,19 +263,19 @@ def test_training_attention_skips_work_across_packed_samples_where_it_can(monkey
     from ctloop.kernels import attention as cpu_attention
     from ctloop.training.trainer import training_attention
 
-    if not torch.cuda.is_available():  # this machine: ctloop's CPU kernel, whatever the batches
-        assert training_attention(True, True) == training_attention(False, False) == cpu_attention.NAME
-    # the choice made on a GPU machine
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # on the CPU: ctloop's CPU kernel, whatever the batches
+    assert training_attention(True, True, "cpu") == training_attention(False, False, "cpu") == cpu_attention.NAME
+    # the choice made on a GPU
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
-    assert training_attention(True, True) == "flex_attention" and training_attention(False, True) == "sdpa"
+    assert training_attention(True, True, "cuda:0") == "flex_attention"
+    assert training_attention(False, True, "cuda:0") == "sdpa"
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
-    assert training_attention(True, True) == training_attention(False, True) == "flash_attention_2"
+    assert training_attention(True, True, "cuda") == training_attention(False, True, "cuda") == "flash_attention_2"
     # flash-attn has no fp32 kernels and needs Ampere or newer
-    assert training_attention(True, False) == "flex_attention"
+    assert training_attention(True, False, "cuda") == "flex_attention"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
-    assert training_attention(True, True) == "flex_attention"
+    assert training_attention(True, True, "cuda") == "flex_attention"
 
 
 PAYLOAD_MARKER = "pwned-by-checkpoint"

@@ -41,6 +41,13 @@ class ModelConfig(Section):
         "transformers' own",
     )
     max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the model runs for training, evaluation, serving and the base-model embedder: "
+        "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each "
+        "process trains on its own GPU. Not part of the training hash: it changes speed, not results",
+    )
 
 
 class DataConfig(Section):
@@ -542,7 +549,12 @@ class CtloopConfig(Section):
         """Hash of everything that changes what a cycle computes (not where it stores it)."""
         payload = self.model_dump(
             mode="json",
-            exclude={"workspace", "registry", "orchestration", "serve", "shadow", "harvest", "publish", "watch"},
+            exclude={
+                **dict.fromkeys(
+                    ("workspace", "registry", "orchestration", "serve", "shadow", "harvest", "publish", "watch"), True
+                ),
+                "model": {"device"},
+            },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

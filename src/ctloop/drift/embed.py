@@ -86,11 +86,12 @@ class BaseModelEmbedder:
                 for row, i in enumerate(chunk):
                     input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                     mask[row, : len(ids[i])] = 1
+                input_ids, mask = input_ids.to(self.model.device), mask.to(self.model.device)
                 hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[
                     -1
                 ]
                 pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
-                out[chunk] = pooled.float().numpy()
+                out[chunk] = pooled.float().cpu().numpy()
                 advance(len(chunk))
         return out
 

@@ -97,6 +97,7 @@ def evaluate(
                 per_example = [0.0] * len(examples)
                 for batch_indices in plans[set_name]:
                     batch = collate([examples[i] for i in batch_indices], tokenizer.pad_token_id)
+                    batch = {key: value.to(base.device) for key, value in batch.items()}
                     if path is None and peft_model is not None:
                         with peft_model.disable_adapter():
                             nll, mask = token_losses(peft_model, batch)
@@ -156,8 +157,10 @@ def _generate(network, tokenizer, records: list[Record], adapter: str | None, co
         for start in range(0, len(prompts), config.generation_batch):
             chunk = prompts[start : start + config.generation_batch]
             width = max(len(p) for p in chunk)
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            input_ids = torch.tensor(
+                [[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=network.device
+            )
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=network.device)
             out = network.generate(
                 input_ids=input_ids,
                 attention_mask=mask,

@@ -25,20 +25,48 @@ def load_tokenizer(config: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_base_model(config: ModelConfig) -> Any:
+def load_base_model(config: ModelConfig, device: str | None = None) -> Any:
+    """The base model on `device` (default: `model_device(config)`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ctloop.kernels import attention as cpu_attention
 
+    device = device or model_device(config)
     quiet_transformers()
     if config.attn_implementation == cpu_attention.NAME:
         cpu_attention.register()
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     with _explained_load_errors(config):
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             config.base, revision=config.revision, dtype=getattr(torch, config.dtype), **extra
         )
+    return model.to(device)
+
+
+def model_device(config: ModelConfig) -> str:
+    """`model.device` resolved: auto is the current CUDA device when torch sees one, else the CPU.
+    Raises ModelError for a GPU this process cannot see."""
+    import torch
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(config.device.partition(":")[2] or 0)
+        if index >= count:
+            raise ModelError(
+                f"model.device={config.device!r} but this process sees {count} CUDA device(s) "
+                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={_visible_devices()}); set model.device: auto "
+                "(the CPU when there is no GPU), cpu, or a GPU index below the count"
+            )
+    return config.device
+
+
+def _visible_devices() -> str:
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
 
 
 CPU_BF16_MIN_HIDDEN = 512  # below this the casts cost more than AMX saves (measured: hidden 128 ran slower)
@@ -50,8 +78,10 @@ def fast_bf16_available(config: ModelConfig) -> bool:
     import torch
     from transformers import AutoConfig
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+    device = model_device(config)
+    if device.startswith("cuda"):
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported()
     hidden = getattr(AutoConfig.from_pretrained(config.base, revision=config.revision), "hidden_size", 0) or 0
     if hidden < CPU_BF16_MIN_HIDDEN:
         return False

@@ -112,7 +112,7 @@ def _truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class InProcessBackend:
-    """The base model and its adapters in this process (CPU or one GPU).
+    """The base model and its adapters in this process, on `model.device` (the CPU or one GPU).
 
     It shares its compute between the champion and the challenger: a shadow call waits while user
     requests are waiting, and its timeout counts only its own generation, not that wait (which
@@ -251,7 +251,7 @@ class InProcessBackend:
                     overtime.set()
                 text = tokenizer.decode(input_ids[0, len(ids) :], skip_special_tokens=True) if request.stop else ""
                 done = cancelled.is_set() or overtime.is_set() or any(s and s in text for s in request.stop)
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
         tokenizer = self.tokenizer
         overtime = threading.Event()
@@ -272,8 +272,8 @@ class InProcessBackend:
             self.network.set_adapter(self.adapter_name(version))
             with torch.inference_mode():
                 out = self.network.generate(
-                    input_ids=torch.tensor([ids]),
-                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    input_ids=torch.tensor([ids], device=self.base.device),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.base.device),
                     max_new_tokens=request.max_tokens,
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,

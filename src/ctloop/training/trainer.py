@@ -47,7 +47,7 @@ from ctloop.model.batching import (
     packed_row_width,
     token_budget_batches,
 )
-from ctloop.model.loading import fast_bf16_available, load_base_model, load_tokenizer
+from ctloop.model.loading import fast_bf16_available, load_base_model, load_tokenizer, model_device
 from ctloop.model.losses import token_losses
 from ctloop.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -110,14 +110,14 @@ def train_adapter(
     bf16 = train.precision == "bf16" or (train.precision == "auto" and fast_bf16_available(model))
     if bf16 and model.dtype == "float32":  # the frozen base in bf16; the adapter stays fp32 (peft)
         model = model.model_copy(update={"dtype": "bfloat16"})
+    rank, world = distributed_setup()
+    device = training_device(model, rank)
+    device_type = device.partition(":")[0]
     if model.attn_implementation is None:
         half = model.dtype in ("bfloat16", "float16")
-        model = model.model_copy(update={"attn_implementation": training_attention(train.packing, half)})
-    peft_model = _adapter_model(load_base_model(model), lora, warm_start_from)
-    rank, world = distributed_setup()
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model.model_copy(update={"attn_implementation": training_attention(train.packing, half, device)})
+    peft_model = _adapter_model(load_base_model(model, device), lora, warm_start_from)
     with training_kernels(peft_model, cpu=device_type == "cpu", activation_dtype=getattr(torch, model.dtype)):
-        peft_model.to(f"cuda:{rank % torch.cuda.device_count()}" if device_type == "cuda" else "cpu")
         network = peft_model
         if world > 1:  # each process trains on its own batches; DDP averages the adapter's gradients
             network = torch.nn.parallel.DistributedDataParallel(peft_model)
@@ -219,7 +219,16 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "transformers", "peft")}}
 
 
-def training_attention(packing: bool, half_precision: bool) -> str:
+def training_device(model: ModelConfig, rank: int) -> str:
+    """`model.device` for training: with auto or plain cuda, process `rank` of a torchrun job trains
+    on GPU rank mod the GPU count."""
+    import torch
+
+    device = model_device(model)
+    return f"cuda:{rank % torch.cuda.device_count()}" if device == "cuda" else device
+
+
+def training_attention(packing: bool, half_precision: bool, device: str) -> str:
     """The attention kernel to train with when `model.attn_implementation` is unset.
 
     - CPU: ctloop's eager variant (`ctloop.kernels.attention`; eager was as fast as sdpa on packed rows and
@@ -234,9 +243,9 @@ def training_attention(packing: bool, half_precision: bool) -> str:
     import torch
     from transformers.utils import is_flash_attn_2_available
 
-    if not torch.cuda.is_available():
+    if not device.startswith("cuda"):
         return cpu_attention.register()
-    if half_precision and torch.cuda.get_device_capability()[0] >= 8 and is_flash_attn_2_available():
+    if half_precision and torch.cuda.get_device_capability(device)[0] >= 8 and is_flash_attn_2_available():
         return "flash_attention_2"
     return "flex_attention" if packing else "sdpa"
 
