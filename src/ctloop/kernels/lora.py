@@ -49,3 +49,107 @@ def _fused_forward(self, x, *args: Any, **kwargs: Any):
     low_rank = F.linear(self.lora_dropout[name](x), weight_a) * self.scaling[name]
     fused = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), weight_b.t())
     return fused.view(result.shape)
+
+
+class RowAdapters:
+    """Which adapter each row of the next forward pass uses, for the layers switched by
+    `route_lora_layers`: either `single`, one adapter for every row, or `groups`, (adapter name,
+    row-index tensor) pairs that cover the rows."""
+
+    def __init__(self) -> None:
+        self.single: str | None = None
+        self.groups: list[tuple[str, Any]] | None = None
+        self.rows = 0  # the batch size `groups` covers
+
+    def set(self, names: list[str], device: Any = None) -> None:
+        if len(set(names)) == 1:
+            self.single, self.groups = names[0], None
+            return
+        import torch
+
+        self.single, self.rows = None, len(names)
+        self.groups = [
+            (name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device))
+            for name in dict.fromkeys(names)
+        ]
+
+
+def route_lora_layers(model: Any, rows: RowAdapters) -> tuple[int, list[Any]]:
+    """Switch `model`'s plain peft LoRA linear layers (over an `nn.Linear`, in eval mode, neither
+    merged nor disabled) to `_routed_forward`, which takes each row's adapter from `rows`; return
+    how many were switched and the LoRA layers that were not (they need peft's own
+    `adapter_names=` for mixed batches). Each switched layer keeps references to its adapters'
+    weights, so call it again after adapters are loaded or deleted."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear
+
+    switched, others = 0, []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if (
+            type(module) is Linear
+            and type(module.base_layer) is torch.nn.Linear
+            and not (module.training or module.merged or module.disable_adapters)
+        ):
+            module._ctloop_route = (rows, module.base_layer.weight, module.base_layer.bias, _adapter_weights(module))
+            module.forward = types.MethodType(_routed_forward, module)
+            switched += 1
+        else:
+            others.append(module)
+    return switched, others
+
+
+def _adapter_weights(layer: Any) -> dict[str, Any]:
+    """Per adapter (A weight, A bias, B weight, B bias, scaling), or None for a variant (DoRA...)."""
+    return {
+        name: None
+        if name in layer.lora_variant
+        else (a.weight, a.bias, layer.lora_B[name].weight, layer.lora_B[name].bias, layer.scaling[name])
+        for name, a in layer.lora_A.items()
+    }
+
+
+def _routed_forward(self, x, *args: Any, **kwargs: Any):
+    """peft's LoRA forward for inference, operation for operation (so its outputs are bitwise peft's
+    own), without its per-call work: no module calls for the base layer, A, B and dropout (identity
+    in eval mode), no attribute look-ups through nn.Module, no per-layer sorting of rows by adapter
+    (`RowAdapters` does that once per step). Training, extra arguments and adapter variants take
+    peft's forward."""
+    import torch.nn.functional as F
+
+    rows, weight, bias, adapters = self._ctloop_route
+    if rows.groups is not None and x.shape[0] != rows.rows:  # a forward outside the routed batch
+        return type(self).forward(self, x, *args, **kwargs)  # peft's, on its active adapter
+    chosen = [rows.single] if rows.groups is None else [name for name, _ in rows.groups]
+    routed = chosen != [None] and all(adapters.get(name, 0) is not None for name in chosen)
+    if self.training or args or kwargs or not routed:  # not routed: no rows set, or a variant
+        if rows.groups is not None:
+            kwargs.setdefault("adapter_names", _row_names(rows.groups, x.shape[0]))
+        return type(self).forward(self, x, *args, **kwargs)
+    result = F.linear(x, weight, bias)
+    dtype = result.dtype
+    if rows.groups is None:
+        lora = adapters.get(rows.single)
+        if lora is None:
+            return result
+        a, a_bias, b, b_bias, scaling = lora
+        x = x if x.dtype == a.dtype else x.to(a.dtype)
+        return (result + F.linear(F.linear(x, a, a_bias), b, b_bias) * scaling).to(dtype)
+    for name, index in rows.groups:
+        lora = adapters.get(name)
+        if lora is None:
+            continue
+        a, a_bias, b, b_bias, scaling = lora
+        sub = x[index].to(a.dtype)
+        result[index] += (F.linear(F.linear(sub, a, a_bias), b, b_bias) * scaling).to(dtype)
+    return result
+
+
+def _row_names(groups: list[tuple[str, Any]], rows: int) -> list[str]:
+    names = [""] * rows
+    for name, index in groups:
+        for i in index.tolist():
+            names[i] = name
+    return names

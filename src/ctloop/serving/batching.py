@@ -224,7 +224,7 @@ class ContinuousBatcher:
         if not self._batch.sequences:
             return
         self._routing.use(network, [s.adapter for s in self._batch.sequences])
-        self._batch.decode(network)
+        self._batch.decode(network, self._routing.lean)
         self.decoded += len(self._batch.sequences)
         self.largest = max(self.largest, len(self._batch.sequences))
         for sequence in self._batch.sequences:
@@ -261,44 +261,56 @@ class ContinuousBatcher:
 class _AdapterRouting:
     """Which adapter each row of the next forward pass uses.
 
-    One batch's rows all on one adapter: peft's active adapter, the plain LoRA forward. Rows on
-    different adapters: peft's mixed-adapter batches, whose LoRA layers take `adapter_names=`; a
-    forward pre-hook on each LoRA layer passes the names (peft's own `adapter_names=` argument
-    registers and removes those hooks on every call, which cost more than the step itself on a
-    small model). The hooks stay while batches keep mixing, and go after SINGLE_STEPS steps on one
-    adapter: a module with a hook takes torch's slower call path, about 6% of a step here."""
+    peft's plain LoRA linear layers are switched to `ctloop.kernels.lora`'s routed forward: peft's
+    arithmetic without its per-call work, each row on its own adapter (mixed batches) or all on the
+    active one. Rows are grouped by adapter once per step, not once per layer. Any other LoRA layer
+    gets peft's `adapter_names=` through a forward pre-hook while batches mix (peft's own
+    `adapter_names=` argument registers and removes such hooks on every call, which cost more than
+    the step itself on a small model); those hooks go after SINGLE_STEPS steps on one adapter, since
+    a module with a hook takes torch's slower call path."""
 
     SINGLE_STEPS = 64
 
     def __init__(self) -> None:
+        from ctloop.kernels.lora import RowAdapters
+
+        self.rows = RowAdapters()
         self.names: list[str] | None = None
-        self.stale = True  # the loaded adapters changed: hooks must be registered afresh
+        self.stale = True  # the loaded adapters changed: layers must be switched afresh
+        self.routed = 0  # LoRA layers on the routed forward
+        self.lean: Any = None  # a ctloop.serving.decode.LeanLlamaStep where it reproduces the model's step
+        self._others: list[Any] = []  # LoRA layers that need adapter_names= from a hook
         self._handles: list[Any] = []
         self._single_steps = 0
 
     def use(self, network, names: list[str]) -> None:
+        if self.stale:
+            self._switch(network)
         if len(set(names)) > 1:
-            if self.stale or not self._handles:
-                self._attach(network)
+            self.rows.set(names, network.device)
+            if self._others and not self._handles:
+                self._handles = [
+                    module.register_forward_pre_hook(self._pass_names, with_kwargs=True) for module in self._others
+                ]
             self.names = names
             self._single_steps = 0
             return
+        self.rows.set(names)
         self.names = None
         self._single_steps += 1
-        if self._single_steps >= self.SINGLE_STEPS or self.stale:
+        if self._single_steps >= self.SINGLE_STEPS:
             self._detach()
         if network.active_adapter != names[0]:
             network.set_adapter(names[0])
 
-    def _attach(self, network) -> None:
-        from peft.tuners.lora import LoraLayer
+    def _switch(self, network) -> None:
+        from ctloop.kernels.lora import route_lora_layers
+        from ctloop.serving.decode import lean_step
 
         self._detach()
-        self._handles = [
-            module.register_forward_pre_hook(self._pass_names, with_kwargs=True)
-            for module in network.modules()
-            if isinstance(module, LoraLayer)
-        ]
+        self.routed, self._others = route_lora_layers(network, self.rows)
+        # the lean step calls layers' forwards directly, past the hooks the other LoRA layers would need
+        self.lean = None if self._others else lean_step(network)
         self.stale = False
 
     def _detach(self) -> None:
@@ -392,26 +404,29 @@ class _Batch:
     def width(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def decode(self, network) -> None:
-        """One token for every row."""
+    def decode(self, network, lean: Any = None) -> None:
+        """One token for every row: through `lean` (a `ctloop.serving.decode.LeanLlamaStep`) when
+        given, else through the model's forward."""
         import torch
         from transformers import DynamicCache
 
         device = self.mask.device
         rows = len(self.sequences)
         mask = torch.cat([self.mask, torch.ones(rows, 1, dtype=self.mask.dtype, device=device)], dim=1)
-        cache = DynamicCache(ddp_cache_data=self.layers)
+        input_ids = torch.tensor([[s.generated[-1]] for s in self.sequences], device=device)
+        position_ids = torch.tensor([[s.cached_tokens] for s in self.sequences], device=device)
         with torch.inference_mode():
-            out = network(
-                input_ids=torch.tensor([[s.generated[-1]] for s in self.sequences], device=device),
-                attention_mask=mask,
-                position_ids=torch.tensor([[s.cached_tokens] for s in self.sequences], device=device),
-                cache=cache,
-                use_cache=True,
-            )
-        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+            if lean is not None:
+                logits, self.layers = lean.step(input_ids, position_ids, mask, self.layers)
+            else:
+                cache = DynamicCache(ddp_cache_data=self.layers)
+                out = network(
+                    input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+                )
+                logits = out.logits[:, -1, :]
+                self.layers = [(layer.keys, layer.values) for layer in cache.layers]
         self.mask = mask
-        for sequence, token in zip(self.sequences, _next_tokens(out.logits[:, -1, :], self.sequences), strict=True):
+        for sequence, token in zip(self.sequences, _next_tokens(logits, self.sequences), strict=True):
             sequence.generated.append(token)
 
     def keep(self, sequences: list[Sequence]) -> None:
