@@ -136,3 +136,28 @@ def test_the_base_model_embedder_on_the_gpu_matches_the_cpu(tiny_base):
     cpu = BaseModelEmbedder(ModelConfig(base=str(tiny_base), device="cpu")).embed(texts)
     cuda = BaseModelEmbedder(ModelConfig(base=str(tiny_base), device="cuda")).embed(texts)
     np.testing.assert_allclose(cuda, cpu, atol=1e-4)
+
+
+def test_torchrun_processes_take_their_own_gpu_and_a_pinned_gpu_is_refused(monkeypatch):
+    import torch
+
+    from ctloop.training import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert trainer.training_device(ModelConfig(base="m")) == "cuda:1"
+    assert trainer.training_device(ModelConfig(base="m", device="cuda")) == "cuda:1"
+    assert trainer.training_device(ModelConfig(base="m", device="cpu")) == "cpu"
+    with pytest.raises(ModelError, match=r"model.device='cuda:1' pins one GPU, but torchrun started 4 processes"):
+        trainer.training_device(ModelConfig(base="m", device="cuda:1"))
+    # the process group's backend follows the training device, not whether the host has a GPU
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    assert trainer.distributed_setup("cpu") == (3, 4) and calls == ["gloo"]
+    calls.clear()
+    assert trainer.distributed_setup("cuda:1") == (3, 4) and calls == ["cuda:1", "nccl"]

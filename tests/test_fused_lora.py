@@ -97,20 +97,73 @@ def test_the_routed_forward_steps_aside_for_training_and_variants():
     from ctloop.kernels.lora import RowAdapters, route_lora_layers
 
     ids = torch.randint(1, 64, (2, 9))
-    model, rows = _two_adapter_llama(), RowAdapters()
+    model, rows = _two_adapter_llama(lora_dropout=0.5), RowAdapters()
+    reference = _two_adapter_llama(lora_dropout=0.5)
     route_lora_layers(model, rows)
     rows.set(["default", "default"])
-    model.train()  # training: peft's own forward (no `aten::linear` saved from module calls)
-    assert op_calls(model, ids, "aten::linear") == op_calls(_two_adapter_llama().train(), ids, "aten::linear")
+    # training: peft's forward, dropout included (the routed forward skips dropout)
+    model.train(), reference.train()
+    torch.manual_seed(3)
+    dropped = model(input_ids=ids).logits
+    torch.manual_seed(3)
+    assert torch.equal(dropped, reference(input_ids=ids).logits)
     model.eval()
-    # a DoRA adapter is a peft variant: switched layers hand it to peft, whose output it keeps
-    model.add_adapter("dora", LoraConfig(r=2, target_modules="all-linear", use_dora=True))
-    reference = _two_adapter_llama()
-    reference.add_adapter("dora", LoraConfig(r=2, target_modules="all-linear", use_dora=True))
+    assert not torch.equal(dropped, model(input_ids=ids).logits)  # dropout really acted
+    # a DoRA adapter is a peft variant: switched layers hand it to peft
+    dora = LoraConfig(r=2, target_modules="all-linear", use_dora=True)
+    model.add_adapter("dora", dora)
+    reference.add_adapter("dora", dora)
+    torch.manual_seed(4)
+    for name, p in model.named_parameters():
+        if "dora" in name:  # random B and magnitudes: DoRA's output then differs from plain LoRA's
+            torch.nn.init.normal_(p, mean=1.0 if "magnitude" in name else 0.0, std=0.2)
     reference.load_state_dict(model.state_dict())
     model.eval(), reference.eval()
     route_lora_layers(model, rows)
     model.set_adapter("dora"), reference.set_adapter("dora")
     rows.set(["dora", "dora"])
     with torch.inference_mode():
-        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        logits = model(input_ids=ids).logits
+        assert torch.equal(logits, reference(input_ids=ids).logits)
+        with reference.disable_adapter():
+            assert not torch.equal(logits, reference(input_ids=ids).logits)
+
+
+def test_the_routed_forward_follows_adapter_changes_made_after_routing():
+    """Adapters loaded, deleted, merged or disabled after the layers were routed: peft's forward
+    runs, so the output is still peft's."""
+    from peft import LoraConfig
+
+    from ctloop.kernels.lora import RowAdapters, route_lora_layers
+
+    ids = torch.randint(1, 64, (4, 7))
+    model, reference, rows = _two_adapter_llama(), _two_adapter_llama(), RowAdapters()
+    route_lora_layers(model, rows)
+
+    def both(**kwargs):
+        with torch.inference_mode():
+            return model(input_ids=ids, **kwargs).logits, reference(input_ids=ids, **kwargs).logits
+
+    third = LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(5)
+    model.add_adapter("third", third)
+    torch.manual_seed(5)
+    reference.add_adapter("third", third)
+    model.set_adapter("third"), reference.set_adapter("third")
+    rows.set(["third"] * 4)
+    routed, peft = both()
+    assert torch.equal(routed, peft)  # loaded after routing: not applied as if absent
+    names = ["default", "third", "third", "default"]
+    rows.set(names)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids, adapter_names=names).logits)
+    model.set_adapter("default"), reference.set_adapter("default")
+    rows.set(["default"] * 4)
+    model.delete_adapter("other"), reference.delete_adapter("other")
+    model.base_model.merge_adapter(), reference.base_model.merge_adapter()
+    routed, peft = both()
+    assert torch.equal(routed, peft)  # merged: LoRA not added twice
+    model.base_model.unmerge_adapter(), reference.base_model.unmerge_adapter()
+    with model.disable_adapter(), reference.disable_adapter():
+        routed, peft = both()
+    assert torch.equal(routed, peft)

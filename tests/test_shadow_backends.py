@@ -119,6 +119,55 @@ def test_answers_stay_the_same_after_a_long_run_on_one_adapter(serial, batched):
     assert batched.batcher._routing._handles == [] and batched.batcher._routing.routed == lora_layers > 0
 
 
+def test_adapters_loaded_and_unloaded_while_the_batcher_runs_are_used_at_once(tiny_base, adapters, serial, tmp_path):
+    backend = _backend(tiny_base, adapters, 16)
+
+    async def together(versions):
+        asks = [(_ask(p, tokens=10), versions[i % len(versions)]) for i, p in enumerate(PROMPTS)]
+        return [_summary(a) for a in await asyncio.gather(*(backend.generate(r, v) for r, v in asks))], asks
+
+    asyncio.run(together((1, 2)))  # the layers are routed for v1 and v2
+    serial.load(3, random_adapter(tiny_base, tmp_path / "v3", seed=3))
+    backend.load(3, tmp_path / "v3")
+    answers, asks = asyncio.run(together((1, 3)))
+    assert answers == [_summary(asyncio.run(serial.generate(r, v))) for r, v in asks]
+    backend.unload_except({1, 3})
+    answers, asks = asyncio.run(together((3, 1)))
+    assert answers == [_summary(asyncio.run(serial.generate(r, v))) for r, v in asks]
+    assert backend.batcher._routing.lean is not None and set(backend.loaded) == {1, 3}
+    asyncio.run(backend.aclose())
+
+
+def test_non_linear_lora_layers_get_adapter_names_through_hooks_and_keep_the_model_forward(tiny_base, tmp_path):
+    """Adapters on the embedding too: peft's LoRA embedding layer is not routed, so mixed batches
+    pass it `adapter_names=` through hooks, and the lean step (which would skip them) is off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = {}
+    for version in (1, 2):
+        torch.manual_seed(version)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+        lora = LoraConfig(
+            r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False
+        )
+        folders[version] = tmp_path / f"v{version}"
+        get_peft_model(model, lora).save_pretrained(str(folders[version]))
+    one, batched = _backend(tiny_base, folders, 1), _backend(tiny_base, folders, 16)
+    expected = [_summary(asyncio.run(one.generate(r, v))) for r, v in _requests()]
+
+    async def together():
+        return [_summary(a) for a in await asyncio.gather(*(batched.generate(r, v) for r, v in _requests()))]
+
+    assert asyncio.run(together()) == expected
+    routing = batched.batcher._routing
+    assert routing.routed == 2 * 2 and len(routing._others) == 1 and routing.lean is None
+    assert routing._handles  # the mixed batch attached them
+    for backend in (one, batched):
+        asyncio.run(backend.aclose())
+
+
 def test_a_user_request_waits_at_most_one_step_behind_shadow_calls(tiny_base, adapters, serial):
     """The batch is full of long shadow calls; a user request still starts at the next step, and the
     shadow calls it paused resume and give the same answers as if they had never been paused."""

@@ -75,11 +75,12 @@ class RowAdapters:
 
 
 def route_lora_layers(model: Any, rows: RowAdapters) -> tuple[int, list[Any]]:
-    """Switch `model`'s plain peft LoRA linear layers (over an `nn.Linear`, in eval mode, neither
-    merged nor disabled) to `_routed_forward`, which takes each row's adapter from `rows`; return
-    how many were switched and the LoRA layers that were not (they need peft's own
-    `adapter_names=` for mixed batches). Each switched layer keeps references to its adapters'
-    weights, so call it again after adapters are loaded or deleted."""
+    """Switch `model`'s plain peft LoRA linear layers (over an `nn.Linear`) to `_routed_forward`,
+    which takes each row's adapter from `rows`; return how many were switched and the LoRA layers
+    that were not (they need peft's own `adapter_names=` for mixed batches; a layer switched by an
+    earlier call gets peft's forward back). Each switched layer keeps references to its adapters'
+    weights: call it again after adapters are loaded or deleted (until then, a layer whose adapters
+    changed computes through peft's forward)."""
     import torch
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
@@ -88,15 +89,13 @@ def route_lora_layers(model: Any, rows: RowAdapters) -> tuple[int, list[Any]]:
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
-        if (
-            type(module) is Linear
-            and type(module.base_layer) is torch.nn.Linear
-            and not (module.training or module.merged or module.disable_adapters)
-        ):
+        if type(module) is Linear and type(module.base_layer) is torch.nn.Linear:
             module._ctloop_route = (rows, module.base_layer.weight, module.base_layer.bias, _adapter_weights(module))
             module.forward = types.MethodType(_routed_forward, module)
             switched += 1
         else:
+            if getattr(module.__dict__.get("forward"), "__func__", None) is _routed_forward:
+                del module.forward
             others.append(module)
     return switched, others
 
@@ -115,16 +114,30 @@ def _routed_forward(self, x, *args: Any, **kwargs: Any):
     """peft's LoRA forward for inference, operation for operation (so its outputs are bitwise peft's
     own), without its per-call work: no module calls for the base layer, A, B and dropout (identity
     in eval mode), no attribute look-ups through nn.Module, no per-layer sorting of rows by adapter
-    (`RowAdapters` does that once per step). Training, extra arguments and adapter variants take
-    peft's forward."""
+    (`RowAdapters` does that once per step). peft's forward runs instead whenever this one could
+    differ from it: training (dropout), merged or disabled adapters, extra arguments, adapter
+    variants, adapters loaded or deleted since the layer was routed, a single-adapter batch whose
+    adapter is not peft's one active adapter, input-dtype casting switched off, or a batch of
+    another size than the one the rows were grouped for."""
     import torch.nn.functional as F
 
     rows, weight, bias, adapters = self._ctloop_route
     if rows.groups is not None and x.shape[0] != rows.rows:  # a forward outside the routed batch
         return type(self).forward(self, x, *args, **kwargs)  # peft's, on its active adapter
-    chosen = [rows.single] if rows.groups is None else [name for name, _ in rows.groups]
-    routed = chosen != [None] and all(adapters.get(name, 0) is not None for name in chosen)
-    if self.training or args or kwargs or not routed:  # not routed: no rows set, or a variant
+    if rows.groups is None:
+        active = self._active_adapter
+        chosen = [rows.single] if active == rows.single or active == [rows.single] else None
+    else:
+        chosen = [name for name, _ in rows.groups]
+    if (
+        chosen is None
+        or self.training
+        or args
+        or kwargs
+        or self.merged_adapters
+        or self._disable_adapters
+        or not _routable(self, adapters, chosen)
+    ):
         if rows.groups is not None:
             kwargs.setdefault("adapter_names", _row_names(rows.groups, x.shape[0]))
         return type(self).forward(self, x, *args, **kwargs)
@@ -132,7 +145,7 @@ def _routed_forward(self, x, *args: Any, **kwargs: Any):
     dtype = result.dtype
     if rows.groups is None:
         lora = adapters.get(rows.single)
-        if lora is None:
+        if lora is None:  # an adapter this layer does not have: peft skips it too
             return result
         a, a_bias, b, b_bias, scaling = lora
         x = x if x.dtype == a.dtype else x.to(a.dtype)
@@ -145,6 +158,19 @@ def _routed_forward(self, x, *args: Any, **kwargs: Any):
         sub = x[index].to(a.dtype)
         result[index] += (F.linear(F.linear(sub, a, a_bias), b, b_bias) * scaling).to(dtype)
     return result
+
+
+def _routable(layer: Any, adapters: dict[str, Any], names: list[str]) -> bool:
+    """The layer's adapters `names` are those routed (same A weights, none added or deleted since),
+    none is a variant, and peft would cast the input as the routed forward does."""
+    present = layer._modules["lora_A"]._modules
+    for name in names:
+        module, routed = present.get(name), adapters.get(name)
+        if module is None and routed is None:
+            continue  # neither has it: peft skips it, and so does the routed forward
+        if module is None or routed is None or module._parameters["weight"] is not routed[0]:
+            return False
+    return getattr(layer, "cast_input_dtype_enabled", True)
 
 
 def _row_names(groups: list[tuple[str, Any]], rows: int) -> list[str]:

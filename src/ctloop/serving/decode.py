@@ -7,9 +7,10 @@ around every layer. `LeanLlamaStep` runs the same step from the model's own part
 order (its embedding, rotary-embedding module, norms, projections, rotary function, transformers'
 SDPA attention function and MLP), calling their `forward`s directly, with the KV cache as plain
 tensors. It is used only where it reproduces the model's own step: `lean_step(network)` checks the
-architecture (LlamaForCausalLM on SDPA attention, with no forward hooks), then decodes a probe
-batch both ways and keeps the lean step only if the logits and caches are bitwise equal. Anything
-else decodes through the model's forward.
+architecture (LlamaForCausalLM on SDPA attention, with no forward hooks), then decodes probe
+batches both ways (with and without padding) and keeps the lean step only if the logits and
+caches are bitwise equal. Anything else decodes through the model's forward. The batcher builds
+it again whenever adapters are loaded or deleted.
 """
 
 from __future__ import annotations
@@ -90,23 +91,27 @@ def _plain_llama(causal_lm: Any) -> bool:
 
 
 def _agrees(network: Any, lean: LeanLlamaStep) -> bool:
-    """Prefill two probe prompts (one left-padded) through the model, then decode one token both ways."""
+    """Prefill two probe prompts through the model, then decode one token both ways; once with a
+    left-padded row and once without padding (where transformers passes SDPA no mask)."""
+    return all(_agrees_on(network, lean, padding) for padding in (2, 0))
+
+
+def _agrees_on(network: Any, lean: LeanLlamaStep, padding: int) -> bool:
     import torch
     from transformers import DynamicCache
 
     device = network.device
-    vocab = network.get_base_model().config.vocab_size if hasattr(network, "get_base_model") else None
-    vocab = vocab or network.config.vocab_size
+    config = network.get_base_model().config if hasattr(network, "get_base_model") else network.config
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 6), generator=generator).to(device)
+    ids = torch.randint(0, config.vocab_size, (2, 6), generator=generator).to(device)
     mask = torch.ones(2, 6, dtype=torch.long, device=device)
-    mask[1, :2] = 0
+    mask[1, :padding] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         cache = DynamicCache()
         network(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        step_ids = torch.randint(0, vocab, (2, 1), generator=generator).to(device)
+        step_ids = torch.randint(0, config.vocab_size, (2, 1), generator=generator).to(device)
         step_positions = positions[:, -1:] + 1
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype, device=device)], dim=1)
         reference_cache = DynamicCache(ddp_cache_data=layers)

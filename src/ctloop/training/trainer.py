@@ -37,6 +37,7 @@ from pathlib import Path
 from ctloop.config import LoraConfig, ModelConfig, TrainConfig
 from ctloop.console import progress_bar
 from ctloop.data.records import Record
+from ctloop.errors import ModelError
 from ctloop.kernels import attention as cpu_attention
 from ctloop.kernels.session import training_kernels
 from ctloop.model.batching import (
@@ -110,8 +111,8 @@ def train_adapter(
     bf16 = train.precision == "bf16" or (train.precision == "auto" and fast_bf16_available(model))
     if bf16 and model.dtype == "float32":  # the frozen base in bf16; the adapter stays fp32 (peft)
         model = model.model_copy(update={"dtype": "bfloat16"})
-    rank, world = distributed_setup()
-    device = training_device(model, rank)
+    device = training_device(model)
+    rank, world = distributed_setup(device)
     device_type = device.partition(":")[0]
     if model.attn_implementation is None:
         half = model.dtype in ("bfloat16", "float16")
@@ -219,13 +220,24 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "transformers", "peft")}}
 
 
-def training_device(model: ModelConfig, rank: int) -> str:
-    """`model.device` for training: with auto or plain cuda, process `rank` of a torchrun job trains
-    on GPU rank mod the GPU count."""
+def training_device(model: ModelConfig) -> str:
+    """`model.device` for this process. Under torchrun (WORLD_SIZE > 1), auto or plain cuda means
+    GPU LOCAL_RANK mod the GPU count, so each process on a host trains on its own GPU; a pinned
+    cuda:N would put every process on one GPU, and is refused."""
+    import os
+
     import torch
 
     device = model_device(model)
-    return f"cuda:{rank % torch.cuda.device_count()}" if device == "cuda" else device
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ModelError(
+            f"model.device={model.device!r} pins one GPU, but torchrun started {os.environ['WORLD_SIZE']} "
+            "processes; set model.device: auto or cuda, so that each process trains on its own GPU"
+        )
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
 
 
 def training_attention(packing: bool, half_precision: bool, device: str) -> str:
@@ -250,9 +262,10 @@ def training_attention(packing: bool, half_precision: bool, device: str) -> str:
     return "flex_attention" if packing else "sdpa"
 
 
-def distributed_setup() -> tuple[int, int]:
+def distributed_setup(device: str) -> tuple[int, int]:
     """(rank, world size). Under torchrun / accelerate launch (WORLD_SIZE > 1) the process group is
-    initialised here: gloo on CPUs, nccl on GPUs."""
+    initialised here: nccl when this process trains on a GPU (which becomes its current device),
+    gloo on the CPU."""
     import os
 
     import torch
@@ -261,7 +274,9 @@ def distributed_setup() -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return torch.distributed.get_rank(), world
 
 
