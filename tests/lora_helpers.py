@@ -55,3 +55,19 @@ def op_calls(model, ids, op: str, backward: bool = False) -> int:
             logits.sum().backward()
     model.zero_grad()
     return sum(event.count for event in prof.key_averages() if event.key == op)
+
+
+def two_adapter_llama(dtype=torch.float32, **lora):
+    """tiny_lora_llama's model with a second adapter of other random weights, in eval mode."""
+    from peft import LoraConfig
+
+    model = tiny_lora_llama(**lora)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=5, target_modules="all-linear", **lora))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name and "other" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(dtype)  # the frozen base in `dtype`, the adapters fp32 (peft's layout)
+    return model.eval()

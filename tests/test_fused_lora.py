@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctloop.kernels.lora import fuse_lora_layers
-from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama
+from lora_helpers import loss_and_grads, op_calls, tiny_lora_llama, two_adapter_llama
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
@@ -48,22 +48,6 @@ def test_fused_layers_apply_the_same_dropout_as_peft():
     assert not torch.allclose(fused(input_ids=ids).logits, outputs[1])  # dropout does apply
 
 
-def _two_adapter_llama(dtype=torch.float32, **lora):
-    """tiny_lora_llama's model with a second adapter of other random weights, in eval mode."""
-    from peft import LoraConfig
-
-    model = tiny_lora_llama(**lora)
-    model.add_adapter("other", LoraConfig(r=2, lora_alpha=5, target_modules="all-linear", **lora))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name and "other" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            p.data = p.data.to(dtype)  # the frozen base in `dtype`, the adapters fp32 (peft's layout)
-    return model.eval()
-
-
 @pytest.mark.parametrize(
     "dtype, lora",
     [(torch.float32, {}), (torch.float32, {"lora_bias": True}), (torch.bfloat16, {})],
@@ -74,7 +58,7 @@ def test_the_routed_forward_is_bitwise_peft_in_single_and_mixed_batches(dtype, l
 
     ids = torch.randint(1, 64, (4, 7))
     names = ["default", "other", "other", "default"]
-    reference, routed = _two_adapter_llama(dtype, **lora), _two_adapter_llama(dtype, **lora)
+    reference, routed = two_adapter_llama(dtype, **lora), two_adapter_llama(dtype, **lora)
     rows = RowAdapters()
     assert route_lora_layers(routed, rows) == (2 * 7, [])
     with torch.inference_mode():
@@ -97,8 +81,8 @@ def test_the_routed_forward_steps_aside_for_training_and_variants():
     from ctloop.kernels.lora import RowAdapters, route_lora_layers
 
     ids = torch.randint(1, 64, (2, 9))
-    model, rows = _two_adapter_llama(lora_dropout=0.5), RowAdapters()
-    reference = _two_adapter_llama(lora_dropout=0.5)
+    model, rows = two_adapter_llama(lora_dropout=0.5), RowAdapters()
+    reference = two_adapter_llama(lora_dropout=0.5)
     route_lora_layers(model, rows)
     rows.set(["default", "default"])
     # training: peft's forward, dropout included (the routed forward skips dropout)
@@ -137,7 +121,7 @@ def test_the_routed_forward_follows_adapter_changes_made_after_routing():
     from ctloop.kernels.lora import RowAdapters, route_lora_layers
 
     ids = torch.randint(1, 64, (4, 7))
-    model, reference, rows = _two_adapter_llama(), _two_adapter_llama(), RowAdapters()
+    model, reference, rows = two_adapter_llama(), two_adapter_llama(), RowAdapters()
     route_lora_layers(model, rows)
 
     def both(**kwargs):

@@ -10,6 +10,7 @@ from ctloop.serving.backends import GenerationRequest, InProcessBackend
 from ctloop.serving.batching import BatchLimits, Sequence, _AdapterRouting, _Batch, _prefill
 from ctloop.serving.decode import LeanLlamaStep, lean_step
 from ctloop.training.tinymodel import random_adapter
+from lora_helpers import two_adapter_llama
 
 PROMPTS = ["Package: a\nDescription:", "Package: x11-common-data-tools\nDescription: the", "Q:", "Package: perl"]
 
@@ -83,37 +84,11 @@ def test_other_architectures_and_attention_kernels_keep_the_model_forward(tiny_b
     assert lean_step(hooked) is None
 
 
-def _gqa_lora_llama(dtype):
-    """A random Llama with grouped-query attention (2 key/value heads for 4 query heads) and two
-    random LoRA adapters, the base in `dtype` and the adapters in fp32, in eval mode."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        attn_implementation="sdpa",
-    )
-    model = get_peft_model(
-        LlamaForCausalLM(config).to(dtype),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
-        adapter_name="v1",
-    )
-    model.add_adapter("v2", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    return model.eval()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "equal-lengths"])
 def test_the_lean_step_matches_on_grouped_query_attention_with_and_without_padding(dtype, padded):
-    network = _gqa_lora_llama(dtype)
-    names = ["v1", "v2", "v2", "v1"]
+    network = two_adapter_llama(dtype)  # grouped-query attention: 2 key/value heads for 4 query heads
+    names = ["default", "other", "other", "default"]
     lengths = [5, 9, 3, 7] if padded else [6, 6, 6, 6]
     routing = _AdapterRouting()
     routing.use(network, names)
@@ -127,7 +102,7 @@ def test_the_lean_step_matches_on_grouped_query_attention_with_and_without_paddi
                 name,
                 0,
                 i,
-                torch.randint(1, 96, (n,), generator=generator).tolist(),
+                torch.randint(1, 64, (n,), generator=generator).tolist(),
             )
             for i, (name, n) in enumerate(zip(names, lengths, strict=True))
         ]
