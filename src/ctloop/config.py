@@ -43,11 +43,17 @@ class ModelConfig(Section):
     max_seq_tokens: int = Field(512, ge=8, description="rows longer than this (prompt + completion) are quarantined")
     device: str = Field(
         "auto",
-        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="where the model runs for training, evaluation, serving and the base-model embedder: "
         "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each "
         "process trains on its own GPU. Not part of the training hash: it changes speed, not results",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"got {value!r}; use auto, cpu, cuda, or cuda:N with N a GPU index")
 
 
 class DataConfig(Section):

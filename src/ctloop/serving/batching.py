@@ -1,8 +1,10 @@
 """Continuous batching for the in-process backend.
 
 Every request that waits joins the running batch at the next decoding step, whatever its adapter:
-one forward pass decodes one token for every sequence, and peft applies each row's own LoRA adapter
-(`adapter_names=`), so the champion's users and the challenger's shadow calls share a batch.
+one forward pass decodes one token for every sequence, each row through its own LoRA adapter
+(`_AdapterRouting`: ctloop's routed LoRA forward, or peft's `adapter_names=` for other LoRA
+layers), so the champion's users and the challenger's shadow calls share a batch. On Llama models
+the step itself is `ctloop.serving.decode`'s lean step where it reproduces the model's forward.
 
 - Admission goes by (priority, arrival): user requests before shadow calls, first come first
   served within each. When a user request waits and the batch is full (`max_sequences`, or
