@@ -59,6 +59,7 @@ class RowAdapters:
     def __init__(self) -> None:
         self.single: str | None = None
         self.groups: list[tuple[str, Any]] | None = None
+        self.adapters: list[str] = []  # the adapter names in `groups`, in order
         self.rows = 0  # the batch size `groups` covers
 
     def set(self, names: list[str], device: Any = None) -> None:
@@ -67,10 +68,9 @@ class RowAdapters:
             return
         import torch
 
-        self.single, self.rows = None, len(names)
+        self.single, self.rows, self.adapters = None, len(names), list(dict.fromkeys(names))
         self.groups = [
-            (name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device))
-            for name in dict.fromkeys(names)
+            (name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device)) for name in self.adapters
         ]
 
 
@@ -128,7 +128,7 @@ def _routed_forward(self, x, *args: Any, **kwargs: Any):
         active = self._active_adapter
         chosen = [rows.single] if active == rows.single or active == [rows.single] else None
     else:
-        chosen = [name for name, _ in rows.groups]
+        chosen = rows.adapters
     if (
         chosen is None
         or self.training

@@ -47,6 +47,8 @@ def load_base_model(config: ModelConfig, device: str | None = None) -> Any:
 def model_device(config: ModelConfig) -> str:
     """`model.device` resolved: auto is the current CUDA device when torch sees one, else the CPU.
     Raises ModelError for a GPU this process cannot see."""
+    import os
+
     import torch
 
     if config.device == "auto":
@@ -57,16 +59,10 @@ def model_device(config: ModelConfig) -> str:
         if index >= count:
             raise ModelError(
                 f"model.device={config.device!r} but this process sees {count} CUDA device(s) "
-                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={_visible_devices()}); set model.device: auto "
+                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); set model.device: auto "
                 "(the CPU when there is no GPU), cpu, or a GPU index below the count"
             )
     return config.device
-
-
-def _visible_devices() -> str:
-    import os
-
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
 
 
 CPU_BF16_MIN_HIDDEN = 512  # below this the casts cost more than AMX saves (measured: hidden 128 ran slower)

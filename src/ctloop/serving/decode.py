@@ -101,7 +101,7 @@ def _agrees_on(network: Any, lean: LeanLlamaStep, padding: int) -> bool:
     from transformers import DynamicCache
 
     device = network.device
-    config = network.get_base_model().config if hasattr(network, "get_base_model") else network.config
+    config = lean.model.config
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (2, 6), generator=generator).to(device)
     mask = torch.ones(2, 6, dtype=torch.long, device=device)
