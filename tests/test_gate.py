@@ -418,3 +418,38 @@ def test_seed_noise_widens_the_bound():
     assert GateConfig().seed_spread == 0.005
     clear = {**scores, "new_holdout": {"champion": [2.0] * 60, "candidate": [1.96] * 60}}  # 2% better
     assert decide(clear, GateConfig(**rules), has_champion=True).outcome == "PASS"
+
+
+def test_configured_rules_carry_the_seed_noise_as_the_built_in_rules_do():
+    """#22 item 2: `gate.rules` entries drew their own bootstrap without `gate.seed_spread`, so a
+    candidate 0.5% better cleared a configured margin-0 rule that the built-in rule (same set, same
+    metric, same margin) failed. Both now read the same replicates: the same bound, the same outcome."""
+    old = {"champion": [1.0] * N, "candidate": [1.0] * N}
+    scores = {"new_holdout": {"champion": [2.0] * 60, "candidate": [1.99] * 60}, "replay_holdout": old}
+    same_rule = GateRule(metric="loss", set="new_holdout", min_change=0.0)
+    config = GateConfig(seed_spread=0.005, min_new_improvement=0.0, rules=[same_rule])
+    decision = decide(scores, config, has_champion=True)
+    built_in, configured = decision.rules[0], decision.rules[-1]
+    assert built_in.outcome == configured.outcome == "FAIL"
+    assert configured.bound == pytest.approx(built_in.bound, abs=1e-12) and configured.bound < 0
+    quiet = decide(scores, GateConfig(seed_spread=0, min_new_improvement=0.0, rules=[same_rule]), has_champion=True)
+    assert quiet.rules[-1].outcome == "PASS" and quiet.rules[-1].bound == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize(
+    ("rule", "quiet_outcome"),
+    [
+        (GateRule(metric="token_f1", min=0.59), "PASS"),
+        (GateRule(metric="token_f1", max=0.61), "PASS"),
+        (GateRule(metric="token_f1", min_change=0.005, change="absolute"), "PASS"),
+    ],
+    ids=["abs-min", "abs-max", "abs-change"],
+)
+def test_every_kind_of_configured_bound_widens_with_seed_noise(rule, quiet_outcome):
+    """Constant scores: with no seed noise every replicate equals the point estimate (0.6 vs 0.5,
+    just inside each bound); a 5% seed spread must push each bound outside."""
+    metrics = _with_metric([0.6] * N, [0.595] * N)
+    quiet = decide(means(), GateConfig(seed_spread=0, rules=[rule]), has_champion=True, metrics=metrics)
+    noisy = decide(means(), GateConfig(seed_spread=0.05, rules=[rule]), has_champion=True, metrics=metrics)
+    assert quiet.rules[-1].outcome == quiet_outcome
+    assert noisy.rules[-1].outcome == "FAIL", noisy.rules[-1].reason

@@ -361,3 +361,53 @@ def test_contaminated_evaluation_rows_are_dropped_and_counted(tiny_base, tmp_pat
             data,
             Workspace(tmp_path / "ws2"),
         )
+
+
+def test_a_registry_outage_fails_the_stage_instead_of_gating_against_the_base_model(
+    two_cycles, tiny_base, tmp_path, monkeypatch
+):
+    """#22 item 1: prepare fixes the champion a cycle is gated against. An MLflow hiccup there read
+    as "no champion", so the cycle was gated (for life) against the bare base model. Now the stage
+    fails, no evaluation or gate runs, and the rerun resumes against the real champion."""
+    import shutil
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ctloop.cycle import stages
+    from ctloop.errors import RegistryUnavailable
+
+    original, _, _, _, _ = two_cycles
+    workspace = Workspace(tmp_path / "ws")
+    shutil.copytree(original.root, workspace.root)
+    relocate_embedded(workspace)
+    config = _config(tiny_base, registry={"retry_delays_s": [0.0]})
+    champion = open_registry(config.registry, workspace).alias(CHAMPION)
+    versions_before = [v.version for v in open_registry(config.registry, workspace).versions()]
+    data = tmp_path / "more_old.jsonl"
+    data.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl", 400)[200:]) + b"\n")
+
+    def outage(*args, **kwargs):
+        raise MlflowException("API request failed: connection refused", error_code="INTERNAL_ERROR")
+
+    real_prepare = stages.prepare_stage
+
+    def prepare_during_an_outage(context):
+        with monkeypatch.context() as during:
+            during.setattr(MlflowClient, "get_registered_model", outage)
+            return real_prepare(context)
+
+    monkeypatch.setattr(stages, "prepare_stage", prepare_during_an_outage)
+    with pytest.raises(RegistryUnavailable, match="did not answer get_registered_model"):
+        run_cycle(config, data, workspace, force=True)
+    cycle_dir = next(d for d in workspace.cycles_dir.iterdir() if read_json(d / "cycle.json").get("failures"))
+    state = read_json(cycle_dir / "cycle.json")
+    assert "champion_before" not in state and "run_id" not in state
+    assert state["failures"][-1]["stage"] == "prepare" and "RegistryUnavailable" in state["failures"][-1]["error"]
+    assert not (cycle_dir / "eval.json").exists()  # gated against nothing
+    assert [v.version for v in open_registry(config.registry, workspace).versions()] == versions_before
+
+    monkeypatch.setattr(stages, "prepare_stage", real_prepare)  # the registry is back
+    resumed = run_cycle(config, data, workspace, force=True)
+    assert resumed.cycle_id == cycle_dir.name
+    assert resumed.champion_before == champion and resumed.gate["reference"] == "champion"

@@ -1,6 +1,6 @@
-"""The drift reference (#16 item 5): the trigger compares new data with the champion cycle's own new
-rows, not with the replayed rows of older eras; live traffic is compared with all it trained on.
-Local cycle folders and, for a champion trained elsewhere, its MLflow run."""
+"""The drift reference (#16 item 5, #23 item 1): the trigger and production drift compare with the
+champion cycle's own new rows, not with the replayed rows of older eras. Local cycle folders and,
+for a champion trained elsewhere, its MLflow run."""
 
 from __future__ import annotations
 
@@ -38,16 +38,14 @@ def champion(tmp_path):
     return config, workspace, registry
 
 
-def test_the_trigger_compares_with_the_champions_own_new_rows(champion):
+def test_drift_compares_with_the_champions_own_new_rows(champion):
     config, workspace, registry = champion
-    own = champion_reference(config, workspace, registry, 1, own_rows_only=True)
-    everything = champion_reference(config, workspace, registry, 1)
+    own = champion_reference(config, workspace, registry, 1)
     assert sorted(r.id for r in own) == ["new-1", "new-2"]
-    assert sorted(r.id for r in everything) == ["new-1", "new-2", "old-1", "old-2"]
 
 
 def test_a_champion_trained_elsewhere_gives_the_same_reference_from_its_run(champion):
     config, workspace, registry = champion
     shutil.rmtree(workspace.cycle_dir("c2"))  # trained on another host: only the MLflow run has the files
-    own = champion_reference(config, workspace, registry, 1, own_rows_only=True)
+    own = champion_reference(config, workspace, registry, 1)
     assert sorted(r.id for r in own) == ["new-1", "new-2"]

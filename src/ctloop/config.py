@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -236,7 +236,8 @@ class GateRule(Section):
     The change is measured in the better direction: (candidate - reference) / |reference| when
     higher is better (relative), its negative when lower is better; `min_change` 0.02 means
     "at least 2% better", -0.01 means "may be up to 1% worse". Statistics as for the built-in
-    rules: the one-sided paired-bootstrap bound must clear the bound."""
+    rules, from the same replicates: the one-sided paired-bootstrap bound, with the training-seed
+    noise (`gate.seed_spread`) added, must clear the bound."""
 
     metric: str = Field(
         min_length=1, description="loss, exact_match, token_f1, rouge_l, or an eval.custom_metrics name"
@@ -308,6 +309,12 @@ class RegistryConfig(Section):
         None, description="MLflow URI; default: MLFLOW_TRACKING_URI, else SQLite in the workspace"
     )
     promote_first: bool = Field(True, description="make the first passing version champion right away")
+    retry_delays_s: list[Annotated[float, Field(ge=0, le=600)]] = Field(
+        [1.0, 4.0, 16.0],
+        max_length=10,
+        description="seconds to wait before each retry of an idempotent registry call that hit a transport, "
+        "server or database error; then the stage fails (and resumes when run again)",
+    )
     artifact_location: str | None = Field(
         None,
         description="where a new experiment keeps its artifacts (s3://..., gs://...); default: with a tracking "

@@ -25,6 +25,11 @@ class RegistryError(CtloopError):
     """The model registry is unreachable or does not hold what a command needs."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry did not answer (transport, server or database error), after retries where the
+    call is idempotent. Never to be read as "nothing registered"."""
+
+
 class WorkspaceError(CtloopError):
     """The workspace folder is missing, locked, or not a ctloop workspace."""
 

@@ -15,16 +15,15 @@ from ctloop.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def champion_reference(
-    config: CtloopConfig, workspace: Workspace, registry: Registry, champion: int, own_rows_only: bool = False
-) -> list[Record]:
-    """`drift.reference` when set; else the training data of the champion's cycle, from this
-    workspace or, trained elsewhere, from the champion's MLflow run.
+def champion_reference(config: CtloopConfig, workspace: Workspace, registry: Registry, champion: int) -> list[Record]:
+    """What drift compares with: `drift.reference` when set; else the rows that were new in the
+    champion's cycle (its training data, from this workspace or, trained elsewhere, from the
+    champion's MLflow run), without the replayed rows of older eras.
 
-    `own_rows_only` (the trigger) keeps only the rows that were new in the champion's cycle, not
-    the replayed rows of older eras: against that mixture, data just like the last era would still
-    look different once there is enough of it. Live traffic (production drift) is compared with all
-    the champion trained on."""
+    Both the cycle trigger and production drift (`ctloop watch`, `drift --production`, the watch DAG)
+    use it. Against the whole mixture, data just like the champion's own era still looks different
+    once there is enough of it: with replay on, a watch on unchanged traffic alarmed at 27 of 30
+    looks, and every alarm starts a cycle."""
     from ctloop.data.records import read_records
 
     if config.drift.reference is not None:
@@ -36,8 +35,6 @@ def champion_reference(
             f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
             f"MLflow run); set drift.reference to a file of reference records"
         )
-    if not own_rows_only:
-        return records
     manifest = _champion_file(workspace, registry, info, "replay_manifest.json", "reports/replay_manifest.json")
     if manifest is None:
         log.warning("champion v%s has no replay manifest; its whole training set is the drift reference", champion)

@@ -138,7 +138,7 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
     report = None
     if config.drift.enabled and (champion is not None or config.drift.reference is not None):
         new, _ = read_parquet(cycle.require("new.parquet", "validate"))
-        reference = champion_reference(config, workspace, registry, champion, own_rows_only=True)
+        reference = champion_reference(config, workspace, registry, champion)
         embedder = make_embedder(config.drift, config.model)
         cache = workspace.root / "embeddings"
         ref_emb = embed_records(reference, embedder, config.drift.text, cache)
@@ -206,10 +206,13 @@ def prepare_stage(ctx: StageContext) -> dict:
     state = cycle.state()
     if "run_id" not in state:
         registry = open_registry(config.registry, workspace)
+        # Read before the run opens: an unreachable registry raises here (RegistryUnavailable), so
+        # the cycle fails and resumes, and is never fixed to the base model by a failed read.
+        champion_before = registry.alias(CHAMPION)
         run_id = registry.start_run(
             f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id, "ctloop.data_fingerprint": state["data_fingerprint"]}
         )
-        state = cycle.update_state(run_id=run_id, champion_before=registry.alias(CHAMPION))
+        state = cycle.update_state(run_id=run_id, champion_before=champion_before)
     return manifest
 
 

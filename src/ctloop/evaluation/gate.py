@@ -259,16 +259,14 @@ def _configured_rule(
         [],
         [f"{name}: {reference} {ref.mean():.4f} -> candidate {candidate.mean():.4f}"],
     )
-    rng = np.random.default_rng(config.seed)
-    idx = rng.integers(0, len(candidate), size=(config.bootstrap_samples, len(candidate)))
-    cand_means, ref_means = candidate[idx].mean(axis=1), ref[idx].mean(axis=1)
+    replicates = _replicates(ref, candidate, config)
     if rule.min is not None:
-        low = float(np.quantile(cand_means, 1 - level))
+        low = float(np.quantile(replicates.candidate_means(), 1 - level))
         ok = low >= rule.min - TOLERANCE
         parts.append(f"{level:.0%} lower bound {low:.4f} {'>=' if ok else '<'} min {rule.min}")
         problems += [] if ok else ["min"]
     if rule.max is not None:
-        high = float(np.quantile(cand_means, level))
+        high = float(np.quantile(replicates.candidate_means(), level))
         ok = high <= rule.max + TOLERANCE
         parts.append(f"{level:.0%} upper bound {high:.4f} {'<=' if ok else '>'} max {rule.max}")
         problems += [] if ok else ["max"]
@@ -282,8 +280,9 @@ def _configured_rule(
                 n=len(candidate),
             )
         sign = 1.0 if higher else -1.0
-        denominator = np.maximum(np.abs(ref_means), EPSILON) if rule.change == "relative" else 1.0
-        changes = sign * (cand_means - ref_means) / denominator
+        changes = sign * (
+            replicates.relative_change() if rule.change == "relative" else replicates.absolute_change()
+        )
         point_denominator = abs(ref.mean()) if rule.change == "relative" else 1.0
         estimate = float(sign * (candidate.mean() - ref.mean()) / point_denominator)
         bound = float(np.quantile(changes, 1 - level))
@@ -326,7 +325,7 @@ def _rule(
             n=n,
         )
     estimate = sign * (cand.mean() - ref.mean()) / abs(ref.mean())
-    samples = _paired_bootstrap(ref, cand, config) * sign
+    samples = _replicates(ref, cand, config).relative_change() * sign
     level = config.confidence
     if sign < 0:
         bound = float(np.quantile(samples, 1 - level))
@@ -355,7 +354,7 @@ def _rejected_rule(
     if n < config.min_examples:
         return RuleResult(name, PASS, f"{prefix}; {n} examples < gate.min_examples: reported, not gated", n=n)
     gain = float((ref.mean() - cand.mean()) / max(abs(ref.mean()), EPSILON))
-    bound = float(np.quantile(-_paired_bootstrap(ref, cand, config), config.confidence))
+    bound = float(np.quantile(-_replicates(ref, cand, config).relative_change(), config.confidence))
     ok = bound <= config.max_rejected_gain
     verdict = f"{'<=' if ok else '>'} allowed {config.max_rejected_gain:+.2%}"
     reason = (
@@ -365,21 +364,43 @@ def _rejected_rule(
     return RuleResult(name, PASS if ok else FAIL, reason, gain, bound, n)
 
 
-def _paired_bootstrap(ref: np.ndarray, cand: np.ndarray, config: GateConfig) -> np.ndarray:
-    """Bootstrap distribution of (mean(cand) - mean(ref)) / |mean(ref)|, resampling examples in pairs, with
-    the training-seed noise (`seed_spread`, Gaussian) added to each replicate: two runs on the same data
-    differ by that much before any example is resampled."""
+@dataclass(frozen=True)
+class _Replicates:
+    """The paired bootstrap behind every rule's bound: per replicate, the reference's and the
+    candidate's means over one resample of the examples (the same resample for both), and a draw of
+    the training-seed noise (`gate.seed_spread`, Gaussian, relative): two runs on the same data differ
+    by that much before any example is resampled. Built-in and configured rules read their bounds
+    from here, so none can leave the seed noise out."""
+
+    reference: np.ndarray
+    candidate: np.ndarray
+    seed_noise: np.ndarray
+
+    def relative_change(self) -> np.ndarray:
+        """(candidate - reference) / |reference| per replicate, seed noise included."""
+        return (self.candidate - self.reference) / np.maximum(np.abs(self.reference), EPSILON) + self.seed_noise
+
+    def absolute_change(self) -> np.ndarray:
+        """candidate - reference per replicate, the seed noise scaled to the reference's mean."""
+        return self.candidate - self.reference + self.seed_noise * np.abs(self.reference)
+
+    def candidate_means(self) -> np.ndarray:
+        """The candidate's mean per replicate, the seed noise scaled to it (another seed, another mean)."""
+        return self.candidate + self.seed_noise * np.abs(self.candidate)
+
+
+def _replicates(ref: np.ndarray, cand: np.ndarray, config: GateConfig) -> _Replicates:
     rng = np.random.default_rng(config.seed)
     n = len(ref)
-    out = np.empty(config.bootstrap_samples)
+    ref_means = np.empty(config.bootstrap_samples)
+    cand_means = np.empty(config.bootstrap_samples)
     for start in range(0, config.bootstrap_samples, 256):
         stop = min(start + 256, config.bootstrap_samples)
         idx = rng.integers(0, n, size=(stop - start, n))
-        ref_means = ref[idx].mean(axis=1)
-        out[start:stop] = (cand[idx].mean(axis=1) - ref_means) / np.maximum(np.abs(ref_means), EPSILON)
-    if config.seed_spread:
-        out += rng.normal(0.0, config.seed_spread, size=len(out))
-    return out
+        ref_means[start:stop] = ref[idx].mean(axis=1)
+        cand_means[start:stop] = cand[idx].mean(axis=1)
+    noise = rng.normal(0.0, config.seed_spread, size=config.bootstrap_samples) if config.seed_spread else 0.0
+    return _Replicates(ref_means, cand_means, np.broadcast_to(noise, ref_means.shape))
 
 
 def _undefined(name: str, reference: float, candidate: float) -> str:
