@@ -70,12 +70,33 @@ def echo_upstream(models: list[str]):
     @app.post("/v1/completions")
     async def complete(body: dict):
         words = str(body.get("prompt", "")).split() or ["-"]
+        text = " " + words[-1][::-1]
+        usage = {"prompt_tokens": len(words), "completion_tokens": 1, "total_tokens": len(words) + 1}
+        if body.get("stream"):  # one character per chunk, as an engine streams tokens
+            return _sse(body, list(text), usage)
         return {
             "id": "up",
             "object": "text_completion",
             "model": body.get("model"),
-            "choices": [{"index": 0, "text": " " + words[-1][::-1], "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": len(words), "completion_tokens": 1, "total_tokens": len(words) + 1},
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+            "usage": usage,
         }
 
     return app
+
+
+def _sse(body: dict, pieces: list[str], usage: dict):
+    import json
+
+    from fastapi.responses import StreamingResponse
+
+    def events():
+        for i, piece in enumerate(pieces):
+            finish = "stop" if i == len(pieces) - 1 else None
+            choice = {"index": 0, "text": piece, "finish_reason": finish}
+            yield f"data: {json.dumps({'id': 'up', 'object': 'text_completion', 'choices': [choice]})}\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield f"data: {json.dumps({'id': 'up', 'object': 'text_completion', 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

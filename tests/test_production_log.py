@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -112,12 +113,16 @@ def test_answers_are_logged_with_their_id_user_and_metadata(tiny_base, adapters,
             json={"model": "srv-v2", "messages": [{"role": "user", "content": "hi there"}]},
         )
         sampled_off = fresh.headers["x-request-id"]
-    assert given.json()["id"] == "cmpl-client-7" and given.headers["x-request-id"] == "client-7"
+    # #24 item 2: the server names every request; the client's X-Request-Id is kept beside it.
+    server_id = given.headers["x-request-id"]
+    assert server_id != "client-7" and given.headers["x-client-request-id"] == "client-7"
+    assert given.json()["id"] == f"cmpl-{server_id}" and "x-client-request-id" not in fresh.headers
     assert fresh.json()["id"] == f"chatcmpl-{sampled_off}"
     reader = LogReader(Workspace(config.workspace).shadow_store_url())
     rows = {r["request_id"]: r for r in reader.requests()}
-    assert rows["client-7"]["answer"] == " dlrow" and rows["client-7"]["user"] == "u1"
-    assert rows["client-7"]["request_metadata"] == {"team": "a"} and rows["client-7"]["model_version"] == "1"
+    assert rows[server_id]["answer"] == " dlrow" and rows[server_id]["user"] == "u1"
+    assert rows[server_id]["client_request_id"] == "client-7" and rows[sampled_off]["client_request_id"] is None
+    assert rows[server_id]["request_metadata"] == {"team": "a"} and rows[server_id]["model_version"] == "1"
     chat = rows[sampled_off]
     assert chat["messages"] == [{"role": "user", "content": "hi there"}] and chat["explicit_version"]
     assert chat["model_version"] == "2" and chat["prompt_tokens"] > 0 and chat["latency_ms"] > 0
@@ -230,6 +235,7 @@ async def _load(url: str, requests: int, feedbacks: int) -> dict[str, int]:
     """Requests from 32 concurrent clients, then feedback on every fifth one; counts of 200/201 answers."""
     ok = {"requests": 0, "feedback": 0}
     ids = [f"load-{i}" for i in range(requests)]
+    server_ids: dict[str, str] = {}  # the client's X-Request-Id -> the id the server gave the request
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         semaphore = asyncio.Semaphore(32)
@@ -242,6 +248,7 @@ async def _load(url: str, requests: int, feedbacks: int) -> dict[str, int]:
                     json={"model": "srv", "prompt": f"question {rid}", "max_tokens": 4},
                 )
                 ok["requests"] += response.status_code == 200
+                server_ids[rid] = response.headers["x-request-id"]
 
         async def rate(rid: str) -> None:
             async with semaphore:
@@ -253,7 +260,7 @@ async def _load(url: str, requests: int, feedbacks: int) -> dict[str, int]:
                 ok["feedback"] += response.status_code == 201
 
         await asyncio.gather(*(ask(rid) for rid in ids))
-        await asyncio.gather(*(rate(rid) for rid in ids[:: requests // feedbacks]))
+        await asyncio.gather(*(rate(server_ids[rid]) for rid in ids[:: requests // feedbacks]))
     return ok
 
 
@@ -288,3 +295,86 @@ def test_feedback_import_takes_jsonl_and_csv_and_reports_what_it_refused(tiny_ba
     assert scores == {"r0": 1.0, "r1": 0.0, "r2": 0.5}
     assert {f["source"] for f in reader.latest_feedback().values()} == {str(jsonl), str(csv)}
     reader.close()
+
+
+def test_a_client_cannot_point_feedback_at_another_clients_answer(tiny_base, adapters, tmp_path, upstream, monkeypatch):
+    """#24 item 2, the probe's hijack replayed: the attacker sends the victim's X-Request-Id, the
+    prefixed `cmpl-<victim id>`, and a duplicate; the victim's correction, sent with its response id
+    as the README shows, must stay with the victim's prompt, and ids the client chose name nothing."""
+    from ctloop.data.harvest import harvest
+
+    monkeypatch.setenv("CTLOOP_FEEDBACK_TOKEN", TOKEN)
+    config = _config(tiny_base, tmp_path, upstream)
+    register_versions(config, adapters)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+
+        def ask(prompt: str, client_id: str) -> httpx.Response:
+            body = {"model": "srv", "prompt": prompt}
+            return httpx.post(f"{url}/v1/completions", json=body, headers={"x-request-id": client_id}, timeout=30)
+
+        victim = ask("victim-pkg describe", "victim-8584b7")
+        attacks = [ask("attacker-pkg one", "victim-8584b7"), ask("attacker-pkg two", "cmpl-victim-8584b7")]
+        attacks.append(ask("attacker-pkg three", victim.json()["id"]))  # even the victim's response id
+        ids = {r.headers["x-request-id"] for r in [victim, *attacks]}
+        assert len(ids) == 4  # four requests, four ids: a chosen id is never the stored one
+
+        def feedback(request_id: str, correction: str) -> httpx.Response:
+            body = {"request_id": request_id, "rating": -1, "correction": correction}
+            return httpx.post(f"{url}/v1/feedback", json=body, headers=auth, timeout=30)
+
+        for chosen in ("victim-8584b7", "cmpl-victim-8584b7"):
+            assert feedback(chosen, "THE ATTACKER'S CORRECTION").status_code == 404
+        landed = feedback(victim.json()["id"], "THE CORRECTION FOR THE VICTIM ONLY")
+        assert landed.status_code == 201 and landed.json()["request_id"] == victim.headers["x-request-id"]
+    report = harvest(config, Workspace(config.workspace), since=time.time() - 3600)
+    records = [json.loads(line) for line in Path(report.out_path).read_text().splitlines()]
+    corrected = [r for r in records if r["completion"] == "THE CORRECTION FOR THE VICTIM ONLY"]
+    assert len(corrected) == 1 and corrected[0]["prompt"] == "victim-pkg describe"
+    assert not any("ATTACKER" in r["completion"] for r in records)
+
+
+def test_request_ids_are_unique_and_an_older_store_with_duplicates_is_refused_not_merged(tmp_path):
+    """The store refuses a second row under an id; a store written before ids were the server's may
+    hold duplicates: it opens, and feedback import and the harvest refuse those ids."""
+    import sqlite3
+
+    from ctloop.config import HarvestConfig
+    from ctloop.data.harvest import decide_rows
+    from ctloop.logstore.feedback_import import import_feedback
+
+    url = f"sqlite:///{tmp_path / 'logs.db'}"
+    writer = RequestLog(url)
+    writer.put(_request(1))
+    writer.put(RequestRecord(request_id="r1", model_version="1", endpoint="completions", prompt="other", answer="b"))
+    writer.close()
+    reader = LogReader(url)
+    assert reader.counts()["request_log"] == 1 and reader.requests_with_id("r1") == 1
+    reader.close()
+
+    old = tmp_path / "old.db"  # the request_log of an older ctloop: no client_request_id, ids not unique
+    with sqlite3.connect(old) as connection:
+        connection.execute(
+            "CREATE TABLE request_log (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id VARCHAR(128) NOT NULL, "
+            "created_at FLOAT, model_version VARCHAR(64), explicit_version BOOLEAN, endpoint VARCHAR(32), "
+            "prompt TEXT, messages TEXT, answer TEXT, finish_reason VARCHAR(32), prompt_tokens INTEGER, "
+            "completion_tokens INTEGER, latency_ms FLOAT, user VARCHAR(256), request_metadata TEXT)"
+        )
+        for prompt in ("alpha-tool", "beta-game"):
+            connection.execute(
+                "INSERT INTO request_log (request_id, created_at, prompt, answer, request_metadata) "
+                "VALUES ('dup-8584b7', 1.0, ?, 'a', '{}')",
+                (prompt,),
+            )
+    old_url = f"sqlite:///{old}"
+    feedback_file = tmp_path / "fb.jsonl"
+    feedback_file.write_text(json.dumps({"request_id": "dup-8584b7", "correction": "FOR ALPHA ONLY"}) + "\n")
+    imported = import_feedback(feedback_file, old_url)
+    assert imported.imported == 0 and imported.refused == {"ambiguous request id": 1}
+    reader = LogReader(old_url)
+    rows = reader.requests()
+    reader.close()
+    assert len(rows) == 2 and all(r["client_request_id"] is None for r in rows)  # the column was added
+    rows[0]["feedback"] = {"feedback_id": "f", "score": 0.0, "correction": "FOR ALPHA ONLY"}
+    decided = decide_rows(rows, HarvestConfig(), set())
+    assert [d.reason for d, _ in decided] == ["ambiguous_request_id"] * 2 and all(r is None for _, r in decided)

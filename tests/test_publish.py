@@ -105,42 +105,49 @@ def test_two_ctloop_replicas_load_the_version_first_and_a_down_one_stops_the_pro
 def test_the_load_api_confines_paths_and_names(tiny_base, adapters, tmp_path, monkeypatch):
     monkeypatch.setenv("CTLOOP_ADMIN_TOKEN", TOKEN)
     roots = tmp_path / "allowed"
-    (roots / "srv-v7").mkdir(parents=True)
-    for item in adapters[2].iterdir():
-        (roots / "srv-v7" / item.name).write_bytes(item.read_bytes())
+    for folder, source in (("srv-v3", adapters[2]), ("squatter", adapters[0])):
+        (roots / folder).mkdir(parents=True)
+        for item in source.iterdir():
+            (roots / folder / item.name).write_bytes(item.read_bytes())
     config = serving_config(tiny_base, tmp_path / "ws", serve={"adapter_roots": [str(roots)]})
-    register_versions(config, adapters[:1])
+    register_versions(config, adapters)  # v1 champion, v2 challenger, v3 registered without a role
     auth = {"authorization": f"Bearer {TOKEN}"}
     with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
 
         def load(body, headers=auth):
             return httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=headers, timeout=60)
 
-        assert load({"lora_name": "srv-v7", "lora_path": str(roots / "srv-v7")}, headers={}).status_code == 401
+        assert load({"lora_name": "srv-v3", "lora_path": str(roots / "srv-v3")}, headers={}).status_code == 401
         refused = [
-            load({"lora_name": "srv-v7", "lora_path": str(adapters[2])}),  # outside the roots
-            load({"lora_name": "srv-v7", "lora_path": str(roots / "srv-v7" / ".." / ".." / adapters[2].name)}),
-            load({"lora_name": "other-v7", "lora_path": str(roots / "srv-v7")}),
-            load({"lora_name": "srv-v7", "lora_path": str(roots)}),  # no adapter there
+            load({"lora_name": "srv-v3", "lora_path": str(adapters[2])}),  # outside the roots
+            load({"lora_name": "srv-v3", "lora_path": str(roots / "srv-v3" / ".." / ".." / adapters[2].name)}),
+            load({"lora_name": "other-v3", "lora_path": str(roots / "srv-v3")}),
+            load({"lora_name": "srv-v3", "lora_path": str(roots)}),  # no adapter there
+            # #24 item 3: a folder under a registry version's name must hold that version's files
+            load({"lora_name": "srv-v3", "lora_path": str(roots / "squatter")}),
         ]
-        assert [r.status_code for r in refused] == [400, 400, 400, 400]
+        assert [r.status_code for r in refused] == [400, 400, 400, 400, 400]
         assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in refused)
-        ok = load({"lora_name": "srv-v7", "lora_path": str(roots / "srv-v7")})
+        assert "other adapter files than registry version 3" in refused[-1].json()["error"]["message"]
+        # ... and a version the registry does not hold yet cannot be squatted on before it arrives
+        future = load({"lora_name": "srv-v9", "lora_path": str(roots / "squatter")})
+        assert future.status_code == 404 and "no version 9" in future.json()["error"]["message"]
+        ok = load({"lora_name": "srv-v3", "lora_path": str(roots / "srv-v3")})
         assert ok.status_code == 200 and "added successfully" in ok.text
-        assert "srv-v7" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
-        answer = httpx.post(f"{url}/v1/completions", json={"model": "srv-v7", "prompt": "x"}, timeout=60)
-        assert answer.status_code == 200 and answer.json()["model"] == "srv-v7"
+        assert "srv-v3" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "srv-v3", "prompt": "x"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == "srv-v3"
         busy = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v1"}, headers=auth)
         assert busy.status_code == 409  # the champion is not unloaded behind the registry's back
-        gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v7"}, headers=auth)
-        assert gone.status_code == 200 and "srv-v7" not in json.dumps(httpx.get(f"{url}/v1/models").json())
+        gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v3"}, headers=auth)
+        assert gone.status_code == 200 and "srv-v3" not in json.dumps(httpx.get(f"{url}/v1/models").json())
 
 
 def test_a_pinned_load_survives_concurrent_role_syncs(tiny_base, adapters, tmp_path):
     """The registry watch frees versions without a role; it must never free one that
     /v1/load_lora_adapter is loading at that moment (CI once saw the pin lost this way)."""
     config = serving_config(tiny_base, tmp_path / "ws")
-    register_versions(config, adapters[:1])
+    register_versions(config, [*adapters, adapters[1]])  # v3 and v4 have no role
     serving = Serving(config, Workspace(config.workspace))
 
     async def scenario() -> list[bool]:
@@ -154,9 +161,9 @@ def test_a_pinned_load_survives_concurrent_role_syncs(tiny_base, adapters, tmp_p
         serving.backend.unload_except = slow_unload_except
         try:
             kept = []
-            for version in (7, 8):
+            for version, files in ((3, adapters[2]), (4, adapters[1])):
                 syncs = [serving.sync_roles() for _ in range(4)]
-                await asyncio.gather(*syncs[:2], serving.load_pinned(version, adapters[1]), *syncs[2:])
+                await asyncio.gather(*syncs[:2], serving.load_pinned(version, files), *syncs[2:])
                 kept.append(version in serving.backend.loaded)
                 await asyncio.gather(serving.sync_roles(), serving.unload_pinned(version), serving.sync_roles())
                 kept.append(version not in serving.backend.loaded)

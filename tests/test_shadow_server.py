@@ -80,7 +80,7 @@ def test_counters_are_exported_and_add_up(setup):
                 headers={"x-request-id": f"req-{i}"},
                 timeout=60,
             )
-            assert response.status_code == 200 and response.headers["x-request-id"] == f"req-{i}"
+            assert response.status_code == 200 and response.headers["x-client-request-id"] == f"req-{i}"
         assert httpx.get(f"{url}/healthz").json()["champion"] == 1
         assert httpx.get(f"{url}/x%22%7D%201%0Actloop_shadow_offered_total%209999").status_code == 404
         metrics = _metrics(url)
@@ -109,7 +109,11 @@ def test_counters_are_exported_and_add_up(setup):
         (b'{"model": "srv"}', 400, "prompt"),
         (b'{"model": "srv", "prompt": "x", "max_tokens": 100000}', 400, "serve.max_tokens"),
         (b'{"model": "srv", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
-        (b'{"model": "srv", "prompt": "x", "stream": true}', 400, "streaming"),
+        (
+            b'{"model": "srv", "prompt": "x", "stream": true, "stream_options": {"usage": 1}}',
+            400,
+            "stream_options.usage",
+        ),
         (b'{"model": "srv", "prompt": ["a", "b"]}', 400, "one prompt per request"),
         (b'{"model": "srv", "prompt": "   "}', 400, "empty"),
         (b'{"model": "gpt-4", "prompt": "x"}', 404, "unknown model"),

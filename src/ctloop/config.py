@@ -469,6 +469,13 @@ class ServeConfig(Section):
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="refuse longer prompts (400) below the model's own context length"
     )
+    max_lora_rank: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="in_process backend: adapters of a higher rank are refused before anything is allocated "
+        "(as vLLM's --max-lora-rank)",
+    )
     adapter_roots: list[Path] = Field(
         default_factory=list,
         description="folders /v1/load_lora_adapter may load a lora_path from; empty: only registry versions",

@@ -80,7 +80,11 @@ def decide_rows(
     (kept rows) or to keep as rejected (rejected rows). `seen` holds the content keys of earlier
     harvests and grows with this one."""
     out: list[tuple[Decision, Record | None]] = []
+    shared = {rid for rid, n in Counter(row["request_id"] for row in rows).items() if n > 1}
     for row in rows:
+        if row["request_id"] in shared:  # a store from before the server generated every id
+            out.append((Decision(row["request_id"], "ambiguous_request_id", False), None))
+            continue
         feedback = row.get("feedback") or {}
         fid, score, correction = feedback.get("feedback_id"), feedback.get("score"), feedback.get("correction")
         prompt = row.get("prompt") or ""

@@ -280,9 +280,7 @@ def _configured_rule(
                 n=len(candidate),
             )
         sign = 1.0 if higher else -1.0
-        changes = sign * (
-            replicates.relative_change() if rule.change == "relative" else replicates.absolute_change()
-        )
+        changes = sign * (replicates.relative_change() if rule.change == "relative" else replicates.absolute_change())
         point_denominator = abs(ref.mean()) if rule.change == "relative" else 1.0
         estimate = float(sign * (candidate.mean() - ref.mean()) / point_denominator)
         bound = float(np.quantile(changes, 1 - level))

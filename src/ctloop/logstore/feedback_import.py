@@ -45,9 +45,13 @@ def import_feedback(
                 if body.correction is not None and len(body.correction) > max_correction_chars:
                     problem = f"correction longer than {max_correction_chars} characters"
                 else:
-                    found = next((c for c in body.request_id_candidates() if reader.has_request(c)), None)
+                    counts = {c: reader.requests_with_id(c) for c in body.request_id_candidates()}
+                    found = next((c for c, n in counts.items() if n), None)
                     if found is None:
                         reason, problem = "unknown request id", f"no logged request has id {body.request_id!r}"
+                    elif counts[found] > 1:
+                        reason = "ambiguous request id"
+                        problem = f"request id {found!r} names {counts[found]} logged requests; not attached to any"
                     else:
                         records.append(body.record(found, source=str(path)))
                         continue

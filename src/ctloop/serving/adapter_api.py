@@ -2,13 +2,16 @@
 /v1/unload_lora_adapter, behind the admin token, with vLLM's request shape, so a ctloop server is a
 publish target like a vLLM replica.
 
-A `lora_name` is always `<name>-v<N>` (a version is never loaded under another name). Without a
-`lora_path` the server fetches version N from the registry; a `lora_path` must lie inside one of
-`serve.adapter_roots` once resolved (symlinks and `..` included), or the request gets 400.
+A `lora_name` is always `<name>-v<N>`, and that name always means registry version N's weights:
+the server loads them from the registry. A `lora_path` (what a vLLM client sends) must lie inside
+one of `serve.adapter_roots` once resolved (symlinks and `..` included) and hold the same adapter
+files as version N, or the request gets 400; a version the registry does not hold (yet) gets 404,
+so no folder can squat on the name of a version that is still to come.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -69,3 +72,32 @@ def confined_path(lora_path: str, roots: list[Path]) -> Path:
     if not has_adapter:
         raise AdapterRequestError(f"lora_path {lora_path[:200]!r} holds no adapter_config.json", "lora_path")
     return resolved
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_digest(folder: Path) -> dict[str, str]:
+    """sha256 of each adapter file in `folder` (the config and the weights; other files do not count)."""
+    digests = {}
+    for name in ADAPTER_FILES:
+        path = folder / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digests[name] = digest.hexdigest()
+    return digests
+
+
+def require_same_adapter(folder: Path, registered: Path, version: int) -> None:
+    """AdapterRequestError unless `folder` holds exactly registry version `version`'s adapter files."""
+    theirs, ours = adapter_digest(folder), adapter_digest(registered)
+    if theirs != ours:
+        differing = sorted(n for n in set(theirs) | set(ours) if theirs.get(n) != ours.get(n))
+        raise AdapterRequestError(
+            f"lora_path holds other adapter files than registry version {version} ({', '.join(differing)} "
+            f"differ): a <name>-v<N> name always means the registry's weights; omit lora_path to load them",
+            "lora_path",
+        )

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
-from ctloop.errors import CtloopError
+from ctloop.errors import CtloopError, ModelError
 from ctloop.serving.schemas import ApiError, PromoteBody, parse_request, require_bearer
 
 
@@ -75,8 +75,16 @@ def add_admin_routes(app: Any, serving: Any) -> None:
             folder = None if body.lora_path is None else confined_path(body.lora_path, config.serve.adapter_roots)
         except AdapterRequestError as exc:
             raise ApiError(400, str(exc), exc.param) from None
+        from ctloop.serving.adapter_safety import UnsafeAdapter
+
         try:
             await serving.load_pinned(version, folder)
+        except AdapterRequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        except UnsafeAdapter as exc:  # would modify the shared base, or over serve.max_lora_rank
+            raise ApiError(400, f"cannot load {body.lora_name}: {exc}"[:500], exc.field) from exc
+        except ModelError as exc:  # files that are not a loadable adapter, or a load that changed the base
+            raise ApiError(400, f"cannot load {body.lora_name}: {exc}"[:500], "lora_path") from exc
         except CtloopError as exc:
             raise ApiError(404, f"cannot load {body.lora_name}: {exc}", "lora_name", "not_found") from exc
         except (OSError, ValueError, RuntimeError) as exc:  # files that are not a loadable adapter

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,18 @@ from ctloop.config import ModelConfig
 from ctloop.errors import ModelError
 from ctloop.serving.batching import SHADOW, USER, BatchLimits, ContinuousBatcher
 
-__all__ = ["SHADOW", "USER", "Backend", "Generation", "GenerationRequest", "InProcessBackend", "OpenAIBackend"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CLIENT_GONE",
+    "SHADOW",
+    "USER",
+    "Backend",
+    "Generation",
+    "GenerationRequest",
+    "InProcessBackend",
+    "OpenAIBackend",
+]
 
 
 @dataclass(frozen=True)
@@ -43,12 +56,15 @@ class GenerationRequest:
     seed: int | None = None
 
 
+CLIENT_GONE = "client_disconnected"  # the finish reason of a stream its client left before the end
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", an upstream's own, or CLIENT_GONE for a stream cut short
     latency_ms: float
 
 
@@ -71,6 +87,10 @@ class Backend(Protocol):
         self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
     ) -> Generation:
         """Answer; raise TimeoutError when the model itself takes longer than `timeout_s`."""
+
+    def stream(self, request: GenerationRequest, version: int) -> AsyncIterator[str | Generation]:
+        """The answer as it is decoded: text deltas, then the complete Generation (the same text as
+        `generate` would give). Closing the iterator early stops the generation."""
 
     async def aclose(self) -> None: ...
 
@@ -120,12 +140,17 @@ class InProcessBackend:
 
     shares_compute = True
 
-    def __init__(self, model: ModelConfig, batch: BatchLimits, user_threads: int = 8):
+    def __init__(self, model: ModelConfig, batch: BatchLimits, user_threads: int = 8, max_lora_rank: int = 64):
         from ctloop.model.loading import load_base_model, load_tokenizer
+        from ctloop.serving.adapter_safety import BaseFingerprint
 
         self.model_config = model
+        self.max_lora_rank = max_lora_rank
         self.tokenizer = load_tokenizer(model)
         self.base = load_base_model(model).eval()
+        self.fingerprint = BaseFingerprint.of(self.base)  # what every load and unload must leave as it was
+        self.base_incidents = 0  # loads or unloads after which the base had changed (and was reloaded)
+        self.base_problem = ""  # set while the base still differs from its fingerprint: unhealthy
         self.network: Any = None  # the PeftModel once an adapter is loaded
         self.loaded: dict[int, Path | None] = {}
         self._lock = PriorityLock()
@@ -154,7 +179,10 @@ class InProcessBackend:
         return f"v{version}"
 
     def load(self, version: int, adapter_dir: Path | None) -> None:
-        from peft import PeftModel
+        """Load a version's adapter next to the others, with the checks of `adapter_safety`: a config
+        that would modify the base is refused before anything is allocated, no initialisation runs,
+        a failed load frees what it allocated, and a base changed anyway is reloaded (ModelError)."""
+        from ctloop.serving.adapter_safety import checked_lora_config
 
         if version in self.loaded:
             return
@@ -163,19 +191,67 @@ class InProcessBackend:
                 f"version {version} has no adapter files at {adapter_dir}; re-register it or "
                 f"check the registry's artifact store"
             )
+        config = checked_lora_config(adapter_dir, self.max_lora_rank)
         self._lock.acquire(USER)
         try:
-            if self.network is None:
-                self.network = PeftModel.from_pretrained(
-                    self.base, str(adapter_dir), adapter_name=self.adapter_name(version)
-                ).eval()
-            else:
-                self.network.load_adapter(str(adapter_dir), adapter_name=self.adapter_name(version))
-            self.loaded[version] = adapter_dir
-            if self.batcher is not None:
-                self.batcher.adapters_changed()
+            self._attach(version, adapter_dir, config)
+            self._verify_base(f"loading v{version}", refused=version)
         finally:
             self._lock.release()
+
+    def _attach(self, version: int, adapter_dir: Path, config: Any) -> None:
+        from ctloop.serving.adapter_safety import add_empty_adapter, fill_adapter
+
+        name = self.adapter_name(version)
+        try:
+            self.network = add_empty_adapter(self.network, self.base, name, config)
+            fill_adapter(self.network, adapter_dir, name)
+        except BaseException:
+            self._discard(name)  # a failed load keeps nothing it allocated
+            raise
+        self.loaded[version] = adapter_dir
+        if self.batcher is not None:
+            self.batcher.adapters_changed()
+
+    def _discard(self, name: str) -> None:
+        if self.network is not None and name in self.network.peft_config:
+            if self.network.active_adapter == name and len(self.network.peft_config) > 1:
+                self.network.set_adapter(next(n for n in self.network.peft_config if n != name))
+            self.network.delete_adapter(name)
+
+    def _verify_base(self, action: str, refused: int | None = None) -> None:
+        """After a load or an unload (model lock held): the base must equal its start-up fingerprint.
+        If it does not, fail closed: drop every adapter, reload the base from disk, load the other
+        versions again, and raise; `/healthz` reports the incident, and stays unhealthy while the
+        reloaded base still differs."""
+        from ctloop.model.loading import load_base_model
+        from ctloop.serving.adapter_safety import BaseFingerprint, checked_lora_config
+
+        changed = self.fingerprint.differences(BaseFingerprint.of(self.base))
+        if not changed:
+            return
+        self.base_incidents += 1
+        log.error("%s changed %d base tensors (%s); reloading the base model", action, len(changed), changed[:3])
+        others = {v: p for v, p in self.loaded.items() if v != refused and p is not None}
+        self.network, self.loaded = None, {}
+        self.base = load_base_model(self.model_config).eval()
+        for version, path in others.items():
+            self._attach(version, path, checked_lora_config(path, self.max_lora_rank))
+        still = self.fingerprint.differences(BaseFingerprint.of(self.base))
+        self.base_problem = (
+            f"the base model differs from its start-up weights after a reload ({len(still)} tensors, first "
+            f"{still[0]}); restart the server"
+            if still
+            else ""
+        )
+        if self.batcher is not None:
+            self.batcher.adapters_changed()
+        raise ModelError(
+            f"{action} changed the shared base model's weights ({len(changed)} tensors, first {changed[0]}); "
+            f"the base was reloaded from {self.model_config.base}"
+            + (f" and v{refused} refused" if refused is not None else "")
+            + "; check the adapter's files and adapter_config.json"
+        )
 
     def unload_except(self, keep: set[int]) -> None:
         """Free adapters outside `keep` that no request is using (the rest go on a later call)."""
@@ -188,8 +264,10 @@ class InProcessBackend:
             for version in doomed:
                 self.network.delete_adapter(self.adapter_name(version))
                 del self.loaded[version]
-            if doomed and self.batcher is not None:
-                self.batcher.adapters_changed()
+            if doomed:
+                if self.batcher is not None:
+                    self.batcher.adapters_changed()
+                self._verify_base(f"unloading v{', v'.join(map(str, doomed))}")
         finally:
             self._lock.release()
 
@@ -209,6 +287,74 @@ class InProcessBackend:
             )
         finally:
             cancelled.set()  # a timed-out or cancelled call stops at its next token
+            self._in_use[version] -= 1
+
+    async def stream(
+        self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
+    ) -> AsyncIterator[str | Generation]:
+        """Text deltas as the batcher (or, serialised, `generate`) decodes them, then the Generation.
+        Closing the iterator early cancels the sequence: the batcher drops it at its next step."""
+        from ctloop.model.batching import prompt_token_ids
+        from ctloop.serving.streaming import TextDeltas
+
+        if version not in self.loaded:
+            raise ModelError(f"version {version} is not loaded; loaded: {sorted(self.loaded)}")
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake(*_: Any) -> None:  # on the scheduler or generation thread
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:
+                pass  # the event loop has closed: nobody is listening
+
+        deltas = TextDeltas(self.tokenizer, request.stop)
+        ids = prompt_token_ids(self.tokenizer, [request.prompt])[0]
+        latest: list[int] = []
+        cancelled = threading.Event()
+        self._in_use[version] = self._in_use.get(version, 0) + 1
+        try:
+            if self.batcher is not None:
+                sequence = self.batcher.submit(
+                    request, self.adapter_name(version), ids, priority, timeout_s, on_token=wake
+                )
+                cancelled = sequence.cancelled
+                future = asyncio.wrap_future(sequence.result)
+
+                def current() -> list[int]:
+                    return list(sequence.generated)
+            else:
+
+                def seen(tokens: list[int]) -> None:
+                    latest[:] = tokens
+                    wake()
+
+                future = loop.run_in_executor(
+                    self._pools[priority], self._generate, request, version, priority, cancelled, timeout_s, seen
+                )
+
+                def current() -> list[int]:
+                    return list(latest)
+
+            future.add_done_callback(lambda _: ready.set())
+            while not future.done():
+                await ready.wait()
+                ready.clear()
+                delta = deltas.update(current())
+                if delta:
+                    yield delta
+            outcome = await future
+            generation = (
+                self._answer(request, len(ids), outcome.generated, outcome.busy_s)
+                if self.batcher is not None
+                else outcome
+            )
+            rest = deltas.finish(generation.text)
+            if rest:
+                yield rest
+            yield generation
+        finally:
+            cancelled.set()  # a client that left frees its batch slot at the next step
             self._in_use[version] -= 1
 
     async def _generate_batched(
@@ -237,7 +383,10 @@ class InProcessBackend:
         priority: int,
         cancelled: threading.Event,
         timeout_s: float | None,
+        on_tokens: Any = None,
     ) -> Generation:
+        """One request alone through transformers' `generate`; `on_tokens(ids)` (streaming) gets the
+        answer's token ids after every step."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -247,6 +396,8 @@ class InProcessBackend:
             """Stops once a stop string appears, the caller gave up, or the call's own time ran out."""
 
             def __call__(self, input_ids, scores, **kwargs):
+                if on_tokens is not None:
+                    on_tokens(input_ids[0, len(ids) :].tolist())
                 if timeout_s is not None and time.perf_counter() - started > timeout_s:
                     overtime.set()
                 text = tokenizer.decode(input_ids[0, len(ids) :], skip_special_tokens=True) if request.stop else ""
@@ -345,9 +496,7 @@ class OpenAIBackend:
         for version in [v for v in self.loaded if v not in keep]:
             del self.loaded[version]
 
-    async def generate(
-        self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
-    ) -> Generation:
+    def _body(self, request: GenerationRequest, version: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.upstream_model(version),
             "prompt": request.prompt,
@@ -359,6 +508,64 @@ class OpenAIBackend:
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
+        return body
+
+    async def stream(
+        self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
+    ) -> AsyncIterator[str | Generation]:
+        """The upstream's own stream, relayed chunk by chunk (nothing buffered), then the Generation.
+        Closing the iterator early closes the upstream request, which frees its engine slot."""
+        import json
+
+        import httpx
+
+        body = self._body(request, version) | {"stream": True, "stream_options": {"include_usage": True}}
+        started = time.perf_counter()
+        parts: list[str] = []
+        finish, usage = "stop", {}
+        try:
+            async with self.client.stream("POST", "/completions", json=body) as response:
+                if response.status_code >= 400:
+                    raise ModelError(
+                        f"upstream {response.status_code} for {body['model']}: {await _capped_text(response)}"
+                    )
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        event = json.loads(data)
+                        if event.get("error"):
+                            raise ModelError(f"upstream error mid-stream: {str(event['error'])[:300]}")
+                        usage = event.get("usage") or usage
+                        for choice in event.get("choices") or []:
+                            piece = choice.get("text") or ""
+                            finish = choice.get("finish_reason") or finish
+                            if piece:
+                                parts.append(piece)
+                                yield piece
+                    except (ValueError, AttributeError, TypeError) as exc:
+                        raise ModelError(
+                            f"upstream {self.base_url} sent a malformed stream event: {data[:200]}"
+                        ) from exc
+        except httpx.TimeoutException as exc:
+            raise TimeoutError(f"upstream {self.base_url} did not answer in time ({exc.__class__.__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise ModelError(f"upstream {self.base_url} failed mid-stream ({exc.__class__.__name__}: {exc})") from exc
+        yield Generation(
+            "".join(parts),
+            int(usage.get("prompt_tokens", 0)),
+            int(usage.get("completion_tokens", 0)),
+            finish,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def generate(
+        self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
+    ) -> Generation:
+        body = self._body(request, version)
         import httpx
 
         started = time.perf_counter()
@@ -389,3 +596,13 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _capped_text(response: Any, limit: int = 4096) -> str:
+    """At most `limit` bytes of an error body, as text: an upstream's huge error page costs nothing."""
+    data = b""
+    async for block in response.aiter_bytes():
+        data += block
+        if len(data) >= limit:
+            break
+    return data[:limit].decode("utf-8", "replace")[:300]

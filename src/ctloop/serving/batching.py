@@ -64,6 +64,7 @@ class Sequence:
     generator: Any = None  # torch.Generator when sampling
     finish: str | None = None
     first_step: int | None = None  # the scheduler step that admitted it
+    on_token: Any = None  # called (on the scheduler thread) after each token it gets: streaming
 
     @property
     def budget(self) -> int:
@@ -107,9 +108,17 @@ class ContinuousBatcher:
         self._thread.start()
 
     def submit(
-        self, request: Any, adapter: str, prompt_ids: list[int], priority: int, timeout_s: float | None
+        self,
+        request: Any,
+        adapter: str,
+        prompt_ids: list[int],
+        priority: int,
+        timeout_s: float | None,
+        on_token: Any = None,
     ) -> Sequence:
-        sequence = Sequence(request, adapter, priority, next(self._tickets), prompt_ids, timeout_s=timeout_s)
+        sequence = Sequence(
+            request, adapter, priority, next(self._tickets), prompt_ids, timeout_s=timeout_s, on_token=on_token
+        )
         if request.temperature > 0:
             import torch
 
@@ -233,6 +242,8 @@ class ContinuousBatcher:
             self._check_finished(sequence)
 
     def _check_finished(self, sequence: Sequence) -> None:
+        if sequence.on_token is not None:
+            sequence.on_token()
         request = sequence.request
         if sequence.generated[-1] == self._tokenizer.eos_token_id:
             sequence.finish = "stop"

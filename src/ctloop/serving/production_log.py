@@ -54,15 +54,23 @@ class ProductionLog:
             )
         found = None
         for candidate in body.request_id_candidates():
-            if self.reader.stored_id(candidate) in self.recent or await asyncio.to_thread(
-                self.reader.has_request, candidate
-            ):
+            matches = 1 if self.reader.stored_id(candidate) in self.recent else None
+            matches = matches or await asyncio.to_thread(self.reader.requests_with_id, candidate)
+            if matches > 1:
+                raise ApiError(
+                    409,
+                    f"request id {candidate!r} names {matches} logged requests (written before the server "
+                    f"generated every id); feedback on it would attach to all of them, so it is refused",
+                    "request_id",
+                    "conflict",
+                )
+            if matches:
                 found = candidate
                 break
         if found is None:
             raise ApiError(
                 404,
-                f"no logged request has id {body.request_id!r}; send the X-Request-Id (or the response id) of an "
+                f"no logged request has id {body.request_id!r}; send the X-Request-Id (or the response id) the server returned with an "
                 f"answer this server logged (serve.log_fraction decides which are logged)",
                 "request_id",
                 "not_found",

@@ -142,11 +142,19 @@ class ShadowRouter:
             asyncio.create_task(self._work(), name=f"ctloop-shadow-{i}") for i in range(self.settings.workers)
         ]
 
-    def submit(self, request_id: str, request: GenerationRequest, champion: Generation, champion_version: int) -> str:
-        """Offer a champion-answered request for shadowing; never blocks. Returns what happened to it."""
+    def submit(
+        self,
+        request_id: str,
+        request: GenerationRequest,
+        champion: Generation,
+        champion_version: int,
+        sample_key: str | None = None,
+    ) -> str:
+        """Offer a champion-answered request for shadowing; never blocks. Returns what happened to it.
+        `sample_key` (default: the request id) decides the sampling, so one user is always in or out."""
         counters = self.counters
         counters.offered += 1
-        if not sampled(request_id, self.settings.fraction):
+        if not sampled(sample_key or request_id, self.settings.fraction):
             counters.sampled_out += 1
             return "sampled_out"
         challenger = self.challenger()

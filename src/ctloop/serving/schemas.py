@@ -18,6 +18,12 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=None, ...)
 
@@ -31,6 +37,7 @@ class Body(BaseModel):
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     n: StrictInt | None = Field(None, ge=1, le=1)
     stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)  # logged with the request, as OpenAI clients send it
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
