@@ -55,7 +55,7 @@ def register_versions(config, adapters: list[Path]) -> Registry:
     return registry
 
 
-def echo_upstream(models: list[str]):
+def echo_upstream(models: list[str], seen: list[dict] | None = None):
     """A real OpenAI-compatible HTTP app that answers at once (the prompt's last word, reversed), for
     tests of what ctloop does around generation (logging, feedback, load) where the tiny model's
     speed would make 10,000 requests take minutes. It stands where vLLM stands in production."""
@@ -67,8 +67,38 @@ def echo_upstream(models: list[str]):
     async def listed():
         return {"object": "list", "data": [{"id": m, "object": "model"} for m in models]}
 
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        if seen is not None:
+            seen.append(body)
+        last = next((m for m in reversed(body.get("messages") or []) if m.get("role") == "user"), {})
+        words = str(last.get("content") or "").split() or ["-"]
+        text = words[-1][::-1]
+        usage = {"prompt_tokens": len(words), "completion_tokens": 1, "total_tokens": len(words) + 1}
+        message = {"role": "assistant", "content": text}
+        if body.get("tools"):  # answers with a call of the first tool, as an engine with tool parsing does
+            name = body["tools"][0]["function"]["name"]
+            call = {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": name, "arguments": '{"q": "' + text + '"}'},
+            }
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        if body.get("stream"):
+            return _sse(body, list(text), usage, chat=True)
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if body.get("tools") else "stop"}
+        return {
+            "id": "up",
+            "object": "chat.completion",
+            "model": body.get("model"),
+            "choices": [choice],
+            "usage": usage,
+        }
+
     @app.post("/v1/completions")
     async def complete(body: dict):
+        if seen is not None:
+            seen.append(body)
         words = str(body.get("prompt", "")).split() or ["-"]
         text = " " + words[-1][::-1]
         usage = {"prompt_tokens": len(words), "completion_tokens": 1, "total_tokens": len(words) + 1}
@@ -85,7 +115,7 @@ def echo_upstream(models: list[str]):
     return app
 
 
-def _sse(body: dict, pieces: list[str], usage: dict):
+def _sse(body: dict, pieces: list[str], usage: dict, chat: bool = False):
     import json
 
     from fastapi.responses import StreamingResponse
@@ -93,7 +123,8 @@ def _sse(body: dict, pieces: list[str], usage: dict):
     def events():
         for i, piece in enumerate(pieces):
             finish = "stop" if i == len(pieces) - 1 else None
-            choice = {"index": 0, "text": piece, "finish_reason": finish}
+            choice = {"index": 0, ("delta" if chat else "text"): {"content": piece} if chat else piece}
+            choice["finish_reason"] = finish
             yield f"data: {json.dumps({'id': 'up', 'object': 'text_completion', 'choices': [choice]})}\n\n"
         if (body.get("stream_options") or {}).get("include_usage"):
             yield f"data: {json.dumps({'id': 'up', 'object': 'text_completion', 'choices': [], 'usage': usage})}\n\n"

@@ -46,7 +46,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything the model sees, frozen, so the shadow answers exactly the user's question."""
+    """Everything the model sees, frozen, so the shadow answers exactly the user's question.
+
+    `messages` (chat requests) and `passthrough` (fields ctloop does not implement, such as tools
+    or response_format) are for the openai backend, which sends chat as chat to the upstream; the
+    in-process backend answers `prompt` and is never given a passthrough field."""
 
     prompt: str
     max_tokens: int
@@ -54,6 +58,8 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
+    passthrough: tuple[tuple[str, Any], ...] = ()
 
 
 CLIENT_GONE = "client_disconnected"  # the finish reason of a stream its client left before the end
@@ -66,6 +72,7 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop", "length", an upstream's own, or CLIENT_GONE for a stream cut short
     latency_ms: float
+    message: dict[str, Any] | None = None  # openai backend, chat: the upstream's message (tool calls included)
 
 
 class Backend(Protocol):
@@ -139,6 +146,7 @@ class InProcessBackend:
     is production load, not the challenger's fault)."""
 
     shares_compute = True
+    passes_fields_through = False  # fields it does not implement are refused
 
     def __init__(self, model: ModelConfig, batch: BatchLimits, user_threads: int = 8, max_lora_rank: int = 64):
         from ctloop.model.loading import load_base_model, load_tokenizer
@@ -448,6 +456,7 @@ class OpenAIBackend:
     """An OpenAI-compatible server that serves version N as model `upstream_model.format(name, version)`."""
 
     shares_compute = False  # the upstream's queueing is the challenger's own latency
+    passes_fields_through = True  # tools, response_format, logprobs, ... go to the upstream unchanged
 
     def __init__(self, base_url: str, model_name: str, model_template: str, api_key: str | None, timeout_s: float):
         import httpx
@@ -496,10 +505,11 @@ class OpenAIBackend:
         for version in [v for v in self.loaded if v not in keep]:
             del self.loaded[version]
 
-    def _body(self, request: GenerationRequest, version: int) -> dict[str, Any]:
+    def _body(self, request: GenerationRequest, version: int) -> tuple[str, dict[str, Any]]:
+        """(path, body): chat goes to the upstream as chat, so the engine applies its own chat template."""
         body: dict[str, Any] = {
+            **dict(request.passthrough),
             "model": self.upstream_model(version),
-            "prompt": request.prompt,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -508,7 +518,9 @@ class OpenAIBackend:
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
-        return body
+        if request.messages is not None:
+            return "/chat/completions", body | {"messages": list(request.messages)}
+        return "/completions", body | {"prompt": request.prompt}
 
     async def stream(
         self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
@@ -519,12 +531,13 @@ class OpenAIBackend:
 
         import httpx
 
-        body = self._body(request, version) | {"stream": True, "stream_options": {"include_usage": True}}
+        path, body = self._body(request, version)
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
         started = time.perf_counter()
         parts: list[str] = []
         finish, usage = "stop", {}
         try:
-            async with self.client.stream("POST", "/completions", json=body) as response:
+            async with self.client.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
                     raise ModelError(
                         f"upstream {response.status_code} for {body['model']}: {await _capped_text(response)}"
@@ -541,7 +554,8 @@ class OpenAIBackend:
                             raise ModelError(f"upstream error mid-stream: {str(event['error'])[:300]}")
                         usage = event.get("usage") or usage
                         for choice in event.get("choices") or []:
-                            piece = choice.get("text") or ""
+                            delta = choice.get("delta")
+                            piece = (delta.get("content") or "") if delta is not None else (choice.get("text") or "")
                             finish = choice.get("finish_reason") or finish
                             if piece:
                                 parts.append(piece)
@@ -565,12 +579,12 @@ class OpenAIBackend:
     async def generate(
         self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
     ) -> Generation:
-        body = self._body(request, version)
+        path, body = self._body(request, version)
         import httpx
 
         started = time.perf_counter()
         try:
-            response = await self.client.post("/completions", json=body)
+            response = await self.client.post(path, json=body)
         except httpx.TimeoutException as exc:
             raise TimeoutError(f"upstream {self.base_url} did not answer in time ({exc.__class__.__name__})") from exc
         except httpx.HTTPError as exc:
@@ -581,12 +595,14 @@ class OpenAIBackend:
             data = response.json()
             choice = data["choices"][0]
             usage = data.get("usage") or {}
+            message = choice.get("message") if request.messages is not None else None
             return Generation(
-                choice.get("text", ""),
+                (message.get("content") or "") if message is not None else choice.get("text", ""),
                 int(usage.get("prompt_tokens", 0)),
                 int(usage.get("completion_tokens", 0)),
                 choice.get("finish_reason") or "stop",
                 (time.perf_counter() - started) * 1000,
+                message=message,
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise ModelError(

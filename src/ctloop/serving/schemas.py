@@ -24,8 +24,13 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+EMPTY = (None, False, 0, "", [], {})  # a field sent with one of these asks for nothing
+
+
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=None, ...)
+    # Fields ctloop does not implement are kept (`model_extra`), never dropped: the in-process backend
+    # refuses them, the openai backend passes them to the upstream unchanged (`asked_extras`).
+    model_config = ConfigDict(extra="allow")
 
     # Strict types: "5", true or "yes" where a number or a boolean belongs is a 400, not a guess.
     model: StrictStr = Field("", max_length=512)
@@ -41,16 +46,37 @@ class Body(BaseModel):
     user: str | None = Field(None, max_length=256)  # logged with the request, as OpenAI clients send it
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
+    def asked_extras(self) -> dict[str, Any]:
+        """The fields ctloop has no model for that ask for something (`logprobs: null` or
+        `presence_penalty: 0` ask for nothing, so they do not count)."""
+        return {
+            k: v for k, v in (self.model_extra or {}).items() if not any(v == e and type(v) is type(e) for e in EMPTY)
+        }
+
 
 class CompletionBody(Body):
     prompt: str | list[str]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # tool_calls, tool_call_id, name: kept as sent, logged, and passed on by the openai backend
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text: its content, or its text parts joined."""
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+    def beyond_text(self) -> str:
+        """What this message holds besides text ('' when nothing): a tool call, an image part, ..."""
+        extras = [k for k, v in (self.model_extra or {}).items() if v not in EMPTY]
+        if isinstance(self.content, list):
+            extras += sorted({str(p.get("type")) for p in self.content if p.get("type") != "text"})
+        return ", ".join(extras)
 
 
 class ChatBody(Body):

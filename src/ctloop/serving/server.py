@@ -300,8 +300,31 @@ class Serving:
         aliases = [self.model_name, "champion"] if self.roles.champion is not None else []
         return aliases + (["challenger"] if self.roles.challenger else []) + [f"{self.model_name}-v{v}" for v in loaded]
 
-    def generation_request(self, body: Body, prompt: str) -> GenerationRequest:
+    def generation_request(self, body: Body, prompt: str, messages: list[dict[str, Any]] | None) -> GenerationRequest:
+        """The request the backend answers. Fields ctloop does not implement are passed to an openai
+        upstream unchanged, and refused (400 naming the field) by the in-process backend."""
         serve = self.config.serve
+        extras = body.asked_extras()
+        passes = getattr(self.backend, "passes_fields_through", False)
+        if extras and not passes:
+            field = sorted(extras)[0]
+            raise ApiError(
+                400,
+                f"{field} is not supported by this server's in_process backend (ctloop never drops a field "
+                f"silently); remove it, or serve through an engine that has it (serve.backend: openai)",
+                field,
+            )
+        if body.stream and "tools" in extras:
+            raise ApiError(400, "tool calls are not relayed in streamed answers yet; send stream: false", "stream")
+        beyond = [(i, m) for i, m in enumerate(getattr(body, "messages", [])) if m.beyond_text()]
+        if beyond and not passes:
+            index, message = beyond[0]
+            raise ApiError(
+                400,
+                f"messages.{index} holds {message.beyond_text()}, which the in_process backend cannot "
+                f"answer; send text messages, or serve through an engine that can (serve.backend: openai)",
+                f"messages.{index}",
+            )
         max_tokens = body.max_completion_tokens or body.max_tokens or serve.default_max_tokens
         if max_tokens > serve.max_tokens:
             raise ApiError(
@@ -322,12 +345,16 @@ class Serving:
             top_p=body.top_p or 1.0,
             stop=stop,
             seed=body.seed,
+            messages=tuple(messages) if messages is not None and passes else None,
+            passthrough=tuple(sorted(extras.items())),
         )
 
-    async def prepare(self, body: Body, prompt: str) -> tuple[GenerationRequest, int, bool]:
+    async def prepare(
+        self, body: Body, prompt: str, messages: list[dict[str, Any]] | None = None
+    ) -> tuple[GenerationRequest, int, bool]:
         """The generation request and the version that answers it (explicit or the champion), checked
         against the caps and the context before any generation."""
-        request = self.generation_request(body, prompt)
+        request = self.generation_request(body, prompt, messages)
         version, explicit = self.resolve(body.model)
         await self.check_fits(request)
         return request, version, explicit
@@ -342,7 +369,7 @@ class Serving:
     ) -> tuple[Any, int]:
         """The champion's (or an explicit version's) answer, logged in the request log; champion
         answers are then offered to the router."""
-        request, version, explicit = await self.prepare(body, prompt)
+        request, version, explicit = await self.prepare(body, prompt, messages)
         try:
             generation = await self.backend.generate(request, version, USER)
         except TimeoutError as exc:
@@ -367,7 +394,7 @@ class Serving:
 
         from ctloop.serving.streaming import event_stream
 
-        request, version, explicit = await self.prepare(body, prompt)
+        request, version, explicit = await self.prepare(body, prompt, messages)
         deltas = self.backend.stream(request, version)
 
         def complete(generation: Generation) -> None:
@@ -511,12 +538,12 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
         body = await parse_request(request, ChatBody, config.serve)
         ids = request_ids(request)
-        messages = [m.model_dump() for m in body.messages]
+        messages = [m.model_dump(exclude_unset=True) for m in body.messages]  # as sent: tool calls included
+        prompt = chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
         if body.stream:
-            return await serving.stream(
-                ids, body, chat_prompt(messages), "chat", f"chatcmpl-{ids.request_id}", messages
-            )
-        generation, version = await serving.answer(ids, body, chat_prompt(messages), "chat", messages)
+            return await serving.stream(ids, body, prompt, "chat", f"chatcmpl-{ids.request_id}", messages)
+        generation, version = await serving.answer(ids, body, prompt, "chat", messages)
+        message = generation.message or {"role": "assistant", "content": generation.text.strip()}
         return JSONResponse(
             {
                 "id": f"chatcmpl-{ids.request_id}",
@@ -526,7 +553,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": generation.text.strip()},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": generation.finish_reason,
                     }
