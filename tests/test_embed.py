@@ -1,4 +1,4 @@
-"""Embedding records for drift checks: text selection and the fingerprint-keyed on-disk cache."""
+"""Embedding records for drift checks: text selection and the per-text on-disk cache."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_second_call_is_served_from_the_cache(tmp_path):
     assert len(embedder.calls) == 1
     np.testing.assert_array_equal(first, second)
     np.testing.assert_array_equal(second, expected(RECORDS, "prompt"))
-    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".npy"]  # no temporary file left
+    assert "rows.sqlite" in {p.name for p in (tmp_path / "cache").iterdir()}
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,6 @@ def test_each_text_field_has_its_own_cache_entry(tmp_path, first, second):
     a = embed_records(RECORDS, embedder, first, tmp_path)
     b = embed_records(RECORDS, embedder, second, tmp_path)
     assert len(embedder.calls) == 2
-    assert len(list(tmp_path.glob("*.npy"))) == 2
     np.testing.assert_array_equal(a, expected(RECORDS, first))
     np.testing.assert_array_equal(b, expected(RECORDS, second))
     embed_records(RECORDS, embedder, first, tmp_path)
@@ -138,3 +137,12 @@ def test_default_minilm_embedder_loads_offline_and_ranks_similarity():
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     similar, unrelated = float(unit[0] @ unit[1]), float(unit[0] @ unit[2])
     assert similar > unrelated + 0.3, (similar, unrelated)
+
+
+def test_a_sliding_window_embeds_only_its_new_rows(tmp_path):
+    """#26: the cache is per text, so the next look at a sliding window embeds only what is new."""
+    embedder = CharCountEmbedder()
+    embed_records(RECORDS[:3], embedder, "prompt", tmp_path)
+    out = embed_records(RECORDS[1:], embedder, "prompt", tmp_path)
+    assert embedder.calls[-1] == [RECORDS[3].prompt]
+    np.testing.assert_array_equal(out, expected(RECORDS[1:], "prompt"))

@@ -100,7 +100,8 @@ def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twic
         json.loads(line)["request_id"]: json.loads(line)["reason"]
         for line in Path(report.decisions_path).read_text().splitlines()
     }
-    assert decisions == {"r1": "correction", "r2": "rated_up", "r3": "rejected", "r4": "no_feedback"}
+    # Requests without feedback never leave the database (#26): counted by reason, not listed.
+    assert decisions == {"r1": "correction", "r2": "rated_up", "r3": "rejected"}
     assert read_json(Path(report.out_path + ".manifest.json"))["counts"] == report.counts
 
     # No cycle has trained on it yet (skipped, failed): the same rows are harvested again...

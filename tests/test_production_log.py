@@ -378,3 +378,48 @@ def test_request_ids_are_unique_and_an_older_store_with_duplicates_is_refused_no
     rows[0]["feedback"] = {"feedback_id": "f", "score": 0.0, "correction": "FOR ALPHA ONLY"}
     decided = decide_rows(rows, HarvestConfig(), set())
     assert [d.reason for d, _ in decided] == ["ambiguous_request_id"] * 2 and all(r is None for _, r in decided)
+
+
+def test_feedback_import_keeps_every_character_refuses_by_line_and_never_imports_twice(tmp_path):
+    """#24 item 10 and #26: quoted newlines, U+2028, long CSV fields and a BOM arrive as sent; a line
+    that is not UTF-8 is refused with its number; the import goes in chunks, and a second run of the
+    same file adds nothing."""
+    from ctloop.logstore import feedback_import
+
+    url = f"sqlite:///{tmp_path / 'logs.db'}"
+    writer = RequestLog(url)
+    for i in range(5):
+        writer.put(_request(i))
+    writer.close()
+    long = "x" * 140_000  # over csv's default field limit of 131,072
+    csv_file = tmp_path / "fb.csv"
+    csv_file.write_bytes(
+        b"\xef\xbb\xbfrequest_id,rating,correction\n"
+        + 'r0,-1,"two\nlines \u2028 kept"\n'.encode()
+        + f"r1,-1,{long}\n".encode()
+    )
+    jsonl = tmp_path / "fb.jsonl"
+    jsonl.write_bytes(
+        json.dumps({"request_id": "r2", "rating": -1, "correction": "sep\u2028arated"}, ensure_ascii=False).encode()
+        + b"\n"
+        + b'{"request_id": "r3", "rating": 1, "comment": "caf\xe9"}\n'  # Latin-1, not UTF-8
+        + json.dumps({"request_id": "r4", "rating": 1}).encode()
+        + b"\n"
+    )
+    first = feedback_import.import_feedback(csv_file, url, max_correction_chars=200_000)
+    assert first.imported == 2 and first.refused == {}
+    monkey_chunk = feedback_import.CHUNK
+    feedback_import.CHUNK = 1  # one record per transaction: the chunked path
+    try:
+        second = feedback_import.import_feedback(jsonl, url)
+    finally:
+        feedback_import.CHUNK = monkey_chunk
+    assert second.imported == 2 and second.refused == {"invalid": 1}
+    assert second.problems == ["line 2: not valid UTF-8 (byte 50); re-encode the file as UTF-8"]
+    reader = LogReader(url)
+    corrections = {r["request_id"]: r["feedback"]["correction"] for r in reader.requests() if r["feedback"]}
+    reader.close()
+    assert corrections["r0"] == "two\nlines \u2028 kept" and corrections["r1"] == long
+    assert corrections["r2"] == "sep\u2028arated" and corrections["r4"] is None
+    again = feedback_import.import_feedback(csv_file, url, max_correction_chars=200_000)
+    assert again.imported == 0 and again.refused == {"already imported": 2}

@@ -20,16 +20,21 @@ NOT_ENOUGH = "not_enough_data"
 
 def served_prompts(
     config: CtloopConfig, workspace: Workspace, since: float, until: float | None = None
-) -> list[Record]:
-    """The logged requests in [since, until) as records (the prompt is what drift compares)."""
+) -> tuple[list[Record], int]:
+    """A seeded sample of at most `drift.max_rows` logged requests of [since, until), drawn in the
+    database, as records (the prompt is what drift compares), and the window's size. Only the
+    sample is read and embedded, however large the window."""
     from ctloop.logstore.requests import LogReader
 
     reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
     try:
-        rows = reader.requests(since=since, until=until)
+        rows, total = reader.sample_requests(
+            since, time.time() if until is None else until, config.drift.max_rows, config.drift.seed
+        )
     finally:
         reader.close()
-    return [Record(id=row["request_id"], prompt=row["prompt"] or "", completion=row["answer"] or "") for row in rows]
+    records = [Record(id=row["request_id"], prompt=row["prompt"] or "", completion=row["answer"] or "") for row in rows]
+    return records, total
 
 
 def check_production_drift(
@@ -58,7 +63,7 @@ def check_production_drift(
             "production drift compares live traffic with the champion's training data, and there is no "
             "champion yet; run a cycle first (`ctloop run`)"
         )
-    current = served_prompts(config, workspace, since, until)
+    current, total = served_prompts(config, workspace, since, until)
     reference = champion_reference(config, workspace, registry, champion)
     drift_config = config.drift.model_copy(update={"text": "prompt"})  # answers are outputs, not data
     embedder = make_embedder(drift_config, config.model)
@@ -71,10 +76,14 @@ def check_production_drift(
     report = detect_drift(ref_emb, cur_emb, drift_config, alpha=look.alpha if look else None)
     if look is not None:
         report = replace(report, reasons=(*report.reasons, look.describe()))
+    if total > len(current):
+        sampled = f"the window held {total} requests: a seeded sample of {len(current)} (drift.max_rows) was drawn in the log store"
+        report = replace(report, reasons=(*report.reasons, sampled))
     window = {
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
         "until": utc_now(),
-        "requests": len(current),
+        "requests": total,
+        "sampled": len(current),  # drawn in the database: at most drift.max_rows
         "champion": champion,
     }
     report_dir = report_dir or workspace.root / "watch"

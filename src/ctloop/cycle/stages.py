@@ -494,7 +494,7 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     if state.get("harvest"):  # the harvested rows are now used: later harvests skip them
         from ctloop.data.harvest import commit_harvest
 
-        commit_harvest(workspace, state["harvest"])
+        commit_harvest(workspace, state["harvest"], config.shadow.store_url)
     registry.end_run(run_id)  # before the cycle is marked finished: a retry after a failure here redoes both
     cycle.update_state(status=status, finished=utc_now(), result=result)
     return result

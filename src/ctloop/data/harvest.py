@@ -148,29 +148,37 @@ def harvest(
     fmt: Format = "records",
 ) -> HarvestReport:
     """Harvest the log store's window [since, until) into `out` (default
-    <workspace>/harvest/harvest-<time>.jsonl); rejected answers join <workspace>/harvest/rejected.jsonl."""
+    <workspace>/harvest/harvest-<time>.jsonl); rejected answers join <workspace>/harvest/rejected.jsonl.
+
+    Only the requests with feedback leave the database (in pages), and with `harvest.include_unrated`
+    the unrated ones in pages after them: memory follows what is harvested, not the window. What
+    earlier harvests' cycles used is looked up in the ledger table by key."""
     from ctloop.logstore.requests import LogReader
 
     until = time.time() if until is None else until
     folder = workspace.root / "harvest"
-    ledger_path = folder / "ledger.json"  # request ids and content keys of earlier harvests
-    ledger = read_json(ledger_path) if ledger_path.is_file() else {"request_ids": [], "content_keys": []}
     reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
+    seen: set[str] = set()  # content keys of this harvest
+    decided: list[tuple[Decision, Record | None]] = []
     try:
-        rows = reader.requests(since=since, until=until)
+        _migrate_json_ledger(folder, reader)
+        window = reader.count_requests(since, until)
+        pages = [reader.rated_requests(since, until)]
+        if config.harvest.include_unrated:
+            pages.append(reader.unrated_requests(since, until))
+        looked_at = 0
+        for source in pages:
+            for page in source:
+                looked_at += len(page)
+                decided += _decide_page(page, config.harvest, seen, reader)
     finally:
         reader.close()
-    done_ids = set(ledger["request_ids"])
-    fresh = [row for row in rows if row["request_id"] not in done_ids]
-    seen = set(ledger["content_keys"])
-    decided = decide_rows(fresh, config.harvest, seen)
-    decided += [
-        (Decision(row["request_id"], "already_harvested", False), None) for row in rows if row["request_id"] in done_ids
-    ]
     decided = _without_eval_overlap(config, decided)
     kept = [record for decision, record in decided if decision.kept and record is not None]
     rejected = [record for decision, record in decided if decision.reason == "rejected" and record is not None]
     counts = Counter(decision.reason for decision, _ in decided)
+    if window > looked_at:  # never left the database: counted, not listed
+        counts["no_feedback"] += window - looked_at
 
     stamp = utc_now().replace(":", "")
     out = out or folder / f"harvest-{stamp}.jsonl"
@@ -182,6 +190,7 @@ def harvest(
     known = {row["id"] for row in previous}  # a harvest repeated before its cycle ran adds nothing twice
     write_jsonl(rejected_path, previous + [_row(r) for r in rejected if r.id not in known])
     decisions_path = out.with_name(out.stem + ".decisions.jsonl")
+    # Every request that left the database is listed with its reason; the rest are in `counts`.
     write_jsonl(decisions_path, [asdict(decision) for decision, _ in decided])
     report = HarvestReport(
         since=time.strftime(TIMESTAMP_FORMAT, time.gmtime(since)),
@@ -194,19 +203,63 @@ def harvest(
         rejected_path=str(rejected_path),
         decisions_path=str(decisions_path),
         request_ids=tuple(d.request_id for d, r in decided if r is not None and (d.kept or d.reason == "rejected")),
-        content_keys=tuple(sorted(seen - set(ledger["content_keys"]))),
+        content_keys=tuple(sorted({content_key(r.prompt, r.completion) for _, r in decided if r is not None})),
     )
     write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
     return report
 
 
-def commit_harvest(workspace: Workspace, manifest: dict[str, Any]) -> None:
-    """Record a harvest's rows as used (after its cycle finished), so later harvests skip them."""
-    ledger_path = workspace.root / "harvest" / "ledger.json"
-    ledger = read_json(ledger_path) if ledger_path.is_file() else {"request_ids": [], "content_keys": []}
-    ledger["request_ids"] = sorted(set(ledger["request_ids"]) | set(manifest.get("request_ids", ())))
-    ledger["content_keys"] = sorted(set(ledger["content_keys"]) | set(manifest.get("content_keys", ())))
-    write_json(ledger_path, ledger)
+def _decide_page(
+    page: list[dict[str, Any]], settings: HarvestConfig, seen: set[str], reader: Any
+) -> list[tuple[Decision, Record | None]]:
+    """One page of requests: those whose id a committed harvest used are `already_harvested`; the
+    others are decided, and a kept row whose content a committed harvest used is a `duplicate`."""
+    used = reader.ledger_holds([LEDGER_REQUEST + row["request_id"] for row in page])
+    fresh = [row for row in page if LEDGER_REQUEST + row["request_id"] not in used]
+    out = [
+        (Decision(row["request_id"], "already_harvested", False), None)
+        for row in page
+        if LEDGER_REQUEST + row["request_id"] in used
+    ]
+    decided = decide_rows(fresh, settings, seen)
+    keys = {id(r): LEDGER_CONTENT + content_key(r.prompt, r.completion) for _, r in decided if r is not None}
+    known = reader.ledger_holds(sorted(set(keys.values())))
+    for decision, record in decided:
+        if record is not None and keys.get(id(record)) in known:
+            out.append((Decision(decision.request_id, "duplicate", False, decision.feedback_id), None))
+        else:
+            out.append((decision, record))
+    return out
+
+
+LEDGER_REQUEST, LEDGER_CONTENT = "r:", "c:"
+
+
+def commit_harvest(workspace: Workspace, manifest: dict[str, Any], store_url: str | None = None) -> None:
+    """Record a harvest's rows as used (after its cycle finished), so later harvests skip them: its
+    request ids and content keys go to the log store's ledger table (idempotent)."""
+    from ctloop.logstore.requests import LogReader
+
+    reader = LogReader(workspace.shadow_store_url(store_url))
+    try:
+        _migrate_json_ledger(workspace.root / "harvest", reader)
+        keys = [LEDGER_REQUEST + r for r in manifest.get("request_ids", ())]
+        keys += [LEDGER_CONTENT + k for k in manifest.get("content_keys", ())]
+        reader.ledger_add(keys, manifest.get("out_path", ""))
+    finally:
+        reader.close()
+
+
+def _migrate_json_ledger(folder: Path, reader: Any) -> None:
+    """An older ctloop kept the ledger as harvest/ledger.json: move it into the table, once."""
+    path = folder / "ledger.json"
+    if not path.is_file():
+        return
+    ledger = read_json(path)
+    keys = [LEDGER_REQUEST + r for r in ledger.get("request_ids", [])]
+    keys += [LEDGER_CONTENT + k for k in ledger.get("content_keys", [])]
+    reader.ledger_add(keys, str(path))
+    path.rename(path.with_name("ledger.json.migrated"))
 
 
 def harvest_manifest(data_path: Path) -> dict[str, Any] | None:

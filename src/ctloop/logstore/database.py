@@ -55,8 +55,8 @@ def _upgrade(engine: Any) -> None:
             )
 
 
-def tables() -> tuple[Any, Any, Any, Any]:
-    """(metadata, shadow_log, request_log, feedback)."""
+def tables() -> tuple[Any, Any, Any, Any, Any]:
+    """(metadata, shadow_log, request_log, feedback, harvest_ledger)."""
     from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text
 
     metadata = MetaData()
@@ -113,4 +113,13 @@ def tables() -> tuple[Any, Any, Any, Any]:
         Column("user", String(256)),
         Column("source", Text),  # "api", or the file it was imported from
     )
-    return metadata, shadow_log, request_log, feedback
+    # What cycles have trained on: request ids ("r:<id>") and content keys ("c:<key>") of committed
+    # harvests, so a later harvest skips them; looked up by key, never read whole.
+    harvest_ledger = Table(
+        "harvest_ledger",
+        metadata,
+        Column("key", String(200), primary_key=True),
+        Column("harvest", String(200)),
+        Column("committed_at", Float),
+    )
+    return metadata, shadow_log, request_log, feedback, harvest_ledger

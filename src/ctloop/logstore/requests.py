@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,7 +133,7 @@ class LogReader:
         self.url = url
         self.redact_pii = redact_pii
         self.engine = open_engine(url)
-        _, self.shadow_log, self.request_log, self.feedback = tables()
+        _, self.shadow_log, self.request_log, self.feedback, self.ledger = tables()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -173,6 +174,138 @@ class LogReader:
                 connection.execute(self.feedback.insert(), rows)
         return len(rows)
 
+    def count_requests(self, since: float | None = None, until: float | None = None) -> int:
+        """Logged requests in [since, until) (an index range count on created_at)."""
+        from sqlalchemy import func, select
+
+        query = self._window(select(func.count()).select_from(self.request_log), since, until)
+        with self.engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    def rated_requests(
+        self, since: float | None = None, until: float | None = None, page: int = 1000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The requests in [since, until) that have feedback, each with its latest feedback (the last
+        one the store received) under `feedback`, in pages of `page` rows, oldest first. Only rated
+        rows leave the database: memory follows the page, not the window."""
+        from sqlalchemy import func, select
+
+        latest = (
+            select(self.feedback.c.request_id, func.max(self.feedback.c.id).label("feedback_row"))
+            .group_by(self.feedback.c.request_id)
+            .subquery()
+        )
+        query = (
+            select(self.request_log, *[c.label(f"feedback__{c.name}") for c in self.feedback.c])
+            .join(latest, latest.c.request_id == self.request_log.c.request_id)
+            .join(self.feedback, self.feedback.c.id == latest.c.feedback_row)
+            .order_by(self.request_log.c.id)
+        )
+        yield from self._pages(self._window(query, since, until), page, with_feedback=True)
+
+    def unrated_requests(
+        self, since: float | None = None, until: float | None = None, page: int = 1000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The requests in [since, until) without feedback, in pages, oldest first."""
+        from sqlalchemy import exists, select
+
+        rated = exists().where(self.feedback.c.request_id == self.request_log.c.request_id)
+        query = select(self.request_log).where(~rated).order_by(self.request_log.c.id)
+        yield from self._pages(self._window(query, since, until), page, with_feedback=False)
+
+    def sample_requests(self, since: float, until: float, n: int, seed: int) -> tuple[list[dict[str, Any]], int]:
+        """A seeded uniform sample of at most `n` requests of [since, until), drawn in the database
+        (ids are drawn from the window's id range, and only the drawn rows are read), and the
+        window's size. Memory and work follow `n`, not the window."""
+        import numpy as np
+        from sqlalchemy import func, select
+
+        table = self.request_log
+        bounds = self._window(select(func.count(), func.min(table.c.id), func.max(table.c.id)), since, until)
+        with self.engine.connect() as connection:
+            total, low, high = connection.execute(bounds).one()
+            if not total:
+                return [], 0
+            if total <= n:
+                rows = [r for page in self._pages(self._window(select(table), since, until), 1000, False) for r in page]
+                return rows, int(total)
+            rng = np.random.default_rng(seed)
+            chosen: dict[int, dict[str, Any]] = {}
+            span = int(high - low + 1)
+            # A dense window: a permutation of its id range; a sparse one: draws, rarely repeated.
+            order = iter(rng.permutation(span) + low) if span <= 4 * n else None
+            tried: set[int] = set()
+            while len(chosen) < n and len(tried) < span:
+                want = max(2 * (n - len(chosen)), 64)
+                if order is not None:
+                    draws = [int(i) for _, i in zip(range(want), order, strict=False)]
+                else:
+                    draws = [int(i) for i in rng.integers(low, high + 1, size=want) if int(i) not in tried]
+                tried.update(draws)
+                for start in range(0, len(draws), 500):
+                    query = self._window(select(table).where(table.c.id.in_(draws[start : start + 500])), since, until)
+                    for row in connection.execute(query):
+                        if len(chosen) < n:
+                            chosen[row.id] = self._decoded(dict(row._mapping))
+        return [chosen[i] for i in sorted(chosen)], int(total)
+
+    def _window(self, query: Any, since: float | None, until: float | None) -> Any:
+        if since is not None:
+            query = query.where(self.request_log.c.created_at >= since)
+        if until is not None:
+            query = query.where(self.request_log.c.created_at < until)
+        return query
+
+    def _pages(self, query: Any, page: int, with_feedback: bool) -> Iterator[list[dict[str, Any]]]:
+        with self.engine.connect() as connection:
+            result = connection.execution_options(stream_results=True, yield_per=page).execute(query)
+            for rows in result.partitions(page):
+                out = []
+                for row in rows:
+                    mapping = dict(row._mapping)
+                    feedback = {
+                        k.removeprefix("feedback__"): mapping.pop(k)
+                        for k in list(mapping)
+                        if k.startswith("feedback__")
+                    }
+                    mapping = self._decoded(mapping)
+                    mapping["feedback"] = feedback if with_feedback else None
+                    out.append(mapping)
+                yield out
+
+    @staticmethod
+    def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+        row["messages"] = json.loads(row["messages"]) if row.get("messages") else None
+        row["request_metadata"] = json.loads(row.get("request_metadata") or "{}")
+        return row
+
+    def ledger_holds(self, keys: list[str]) -> set[str]:
+        """The keys among `keys` that a committed harvest recorded."""
+        from sqlalchemy import select
+
+        found: set[str] = set()
+        with self.engine.connect() as connection:
+            for start in range(0, len(keys), 500):
+                query = select(self.ledger.c.key).where(self.ledger.c.key.in_(keys[start : start + 500]))
+                found.update(connection.execute(query).scalars())
+        return found
+
+    def ledger_add(self, keys: list[str], harvest: str) -> int:
+        """Record keys as used (idempotent: keys already there stay as they are); returns how many were new."""
+        added = 0
+        for start in range(0, len(keys), 2000):
+            chunk = sorted(set(keys[start : start + 2000]))
+            held = self.ledger_holds(chunk)
+            fresh = [k for k in chunk if k not in held]
+            if fresh:
+                now = time.time()
+                with self.engine.begin() as connection:
+                    connection.execute(
+                        self.ledger.insert(), [{"key": k, "harvest": harvest[:200], "committed_at": now} for k in fresh]
+                    )
+                added += len(fresh)
+        return added
+
     def requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """Logged requests in [since, until), oldest first, with their latest feedback (or None) under
         `feedback`; `messages` and `request_metadata` decoded."""
@@ -210,11 +343,49 @@ class LogReader:
                 for table in (self.shadow_log, self.request_log, self.feedback)
             }
 
-    def purge(self, older_than: float) -> dict[str, int]:
+    def purge(self, older_than: float, batch: int = 2000, pause_s: float = 0.05) -> dict[str, int]:
         """Delete every row (requests, feedback, shadow pairs) created before `older_than` (epoch
-        seconds); return how many per table."""
+        seconds); return how many per table. In transactions of at most `batch` rows (found through
+        the created_at index) with `pause_s` between them, so the server's writers never wait long
+        for the store's write lock."""
+        from sqlalchemy import select
+
         deleted = {}
-        with self.engine.begin() as connection:
-            for table in (self.request_log, self.feedback, self.shadow_log):
-                deleted[table.name] = connection.execute(table.delete().where(table.c.created_at < older_than)).rowcount
+        for table in (self.request_log, self.feedback, self.shadow_log):
+            deleted[table.name] = 0
+            while True:
+                with self.engine.begin() as connection:
+                    doomed = select(table.c.id).where(table.c.created_at < older_than).limit(batch)
+                    ids = list(connection.execute(doomed).scalars())
+                    if ids:
+                        connection.execute(table.delete().where(table.c.id.in_(ids)))
+                deleted[table.name] += len(ids)
+                if len(ids) < batch:
+                    break
+                time.sleep(pause_s)
         return deleted
+
+    def requests_with_ids(self, request_ids: list[str]) -> dict[str, int]:
+        """How many logged requests carry each of these ids (absent ids are left out), in batches."""
+        from sqlalchemy import func, select
+
+        counts: dict[str, int] = {}
+        stored = sorted({self.stored_id(r) for r in request_ids})
+        column = self.request_log.c.request_id
+        with self.engine.connect() as connection:
+            for start in range(0, len(stored), 500):
+                query = select(column, func.count()).where(column.in_(stored[start : start + 500])).group_by(column)
+                counts.update({rid: int(n) for rid, n in connection.execute(query)})
+        return counts
+
+    def new_feedback_ids(self, feedback_ids: list[str]) -> set[str]:
+        """The ids among these that no stored feedback row has yet."""
+        from sqlalchemy import select
+
+        known: set[str] = set()
+        with self.engine.connect() as connection:
+            for start in range(0, len(feedback_ids), 500):
+                chunk = feedback_ids[start : start + 500]
+                query = select(self.feedback.c.feedback_id).where(self.feedback.c.feedback_id.in_(chunk))
+                known.update(connection.execute(query).scalars())
+        return set(feedback_ids) - known

@@ -88,11 +88,13 @@ class ProductionLog:
         }
 
     async def purge_forever(self) -> None:
-        """Delete rows past `serve.log_retention_days`, now and every hour."""
+        """Delete rows past `serve.log_retention_days` every hour, in small batches (`LogReader.purge`);
+        never at start-up, where a replica's first minutes belong to its traffic."""
         days = self.settings.log_retention_days
         if days is None:
             return
         while True:
+            await asyncio.sleep(PURGE_EVERY_S)
             try:
                 deleted = await asyncio.to_thread(self.reader.purge, time.time() - days * 86400)
                 self.purged.update(deleted)
@@ -100,7 +102,6 @@ class ProductionLog:
                     log.info("log retention (%s days) purged %s", days, deleted)
             except Exception as exc:  # noqa: BLE001 - retention must not stop the server; it tries again
                 log.warning("purging the log store failed: %s: %s", exc.__class__.__name__, exc)
-            await asyncio.sleep(PURGE_EVERY_S)
 
     def metrics(self) -> list[tuple[str, str, float, dict[str, str]]]:
         w = self.writer
