@@ -230,3 +230,36 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(server, monkey
         started = time.monotonic()
         closed = sock.recv(1024) == b""  # the server hangs up
     assert closed and time.monotonic() - started < 20  # serve.header_timeout_s is 3 here
+
+
+@pytest.mark.parametrize(
+    ("headers", "what"),
+    [(b"X-Request-Id: " + b"x" * 200_000 + b"\r\n", "a 200 KB header"), (b"X-H: v\r\n" * 200_000, "200,000 headers")],
+    ids=["huge-header", "many-headers"],
+)
+def test_an_oversized_request_head_is_431_and_the_connection_closed(server, headers, what):
+    """#24 item 5: httptools has no head limit; a 64 MB X-Request-Id and 200,000 headers were both
+    answered 200. Past serve.max_head_bytes (64 KiB) or serve.max_headers (100): 431, then close."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode())
+        try:
+            sock.sendall(headers + b"\r\n")
+        except OSError:
+            pass  # the server may close before it has read everything
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 431"), (what, answer[:200])
+    assert "serve.max_head_bytes" in answer
+    # a keep-alive connection: an ordinary request first, then an oversized one on the same connection
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert reader.readline() == b"HTTP/1.1 200 OK\r\n"
+        length = 0
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        reader.read(length)
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode() + b"X-Pad: " + b"y" * 70_000 + b"\r\n\r\n")
+        assert reader.readline().startswith(b"HTTP/1.1 431")
+    assert httpx.get(f"{server}/healthz", headers={"x-request-id": "ok"}).status_code == 200

@@ -172,3 +172,107 @@ def test_a_pinned_load_survives_concurrent_role_syncs(tiny_base, adapters, tmp_p
             await serving.stop()
 
     assert asyncio.run(scenario()) == [True] * 4
+
+
+class _Replica:
+    """A misbehaving replica on loopback (raw sockets): `drip` sends its head, then a byte a second;
+    `huge` answers 400 with a 50 MB body; `echo` answers 400 with the request's own head."""
+
+    def __init__(self, mode: str):
+        import socket
+        import threading
+
+        self.mode, self.sent = mode, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection) -> None:
+        with connection:
+            head = connection.recv(65536)
+            try:
+                if self.mode == "drip":
+                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+                    for _ in range(1000):
+                        if self.stop.is_set():
+                            return
+                        connection.sendall(b"x")
+                        time.sleep(1)
+                elif self.mode == "huge":
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 50000000\r\n\r\n")
+                    block = b"e" * 65536
+                    while self.sent < 50_000_000:
+                        connection.sendall(block)
+                        self.sent += len(block)
+                else:
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(head) + head)
+            except OSError:
+                return  # the client hung up
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["drip", "huge", "echo"])
+def test_publishing_to_a_misbehaving_replica_is_bounded_and_discreet(tiny_base, adapters, tmp_path, monkeypatch, mode):
+    """#24 items 6-7: a replica dripping a byte a second held `ctloop publish` past 200 s (httpx's
+    timeout restarts with every byte), a 400 MB error body drove it to 1.46 GB, and a replica
+    echoing the request headers got the bearer token printed and stored in the version's tags."""
+    monkeypatch.setenv("REPLICA_TOKEN", "vllm-SECRET-token-7f3a9c1e5b")
+    config = serving_config(tiny_base, tmp_path / "ws")
+    registry = register_versions(config, adapters[:1])
+    replica = _Replica(mode)
+    try:
+        urls = [replica.url.replace("http://", "http://ops:hunter2@")] + ([replica.url] if mode == "echo" else [])
+        target = PublishTarget(
+            kind="vllm", urls=urls, path="/srv/{name}-v{version}", token_env="REPLICA_TOKEN", timeout_s=2
+        )
+        publisher = make_publisher(PublishConfig(targets=[target], attempts=2), registry, Workspace(config.workspace))
+        result = publisher.publish(1)
+    finally:
+        replica.close()
+    outcome = result.outcomes[-1]
+    assert not any(o.ok for o in result.outcomes)
+    if mode == "drip":
+        assert "no complete answer within timeout_s=2" in outcome.detail
+    if mode == "huge":
+        assert replica.sent < 10_000_000  # the client stopped reading at its cap and hung up
+    stored = json.dumps(publication_status(registry, 1)) + " ".join(o.detail + o.target for o in result.outcomes)
+    assert "vllm-SECRET-token-7f3a9c1e5b" not in stored and "hunter2" not in stored
+    if mode == "echo":  # the replica echoed our Authorization header: the token, or the URL's user:password
+        assert "Bearer ***" in result.outcomes[1].detail and "Basic ***" in result.outcomes[0].detail
+        assert "b3BzOmh1bnRlcjI" not in stored  # base64 of ops:hunter2
+
+
+def test_a_directory_target_replaces_stale_folders_and_refuses_symlinks(tiny_base, adapters, tmp_path):
+    """#24 item 8: a stale folder or a symlink under the version's name was reported as published."""
+    from ctloop.fileio import adapter_digest
+
+    config = serving_config(tiny_base, tmp_path / "ws")
+    registry = register_versions(config, adapters[:2])
+    shelf = tmp_path / "shelf"
+    (shelf / "srv-v1").mkdir(parents=True)
+    (shelf / "srv-v1" / "adapter_config.json").write_text('{"foreign": true}')
+    (shelf / "srv-v2").symlink_to(adapters[0])  # points at v1's files
+    publisher = make_publisher(
+        PublishConfig(targets=[PublishTarget(kind="directory", path=str(shelf))]), registry, Workspace(config.workspace)
+    )
+    replaced = publisher.publish(1)
+    assert replaced.outcomes[0].ok and "replaced a stale folder" in replaced.outcomes[0].detail
+    assert adapter_digest(shelf / "srv-v1") == adapter_digest(adapters[0])
+    refused = publisher.publish(2)
+    assert not refused.outcomes[0].ok and "symlink" in refused.outcomes[0].detail
+    assert publisher.publish(1).outcomes[0].detail.startswith("already in")
+    assert not list(shelf.glob(".*"))  # no partial or stale folder left behind

@@ -438,6 +438,8 @@ class ServeConfig(Section):
     header_timeout_s: float = Field(
         30.0, gt=0, description="a connection whose first request head takes longer is closed"
     )
+    max_head_bytes: int = Field(65536, ge=4096, description="a larger request head (request line and headers) gets 431")
+    max_headers: int = Field(100, ge=16, description="a request head with more header lines gets 431")
     keep_alive_s: int = Field(
         65,
         ge=1,

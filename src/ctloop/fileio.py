@@ -73,3 +73,22 @@ def parse_since(value: str, now: float | None = None) -> float:
         raise ValueError(
             f"{value!r} is neither a duration (90m, 24h, 7d) nor a UTC time like 2026-11-29T15:43:53Z"
         ) from None
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_digest(folder: Path) -> dict[str, str]:
+    """sha256 of each adapter file in `folder` (the config and the weights; other files do not count)."""
+    import hashlib
+
+    digests = {}
+    for name in ADAPTER_FILES:
+        path = folder / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digests[name] = digest.hexdigest()
+    return digests

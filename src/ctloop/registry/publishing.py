@@ -8,6 +8,12 @@ backoff. Each replica's outcome is recorded on the version in the registry; `ctl
 them and `ctloop publish N` retries. Versions that are neither the new one nor champion, challenger
 or the previous champion are retired from the targets after a publish (the previous champion stays,
 so answers already running finish and a rollback is instant).
+
+Bounded and discreet: every HTTP call has an overall deadline (`timeout_s`, however slowly a
+replica drips its answer) and reads at most MAX_ANSWER_BYTES of it; bearer tokens and URL
+passwords are removed from every message, log line and registry tag. A directory copy is checked
+against the registry's files after it lands; a stale folder under the version's name is replaced
+atomically, and a symlink there is refused.
 """
 
 from __future__ import annotations
@@ -21,12 +27,32 @@ from pathlib import Path
 
 from ctloop.config import PublishConfig, PublishTarget
 from ctloop.errors import RegistryError
-from ctloop.fileio import utc_now
-from ctloop.registry.client import Registry
+from ctloop.fileio import adapter_digest, utc_now
+from ctloop.registry.client import Registry, shown_uri
 from ctloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "ctloop.publish."
+MAX_ANSWER_BYTES = 1 << 20  # of a replica's answer: a huge error page costs nothing
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A replica's HTTP answer, read within the deadline and the byte cap."""
+
+    status_code: int
+    text: str
+
+    def json(self):
+        import json
+
+        return json.loads(self.text)
+
+    def raise_for_status(self) -> None:
+        import httpx
+
+        if self.status_code >= 400:
+            raise httpx.HTTPError(f"answered {self.status_code}: {self.text[:200]}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +111,7 @@ class Publisher:
                     outcomes.append(ReplicaOutcome(_label(target), False, f"{exc.__class__.__name__}: {exc}"))
             else:
                 outcomes += [self._load(target, url, version) for url in target.urls]
+        outcomes = [ReplicaOutcome(o.target, o.ok, self._discreet(o.detail)) for o in outcomes]
         result = PublishResult(version, tuple(outcomes))
         stamp = utc_now()
         self.registry.set_version_tags(
@@ -115,20 +142,38 @@ class Publisher:
                         if name.startswith(prefix) and number.isdigit() and unwanted(int(number)):
                             self._post(target, url, "/v1/unload_lora_adapter", {"lora_name": name})
                 except Exception as exc:  # noqa: BLE001 - retiring is housekeeping; the next publish tries again
-                    log.warning("could not retire old versions on %s: %s", url, exc)
+                    log.warning("could not retire old versions on %s: %s", shown_uri(url), self._discreet(str(exc)))
 
     # -- one replica --------------------------------------------------------------------------
 
     def _copy(self, target: PublishTarget, version: int, adapter: Path) -> ReplicaOutcome:
+        """An atomic copy to `<path>/<name>-v<N>/`, checked against the registry's files. A folder
+        already there counts only when it holds exactly those files; a stale one is replaced
+        atomically, a symlink (or one inside the folder) is refused."""
         folder = Path(target.path)
         final = folder / self.name(version)
-        if (final / "adapter_config.json").is_file():
-            return ReplicaOutcome(_label(target), True, f"already in {final}")
+        expected = adapter_digest(adapter)
+        if final.is_symlink() or (final.is_dir() and any(p.is_symlink() for p in final.iterdir())):
+            return ReplicaOutcome(
+                _label(target), False, f"{final} is (or holds) a symlink; remove it, a version's folder holds its files"
+            )
+        if final.is_dir() and adapter_digest(final) == expected:
+            return ReplicaOutcome(_label(target), True, f"already in {final} (checked)")
         partial = folder / f".{self.name(version)}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(adapter, partial)
+        shutil.copytree(adapter, partial, symlinks=False)
+        if adapter_digest(partial) != expected:
+            shutil.rmtree(partial, ignore_errors=True)
+            return ReplicaOutcome(_label(target), False, f"the copy in {partial} does not match the registry's files")
+        stale = None
+        if final.exists():  # foreign or half-written bytes under the version's name: set aside, then swapped
+            stale = folder / f".{self.name(version)}.stale-{time.time_ns()}"
+            final.rename(stale)
         partial.rename(final)  # atomic: a watcher sees the whole adapter or none of it
-        return ReplicaOutcome(_label(target), True, f"copied to {final}")
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+            return ReplicaOutcome(_label(target), True, f"replaced a stale folder with a checked copy in {final}")
+        return ReplicaOutcome(_label(target), True, f"copied to {final} (checked)")
 
     def _load(self, target: PublishTarget, url: str, version: int) -> ReplicaOutcome:
         import httpx
@@ -137,7 +182,7 @@ class Publisher:
         body = {"lora_name": name}
         if target.kind == "vllm":
             body["lora_path"] = target.path.format(name=self.registry.model_name, version=version)
-        label = f"{target.kind} {url}"
+        label = f"{target.kind} {shown_uri(url)}"
         detail = "not tried"
         for attempt in range(self.config.attempts):
             if attempt:
@@ -165,19 +210,46 @@ class Publisher:
                 detail = f"answered something that is not vLLM's API ({exc.__class__.__name__}: {exc}); check the URL"
         return ReplicaOutcome(label, False, detail)
 
-    def _post(self, target: PublishTarget, url: str, path: str, body: dict):
-        import httpx
-
-        return httpx.post(
-            f"{url.rstrip('/')}{path}", json=body, headers=self._headers(target), timeout=target.timeout_s
-        )
+    def _post(self, target: PublishTarget, url: str, path: str, body: dict) -> Answer:
+        return self._call(target, "POST", f"{url.rstrip('/')}{path}", body)
 
     def _served(self, target: PublishTarget, url: str) -> set[str]:
-        import httpx
-
-        response = httpx.get(f"{url.rstrip('/')}/v1/models", headers=self._headers(target), timeout=target.timeout_s)
+        response = self._call(target, "GET", f"{url.rstrip('/')}/v1/models", None)
         response.raise_for_status()
         return {m.get("id") for m in response.json().get("data", [])}
+
+    def _call(self, target: PublishTarget, method: str, url: str, body: dict | None) -> Answer:
+        """One HTTP call with an overall deadline of `timeout_s` (httpx's own timeout restarts with
+        every byte, so a replica dripping one byte a second held a publish for minutes) that reads
+        at most MAX_ANSWER_BYTES of the answer."""
+        import asyncio
+
+        import httpx
+
+        async def call() -> Answer:
+            async with asyncio.timeout(target.timeout_s):
+                async with httpx.AsyncClient(timeout=target.timeout_s) as client:
+                    async with client.stream(method, url, json=body, headers=self._headers(target)) as response:
+                        data = bytearray()
+                        async for block in response.aiter_bytes():
+                            data += block
+                            if len(data) >= MAX_ANSWER_BYTES:
+                                break
+                        return Answer(response.status_code, bytes(data[:MAX_ANSWER_BYTES]).decode("utf-8", "replace"))
+
+        try:
+            return asyncio.run(call())
+        except TimeoutError:
+            raise httpx.TimeoutException(f"no complete answer within timeout_s={target.timeout_s} s") from None
+
+    def _discreet(self, text: str) -> str:
+        """`text` without bearer tokens (ours, by value, and any `Bearer ...`) and URL passwords."""
+        for target in self.config.targets:
+            token = self.token_of(target.token_env)
+            if token:
+                text = text.replace(token, "***")
+        text = re.sub(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+", r"\1\2***", text)
+        return shown_uri(text)
 
     def _headers(self, target: PublishTarget) -> dict[str, str]:
         token = self.token_of(target.token_env)

@@ -11,11 +11,12 @@ so no folder can squat on the name of a version that is still to come.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from ctloop.fileio import adapter_digest
 
 
 class LoadAdapterBody(BaseModel):
@@ -72,23 +73,6 @@ def confined_path(lora_path: str, roots: list[Path]) -> Path:
     if not has_adapter:
         raise AdapterRequestError(f"lora_path {lora_path[:200]!r} holds no adapter_config.json", "lora_path")
     return resolved
-
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-
-
-def adapter_digest(folder: Path) -> dict[str, str]:
-    """sha256 of each adapter file in `folder` (the config and the weights; other files do not count)."""
-    digests = {}
-    for name in ADAPTER_FILES:
-        path = folder / name
-        if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            digests[name] = digest.hexdigest()
-    return digests
 
 
 def require_same_adapter(folder: Path, registered: Path, version: int) -> None:

@@ -632,7 +632,9 @@ def serve(config: CtloopConfig, workspace: Workspace, host: str | None = None, p
         port=port if port is not None else config.serve.port,
         log_level="info",
         timeout_graceful_shutdown=int(config.serve.drain_seconds) + 5,
-        http=head_timeout_protocol(config.serve.header_timeout_s),
+        http=head_timeout_protocol(
+            config.serve.header_timeout_s, config.serve.max_head_bytes, config.serve.max_headers
+        ),
         timeout_keep_alive=config.serve.keep_alive_s,
     )
 
@@ -656,7 +658,7 @@ def serve_in_background(
 
     serving = getattr(app.state, "serving", None)  # a ctloop app knows its limits; any other gets the default
     serve = serving.config.serve if serving is not None else ServeConfig()
-    protocol = head_timeout_protocol(serve.header_timeout_s)
+    protocol = head_timeout_protocol(serve.header_timeout_s, serve.max_head_bytes, serve.max_headers)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=host, port=port, log_level="warning", http=protocol, timeout_keep_alive=serve.keep_alive_s
