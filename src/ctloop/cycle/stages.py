@@ -57,6 +57,7 @@ def validate_stage(ctx: StageContext) -> str:
     from ctloop.data.records import read_raw_rows
     from ctloop.data.validation import record_lengths, validate_records
     from ctloop.model.batching import token_counter
+    from ctloop.model.chat import chat_format
     from ctloop.model.loading import base_model_revision, load_tokenizer
 
     config, workspace, data_path = ctx.config, ctx.workspace, ctx.data
@@ -67,6 +68,7 @@ def validate_stage(ctx: StageContext) -> str:
     workspace.create()
     save_settings(workspace, config)
     tokenizer = load_tokenizer(config.model)
+    chat = chat_format(tokenizer)  # chat rows rendered with the base model's own template, when it has one
     staging = workspace.root / "incoming" / hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:12]
     count = token_counter(tokenizer)
     good, report = validate_records(
@@ -76,9 +78,14 @@ def validate_stage(ctx: StageContext) -> str:
         max_seq_tokens=config.model.max_seq_tokens,
         count_tokens=count,
         quarantine_path=staging / "quarantine.jsonl",
+        render_chat=chat.split,
     )
     revision = base_model_revision(config.model)
-    cycle_id = hashlib.sha256(f"{report.fingerprint}|{config.training_hash()}|{revision}".encode()).hexdigest()[:16]
+    # A changed chat template is a changed cycle (the fallback format keeps the earlier ids).
+    template = f"|{chat.template_hash}" if chat.template_hash else ""
+    cycle_id = hashlib.sha256(
+        f"{report.fingerprint}|{config.training_hash()}|{revision}{template}".encode()
+    ).hexdigest()[:16]
     cycle = CycleFolder(workspace, cycle_id)
     cycle.dir.mkdir(parents=True, exist_ok=True)
     shutil.move(staging / "quarantine.jsonl", cycle.path("quarantine.jsonl"))
@@ -106,6 +113,7 @@ def validate_stage(ctx: StageContext) -> str:
             data=str(data_path),
             started=utc_now(),
             base_revision=revision,
+            chat_format=chat.describe(),
             data_fingerprint=report.fingerprint,
             **({"harvest": harvested} if harvested else {}),
         )
@@ -265,6 +273,7 @@ def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
         "cycle_id": cycle.cycle_id,
         "base_model": config.model.base,
         "base_revision": state["base_revision"],
+        "chat_format": state.get("chat_format", {"kind": "plain", "template_hash": ""}),
         "data_fingerprint": state["data_fingerprint"],
         "replay_fingerprint": read_json(cycle.path("replay_manifest.json"))["replay_fingerprint"],
         "parent_version": state.get("champion_before"),

@@ -201,8 +201,10 @@ def _has_surrogates(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
-def record_from_fields(fields: dict[str, Any]) -> Record:
-    """Check one parsed row against the schema; raise BadRow naming the field and the fix."""
+def record_from_fields(fields: dict[str, Any], render_chat: Any = None) -> Record:
+    """Check one parsed row against the schema; raise BadRow naming the field and the fix.
+    `render_chat(messages) -> (prompt, completion)` renders chat rows (default: the plain format;
+    the cycle passes the base model's chat template, `ctloop.model.chat`)."""
     unknown = sorted(set(fields) - KNOWN_FIELDS)
     if unknown:
         raise BadRow("unknown_field", f"unknown field(s) {unknown}; allowed: {sorted(KNOWN_FIELDS)}")
@@ -210,7 +212,7 @@ def record_from_fields(fields: dict[str, Any]) -> Record:
     if fields.get("messages") is not None:
         if any(fields.get(name) not in (None, "") for name in ("prompt", "completion")):
             raise BadRow("ambiguous_form", "give either prompt+completion or messages, not both")
-        prompt, completion = _from_messages(fields["messages"])
+        prompt, completion = _from_messages(fields["messages"], render_chat)
     else:
         for name in ("prompt", "completion"):
             if name not in fields or fields[name] is None:
@@ -240,8 +242,8 @@ def record_from_fields(fields: dict[str, Any]) -> Record:
     return Record(id=record_id, prompt=prompt, completion=completion, metadata=metadata, **optional)
 
 
-def _from_messages(messages: Any) -> tuple[str, str]:
-    """Render chat turns as a plain prompt; the last assistant message is the completion."""
+def _from_messages(messages: Any, render_chat: Any = None) -> tuple[str, str]:
+    """Render chat turns as the prompt; the last assistant message is the completion."""
     if not isinstance(messages, list) or not messages:
         raise BadRow("invalid_messages", "'messages' must be a non-empty list of {role, content}")
     for message in messages:
@@ -253,11 +255,14 @@ def _from_messages(messages: Any) -> tuple[str, str]:
             raise BadRow("invalid_messages", "each message needs a string 'role' and a string 'content'")
     if messages[-1]["role"] != "assistant":
         raise BadRow("invalid_messages", "the last message must have role 'assistant' (the completion to learn)")
+    if render_chat is not None:
+        return render_chat(messages)
     return chat_prompt(messages[:-1]), " " + messages[-1]["content"]
 
 
 def chat_prompt(messages: list[dict[str, str]]) -> str:
-    """The prompt a chat model sees before its next answer, the same in training and serving."""
+    """The plain chat format ("role: content" lines, then "assistant:"): the fallback for tokenizers
+    without a chat template (`ctloop.model.chat` renders with the template where there is one)."""
     turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return f"{turns}assistant:"
 

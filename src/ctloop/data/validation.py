@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ctloop.config import DataConfig
 from ctloop.data.records import BadRow, RawRow, Record, fingerprint, record_from_fields
@@ -54,6 +55,7 @@ def validate_records(
     max_seq_tokens: int,
     count_tokens: TokenCounter,
     quarantine_path: Path,
+    render_chat: Any = None,
 ) -> tuple[list[Record], ValidationReport]:
     """Split rows into good records and quarantined bad ones; check volume limits."""
     quarantined: list[dict] = []
@@ -69,7 +71,7 @@ def validate_records(
             quarantine(row, row.reason, row.detail)
             continue
         try:
-            record = record_from_fields(row.fields)
+            record = record_from_fields(row.fields, render_chat)
         except BadRow as bad:
             quarantine(row, bad.reason, bad.detail)
             continue

@@ -34,19 +34,27 @@ def token_counter(tokenizer: Any):
 
 
 def prompt_token_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """What the model sees before it answers: `<s>` + prompt, exactly as in training."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    """What the model sees before it answers: `<s>` + prompt, exactly as in training (a prompt a
+    chat template rendered starts with its own `<s>`, and gets no second one)."""
+    return [_with_bos(tokenizer, ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
 def encode(records: list[Record], tokenizer: Any) -> list[Example]:
+    """Token ids of `<s>` + prompt + completion + `</s>`, the loss on the completion; no second
+    `<s>` or `</s>` where a chat template already wrote one."""
     prompts = tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]
     completions = tokenizer([r.completion for r in records], add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [
-        Example(bos + p + c + [tokenizer.eos_token_id], len(bos) + len(p))
-        for p, c in zip(prompts, completions, strict=True)
-    ]
+    examples = []
+    for p, c in zip(prompts, completions, strict=True):
+        head = _with_bos(tokenizer, p)
+        end = [] if c and c[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+        examples.append(Example(head + c + end, len(head)))
+    return examples
+
+
+def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 
 
 def token_budget_batches(lengths: list[int], batch_tokens: int, seed: int | None) -> list[list[int]]:

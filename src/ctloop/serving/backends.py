@@ -83,6 +83,9 @@ class Backend(Protocol):
 
     def unload_except(self, keep: set[int]) -> None: ...
 
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """A chat request's prompt text, rendered as the model reads it."""
+
     def count_tokens(self, prompt: str) -> int | None:
         """The prompt's tokens as the model sees them, or None when the upstream counts (openai)."""
 
@@ -149,12 +152,14 @@ class InProcessBackend:
     passes_fields_through = False  # fields it does not implement are refused
 
     def __init__(self, model: ModelConfig, batch: BatchLimits, user_threads: int = 8, max_lora_rank: int = 64):
+        from ctloop.model.chat import chat_format
         from ctloop.model.loading import load_base_model, load_tokenizer
         from ctloop.serving.adapter_safety import BaseFingerprint
 
         self.model_config = model
         self.max_lora_rank = max_lora_rank
         self.tokenizer = load_tokenizer(model)
+        self.chat = chat_format(self.tokenizer)  # the base model's chat template, as in training
         self.base = load_base_model(model).eval()
         self.fingerprint = BaseFingerprint.of(self.base)  # what every load and unload must leave as it was
         self.base_incidents = 0  # loads or unloads after which the base had changed (and was reloaded)
@@ -172,6 +177,10 @@ class InProcessBackend:
             if batch.max_sequences > 1
             else None
         )
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The chat request rendered as the adapters were trained on it (the tokenizer's template)."""
+        return self.chat.prompt(messages)
 
     def count_tokens(self, prompt: str) -> int | None:
         from ctloop.model.batching import prompt_token_ids
@@ -469,6 +478,12 @@ class OpenAIBackend:
         self._timeout = timeout_s
         self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
         self.loaded: dict[int, Path | None] = {}
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """For the request log and drift only: chat goes to the upstream as chat, templated there."""
+        from ctloop.data.records import chat_prompt
+
+        return chat_prompt(messages)
 
     def count_tokens(self, prompt: str) -> int | None:
         return None  # the upstream knows its tokenizer and context, and refuses what does not fit

@@ -534,12 +534,10 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        from ctloop.data.records import chat_prompt
-
         body = await parse_request(request, ChatBody, config.serve)
         ids = request_ids(request)
         messages = [m.model_dump(exclude_unset=True) for m in body.messages]  # as sent: tool calls included
-        prompt = chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        prompt = serving.backend.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
         if body.stream:
             return await serving.stream(ids, body, prompt, "chat", f"chatcmpl-{ids.request_id}", messages)
         generation, version = await serving.answer(ids, body, prompt, "chat", messages)

@@ -134,7 +134,17 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     )
     core.train_from_iterator(texts, trainer=trainer)
     pad, bos, eos = SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, bos_token=bos, eos_token=eos)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, bos_token=bos, eos_token=eos)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# A real chat template (ChatML's shape, with the tiny vocabulary's <s> and </s> as the turn markers),
+# so the quickstart and the tests run chat through apply_chat_template as an instruct model would.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant\n{% endif %}"
+)
 
 
 def random_adapter(base: Path, out_dir: Path, seed: int, rank: int = 4) -> Path:
