@@ -311,16 +311,18 @@ def test_regression_cannot_compound_past_the_budget_against_the_first_champion()
     """#16 item 9: each cycle loses 1.5% against its champion, within max_old_regression 2%; four
     cycles on, the candidate is 6% worse than the first champion: over max_cumulative_regression 5%."""
     scores = means(old_ref=1.0, old_cand=1.015)
-    scores["replay_holdout"]["anchor"] = [1.015 / 1.015**4] * N
     scores["new_holdout"]["anchor"] = [2.0] * N
+    scores["anchor_holdout"] = {"champion": [1.0] * N, "candidate": [1.015] * N, "anchor": [1.015 / 1.015**4] * N}
     config = GateConfig(
         seed_spread=0, min_new_improvement=0.01, max_old_regression=0.02, max_cumulative_regression=0.05
     )
     assert decide(scores, config, has_champion=True).outcome == "PASS"  # without the anchor: each step passes
     decision = decide(scores, config, has_champion=True, anchor="anchor")
     assert decision.outcome == "FAIL"
-    assert any(r.startswith("old data vs the first champion (cumulative)") for r in decision.reasons)
-    assert decision.metrics["cumulative_replay_holdout_regression"] == pytest.approx(1.015**4 - 1)
+    assert any(
+        r.startswith("the first champion's own era vs the first champion (cumulative)") for r in decision.reasons
+    )
+    assert decision.metrics["cumulative_anchor_holdout_regression"] == pytest.approx(1.015**4 - 1)
     off = config.model_copy(update={"max_cumulative_regression": None})
     assert decide(scores, off, has_champion=True, anchor="anchor").outcome == "PASS"
 
@@ -453,3 +455,30 @@ def test_every_kind_of_configured_bound_widens_with_seed_noise(rule, quiet_outco
     noisy = decide(means(), GateConfig(seed_spread=0.05, rules=[rule]), has_champion=True, metrics=metrics)
     assert quiet.rules[-1].outcome == quiet_outcome
     assert noisy.rules[-1].outcome == "FAIL", noisy.rules[-1].reason
+
+
+def test_the_cumulative_budget_sees_the_anchors_own_era_which_the_mixed_replay_holdout_masks():
+    """#23 item 2: on the replay holdout (every past era mixed), the anchor is handicapped on the eras
+    it never trained on, which hid a +7.6% regression on its own era (read as +0.19%). The rule is
+    on the anchor's own holdout, and fails there."""
+    own, later = [1.0] * 60, [2.0] * 60  # the anchor on its own era, and on a later era it never saw
+    replay = {"champion": own + [1.7] * 60, "candidate": [1.076] * 60 + [1.7] * 60, "anchor": own + later}
+    scores = {
+        "new_holdout": {"champion": [2.0] * N, "candidate": [1.8] * N, "anchor": [2.0] * N},
+        "replay_holdout": replay,
+        "anchor_holdout": {"champion": [1.0] * N, "candidate": [1.076] * N, "anchor": [1.0] * N},
+    }
+    config = GateConfig(seed_spread=0, max_old_regression=0.10, max_cumulative_regression=0.05)
+    mixed = (sum(replay["candidate"]) - sum(replay["anchor"])) / sum(replay["anchor"])
+    assert mixed < 0  # on the mixture the candidate even looks better than the anchor
+    decision = decide(scores, config, has_champion=True, anchor="anchor")
+    [cumulative] = [r for r in decision.rules if "cumulative" in r.name]
+    assert cumulative.outcome == "FAIL" and cumulative.estimate == pytest.approx(0.076)
+    assert decision.outcome == "FAIL"
+
+
+def test_without_a_recorded_first_champion_the_cumulative_rule_says_so():
+    """#23 item 2: an empty promotion history (the alias set by hand) silently made the champion the anchor."""
+    decision = decide(means(), RULES, has_champion=True, anchor=None, anchor_recorded=False)
+    [note] = [r for r in decision.rules if "cumulative" in r.name]
+    assert "no first champion is recorded" in note.reason and decision.outcome == "PASS"

@@ -78,7 +78,8 @@ def test_second_cycle_replays_old_data_and_measures_forgetting(two_cycles):
     workspace, config, first, second, _ = two_cycles
     assert second.status == "registered" and second.version == 2
     assert second.champion_before == 1 and second.gate["reference"] == "champion"
-    assert set(second.means) == {"new_holdout", "replay_holdout"}
+    # the first champion's own era (cycle 1's holdout) is scored for the cumulative budget (#23 item 2)
+    assert set(second.means) == {"new_holdout", "replay_holdout", "anchor_holdout"}
     assert set(second.means["replay_holdout"]) == {"candidate", "champion"}
     manifest = read_json(Path(second.cycle_dir) / "replay_manifest.json")
     assert manifest["replayed_rows"] > 0
@@ -220,6 +221,10 @@ def test_a_failing_gate_registers_nothing(tiny_base, tmp_path):
     assert result.status == "rejected" and result.version is None
     assert "< required +90.00%" in " ".join(result.gate["reasons"])
     assert open_registry(config.registry, Workspace(tmp_path / "ws")).versions() == []
+    # #23 item 10: an unregistered cycle's rows stay out of the replay buffer (a retry would replay them)
+    from ctloop.data.replay import ReplayBuffer
+
+    assert ReplayBuffer(Workspace(tmp_path / "ws").replay_dir).cycles() == []
 
 
 def test_too_many_bad_rows_stop_the_cycle_and_keep_every_bad_row(tiny_base, tmp_path):
@@ -293,7 +298,7 @@ def test_lineage_traces_a_version_back_to_the_first(two_cycles):
     assert chain[0]["tags"]["ctloop.cycle_id"] == second.cycle_id
     assert chain[1]["tags"]["ctloop.data_fingerprint"] == first.validation["fingerprint"]
     assert chain[0]["tags"]["ctloop.replay_fingerprint"] != ""
-    assert set(json.loads(chain[0]["tags"]["ctloop.eval_fingerprints"])) == {"new_holdout", "replay_holdout"}
+    assert set(json.loads(chain[0]["tags"]["ctloop.eval_fingerprints"])) == {"new_holdout", "replay_holdout", "anchor_holdout"}
     assert json.loads(chain[0]["tags"]["ctloop.adapter_config"])["peft_type"] == "LORA"
 
 

@@ -346,3 +346,29 @@ def test_a_lowered_reservoir_cap_shrinks_the_buffer(tmp_path):
     train = [rec("t3", i) for i in range(40)]
     narrow.add_cycle("c3", train, [], {r.id: 5 for r in train})
     assert sum(r.split == "train" for r in narrow.rows()) == 20
+
+
+def test_ctloop_replay_drop_removes_a_cycles_rows(tmp_path):
+    """#23 item 10: a cycle's rows can be taken out of the buffer, from the command line."""
+    import subprocess
+    import sys
+
+    buffer = ReplayBuffer(tmp_path / "ws" / "replay")
+    for cycle in ("c1", "c2"):
+        rows = [rec(cycle, i) for i in range(5)]
+        buffer.add_cycle(cycle, rows[:4], rows[4:], {r.id: 3 for r in rows})
+    done = subprocess.run(
+        [sys.executable, "-m", "ctloop", "replay", "drop", "c1", "--workspace", str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "dropped 5 rows of cycle c1" in done.stdout + done.stderr
+    assert buffer.cycles() == ["c2"] and {row.cycle_id for row in buffer.rows()} == {"c2"}
+    unknown = subprocess.run(
+        [sys.executable, "-m", "ctloop", "replay", "drop", "c9", "--workspace", str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unknown.returncode == 2 and "holds no cycle 'c9'" in unknown.stderr and "Traceback" not in unknown.stderr

@@ -455,6 +455,26 @@ def feedback_import(
     raise typer.Exit(3 if report.refused else 0)
 
 
+replay_app = typer.Typer(help="The replay buffer: past registered cycles' data.", no_args_is_help=True)
+app.add_typer(replay_app, name="replay")
+
+
+@replay_app.command("drop")
+def replay_drop(
+    cycle_id: Annotated[
+        str, typer.Argument(help="the cycle whose rows leave the buffer (`ctloop status` lists cycles)")
+    ],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Remove a cycle's rows from the replay buffer, so no later cycle replays or evaluates on them."""
+    from ctloop.data.replay import ReplayBuffer
+    from ctloop.workspace import resolve_workspace
+
+    ws = resolve_workspace(workspace)
+    dropped = ReplayBuffer(ws.replay_dir).drop_cycle(cycle_id)
+    console.print(f"dropped {dropped} rows of cycle {cycle_id} from the replay buffer in {ws.replay_dir}")
+
+
 workspace_app = typer.Typer(help="The workspace folder.", no_args_is_help=True)
 app.add_typer(workspace_app, name="workspace")
 

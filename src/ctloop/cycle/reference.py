@@ -50,6 +50,16 @@ def champion_training_rows(workspace: Workspace, registry: Registry, champion: i
     return _training_rows(workspace, registry, registry.version(champion))
 
 
+def anchor_holdout(workspace: Workspace, registry: Registry, anchor: int) -> list[Record] | None:
+    """The new-data holdout of the anchor's (the first champion's) cycle: its own era, never trained
+    on (holdouts stay out of training sets), from this workspace or its MLflow run; None when
+    neither has it (a version registered by hand, or by a ctloop that did not log it)."""
+    path = _champion_file(
+        workspace, registry, registry.version(anchor), "new_holdout.parquet", "data/new_holdout.parquet"
+    )
+    return None if path is None else read_parquet(path)[0]
+
+
 def _training_rows(workspace: Workspace, registry: Registry, info) -> list[Record] | None:
     train = _champion_file(workspace, registry, info, "train.parquet", "data/train.parquet")
     return None if train is None else read_parquet(train)[0]

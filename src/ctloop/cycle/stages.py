@@ -307,22 +307,30 @@ def evaluate_stage(ctx: StageContext):
         return EvalReport.from_dict(read_json(cycle.path("eval.json")))
     champion = cycle.state().get("champion_before")
     adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
-    anchor = registry = None
+    anchor = registry = anchor_rows = None
     if champion is not None:
+        from ctloop.cycle.reference import anchor_holdout
         from ctloop.evaluation.gate import ANCHOR
         from ctloop.registry.promotion import champion_history
 
         registry = open_registry(config.registry, workspace)
         adapters["champion"] = registry.download_adapter(champion, workspace.root / "registry-cache")
-        anchor = next(iter(champion_history(registry)), champion)  # the first champion, fixed for the model's life
-        if anchor != champion and config.gate.max_cumulative_regression is not None:
-            adapters[ANCHOR] = registry.download_adapter(anchor, workspace.root / "registry-cache")
+        # The first champion, fixed for the model's life; none when the alias was set outside ctloop.
+        anchor = next(iter(champion_history(registry)), None)
+        if anchor is not None and config.gate.max_cumulative_regression is not None:
+            anchor_rows = anchor_holdout(workspace, registry, anchor)  # its own era, kept from its cycle
+            if anchor != champion:
+                adapters[ANCHOR] = registry.download_adapter(anchor, workspace.root / "registry-cache")
     elif config.gate.first_cycle == "compare_to_base":
         adapters["base"] = None
     sets = {
         NEW_SET: read_parquet(cycle.require("new_holdout.parquet", "prepare"))[0],
         OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0],
     }
+    if anchor_rows:
+        from ctloop.evaluation.gate import ANCHOR_SET
+
+        sets[ANCHOR_SET] = anchor_rows
     sets |= {f"golden_{name}": _golden(name, path) for name, path in config.eval.golden.items()}
     rejected = workspace.root / "harvest" / "rejected.jsonl"
     if config.eval.rejected_answers and rejected.is_file() and champion is not None:
@@ -415,7 +423,14 @@ def gate_stage(ctx: StageContext) -> GateDecision:
     stored = read_json(cycle.require("eval.json", "evaluate"))
     champion = cycle.state().get("champion_before")
     evaluated = {model for scores in stored["losses"].values() for model in scores}
-    anchor = ANCHOR if ANCHOR in evaluated else "champion" if stored.get("anchor_version") == champion else None
+    anchor_version = stored.get("anchor_version")
+    anchor = (
+        ANCHOR
+        if ANCHOR in evaluated
+        else "champion"
+        if anchor_version is not None and anchor_version == champion
+        else None
+    )
     decision = decide(
         stored["losses"],
         config.gate,
@@ -423,6 +438,7 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         slices=stored.get("slices"),
         metrics=stored.get("metrics"),
         anchor=anchor if champion is not None else None,
+        anchor_recorded=anchor_version is not None,
     )
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())
@@ -434,7 +450,7 @@ def gate_stage(ctx: StageContext) -> GateDecision:
 
 def register_stage(ctx: StageContext) -> dict[str, Any]:
     """Log the cycle to its MLflow run; register a passing adapter as `challenger` (idempotent on the
-    cycle id); add the cycle's data to the replay buffer; mark the cycle finished."""
+    cycle id); add a registered cycle's data to the replay buffer; mark the cycle finished."""
     from ctloop.data.replay import ReplayBuffer
     from ctloop.evaluation.evaluate import EvalReport
     from ctloop.registry.promotion import APPROVAL_TAG, awaiting_approval, offer_as_challenger
@@ -479,13 +495,16 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
             role = "champion" if registry.alias(CHAMPION) == version else "challenger"
             console.print(f"{registry.model_name} version {version} is now '{role}'")
 
-    # This cycle's data joins the replay buffer whatever the gate said: it is real data.
-    new, extra = read_parquet(cycle.require("new.parquet", "validate"))
-    holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
-    tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
-    ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(
-        cycle_id, [r for r in new if r.id not in holdout_ids], [r for r in new if r.id in holdout_ids], tokens
-    )
+    # The data of a registered cycle joins the replay buffer. A cycle that did not register keeps
+    # its rows out: a retry on that data would replay its own new rows (and its holdout would then
+    # be dropped as contaminated), and no model has been released on them.
+    if version is not None:
+        new, extra = read_parquet(cycle.require("new.parquet", "validate"))
+        holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
+        tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
+        ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(
+            cycle_id, [r for r in new if r.id not in holdout_ids], [r for r in new if r.id in holdout_ids], tokens
+        )
     console.print(f"cycle report: {report_path}")
     status = {"PASS": "registered", "FAIL": "rejected", "INCONCLUSIVE": "inconclusive"}[gate["outcome"]]
     result = {

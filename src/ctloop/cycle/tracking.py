@@ -52,6 +52,8 @@ def log_cycle_run(
         if (cycle_dir / name).is_file():
             registry.log_artifact(run_id, (cycle_dir / name), "reports")
     registry.log_artifact(run_id, cycle_dir / "train.parquet", "data")  # the next drift check's reference
+    if (cycle_dir / "new_holdout.parquet").is_file():  # this era's holdout: the cumulative budget's, as anchor
+        registry.log_artifact(run_id, cycle_dir / "new_holdout.parquet", "data")
     registry.log_artifact(run_id, cycle_dir / "adapter", "adapter")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ctloop.config import ReplayConfig
 from ctloop.data.records import Record, read_parquet, write_parquet
+from ctloop.errors import DataError
 from ctloop.fileio import read_json, write_json
 
 
@@ -129,6 +130,20 @@ class ReplayBuffer:
                 "n_tokens": [row.n_tokens for row in rows],
             },
         )
+
+    def drop_cycle(self, cycle_id: str) -> int:
+        """Remove a cycle's rows from the buffer (`ctloop replay drop`); returns how many rows went."""
+        state = self._state()
+        if cycle_id not in state["cycles"]:
+            raise DataError(
+                f"the replay buffer holds no cycle {cycle_id!r}; it holds {', '.join(state['cycles']) or 'none'}"
+            )
+        path = self.root / f"cycle-{cycle_id}.parquet"
+        dropped = len(read_parquet(path)[0]) if path.is_file() else 0
+        state["cycles"].remove(cycle_id)
+        write_json(self.root / "buffer.json", state)
+        path.unlink(missing_ok=True)
+        return dropped
 
     def cycles(self) -> list[str]:
         """Cycle ids in the order they were added (oldest first)."""

@@ -14,9 +14,12 @@ The reference is the champion; with no champion, `first_cycle` decides: compare 
 model, accept, or reject.
 
 Regression could compound: every cycle may lose `max_old_regression` against the champion it
-replaces. The anchor (the first champion, fixed for the model's life) bounds the sum: on old data
-and on each golden set, the candidate's regression against it must stay within
-`max_cumulative_regression`. A cycle with a champion but no old data to check is INCONCLUSIVE
+replaces. The anchor (the first champion, fixed for the model's life) bounds the sum: on the
+anchor's own era (its cycle's new-data holdout, `ANCHOR_SET`) and on each golden set, the
+candidate's regression against it must stay within `max_cumulative_regression`. Not on the replay
+holdout: that mixes every past era, and the anchor never trained on the later ones, so its handicap
+there masked a +7.6% regression on its own era as +0.19%. With no first champion recorded (the
+alias set outside ctloop), the rule is not applied, and says so. A cycle with a champion but no old data to check is INCONCLUSIVE
 (forgetting unchecked is not a pass), unless golden sets were checked.
 """
 
@@ -33,6 +36,7 @@ from ctloop.errors import ConfigError
 NEW_SET = "new_holdout"
 OLD_SET = "replay_holdout"
 REJECTED_SET = "rejected_answers"  # answers production rated down: the candidate must not move toward them
+ANCHOR_SET = "anchor_holdout"  # the first champion's own era: its cycle's new-data holdout, fixed for life
 CANDIDATE = "candidate"
 ANCHOR = "anchor"  # the first champion, when it is not the champion itself
 EPSILON = 1e-9
@@ -76,12 +80,14 @@ def decide(
     slices: dict[str, dict[str, list[int]]] | None = None,
     metrics: dict[str, dict[str, dict[str, list[float]]]] | None = None,
     anchor: str | None = None,
+    anchor_recorded: bool = True,
 ) -> GateDecision:
     """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
 
     `slices[eval_set][value]` lists example indices per slice; with `config.per_slice` the new-
     and old-data rules also apply to each slice holding at least `min_examples` examples. `anchor`
-    names the model in `losses` that is the first champion (the champion itself when it is)."""
+    names the model in `losses` that is the first champion (the champion itself when it is);
+    `anchor_recorded=False` says the registry records none (the cumulative rule then says so)."""
     if has_champion:
         reference = "champion"
     elif config.first_cycle == "accept":
@@ -151,23 +157,10 @@ def decide(
                 )
             )
             keys.append(f"golden_{name}_regression")
-    if anchor is not None and config.max_cumulative_regression is not None:
-        for set_name in [OLD_SET, *_goldens(losses)]:
-            scores = losses.get(set_name, {})
-            if scores.get(CANDIDATE) and anchor in scores:
-                label = "old data" if set_name == OLD_SET else set_name
-                rules.append(
-                    _rule(
-                        f"{label} vs the first champion (cumulative)",
-                        scores[anchor],
-                        scores[CANDIDATE],
-                        anchor,
-                        config,
-                        sign=1.0,
-                        margin=config.max_cumulative_regression,
-                    )
-                )
-                keys.append(f"cumulative_{set_name}_regression")
+    if has_champion and config.max_cumulative_regression is not None and (anchor is not None or not anchor_recorded):
+        cumulative = _cumulative_rules(losses, config, anchor)
+        rules += [rule for rule, _ in cumulative]
+        keys += [key for _, key in cumulative]
     if config.per_slice and slices:
         for set_name, label, sign, margin in (
             (NEW_SET, "new data", -1.0, config.min_new_improvement),
@@ -215,7 +208,47 @@ def decide(
 
 def _goldens(losses: dict) -> list[str]:
     """The golden regression suites among the evaluated sets."""
-    return sorted(set(losses) - {NEW_SET, OLD_SET, REJECTED_SET})
+    return sorted(set(losses) - {NEW_SET, OLD_SET, REJECTED_SET, ANCHOR_SET})
+
+
+def _cumulative_rules(losses: dict, config: GateConfig, anchor: str | None) -> list[tuple[RuleResult, str]]:
+    """The candidate against the first champion on its own era and on each golden set."""
+    name = "vs the first champion (cumulative)"
+    if anchor is None:
+        return [
+            (
+                RuleResult(
+                    name,
+                    PASS,
+                    f"{name}: not checked - no first champion is recorded (the champion alias was set outside "
+                    f"ctloop's promotion); promote through ctloop (`ctloop promote`) to record one, or set "
+                    f"gate.max_cumulative_regression: null",
+                ),
+                "cumulative_unchecked",
+            )
+        ]
+    out = []
+    for set_name in [ANCHOR_SET, *_goldens(losses)]:
+        scores = losses.get(set_name, {})
+        if scores.get(CANDIDATE) and anchor in scores:
+            label = "the first champion's own era" if set_name == ANCHOR_SET else set_name
+            rule = _rule(
+                f"{label} {name}",
+                scores[anchor],
+                scores[CANDIDATE],
+                anchor,
+                config,
+                sign=1.0,
+                margin=config.max_cumulative_regression,
+            )
+            out.append((rule, f"cumulative_{set_name}_regression"))
+    if not out:
+        reason = (
+            f"{name}: not checked - the first champion's own holdout was not found (not in this workspace, not "
+            f"in its MLflow run) and there is no golden set; add one (eval.golden)"
+        )
+        out.append((RuleResult(name, PASS, reason), "cumulative_unchecked"))
+    return out
 
 
 def _configured_rule(
