@@ -207,4 +207,4 @@ def test_a_cycle_on_harvested_records_names_the_harvest_in_its_lineage(tiny_base
         text=True,
         timeout=120,
     )
-    assert f"harvest: {len(items)} rows from production feedback between" in lineage.stdout, lineage.stdout
+    assert f"harvest: {len(items)} rows from production feedback (ctloop) between" in lineage.stdout, lineage.stdout

@@ -298,7 +298,11 @@ def test_lineage_traces_a_version_back_to_the_first(two_cycles):
     assert chain[0]["tags"]["ctloop.cycle_id"] == second.cycle_id
     assert chain[1]["tags"]["ctloop.data_fingerprint"] == first.validation["fingerprint"]
     assert chain[0]["tags"]["ctloop.replay_fingerprint"] != ""
-    assert set(json.loads(chain[0]["tags"]["ctloop.eval_fingerprints"])) == {"new_holdout", "replay_holdout", "anchor_holdout"}
+    assert set(json.loads(chain[0]["tags"]["ctloop.eval_fingerprints"])) == {
+        "new_holdout",
+        "replay_holdout",
+        "anchor_holdout",
+    }
     assert json.loads(chain[0]["tags"]["ctloop.adapter_config"])["peft_type"] == "LORA"
 
 

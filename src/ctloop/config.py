@@ -230,6 +230,33 @@ class HarvestConfig(Section):
     redact: bool = Field(True, description="replace e-mail addresses, phone numbers and keys in harvested text")
 
 
+class ProductionConfig(Section):
+    """Where production traffic and its feedback are read from, for the drift watch and the harvest.
+
+    ctloop: the request log `ctloop serve` writes (default). mlflow: traces in an MLflow experiment
+    (what `mlflow.openai.autolog()` records) with their HUMAN feedback assessments, and corrections
+    as an expectation named `correction_name`. jsonl: files of one exchange per line,
+    {"id", "created_at", "request": <an OpenAI request body>, "response": <its response body>,
+    "feedback": {"rating", "correction"}} (feedback optional), as gateways and batch jobs write them."""
+
+    source: Literal["ctloop", "mlflow", "jsonl"] = "ctloop"
+    path: str | None = Field(None, description="jsonl: a file, or a glob of files")
+    experiment: str | None = Field(None, description="mlflow: the experiment holding the traces")
+    tracking_uri: str | None = Field(None, description="mlflow: default registry.tracking_uri / the workspace's")
+    rating_names: list[str] = Field(
+        default_factory=list, description="mlflow: the feedback names that count as ratings; empty: every one"
+    )
+    correction_name: str = Field("expected_response", description="mlflow: the expectation holding a correction")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ProductionConfig:
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("production.source is jsonl: set production.path to the file (or a glob of files)")
+        if self.source == "mlflow" and not self.experiment:
+            raise ValueError("production.source is mlflow: set production.experiment to the experiment of the traces")
+        return self
+
+
 class GateRule(Section):
     """One extra rule: an absolute bound on the candidate's mean and/or a change bound vs the reference.
 
@@ -551,6 +578,7 @@ class CtloopConfig(Section):
     registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     harvest: HarvestConfig = HarvestConfig()
+    production: ProductionConfig = ProductionConfig()
     publish: PublishConfig = PublishConfig()
     serve: ServeConfig = ServeConfig()
     shadow: ShadowConfig = ShadowConfig()
@@ -573,7 +601,18 @@ class CtloopConfig(Section):
             mode="json",
             exclude={
                 **dict.fromkeys(
-                    ("workspace", "registry", "orchestration", "serve", "shadow", "harvest", "publish", "watch"), True
+                    (
+                        "workspace",
+                        "registry",
+                        "orchestration",
+                        "serve",
+                        "shadow",
+                        "harvest",
+                        "production",
+                        "publish",
+                        "watch",
+                    ),
+                    True,
                 ),
                 "model": {"device"},
             },

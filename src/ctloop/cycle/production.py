@@ -24,15 +24,15 @@ def served_prompts(
     """A seeded sample of at most `drift.max_rows` logged requests of [since, until), drawn in the
     database, as records (the prompt is what drift compares), and the window's size. Only the
     sample is read and embedded, however large the window."""
-    from ctloop.logstore.requests import LogReader
+    from ctloop.data.sources import open_source
 
-    reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
+    source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
     try:
-        rows, total = reader.sample_requests(
+        rows, total = source.sample(
             since, time.time() if until is None else until, config.drift.max_rows, config.drift.seed
         )
     finally:
-        reader.close()
+        source.close()
     records = [Record(id=row["request_id"], prompt=row["prompt"] or "", completion=row["answer"] or "") for row in rows]
     return records, total
 

@@ -287,7 +287,8 @@ def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
 def _harvest_lineage(manifest: dict[str, Any]) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(manifest["counts"].items()))
     return (
-        f"{manifest['kept']} rows from production feedback between {manifest['since']} and {manifest['until']} "
+        f"{manifest['kept']} rows from production feedback ({manifest.get('source', 'ctloop')}) between "
+        f"{manifest['since']} and {manifest['until']} "
         f"({counts})"
     )
 

@@ -58,6 +58,7 @@ class HarvestReport:
     # (`commit_harvest`), so a harvest whose cycle skips or fails leaves the rows for the next one.
     request_ids: tuple[str, ...] = ()
     content_keys: tuple[str, ...] = ()
+    source: str = "ctloop"  # production.source: ctloop (the request log), mlflow (traces) or jsonl
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
@@ -67,7 +68,7 @@ class HarvestReport:
         )
 
     def lineage(self) -> str:
-        return f"{self.kept} rows from production feedback between {self.since} and {self.until}"
+        return f"{self.kept} rows from production feedback ({self.source}) between {self.since} and {self.until}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,30 +154,34 @@ def harvest(
     Only the requests with feedback leave the database (in pages), and with `harvest.include_unrated`
     the unrated ones in pages after them: memory follows what is harvested, not the window. What
     earlier harvests' cycles used is looked up in the ledger table by key."""
+    from ctloop.data.sources import open_source
     from ctloop.logstore.requests import LogReader
 
     until = time.time() if until is None else until
     folder = workspace.root / "harvest"
+    source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
     reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
     seen: set[str] = set()  # content keys of this harvest
     decided: list[tuple[Decision, Record | None]] = []
     try:
-        _migrate_json_ledger(folder, reader)
-        window = reader.count_requests(since, until)
-        pages = [reader.rated_requests(since, until)]
+        _migrate_json_ledger(folder, reader)  # the ledger lives in the workspace's log store, whatever the source
+        window = source.count(since, until)
+        unusable = Counter({f"unusable_{reason}": n for reason, n in source.problems.items()})
+        pages = [source.rated(since, until)]
         if config.harvest.include_unrated:
-            pages.append(reader.unrated_requests(since, until))
+            pages.append(source.unrated(since, until))
         looked_at = 0
-        for source in pages:
-            for page in source:
+        for rows in pages:
+            for page in rows:
                 looked_at += len(page)
                 decided += _decide_page(page, config.harvest, seen, reader)
     finally:
         reader.close()
+        source.close()
     decided = _without_eval_overlap(config, decided)
     kept = [record for decision, record in decided if decision.kept and record is not None]
     rejected = [record for decision, record in decided if decision.reason == "rejected" and record is not None]
-    counts = Counter(decision.reason for decision, _ in decided)
+    counts = Counter(decision.reason for decision, _ in decided) + unusable
     if window > looked_at:  # never left the database: counted, not listed
         counts["no_feedback"] += window - looked_at
 
@@ -204,6 +209,7 @@ def harvest(
         decisions_path=str(decisions_path),
         request_ids=tuple(d.request_id for d, r in decided if r is not None and (d.kept or d.reason == "rejected")),
         content_keys=tuple(sorted({content_key(r.prompt, r.completion) for _, r in decided if r is not None})),
+        source=source.name,
     )
     write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
     return report
