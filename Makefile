@@ -40,11 +40,12 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# Lint, format check and the layering contracts (import-linter, see pyproject.toml).
+# Lint, format check, the layering contracts (import-linter) and types (mypy), see pyproject.toml.
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests dags benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests dags benchmarks scripts
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) ctloop-workspace

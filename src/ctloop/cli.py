@@ -88,7 +88,7 @@ def _harvest(cfg, ws, since: str, out: Path | None, fmt: str):
 
     if fmt not in ("records", "dpo", "kto"):
         raise DataError(f"--format {fmt!r}: use records, dpo or kto")
-    return harvest_log(cfg, ws, _check_since(since), out=out, fmt=fmt)
+    return harvest_log(cfg, ws, _check_since(since), out=out, fmt=fmt)  # type: ignore[arg-type]  # checked above
 
 
 def _check_since(since: str) -> float:

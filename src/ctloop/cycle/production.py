@@ -87,7 +87,7 @@ def check_production_drift(
         "champion": champion,
     }
     report_dir = report_dir or workspace.root / "watch"
-    stem = report_dir / f"production-drift-{window['until'].replace(':', '')}"
+    stem = report_dir / f"production-drift-{str(window['until']).replace(':', '')}"
     result = report.to_dict() | {
         "mode": "production",
         "window": window,

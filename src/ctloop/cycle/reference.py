@@ -15,7 +15,9 @@ from ctloop.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def champion_reference(config: CtloopConfig, workspace: Workspace, registry: Registry, champion: int) -> list[Record]:
+def champion_reference(
+    config: CtloopConfig, workspace: Workspace, registry: Registry, champion: int | None
+) -> list[Record]:
     """What drift compares with: `drift.reference` when set; else the rows that were new in the
     champion's cycle (its training data, from this workspace or, trained elsewhere, from the
     champion's MLflow run), without the replayed rows of older eras.
@@ -28,6 +30,8 @@ def champion_reference(config: CtloopConfig, workspace: Workspace, registry: Reg
 
     if config.drift.reference is not None:
         return read_records(config.drift.reference)[0]
+    if champion is None:
+        raise DataError("there is no champion to compare with; set drift.reference to a file of reference records")
     info = registry.version(champion)
     records = _training_rows(workspace, registry, info)
     if records is None:

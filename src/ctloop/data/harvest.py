@@ -222,7 +222,7 @@ def _decide_page(
     others are decided, and a kept row whose content a committed harvest used is a `duplicate`."""
     used = reader.ledger_holds([LEDGER_REQUEST + row["request_id"] for row in page])
     fresh = [row for row in page if LEDGER_REQUEST + row["request_id"] not in used]
-    out = [
+    out: list[tuple[Decision, Record | None]] = [
         (Decision(row["request_id"], "already_harvested", False), None)
         for row in page
         if LEDGER_REQUEST + row["request_id"] in used

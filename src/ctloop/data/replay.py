@@ -250,7 +250,7 @@ def _replay_order(candidates: list[BufferRow], config: ReplayConfig, rng: random
     # spread over its rows, so its share does not grow with its size.
     cycles = list(dict.fromkeys(row.cycle_id for row in candidates))  # oldest first
     age = {cycle: len(cycles) - 1 - i for i, cycle in enumerate(cycles)}
-    size = defaultdict(int)
+    size: defaultdict[str, int] = defaultdict(int)
     for row in candidates:
         size[row.cycle_id] += 1
     weight = {cycle: config.recency_decay ** age[cycle] / size[cycle] for cycle in cycles}

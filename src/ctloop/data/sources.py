@@ -64,6 +64,8 @@ def exchange_row(
     messages = request.get("messages")
     choices = response.get("choices") or []
     first = choices[0] if choices and isinstance(choices[0], dict) else {}
+    prompt: Any
+    answer: Any
     if messages is not None:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise BadExchange("messages_not_a_list")

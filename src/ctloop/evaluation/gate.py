@@ -239,7 +239,7 @@ def _cumulative_rules(losses: dict, config: GateConfig, anchor: str | None) -> l
                 anchor,
                 config,
                 sign=1.0,
-                margin=config.max_cumulative_regression,
+                margin=float(config.max_cumulative_regression or 0.0),
             )
             out.append((rule, f"cumulative_{set_name}_regression"))
     if not out:

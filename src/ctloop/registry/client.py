@@ -155,9 +155,12 @@ class Registry:
         except MlflowException as exc:  # another cycle created it a moment ago
             if exc.error_code != ALREADY_EXISTS:
                 raise
-            return self._call(
-                "get_experiment_by_name", self.client.get_experiment_by_name, self.experiment
-            ).experiment_id
+            found = self._call("get_experiment_by_name", self.client.get_experiment_by_name, self.experiment)
+            if found is None:
+                raise RegistryError(
+                    f"MLflow experiment {self.experiment!r} was created and is gone; run the command again"
+                )
+            return found.experiment_id
 
     def start_run(self, run_name: str, tags: dict[str, str]) -> str:
         # Not retried: a retry after a lost answer would open a second run.

@@ -380,6 +380,7 @@ class InProcessBackend:
         from ctloop.model.batching import prompt_token_ids
 
         ids = prompt_token_ids(self.tokenizer, [request.prompt])[0]
+        assert self.batcher is not None  # the caller checked
         sequence = self.batcher.submit(request, self.adapter_name(version), ids, priority, timeout_s)
         try:
             await asyncio.wrap_future(sequence.result)
@@ -550,7 +551,8 @@ class OpenAIBackend:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
         started = time.perf_counter()
         parts: list[str] = []
-        finish, usage = "stop", {}
+        finish = "stop"
+        usage: dict[str, Any] = {}
         try:
             async with self.client.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:

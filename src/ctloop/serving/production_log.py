@@ -28,8 +28,8 @@ class ProductionLog:
         self.writer = RequestLog(store_url, redact_pii=self.settings.redact)
         self.reader = LogReader(store_url, redact_pii=self.settings.redact)
         self.sampled_out = 0
-        self.feedback = Counter()  # kind -> posts accepted: rating, correction
-        self.purged = Counter()  # table -> rows deleted by retention
+        self.feedback: Counter[str] = Counter()  # kind -> posts accepted: rating, correction
+        self.purged: Counter[str] = Counter()  # table -> rows deleted by retention
         self.recent: OrderedDict[str, None] = OrderedDict()
 
     def record(self, record: RequestRecord) -> None:
@@ -54,7 +54,7 @@ class ProductionLog:
             )
         found = None
         for candidate in body.request_id_candidates():
-            matches = 1 if self.reader.stored_id(candidate) in self.recent else None
+            matches = 1 if self.reader.stored_id(candidate) in self.recent else 0
             matches = matches or await asyncio.to_thread(self.reader.requests_with_id, candidate)
             if matches > 1:
                 raise ApiError(
@@ -105,7 +105,7 @@ class ProductionLog:
 
     def metrics(self) -> list[tuple[str, str, float, dict[str, str]]]:
         w = self.writer
-        rows = [
+        rows: list[tuple[str, str, float, dict[str, str]]] = [
             ("ctloop_request_log_sampled_out_total", "counter", self.sampled_out, {}),
             ("ctloop_request_log_rows_written_total", "counter", w.written, {}),
             ("ctloop_request_log_rows_dropped_total", "counter", w.dropped, {}),

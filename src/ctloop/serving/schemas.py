@@ -24,7 +24,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-EMPTY = (None, False, 0, "", [], {})  # a field sent with one of these asks for nothing
+EMPTY: tuple[Any, ...] = (None, False, 0, "", [], {})  # a field sent with one of these asks for nothing
 
 
 class Body(BaseModel):
