@@ -208,3 +208,43 @@ def test_a_cycle_on_harvested_records_names_the_harvest_in_its_lineage(tiny_base
         timeout=120,
     )
     assert f"harvest: {len(items)} rows from production feedback (ctloop) between" in lineage.stdout, lineage.stdout
+
+
+def test_secrets_the_patterns_missed_are_scrubbed_from_everything_the_harvest_writes(tmp_path):
+    """#24 item 4: with default settings these reached the records, DPO, KTO and rejected files."""
+    secrets = {
+        "json password": '{"password": "Tr0ub4dor3xyz"}',
+        "spoken password": "my password is Tr0ub4dor3xyz",
+        "slack webhook": "https://hooks.slack.com/services/T0ABCDEF1/B0ABCDEF2/abcdefghijklmnopqrstuvwx",
+        "azure key": "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;",
+        "hex api key": "api key: 9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+    }
+    leaks = [
+        "Tr0ub4dor3xyz",
+        "abcdefghijklmnopqrstuvwx",
+        "Eby8vdM02x",
+        "9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+        "bob.x@example.com",
+    ]
+    workspace = Workspace(tmp_path / "ws").create()
+    config = config_from_dict({"workspace": str(workspace.root), "model": {"base": "unused"}})
+    items = []
+    for i, (name, secret) in enumerate(secrets.items()):
+        items.append(
+            (
+                f"s{i}",
+                f"help me with {name}: {secret}",
+                "an answer",
+                FeedbackRecord(f"s{i}", rating=-1, correction=f"use {secret}"),
+            )
+        )
+        items.append((f"t{i}", f"question about {name}", f"the answer is {secret}", FeedbackRecord(f"t{i}", rating=-1)))
+    items.append(("bob.x@example.com", "q", "a", FeedbackRecord("bob.x@example.com", rating=1)))
+    _logged(workspace, items)
+    written = ""
+    for fmt in ("records", "dpo", "kto"):
+        report = harvest(config, workspace, since=time.time() - 3600, out=tmp_path / f"{fmt}.jsonl", fmt=fmt)
+        written += Path(report.out_path).read_text() + Path(report.decisions_path).read_text()
+    written += (workspace.root / "harvest" / "rejected.jsonl").read_text()
+    assert report.kept == 6 and report.rejected == 5
+    assert [leak for leak in leaks if leak in written] == []

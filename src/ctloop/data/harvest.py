@@ -27,7 +27,7 @@ from typing import Any, Literal
 from ctloop.config import CtloopConfig, HarvestConfig
 from ctloop.data.records import Record
 from ctloop.fileio import TIMESTAMP_FORMAT, read_json, utc_now, write_json, write_jsonl
-from ctloop.logstore.writer import redact
+from ctloop.logstore.writer import scrub, stored_id
 from ctloop.workspace import Workspace
 
 Format = Literal["records", "dpo", "kto"]
@@ -107,7 +107,7 @@ def decide_rows(
         record = None
         if kept:
             if settings.redact:
-                prompt, completion = redact(prompt), redact(completion)
+                prompt, completion = scrub(prompt), scrub(completion)
             key = content_key(prompt, completion)
             if key in seen:
                 reason, kept = "duplicate", False
@@ -132,7 +132,7 @@ def decide_rows(
 
 
 def _clean(text: str, settings: HarvestConfig) -> str:
-    return redact(text) if settings.redact else text
+    return scrub(text) if settings.redact else text
 
 
 def content_key(prompt: str, completion: str) -> str:
@@ -220,6 +220,8 @@ def _decide_page(
 ) -> list[tuple[Decision, Record | None]]:
     """One page of requests: those whose id a committed harvest used are `already_harvested`; the
     others are decided, and a kept row whose content a committed harvest used is a `duplicate`."""
+    if settings.redact:  # an id holding an e-mail address becomes a hash of it (stable, unique)
+        page = [{**row, "request_id": stored_id(row["request_id"], True)} for row in page]
     used = reader.ledger_holds([LEDGER_REQUEST + row["request_id"] for row in page])
     fresh = [row for row in page if LEDGER_REQUEST + row["request_id"] not in used]
     out: list[tuple[Decision, Record | None]] = [
