@@ -267,3 +267,46 @@ def test_the_lock_serves_users_first_then_in_arrival_order():
     for thread in threads:
         thread.join(5)
     assert order == ["user-1", "user-2", "shadow-1", "shadow-2"]
+
+
+@pytest.mark.parametrize("broken", ["lean_step", "routed_forward"])
+def test_a_fast_path_that_breaks_falls_back_and_every_request_still_gets_its_answer(
+    tiny_base, adapters, serial, monkeypatch, broken
+):
+    """#25 item 4: the routed LoRA forward and the lean step read private peft/transformers state; a
+    release that changes it must not fail requests. Each is broken here as such a release would (an
+    exception inside it): the pass is redone through peft's forward and the model's step, logged and
+    counted once, and the answers equal one-at-a-time generation's."""
+    from ctloop.kernels import lora
+    from ctloop.serving.decode import LeanLlamaStep
+
+    expected = [_summary(asyncio.run(serial.generate(r, v))) for r, v in _requests()]
+    healthy = _backend(tiny_base, adapters, 16)
+
+    async def together(backend):
+        return [_summary(a) for a in await asyncio.gather(*(backend.generate(r, v) for r, v in _requests()))]
+
+    assert asyncio.run(together(healthy)) == expected
+    paths = {
+        labels["path"]: value
+        for name, _, value, labels in healthy.batcher.metrics()
+        if name == "ctloop_decode_steps_total"
+    }
+    assert paths["lean"] > 0 and paths["peft"] == 0  # where it can, the fast path is what runs
+    asyncio.run(healthy.aclose())
+
+    def broke(*args, **kwargs):
+        raise AttributeError("'LlamaAttention' object has no attribute 'num_key_value_groups'")
+
+    if broken == "lean_step":
+        monkeypatch.setattr(LeanLlamaStep, "step", broke)
+    else:
+        monkeypatch.setattr(lora, "_routable", broke)  # called inside every routed layer's forward
+    fragile = _backend(tiny_base, adapters, 16)
+    assert asyncio.run(together(fragile)) == expected
+    metrics = {(name, tuple(labels.values())): value for name, _, value, labels in fragile.batcher.metrics()}
+    assert metrics[("ctloop_fast_path_failures_total", ())] == 1
+    assert (
+        metrics[("ctloop_decode_steps_total", ("peft",))] > 0 and metrics[("ctloop_decode_steps_total", ("lean",))] == 0
+    )
+    asyncio.run(fragile.aclose())

@@ -100,6 +100,19 @@ def route_lora_layers(model: Any, rows: RowAdapters) -> tuple[int, list[Any]]:
     return switched, others
 
 
+def unroute_lora_layers(model: Any) -> list[Any]:
+    """Give every LoRA layer peft's own forward back; return all of the model's LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            if getattr(module.__dict__.get("forward"), "__func__", None) is _routed_forward:
+                del module.forward
+            layers.append(module)
+    return layers
+
+
 def _adapter_weights(layer: Any) -> dict[str, Any]:
     """Per adapter (A weight, A bias, B weight, B bias, scaling), or None for a variant (DoRA...)."""
     return {

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import random
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ctloop.errors import ModelError
 
+log = logging.getLogger(__name__)
 USER, SHADOW = 0, 1  # priorities: lower goes first
 
 
@@ -100,6 +103,7 @@ class ContinuousBatcher:
         self._tickets = itertools.count()
         self._closed = False
         self._routing = _AdapterRouting()
+        self.paths: Counter[str] = Counter()  # decoding steps by path: lean, routed (LoRA layers only), peft
         self.steps = 0  # decoding steps run (each may start with a prefill)
         self.decoded = 0  # tokens decoded, summed over the steps' sequences
         self.paused = 0  # shadow sequences set aside for a waiting user request
@@ -151,6 +155,8 @@ class ContinuousBatcher:
             ("ctloop_batch_running", "gauge", len(self._active), {}),
             ("ctloop_batch_largest", "gauge", self.largest, {}),
             ("ctloop_batch_waiting", "gauge", waiting, {}),
+            *(("ctloop_decode_steps_total", "counter", self.paths[p], {"path": p}) for p in ("lean", "routed", "peft")),
+            ("ctloop_fast_path_failures_total", "counter", self._routing.failures, {}),
         ]
 
     def close(self) -> None:
@@ -224,8 +230,9 @@ class ContinuousBatcher:
         network = self._network()
         new = [s for s in self._active if not s.generated]
         if new:
-            self._routing.use(network, [s.adapter for s in new])
-            _prefill(network, self._tokenizer.pad_token_id, new)
+            self._guarded(
+                network, [s.adapter for s in new], lambda: _prefill(network, self._tokenizer.pad_token_id, new)
+            )
             for sequence in new:
                 self._check_finished(sequence)
         inside = set(self._batch.sequences)
@@ -234,12 +241,28 @@ class ContinuousBatcher:
             self._batch.add(joining)
         if not self._batch.sequences:
             return
-        self._routing.use(network, [s.adapter for s in self._batch.sequences])
-        self._batch.decode(network, self._routing.lean)
+        names = [s.adapter for s in self._batch.sequences]
+        self._guarded(network, names, lambda: self._batch.decode(network, self._routing.lean))
+        self.paths["lean" if self._routing.lean is not None else "routed" if self._routing.routed else "peft"] += 1
         self.decoded += len(self._batch.sequences)
         self.largest = max(self.largest, len(self._batch.sequences))
         for sequence in self._batch.sequences:
             self._check_finished(sequence)
+
+    def _guarded(self, network, names: list[str], forward) -> None:
+        """Run a forward pass with the fast paths (the routed LoRA forward, the lean step), which read
+        private state of peft and transformers; if they raise, they are switched off for good (logged
+        once, counted) and the pass runs again through the model's own forward, so the request still
+        gets its answer. (Both fail before they change any sequence or cache: the pass is redone whole.)"""
+        self._routing.use(network, names)
+        try:
+            forward()
+        except Exception as exc:  # noqa: BLE001 - a fast path that breaks falls back; the model's own error propagates
+            if not self._routing.fast:
+                raise
+            self._routing.give_up(exc)
+            self._routing.use(network, names)
+            forward()
 
     def _check_finished(self, sequence: Sequence) -> None:
         if sequence.on_token is not None:
@@ -292,6 +315,8 @@ class _AdapterRouting:
         self.stale = True  # the loaded adapters changed: layers must be switched afresh
         self.routed = 0  # LoRA layers on the routed forward
         self.lean: Any = None  # a ctloop.serving.decode.LeanLlamaStep where it reproduces the model's step
+        self.fast = True  # off for good once a fast path raised: peft's forward and the model's step
+        self.failures = 0
         self._others: list[Any] = []  # LoRA layers that need adapter_names= from a hook
         self._handles: list[Any] = []
         self._single_steps = 0
@@ -317,14 +342,37 @@ class _AdapterRouting:
             network.set_adapter(names[0])
 
     def _switch(self, network) -> None:
-        from ctloop.kernels.lora import route_lora_layers
+        from ctloop.kernels.lora import route_lora_layers, unroute_lora_layers
         from ctloop.serving.decode import lean_step
 
         self._detach()
-        self.routed, self._others = route_lora_layers(network, self.rows)
-        # the lean step calls layers' forwards directly, past the hooks the other LoRA layers would need
-        self.lean = None if self._others else lean_step(network)
+        if self.fast:
+            try:
+                self.routed, self._others = route_lora_layers(network, self.rows)
+                # the lean step calls layers' forwards directly, past the hooks the other LoRA layers would need
+                self.lean = None if self._others else lean_step(network)
+            except Exception as exc:  # noqa: BLE001 - a peft or transformers internals change: the slow path
+                self._note_failure(exc)
+        if not self.fast:
+            self.routed, self._others, self.lean = 0, unroute_lora_layers(network), None
         self.stale = False
+
+    def give_up(self, exc: BaseException) -> None:
+        """A fast path raised: switch both off (the layers get peft's forward back at the next use)."""
+        self._note_failure(exc)
+        self.stale = True
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.fast:
+            log.warning(
+                "a decoding fast path failed (%s: %s); decoding goes on through peft's forward and the model's "
+                "own step (ctloop_fast_path_failures_total counts it); likely a peft or transformers release "
+                "ctloop was not tested on",
+                exc.__class__.__name__,
+                exc,
+            )
+        self.fast, self.lean = False, None
 
     def _detach(self) -> None:
         for handle in self._handles:
