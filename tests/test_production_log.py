@@ -423,3 +423,33 @@ def test_feedback_import_keeps_every_character_refuses_by_line_and_never_imports
     assert corrections["r2"] == "sep\u2028arated" and corrections["r4"] is None
     again = feedback_import.import_feedback(csv_file, url, max_correction_chars=200_000)
     assert again.imported == 0 and again.refused == {"already imported": 2}
+
+
+def test_a_store_file_broken_under_a_running_server_shows_on_healthz_and_refuses_feedback(
+    tiny_base, adapters, tmp_path, upstream, monkeypatch
+):
+    """#24 item 11: after the SQLite store was truncated under a running server, /healthz stayed
+    "ok", writes were counted as written (into a WAL that would be lost) and feedback got 500."""
+    monkeypatch.setenv("CTLOOP_FEEDBACK_TOKEN", TOKEN)
+    config = _config(tiny_base, tmp_path, upstream)
+    register_versions(config, adapters)
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+        first = httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": "a b"}, timeout=30)
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+        store = Path(Workspace(config.workspace).shadow_store_url().removeprefix("sqlite:///"))
+        with store.open("r+b") as handle:
+            handle.truncate(0)
+        httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": "c d"}, timeout=30)
+        deadline = time.monotonic() + 60  # until the writer's next batch has met the broken file
+        while (health := httpx.get(f"{url}/healthz")).json()["writers"]["request_log"]["dropped"] < 1:
+            assert time.monotonic() < deadline, health.json()
+            time.sleep(0.1)
+        feedback = httpx.post(
+            f"{url}/v1/feedback",
+            json={"request_id": first.json()["id"], "rating": 1},
+            headers={"authorization": f"Bearer {TOKEN}"},
+        )
+    assert health.status_code == 503 and health.json()["status"] == "log_store_failing"
+    assert "no longer a SQLite database" in health.json()["store_problem"]
+    assert health.json()["writers"]["request_log"]["dropped"] >= 1
+    assert feedback.status_code == 503 and "restore the file" in feedback.json()["error"]["message"]

@@ -108,6 +108,29 @@ def _secret_detectors() -> list[Any]:
     return _DETECTORS
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def store_file_problem(url: str) -> str:
+    """'' when the store's file is sound; else what is wrong. A SQLite file truncated or replaced
+    under a running server goes on accepting writes into its WAL (the rows are lost at the next
+    checkpoint), so each write checks the file's header. Other databases: ''."""
+    if not url.startswith("sqlite:///"):
+        return ""
+    path = url.removeprefix("sqlite:///")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        return f"the log store file {path} cannot be read ({exc.__class__.__name__}); restore it and restart the server"
+    if head != SQLITE_MAGIC:
+        return (
+            f"the log store file {path} is no longer a SQLite database (truncated or replaced while the server ran); "
+            f"rows written since are lost: restore the file (or point shadow.store_url elsewhere) and restart"
+        )
+    return ""
+
+
 def clean_text(value: str, redact_pii: bool, max_chars: int | None = None) -> str:
     """What a text field becomes in the store: valid UTF-8 (no lone surrogates), no NUL (PostgreSQL
     refuses both, which would cost the whole batch), redacted when asked, and cut to its column."""
@@ -152,8 +175,9 @@ class BatchedWriter:
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.written = 0
         self.dropped = 0
-        self.last_error = ""
+        self.last_error = ""  # the last failure; cleared once a batch is written again
         self.write_errors = 0
+        self.failing = 0  # batches that failed since the last one written: 0 is healthy
         self._writer = threading.Thread(target=self._run, name=f"ctloop-{table_name}-writer", daemon=True)
         self._writer.start()
 
@@ -200,7 +224,14 @@ class BatchedWriter:
             try:
                 with self.engine.begin() as connection:
                     connection.execute(self.table.insert(), rows)
+                broken = store_file_problem(self.url)
+                if broken:  # the insert "worked" on a file that is gone: those rows are not kept
+                    self.write_errors += 1
+                    self.failing += 1
+                    self._drop(len(rows), broken)
+                    return
                 self.written += len(rows)
+                self.failing, self.last_error = 0, ""
                 return
             except (DataError, IntegrityError) as exc:  # a bad row: the rest of the batch still goes in
                 self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
@@ -210,6 +241,7 @@ class BatchedWriter:
                 if not isinstance(exc, SQLAlchemyError | UnicodeError):
                     log.exception("unexpected error writing %s rows", self.table.name)
                 self.write_errors += 1
+                self.failing += 1
                 self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
                 log.warning(
                     "writing %d %s rows failed (attempt %d of %d): %s",
@@ -236,6 +268,16 @@ class BatchedWriter:
         self.dropped += n
         self.last_error = reason[:500]
         log.error("dropped %d %s rows: %s", n, self.table.name, self.last_error)
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz: healthy unless the last batches failed; the queue's depth; the last error."""
+        return {
+            "ok": self.failing == 0,
+            "queued": self.queue.qsize(),
+            "written": self.written,
+            "dropped": self.dropped,
+            "last_error": self.last_error,
+        }
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop after writing every queued row."""

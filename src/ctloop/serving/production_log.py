@@ -76,7 +76,20 @@ class ProductionLog:
                 "not_found",
             )
         record = body.record(found)
-        await asyncio.to_thread(self.reader.add_feedback, [record])
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from ctloop.logstore.writer import store_file_problem
+
+        broken = store_file_problem(self.reader.url)
+        try:
+            if not broken:
+                await asyncio.to_thread(self.reader.add_feedback, [record])
+        except SQLAlchemyError as exc:
+            broken = f"the log store refused the write ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+        if broken:
+            raise ApiError(
+                503, f"feedback cannot be stored now: {broken}; send it again later", kind="service_unavailable"
+            )
         for kind in ("rating", "correction"):
             if getattr(record, kind) is not None:
                 self.feedback[kind] += 1

@@ -580,12 +580,21 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
 
     @app.get("/healthz")
     async def healthz():
+        from ctloop.logstore.writer import store_file_problem
+
         roles = serving.roles
         base_problem = getattr(serving.backend, "base_problem", "")
-        ok = roles.champion is not None and not base_problem
+        writers = {"request_log": serving.production.writer.health(), "shadow_log": serving.router.store.health()}
+        store_problem = store_file_problem(serving.router.store.url) or next(
+            (f"{name}: {h['last_error']}" for name, h in writers.items() if not h["ok"]), ""
+        )
+        ok = roles.champion is not None and not base_problem and not store_problem
+        status = "base_model_changed" if base_problem else "log_store_failing" if store_problem else "no_champion"
         return JSONResponse(
             {
-                "status": "ok" if ok else "base_model_changed" if base_problem else "no_champion",
+                "status": "ok" if ok else status,
+                "store_problem": store_problem,
+                "writers": writers,
                 "base_problem": base_problem,
                 "base_incidents": getattr(serving.backend, "base_incidents", 0),
                 "champion": roles.champion,
