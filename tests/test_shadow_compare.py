@@ -13,7 +13,9 @@ from ctloop.config import ShadowConfig
 from ctloop.reports.shadow import write_shadow_report
 from ctloop.serving.compare import HOLD, PROMOTE, REJECT, compare
 
-SETTINGS = ShadowConfig(min_pairs=50, embedding_similarity=False)
+# Failures taken as independent (one request per block) and no minimum duration: these tests pin the
+# per-request arithmetic; the outage-aware defaults have their own tests at the end.
+SETTINGS = ShadowConfig(min_pairs=50, embedding_similarity=False, error_block_s=0, min_duration_s=0)
 # Simulated A/A-style checks at the limit: a test at its 5% level rejects Binomial(200, 0.05) times;
 # 18 or more happens with probability 1.2% (a miscalibrated test rejects far more). Seeds are fixed.
 TRIALS, MAX_FALSE_REJECTS = 200, 17
@@ -235,3 +237,65 @@ def test_the_median_interval_covers_the_median_and_narrows_with_pairs():
     wide = median_interval(rng.normal(size=100), 0.95)
     assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 3
     assert median_interval(np.array([1.0]), 0.95) == (-math.inf, math.inf)
+
+
+# -- failures in outages (#23 item 3) --------------------------------------------------------------
+
+
+def _outages(rng, n: int, rate: float, mean_length: int = 20, per_second: float = 10.0):
+    """n requests at `per_second`, failing in outages of `mean_length` requests on average (timeouts,
+    then the open breaker's skips), with a long-run failure rate of `rate`."""
+    start = rate / (mean_length * (1 - rate))
+    failed = np.zeros(n, dtype=bool)
+    i = 0
+    while i < n:
+        if rng.random() < start:
+            length = int(rng.geometric(1 / mean_length))
+            failed[i : i + length] = True
+            i += length
+        else:
+            i += 1
+    return np.arange(n) / per_second, failed
+
+
+def test_outages_do_not_pass_a_challenger_whose_error_rate_is_over_the_limit():
+    """3% long-run failures against a 2% limit, in outages of 20 requests on average, looked at every
+    500 requests up to 20,000: counted per request, the error rate passed at some look in 66% of the
+    audit's runs; tested in blocks of time, it must pass at most at the test's 5% level. A challenger
+    failing 0.5% of the time in the same outages must still get through."""
+    from ctloop.serving.sequential import block_shares, block_shown, shown
+
+    rng = np.random.default_rng(7)
+
+    def ever_passes(rate: float) -> tuple[int, int]:
+        per_request = in_blocks = 0
+        for _ in range(100):
+            times, failed = _outages(rng, 20_000, rate)
+            looks = range(500, 20_001, 500)
+            per_request += any(shown(failed[:k].sum(), k, 0.02, False, 0.95) for k in looks)
+            in_blocks += any(block_shown(block_shares(times[:k], failed[:k], 5.0), 0.02, False, 0.95) for k in looks)
+        return per_request, in_blocks
+
+    per_request, in_blocks = ever_passes(0.03)
+    assert per_request >= 40  # the defect: the per-request test believes the outages are independent
+    assert in_blocks <= 12  # 100 runs at a valid 5% level: 12 or more has probability 0.6%
+    _, healthy = ever_passes(0.005)
+    assert healthy >= 60  # the price is time, not the decision: 0.5% still passes in most runs
+
+
+def test_the_report_tests_the_error_rate_in_blocks_and_over_a_minimum_duration():
+    rows = _rows(600)
+    for i, row in enumerate(rows):  # 10 minutes at one request a second, one outage of 12 requests
+        row["created_at"] = 1_000.0 + i
+        if 300 <= i < 312:
+            row["status"] = "timed_out" if i < 303 else "skipped_breaker"
+    settings = SETTINGS.model_copy(update={"max_error_rate": 0.05})
+    iid = compare(rows, settings, "1", "2")
+    assert iid.decision == PROMOTE  # 12 of 600 counted as independent requests: shown below 5%
+    blocks = compare(rows, settings.model_copy(update={"error_block_s": 30.0, "min_duration_s": 600.0}), "1", "2")
+    assert blocks.decision == HOLD
+    assert any("20 blocks of 30 s" in reason and "74 blocks in all" in reason for reason in blocks.reasons), (
+        blocks.reasons
+    )
+    short = compare(rows[:300], settings.model_copy(update={"min_duration_s": 600.0}), "1", "2")
+    assert short.decision == HOLD and any("shadow.min_duration_s=600" in reason for reason in short.reasons)

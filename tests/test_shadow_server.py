@@ -233,16 +233,19 @@ def test_shadow_report_and_promote_require_shadow_from_the_command_line(setup, t
         )
 
     html = tmp_path / "shadow.html"
-    held = ctloop({"min_pairs": 50}, "shadow", "report", "--json", "--html", str(html))
+    held = ctloop(
+        {"min_pairs": 50, "error_block_s": 0, "min_duration_s": 0}, "shadow", "report", "--json", "--html", str(html)
+    )
     report = json.loads(held.stdout)
     assert held.returncode == 3 and report["decision"] == "HOLD"
     assert report["counts"]["completed"] == PAIRS and 0 <= report["agreement"]["embedding_cosine"] <= 1.0001
     assert any("min_pairs=50" in reason for reason in report["reasons"]) and "HOLD" in html.read_text()
     assert registry.version(2).tags["ctloop.shadow_decision"].startswith("HOLD vs v1")
-    refused = ctloop({"min_pairs": 50}, "promote", "--require-shadow")
+    refused = ctloop({"min_pairs": 50, "error_block_s": 0, "min_duration_s": 0}, "promote", "--require-shadow")
     assert refused.returncode == 2 and "HOLD, not PROMOTE" in refused.stderr and registry.alias("champion") == 1
     # 0 failures in 24 pairs: an always-valid upper bound of 16.9%, under the lenient 20%.
     lenient = {"min_pairs": 5, "max_latency_ratio": 1000, "max_length_ratio": 1000, "max_error_rate": 0.2}
+    lenient |= {"error_block_s": 0, "min_duration_s": 0}  # seconds of test traffic: failures taken as independent
     assert ctloop(lenient, "shadow", "report").returncode == 0
     assert registry.version(2).tags["ctloop.shadow_decision"] == f"PROMOTE vs v1 ({PAIRS} pairs)"
     promoted = ctloop(lenient, "promote", "--require-shadow")

@@ -545,6 +545,18 @@ class ShadowConfig(Section):
         description="challenger timeouts+errors (+ calls its open breaker skipped): REJECT when significantly "
         "above; PROMOTE needs the always-valid upper bound at or below it (0 failures: about 225 pairs at 2%)",
     )
+    error_block_s: float = Field(
+        30.0,
+        ge=0,
+        description="the error rate is tested in blocks of this many seconds (failures come in outages, not one by "
+        "one; keep it longer than an outage and breaker_cooldown_s); 0: every request its own block, for failures "
+        "known to be independent",
+    )
+    min_duration_s: float = Field(
+        600.0,
+        ge=0,
+        description="a PROMOTE needs pairs spread over at least this long (several breaker cycles)",
+    )
     max_dropped_share: float = Field(
         0.05, ge=0, le=1, description="more of the mirrored requests dropped from a full queue than this: HOLD"
     )

@@ -30,7 +30,17 @@ from typing import Any
 import numpy as np
 
 from ctloop.config import ShadowConfig
-from ctloop.serving.sequential import anytime_p_value, confidence_bound, median_interval, pairs_for_power, shown
+from ctloop.serving.sequential import (
+    anytime_p_value,
+    block_bound,
+    block_shares,
+    block_shown,
+    blocks_for_promote,
+    confidence_bound,
+    median_interval,
+    pairs_for_power,
+    shown,
+)
 
 PROMOTE, HOLD, REJECT = "PROMOTE", "HOLD", "REJECT"
 
@@ -144,8 +154,24 @@ def compare(
         )
 
     confidence = settings.confidence
-    low = confidence_bound(failures, attempted, confidence, upper=False)
-    high = confidence_bound(failures, attempted, confidence, upper=True)
+    tried = [r for r in rows if r["status"] in ("completed", "timed_out", "errored", "skipped_breaker")]
+    times = np.array([float(r.get("created_at") or 0.0) for r in tried])
+    duration = float(times.max() - times.min()) if len(times) else 0.0
+    if rows and duration < settings.min_duration_s:
+        hold.append(
+            f"the pairs span {duration:.0f} s, a decision needs shadow.min_duration_s={settings.min_duration_s:.0f} s "
+            f"(several circuit-breaker cycles: outages must have had time to show)"
+        )
+    if settings.error_block_s > 0 and attempted:
+        failed = np.array([r["status"] != "completed" for r in tried])
+        shares = block_shares(times, failed, settings.error_block_s)
+        low = block_bound(shares, confidence, upper=False)
+        high = block_bound(shares, confidence, upper=True)
+        _block_error_rule(shares, error_rate, low, high, settings, reject, hold, passed)
+        attempted = 0  # decided in blocks above
+    else:
+        low = confidence_bound(failures, attempted, confidence, upper=False)
+        high = confidence_bound(failures, attempted, confidence, upper=True)
     if attempted:
         if shown(failures, attempted, settings.max_error_rate, True, confidence):
             reject.append(
@@ -165,7 +191,7 @@ def compare(
                 f"{settings.max_error_rate:.1%})"
             )
 
-    effects = {"error_rate": _effect(error_rate, low, high)} if attempted else {}
+    effects = {"error_rate": _effect(error_rate, low, high)} if counts["completed"] + failures else {}
     latency = {}
     latency_ratio = length_ratio = float("nan")
     agreement: dict[str, float] = {}
@@ -249,6 +275,36 @@ def compare(
         judge=judged,
         effects=effects,
     )
+
+
+def _block_error_rule(
+    shares: np.ndarray,
+    error_rate: float,
+    low: float,
+    high: float,
+    settings: ShadowConfig,
+    reject: list[str],
+    hold: list[str],
+    passed: list[str],
+) -> None:
+    """The error rate tested in blocks of `shadow.error_block_s` (see `sequential.block_log_e_value`)."""
+    limit, confidence = settings.max_error_rate, settings.confidence
+    where = f"{len(shares)} blocks of {settings.error_block_s:g} s, mean block failure share {float(shares.mean()):.1%}"
+    if block_shown(shares, limit, True, confidence):
+        reject.append(
+            f"challenger error+timeout rate {error_rate:.1%} ({where}; lower bound {low:.1%}) is above "
+            f"shadow.max_error_rate={limit:.1%}"
+        )
+    elif block_shown(shares, limit, False, confidence):
+        passed.append(
+            f"challenger error+timeout rate {error_rate:.1%} ({where}; upper bound {high:.1%} <= {limit:.1%})"
+        )
+    else:
+        hold.append(
+            f"challenger error+timeout rate {error_rate:.1%} ({where}): its upper bound {high:.1%} is not yet <= "
+            f"shadow.max_error_rate={limit:.1%}; failures come in outages, so the evidence grows with blocks of time, "
+            f"not with requests (with no failure, {blocks_for_promote(limit, confidence)} blocks in all)"
+        )
 
 
 def _effect(estimate: float, lower: float, upper: float) -> dict[str, float]:
