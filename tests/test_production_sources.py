@@ -43,8 +43,7 @@ def test_harvests_from_the_request_log_mlflow_traces_and_jsonl_give_the_same_row
 
     monkeypatch.setenv("CTLOOP_FEEDBACK_TOKEN", TOKEN)
     tracking = f"sqlite:///{tmp_path / 'traces.db'}"
-    default_uri = mlflow.get_tracking_uri()  # put back afterwards: the tracking URI is process-wide
-    mlflow.set_tracking_uri(tracking)
+    mlflow.set_tracking_uri(tracking)  # process-wide, and exported as MLFLOW_TRACKING_URI: unset below
     mlflow.set_experiment("production-traffic")
     mlflow.openai.autolog()
     exchanges = []
@@ -78,7 +77,8 @@ def test_harvests_from_the_request_log_mlflow_traces_and_jsonl_give_the_same_row
                         )
     finally:
         mlflow.openai.autolog(disable=True)
-        mlflow.set_tracking_uri(default_uri)
+        mlflow.set_tracking_uri(None)  # unsets MLFLOW_TRACKING_URI too, which every later registry would use
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     gateway = tmp_path / "gateway.jsonl"
     with gateway.open("w") as handle:
         for index, (prompt, answer, _) in enumerate(exchanges):
