@@ -194,6 +194,11 @@ class EvalConfig(Section):
         description="report (and with gate.per_slice, gate) per value of `source` "
         "or of a metadata field, written `metadata.<key>`",
     )
+    cluster_by: str | None = Field(
+        None,
+        description="a metadata key (`metadata.<key>` or `<key>`) whose rows belong together (a user, a session, a "
+        "document): the gate's bootstrap then resamples those groups, not rows; harvested rows carry `user`",
+    )
     generate: bool = Field(False, description="also decode greedily and score exact match, token F1, ROUGE-L")
     max_new_tokens: int = Field(32, ge=1, le=4096)
     custom_metrics: dict[str, str] = Field(

@@ -300,7 +300,7 @@ def evaluate_stage(ctx: StageContext):
     """Candidate and reference (champion, or the bare base model in a first cycle) on the new and
     the replay holdouts, per example. Re-used when an earlier attempt finished it."""
     from ctloop.evaluation.evaluate import EvalReport, evaluate
-    from ctloop.evaluation.slices import slice_indices, slice_means
+    from ctloop.evaluation.slices import cluster_labels, slice_indices, slice_means
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
@@ -347,6 +347,7 @@ def evaluate_stage(ctx: StageContext):
         evaluation.to_dict()
         | {
             "slices": slices,
+            "clusters": cluster_labels(sets, config.eval.cluster_by),
             "slice_means": slice_means(evaluation.losses, slices),
             "fingerprints": {name: fingerprint(records) for name, records in sets.items()},
             "anchor_version": anchor,
@@ -440,6 +441,7 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         metrics=stored.get("metrics"),
         anchor=anchor if champion is not None else None,
         anchor_recorded=anchor_version is not None,
+        clusters=stored.get("clusters") or None,
     )
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())

@@ -124,6 +124,7 @@ def decide_rows(
                         "feedback_id": fid or "",
                         "harvest_reason": reason,
                         "model_version": row.get("model_version") or "",
+                        **({"user": _clean(str(row["user"]), settings)} if row.get("user") else {}),  # eval.cluster_by
                         **({"rejected_answer": _clean(row.get("answer") or "", settings)} if correction else {}),
                     },
                 )

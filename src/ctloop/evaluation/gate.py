@@ -81,13 +81,21 @@ def decide(
     metrics: dict[str, dict[str, dict[str, list[float]]]] | None = None,
     anchor: str | None = None,
     anchor_recorded: bool = True,
+    clusters: dict[str, list[str]] | None = None,
 ) -> GateDecision:
     """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
 
     `slices[eval_set][value]` lists example indices per slice; with `config.per_slice` the new-
     and old-data rules also apply to each slice holding at least `min_examples` examples. `anchor`
     names the model in `losses` that is the first champion (the champion itself when it is);
-    `anchor_recorded=False` says the registry records none (the cumulative rule then says so)."""
+    `anchor_recorded=False` says the registry records none (the cumulative rule then says so).
+    `clusters[eval_set]` gives each example's group (`eval.cluster_by`): the bootstrap resamples
+    groups, since rows of one user or session are not independent."""
+
+    def groups(set_name: str, rows: list[int] | None = None) -> list[str] | None:
+        labels = (clusters or {}).get(set_name)
+        return None if labels is None else labels if rows is None else [labels[i] for i in rows]
+
     if has_champion:
         reference = "champion"
     elif config.first_cycle == "accept":
@@ -109,7 +117,14 @@ def decide(
         raise ValueError(f"gate needs '{CANDIDATE}' and '{reference}' losses on '{NEW_SET}', got {sorted(new)}")
     rules = [
         _rule(
-            "new data", new[reference], new[CANDIDATE], reference, config, sign=-1.0, margin=config.min_new_improvement
+            "new data",
+            new[reference],
+            new[CANDIDATE],
+            reference,
+            config,
+            sign=-1.0,
+            margin=config.min_new_improvement,
+            groups=groups(NEW_SET),
         )
     ]
     old = losses.get(OLD_SET, {})
@@ -123,6 +138,7 @@ def decide(
                 config,
                 sign=1.0,
                 margin=config.max_old_regression,
+                groups=groups(OLD_SET),
             )
         )
     elif has_champion and not _goldens(losses):
@@ -140,7 +156,7 @@ def decide(
     keys = ["new_improvement", "old_regression"]
     rejected = losses.get(REJECTED_SET, {})
     if CANDIDATE in rejected and reference in rejected and rejected[CANDIDATE]:
-        rules.append(_rejected_rule(rejected[reference], rejected[CANDIDATE], reference, config))
+        rules.append(_rejected_rule(rejected[reference], rejected[CANDIDATE], reference, config, groups(REJECTED_SET)))
         keys.append("rejected_gain")
     for name in _goldens(losses):
         scores = losses[name]
@@ -154,11 +170,12 @@ def decide(
                     config,
                     sign=1.0,
                     margin=config.max_golden_regression,
+                    groups=groups(name),
                 )
             )
             keys.append(f"golden_{name}_regression")
     if has_champion and config.max_cumulative_regression is not None and (anchor is not None or not anchor_recorded):
-        cumulative = _cumulative_rules(losses, config, anchor)
+        cumulative = _cumulative_rules(losses, config, anchor, clusters or {})
         rules += [rule for rule, _ in cumulative]
         keys += [key for _, key in cumulative]
     if config.per_slice and slices:
@@ -190,11 +207,12 @@ def decide(
                             config,
                             sign,
                             margin,
+                            groups=groups(set_name, rows),
                         )
                     )
                 keys.append(f"slice_{set_name}_{value}")
     for index, extra in enumerate(config.rules):
-        rules.append(_configured_rule(extra, losses, metrics or {}, slices or {}, reference, config))
+        rules.append(_configured_rule(extra, losses, metrics or {}, slices or {}, reference, config, clusters or {}))
         keys.append(f"rule{index}_{extra.metric}")
     outcomes = {r.outcome for r in rules}
     outcome = FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
@@ -211,7 +229,9 @@ def _goldens(losses: dict) -> list[str]:
     return sorted(set(losses) - {NEW_SET, OLD_SET, REJECTED_SET, ANCHOR_SET})
 
 
-def _cumulative_rules(losses: dict, config: GateConfig, anchor: str | None) -> list[tuple[RuleResult, str]]:
+def _cumulative_rules(
+    losses: dict, config: GateConfig, anchor: str | None, clusters: dict[str, list[str]]
+) -> list[tuple[RuleResult, str]]:
     """The candidate against the first champion on its own era and on each golden set."""
     name = "vs the first champion (cumulative)"
     if anchor is None:
@@ -240,6 +260,7 @@ def _cumulative_rules(losses: dict, config: GateConfig, anchor: str | None) -> l
                 config,
                 sign=1.0,
                 margin=float(config.max_cumulative_regression or 0.0),
+                groups=clusters.get(set_name),
             )
             out.append((rule, f"cumulative_{set_name}_regression"))
     if not out:
@@ -252,7 +273,13 @@ def _cumulative_rules(losses: dict, config: GateConfig, anchor: str | None) -> l
 
 
 def _configured_rule(
-    rule: GateRule, losses: dict, metrics: dict, slices: dict, reference: str, config: GateConfig
+    rule: GateRule,
+    losses: dict,
+    metrics: dict,
+    slices: dict,
+    reference: str,
+    config: GateConfig,
+    clusters: dict[str, list[str]] | None = None,
 ) -> RuleResult:
     """A `gate.rules` entry: absolute bounds on the candidate's mean, a change bound vs the reference."""
     scores = (
@@ -279,6 +306,9 @@ def _configured_rule(
                 [f"slice '{rule.slice}' of set '{rule.set}' does not exist; check eval.slice_by and the slice values"],
             )
         candidate, ref = candidate[rows], ref[rows]
+    labels = (clusters or {}).get(rule.set)
+    if labels is not None and rule.slice is not None:
+        labels = [labels[i] for i in slices[rule.set][rule.slice]]
     if len(candidate) < config.min_examples:
         return RuleResult(
             name,
@@ -292,7 +322,7 @@ def _configured_rule(
         [],
         [f"{name}: {reference} {ref.mean():.4f} -> candidate {candidate.mean():.4f}"],
     )
-    replicates = _replicates(ref, candidate, config)
+    replicates = _replicates(ref, candidate, config, labels)
     if rule.min is not None:
         low = float(np.quantile(replicates.candidate_means(), 1 - level))
         ok = low >= rule.min - TOLERANCE
@@ -335,6 +365,7 @@ def _rule(
     config: GateConfig,
     sign: float,
     margin: float,
+    groups: list[str] | None = None,
 ) -> RuleResult:
     """One paired rule. sign=-1: the improvement (-change) must reach `margin` (checked on its lower
     bound); sign=+1: the regression (change) must stay within `margin` (checked on its upper bound)."""
@@ -356,7 +387,8 @@ def _rule(
             n=n,
         )
     estimate = sign * (cand.mean() - ref.mean()) / abs(ref.mean())
-    samples = _replicates(ref, cand, config).relative_change() * sign
+    replicates = _replicates(ref, cand, config, groups)
+    samples = replicates.relative_change() * sign
     level = config.confidence
     if sign < 0:
         bound = float(np.quantile(samples, 1 - level))
@@ -368,12 +400,17 @@ def _rule(
         ok = bound <= margin
         verdict = f"{'<=' if ok else '>'} allowed {margin:+.2%}"
         side = "upper"
-    reason = f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, n={n}) {verdict}"
+    unit = f"n={n}" if replicates.clusters is None else f"n={n} in {replicates.clusters} groups"
+    reason = f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, {unit}) {verdict}"
     return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
 
 
 def _rejected_rule(
-    reference_losses: list[float], candidate_losses: list[float], reference: str, config: GateConfig
+    reference_losses: list[float],
+    candidate_losses: list[float],
+    reference: str,
+    config: GateConfig,
+    groups: list[str] | None = None,
 ) -> RuleResult:
     """The answers users rated down: the candidate's loss on them may fall (the answer becoming
     likelier) by at most gate.max_rejected_gain, checked on the upper bound of that fall."""
@@ -385,7 +422,7 @@ def _rejected_rule(
     if n < config.min_examples:
         return RuleResult(name, PASS, f"{prefix}; {n} examples < gate.min_examples: reported, not gated", n=n)
     gain = float((ref.mean() - cand.mean()) / max(abs(ref.mean()), EPSILON))
-    bound = float(np.quantile(-_replicates(ref, cand, config).relative_change(), config.confidence))
+    bound = float(np.quantile(-_replicates(ref, cand, config, groups).relative_change(), config.confidence))
     ok = bound <= config.max_rejected_gain
     verdict = f"{'<=' if ok else '>'} allowed {config.max_rejected_gain:+.2%}"
     reason = (
@@ -398,14 +435,16 @@ def _rejected_rule(
 @dataclass(frozen=True)
 class _Replicates:
     """The paired bootstrap behind every rule's bound: per replicate, the reference's and the
-    candidate's means over one resample of the examples (the same resample for both), and a draw of
-    the training-seed noise (`gate.seed_spread`, Gaussian, relative): two runs on the same data differ
-    by that much before any example is resampled. Built-in and configured rules read their bounds
-    from here, so none can leave the seed noise out."""
+    candidate's means over one resample of the examples (the same resample for both; of groups of
+    examples, with `eval.cluster_by`), and a draw of the training-seed noise (`gate.seed_spread`,
+    Gaussian, relative): two runs on the same data differ by that much before any example is
+    resampled. Built-in and configured rules read their bounds from here, so none can leave the seed
+    noise, or the groups, out."""
 
     reference: np.ndarray
     candidate: np.ndarray
     seed_noise: np.ndarray
+    clusters: int | None = None  # groups resampled; None: rows
 
     def relative_change(self) -> np.ndarray:
         """(candidate - reference) / |reference| per replicate, seed noise included."""
@@ -420,18 +459,35 @@ class _Replicates:
         return self.candidate + self.seed_noise * np.abs(self.candidate)
 
 
-def _replicates(ref: np.ndarray, cand: np.ndarray, config: GateConfig) -> _Replicates:
+def _replicates(ref: np.ndarray, cand: np.ndarray, config: GateConfig, groups: list[str] | None = None) -> _Replicates:
     rng = np.random.default_rng(config.seed)
     n = len(ref)
     ref_means = np.empty(config.bootstrap_samples)
     cand_means = np.empty(config.bootstrap_samples)
-    for start in range(0, config.bootstrap_samples, 256):
-        stop = min(start + 256, config.bootstrap_samples)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        ref_means[start:stop] = ref[idx].mean(axis=1)
-        cand_means[start:stop] = cand[idx].mean(axis=1)
+    clusters = None
+    if groups is not None and len(set(groups)) < n:
+        # Rows of one user, session or document move together: resample the groups. The spread of
+        # a mean over K resampled groups is low by a factor sqrt((K - 1) / K); put it back.
+        labels, index = np.unique(np.asarray(groups), return_inverse=True)
+        clusters = len(labels)
+        ref_sums, cand_sums = np.bincount(index, ref, clusters), np.bincount(index, cand, clusters)
+        sizes = np.bincount(index, minlength=clusters).astype(np.float64)
+        widen = math.sqrt(clusters / max(clusters - 1, 1))
+        ref_point, cand_point = ref.mean(), cand.mean()
+        for start in range(0, config.bootstrap_samples, 256):
+            stop = min(start + 256, config.bootstrap_samples)
+            idx = rng.integers(0, clusters, size=(stop - start, clusters))
+            size = sizes[idx].sum(axis=1)
+            ref_means[start:stop] = ref_point + (ref_sums[idx].sum(axis=1) / size - ref_point) * widen
+            cand_means[start:stop] = cand_point + (cand_sums[idx].sum(axis=1) / size - cand_point) * widen
+    else:
+        for start in range(0, config.bootstrap_samples, 256):
+            stop = min(start + 256, config.bootstrap_samples)
+            idx = rng.integers(0, n, size=(stop - start, n))
+            ref_means[start:stop] = ref[idx].mean(axis=1)
+            cand_means[start:stop] = cand[idx].mean(axis=1)
     noise = rng.normal(0.0, config.seed_spread, size=config.bootstrap_samples) if config.seed_spread else 0.0
-    return _Replicates(ref_means, cand_means, np.broadcast_to(noise, ref_means.shape))
+    return _Replicates(ref_means, cand_means, np.broadcast_to(noise, ref_means.shape), clusters)
 
 
 def _undefined(name: str, reference: float, candidate: float) -> str:

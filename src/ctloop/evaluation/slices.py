@@ -34,3 +34,14 @@ def slice_means(
         for name, by_value in slices.items()
         if name in losses
     }
+
+
+def cluster_labels(sets: dict[str, list[Record]], cluster_by: str | None) -> dict[str, list[str]]:
+    """Per evaluation set, each row's group (`metadata.<key>`; a row without it is a group of its own)."""
+    if not cluster_by:
+        return {}
+    key = cluster_by.removeprefix("metadata.")
+    return {
+        name: [str(r.metadata[key]) if r.metadata.get(key) not in (None, "") else f"row:{r.id}" for r in records]
+        for name, records in sets.items()
+    }
