@@ -39,3 +39,32 @@ def test_short_rows_compare_whole():
     short = rec("e", "hi", "there")
     assert find_contamination([rec("t", "hi", "there")], {"s": [short]}, ngram=8, max_overlap=0.5)["s"].exact == 1
     assert find_contamination([rec("t", "hi", "you")], {"s": [short]}, ngram=8, max_overlap=0.5)["s"].contaminated == 0
+
+
+def test_a_shared_system_prompt_is_not_contamination_but_a_copied_row_still_is():
+    """#23 item 6: one 40-word system prompt on every row made 200 of 200 unique held-out rows
+    "near-duplicates" of the pooled training n-grams; they were dropped and the gate had nothing to
+    score. Shared n-grams are left out and each row is compared with its best-matching training row."""
+    import json
+
+    from conftest import quickstart_rows
+
+    system = (
+        "You are a helpful assistant for the Debian package archive. Answer with one short line that says "
+        "what the package is for, in plain words, without marketing, without a trailing period, and never "
+        "mention the version number or the maintainer of the package in the answer."
+    )
+    rows = []
+    for line in quickstart_rows("new_domain.jsonl", 400):  # the sample holds a few broken rows on purpose
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            rows.append(row)
+    records = [rec(f"r{i}", f"{system}\n{r['prompt']}", r["completion"]) for i, r in enumerate(rows)]
+    train, held_out = records[:200], records[200:]
+    held_out = [r for r in held_out if r.completion not in {t.completion for t in train}][:150]
+    copied = rec("copy", train[5].prompt, train[5].completion + " (updated)")
+    report = find_contamination(train, {"holdout": [*held_out, copied]}, ngram=8, max_overlap=0.5)["holdout"]
+    assert report.dropped_ids == ("copy",), report.summary()
