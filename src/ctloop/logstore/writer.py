@@ -102,9 +102,8 @@ def _secret_detectors() -> list[Any]:
         from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 
         skip = {"Base64HighEntropyString", "HexHighEntropyString", "IPPublicDetector"}
-        for plugin in get_mapping_from_secret_type_to_class().values():
-            if plugin.__name__ not in skip:
-                _DETECTORS.append(plugin())
+        plugins: list[Any] = list(get_mapping_from_secret_type_to_class().values())
+        _DETECTORS.extend(plugin() for plugin in plugins if plugin.__name__ not in skip)
     return _DETECTORS
 
 
