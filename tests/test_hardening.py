@@ -263,3 +263,30 @@ def test_an_oversized_request_head_is_431_and_the_connection_closed(server, head
         sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode() + b"X-Pad: " + b"y" * 70_000 + b"\r\n\r\n")
         assert reader.readline().startswith(b"HTTP/1.1 431")
     assert httpx.get(f"{server}/healthz", headers={"x-request-id": "ok"}).status_code == 200
+
+
+def test_small_input_defects_are_refused(tmp_path):
+    """#24 item 12: a whitespace-only correction, a negative look in the watch state, log_fraction
+    true and a DPO pair whose correction repeats the answer."""
+    import json
+
+    from ctloop.config import HarvestConfig, ServeConfig, WatchConfig
+    from ctloop.data.harvest import _export, decide_rows
+    from ctloop.drift.budget import take_look
+    from ctloop.errors import DataError
+    from ctloop.logstore.requests import FeedbackBody
+
+    with pytest.raises(ValueError, match="correction is empty or whitespace"):
+        FeedbackBody.model_validate({"request_id": "r", "correction": "  \n "})
+    with pytest.raises(ValueError, match="log_fraction"):
+        ServeConfig(log_fraction=True)
+    state = tmp_path / "state.json"
+    state.write_text(
+        json.dumps({"period": 1, "look": -3, "period_looks": 168, "false_alarm_budget": 0.05, "period_started": "x"})
+    )
+    with pytest.raises(DataError, match="look -3 of 168"):
+        take_look(state, WatchConfig())
+    row = {"request_id": "r", "prompt": "q", "answer": "same", "created_at": 0.0}
+    row["feedback"] = {"feedback_id": "f", "score": 0.0, "correction": "same "}
+    [(_, record)] = decide_rows([row], HarvestConfig(), set())
+    assert _export(record, "dpo") is None  # chosen == rejected teaches nothing

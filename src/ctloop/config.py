@@ -484,7 +484,11 @@ class ServeConfig(Section):
     poll_seconds: float = Field(5.0, gt=0, description="how often the registry's aliases are checked")
     drain_seconds: float = Field(10.0, ge=0, description="on shutdown, how long queued shadow calls may finish")
     log_fraction: float = Field(
-        1.0, ge=0, le=1, description="share of answered requests written to the request log (hash of the id); 0: none"
+        1.0,
+        ge=0,
+        le=1,
+        strict=True,
+        description="share of answered requests written to the request log (hash of the id); 0: none",
     )
     log_retention_days: float | None = Field(
         30.0,

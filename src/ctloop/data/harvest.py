@@ -314,7 +314,8 @@ def _export(record: Record, fmt: Format) -> dict[str, Any] | None:
         return _row(record)
     reason = record.metadata["harvest_reason"]
     if fmt == "dpo":
-        if reason != "correction" or not record.metadata.get("rejected_answer"):
-            return None
+        rejected = record.metadata.get("rejected_answer") or ""
+        if reason != "correction" or not rejected.strip() or rejected.strip() == record.completion.strip():
+            return None  # no pair to learn from: nothing rejected, or the "correction" repeats the answer
         return {"prompt": record.prompt, "chosen": record.completion, "rejected": record.metadata["rejected_answer"]}
     return {"prompt": record.prompt, "completion": record.completion, "label": reason in ("correction", "rated_up")}

@@ -85,6 +85,13 @@ def _read(state_file: Path) -> WatchLook | None:
         look = WatchLook(
             **{k: raw[k] for k in ("period", "look", "period_looks", "false_alarm_budget", "period_started")}
         )
+        counts = (look.period, look.look, look.period_looks)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            raise ValueError("period, look and period_looks must be whole numbers")
+        if look.period < 1 or not 1 <= look.look <= look.period_looks:
+            raise ValueError(f"look {look.look} of {look.period_looks} in period {look.period} is not a look there is")
+        if not 0 < float(look.false_alarm_budget) < 1:
+            raise ValueError(f"false_alarm_budget {look.false_alarm_budget} is not in (0, 1)")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"the drift watch's state {state_file} is unreadable ({exc.__class__.__name__}: {exc}); delete it "

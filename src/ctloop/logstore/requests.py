@@ -92,6 +92,13 @@ class FeedbackBody(BaseModel):
                 ids.append(self.request_id.removeprefix(prefix))
         return ids
 
+    @field_validator("correction")
+    @classmethod
+    def _correction(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the correction is empty or whitespace; send the corrected answer, or leave it out")
+        return value
+
     @model_validator(mode="after")
     def _something(self) -> FeedbackBody:
         if self.rating is None and not self.correction:
