@@ -306,11 +306,12 @@ def test_lineage_traces_a_version_back_to_the_first(two_cycles):
     assert json.loads(chain[0]["tags"]["ctloop.adapter_config"])["peft_type"] == "LORA"
 
 
-def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path):
+@pytest.mark.parametrize("promote_first", [True, False], ids=["promote-first", "challenger-first"])
+def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path, promote_first):
     from ctloop.errors import RegistryError
     from ctloop.registry.promotion import awaiting_approval, promote
 
-    config = _config(tiny_base, gate={"require_approval": True})
+    config = _config(tiny_base, gate={"require_approval": True}, registry={"promote_first": promote_first})
     workspace = Workspace(tmp_path / "ws")
     result = run_cycle(config, _data(tmp_path, "old.jsonl", "old_domain.jsonl", 120), workspace)
     registry = open_registry(config.registry, workspace)
@@ -339,7 +340,11 @@ def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path):
     assert done.returncode == 0, done.stderr
     info = registry.version(1)
     assert info.tags["ctloop.approved_by"] == "alice" and info.tags["ctloop.approval_note"] == "looked good"
-    assert registry.alias(CHALLENGER) is None and registry.alias(CHAMPION) == 1  # the first version: promote_first
+    # `ctloop approve` follows registry.promote_first, as the register stage does (#22 item 4)
+    if promote_first:
+        assert registry.alias(CHALLENGER) is None and registry.alias(CHAMPION) == 1
+    else:
+        assert registry.alias(CHALLENGER) == 1 and registry.alias(CHAMPION) is None
 
 
 def test_contaminated_evaluation_rows_are_dropped_and_counted(tiny_base, tmp_path):

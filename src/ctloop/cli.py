@@ -278,13 +278,13 @@ def approve(
     from ctloop.registry.client import CHAMPION
     from ctloop.registry.promotion import approve as approve_version
 
-    registry, ws = _registry_context(config, workspace)
+    registry, ws, settings = _registry_settings(config, workspace)
     approve_version(
         registry,
         version,
         by=by,
         note=note,
-        promote_first=registry.alias(CHAMPION) is None,
+        promote_first=settings.promote_first,  # the same rule as the register stage's (#22 item 4)
         publisher=_publisher(config, ws, registry),
     )
     console.print(f"version {version} approved by {by}; champion v{registry.alias(CHAMPION)}")
@@ -537,6 +537,12 @@ def _publisher(config_path: Path | None, ws, registry):
 
 
 def _registry_context(config_path: Path | None, workspace: Path | None):
+    registry, ws, _ = _registry_settings(config_path, workspace)
+    return registry, ws
+
+
+def _registry_settings(config_path: Path | None, workspace: Path | None):
+    """(registry, workspace, registry settings): from the config, else the workspace's saved ones."""
     from ctloop.registry.client import open_registry
     from ctloop.workspace import resolve_workspace, saved_registry_settings
 
@@ -549,7 +555,7 @@ def _registry_context(config_path: Path | None, workspace: Path | None):
     else:
         ws = resolve_workspace(workspace)
         settings = saved_registry_settings(ws)
-    return open_registry(settings, ws), ws
+    return open_registry(settings, ws), ws, settings
 
 
 def main() -> None:
