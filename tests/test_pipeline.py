@@ -188,8 +188,13 @@ def test_running_the_same_cycle_again_registers_nothing_new(two_cycles):
     assert [v.version for v in open_registry(config.registry, workspace).versions()] == [1, 2]
 
 
-def test_cli_status_promote_rollback(two_cycles):
-    workspace, _, _, _, _ = two_cycles
+def test_cli_status_promote_rollback(two_cycles, tmp_path):
+    import shutil
+
+    original, _, _, _, _ = two_cycles
+    workspace = Workspace(tmp_path / "ws")  # a copy: this test moves aliases, the others must not see it
+    shutil.copytree(original.root, workspace.root)
+    relocate_embedded(workspace)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def ctloop(*args: str) -> subprocess.CompletedProcess:

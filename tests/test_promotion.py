@@ -84,10 +84,23 @@ def test_the_first_passing_version_becomes_champion_with_promote_first(registry)
     assert registry.alias(CHAMPION) == 1 and registry.alias(CHALLENGER) == 2
 
 
-def test_concurrent_promoters_lose_no_history_entry(registry):
+def test_concurrent_promoters_lose_no_history_entry(registry, monkeypatch):
+    """The race is forced (#22 item 7): neither promoter writes its history event until both have
+    read the history, so the test fails if promotions can overwrite each other."""
     promote(registry, 1, by="t", note="first")
     start = threading.Barrier(2)
+    both_read = threading.Barrier(2, timeout=30)
     errors: list[BaseException] = []
+    write_event = registry.add_model_event
+    forced = []
+
+    def add_event_after_both_read(prefix, event):
+        if threading.current_thread() is not threading.main_thread() and not forced.count(threading.get_ident()):
+            forced.append(threading.get_ident())
+            both_read.wait()  # both promoters are past their reads: the writes now race
+        return write_event(prefix, event)
+
+    monkeypatch.setattr(registry, "add_model_event", add_event_after_both_read)
 
     def promoter(version: int) -> None:
         try:
@@ -102,6 +115,7 @@ def test_concurrent_promoters_lose_no_history_entry(registry):
     for thread in threads:
         thread.join()
     history = champion_history(registry)
+    assert len(forced) == 2  # the two writes really were held until both had read
     assert history[0] == 1 and sorted(history[1:]) == [2, 3]  # both promotions are in the history
     assert registry.alias(CHAMPION) == history[-1]  # and the alias agrees with it
     # A promoter whose change was overtaken before it took effect is told so, never told it won.

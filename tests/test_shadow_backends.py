@@ -231,7 +231,9 @@ def test_a_shadow_timeout_counts_the_generation_not_the_wait_behind_users(backen
         return answer, time.perf_counter() - began
 
     answer, waited = asyncio.run(scenario())
-    assert waited >= 0.6 and answer.completion_tokens >= 1 and answer.latency_ms < 500
+    # The latency counts from when the call got the model, never the 0.6 s it waited (#22 item 7: no
+    # fixed threshold that a loaded machine could cross).
+    assert waited >= 0.6 and answer.completion_tokens >= 1 and answer.latency_ms <= (waited - 0.6) * 1000 + 1
 
 
 def test_a_generation_over_its_time_raises_timeout(backend):
