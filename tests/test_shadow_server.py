@@ -4,6 +4,7 @@ registry, served by uvicorn over loopback, called with the official `openai` cli
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -264,3 +265,36 @@ def test_a_challenger_that_fails_to_load_leaves_the_champion_serving(tiny_base, 
     assert health["champion"] == 1 and health["challenger"] is None
     assert "challenger v2 not loaded" in health["last_sync_error"]
     assert answer.status_code == 200 and answer.json()["model"] == "srv-v1"
+
+
+def test_a_registry_that_stops_answering_is_an_outage_on_healthz_and_the_champion_keeps_serving(
+    tiny_base, adapters, tmp_path
+):
+    """#26 item 2: an MLflow outage sat in the client's own retries (about 4 minutes) with the sync
+    error counter at 0 and /healthz silent. The poll has its own deadline (serve.poll_timeout_s)."""
+    import threading
+
+    config = serving_config(tiny_base, tmp_path / "ws", serve={"poll_timeout_s": 0.5})
+    register_versions(config, adapters[:1])
+    app = create_app(config, Workspace(config.workspace))
+    with serve_in_background(app) as url:
+        registry = app.state.serving.registry
+        answering = registry.alias
+        unblock = threading.Event()
+
+        def hung_alias(name):  # a tracking server that accepts the connection and never answers
+            unblock.wait(30)
+            return answering(name)
+
+        registry.alias = hung_alias
+        deadline = time.monotonic() + 60
+        while "poll_timeout_s" not in (health := httpx.get(f"{url}/healthz").json())["last_sync_error"]:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.2)
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "srv", "prompt": "Package: z"}, timeout=60)
+        metrics = httpx.get(f"{url}/metrics").text
+        unblock.set()
+        registry.alias = answering
+    assert health["champion"] == 1 and answer.status_code == 200 and answer.json()["model"] == "srv-v1"
+    errors = next(line for line in metrics.splitlines() if line.startswith("ctloop_role_sync_errors_total "))
+    assert float(errors.split()[1]) >= 1

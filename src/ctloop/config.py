@@ -482,6 +482,12 @@ class ServeConfig(Section):
         "CTLOOP_ADMIN_TOKEN", description="env var holding the admin bearer token; unset: admin endpoints are disabled"
     )
     poll_seconds: float = Field(5.0, gt=0, description="how often the registry's aliases are checked")
+    poll_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a registry poll that takes longer counts as an outage (/healthz, ctloop_role_sync_errors_total) "
+        "instead of waiting out MLflow's own retries (minutes); the roles in place keep serving",
+    )
     drain_seconds: float = Field(10.0, ge=0, description="on shutdown, how long queued shadow calls may finish")
     log_fraction: float = Field(
         1.0,

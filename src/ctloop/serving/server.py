@@ -35,7 +35,7 @@ from typing import Any
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
 from ctloop.config import CtloopConfig, ServeConfig
-from ctloop.errors import CtloopError, ModelError
+from ctloop.errors import CtloopError, ModelError, RegistryUnavailable
 from ctloop.serving.admin import add_admin_routes
 from ctloop.serving.backends import CLIENT_GONE, USER, Backend, Generation, GenerationRequest
 from ctloop.serving.metrics import prometheus_text
@@ -156,7 +156,13 @@ class Serving:
                 previous = next((v for v in reversed(history) if v != champion), None)
                 return Roles(champion, self.registry.alias(CHALLENGER), previous)
 
-            roles = await asyncio.to_thread(read)
+            try:
+                roles = await asyncio.wait_for(asyncio.to_thread(read), self.config.serve.poll_timeout_s)
+            except TimeoutError:
+                raise RegistryUnavailable(
+                    f"the registry did not answer the alias poll within serve.poll_timeout_s="
+                    f"{self.config.serve.poll_timeout_s:g} s; serving the roles in place until it does"
+                ) from None
             if roles.challenger == roles.champion:
                 roles = Roles(roles.champion, None, roles.previous)
             if roles.champion is not None:
