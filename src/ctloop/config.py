@@ -496,6 +496,12 @@ class ServeConfig(Section):
         strict=True,
         description="share of answered requests written to the request log (hash of the id); 0: none",
     )
+    log_spool_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="rows the log store cannot take (down past the retries) wait in <workspace>/spool/ up to this "
+        "size and are written back first once it can; 0: drop and count them",
+    )
     log_retention_days: float | None = Field(
         30.0,
         gt=0,

@@ -1,20 +1,25 @@
 """One batched background writer per log table, and redaction before anything is stored.
 
 The request path only puts a row on a bounded queue (never waits on the database); one thread
-inserts what is waiting in batches, in one transaction each. A full queue drops and counts; a
-database that stays down costs the batch (counted, logged, on /healthz), never the thread.
-`close()` drains the queue, so a clean shutdown (SIGTERM included) loses no row.
+inserts what is waiting in batches, in one transaction each. A full queue drops and counts. A
+database that stays down past the retries does not cost the batch when a spool is configured
+(`spool_path`, `spool_bytes`): its rows go to a bounded local file, and are written back first,
+in order and in one transaction, once the database takes writes again; only what exceeds the spool
+is dropped (counted, logged, on /healthz). `close()` drains the queue, so a clean shutdown
+(SIGTERM included) loses no row.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ctloop.logstore.database import open_engine
@@ -162,6 +167,8 @@ class BatchedWriter:
         batch_size: int = 200,
         queue_size: int = 10_000,
         flush_seconds: float = 0.2,
+        spool_path: Path | None = None,
+        spool_bytes: int = 0,
     ):
         from sqlalchemy import MetaData, Table
 
@@ -177,6 +184,9 @@ class BatchedWriter:
         self.last_error = ""  # the last failure; cleared once a batch is written again
         self.write_errors = 0
         self.failing = 0  # batches that failed since the last one written: 0 is healthy
+        self.spool_path = spool_path if spool_bytes > 0 else None
+        self.spool_bytes = spool_bytes
+        self.spooled = 0  # rows set aside in the spool while the database was down (replayed since, or waiting)
         self._writer = threading.Thread(target=self._run, name=f"ctloop-{table_name}-writer", daemon=True)
         self._writer.start()
 
@@ -192,6 +202,7 @@ class BatchedWriter:
     def _run(self) -> None:
         batch: list[Any] = []
         stopping = False
+        retried = time.monotonic()
         while not stopping:
             try:
                 item = self.queue.get(timeout=self.flush_seconds)
@@ -206,19 +217,29 @@ class BatchedWriter:
                             break
                         batch.append(item)
             except queue.Empty:
-                pass
+                if self._spool_waiting() and time.monotonic() - retried > 2.0:  # idle: try the spool again
+                    retried = time.monotonic()
+                    self._replay_spool()
             if batch:
                 self._insert(batch)
                 batch = []
+        if self._spool_waiting():
+            self._replay_spool()  # one last try; what stays is written back by the next start
 
     def _insert(self, batch: list[Any], attempts: int = 3) -> None:
-        from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
-
         try:
             rows = [self.to_row(record) for record in batch]
         except Exception as exc:  # noqa: BLE001 - a row that cannot be built costs its batch, never the thread
             self._drop(len(batch), f"{exc.__class__.__name__}: {exc}")
             return
+        if self._spool_waiting() and not self._replay_spool():
+            self._spool(rows)  # the spool's rows go first: this batch waits behind them, in order
+            return
+        self._write(rows, attempts)
+
+    def _write(self, rows: list[dict[str, Any]], attempts: int) -> None:
+        from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+
         for attempt in range(attempts):
             try:
                 with self.engine.begin() as connection:
@@ -251,7 +272,55 @@ class BatchedWriter:
                     self.last_error,
                 )
                 time.sleep(0.5 * 2**attempt)
-        self._drop(len(rows), self.last_error)
+        if self.spool_path is not None:
+            self._spool(rows)
+        else:
+            self._drop(len(rows), self.last_error)
+
+    # -- the spool: rows kept on local disk while the database is down ----------------------------
+
+    def _spool_waiting(self) -> bool:
+        return self.spool_path is not None and self.spool_path.is_file() and self.spool_path.stat().st_size > 0
+
+    def _spool(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows to the spool file, as far as `spool_bytes` allows; drop (and count) the rest."""
+        assert self.spool_path is not None
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        size = self.spool_path.stat().st_size if self.spool_path.is_file() else 0
+        lines = [json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows]
+        kept = 0
+        with self.spool_path.open("a", encoding="utf-8") as handle:
+            for line in lines:
+                if size + len(line.encode()) > self.spool_bytes:
+                    break
+                handle.write(line)
+                size += len(line.encode())
+                kept += 1
+        self.spooled += kept
+        if kept < len(rows):
+            self._drop(
+                len(rows) - kept, f"the spool is full (serve.log_spool_bytes={self.spool_bytes}); {self.last_error}"
+            )
+        else:
+            log.warning("the database is down: %d %s rows spooled to %s", kept, self.table.name, self.spool_path)
+
+    def _replay_spool(self) -> bool:
+        """Write the spooled rows back, in order, in one transaction (all or none: never twice);
+        True when the spool is empty afterwards."""
+        assert self.spool_path is not None
+        rows = [json.loads(line) for line in self.spool_path.read_text(encoding="utf-8").splitlines() if line]
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(self.table.insert(), rows)
+        except Exception as exc:  # noqa: BLE001 - still down: the rows stay spooled
+            self.failing += 1
+            self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+            return False
+        self.written += len(rows)
+        self.failing, self.last_error = 0, ""
+        self.spool_path.unlink()
+        log.info("%d spooled %s rows written back", len(rows), self.table.name)
+        return True
 
     def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -275,6 +344,8 @@ class BatchedWriter:
             "queued": self.queue.qsize(),
             "written": self.written,
             "dropped": self.dropped,
+            "spooled": self.spooled,
+            "spool_bytes": self.spool_path.stat().st_size if self._spool_waiting() and self.spool_path else 0,
             "last_error": self.last_error,
         }
 

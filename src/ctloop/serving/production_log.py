@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any
 
 from ctloop.config import CtloopConfig
@@ -23,9 +24,14 @@ PURGE_EVERY_S = 3600.0
 class ProductionLog:
     """The request log writer, the reader used for feedback, and their counters."""
 
-    def __init__(self, config: CtloopConfig, store_url: str):
+    def __init__(self, config: CtloopConfig, store_url: str, spool_dir: Path | None = None):
         self.settings = config.serve
-        self.writer = RequestLog(store_url, redact_pii=self.settings.redact)
+        self.writer = RequestLog(
+            store_url,
+            redact_pii=self.settings.redact,
+            spool_path=None if spool_dir is None else spool_dir / "request_log.jsonl",
+            spool_bytes=self.settings.log_spool_bytes,
+        )
         self.reader = LogReader(store_url, redact_pii=self.settings.redact)
         self.sampled_out = 0
         self.feedback: Counter[str] = Counter()  # kind -> posts accepted: rating, correction

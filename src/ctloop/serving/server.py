@@ -109,8 +109,14 @@ class Serving:
         self.backend = await asyncio.to_thread(self._make_backend)
         shadow = self.config.shadow
         store_url = self.workspace.shadow_store_url(shadow.store_url)
-        store = ShadowStore(store_url, redact_pii=shadow.redact or self.config.serve.redact)
-        self.production = ProductionLog(self.config, store_url)
+        spool = self.workspace.root / "spool"  # rows the store cannot take wait here (serve.log_spool_bytes)
+        store = ShadowStore(
+            store_url,
+            redact_pii=shadow.redact or self.config.serve.redact,
+            spool_path=spool / "shadow_log.jsonl",
+            spool_bytes=self.config.serve.log_spool_bytes,
+        )
+        self.production = ProductionLog(self.config, store_url, spool)
         self.router = ShadowRouter(
             self.backend, store, shadow, challenger=lambda: self.roles.challenger if shadow.enabled else None
         )
