@@ -62,3 +62,22 @@ def test_nul_characters_are_stripped_so_postgres_never_refuses_a_batch(log_store
     store.put(shadow_record(1, prompt="a\x00b"))
     store.close()
     assert read_rows(log_store_url)[0]["prompt"] == "ab" and store.dropped == 0
+
+
+def test_replicas_starting_together_on_a_fresh_database_all_come_up(log_store_url):
+    """#26 item 2: two replicas on a fresh PostgreSQL database raced in create_all, and one died at
+    start-up (UniqueViolation on pg_type). Six processes open the store at once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ctloop.logstore.database import open_engine; open_engine(sys.argv[1]).dispose(); print('up')"
+    )
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, log_store_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    outcomes = [process.communicate(timeout=120) for process in starts]
+    assert [p.returncode for p in starts] == [0] * 6, [err[-500:] for _, err in outcomes]

@@ -21,9 +21,32 @@ def open_engine(url: str) -> Any:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
 
-    tables()[0].create_all(engine)
-    _upgrade(engine)
+    _create_once(engine)
     return engine
+
+
+SCHEMA_LOCK = 0x6374_6C6F_6F70  # "ctloop": the advisory lock that serialises schema changes
+
+
+def _create_once(engine: Any) -> None:
+    """Create and upgrade the tables with one process at a time: on PostgreSQL under an advisory
+    lock (two replicas starting on a fresh database raced in create_all, and one died on a
+    UniqueViolation in pg_type); SQLite serialises its own DDL transactions."""
+    from sqlalchemy import text
+
+    if engine.dialect.name != "postgresql":
+        tables()[0].create_all(engine)
+        _upgrade(engine)
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+        try:
+            connection.commit()
+            tables()[0].create_all(engine)
+            _upgrade(engine)
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK})
+            connection.commit()
 
 
 def _upgrade(engine: Any) -> None:
