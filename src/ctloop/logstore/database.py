@@ -31,11 +31,20 @@ SCHEMA_LOCK = 0x6374_6C6F_6F70  # "ctloop": the advisory lock that serialises sc
 def _create_once(engine: Any) -> None:
     """Create and upgrade the tables with one process at a time: on PostgreSQL under an advisory
     lock (two replicas starting on a fresh database raced in create_all, and one died on a
-    UniqueViolation in pg_type); SQLite serialises its own DDL transactions."""
+    UniqueViolation in pg_type); on SQLite a table another process created meanwhile is found on
+    the next try."""
     from sqlalchemy import text
 
     if engine.dialect.name != "postgresql":
-        tables()[0].create_all(engine)
+        from sqlalchemy.exc import OperationalError
+
+        for attempt in range(5):  # SQLite: another process may create a table between the check and ours
+            try:
+                tables()[0].create_all(engine)
+                break
+            except OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
         _upgrade(engine)
         return
     with engine.connect() as connection:
