@@ -290,3 +290,35 @@ def test_small_input_defects_are_refused(tmp_path):
     row["feedback"] = {"feedback_id": "f", "score": 0.0, "correction": "same "}
     [(_, record)] = decide_rows([row], HarvestConfig(), set())
     assert _export(record, "dpo") is None  # chosen == rejected teaches nothing
+
+
+def test_corrupt_workspace_files_are_one_line_errors(tmp_path):
+    """#24 item 12: a corrupt rejected.jsonl, ledger.json or shadow.db gave 150-line tracebacks
+    with exit 1; each is one line naming the file, exit 2."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    workspace = tmp_path / "ws"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"workspace": str(workspace), "model": {"base": "unused"}}))
+
+    def harvest():
+        return subprocess.run(
+            [sys.executable, "-m", "ctloop", "harvest", "--since", "1h", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    (workspace / "harvest").mkdir(parents=True)
+    (workspace / "harvest" / "ledger.json").write_text("{not json")
+    broken = harvest()
+    assert broken.returncode == 2 and "ledger.json is not valid JSON" in broken.stderr + broken.stdout
+    assert "Traceback" not in broken.stderr
+    (workspace / "harvest" / "ledger.json").unlink()
+    (workspace / "shadow.db").write_bytes(b"this is not a database" * 100)
+    broken = harvest()
+    assert broken.returncode == 2 and "may be corrupt" in broken.stderr + broken.stdout
+    assert "Traceback" not in broken.stderr

@@ -488,3 +488,39 @@ def test_rows_the_store_cannot_take_are_spooled_and_written_back_in_order_once(l
     reader.close()
     assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(45)]  # all, once, in order
     assert writer.dropped == 0 and writer.health()["ok"] and not (tmp_path / "spool" / "request_log.jsonl").exists()
+
+
+def test_feedback_on_a_purged_request_is_404_and_utf8_client_ids_are_kept(
+    tiny_base, adapters, tmp_path, upstream, monkeypatch
+):
+    """#24 item 12: feedback on a purged request got 201 and left an orphan row; a UTF-8
+    X-Request-Id was stored garbled."""
+    from ctloop.serving import production_log
+
+    monkeypatch.setenv("CTLOOP_FEEDBACK_TOKEN", TOKEN)
+    monkeypatch.setattr(production_log, "RECENT_S", 0.0)  # the store is always asked
+    config = _config(tiny_base, tmp_path, upstream)
+    register_versions(config, adapters)
+    with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+        answer = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "srv", "prompt": "a b"},
+            headers={"x-request-id": "café-请求-7".encode()},  # UTF-8 bytes on the wire
+            timeout=30,
+        )
+        rid = answer.headers["x-request-id"]
+        reader = LogReader(Workspace(config.workspace).shadow_store_url())
+        deadline = time.monotonic() + 30
+        while not reader.has_request(rid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        [row] = [r for r in reader.requests() if r["request_id"] == rid]
+        assert row["client_request_id"] == "café-请求-7"
+        reader.purge(time.time() + 1)  # retention takes it
+        reader.close()
+        late = httpx.post(
+            f"{url}/v1/feedback",
+            json={"request_id": answer.json()["id"], "rating": 1},
+            headers={"authorization": f"Bearer {TOKEN}"},
+        )
+    assert late.status_code == 404

@@ -132,8 +132,16 @@ def test_the_load_api_confines_paths_and_names(tiny_base, adapters, tmp_path, mo
         # ... and a version the registry does not hold yet cannot be squatted on before it arrives
         future = load({"lora_name": "srv-v9", "lora_path": str(roots / "squatter")})
         assert future.status_code == 404 and "no version 9" in future.json()["error"]["message"]
+        escaping = roots / "escaping"  # #24 item 12: a folder inside the roots, a file pointing outside
+        escaping.mkdir()
+        for item in adapters[2].iterdir():
+            (escaping / item.name).symlink_to(item)
+        leaked = load({"lora_name": "srv-v3", "lora_path": str(escaping)})
+        assert leaked.status_code == 400 and "symlinks that leave serve.adapter_roots" in leaked.text
         ok = load({"lora_name": "srv-v3", "lora_path": str(roots / "srv-v3")})
         assert ok.status_code == 200 and "added successfully" in ok.text
+        again = load({"lora_name": "srv-v3", "lora_path": str(roots / "srv-v3")})  # vLLM: 400, already loaded
+        assert again.status_code == 400 and "already been loaded" in again.text
         assert "srv-v3" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
         answer = httpx.post(f"{url}/v1/completions", json={"model": "srv-v3", "prompt": "x"}, timeout=60)
         assert answer.status_code == 200 and answer.json()["model"] == "srv-v3"
@@ -141,6 +149,8 @@ def test_the_load_api_confines_paths_and_names(tiny_base, adapters, tmp_path, mo
         assert busy.status_code == 409  # the champion is not unloaded behind the registry's back
         gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v3"}, headers=auth)
         assert gone.status_code == 200 and "srv-v3" not in json.dumps(httpx.get(f"{url}/v1/models").json())
+        unknown = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "srv-v3"}, headers=auth)
+        assert unknown.status_code == 404  # as vLLM answers for a name it does not hold
 
 
 def test_a_pinned_load_survives_concurrent_role_syncs(tiny_base, adapters, tmp_path):

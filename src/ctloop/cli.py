@@ -568,6 +568,22 @@ def main() -> None:
     except CtloopError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
+    except PermissionError as exc:  # a read-only workspace, a file owned by someone else
+        console.print(
+            f"[red]error:[/red] cannot write {exc.filename}: permission denied; check the workspace's permissions"
+        )
+        sys.exit(2)
+    except Exception as exc:
+        from sqlalchemy.exc import DatabaseError
+
+        if not isinstance(exc, DatabaseError):
+            raise
+        first = str(exc.orig if exc.orig is not None else exc).splitlines()[0][:300]
+        console.print(
+            f"[red]error:[/red] the log store refused the command ({first}); if it is a SQLite file, it may be "
+            f"corrupt: restore it from a backup, or move it away to start a new one"
+        )
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         sys.exit(130)

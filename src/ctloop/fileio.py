@@ -38,7 +38,15 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The JSON in `path`; a file that is not JSON is a DataError naming it (one line, exit 2)."""
+    from ctloop.errors import DataError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path} is not valid JSON ({exc}); restore it, or remove it if ctloop may recreate it"
+        ) from None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from ctloop.config import CtloopConfig, HarvestConfig
 from ctloop.data.records import Record
+from ctloop.errors import DataError
 from ctloop.fileio import TIMESTAMP_FORMAT, read_json, utc_now, write_json, write_jsonl
 from ctloop.logstore.writer import scrub, stored_id
 from ctloop.workspace import Workspace
@@ -189,10 +190,14 @@ def harvest(
     stamp = utc_now().replace(":", "")
     out = out or folder / f"harvest-{stamp}.jsonl"
     exported = [_export(r, fmt) for r in (kept + rejected if fmt == "kto" else kept)]
-    write_jsonl(out, [row for row in exported if row is not None])
     rejected_path = folder / "rejected.jsonl"
     lines = rejected_path.read_text(encoding="utf-8").splitlines() if rejected_path.is_file() else []
-    previous = [json.loads(line) for line in lines]
+    previous = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            previous.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"{rejected_path} line {number} is not valid JSON; fix or remove that line") from None
     known = {row["id"] for row in previous}  # a harvest repeated before its cycle ran adds nothing twice
     write_jsonl(rejected_path, previous + [_row(r) for r in rejected if r.id not in known])
     decisions_path = out.with_name(out.stem + ".decisions.jsonl")
@@ -212,7 +217,9 @@ def harvest(
         content_keys=tuple(sorted({content_key(r.prompt, r.completion) for _, r in decided if r is not None})),
         source=source.name,
     )
+    # The manifest first, then the records (each written atomically): records never lack their manifest.
     write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
+    write_jsonl(out, [row for row in exported if row is not None])
     return report
 
 

@@ -72,6 +72,16 @@ def confined_path(lora_path: str, roots: list[Path]) -> Path:
         )
     if not has_adapter:
         raise AdapterRequestError(f"lora_path {lora_path[:200]!r} holds no adapter_config.json", "lora_path")
+    escaping = [
+        p.name
+        for p in resolved.iterdir()
+        if p.is_symlink() and not any(p.resolve().is_relative_to(root.resolve()) for root in roots)
+    ]
+    if escaping:
+        raise AdapterRequestError(
+            f"lora_path {lora_path[:200]!r} holds symlinks that leave serve.adapter_roots ({', '.join(escaping[:3])})",
+            "lora_path",
+        )
     return resolved
 
 

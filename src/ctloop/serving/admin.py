@@ -77,6 +77,9 @@ def add_admin_routes(app: Any, serving: Any) -> None:
             raise ApiError(400, str(exc), exc.param) from None
         from ctloop.serving.adapter_safety import UnsafeAdapter
 
+        if version in serving.backend.loaded and version in serving.pinned:
+            # vLLM's answer to a name it holds; a publisher reads "already" as loaded
+            raise ApiError(400, f"the LoRA adapter '{body.lora_name}' has already been loaded", "lora_name")
         try:
             await serving.load_pinned(version, folder)
         except AdapterRequestError as exc:
@@ -87,7 +90,7 @@ def add_admin_routes(app: Any, serving: Any) -> None:
             raise ApiError(400, f"cannot load {body.lora_name}: {exc}"[:500], "lora_path") from exc
         except CtloopError as exc:
             raise ApiError(404, f"cannot load {body.lora_name}: {exc}", "lora_name", "not_found") from exc
-        except (OSError, ValueError, RuntimeError) as exc:  # files that are not a loadable adapter
+        except Exception as exc:  # noqa: BLE001 - any other failure to load these files is the files' fault: 400
             raise ApiError(
                 400,
                 f"cannot load {body.lora_name} from {body.lora_path}: {exc.__class__.__name__}: {exc}"[:500],
@@ -112,6 +115,8 @@ def add_admin_routes(app: Any, serving: Any) -> None:
                 "lora_name",
                 "conflict",
             )
+        if version not in serving.backend.loaded:
+            raise ApiError(404, f"the LoRA adapter '{body.lora_name}' is not loaded here", "lora_name", "not_found")
         await serving.unload_pinned(version)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

@@ -18,6 +18,7 @@ from ctloop.serving.schemas import ApiError
 log = logging.getLogger(__name__)
 
 RECENT_IDS = 100_000  # request ids answered here lately: feedback on them is accepted before the row is flushed
+RECENT_S = 60.0  # the writer has flushed long before this
 PURGE_EVERY_S = 3600.0
 
 
@@ -36,7 +37,9 @@ class ProductionLog:
         self.sampled_out = 0
         self.feedback: Counter[str] = Counter()  # kind -> posts accepted: rating, correction
         self.purged: Counter[str] = Counter()  # table -> rows deleted by retention
-        self.recent: OrderedDict[str, None] = OrderedDict()
+        # ids just logged -> when: feedback may arrive before the writer's batch is in the store; past
+        # RECENT_S the store is asked (a purged request must not take feedback)
+        self.recent: OrderedDict[str, float] = OrderedDict()
 
     def record(self, record: RequestRecord) -> None:
         """Log an answered request (never blocks the request path)."""
@@ -44,7 +47,7 @@ class ProductionLog:
             self.sampled_out += 1
             return
         if self.writer.put(record):
-            self.recent[self.reader.stored_id(record.request_id)] = None
+            self.recent[self.reader.stored_id(record.request_id)] = time.monotonic()
             if len(self.recent) > RECENT_IDS:
                 self.recent.popitem(last=False)
 
@@ -60,7 +63,8 @@ class ProductionLog:
             )
         found = None
         for candidate in body.request_id_candidates():
-            matches = 1 if self.reader.stored_id(candidate) in self.recent else 0
+            logged = self.recent.get(self.reader.stored_id(candidate))
+            matches = 1 if logged is not None and time.monotonic() - logged < RECENT_S else 0
             matches = matches or await asyncio.to_thread(self.reader.requests_with_id, candidate)
             if matches > 1:
                 raise ApiError(

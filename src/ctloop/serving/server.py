@@ -75,7 +75,9 @@ class RequestIds:
     client_request_id: str = ""
 
     def headers(self) -> dict[str, str]:
-        given = {"x-client-request-id": self.client_request_id} if self.client_request_id else {}
+        # the same bytes as the client sent (a header is latin-1 text: UTF-8 goes back as its bytes)
+        echo = self.client_request_id.encode("utf-8").decode("latin-1")
+        given = {"x-client-request-id": echo} if self.client_request_id else {}
         return {"x-request-id": self.request_id, **given}
 
 
@@ -518,7 +520,12 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         return response
 
     def request_ids(request: Request) -> RequestIds:
-        return RequestIds(uuid.uuid4().hex, request.headers.get("x-request-id", "")[:128])
+        given = request.headers.get("x-request-id", "")
+        try:  # HTTP headers arrive as latin-1: a UTF-8 id is its bytes read back as UTF-8
+            given = given.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            pass
+        return RequestIds(uuid.uuid4().hex, given[:128])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
