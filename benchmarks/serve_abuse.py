@@ -8,7 +8,11 @@ twice in one invocation: alone, then next to three abusers that run the whole ti
 - oversized: bodies declaring 150 MB (refused by Content-Length before they are read);
 - over-long: 60 KB prompts of CJK text under the body cap, about 20,000 tokens (refused before
   any generation: prompt + max_tokens over the model's context);
-- slow: a client that sends its headers, then one byte of body every second.
+- slow: a client that sends its headers, then one byte of body every second;
+- huge heads: a 200 KB X-Request-Id, and 200,000 header lines (431 before the parser keeps them).
+Then publishing against two misbehaving replicas: one that drips its answer a byte a second, one
+that answers with a 50 MB error page (`timeout_s` 2, 2 attempts): the time each publish took and
+this process's memory growth, against the bound of attempts x timeout + backoff.
 Printed last: normal requests' p50/p99 alone vs with the abuse, the abusers' status codes, and the
 server's peak resident memory (sampled from /proc every 50 ms), against a stated bound.
 """
@@ -116,7 +120,22 @@ def abuse(url: str, stop: threading.Event, outcomes: Counter) -> list[threading.
             except OSError as exc:
                 outcomes[f"slow {exc.__class__.__name__}"] += 1
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (oversized, over_long, slow)]
+    def huge_heads() -> None:
+        heads = [b"X-Request-Id: " + b"x" * 200_000 + b"\r\n", b"X-H: v\r\n" * 200_000]
+        while not stop.is_set():
+            for kind, head in zip(("huge header", "many headers"), heads, strict=True):
+                try:
+                    with socket.create_connection((host, int(port)), timeout=30) as sock:
+                        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                        try:
+                            sock.sendall(head + b"\r\n")
+                        except OSError:
+                            pass  # the server answered and closed before reading it all
+                        outcomes[f"{kind} " + sock.recv(64).decode(errors="replace").split(" ")[1]] += 1
+                except (OSError, IndexError) as exc:
+                    outcomes[f"{kind} {exc.__class__.__name__}"] += 1
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (oversized, over_long, slow, huge_heads)]
     for thread in threads:
         thread.start()
     return threads
@@ -207,6 +226,66 @@ def main() -> None:
         f"server peak RSS: {idle_peak:.0f} MB alone, {peak['rss']:.0f} MB with the abuse "
         f"(bound {MEMORY_BOUND_MB:.0f} MB: {'held' if peak['rss'] <= MEMORY_BOUND_MB else 'EXCEEDED'})"
     )
+    publish_bounds(config_path)
+
+
+def misbehaving_replica(mode: str) -> tuple[str, threading.Event]:
+    """A replica on loopback that drips its answer a byte a second, or answers with 50 MB."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def answer(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)
+            try:
+                if mode == "drip":
+                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+                    while not stop.is_set():
+                        connection.sendall(b"x")
+                        time.sleep(1)
+                else:
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 50000000\r\n\r\n")
+                    for _ in range(50_000_000 // 65536):
+                        connection.sendall(b"e" * 65536)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}", stop
+
+
+def publish_bounds(config_path: Path) -> None:
+    from ctloop.config import PublishConfig, PublishTarget
+    from ctloop.registry.publishing import make_publisher
+
+    config = load_config(config_path)
+    workspace = Workspace(config.workspace)
+    registry = open_registry(config.registry, workspace)
+    timeout_s, attempts = 2.0, 2
+    bound = attempts * timeout_s + 0.5 * (2 ** (attempts - 1) - 1) + 1.0  # + backoff + a second of slack
+    print(f"\npublishing to a misbehaving replica (timeout_s {timeout_s:g}, {attempts} attempts; bound {bound:.1f} s):")
+    for mode in ("drip", "50 MB error page"):
+        url, stop = misbehaving_replica("drip" if mode == "drip" else "huge")
+        target = PublishTarget(kind="ctloop", urls=[url], timeout_s=timeout_s)
+        publisher = make_publisher(PublishConfig(targets=[target], attempts=attempts), registry, workspace)
+        before = rss_mb(os.getpid())
+        started = time.monotonic()
+        result = publisher.publish(1)
+        took = time.monotonic() - started
+        grew = rss_mb(os.getpid()) - before
+        stop.set()
+        print(
+            f"  {mode:<17} {took:5.1f} s ({'held' if took <= bound else 'EXCEEDED'}), memory +{grew:.0f} MB, "
+            f"outcome: {result.outcomes[0].detail[:90]}"
+        )
 
 
 if __name__ == "__main__":
