@@ -564,7 +564,7 @@ class ShadowConfig(Section):
         ge=0,
         le=1,
         description="challenger timeouts+errors (+ calls its open breaker skipped): REJECT when significantly "
-        "above; PROMOTE needs the always-valid upper bound at or below it (0 failures: about 225 pairs at 2%)",
+        "above; PROMOTE needs the always-valid upper bound at or below it (0 failures: 224 pairs at 2%)",
     )
     error_block_s: float = Field(
         30.0,

@@ -327,10 +327,14 @@ def _ratio_check(
     `above`/`below`: sign-test counts (pairs on that side, non-zero pairs)."""
     if shown(*above, 0.5, True, confidence):
         p = anytime_p_value(*above, 0.5, True)
-        reject.append(f"{name} {ratio:.2f} exceeds {limit:.2f} (sign test, always-valid p={p:.3g})")
+        reject.append(
+            f"{name}: more than half the pairs are above {limit:.2f} (median {ratio:.2f}; sign test, always-valid p={p:.3g})"
+        )
     elif shown(*below, 0.5, True, confidence):
         p = anytime_p_value(*below, 0.5, True)
-        passed.append(f"{name} {ratio:.2f} is below {limit:.2f} (sign test, always-valid p={p:.3g})")
+        passed.append(
+            f"{name}: more than half the pairs are below {limit:.2f} (median {ratio:.2f}; sign test, always-valid p={p:.3g})"
+        )
     else:
         count, nonzero = below
         share = count / nonzero if nonzero else 0.5

@@ -8,7 +8,7 @@ proportion on the null side it is a nonnegative supermartingale in the number of
 alternative's ratio is, by monotone likelihood ratio), so by Ville's inequality the chance that it
 *ever* reaches 1/alpha is at most alpha: rejecting whenever it does is valid however many times,
 and whenever, the report is run. The price is power: with no failure at all, an error rate is shown
-below 2% after about 225 pairs instead of the 133 a single planned look needs.
+below 2% after 224 pairs instead of the 149 a single planned look needs.
 
 `confidence_bound` inverts the test into a confidence sequence bound, and `pairs_for_power` says how
 many pairs in all give the test a `power` chance to succeed at that look, if the true proportion
