@@ -7,7 +7,7 @@ that answers at once, next to the same upstream called directly, in one run.
 The upstream and ctloop run in their own processes; the load generator (keep-alive HTTP on raw
 asyncio streams, as in serve_load.py) in this one. CPU time is read from /proc/<pid>/stat (user +
 system) before and after each run, so the figure is ctloop's own work per request, whatever the
-client and the upstream cost. The target (#25): at most 1 ms of CPU per request without
+client and the upstream cost. The target: at most 1 ms of CPU per request without
 shadowing (1,000 requests per CPU-second) and 2 ms with it.
 """
 
