@@ -9,7 +9,7 @@ completion chunks `--token-ms` apart (an engine's decode rate); `ctloop serve` r
 process in front of it, with the request log on (SQLite) and shadowing off. The client (httpx,
 one process) reads the server-sent events and times each chunk. Both sides share this machine's
 two cores with the client, so the added figures are an upper bound of what ctloop adds. The target
-(#25): at most 2 ms added to the p50 time to first token and 5 ms to its p99.
+(to aim for): at most 2 ms added to the p50 time to first token and 5 ms to its p99.
 """
 
 from __future__ import annotations
