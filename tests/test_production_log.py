@@ -524,3 +524,26 @@ def test_feedback_on_a_purged_request_is_404_and_utf8_client_ids_are_kept(
             headers={"authorization": f"Bearer {TOKEN}"},
         )
     assert late.status_code == 404
+
+
+def test_a_damaged_spool_never_stops_the_writer(tmp_path):
+    """A spool whose last line a crash cut short, and one holding a row the store already has: the
+    readable rows are written back, the damaged one and the duplicate are counted, and the writer
+    goes on writing (a dead writer thread left every later row queued, with /healthz ok)."""
+    url = f"sqlite:///{tmp_path / 'logs.db'}"
+    spool = tmp_path / "spool" / "request_log.jsonl"
+    writer = RequestLog(url, spool_path=spool, spool_bytes=1 << 20)
+    writer.put(_request(0))
+    writer.close()
+    row = RequestLog.__new__(RequestLog)
+    row.redact_pii = False
+    lines = [json.dumps(row._row(_request(i)), default=str) for i in (0, 1, 2)]  # r0 is already stored
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    spool.write_text("\n".join(lines) + '\n{"request_id": "r9", "crea')
+    writer = RequestLog(url, spool_path=spool, spool_bytes=1 << 20)
+    writer.put(_request(3))
+    writer.close()
+    reader = LogReader(url)
+    ids = [r["request_id"] for r in reader.requests()]
+    reader.close()
+    assert ids == ["r0", "r1", "r2", "r3"] and not spool.exists() and writer.dropped == 2

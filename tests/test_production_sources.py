@@ -138,3 +138,31 @@ def test_a_jsonl_source_reads_chat_and_iso_times_and_counts_what_it_cannot_use(t
     assert source.problems == {"no_answer": 1, "bad_created_at": 1, "invalid_json": 1}
     sample, total = source.sample(0, 2e9, 10, seed=0)
     assert total == 1 and sample[0]["request_id"] == "c1"
+
+
+def test_assessments_read_over_http_count_although_their_valid_flag_is_unset():
+    """MLflow's SQL store sets `valid` on assessments; read through a tracking server it is None.
+    None is not invalid: the rating and the correction still count."""
+    from types import SimpleNamespace
+
+    from mlflow.entities import AssessmentSource, Expectation, Feedback
+
+    from ctloop.registry.traces import MlflowTraceSource
+
+    human = AssessmentSource(source_type="HUMAN", source_id="qa")
+    assessments = [
+        Feedback(name="thumbs", value=False, source=human),
+        Expectation(name="expected_response", value="THE RIGHT ANSWER", source=human),
+    ]
+    for assessment in assessments:
+        assessment.valid = None  # as from_proto leaves it
+    trace = SimpleNamespace(
+        info=SimpleNamespace(trace_id="tr-1", request_time=1_796_000_000_000, assessments=assessments),
+        data=SimpleNamespace(
+            request=json.dumps({"model": "m", "prompt": "p"}), response=json.dumps({"choices": [{"text": " a"}]})
+        ),
+    )
+    source = MlflowTraceSource.__new__(MlflowTraceSource)
+    source.rating_names, source.correction_name = set(), "expected_response"
+    row = source._row(trace)
+    assert row["feedback"]["score"] == 0.0 and row["feedback"]["correction"] == "THE RIGHT ANSWER"

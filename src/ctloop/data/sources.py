@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import glob
+import hashlib
 import json
 import random
 from collections import Counter
@@ -186,7 +187,8 @@ class JsonlSource:
                         created = _timestamp(line.get("created_at"))
                         if not since <= created < until:
                             continue
-                        exchange_id = str(line.get("id") or f"{path.name}:{number}")
+                        # no id: a hash of the line (a position would repeat across rotated files)
+                        exchange_id = str(line.get("id") or "jsonl-" + hashlib.sha256(raw).hexdigest()[:24])
                         given = line.get("feedback") or {}
                         if not isinstance(given, dict):
                             raise BadExchange("feedback_not_an_object")

@@ -42,6 +42,7 @@ ANCHOR = "anchor"  # the first champion, when it is not the champion itself
 EPSILON = 1e-9
 TOLERANCE = 1e-12  # bounds are inclusive; float noise must not turn 0.6 - 0.5 >= 0.1 into a failure
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
+MIN_GROUPS = 10  # with eval.cluster_by, fewer groups than this cannot bound a change (few-cluster bootstrap)
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,14 @@ def _rule(
         )
     estimate = sign * (cand.mean() - ref.mean()) / abs(ref.mean())
     replicates = _replicates(ref, cand, config, groups)
+    if replicates.clusters is not None and replicates.clusters < MIN_GROUPS:
+        return RuleResult(
+            name,
+            INCONCLUSIVE,
+            f"{prefix}; {replicates.clusters} groups (eval.cluster_by) < {MIN_GROUPS}: too few to bound the change; "
+            f"collect rows from more users or sessions",
+            n=n,
+        )
     samples = replicates.relative_change() * sign
     level = config.confidence
     if sign < 0:

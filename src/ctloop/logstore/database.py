@@ -65,7 +65,7 @@ def _upgrade(engine: Any) -> None:
     and feedback and the harvest refuse an id that names more than one request."""
     import logging
 
-    from sqlalchemy import inspect, text
+    from sqlalchemy import func, inspect, text
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     inspector = inspect(engine)
@@ -76,6 +76,13 @@ def _upgrade(engine: Any) -> None:
     unique = any(i.get("unique") and i["column_names"] == ["request_id"] for i in inspector.get_indexes("request_log"))
     unique = unique or any(c["column_names"] == ["request_id"] for c in inspector.get_unique_constraints("request_log"))
     if not unique:
+        from sqlalchemy import select as _select
+
+        request_log = tables()[2]
+        shared = _select(request_log.c.request_id).group_by(request_log.c.request_id).having(func.count() > 1).limit(1)
+        with engine.connect() as connection:
+            if connection.execute(shared).first() is not None:
+                return  # duplicates from an older ctloop: no unique index (feedback and the harvest refuse them)
         try:
             with engine.begin() as connection:
                 connection.execute(text("CREATE UNIQUE INDEX uq_request_log_request_id ON request_log (request_id)"))

@@ -249,11 +249,14 @@ class LogReader:
                 else:
                     draws = [int(i) for i in rng.integers(low, high + 1, size=want) if int(i) not in tried]
                 tried.update(draws)
+                hits = []
                 for start in range(0, len(draws), 500):
                     query = self._window(select(table).where(table.c.id.in_(draws[start : start + 500])), since, until)
-                    for row in connection.execute(query):
-                        if len(chosen) < n:
-                            chosen[row.id] = self._decoded(dict(row._mapping))
+                    hits += [dict(r._mapping) for r in connection.execute(query)]
+                # the database answers in id order: keep a random part of the hits, not the oldest
+                for index in rng.permutation(len(hits))[: n - len(chosen)]:
+                    row = hits[int(index)]
+                    chosen[row["id"]] = self._decoded(row)
         return [chosen[i] for i in sorted(chosen)], int(total)
 
     def _window(self, query: Any, since: float | None, until: float | None) -> Any:

@@ -187,6 +187,7 @@ class BatchedWriter:
         self.spool_path = spool_path if spool_bytes > 0 else None
         self.spool_bytes = spool_bytes
         self.spooled = 0  # rows set aside in the spool while the database was down (replayed since, or waiting)
+        self._closing = False
         self._writer = threading.Thread(target=self._run, name=f"ctloop-{table_name}-writer", daemon=True)
         self._writer.start()
 
@@ -219,12 +220,23 @@ class BatchedWriter:
             except queue.Empty:
                 if self._spool_waiting() and time.monotonic() - retried > 2.0:  # idle: try the spool again
                     retried = time.monotonic()
-                    self._replay_spool()
+                    self._guarded(self._replay_spool)
             if batch:
-                self._insert(batch)
+                self._guarded(self._insert, batch)
                 batch = []
         if self._spool_waiting():
-            self._replay_spool()  # one last try; what stays is written back by the next start
+            self._guarded(self._replay_spool)  # one last try; what stays is written back by the next start
+
+    def _guarded(self, step: Callable[..., Any], *args: Any) -> None:
+        """Run one step of the writer thread; whatever it raises (a full disk, a bug) is counted and
+        logged, and the thread goes on: a dead writer would leave every later row queued unseen."""
+        try:
+            step(*args)
+        except Exception as exc:  # noqa: BLE001 - the thread must survive anything one batch does
+            self.write_errors += 1
+            self.failing += 1
+            self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            log.exception("the %s writer's step failed", self.table.name)
 
     def _insert(self, batch: list[Any], attempts: int = 3) -> None:
         try:
@@ -307,16 +319,27 @@ class BatchedWriter:
     def _replay_spool(self) -> bool:
         """Write the spooled rows back, in order, in one transaction (all or none: never twice);
         True when the spool is empty afterwards."""
+        from sqlalchemy.exc import IntegrityError
+
         assert self.spool_path is not None
-        rows = [json.loads(line) for line in self.spool_path.read_text(encoding="utf-8").splitlines() if line]
+        rows = []
+        for line in self.spool_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash while spooling: that row is lost, counted
+                self._drop(1, f"an unreadable line in the spool {self.spool_path}")
         try:
             with self.engine.begin() as connection:
                 connection.execute(self.table.insert(), rows)
+            self.written += len(rows)
+        except IntegrityError:
+            # A row already in the store (its commit went through, its answer was lost): write the
+            # rest one by one, so one duplicate never blocks the spool.
+            self._insert_one_by_one(rows)
         except Exception as exc:  # noqa: BLE001 - still down: the rows stay spooled
             self.failing += 1
             self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
             return False
-        self.written += len(rows)
         self.failing, self.last_error = 0, ""
         self.spool_path.unlink()
         log.info("%d spooled %s rows written back", len(rows), self.table.name)
@@ -340,7 +363,7 @@ class BatchedWriter:
     def health(self) -> dict[str, Any]:
         """For /healthz: healthy unless the last batches failed; the queue's depth; the last error."""
         return {
-            "ok": self.failing == 0,
+            "ok": self.failing == 0 and (self._writer.is_alive() or self._closing),
             "queued": self.queue.qsize(),
             "written": self.written,
             "dropped": self.dropped,
@@ -351,6 +374,7 @@ class BatchedWriter:
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop after writing every queued row."""
+        self._closing = True
         try:
             self.queue.put(None, timeout=timeout)
         except queue.Full:

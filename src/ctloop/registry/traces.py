@@ -75,7 +75,8 @@ class MlflowTraceSource:
             raise BadExchange("span_without_output")
         rating = correction = None
         for assessment in sorted(info.assessments or [], key=lambda a: a.create_time_ms or 0):
-            if not assessment.valid or str(assessment.source.source_type) != "HUMAN":
+            # `valid` is None when the assessment came over HTTP (only the SQL store sets it): not invalid
+            if assessment.valid is False or str(assessment.source.source_type) != "HUMAN":
                 continue
             kind = type(assessment).__name__
             if kind == "Feedback" and (not self.rating_names or assessment.name in self.rating_names):

@@ -250,6 +250,8 @@ class InProcessBackend:
         self.base_incidents += 1
         log.error("%s changed %d base tensors (%s); reloading the base model", action, len(changed), changed[:3])
         others = {v: p for v, p in self.loaded.items() if v != refused and p is not None}
+        # Unhealthy until the reload is done and checked: a reload that fails itself stays visible.
+        self.base_problem = f"{action} changed the base model's weights; reloading it from {self.model_config.base}"
         self.network, self.loaded = None, {}
         self.base = load_base_model(self.model_config).eval()
         for version, path in others.items():

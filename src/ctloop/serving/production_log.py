@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 RECENT_IDS = 100_000  # request ids answered here lately: feedback on them is accepted before the row is flushed
 RECENT_S = 60.0  # the writer has flushed long before this
 PURGE_EVERY_S = 3600.0
+FIRST_PURGE_S = 600.0  # ten minutes after start
 
 
 class ProductionLog:
@@ -116,8 +117,10 @@ class ProductionLog:
         days = self.settings.log_retention_days
         if days is None:
             return
+        wait = FIRST_PURGE_S  # not at start-up, but soon: replicas restarted within the hour must still purge
         while True:
-            await asyncio.sleep(PURGE_EVERY_S)
+            await asyncio.sleep(wait)
+            wait = PURGE_EVERY_S
             try:
                 deleted = await asyncio.to_thread(self.reader.purge, time.time() - days * 86400)
                 self.purged.update(deleted)

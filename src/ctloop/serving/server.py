@@ -100,6 +100,7 @@ class Serving:
         self.last_sync_error = ""
         self.sync_errors = 0
         self._sync_lock = asyncio.Lock()
+        self._polling: Any = None  # the alias poll's read, while it runs (at most one at a time)
 
     async def start(self) -> None:
         from ctloop.logstore.shadow import ShadowStore
@@ -164,8 +165,14 @@ class Serving:
                 previous = next((v for v in reversed(history) if v != champion), None)
                 return Roles(champion, self.registry.alias(CHALLENGER), previous)
 
+            if self._polling is not None and not self._polling.done():
+                # the last poll's thread is still waiting on the registry: no second thread piles up
+                raise RegistryUnavailable(
+                    "the registry has not answered the last alias poll yet; serving the roles in place"
+                )
+            self._polling = asyncio.ensure_future(asyncio.to_thread(read))
             try:
-                roles = await asyncio.wait_for(asyncio.to_thread(read), self.config.serve.poll_timeout_s)
+                roles = await asyncio.wait_for(asyncio.shield(self._polling), self.config.serve.poll_timeout_s)
             except TimeoutError:
                 raise RegistryUnavailable(
                     f"the registry did not answer the alias poll within serve.poll_timeout_s="
