@@ -23,11 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import Connection  # noqa: E402  # the keep-alive load generator
-from stream_latency import free_port, register, wait_up  # noqa: E402
+from stream_latency import free_port, register, serve_config, wait_up  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -116,17 +114,9 @@ def main() -> None:
             rows = [("upstream directly", up, "bench-v1", upstream.pid)]
             for shadow in (False, True):
                 port = free_port()
-                config = root / f"serve-{shadow}.yaml"
-                config.write_text(
-                    yaml.safe_dump(
-                        {
-                            "workspace": str(root / "ws"),
-                            "model": {"base": "unused-with-the-openai-backend"},
-                            "registry": {"model_name": "bench", "experiment": "bench"},
-                            "serve": {"port": port, "backend": "openai", "upstream_url": f"{up}/v1"},
-                            "shadow": {"enabled": shadow, "store_url": f"sqlite:///{root / f'log-{shadow}.db'}"},
-                        }
-                    )
+                store = f"sqlite:///{root / f'log-{shadow}.db'}"
+                config = serve_config(
+                    root / f"serve-{shadow}.yaml", root / "ws", port, up, {"enabled": shadow, "store_url": store}
                 )
                 if not shadow:
                     register(config, root)

@@ -133,18 +133,7 @@ def main() -> None:
         try:
             up = f"http://127.0.0.1:{up_port}"
             wait_up(f"{up}/v1/models", upstream)
-            config = root / "serve.yaml"
-            config.write_text(
-                yaml.safe_dump(
-                    {
-                        "workspace": str(root / "ws"),
-                        "model": {"base": "unused-with-the-openai-backend"},
-                        "registry": {"model_name": "bench", "experiment": "bench"},
-                        "serve": {"port": ctloop_port, "backend": "openai", "upstream_url": f"{up}/v1"},
-                        "shadow": {"enabled": False},
-                    }
-                )
-            )
+            config = serve_config(root / "serve.yaml", root / "ws", ctloop_port, up, {"enabled": False})
             register(config, root)
             server_log = (root / "serve.log").open("w")  # a pipe nobody reads would block the server
             server = subprocess.Popen(
@@ -176,6 +165,22 @@ def main() -> None:
                 if process is not None:
                     process.terminate()
                     process.wait(timeout=60)
+
+
+def serve_config(path: Path, workspace: Path, port: int, upstream: str, shadow: dict) -> Path:
+    """A `ctloop serve` config in front of `upstream` (openai backend; the base model is never loaded)."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "workspace": str(workspace),
+                "model": {"base": "unused-with-the-openai-backend"},
+                "registry": {"model_name": "bench", "experiment": "bench"},
+                "serve": {"port": port, "backend": "openai", "upstream_url": f"{upstream}/v1"},
+                "shadow": shadow,
+            }
+        )
+    )
+    return path
 
 
 def register(config: Path, root: Path) -> None:

@@ -36,12 +36,10 @@ def _records(name: str, rows: slice):
     return records
 
 
-@pytest.fixture(scope="module")
-def served(tiny_base, tmp_path_factory):
-    """A champion trained (as far as the registry knows) on Python/Perl packages, and a config."""
-    root = tmp_path_factory.mktemp("production-drift")
-    config_path = root / "ctloop.yaml"
-    config_path.write_text(
+def load_config_from(root: Path, tiny_base: Path):
+    """The tests' config, written to root/ctloop.yaml: a live champion, drift on the base model's embeddings."""
+    path = root / "ctloop.yaml"
+    path.write_text(
         yaml.safe_dump(
             {
                 "workspace": str(root / "ws"),
@@ -51,7 +49,15 @@ def served(tiny_base, tmp_path_factory):
             }
         )
     )
-    config = load_config(config_path)
+    return load_config(path)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, tmp_path_factory):
+    """A champion trained (as far as the registry knows) on Python/Perl packages, and a config."""
+    root = tmp_path_factory.mktemp("production-drift")
+    config = load_config_from(root, tiny_base)
+    config_path = root / "ctloop.yaml"
     workspace = Workspace(root / "ws").create()
     write_parquet(
         workspace.cycle_dir("c1") / "train.parquet",
@@ -173,18 +179,3 @@ def test_the_watch_stays_quiet_on_the_champions_own_era_when_it_trained_with_rep
     other_era.write_text("".join(json.dumps({"prompt": r.prompt, "completion": r.completion}) + "\n" for r in replayed))
     against_old = config.model_copy(update={"drift": config.drift.model_copy(update={"reference": str(other_era)})})
     assert check_production_drift(against_old, workspace, now - 3600, watch=True)["outcome"] == "drift"
-
-
-def load_config_from(root: Path, tiny_base: Path):
-    path = root / "ctloop.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "workspace": str(root / "ws"),
-                "model": {"base": str(tiny_base)},
-                "drift": {"embedder": "base_model", "min_rows": 50},
-                "registry": {"model_name": "live"},
-            }
-        )
-    )
-    return load_config(path)

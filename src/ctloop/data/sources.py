@@ -157,7 +157,33 @@ def paged(rows: Iterator[dict[str, Any]], page: int = PAGE) -> Iterator[list[dic
         yield batch
 
 
-class JsonlSource:
+class StreamedSource:
+    """A source read as one stream of rows per pass (`_rows`, which also refills `problems`):
+    counting, the rated and unrated pages and the sample are each one pass, never the whole window
+    in memory."""
+
+    problems: Counter[str]
+
+    def _rows(self, since: float, until: float) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def count(self, since: float, until: float) -> int:
+        return sum(1 for _ in self._rows(since, until))
+
+    def rated(self, since: float, until: float) -> Iterator[list[dict[str, Any]]]:
+        return paged(row for row in self._rows(since, until) if row["feedback"] is not None)
+
+    def unrated(self, since: float, until: float) -> Iterator[list[dict[str, Any]]]:
+        return paged(row for row in self._rows(since, until) if row["feedback"] is None)
+
+    def sample(self, since: float, until: float, n: int, seed: int) -> tuple[list[dict[str, Any]], int]:
+        return reservoir(self._rows(since, until), n, seed)
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSource(StreamedSource):
     """Exchanges in files (`production.path`, a file or a glob): {"id", "created_at" (unix seconds or
     ISO 8601), "request", "response", "feedback": {"rating", "correction"}} per line; read line by
     line, never whole."""
@@ -198,21 +224,6 @@ class JsonlSource:
                         self.problems[bad.reason] += 1
                     except (UnicodeDecodeError, json.JSONDecodeError):
                         self.problems["invalid_json"] += 1
-
-    def count(self, since: float, until: float) -> int:
-        return sum(1 for _ in self._rows(since, until))
-
-    def rated(self, since: float, until: float) -> Iterator[list[dict[str, Any]]]:
-        return paged(row for row in self._rows(since, until) if row["feedback"] is not None)
-
-    def unrated(self, since: float, until: float) -> Iterator[list[dict[str, Any]]]:
-        return paged(row for row in self._rows(since, until) if row["feedback"] is None)
-
-    def sample(self, since: float, until: float, n: int, seed: int) -> tuple[list[dict[str, Any]], int]:
-        return reservoir(self._rows(since, until), n, seed)
-
-    def close(self) -> None:
-        pass
 
 
 class LogStoreSource:

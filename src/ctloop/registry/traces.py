@@ -16,13 +16,13 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from ctloop.data.sources import BadExchange, exchange_row, feedback_of, paged, reservoir
+from ctloop.data.sources import BadExchange, StreamedSource, exchange_row, feedback_of
 from ctloop.registry.client import Registry
 
 PAGE = 500
 
 
-class MlflowTraceSource:
+class MlflowTraceSource(StreamedSource):
     name = "mlflow"
 
     def __init__(self, tracking_uri: str, experiment: str, rating_names: list[str], correction_name: str):
@@ -85,18 +85,3 @@ class MlflowTraceSource:
                 correction = assessment.value
         feedback = feedback_of(info.trace_id, rating, correction)
         return exchange_row(info.trace_id, info.request_time / 1000, request, response, feedback)
-
-    def count(self, since: float, until: float) -> int:
-        return sum(1 for _ in self._rows(since, until))
-
-    def rated(self, since: float, until: float) -> Iterator[list[dict[str, Any]]]:
-        return paged(row for row in self._rows(since, until) if row["feedback"] is not None)
-
-    def unrated(self, since: float, until: float) -> Iterator[list[dict[str, Any]]]:
-        return paged(row for row in self._rows(since, until) if row["feedback"] is None)
-
-    def sample(self, since: float, until: float, n: int, seed: int) -> tuple[list[dict[str, Any]], int]:
-        return reservoir(self._rows(since, until), n, seed)
-
-    def close(self) -> None:
-        pass
