@@ -155,8 +155,52 @@ class LoraConfig(Section):
     target_modules: str | list[str] = "all-linear"
 
 
+class DpoConfig(Section):
+    """DPO on corrections: the correction is the chosen answer, the answer it corrected the rejected one."""
+
+    beta: float = Field(0.1, gt=0, le=10, description="strength of the pull toward the reference (the champion)")
+    loss: Literal["sigmoid", "robust"] = Field(
+        "sigmoid", description="sigmoid: the DPO loss; robust: unbiased under label noise at rate label_noise"
+    )
+    label_noise: float = Field(0.1, ge=0, lt=0.5, description="robust only: the assumed share of flipped preferences")
+
+
+class KtoConfig(Section):
+    """KTO on rated answers: rated up (and corrections) desirable, rated down (and corrected answers) undesirable."""
+
+    beta: float = Field(0.1, gt=0, le=10)
+    desirable_weight: float | None = Field(
+        None, gt=0, description="weight of desirable answers' loss; default: the inverse class ratio (see below)"
+    )
+    undesirable_weight: float | None = Field(
+        None,
+        gt=0,
+        description="default: the class ratio's inverse, so that the rarer kind weighs (more common / rarer) "
+        "and the other 1, as the KTO paper recommends for imbalanced feedback",
+    )
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "kto", "sft+dpo", "sft+kto")
+PREFERENCE_SETTINGS = ("sft_weight", "preference_batch_size", "min_preference_rows", "dpo", "kto")
+
+
 class TrainConfig(Section):
     seed: int = 0
+    objective: Literal["sft", "dpo", "kto", "sft+dpo", "sft+kto"] = Field(
+        "sft",
+        description="sft: supervised rows (corrections and answers rated up); dpo: corrections against the answers "
+        "they corrected; kto: answers rated up and down; sft+dpo / sft+kto: both terms, the supervised one weighed "
+        "by sft_weight. Preference objectives add a supervised term on replayed rows, against forgetting",
+    )
+    sft_weight: float = Field(1.0, ge=0, le=100, description="weight of the supervised term in preference objectives")
+    preference_batch_size: int = Field(
+        8, ge=2, le=4096, description="preference examples per step (pairs for dpo, answers for kto)"
+    )
+    min_preference_rows: int = Field(
+        16, ge=1, description="fewer preference examples than this: the cycle stops before training"
+    )
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    kto: KtoConfig = Field(default_factory=KtoConfig)
     epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
@@ -648,6 +692,8 @@ class CtloopConfig(Section):
                     True,
                 ),
                 "model": {"device"},
+                # an sft cycle keeps the id it had before preference objectives existed
+                **({"train": {*PREFERENCE_SETTINGS, "objective"}} if self.train.objective == "sft" else {}),
             },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,12 +4,14 @@ For every request logged in the window, its latest feedback decides (`harvest` s
 
 - a correction becomes the completion (reason `correction`);
 - an answer rated at least `min_rating` is kept as it was (`rated_up`);
-- an answer rated below `rejected_below` without a correction goes to the rejected set
-  (`rejected`), never to training; it grows with every harvest, for review and preference data;
+- an answer rated below `rejected_below` without a correction is `rejected`: it joins the rejected
+  set (<workspace>/harvest/rejected.jsonl, for review and the gate's rejected-answers rule) and the
+  harvest file as a `rated_down` row, which preference objectives learn from and supervised
+  training never does;
 - anything else is dropped with its reason (`no_feedback`, `middling_rating`, `empty`,
   `already_harvested`, `duplicate`, `overlaps_eval_set`).
 
-Each kept row carries its request and feedback ids; `decisions.jsonl` records why every request
+Each row carries its request and feedback ids and its `feedback_kind` (`ctloop.data.preference`); `decisions.jsonl` records why every request
 was kept or dropped, and the harvest's manifest (window, counts by reason) travels with the file
 into the cycle's lineage. `--format dpo|kto` writes TRL's preference formats instead.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ctloop.config import CtloopConfig, HarvestConfig
+from ctloop.data.preference import CORRECTION, RATED_DOWN, RATED_UP, UNRATED, preference_set
 from ctloop.data.records import Record
 from ctloop.errors import DataError
 from ctloop.fileio import TIMESTAMP_FORMAT, read_json, utc_now, write_json, write_jsonl
@@ -32,6 +35,7 @@ from ctloop.logstore.writer import scrub, stored_id
 from ctloop.workspace import Workspace
 
 Format = Literal["records", "dpo", "kto"]
+FEEDBACK_KIND = {"correction": CORRECTION, "rated_up": RATED_UP, "rejected": RATED_DOWN, "unrated": UNRATED}
 MANIFEST_SUFFIX = ".manifest.json"
 
 
@@ -64,8 +68,8 @@ class HarvestReport:
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
         return (
-            f"harvested {self.kept} rows from production feedback between {self.since} and {self.until} "
-            f"({reasons}) -> {self.out_path}"
+            f"harvested {self.kept} rows to learn from as written and {self.rejected} rated down from production "
+            f"feedback between {self.since} and {self.until} ({reasons}) -> {self.out_path}"
         )
 
     def lineage(self) -> str:
@@ -124,6 +128,8 @@ def decide_rows(
                         "request_id": row["request_id"],
                         "feedback_id": fid or "",
                         "harvest_reason": reason,
+                        "feedback_kind": FEEDBACK_KIND[reason],
+                        **({"rating": float(score)} if score is not None else {}),
                         "model_version": row.get("model_version") or "",
                         **({"user": _clean(str(row["user"]), settings)} if row.get("user") else {}),  # eval.cluster_by
                         **({"rejected_answer": _clean(row.get("answer") or "", settings)} if correction else {}),
@@ -189,7 +195,7 @@ def harvest(
 
     stamp = utc_now().replace(":", "")
     out = out or folder / f"harvest-{stamp}.jsonl"
-    exported = [_export(r, fmt) for r in (kept + rejected if fmt == "kto" else kept)]
+    exported = [_export(r, fmt) for r in (kept if fmt == "dpo" else kept + rejected)]
     rejected_path = folder / "rejected.jsonl"
     lines = rejected_path.read_text(encoding="utf-8").splitlines() if rejected_path.is_file() else []
     previous = []
@@ -315,14 +321,13 @@ def _row(record: Record) -> dict[str, Any]:
 
 
 def _export(record: Record, fmt: Format) -> dict[str, Any] | None:
-    """One row in the chosen format: ctloop records, TRL's DPO (prompt, chosen, rejected: corrected
-    answers only) or TRL's KTO (prompt, completion, label: kept answers true, rejected ones false)."""
+    """One row in the chosen format: ctloop records (rated-down rows included, marked), TRL's DPO
+    (prompt, chosen, rejected: corrected answers only) or TRL's KTO (prompt, completion, label: kept
+    answers true, rejected ones false)."""
     if fmt == "records":
         return _row(record)
-    reason = record.metadata["harvest_reason"]
     if fmt == "dpo":
-        rejected = record.metadata.get("rejected_answer") or ""
-        if reason != "correction" or not rejected.strip() or rejected.strip() == record.completion.strip():
-            return None  # no pair to learn from: nothing rejected, or the "correction" repeats the answer
-        return {"prompt": record.prompt, "chosen": record.completion, "rejected": record.metadata["rejected_answer"]}
+        pairs = preference_set([record], "dpo").pairs  # none: nothing rejected, or the "correction" repeats it
+        return {"prompt": record.prompt, "chosen": pairs[0].chosen, "rejected": pairs[0].rejected} if pairs else None
+    reason = record.metadata["harvest_reason"]
     return {"prompt": record.prompt, "completion": record.completion, "label": reason in ("correction", "rated_up")}

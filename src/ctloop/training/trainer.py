@@ -21,6 +21,10 @@
   a hidden size of 512 or more.
 - Under `torchrun` / `accelerate launch` with several processes, each process trains on its own
   batches and DDP averages the adapter's gradients; rank 0 alone writes checkpoints and the adapter.
+- `train.objective` other than sft adds a preference term (`preference.py`: DPO on corrections, KTO
+  on rated answers) against a reference policy (`reference_adapter`: the champion; none: the base
+  model); the supervised rows (`records`: replay, and new rows for sft+dpo / sft+kto) then add
+  `train.sft_weight` times their loss. Each term has its own backward pass.
 - `warm_start_from` continues an existing adapter (the champion's) with a fresh optimizer and a
   re-warmed, re-decayed learning rate; otherwise a fresh adapter starts from the base model, with
   the seed set before it is created.
@@ -36,6 +40,7 @@ from pathlib import Path
 
 from ctloop.config import LoraConfig, ModelConfig, TrainConfig
 from ctloop.console import progress_bar
+from ctloop.data.preference import PreferenceSet
 from ctloop.data.records import Record
 from ctloop.errors import ModelError
 from ctloop.kernels import attention as cpu_attention
@@ -51,6 +56,7 @@ from ctloop.model.batching import (
 from ctloop.model.loading import fast_bf16_available, load_base_model, load_tokenizer, model_device
 from ctloop.model.losses import token_losses
 from ctloop.training.checkpoint import load_checkpoint, save_checkpoint
+from ctloop.training.preference import PreferenceTerm, reference_network, release_reference
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class TrainResult:
     losses: list[tuple[int, float]]
     learning_rates: list[tuple[int, float]]
     padded_tokens: int = 0  # token slots including padding
+    objective: str = "sft"
+    preference: dict = field(default_factory=dict)  # the preference term's settings and reward margins
     resumed_from_step: int = 0
     warm_start: str = ""
     world_size: int = 1
@@ -98,8 +106,11 @@ def train_adapter(
     out_dir: Path,
     checkpoint_dir: Path | None = None,
     warm_start_from: Path | None = None,
+    preference: PreferenceSet | None = None,
+    reference_adapter: Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `records` and save it (safetensors + adapter_config.json)."""
+    """Train a LoRA adapter on `records` (and `preference`, for a preference objective) and save it
+    (safetensors + adapter_config.json)."""
     import contextlib
 
     import torch
@@ -117,7 +128,17 @@ def train_adapter(
     if model.attn_implementation is None:
         half = model.dtype in ("bfloat16", "float16")
         model = model.model_copy(update={"attn_implementation": training_attention(train.packing, half, device)})
-    peft_model = _adapter_model(load_base_model(model, device), lora, warm_start_from)
+    base = load_base_model(model, device)
+    term = None
+    if preference is not None:
+        term = PreferenceTerm(preference, train, tokenizer)
+        reference = reference_network(base, reference_adapter)
+        term.compute_reference(reference, lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16))
+        base = release_reference(reference, base)
+        set_seed(train.seed)
+    elif not records:
+        raise ModelError("nothing to train on: no supervised rows and no preference examples")
+    peft_model = _adapter_model(base, lora, warm_start_from)
     with training_kernels(peft_model, cpu=device_type == "cpu", activation_dtype=getattr(torch, model.dtype)):
         network = peft_model
         if world > 1:  # each process trains on its own batches; DDP averages the adapter's gradients
@@ -125,21 +146,36 @@ def train_adapter(
         if train.activation_checkpointing:
             peft_model.enable_input_require_grads()
             peft_model.gradient_checkpointing_enable()
-        examples = encode(records, tokenizer)
+        examples = encode(records, tokenizer) if records else []
         lengths = [len(e.input_ids) for e in examples]
         hidden_size = peft_model.config.get_text_config().hidden_size
-        row_width = packed_row_width(lengths, train.batch_tokens, hidden_size) if train.packing else 0
-        schedule = _schedule(lengths, train, row_width)
+        row_width = packed_row_width(lengths, train.batch_tokens, hidden_size) if train.packing and records else 0
+        schedule = _schedule(lengths, train, row_width) if records else []
         # With several processes, step k runs batches k*world .. k*world + world - 1, one per process;
         # a last incomplete group is dropped (at most world - 1 batches).
-        total_steps = len(schedule) // world
-        schedule = [schedule[step * world + rank] for step in range(total_steps)]
+        if term is not None:  # the preference batches set the steps; the supervised ones cycle beside them
+            total_steps = len(term.schedule) // world
+            term.schedule = [term.schedule[step * world + rank] for step in range(total_steps)]
+            schedule = schedule[rank::world][: max(1, len(schedule) // world)] if schedule else []
+        else:
+            total_steps = len(schedule) // world
+            schedule = [schedule[step * world + rank] for step in range(total_steps)]
+        sft_weight = train.sft_weight if term is not None else 1.0
         warmup = max(1, round(train.warmup_fraction * total_steps)) if train.warmup_fraction else 0
         params = [p for p in peft_model.parameters() if p.requires_grad]
         # fused: one kernel per parameter instead of a dozen (the for-loop AdamW is ~2% of a CPU step)
         optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_scale(step, warmup, total_steps))
-        progress = {"step": 0, "losses": [], "rates": [], "tokens": 0, "loss_tokens": 0, "padded": 0, "seconds": 0.0}
+        progress = {
+            "step": 0,
+            "losses": [],
+            "rates": [],
+            "tokens": 0,
+            "loss_tokens": 0,
+            "padded": 0,
+            "seconds": 0.0,
+            "margins": [],
+        }
         resumed_from = load_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
 
         peft_model.train()
@@ -154,22 +190,33 @@ def train_adapter(
         with progress_bar("training", total_steps, enabled=rank == 0) as advance:
             advance(progress["step"])
             for step in range(progress["step"] + 1, total_steps + 1):
-                batch = _collate(schedule[step - 1], examples, tokenizer.pad_token_id, row_width)
-                batch = {k: v.to(peft_model.device) for k, v in batch.items()}
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16), keep_activation_dtype():
-                    nll, mask = token_losses(network, batch)
-                n_loss = int(mask.sum())
-                loss = nll.sum() / max(1, n_loss)
-                loss.backward()
+                step_loss = 0.0
+                if term is not None:
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16), keep_activation_dtype():
+                        preference_loss = term.loss(network, step - 1)
+                    preference_loss.backward()
+                    step_loss += preference_loss.item()
+                    progress["tokens"] += term.tokens(step - 1)
+                    progress["margins"].append(term.margins[-1] if term.margins else float("nan"))
+                if schedule:
+                    rows = schedule[(step - 1) % len(schedule)]
+                    batch = _collate(rows, examples, tokenizer.pad_token_id, row_width)
+                    batch = {k: v.to(peft_model.device) for k, v in batch.items()}
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16), keep_activation_dtype():
+                        nll, mask = token_losses(network, batch)
+                    n_loss = int(mask.sum())
+                    sft_loss = nll.sum() / max(1, n_loss)
+                    (sft_weight * sft_loss).backward()
+                    step_loss += sft_weight * sft_loss.item()
+                    progress["tokens"] += sum(len(examples[i].input_ids) for i in _flat(rows, row_width))
+                    progress["padded"] += batch["input_ids"].numel()
+                    progress["loss_tokens"] += n_loss
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                progress["tokens"] += sum(len(examples[i].input_ids) for i in _flat(schedule[step - 1], row_width))
-                progress["padded"] += batch["input_ids"].numel()
-                progress["loss_tokens"] += n_loss
                 if step % train.log_every == 0 or step == total_steps:
-                    progress["losses"].append((step, loss.item()))
+                    progress["losses"].append((step, step_loss))
                     progress["rates"].append((step, scheduler.get_last_lr()[0]))
                 progress["step"] = step
                 progress["seconds"] = time.monotonic() - started
@@ -181,7 +228,7 @@ def train_adapter(
                     and rank == 0
                 ):
                     save_checkpoint(checkpoint_dir, peft_model, optimizer, scheduler, progress)
-                advance(loss=loss.item())
+                advance(loss=step_loss)
 
         if rank == 0:  # the processes hold identical adapters: one writes it
             partial = out_dir.with_name(out_dir.name + ".partial")
@@ -210,7 +257,19 @@ def train_adapter(
             attn_implementation=model.attn_implementation,
             row_width=row_width,
             libraries=library_versions(),
+            objective=train.objective,
+            preference={} if term is None else term.settings() | {"reward_margins": _mean_margins(progress["margins"])},
         )
+
+
+def _mean_margins(margins: list[float]) -> dict[str, float]:
+    """The implicit-reward margin (chosen - rejected, or desirable - undesirable) over the first and
+    the last tenth of the steps: it should grow."""
+    finite = [m for m in margins if math.isfinite(m)]
+    if not finite:
+        return {}
+    tenth = max(1, len(finite) // 10)
+    return {"first": sum(finite[:tenth]) / tenth, "last": sum(finite[-tenth:]) / tenth}
 
 
 def library_versions() -> dict[str, str]:
