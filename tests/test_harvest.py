@@ -92,7 +92,9 @@ def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twic
     assert report.kept == 2 and report.rejected == 1
     assert report.counts == {"correction": 1, "rated_up": 1, "rejected": 1, "no_feedback": 1}
     rows = [json.loads(line) for line in Path(report.out_path).read_text().splitlines()]
-    assert {(r["prompt"], r["completion"]) for r in rows} == {("q1", "right"), ("q2", "good")}
+    # The rated-down answer is in the file too, marked: preference objectives learn from it (#27).
+    kinds = {(r["prompt"], r["completion"]): r["metadata"]["feedback_kind"] for r in rows}
+    assert kinds == {("q1", "right"): "correction", ("q2", "good"): "rated_up", ("q3", "bad"): "rated_down"}
     assert all(r["metadata"]["feedback_id"] and r["metadata"]["request_id"] for r in rows)
     rejected = [json.loads(line) for line in Path(report.rejected_path).read_text().splitlines()]
     assert [(r["prompt"], r["completion"]) for r in rejected] == [("q3", "bad")]

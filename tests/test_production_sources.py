@@ -110,7 +110,8 @@ def test_harvests_from_the_request_log_mlflow_traces_and_jsonl_give_the_same_row
         reports[source] = harvest(cfg, workspace.create(), since=since, out=tmp_path / f"{source}.jsonl")
         prompts, total = served_prompts(cfg, workspace, since)  # what production drift reads
         assert total == len(PROMPTS) and sorted(r.prompt for r in prompts) == sorted(PROMPTS), source
-    expected = {(PROMPTS[0], "THE RIGHT ANSWER"), *((PROMPTS[i], exchanges[i][1].choices[0].text) for i in (1, 2))}
+    # index 3 was rated down: in the file as a rated_down row (#27)
+    expected = {(PROMPTS[0], "THE RIGHT ANSWER"), *((PROMPTS[i], exchanges[i][1].choices[0].text) for i in (1, 2, 3))}
     for source, report in reports.items():
         assert _rows(report) == expected, source
         assert report.rejected == 1 and report.counts["no_feedback"] == 4 and report.source == source, report.counts

@@ -316,6 +316,7 @@ def lineage(
             "replay_fingerprint",
             "config_hash",
             "seed",
+            "objective",
             "ctloop_version",
             "harvest",
             "approved_by",

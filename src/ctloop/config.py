@@ -222,7 +222,9 @@ class TrainConfig(Section):
         "(CUDA with bf16; CPUs with AMX for hidden size >= 512), else fp32",
     )
     init: Literal["fresh", "champion"] = Field(
-        "fresh", description="fresh adapter from the base model, or continue the champion's (LR re-warmed)"
+        "fresh",
+        description="fresh adapter from the base model, or continue the champion's (LR re-warmed); preference "
+        "objectives always continue the champion's, their reference",
     )
 
     @field_validator("packing", mode="before")
@@ -350,6 +352,23 @@ class GateConfig(Section):
         0.02, ge=0, lt=1, description="how much lower (relative) the candidate's loss on rejected answers may be"
     )
     rules: list[GateRule] = Field(default_factory=list, description="more rules, on any metric, set and slice")
+    min_preference_gain: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="preference objectives: the candidate's held-out preference accuracy minus the champion's, on "
+        "its lower bound, must reach this (0: at least as good beyond the noise)",
+    )
+    max_length_growth: float = Field(
+        0.2,
+        ge=0,
+        le=10,
+        description="preference objectives: the median growth of greedy answers' length vs the champion, on its "
+        "upper bound, may not exceed this",
+    )
+    max_kl_to_champion: float | None = Field(
+        None, gt=0, description="bound on the mean token KL(candidate || champion) on new data; null: reported only"
+    )
     per_slice: bool = Field(
         False,
         description="apply the new/old-data rules to every eval.slice_by slice too "

@@ -21,6 +21,7 @@ from ctloop.console import console
 from ctloop.cycle.folder import CycleFolder, StageContext
 from ctloop.cycle.reference import champion_reference, champion_training_rows
 from ctloop.cycle.tracking import log_cycle_run
+from ctloop.data.preference import PreferenceSet, preference_kind, preference_rows, preference_set, supervised_rows
 from ctloop.data.records import Record, fingerprint, read_parquet, write_parquet
 from ctloop.drift.trigger import TriggerDecision
 from ctloop.errors import DataError
@@ -200,13 +201,37 @@ def prepare_stage(ctx: StageContext) -> dict:
     new, extra = read_parquet(cycle.require("new.parquet", "validate"))
     tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
     new_train, new_holdout = split_holdout(new, config.data, seed=config.train.seed)
+    objective = config.train.objective
+    kind = preference_kind(objective)
+    preference_train = preference_rows(new_train)
+    if kind is not None:
+        _require_preference_rows(preference_set(preference_train, kind), config)
+    # The supervised term: the new rows an answer can be learned from as it stands (never a rated-down
+    # one), and replay sized by them; a dpo or kto cycle sizes replay by its preference rows and
+    # trains on the replayed rows alone in that term.
+    supervised_new = supervised_rows(new_train) if kind is None or objective.startswith("sft+") else []
     buffer = ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed)
     mix = build_training_set(
-        new_train, tokens, buffer.rows(exclude_cycle=cycle_id), config.replay, seed=config.train.seed
+        supervised_new or preference_train,
+        tokens,
+        buffer.rows(exclude_cycle=cycle_id),
+        config.replay,
+        seed=config.train.seed,
     )
+    if not supervised_new:
+        sized_by = {r.id for r in preference_train}
+        mix = replace(mix, records=[r for r in mix.records if r.id not in sized_by])
+    if kind is None and not mix.records:
+        raise DataError(
+            f"no row to train on: the new data's {len(new_train)} training rows are all rated down; "
+            "set train.objective to kto to learn from them, or collect corrections and answers rated up"
+        )
     console.print(mix.summary())
     write_parquet(cycle.path("train.parquet"), mix.records)
-    write_parquet(cycle.path("new_holdout.parquet"), new_holdout)
+    write_parquet(cycle.path("preference_train.parquet"), preference_train)
+    write_parquet(cycle.path("preference_holdout.parquet"), preference_rows(new_holdout))
+    # Held-out answers are references to score against: a rated-down one is none.
+    write_parquet(cycle.path("new_holdout.parquet"), supervised_rows(new_holdout))
     write_parquet(cycle.path("replay_holdout.parquet"), mix.replay_holdout)
     new_ids = {r.id for r in new_train}
     manifest = mix.manifest | {"replay_fingerprint": fingerprint(r for r in mix.records if r.id not in new_ids)}
@@ -222,6 +247,19 @@ def prepare_stage(ctx: StageContext) -> dict:
         )
         state = cycle.update_state(run_id=run_id, champion_before=champion_before)
     return manifest
+
+
+def _require_preference_rows(data: PreferenceSet, config: CtloopConfig) -> None:
+    """Stop before training when the objective has too little to learn from."""
+    need = config.train.min_preference_rows
+    if len(data) >= need:
+        return
+    what = "corrections with the answer they corrected" if data.objective == "dpo" else "rated answers"
+    raise DataError(
+        f"train.objective={config.train.objective} needs at least {need} {what} (train.min_preference_rows); "
+        f"the new data's training rows hold {len(data)}: {data.describe()}. Collect more feedback, lower "
+        "train.min_preference_rows, or train with train.objective: sft"
+    )
 
 
 # -- 4. train ----------------------------------------------------------------------------------------
@@ -240,10 +278,18 @@ def train_stage(ctx: StageContext) -> TrainResult:
         return TrainResult(**read_json(training_path))
     records, _ = read_parquet(cycle.require("train.parquet", "prepare"))
     champion = cycle.state().get("champion_before")
-    warm_start = None
-    if config.train.init == "champion" and champion is not None:
+    kind = preference_kind(config.train.objective)
+    # A preference objective measures every change against its reference, the champion: it starts
+    # there (continuing the champion's adapter), whatever train.init says.
+    continues = config.train.init == "champion" or kind is not None
+    champion_adapter = None
+    if champion is not None and continues:
         registry = open_registry(config.registry, workspace)
-        warm_start = registry.download_adapter(champion, workspace.root / "registry-cache")
+        champion_adapter = registry.download_adapter(champion, workspace.root / "registry-cache")
+    preference = None
+    if kind is not None:
+        preference = preference_set(read_parquet(cycle.require("preference_train.parquet", "prepare"))[0], kind)
+        console.print(f"objective {config.train.objective}: {preference.describe()}")
     trained = train_adapter(
         records,
         model=config.model,
@@ -251,7 +297,9 @@ def train_stage(ctx: StageContext) -> TrainResult:
         train=config.train,
         out_dir=adapter_dir,
         checkpoint_dir=cycle.path("checkpoints"),
-        warm_start_from=warm_start,
+        warm_start_from=champion_adapter,
+        preference=preference,
+        reference_adapter=champion_adapter,  # the reference policy: the champion, or the bare base
     )
     if is_main_process():  # under torchrun, one process writes
         resolved = {
@@ -278,16 +326,27 @@ def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
         "replay_fingerprint": read_json(cycle.path("replay_manifest.json"))["replay_fingerprint"],
         "parent_version": state.get("champion_before"),
         "seed": config.train.seed,
+        "objective": _objective_lineage(config, cycle),
         "config_hash": config.training_hash(),
         "ctloop_version": __version__,
         **({"harvest": _harvest_lineage(state["harvest"])} if state.get("harvest") else {}),
     }
 
 
+def _objective_lineage(config: CtloopConfig, cycle: CycleFolder) -> str:
+    """ "sft", or what the preference term trained on, as the lineage says it."""
+    kind = preference_kind(config.train.objective)
+    if kind is None:
+        return config.train.objective
+    described = preference_set(read_parquet(cycle.path("preference_train.parquet"))[0], kind).describe()
+    return described if config.train.objective == kind else f"sft + {described}"
+
+
 def _harvest_lineage(manifest: dict[str, Any]) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(manifest["counts"].items()))
+    down = f" and {manifest['rejected']} rated down" if manifest.get("rejected") else ""
     return (
-        f"{manifest['kept']} rows from production feedback ({manifest.get('source', 'ctloop')}) between "
+        f"{manifest['kept']} rows{down} from production feedback ({manifest.get('source', 'ctloop')}) between "
         f"{manifest['since']} and {manifest['until']} "
         f"({counts})"
     )
@@ -339,8 +398,22 @@ def evaluate_stage(ctx: StageContext):
         from ctloop.evaluation.gate import REJECTED_SET
 
         sets[REJECTED_SET] = read_records(rejected)[0]
+    kind = preference_kind(config.train.objective)
+    if kind is not None:  # held-out feedback, checked for contamination as rows before it is split in sides
+        sets[PREFERENCE_HOLDOUT] = read_parquet(cycle.require("preference_holdout.parquet", "prepare"))[0]
     sets = _without_contamination(config, cycle, sets, registry)
-    evaluation = evaluate(sets, adapters, model=config.model, config=config.eval)
+    options: dict[str, Any] = {}
+    if kind is not None:
+        sides = _preference_sides(preference_set(sets.pop(PREFERENCE_HOLDOUT), kind))
+        sets |= sides
+        options = {
+            "also_base": tuple(sides) if kind == "kto" else (),  # the implicit reward is relative to the base
+            "generate_sets": tuple(sides)[:1],  # the length guard's answers
+        }
+    reference = "champion" if champion is not None else "base" if "base" in adapters else None
+    if reference is not None:
+        options["kl_to"] = (CANDIDATE, reference, (NEW_SET,))
+    evaluation = evaluate(sets, adapters, model=config.model, config=config.eval, **options)
     slices = slice_indices(sets, config.eval.slice_by)
     write_json(
         cycle.path("eval.json"),
@@ -355,6 +428,25 @@ def evaluate_stage(ctx: StageContext):
     )
     console.print(evaluation.summary())
     return evaluation
+
+
+PREFERENCE_HOLDOUT = "preference_holdout"
+
+
+def _preference_sides(data: PreferenceSet) -> dict[str, list[Record]]:
+    """The held-out feedback as aligned evaluation sets: chosen and rejected answers of each pair
+    (dpo), or the desirable and the undesirable answers (kto)."""
+    from ctloop.evaluation.preference_gate import CHOSEN, DESIRABLE, REJECTED, UNDESIRABLE
+
+    if data.objective == "dpo":
+        return {
+            CHOSEN: [Record(p.id, p.prompt, p.chosen) for p in data.pairs],
+            REJECTED: [Record(p.id, p.prompt, p.rejected) for p in data.pairs],
+        }
+    return {
+        DESIRABLE: [Record(a.id, a.prompt, a.completion) for a in data.answers if a.desirable],
+        UNDESIRABLE: [Record(a.id, a.prompt, a.completion) for a in data.answers if not a.desirable],
+    }
 
 
 def _golden(name: str, path: Path) -> list[Record]:
@@ -380,6 +472,8 @@ def _without_contamination(
     if config.eval.contamination == "off":
         return sets
     train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    if cycle.path("preference_train.parquet").is_file():  # what the preference term trained on
+        train += read_parquet(cycle.path("preference_train.parquet"))[0]
     checked_against = ["the candidate's training rows"]
     champion = cycle.state().get("champion_before")
     if champion is not None and registry is not None:
@@ -419,12 +513,14 @@ def _without_contamination(
 
 def gate_stage(ctx: StageContext) -> GateDecision:
     from ctloop.evaluation.gate import ANCHOR, decide
+    from ctloop.evaluation.preference_gate import preference_rules
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
     stored = read_json(cycle.require("eval.json", "evaluate"))
     champion = cycle.state().get("champion_before")
     evaluated = {model for scores in stored["losses"].values() for model in scores}
+    reference = "champion" if champion is not None else "base"
     anchor_version = stored.get("anchor_version")
     anchor = (
         ANCHOR
@@ -442,6 +538,7 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         anchor=anchor if champion is not None else None,
         anchor_recorded=anchor_version is not None,
         clusters=stored.get("clusters") or None,
+        extra=tuple(preference_rules(stored, config.gate, reference)) if reference in evaluated else (),
     )
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())
@@ -503,8 +600,9 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     # be dropped as contaminated), and no model has been released on them.
     if version is not None:
         new, extra = read_parquet(cycle.require("new.parquet", "validate"))
-        holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
         tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
+        new = supervised_rows(new)  # a rated-down answer is never replayed as one to learn
+        holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
         ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(
             cycle_id, [r for r in new if r.id not in holdout_ids], [r for r in new if r.id in holdout_ids], tokens
         )

@@ -22,12 +22,16 @@ from ctloop.model.losses import token_losses
 @dataclass(frozen=True)
 class EvalReport:
     """`losses[set][model]` lists per-example losses in the order of `ids[set]`; with generation,
-    `metrics[set][model][metric]` per-example scores and `predictions[set][model]` the answers."""
+    `metrics[set][model][metric]` per-example scores and `predictions[set][model]` the answers.
+    `tokens[set]` counts each example's answer tokens (a loss times it is the answer's log-probability,
+    negated); `kl[set][model]` is each example's mean token KL(model || reference), where asked."""
 
     ids: dict[str, list[str]]
     losses: dict[str, dict[str, list[float]]]
     metrics: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     predictions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    kl: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, stored: dict) -> EvalReport:
@@ -37,6 +41,8 @@ class EvalReport:
             losses=stored["losses"],
             metrics=stored.get("metrics", {}),
             predictions=stored.get("predictions", {}),
+            tokens=stored.get("tokens", {}),
+            kl=stored.get("kl", {}),
         )
 
     def metric_means(self) -> dict[str, dict[str, dict[str, float]]]:
@@ -65,9 +71,20 @@ class EvalReport:
 
 
 def evaluate(
-    eval_sets: dict[str, list[Record]], adapters: dict[str, Path | None], *, model: ModelConfig, config: EvalConfig
+    eval_sets: dict[str, list[Record]],
+    adapters: dict[str, Path | None],
+    *,
+    model: ModelConfig,
+    config: EvalConfig,
+    also_base: tuple[str, ...] = (),
+    generate_sets: tuple[str, ...] = (),
+    kl_to: tuple[str, str, tuple[str, ...]] | None = None,
 ) -> EvalReport:
-    """Score each adapter (None = the bare base model) on each non-empty evaluation set."""
+    """Score each adapter (None = the bare base model) on each non-empty evaluation set.
+
+    `also_base`: sets the bare base model scores too (as "base"); `generate_sets`: sets answered
+    greedily even when eval.generate is off; `kl_to` (model, reference, sets): the model's token KL
+    to the reference on those sets, teacher-forced on their answers."""
     import torch
     from peft import PeftModel
 
@@ -89,11 +106,17 @@ def evaluate(
         name: token_budget_batches([len(e.input_ids) for e in ex], config.batch_tokens, seed=None)
         for name, ex in encoded.items()
     }
-    total = sum(len(p) for p in plans.values()) * len(adapters)
+    scorers_of = {name: dict(adapters) for name in sets}
+    for name in also_base:
+        if name in scorers_of and "base" not in scorers_of[name]:
+            scorers_of[name]["base"] = None
+    total = sum(len(plans[name]) * len(scorers_of[name]) for name in sets)
     losses: dict[str, dict[str, list[float]]] = {name: {} for name in sets}
     with torch.inference_mode(), progress_bar("evaluating", total, unit="batches") as advance:
-        for model_name, path in adapters.items():
+        for model_name, path in {k: v for by_set in scorers_of.values() for k, v in by_set.items()}.items():
             for set_name, examples in encoded.items():
+                if model_name not in scorers_of[set_name]:
+                    continue
                 per_example = [0.0] * len(examples)
                 for batch_indices in plans[set_name]:
                     batch = collate([examples[i] for i in batch_indices], tokenizer.pad_token_id)
@@ -112,9 +135,9 @@ def evaluate(
                 losses[set_name][model_name] = per_example
     metrics: dict = {}
     predictions: dict = {}
-    if config.generate:
-        scorers = load_metrics(config.custom_metrics)
-        for set_name, records in sets.items():
+    scorers = load_metrics(config.custom_metrics)
+    for set_name, records in sets.items():
+        if config.generate or set_name in generate_sets:
             for model_name, path in adapters.items():
                 answers = _generate(
                     peft_model if peft_model is not None else base,
@@ -126,12 +149,49 @@ def evaluate(
                 predictions.setdefault(set_name, {})[model_name] = answers
                 scored = [score(a, r.completion, scorers) for a, r in zip(answers, records, strict=True)]
                 metrics.setdefault(set_name, {})[model_name] = {k: [s[k] for s in scored] for k in scorers}
+    kl: dict[str, dict[str, list[float]]] = {}
+    if kl_to is not None and peft_model is not None and {kl_to[0], kl_to[1]} <= set(adapters):
+        model_name, reference, kl_sets = kl_to
+        for set_name in (s for s in kl_sets if s in encoded):
+            kl[set_name] = {
+                model_name: _token_kl(
+                    peft_model, encoded[set_name], tokenizer.pad_token_id, model_name, adapters, reference
+                )
+            }
     return EvalReport(
         ids={name: [r.id for r in records] for name, records in sets.items()},
         losses=losses,
         metrics=metrics,
         predictions=predictions,
+        tokens={name: [len(e.input_ids) - e.prompt_len for e in examples] for name, examples in encoded.items()},
+        kl=kl,
     )
+
+
+def _token_kl(peft_model, examples, pad_id: int, name: str, adapters: dict, reference: str) -> list[float]:
+    """Per example, the mean over its answer tokens of KL(name || reference) between the two
+    next-token distributions, one example at a time (a vocabulary-wide row per answer token)."""
+    import contextlib
+
+    import torch
+
+    def log_probs(model_name: str, batch) -> torch.Tensor:
+        quiet = peft_model.disable_adapter() if adapters[model_name] is None else contextlib.nullcontext()
+        if adapters[model_name] is not None:
+            peft_model.set_adapter(model_name)
+        with quiet:
+            logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labelled = batch["labels"][0, 1:] != -100
+        return torch.log_softmax(logits[0, :-1][labelled].float(), dim=-1)
+
+    out = []
+    with torch.inference_mode(), progress_bar(f"KL {name} to {reference}", len(examples), unit="rows") as advance:
+        for example in examples:
+            batch = {k: v.to(peft_model.device) for k, v in collate([example], pad_id).items()}
+            mine, theirs = log_probs(name, batch), log_probs(reference, batch)
+            out.append(float((mine.exp() * (mine - theirs)).sum(dim=-1).mean()) if len(mine) else 0.0)
+            advance()
+    return out
 
 
 def _generate(network, tokenizer, records: list[Record], adapter: str | None, config: EvalConfig) -> list[str]:

@@ -83,6 +83,7 @@ def decide(
     anchor: str | None = None,
     anchor_recorded: bool = True,
     clusters: dict[str, list[str]] | None = None,
+    extra: tuple[tuple[RuleResult, str], ...] = (),
 ) -> GateDecision:
     """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
 
@@ -91,7 +92,8 @@ def decide(
     names the model in `losses` that is the first champion (the champion itself when it is);
     `anchor_recorded=False` says the registry records none (the cumulative rule then says so).
     `clusters[eval_set]` gives each example's group (`eval.cluster_by`): the bootstrap resamples
-    groups, since rows of one user or session are not independent."""
+    groups, since rows of one user or session are not independent. `extra` adds rules decided
+    elsewhere (the preference rules, `preference_gate.py`), each with its metrics key."""
 
     def groups(set_name: str, rows: list[int] | None = None) -> list[str] | None:
         labels = (clusters or {}).get(set_name)
@@ -212,9 +214,13 @@ def decide(
                         )
                     )
                 keys.append(f"slice_{set_name}_{value}")
-    for index, extra in enumerate(config.rules):
-        rules.append(_configured_rule(extra, losses, metrics or {}, slices or {}, reference, config, clusters or {}))
-        keys.append(f"rule{index}_{extra.metric}")
+    for index, configured in enumerate(config.rules):
+        rules.append(
+            _configured_rule(configured, losses, metrics or {}, slices or {}, reference, config, clusters or {})
+        )
+        keys.append(f"rule{index}_{configured.metric}")
+    rules += [rule for rule, _ in extra]
+    keys += [key for _, key in extra]
     outcomes = {r.outcome for r in rules}
     outcome = FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
     summary: dict[str, float] = {}
@@ -227,7 +233,11 @@ def decide(
 
 def _goldens(losses: dict) -> list[str]:
     """The golden regression suites among the evaluated sets."""
-    return sorted(set(losses) - {NEW_SET, OLD_SET, REJECTED_SET, ANCHOR_SET})
+    return sorted(
+        name
+        for name in set(losses) - {NEW_SET, OLD_SET, REJECTED_SET, ANCHOR_SET}
+        if not name.startswith("preference_")
+    )
 
 
 def _cumulative_rules(
