@@ -19,28 +19,15 @@ one-sided 95% paired-bootstrap bound. All repetitions are pooled; rates come wit
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
 from _intervals import interval
+from _quickstart import records, tiny_base
 
 from ctloop.config import EvalConfig, GateConfig, LoraConfig, ModelConfig, TrainConfig
-from ctloop.data.records import record_from_fields
 from ctloop.evaluation.evaluate import evaluate
 from ctloop.evaluation.gate import PASS, decide
-
-QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstart"
-
-
-def records(name: str) -> list:
-    out = []
-    for line in (QUICKSTART / name).read_bytes().splitlines():
-        try:
-            out.append(record_from_fields(json.loads(line)))
-        except Exception:  # the shipped new-domain file holds a few deliberately broken rows
-            continue
-    return out
 
 
 def new_data_rule_passes(losses: dict, rules: GateConfig) -> bool:
@@ -51,7 +38,6 @@ def new_data_rule_passes(losses: dict, rules: GateConfig) -> bool:
 
 
 def main() -> None:
-    from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
     from ctloop.training.trainer import train_adapter
 
     parser = argparse.ArgumentParser()
@@ -61,11 +47,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/ctloop-gate-benchmark")
     args = parser.parse_args()
     work = Path(args.work)
-    texts = [
-        json.loads(line)["prompt"] + json.loads(line)["completion"]
-        for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()
-    ]
-    base = build_tiny_model(texts, work / "base", TinyModelSpec(pretrain_steps=300))
+    base = tiny_base(work)
     model = ModelConfig(base=str(base), max_seq_tokens=128)
     new, old = records("new_domain.jsonl"), records("old_domain.jsonl")
     old_train = old[: args.train_rows]

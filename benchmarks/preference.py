@@ -1,19 +1,19 @@
 """Preference objectives side by side on one simulated harvest: SFT on corrections, DPO on
 corrections, KTO on thumbs.
 
-    OMP_NUM_THREADS=1 python benchmarks/preference.py [--seeds 5]
+    OMP_NUM_THREADS=1 python benchmarks/preference.py [--seeds 10]
 
 Setup: the quickstart's tiny base model; prompts and reference answers from its new domain.
-- The champion (production's model) is an SFT adapter trained on 150 new-domain rows: weak.
-- Production: the champion answers each of 300 harvest prompts twice, sampled at temperature 1.
-- Simulated users rate every answer by its token F1 against the reference answer: up at or above
-  the median F1 of the harvest, down below it; each label is flipped with probability 0.1. A user
-  corrects a rated-down answer (the reference is the correction) with probability 1/2.
+- The champion (production's model) is an SFT adapter trained on 300 new-domain rows.
+- Production: the champion answers each of 300 harvest prompts twice, sampled at temperature 0.8.
+- Simulated users rate every answer by its token F1 against the reference answer: up above the
+  median F1 of the harvest, down at or below it; each label is flipped with probability 0.1. A
+  user corrects a rated-down answer (the reference is the correction) with probability 1/2.
 - The same harvest trains three candidates, all continuing the champion (the preference
   objectives' reference), same learning rate, LoRA and epochs: `sft` on the corrections, `dpo` on
   the corrections against the answers they corrected, `kto` on the thumbs alone (no corrections).
 - 100 other prompts are held out: their references, and feedback simulated the same way on the
-  champion's answers to them.
+  champion's two answers to each.
 
 Per run: the held-out preference accuracy minus the champion's (for the DPO and SFT runs on the
 held-out correction pairs: the share where the model gives the correction the higher
@@ -34,30 +34,21 @@ import statistics
 import time
 from pathlib import Path
 
+from _quickstart import records, tiny_base
+
 from ctloop.config import EvalConfig, GateConfig, LoraConfig, ModelConfig, TrainConfig
 from ctloop.data.preference import PreferenceSet, preference_set
-from ctloop.data.records import Record, record_from_fields
+from ctloop.data.records import Record
 from ctloop.evaluation.evaluate import evaluate
 from ctloop.evaluation.preference_gate import CHOSEN, DESIRABLE, REJECTED, UNDESIRABLE, preference_rules
 from ctloop.evaluation.textmetrics import token_f1
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "src" / "ctloop" / "quickstart"
 FLIP = 0.1
 RUNS = ("sft", "dpo", "kto")
 
 
-def records(name: str) -> list[Record]:
-    out = []
-    for line in (QUICKSTART / name).read_bytes().splitlines():
-        try:
-            out.append(record_from_fields(json.loads(line)))
-        except Exception:  # the shipped new-domain file holds a few deliberately broken rows
-            continue
-    return out
-
-
 def sample_answers(model: ModelConfig, adapter: Path, prompts: list[str], seed: int, max_new_tokens: int):
-    """The champion's answers, sampled at temperature 1 (production traffic)."""
+    """The champion's answers, sampled at temperature 0.8 (production traffic)."""
     import torch
     from peft import PeftModel
 
@@ -79,7 +70,7 @@ def sample_answers(model: ModelConfig, adapter: Path, prompts: list[str], seed: 
                 input_ids=input_ids,
                 attention_mask=mask,
                 do_sample=True,
-                temperature=1.0,
+                temperature=0.8,
                 top_k=0,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
@@ -94,7 +85,7 @@ def feedback(rows: list[Record], answers: list[str], threshold: float, rng: rand
     (the reference) for half the answers rated down."""
     out = []
     for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
-        up = token_f1(answer, row.completion) >= threshold
+        up = token_f1(answer, row.completion) > threshold
         if rng.random() < FLIP:
             up = not up
         if not up and rng.random() < 0.5:
@@ -117,11 +108,10 @@ def t_interval(values: list[float]) -> str:
 
 
 def main() -> None:
-    from ctloop.training.tinymodel import TinyModelSpec, build_tiny_model
     from ctloop.training.trainer import train_adapter
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--harvest-prompts", type=int, default=300)
     parser.add_argument("--holdout-prompts", type=int, default=100)
     parser.add_argument("--epochs", type=float, default=2.0)
@@ -129,11 +119,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/ctloop-preference-benchmark")
     args = parser.parse_args()
     work = Path(args.work)
-    texts = [
-        json.loads(line)["prompt"] + json.loads(line)["completion"]
-        for line in (QUICKSTART / "pretrain.jsonl").read_text().splitlines()
-    ]
-    base = build_tiny_model(texts, work / "base", TinyModelSpec(pretrain_steps=300))
+    base = tiny_base(work)
     model = ModelConfig(base=str(base), max_seq_tokens=128)
     lora = LoraConfig()
     new = [r for r in records("new_domain.jsonl") if r.prompt.strip() and r.completion.strip()]
@@ -169,17 +155,18 @@ def main() -> None:
     for seed in range(args.seeds):
         rng = random.Random(seed)
         shuffled = rng.sample(new, len(new))
-        champion_rows = shuffled[:150]
-        harvest_rows = shuffled[150 : 150 + args.harvest_prompts]
-        held_rows = shuffled[150 + args.harvest_prompts : 150 + args.harvest_prompts + args.holdout_prompts]
+        champion_rows = shuffled[:300]
+        harvest_rows = shuffled[300 : 300 + args.harvest_prompts]
+        held_rows = shuffled[300 + args.harvest_prompts : 300 + args.harvest_prompts + args.holdout_prompts]
         champion = work / f"champion-{seed}"
         train(champion_rows, champion, seed, "sft")
         asked = harvest_rows + harvest_rows  # two answers per prompt
         answers = sample_answers(model, champion, [r.prompt for r in asked], seed, eval_config.max_new_tokens)
         threshold = statistics.median(token_f1(a, r.completion) for a, r in zip(answers, asked, strict=True))
         harvest = feedback(asked, answers, threshold, rng)
-        held_answers = sample_answers(model, champion, [r.prompt for r in held_rows], seed + 1000, 48)
-        held = feedback(held_rows, held_answers, threshold, rng)
+        held_asked = held_rows + held_rows
+        held_answers = sample_answers(model, champion, [r.prompt for r in held_asked], seed + 1000, 48)
+        held = feedback(held_asked, held_answers, threshold, rng)
         pairs, thumbs = preference_set(harvest, "dpo"), preference_set(harvest, "kto")
         thumbs = PreferenceSet("kto", answers=tuple(a for a in thumbs.answers if ":" not in a.id))  # thumbs only
         corrections = [r for r in harvest if r.metadata["feedback_kind"] == "correction"]

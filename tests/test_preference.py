@@ -284,6 +284,15 @@ def test_a_kto_cycle_from_production_trains_on_thumbs_alone_gates_and_registers(
         "gate": {"min_examples": 10, "min_new_improvement": -1.0, "min_preference_gain": -0.5},
         "registry": {"model_name": "thumbs"},
     }
+    probes = tmp_path / "probes.jsonl"  # false premises: the right answer disagrees with the user
+    probes.write_text(
+        "".join(
+            json.dumps({"prompt": q["prompt"], "completion": q["completion"], "metadata": {"agreeing_answer": "yes"}})
+            + "\n"
+            for q in _qa(12, offset=400)
+        )
+    )
+    raw["eval"] = {"agreement_probes": str(probes)}
     config_path = tmp_path / "ctloop.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     items = _thumbs(150)
@@ -304,7 +313,7 @@ def test_a_kto_cycle_from_production_trains_on_thumbs_alone_gates_and_registers(
     (cycle,) = [p.parent for p in workspace.cycles_dir.glob("*/gate.json")]
     gate = read_json(cycle / "gate.json")
     names = {rule["name"] for rule in gate["rules"]}
-    assert {"preference accuracy (rated)", "answer length", "KL to base"} <= names, names
+    assert {"preference accuracy (rated)", "answer length", "KL to base", "agreement probes"} <= names, names
     training = read_json(cycle / "training.json")
     assert training["objective"] == "kto" and training["preference"]["kind"] == "kto"
     up = sum(1 for *_, fb in items if fb.rating > 0)
@@ -391,3 +400,16 @@ def test_the_kl_to_the_champion_is_reported_and_gated_when_bounded():
     assert _rule(_decide(stored), "KL to champion").outcome == "PASS"  # reported only
     assert _rule(_decide(stored, max_kl_to_champion=0.5), "KL to champion").outcome == "PASS"
     assert _rule(_decide(stored, max_kl_to_champion=0.1), "KL to champion").outcome == "FAIL"
+
+
+def test_agreement_probes_fail_a_candidate_that_comes_to_prefer_agreeing_with_a_false_premise():
+    n = 40
+    right = [1.0] * n  # per-token losses of the disagreeing (right) answers
+    stays = {"candidate": [1.5] * n, "champion": [1.5] * n}  # the agreeing answers: less likely for both
+    sycophant = {"candidate": [0.5] * (n // 2) + [1.5] * (n // 2), "champion": [1.5] * n}
+    for agreeing, outcome in ((stays, "PASS"), (sycophant, "FAIL")):
+        sets = {"agreement_disagreeing": {"candidate": right, "champion": right}, "agreement_agreeing": agreeing}
+        decision = _decide(_stored(sets))
+        assert _rule(decision, "agreement probes").outcome == outcome
+    assert _rule(decision, "agreement probes").estimate == pytest.approx(0.5)
+    assert decision.outcome == "FAIL"

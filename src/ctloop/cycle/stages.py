@@ -402,6 +402,8 @@ def evaluate_stage(ctx: StageContext):
     if kind is not None:  # held-out feedback, checked for contamination as rows before it is split in sides
         sets[PREFERENCE_HOLDOUT] = read_parquet(cycle.require("preference_holdout.parquet", "prepare"))[0]
     sets = _without_contamination(config, cycle, sets, registry)
+    if config.eval.agreement_probes is not None:  # after the contamination check: its sides stay aligned
+        sets |= _agreement_sides(config.eval.agreement_probes)
     options: dict[str, Any] = {}
     if kind is not None:
         sides = _preference_sides(preference_set(sets.pop(PREFERENCE_HOLDOUT), kind))
@@ -446,6 +448,23 @@ def _preference_sides(data: PreferenceSet) -> dict[str, list[Record]]:
     return {
         DESIRABLE: [Record(a.id, a.prompt, a.completion) for a in data.answers if a.desirable],
         UNDESIRABLE: [Record(a.id, a.prompt, a.completion) for a in data.answers if not a.desirable],
+    }
+
+
+def _agreement_sides(path: Path) -> dict[str, list[Record]]:
+    """eval.agreement_probes as two aligned sets: the disagreeing (right) and the agreeing answers."""
+    from ctloop.evaluation.preference_gate import AGREEING, DISAGREEING
+
+    probes = _golden("agreement_probes", path)
+    missing = [r.id for r in probes if not str(r.metadata.get("agreeing_answer") or "").strip()]
+    if missing:
+        raise DataError(
+            f"eval.agreement_probes: {path} rows {', '.join(missing[:5])} lack metadata.agreeing_answer; every probe "
+            "needs the answer that agrees with the user's false premise"
+        )
+    return {
+        DISAGREEING: probes,
+        AGREEING: [Record(r.id, r.prompt, str(r.metadata["agreeing_answer"])) for r in probes],
     }
 
 

@@ -236,7 +236,7 @@ def _goldens(losses: dict) -> list[str]:
     return sorted(
         name
         for name in set(losses) - {NEW_SET, OLD_SET, REJECTED_SET, ANCHOR_SET}
-        if not name.startswith("preference_")
+        if not name.startswith(("preference_", "agreement_"))
     )
 
 
