@@ -29,16 +29,28 @@ def _adapter_tensors(folder: Path) -> dict:
 
 
 def _train(tiny_base, out: Path, checkpoint_dir: Path | None = None, **train):
+    """sft on 120 quickstart rows; objective dpo: the same rows as corrections of another row's answer."""
+    from dataclasses import replace
+
+    from ctloop.data.preference import preference_set
     from ctloop.training.trainer import train_adapter
 
     settings = {"epochs": 2, "learning_rate": 0.01, "batch_tokens": 256, "checkpoint_every": 3} | train
+    records, preference = _records(120), None
+    if settings.get("objective", "sft") == "dpo":
+        corrected = [
+            replace(r, metadata={"feedback_kind": "correction", "rejected_answer": records[i - 7].completion})
+            for i, r in enumerate(records)
+        ]
+        records, preference = [], preference_set(corrected, "dpo")
     return train_adapter(
-        _records(120),
+        records,
         model=ModelConfig(base=str(tiny_base), max_seq_tokens=96),
         lora=LoraConfig(r=4, alpha=8),
         train=TrainConfig(**settings),
         out_dir=out,
         checkpoint_dir=checkpoint_dir,
+        preference=preference,
     )
 
 
@@ -117,16 +129,20 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 import test_train
-test_train._train(Path({base!r}), Path({out!r}), Path({ckpt!r}))
+test_train._train(Path({base!r}), Path({out!r}), Path({ckpt!r}), objective={objective!r})
 """
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tiny_base, tmp_path):
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tiny_base, tmp_path, objective):
+    """dpo: the reference log-probabilities are computed again on resume, and are the same (#27)."""
     import torch
 
-    reference = _adapter_tensors(Path(_train(tiny_base, tmp_path / "uninterrupted").adapter_dir))
+    reference = _adapter_tensors(Path(_train(tiny_base, tmp_path / "uninterrupted", objective=objective).adapter_dir))
     out, checkpoints = tmp_path / "resumed", tmp_path / "checkpoints"
-    code = KILLABLE.format(tests=str(Path(__file__).parent), base=str(tiny_base), out=str(out), ckpt=str(checkpoints))
+    code = KILLABLE.format(
+        tests=str(Path(__file__).parent), base=str(tiny_base), out=str(out), ckpt=str(checkpoints), objective=objective
+    )
     victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (checkpoints / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
@@ -135,8 +151,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_r
     victim.wait()
     assert (checkpoints / "checkpoint.safetensors").exists() and not out.exists()
 
-    resumed = _train(tiny_base, out, checkpoints)
-    assert resumed.resumed_from_step > 0
+    resumed = _train(tiny_base, out, checkpoints, objective=objective)
+    assert resumed.resumed_from_step > 0 and resumed.objective == objective
     weights = _adapter_tensors(out)
     assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
     assert not checkpoints.exists()  # cleaned up once the adapter is final
@@ -161,7 +177,9 @@ def test_warm_start_continues_the_given_adapter(tiny_base, tmp_path):
     assert continued.learning_rates[0][1] < 0.01  # the learning rate is warmed up again
 
 
-def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
+@pytest.mark.parametrize("objective", ["sft", "sft+dpo"])
+def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path, objective):
+    """sft+dpo: a preference term beside the supervised one under DDP (#27)."""
     import os
 
     import yaml
@@ -177,14 +195,19 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
     raw = {
         "model": {"base": str(tiny_base), "max_seq_tokens": 96},
         "data": {"min_rows": 20},
-        "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 256},
+        "train": {"epochs": 1, "learning_rate": 0.01, "batch_tokens": 256, "objective": objective},
         "registry": {"model_name": "ddp"},
     }
     config_path = tmp_path / "c.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     config, workspace = config_from_dict(raw), Workspace(tmp_path / "ws")
     data = tmp_path / "d.jsonl"
-    data.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl", 120)) + b"\n")
+    rows = [json.loads(line) for line in quickstart_rows("old_domain.jsonl", 120)]
+    if objective == "sft+dpo":  # corrections, each of the answer another row holds
+        for i, row in enumerate(rows):
+            other = rows[(i + 7) % len(rows)]
+            row["metadata"] = {"feedback_kind": "correction", "rejected_answer": str(other.get("completion"))}
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cycle_id = validate_stage(StageContext(config, workspace, data=data))
     assert trigger_stage(StageContext(config, workspace, cycle_id)).train
     prepare_stage(StageContext(config, workspace, cycle_id))
@@ -211,7 +234,11 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     cycle_dir = workspace.cycle_dir(cycle_id)
-    assert read_json(cycle_dir / "training.json")["world_size"] == 2
+    training = read_json(cycle_dir / "training.json")
+    assert training["world_size"] == 2 and training["objective"] == objective
+    if objective == "sft+dpo":
+        pairs = training["preference"]["examples"]  # in batches of 8, half of them on each process
+        assert training["preference"]["kind"] == "dpo" and training["steps"] == -(-pairs // 8) // 2
     assert sorted(p.name for p in cycle_dir.iterdir() if p.name.startswith("adapter")) == ["adapter"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(cycle_dir / "adapter"))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
