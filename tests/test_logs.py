@@ -33,3 +33,13 @@ def test_levels_follow_the_format_and_the_environment(monkeypatch):
     configure_logging(log_format="text")
     assert logging.getLogger("ctloop").level == logging.DEBUG
     assert len(logging.getLogger("ctloop").handlers) == 1  # reconfiguring replaces, never stacks
+
+
+def test_console_text_is_printed_as_written_never_read_as_markup():
+    """A slice named [pypi] once vanished from "new data [pypi]": rich read it as a style tag (#29)."""
+    from ctloop.console import console, error
+
+    with console.capture() as captured:
+        console.print("new data [pypi]: loss 1.2 -> 1.1 [bold] [/]")
+        error("eval.golden.[x] is missing")
+    assert captured.get() == "new data [pypi]: loss 1.2 -> 1.1 [bold] [/]\nerror: eval.golden.[x] is missing\n"

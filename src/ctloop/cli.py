@@ -13,8 +13,9 @@ from typing import Annotated
 
 import typer
 
-from ctloop.console import console
+from ctloop.console import console, error
 from ctloop.errors import CtloopError
+from ctloop.fileio import strict_json
 
 app = typer.Typer(
     help="Continuous training of LLM LoRA adapters.",
@@ -195,7 +196,7 @@ def _production_drift(
 
 def _print_drift(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False))
     else:
         console.print(result["summary"])
         for reason in result["reasons"]:
@@ -224,7 +225,7 @@ def status(
 
     info = collect_status(*_registry_context(config, workspace))
     if as_json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(strict_json(info), indent=2, default=str, allow_nan=False))
     else:
         render_status(info)
 
@@ -301,7 +302,7 @@ def lineage(
     registry, _ = _registry_context(config, workspace)
     chain = registry.lineage(version)
     if as_json:
-        print(json.dumps([v.to_dict() for v in chain], indent=2))
+        print(json.dumps(strict_json([v.to_dict() for v in chain]), indent=2, allow_nan=False))
         return
     for info in chain:
         tags = info.tags
@@ -364,7 +365,7 @@ def shadow_report(
     report, rows = _shadow_report(config, ws, registry, champion, challenger)
     html = publish_shadow_report(registry, report, rows, ws.root, html)
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(strict_json(report.to_dict()), indent=2, allow_nan=False))
     else:
         console.print(report.summary())
         console.print(f"report: {html} (also on the challenger's MLflow run)")
@@ -567,12 +568,10 @@ def main() -> None:
     try:
         app()
     except CtloopError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        error(str(exc))
         sys.exit(2)
     except PermissionError as exc:  # a read-only workspace, a file owned by someone else
-        console.print(
-            f"[red]error:[/red] cannot write {exc.filename}: permission denied; check the workspace's permissions"
-        )
+        error(f"cannot write {exc.filename}: permission denied; check the workspace's permissions")
         sys.exit(2)
     except Exception as exc:
         from sqlalchemy.exc import DatabaseError
@@ -580,11 +579,11 @@ def main() -> None:
         if not isinstance(exc, DatabaseError):
             raise
         first = str(exc.orig if exc.orig is not None else exc).splitlines()[0][:300]
-        console.print(
-            f"[red]error:[/red] the log store refused the command ({first}); if it is a SQLite file, it may be "
+        error(
+            f"the log store refused the command ({first}); if it is a SQLite file, it may be "
             f"corrupt: restore it from a backup, or move it away to start a new one"
         )
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
+        console.print("interrupted", style="red")
         sys.exit(130)

@@ -8,7 +8,15 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup=False: text is printed as written; rich would take "[pypi]" in "new data [pypi]" for a style tag.
+console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def error(message: str) -> None:
+    """An error line: "error:" in red, then the message as written."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error:", "red"), " ", message))
 
 
 @contextmanager
@@ -22,12 +30,12 @@ def progress_bar(description: str, total: int, unit: str = "steps", enabled: boo
         return
 
     columns = [
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(unit),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
     ]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, info="")

@@ -66,7 +66,7 @@ def run_demo(workspace: Workspace) -> None:
     from ctloop.serving.compare import PROMOTE
 
     prepare_workspace(workspace)
-    console.rule("[bold]ctloop demo")
+    console.rule("ctloop demo", style="bold")
     build_base_model(workspace)
     config_path = workspace.root / "quickstart.yaml"
     shutil.copyfile(quickstart_file("quickstart.yaml"), config_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -33,8 +34,32 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinity as None: strict JSON (`null`), which JSON.parse, jq and
+    other languages' parsers accept; bare `NaN` they reject. Readers that compute with such a
+    number read None back as NaN (`nan_for_none`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def nan_for_none(value: Any) -> Any:
+    """The numbers `strict_json` wrote, with None read back as NaN (lists and dicts of them)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {key: nan_for_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [nan_for_none(item) for item in value]
+    return value
+
+
 def write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(strict_json(value), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -50,7 +75,7 @@ def read_json(path: Path) -> Any:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, "".join(json.dumps(strict_json(row), ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
 
 
 def utc_now() -> str:

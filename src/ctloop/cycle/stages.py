@@ -26,7 +26,7 @@ from ctloop.data.records import Record, fingerprint, read_parquet, write_parquet
 from ctloop.drift.trigger import TriggerDecision
 from ctloop.errors import DataError
 from ctloop.evaluation.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
-from ctloop.fileio import parse_utc, read_json, utc_now, write_json
+from ctloop.fileio import nan_for_none, parse_utc, read_json, utc_now, write_json
 from ctloop.registry.client import CHAMPION, Registry, open_registry
 from ctloop.training.trainer import TrainResult
 from ctloop.workspace import Workspace, save_settings
@@ -537,6 +537,7 @@ def gate_stage(ctx: StageContext) -> GateDecision:
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
     stored = read_json(cycle.require("eval.json", "evaluate"))
+    stored |= {key: nan_for_none(stored[key]) for key in ("losses", "metrics", "kl") if key in stored}
     champion = cycle.state().get("champion_before")
     evaluated = {model for scores in stored["losses"].values() for model in scores}
     reference = "champion" if champion is not None else "base"

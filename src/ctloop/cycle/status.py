@@ -43,10 +43,11 @@ def collect_status(registry: Registry, workspace: Workspace, last_cycles: int = 
 def render_status(info: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    console = Console(markup=False, highlight=False)  # stdout; text as written
     aliases = info["aliases"]
-    console.print(f"[bold]{info['model_name']}[/bold] in {info['tracking_uri']}")
+    console.print(Text.assemble((str(info["model_name"]), "bold"), f" in {info['tracking_uri']}"))
     pending = (
         f"{_v(aliases['challenger'])} (awaiting shadow evidence and promotion)"
         if aliases["challenger"] is not None

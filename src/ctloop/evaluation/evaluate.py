@@ -14,6 +14,7 @@ from ctloop.config import EvalConfig, ModelConfig
 from ctloop.console import progress_bar
 from ctloop.data.records import Record
 from ctloop.evaluation.textmetrics import load_metrics, score
+from ctloop.fileio import nan_for_none
 from ctloop.model.batching import collate, encode, prompt_token_ids, token_budget_batches
 from ctloop.model.loading import load_base_model, load_tokenizer
 from ctloop.model.losses import token_losses
@@ -38,11 +39,11 @@ class EvalReport:
         """Read back what `to_dict` wrote (eval.json)."""
         return cls(
             ids=stored["ids"],
-            losses=stored["losses"],
-            metrics=stored.get("metrics", {}),
+            losses=nan_for_none(stored["losses"]),  # a diverged model's NaN losses are stored as null
+            metrics=nan_for_none(stored.get("metrics", {})),
             predictions=stored.get("predictions", {}),
             tokens=stored.get("tokens", {}),
-            kl=stored.get("kl", {}),
+            kl=nan_for_none(stored.get("kl", {})),
         )
 
     def metric_means(self) -> dict[str, dict[str, dict[str, float]]]:

@@ -24,7 +24,7 @@ def write_cycle_report(
         gate_parts.append(
             Table(
                 tuple(
-                    (r["name"], r["outcome"], f"{r['estimate']:+.4f}", f"{r['bound']:+.4f}", str(r["n"])) for r in rules
+                    (r["name"], r["outcome"], _number(r["estimate"]), _number(r["bound"]), str(r["n"])) for r in rules
                 ),
                 header=("rule", "outcome", "estimate", "one-sided bound", "examples"),
             )
@@ -78,3 +78,8 @@ def write_cycle_report(
             ("Lineage", [Table(tuple((k, str(v)) for k, v in lineage.items()))]),
         ],
     )
+
+
+def _number(value: float | None) -> str:
+    """A rule's estimate or bound; a dash where the rule computed none (stored as null)."""
+    return "—" if value is None or value != value else f"{value:+.4f}"

@@ -83,7 +83,8 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float:
-        return self.losses[-1][1] if self.losses else float("nan")
+        last = self.losses[-1][1] if self.losses else None
+        return float("nan") if last is None else last  # a NaN loss reads back from training.json as null
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
