@@ -324,6 +324,18 @@ def test_a_gate_that_requires_approval_waits_for_it(tiny_base, tmp_path, promote
     assert registry.alias(CHALLENGER) is None and registry.alias(CHAMPION) is None
     with pytest.raises(RegistryError, match="awaits approval"):
         promote(registry, 1, by="t", note="too early")
+    shown = [
+        subprocess.run(
+            [sys.executable, "-m", "ctloop", "status", *extra, "--workspace", str(workspace.root)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        for extra in ((), ("--json",))
+    ]
+    assert "awaiting approval: v1 (ctloop approve 1 --by NAME --note TEXT)" in shown[0], shown[0]  # #29
+    (listed,) = json.loads(shown[1])["versions"]
+    assert listed["awaiting_approval"] and "ctloop.adapter_config" not in listed["tags"]  # no bulky config
     done = subprocess.run(
         [
             sys.executable,

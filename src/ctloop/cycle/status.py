@@ -6,7 +6,7 @@ from typing import Any
 
 from ctloop.fileio import read_json
 from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
-from ctloop.registry.promotion import champion_history
+from ctloop.registry.promotion import APPROVAL_TAG, champion_history
 from ctloop.registry.publishing import TAG_PREFIX
 from ctloop.workspace import Workspace
 
@@ -35,7 +35,7 @@ def collect_status(registry: Registry, workspace: Workspace, last_cycles: int = 
         "model_name": registry.model_name,
         "aliases": {CHAMPION: registry.alias(CHAMPION), CHALLENGER: registry.alias(CHALLENGER)},
         "champion_history": champion_history(registry),
-        "versions": [v.to_dict() for v in versions],
+        "versions": [_version(v.to_dict()) for v in versions],
         "cycles": cycles[-last_cycles:],
     }
 
@@ -55,12 +55,14 @@ def render_status(info: dict[str, Any]) -> None:
     )
     console.print(f"champion: {_v(aliases['champion'])}   challenger: {pending}")
     console.print(f"champion history: {' -> '.join(_v(v) for v in info['champion_history']) or '-'}")
+    for v in (v for v in info["versions"] if v.get("awaiting_approval")):
+        console.print(f"awaiting approval: {_v(v['version'])} (ctloop approve {v['version']} --by NAME --note TEXT)")
     versions = Table("version", "aliases", "gate", "cycle", "data", "parent", "published", title="versions")
     for v in info["versions"]:
         tags = v["tags"]
         versions.add_row(
             _v(v["version"]),
-            ", ".join(v["aliases"]),
+            ", ".join(v["aliases"] + (["awaiting approval"] if v.get("awaiting_approval") else [])),
             tags.get("ctloop.gate", ""),
             tags.get("ctloop.cycle_id", ""),
             tags.get("ctloop.data_fingerprint", ""),
@@ -74,6 +76,15 @@ def render_status(info: dict[str, Any]) -> None:
             c["cycle_id"], c["started"] or "", c["status"], c["gate"] or "", _v(c["version"]), c["data"] or ""
         )
     console.print(cycles)
+
+
+BULKY_TAGS = ("ctloop.adapter_config",)  # the adapter's whole config: `ctloop lineage` and the registry have it
+
+
+def _version(info: dict[str, Any]) -> dict[str, Any]:
+    """A version as status shows it: its tags without the bulky ones, and whether it awaits approval."""
+    tags = {k: v for k, v in info["tags"].items() if k not in BULKY_TAGS}
+    return info | {"tags": tags, "awaiting_approval": tags.get(APPROVAL_TAG) == "pending"}
 
 
 def _v(version: int | None) -> str:

@@ -33,7 +33,7 @@ def log_cycle_run(
         for k, v in by_metric.items()
     }
     metrics |= {f"gate_{k}": v for k, v in gate["metrics"].items()} | {"gate_passed": float(gate["passed"])}
-    registry.log_metrics(run_id, metrics)
+    registry.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})  # null: not computed
     registry.set_run_tags(
         run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]}
     )

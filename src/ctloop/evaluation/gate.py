@@ -227,6 +227,7 @@ def decide(
     for rule, key in zip(rules, keys, strict=True):
         if math.isfinite(rule.estimate):
             summary[key] = rule.estimate
+        if math.isfinite(rule.bound):  # a rule that reports without gating has no bound
             summary[f"{key}_bound"] = rule.bound
     return GateDecision(outcome, reference, tuple(r.reason for r in rules), summary, tuple(rules))
 
