@@ -97,14 +97,20 @@ def feedback(rows: list[Record], answers: list[str], threshold: float, rng: rand
     return out
 
 
-def t_interval(values: list[float]) -> str:
+def t_bounds(values: list[float]) -> tuple[float, float]:
+    """The 95% t-interval of the mean (the mean twice for a single value)."""
     from scipy.stats import t
 
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return f"{mean:+.4f}"
+        return mean, mean
     half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{mean:+.4f} [95% CI {mean - half:+.4f}, {mean + half:+.4f}]"
+    return mean - half, mean + half
+
+
+def t_interval(values: list[float]) -> str:
+    low, high = t_bounds(values)
+    return f"{statistics.fmean(values):+.4f} [95% CI {low:+.4f}, {high:+.4f}]"
 
 
 def main() -> None:
@@ -229,10 +235,13 @@ def main() -> None:
         print(f"{run}:")
         for key, values in figures[run].items():
             print(f"  {key}: {t_interval(values)}")
-    f1 = {run: statistics.fmean(figures[run]["token F1 gain"]) for run in RUNS}
+    print("paired over seeds, against sft:")
     for run in ("dpo", "kto"):
-        verdict = "beats" if f1[run] > f1["sft"] else "does not beat"
-        print(f"{run} {verdict} sft on token F1 gain here ({f1[run]:+.4f} vs {f1['sft']:+.4f}, means over seeds)")
+        for key in ("token F1 gain", "pair accuracy gain", "thumbs AUC gain"):
+            diffs = [a - b for a, b in zip(figures[run][key], figures["sft"][key], strict=True)]
+            low, high = t_bounds(diffs)
+            verdict = "beats sft" if low > 0 else "is worse than sft" if high < 0 else "is not shown to differ from sft"
+            print(f"  {run} {verdict} on {key}: difference {t_interval(diffs)}")
 
 
 if __name__ == "__main__":

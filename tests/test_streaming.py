@@ -67,6 +67,17 @@ def adapters(tiny_base, tmp_path_factory):
     return [random_adapter(tiny_base, root / f"a{seed}", seed) for seed in (1, 2)]
 
 
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def _sdk(url: str):
     from openai import OpenAI
 
@@ -116,6 +127,14 @@ def test_the_openai_sdk_streams_both_endpoints_in_process_and_the_answer_is_logg
             timeout=30,
         )
         assert feedback.status_code == 201, feedback.text
+        scraped = _samples(httpx.get(f"{url}/metrics", timeout=30).text)
+    # Latency and time-to-first-token histograms (#29): every answer observed once.
+    streams_with_text = len(PROMPTS) + bool(chat_text)  # an empty answer has no first text to time
+    assert scraped[("ctloop_time_to_first_token_seconds_count", ())] == streams_with_text
+    completions = (("path", "/v1/completions"),)
+    assert scraped[("ctloop_http_request_duration_seconds_count", completions)] == 2 * len(PROMPTS)
+    assert scraped[("ctloop_http_request_duration_seconds_bucket", (("le", "+Inf"), *completions))] == 2 * len(PROMPTS)
+    assert scraped[("ctloop_http_request_duration_seconds_sum", completions)] > 0
     reader = LogReader(Workspace(config.workspace).shadow_store_url())
     rows = {r["request_id"]: r for r in reader.requests()}
     reader.close()

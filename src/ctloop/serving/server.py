@@ -26,7 +26,7 @@ import os
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -38,7 +38,7 @@ from ctloop.config import CtloopConfig, ServeConfig
 from ctloop.errors import CtloopError, ModelError, RegistryUnavailable
 from ctloop.serving.admin import add_admin_routes
 from ctloop.serving.backends import CLIENT_GONE, USER, Backend, Generation, GenerationRequest
-from ctloop.serving.metrics import prometheus_text
+from ctloop.serving.metrics import Histogram, prometheus_text
 from ctloop.serving.schemas import (
     ApiError,
     Body,
@@ -95,6 +95,8 @@ class Serving:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.streams: Counter[str] = Counter()  # streamed answers by outcome: completed, client_disconnected, failed
         self.latency_sum: Counter[str] = Counter()
+        self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per route: seconds to the response
+        self.first_token = Histogram()  # streamed answers: seconds from the answer's start to its first text
         self.production: Any = None
         self.pinned: set[int] = set()  # loaded through /v1/load_lora_adapter: kept until unloaded there
         self.last_sync_error = ""
@@ -428,7 +430,14 @@ class Serving:
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = event_stream(
-            deltas, response_id, f"{self.model_name}-v{version}", endpoint, include_usage, complete, failed
+            deltas,
+            response_id,
+            f"{self.model_name}-v{version}",
+            endpoint,
+            include_usage,
+            complete,
+            failed,
+            on_first_text=self.first_token.observe,
         )
         headers = ids.headers() | {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -524,6 +533,7 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
         path = getattr(route, "path", "other")
         serving.requests[(path, response.status_code)] += 1
         serving.latency_sum[path] += time.perf_counter() - started
+        serving.latency[path].observe(time.perf_counter() - started)
         return response
 
     def request_ids(request: Request) -> RequestIds:

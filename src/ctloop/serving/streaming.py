@@ -134,9 +134,11 @@ async def event_stream(
     include_usage: bool,
     on_complete: Any,
     on_failure: Any,
+    on_first_text: Any = None,
 ) -> AsyncIterator[bytes]:
     """The SSE body of one streamed answer. `deltas` is the backend's stream; `on_complete(generation)`
-    logs and mirrors the answer (also a cut one, with CLIENT_GONE); `on_failure(exc)` counts and logs."""
+    logs and mirrors the answer (also a cut one, with CLIENT_GONE); `on_failure(exc)` counts and logs;
+    `on_first_text(seconds)` hears when the first text goes out."""
     trim = ChatTrim() if endpoint == "chat" else (lambda d: d)
     parts: list[str] = []
     generation: Generation | None = None
@@ -151,6 +153,9 @@ async def event_stream(
             parts.append(item)
             text = trim(item)
             if text:
+                if on_first_text is not None:
+                    on_first_text(time.perf_counter() - started)
+                    on_first_text = None
                 yield sse(chunk(response_id, model, endpoint, text))
     except BaseException as exc:
         if isinstance(exc, Exception):  # a failure of the backend: the stream ends with an error event
