@@ -471,16 +471,34 @@ class OpenAIBackend:
     passes_fields_through = True  # tools, response_format, logprobs, ... go to the upstream unchanged
 
     def __init__(self, base_url: str, model_name: str, model_template: str, api_key: str | None, timeout_s: float):
-        import httpx
-
         self.base_url = base_url.rstrip("/")
         self.model_name = model_name
         self.model_template = model_template
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._headers = headers
         self._timeout = timeout_s
-        self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self._session: Any = None  # aiohttp's, opened on first use, inside the server's event loop
+        self._proxy: str | None = None
         self.loaded: dict[int, Path | None] = {}
+
+    def session(self) -> Any:
+        """The keep-alive session to the upstream. aiohttp, not httpx: in front of a fast engine httpx's
+        pool and stream machinery was the largest CPU cost of a request (measured with py-spy on
+        benchmarks/router_ceiling.py). `timeout_s` bounds the connection and every read, not the whole
+        answer (a long stream may run longer). A proxy comes from the environment (HTTP(S)_PROXY,
+        NO_PROXY), as with httpx, looked up once: aiohttp's own trust_env reads ~/.netrc on every call."""
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=self._timeout)
+            self._proxy = _environment_proxy(self.base_url)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=timeout,
+                read_bufsize=1 << 20,  # one server-sent event may be long (a big chunk of text)
+                connector=aiohttp.TCPConnector(limit=0),  # the engine queues; ctloop does not cap its calls
+            )
+        return self._session
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         """For the request log and drift only: chat goes to the upstream as chat, templated there."""
@@ -547,7 +565,7 @@ class OpenAIBackend:
         Closing the iterator early closes the upstream request, which frees its engine slot."""
         import json
 
-        import httpx
+        import aiohttp
 
         path, body = self._body(request, version)
         body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -556,12 +574,11 @@ class OpenAIBackend:
         finish = "stop"
         usage: dict[str, Any] = {}
         try:
-            async with self.client.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    raise ModelError(
-                        f"upstream {response.status_code} for {body['model']}: {await _capped_text(response)}"
-                    )
-                async for line in response.aiter_lines():
+            async with self.session().post(self.base_url + path, json=body, proxy=self._proxy) as response:
+                if response.status >= 400:
+                    raise ModelError(f"upstream {response.status} for {body['model']}: {await _capped_text(response)}")
+                async for raw in response.content:
+                    line = raw.decode("utf-8", "replace")
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -583,9 +600,9 @@ class OpenAIBackend:
                         raise ModelError(
                             f"upstream {self.base_url} sent a malformed stream event: {data[:200]}"
                         ) from exc
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:  # aiohttp's read and connect timeouts are TimeoutErrors
             raise TimeoutError(f"upstream {self.base_url} did not answer in time ({exc.__class__.__name__})") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise ModelError(f"upstream {self.base_url} failed mid-stream ({exc.__class__.__name__}: {exc})") from exc
         yield Generation(
             "".join(parts),
@@ -598,20 +615,23 @@ class OpenAIBackend:
     async def generate(
         self, request: GenerationRequest, version: int, priority: int = USER, timeout_s: float | None = None
     ) -> Generation:
-        path, body = self._body(request, version)
-        import httpx
+        import json
 
+        import aiohttp
+
+        path, body = self._body(request, version)
         started = time.perf_counter()
         try:
-            response = await self.client.post(path, json=body)
-        except httpx.TimeoutException as exc:
+            async with self.session().post(self.base_url + path, json=body, proxy=self._proxy) as response:
+                if response.status >= 400:
+                    raise ModelError(f"upstream {response.status} for {body['model']}: {await _capped_text(response)}")
+                text = (await response.read()).decode("utf-8", "replace")
+        except TimeoutError as exc:
             raise TimeoutError(f"upstream {self.base_url} did not answer in time ({exc.__class__.__name__})") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise ModelError(f"upstream {self.base_url} unreachable ({exc.__class__.__name__}: {exc})") from exc
-        if response.status_code >= 400:
-            raise ModelError(f"upstream {response.status_code} for {body['model']}: {response.text[:300]}")
         try:
-            data = response.json()
+            data = json.loads(text)
             choice = data["choices"][0]
             usage = data.get("usage") or {}
             message = choice.get("message") if request.messages is not None else None
@@ -626,18 +646,26 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise ModelError(
                 f"upstream {self.base_url} sent an answer that is not an OpenAI completion "
-                f"({exc.__class__.__name__}: {exc}): {response.text[:200]}"
+                f"({exc.__class__.__name__}: {exc}): {text[:200]}"
             ) from exc
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+
+def _environment_proxy(url: str) -> str | None:
+    """The proxy the environment sets for `url` (HTTP_PROXY / HTTPS_PROXY, unless NO_PROXY covers it)."""
+    import urllib.parse
+    import urllib.request
+
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname is None or urllib.request.proxy_bypass(parsed.hostname):
+        return None
+    return urllib.request.getproxies().get(parsed.scheme)
 
 
 async def _capped_text(response: Any, limit: int = 4096) -> str:
     """At most `limit` bytes of an error body, as text: an upstream's huge error page costs nothing."""
-    data = b""
-    async for block in response.aiter_bytes():
-        data += block
-        if len(data) >= limit:
-            break
-    return data[:limit].decode("utf-8", "replace")[:300]
+    data = await response.content.read(limit)
+    return data.decode("utf-8", "replace")[:300]
