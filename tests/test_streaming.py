@@ -180,10 +180,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_batch_slot(tiny_base, adapter
 # -- openai backend --------------------------------------------------------------------------------
 
 
-def _slow_upstream(opened: threading.Event, closed: threading.Event, fail_after: int | None = None):
-    """A streaming upstream that sends a token every 20 ms for 10 s (or fails after `fail_after`)."""
+def _slow_upstream(
+    opened: threading.Event, closed: threading.Event, fail_after: int | None = None, refuse: bool = False
+):
+    """A streaming upstream that sends a token every 20 ms for 10 s (or fails after `fail_after`, or
+    refuses every request with a 503, `refuse`)."""
     from fastapi import FastAPI
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI()
 
@@ -193,6 +196,9 @@ def _slow_upstream(opened: threading.Event, closed: threading.Event, fail_after:
 
     @app.post("/v1/completions")
     async def complete(body: dict):
+        if refuse:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+
         async def events():
             opened.set()
             try:
@@ -276,3 +282,24 @@ def test_an_upstream_failure_mid_stream_ends_it_with_an_error_event_and_is_count
             assert [json.loads(e)["choices"][0]["text"] for e in events[:3]] == [" t0", " t1", " t2"]
             metrics = httpx.get(f"{url}/metrics").text
     assert 'ctloop_streams_total{outcome="failed"} 1.0' in metrics
+
+
+@pytest.mark.slow
+def test_an_upstream_that_refuses_before_the_first_token_is_a_503_not_a_200_stream(tiny_base, adapters, tmp_path):
+    """A stream whose upstream fails before any text is an HTTP error the client can retry on, not a
+    200 whose body is an error event."""
+    opened, closed = threading.Event(), threading.Event()
+    with serve_in_background(_slow_upstream(opened, closed, refuse=True)) as upstream:
+        config = _openai_config(tiny_base, tmp_path, upstream)
+        register_versions(config, adapters)
+        with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
+            body = {"model": "srv", "prompt": "p", "stream": True}
+            refused = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+            chat = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "srv", "messages": [{"role": "user", "content": "p"}], "stream": True},
+                timeout=30,
+            )
+    for response in (refused, chat):
+        assert response.status_code == 503, response.text
+        assert "upstream" in response.json()["error"]["message"]  # 503 for completions; no chat route: 404

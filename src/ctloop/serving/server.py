@@ -418,7 +418,7 @@ class Serving:
         from ctloop.serving.streaming import event_stream
 
         request, version, explicit = await self.prepare(body, prompt, messages)
-        deltas = self.backend.stream(request, version)
+        deltas = await _first_then_rest(self.backend.stream(request, version))
 
         def complete(generation: Generation) -> None:
             self.streams["completed" if generation.finish_reason != CLIENT_GONE else CLIENT_GONE] += 1
@@ -479,6 +479,35 @@ class Serving:
             # Sampled by user, else by the client's id, else by request: one user is always in or out.
             key = body.user or ids.client_request_id or ids.request_id
             self.router.submit(ids.request_id, request, generation, version, sample_key=key)
+
+
+async def _first_then_rest(stream: Any) -> Any:
+    """`stream` once its first item has come: a backend that fails before it (an upstream refusing,
+    unreachable or timing out) is an HTTP error (503, 504) the client can retry on, not a 200 whose
+    body is an error event. The headers then leave with the first token."""
+    from ctloop.serving.streaming import close_stream
+
+    try:
+        first = await anext(stream)
+    except TimeoutError as exc:
+        await close_stream(stream)
+        raise ApiError(504, f"the model did not answer in time: {exc}", kind="timeout") from exc
+    except CtloopError as exc:
+        await close_stream(stream)
+        raise ApiError(503, f"the model could not answer: {exc}", kind="service_unavailable") from exc
+    except BaseException:  # the client left while waiting: the backend's request closes with it
+        await close_stream(stream)
+        raise
+
+    async def rest() -> Any:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await close_stream(stream)
+
+    return rest()
 
 
 class CountRequests:

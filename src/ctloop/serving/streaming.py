@@ -168,7 +168,7 @@ async def event_stream(
         on_complete(Generation(text, 0, 0, CLIENT_GONE, (time.perf_counter() - started) * 1000))
         raise
     finally:
-        await _close(deltas)
+        await close_stream(deltas)
     assert generation is not None  # a backend's stream always ends with the complete Generation
     yield sse(chunk(response_id, model, endpoint, None, generation.finish_reason))
     if include_usage:
@@ -177,7 +177,7 @@ async def event_stream(
     yield sse("[DONE]")
 
 
-async def _close(stream: AsyncIterator[Any]) -> None:
+async def close_stream(stream: AsyncIterator[Any]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
