@@ -39,6 +39,24 @@ def test_validate_config_lists_every_problem_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_validate_config_warns_about_settings_that_can_never_decide(tmp_path):
+    """#29: production.example's holdout_fraction 0.05 with gate.min_examples 100 cannot decide below
+    about 2,000 rows, and nothing said so."""
+    risky = tmp_path / "risky.yaml"
+    risky.write_text(
+        "model:\n  base: x\n  max_seq_tokens: 64\ndata:\n  holdout_fraction: 0.05\n  min_rows: 200\n"
+        "gate:\n  min_examples: 100\ntrain:\n  batch_tokens: 65536\n"
+    )
+    result = _ctloop("validate-config", str(risky))
+    assert result.returncode == 0, result.stderr
+    assert "a cycle needs at least 1990 new rows to decide, but data.min_rows=200" in result.stderr
+    assert "trains at most 1 optimizer steps" in result.stderr
+    assert "valid, with 2 warning(s)" in result.stderr
+    fine = tmp_path / "fine.yaml"  # the defaults' own 20 rows are warned about too: 295 are needed to decide
+    fine.write_text("model:\n  base: x\ndata:\n  min_rows: 300\n")
+    assert "warning" not in _ctloop("validate-config", str(fine)).stderr
+
+
 def test_status_without_a_workspace_says_what_to_do(tmp_path):
     result = _ctloop("status", cwd=tmp_path)
     assert result.returncode == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ctloop.config import CtloopConfig, config_from_dict, load_config
+from ctloop.config import CtloopConfig, config_from_dict, config_warnings, load_config
 from ctloop.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,8 @@ def test_production_example_values_are_read():
     assert config.model.base == "meta-llama/Llama-3.2-1B"
     assert config.model.dtype == "bfloat16"
     assert config.model.max_seq_tokens == 2048
-    assert config.data.min_rows == 200
+    assert config.data.min_rows == 1000
+    assert config_warnings(config) == []  # its holdout can reach gate.min_examples
     assert config.replay.ratio == 0.25
     assert config.gate.max_old_regression == 0.01
     assert config.registry.model_name == "support-bot-adapter"

@@ -498,11 +498,15 @@ def workspace_relocate(workspace: WorkspaceOption = None) -> None:
 
 @app.command("validate-config")
 def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
-    """Check a config file and report every problem at once."""
-    from ctloop.config import load_config
+    """Check a config file and report every problem at once; warn about settings that can never
+    decide (a holdout too small for the gate) or train too little to learn."""
+    from ctloop.config import config_warnings, load_config
 
-    load_config(path)
-    console.print(f"{path}: valid")
+    config = load_config(path)
+    warnings = config_warnings(config)
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow")
+    console.print(f"{path}: valid" + (f", with {len(warnings)} warning(s)" if warnings else ""))
 
 
 @app.command()

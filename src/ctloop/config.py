@@ -826,3 +826,35 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             return None
         model = annotation
     return model
+
+
+def config_warnings(config: CtloopConfig) -> list[str]:
+    """Settings that are valid but cannot do what they are for: a gate that can never decide, a cycle
+    of a handful of optimizer steps. `ctloop validate-config` prints them."""
+    warnings = []
+    data, gate, train = config.data, config.gate, config.train
+    if data.max_holdout_rows < gate.min_examples:
+        warnings.append(
+            f"data.max_holdout_rows={data.max_holdout_rows} < gate.min_examples={gate.min_examples}: the new-data "
+            "holdout can never be large enough, so every gate is INCONCLUSIVE; raise data.max_holdout_rows or lower "
+            "gate.min_examples"
+        )
+    else:
+        needed = math.ceil((gate.min_examples - 0.5) / data.holdout_fraction)  # the split rounds to nearest
+        if needed > data.min_rows:
+            warnings.append(
+                f"data.holdout_fraction={data.holdout_fraction:g} and gate.min_examples={gate.min_examples}: a cycle "
+                f"needs at least {needed} new rows to decide, but data.min_rows={data.min_rows} accepts fewer; "
+                f"cycles of {data.min_rows}-{needed - 1} rows end INCONCLUSIVE (raise data.min_rows to {needed}, or "
+                "raise data.holdout_fraction, or lower gate.min_examples)"
+            )
+    train_rows = data.min_rows - min(data.max_holdout_rows, max(1, round(data.holdout_fraction * data.min_rows)))
+    most_steps = math.ceil(train.epochs * train_rows * config.model.max_seq_tokens / train.batch_tokens)
+    if most_steps < 10:
+        warnings.append(
+            f"a cycle of data.min_rows={data.min_rows} rows trains at most {most_steps} optimizer steps (every row "
+            f"{config.model.max_seq_tokens} tokens long, train.batch_tokens={train.batch_tokens}, "
+            f"train.epochs={train.epochs:g}): too few to learn from; raise data.min_rows or train.epochs, or lower "
+            "train.batch_tokens"
+        )
+    return warnings
