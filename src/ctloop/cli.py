@@ -477,6 +477,99 @@ def replay_drop(
     console.print(f"dropped {dropped} rows of cycle {cycle_id} from the replay buffer in {ws.replay_dir}")
 
 
+rollout_app = typer.Typer(
+    help="The canary after shadow: the candidate answers a growing share of live traffic.", no_args_is_help=True
+)
+app.add_typer(rollout_app, name="rollout")
+RequiredConfig = Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")]
+
+
+@rollout_app.command("start")
+def rollout_start(
+    config: RequiredConfig,
+    version: Annotated[int | None, typer.Option("--version", help="the candidate (default: the challenger)")] = None,
+    skip_shadow: Annotated[
+        bool, typer.Option("--skip-shadow", help="start without a shadow PROMOTE (recorded in the rollout)")
+    ] = False,
+) -> None:
+    """Start routing rollout.steps[0] of live traffic to the candidate; `ctloop serve` looks every
+    rollout.look_every_s and advances, holds or rolls back."""
+    from ctloop.config import load_config
+    from ctloop.serving.rollout import start
+
+    cfg = load_config(config)
+    registry, _ = _registry_context(config, None)
+    console.print(start(registry, cfg.rollout, version, skip_shadow).summary())
+
+
+@rollout_app.command("status")
+def rollout_status(config: RequiredConfig, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The running rollout, and what a look would decide now (without acting on it)."""
+    from ctloop.config import load_config
+    from ctloop.serving.rollout import active, decide
+
+    cfg = load_config(config)
+    registry, ws = _registry_context(config, None)
+    rollout = active(registry)
+    if rollout is None:
+        console.print("no rollout is running")
+        raise typer.Exit(0)
+    result = decide(rollout, _arm_counts(cfg, ws, rollout), cfg.rollout)
+    if as_json:
+        print(json.dumps(strict_json({"rollout": rollout.to_dict(), "look": result.__dict__}), indent=2, default=str))
+        return
+    console.print(rollout.summary())
+    console.print(
+        f"now: {result.decision}" + (f" ({result.more_needed} more candidate answers)" if result.more_needed else "")
+    )
+    for reason in result.reasons:
+        console.print(f"  {reason}")
+
+
+@rollout_app.command("check")
+def rollout_check(config: RequiredConfig) -> None:
+    """One look: advance, hold or roll back the running rollout (what `ctloop serve` does every
+    rollout.look_every_s; for cron or a DAG when no server looks). Exit 0: advanced or holding,
+    3: rolled back."""
+    from ctloop.config import load_config
+    from ctloop.registry.publishing import make_publisher
+    from ctloop.serving.rollout import ROLLBACK, look
+
+    cfg = load_config(config)
+    registry, ws = _registry_context(config, None)
+    outcome = look(registry, cfg, lambda r: _arm_counts(cfg, ws, r), make_publisher(cfg.publish, registry, ws))
+    if outcome is None:
+        console.print("no rollout is running")
+        return
+    rollout, result = outcome
+    console.print(f"{result.decision}: {rollout.summary()}")
+    for reason in result.reasons:
+        console.print(f"  {reason}")
+    raise typer.Exit(3 if result.decision == ROLLBACK else 0)
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    config: RequiredConfig, by: Annotated[str, typer.Option("--by", help="who stops it")] = "ctloop rollout abort"
+) -> None:
+    """Stop the running rollout: the candidate's share goes to 0 at the servers' next role poll."""
+    from ctloop.serving.rollout import abort
+
+    registry, _ = _registry_context(config, None)
+    console.print(abort(registry, by).summary())
+
+
+def _arm_counts(cfg, ws, rollout) -> dict:
+    from ctloop.logstore.requests import LogReader
+
+    reader = LogReader(ws.shadow_store_url(cfg.shadow.store_url), redact_pii=cfg.serve.redact)
+    try:
+        arms = {"candidate": str(rollout.candidate), "champion": str(rollout.champion)}
+        return reader.arm_counts(rollout.step_started, arms, cfg.harvest.rejected_below)
+    finally:
+        reader.close()
+
+
 workspace_app = typer.Typer(help="The workspace folder.", no_args_is_help=True)
 app.add_typer(workspace_app, name="workspace")
 

@@ -617,6 +617,36 @@ class ServeConfig(Section):
         return self
 
 
+class RolloutConfig(Section):
+    """The canary after shadow: the candidate answers a growing share of live traffic, and each step
+    advances, holds or rolls back on always-valid bounds of its rates against the champion's."""
+
+    steps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        [0.05, 0.25, 0.5, 1.0], min_length=1, description="the candidate's share of live traffic at each step"
+    )
+    min_requests_per_step: int = Field(200, ge=1, description="candidate answers a step needs before it advances")
+    max_error_rate_increase: float = Field(
+        0.01, gt=0, lt=1, description="candidate error rate minus the champion's, at most (absolute)"
+    )
+    max_negative_rate_increase: float = Field(
+        0.02, gt=0, lt=1, description="share of answers rated below harvest.rejected_below, minus the champion's"
+    )
+    max_correction_rate_increase: float = Field(
+        0.02, gt=0, lt=1, description="share of answers users corrected, minus the champion's"
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="chance of any wrong decision over the whole rollout, every look included"
+    )
+    look_every_s: float = Field(30.0, gt=0, description="how often `ctloop serve` looks at a running rollout")
+
+    @field_validator("steps")
+    @classmethod
+    def _growing_to_all(cls, steps: list[float]) -> list[float]:
+        if steps != sorted(set(steps)) or steps[-1] != 1.0:
+            raise ValueError("steps must grow strictly and end at 1.0 (all live traffic)")
+        return steps
+
+
 class ShadowConfig(Section):
     """Mirroring to the challenger (router and log store) and the decision drawn from the pairs."""
 
@@ -691,6 +721,7 @@ class CtloopConfig(Section):
     publish: PublishConfig = PublishConfig()
     serve: ServeConfig = ServeConfig()
     shadow: ShadowConfig = ShadowConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="after")
     def _watch_is_affordable(self) -> CtloopConfig:
@@ -720,6 +751,7 @@ class CtloopConfig(Section):
                         "production",
                         "publish",
                         "watch",
+                        "rollout",
                     ),
                     True,
                 ),

@@ -189,6 +189,46 @@ class LogReader:
         with self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
 
+    def arm_counts(self, since: float, arms: dict[str, str], rejected_below: float) -> dict[str, dict[str, int]]:
+        """Per arm (name -> model version), the live requests since `since` (not those that asked for
+        a version by name): how many, how many failed (finish_reason "error"), how many answers the
+        latest feedback rated below `rejected_below`, and how many it corrected. One grouped scan of
+        the window (created_at index)."""
+        from sqlalchemy import case, func, or_, select
+
+        log, feedback = self.request_log, self.feedback
+        latest = (
+            select(feedback.c.request_id, func.max(feedback.c.id).label("feedback_row"))
+            .group_by(feedback.c.request_id)
+            .subquery()
+        )
+        query = (
+            select(
+                log.c.model_version,
+                func.count(),
+                func.sum(case((log.c.finish_reason == "error", 1), else_=0)),
+                func.sum(case((feedback.c.score < rejected_below, 1), else_=0)),
+                func.sum(case((func.length(func.coalesce(feedback.c.correction, "")) > 0, 1), else_=0)),
+            )
+            .select_from(
+                log.outerjoin(latest, latest.c.request_id == log.c.request_id).outerjoin(
+                    feedback, feedback.c.id == latest.c.feedback_row
+                )
+            )
+            .where(log.c.created_at >= since, log.c.model_version.in_(list(arms.values())))
+            .where(or_(log.c.explicit_version.is_(False), log.c.explicit_version.is_(None)))
+            .group_by(log.c.model_version)
+        )
+        with self.engine.connect() as connection:
+            rows = {str(r[0]): r[1:] for r in connection.execute(query)}
+        empty = (0, 0, 0, 0)
+        return {
+            arm: dict(
+                zip(("requests", "errors", "negative", "corrections"), map(int, rows.get(version, empty)), strict=True)
+            )
+            for arm, version in arms.items()
+        }
+
     def rated_requests(
         self, since: float | None = None, until: float | None = None, page: int = 1000
     ) -> Iterator[list[dict[str, Any]]]:

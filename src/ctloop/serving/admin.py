@@ -1,5 +1,6 @@
 """The admin API of `ctloop serve`, behind a bearer token (`serve.admin_token_env`, compared in
-constant time; unset: 403): /admin/reload, /admin/promote, /admin/rollback, and vLLM's runtime LoRA
+constant time; unset: 403): /admin/reload, /admin/promote, /admin/rollback, the rollout
+(GET /admin/rollout; POST /admin/rollout/start, /admin/rollout/abort), and vLLM's runtime LoRA
 API /v1/load_lora_adapter and /v1/unload_lora_adapter (see `adapter_api.py`)."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
 from ctloop.errors import CtloopError, ModelError
-from ctloop.serving.schemas import ApiError, PromoteBody, parse_request, require_bearer
+from ctloop.serving.schemas import ApiError, PromoteBody, RolloutBody, parse_request, require_bearer
 
 
 def add_admin_routes(app: Any, serving: Any) -> None:
@@ -63,6 +64,41 @@ def add_admin_routes(app: Any, serving: Any) -> None:
 
         await _registry_call(asyncio.to_thread(rollback_champion, serving.registry, options.by, serving.publisher()))
         return _roles(await _registry_call(serving.sync_roles()))
+
+    @app.get("/admin/rollout")
+    async def rollout_status(request: Request):
+        """The running rollout and what a look would decide now (nothing moves)."""
+        from ctloop.serving.rollout import decide
+
+        require_admin(request)
+        rollout = serving.rollout
+        if rollout is None:
+            return {"rollout": None}
+        counts = await asyncio.to_thread(serving.arm_counts, rollout)
+        look = decide(rollout, counts, config.rollout)
+        return {"rollout": rollout.to_dict(), "look": look.__dict__}
+
+    @app.post("/admin/rollout/start")
+    async def rollout_start(request: Request):
+        from ctloop.serving.rollout import start
+
+        require_admin(request)
+        options = await parse_request(request, RolloutBody, config.serve, empty=b"{}")
+        await _registry_call(
+            asyncio.to_thread(start, serving.registry, config.rollout, options.version, options.skip_shadow)
+        )
+        await _registry_call(serving.sync_roles())
+        return {"rollout": None if serving.rollout is None else serving.rollout.to_dict()}
+
+    @app.post("/admin/rollout/abort")
+    async def rollout_abort(request: Request):
+        from ctloop.serving.rollout import abort
+
+        require_admin(request)
+        options = await parse_request(request, RolloutBody, config.serve, empty=b"{}")
+        stopped = await _registry_call(asyncio.to_thread(abort, serving.registry, options.by))
+        await _registry_call(serving.sync_roles())
+        return {"rollout": stopped.to_dict()}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):

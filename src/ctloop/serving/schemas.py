@@ -92,6 +92,14 @@ class PromoteBody(BaseModel):
     note: str = "promoted through the server's admin API"
 
 
+class RolloutBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=1)
+    skip_shadow: bool = False
+    by: str = "admin-api"
+
+
 def error_response(exc: ApiError) -> Any:
     from fastapi.responses import JSONResponse
 

@@ -89,6 +89,7 @@ class Serving:
         self.workspace = workspace
         self.model_name = config.registry.model_name
         self.roles = Roles()
+        self.rollout: Any = None  # the challenger's running rollout (serving.rollout.Rollout), read with the roles
         self.backend: Backend | None = None
         self.router: Any = None
         self.registry: Any = None
@@ -161,11 +162,13 @@ class Serving:
 
         async with self._sync_lock:
 
-            def read() -> Roles:
+            def read() -> tuple[Roles, Any]:
+                from ctloop.serving.rollout import active
+
                 history = champion_history(self.registry)
                 champion = self.registry.alias(CHAMPION)
                 previous = next((v for v in reversed(history) if v != champion), None)
-                return Roles(champion, self.registry.alias(CHALLENGER), previous)
+                return Roles(champion, self.registry.alias(CHALLENGER), previous), active(self.registry)
 
             if self._polling is not None and not self._polling.done():
                 # the last poll's thread is still waiting on the registry: no second thread piles up
@@ -174,7 +177,7 @@ class Serving:
                 )
             self._polling = asyncio.ensure_future(asyncio.to_thread(read))
             try:
-                roles = await asyncio.wait_for(asyncio.shield(self._polling), self.config.serve.poll_timeout_s)
+                roles, rollout = await asyncio.wait_for(asyncio.shield(self._polling), self.config.serve.poll_timeout_s)
             except TimeoutError:
                 raise RegistryUnavailable(
                     f"the registry did not answer the alias poll within serve.poll_timeout_s="
@@ -194,6 +197,8 @@ class Serving:
                         problems.append(f"{role} v{version} not loaded ({exc.__class__.__name__}: {exc})"[:300])
                         roles = replace(roles, **{role: None})
             self.roles = roles  # one assignment: a request sees the old roles or the new, never a mix
+            live = rollout is not None and rollout.candidate == roles.challenger and rollout.champion == roles.champion
+            self.rollout = rollout if live else None
             await asyncio.to_thread(self.backend.unload_except, roles.versions() | self.pinned)
             self.last_sync_error = "; ".join(problems)
             return roles
@@ -238,6 +243,31 @@ class Serving:
                 log.warning(
                     "reading the registry's aliases failed (serving the roles we have): %s", self.last_sync_error
                 )
+
+    async def watch_rollout(self) -> None:
+        """Look at the running rollout every rollout.look_every_s: advance, hold or roll back
+        (`serving.rollout.look`); a decision that moved it takes effect at once (roles synced)."""
+        while True:
+            await asyncio.sleep(self.config.rollout.look_every_s)
+            if self.rollout is None:
+                continue
+            try:
+                outcome = await asyncio.to_thread(self.look_at_rollout)
+                if outcome is not None and outcome[1].decision != "HOLD":
+                    log.warning("rollout: %s (%s)", outcome[1].decision, "; ".join(outcome[1].reasons)[:500])
+                    await self.sync_roles()
+            except Exception as exc:  # noqa: BLE001 - the next look tries again; the log says why
+                log.warning("looking at the rollout failed: %s: %s", exc.__class__.__name__, exc)
+
+    def look_at_rollout(self) -> Any:
+        from ctloop.serving.rollout import look
+
+        return look(self.registry, self.config, self.arm_counts, publisher=self.publisher(), by="ctloop serve")
+
+    def arm_counts(self, rollout: Any) -> dict[str, dict[str, int]]:
+        """Each arm's live requests, errors and feedback since the rollout's step began."""
+        arms = {"candidate": str(rollout.candidate), "champion": str(rollout.champion)}
+        return self.production.reader.arm_counts(rollout.step_started, arms, self.config.harvest.rejected_below)
 
     async def stop(self) -> None:
         try:
@@ -373,12 +403,20 @@ class Serving:
         )
 
     async def prepare(
-        self, body: Body, prompt: str, messages: list[dict[str, Any]] | None = None
+        self, body: Body, prompt: str, messages: list[dict[str, Any]] | None = None, arm_key: str = ""
     ) -> tuple[GenerationRequest, int, bool]:
-        """The generation request and the version that answers it (explicit or the champion), checked
-        against the caps and the context before any generation."""
+        """The generation request and the version that answers it (explicit; else the champion, or
+        the candidate for the rollout's share of users), checked against the caps and the context
+        before any generation."""
         request = self.generation_request(body, prompt, messages)
         version, explicit = self.resolve(body.model)
+        rollout = self.rollout
+        if not explicit and rollout is not None and version == rollout.champion:
+            from ctloop.serving.rollout import takes_candidate
+
+            # by user, else the client's id: one user sees one version; without either, per request
+            if takes_candidate(body.user or arm_key or uuid.uuid4().hex, rollout.share):
+                version = rollout.candidate
         await self.check_fits(request)
         return request, version, explicit
 
@@ -392,12 +430,14 @@ class Serving:
     ) -> tuple[Any, int]:
         """The champion's (or an explicit version's) answer, logged in the request log; champion
         answers are then offered to the router."""
-        request, version, explicit = await self.prepare(body, prompt, messages)
+        request, version, explicit = await self.prepare(body, prompt, messages, ids.client_request_id)
         try:
             generation = await self.backend.generate(request, version, USER)
         except TimeoutError as exc:
+            self.failed(ids, body, request, endpoint, messages, version, explicit)
             raise ApiError(504, f"the model did not answer in time: {exc}", kind="timeout") from exc
         except CtloopError as exc:
+            self.failed(ids, body, request, endpoint, messages, version, explicit)
             raise ApiError(503, f"the model could not answer: {exc}", kind="service_unavailable") from exc
         self.finish(ids, body, request, endpoint, messages, generation, version, explicit)
         return generation, version
@@ -417,8 +457,12 @@ class Serving:
 
         from ctloop.serving.streaming import event_stream
 
-        request, version, explicit = await self.prepare(body, prompt, messages)
-        deltas = await _first_then_rest(self.backend.stream(request, version))
+        request, version, explicit = await self.prepare(body, prompt, messages, ids.client_request_id)
+        try:
+            deltas = await _first_then_rest(self.backend.stream(request, version))
+        except ApiError:
+            self.failed(ids, body, request, endpoint, messages, version, explicit)
+            raise
 
         def complete(generation: Generation) -> None:
             self.streams["completed" if generation.finish_reason != CLIENT_GONE else CLIENT_GONE] += 1
@@ -441,6 +485,20 @@ class Serving:
         )
         headers = ids.headers() | {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    def failed(
+        self,
+        ids: RequestIds,
+        body: Body,
+        request: GenerationRequest,
+        endpoint: str,
+        messages: Any,
+        version: int,
+        explicit: bool,
+    ) -> None:
+        """Log a request the model failed to answer (finish_reason "error"): the rollout counts errors
+        per version from the request log."""
+        self.production.record(_failed_record(ids, body, request, endpoint, messages, version, explicit))
 
     def finish(
         self,
@@ -475,6 +533,9 @@ class Serving:
                 request_metadata=body.metadata or {},
             )
         )
+        rollout = self.rollout
+        if rollout is not None and version == rollout.candidate:
+            return  # the candidate's own live answer: nothing to mirror it to
         if not explicit and generation.finish_reason != CLIENT_GONE:  # a cut answer is no fair comparison
             # Sampled by user, else by the client's id, else by request: one user is always in or out.
             key = body.user or ids.client_request_id or ids.request_id
@@ -508,6 +569,26 @@ async def _first_then_rest(stream: Any) -> Any:
             await close_stream(stream)
 
     return rest()
+
+
+def _failed_record(
+    ids: RequestIds, body: Body, request: GenerationRequest, endpoint: str, messages: Any, version: int, explicit: bool
+) -> Any:
+    from ctloop.logstore.requests import RequestRecord
+
+    return RequestRecord(
+        request_id=ids.request_id,
+        client_request_id=ids.client_request_id,
+        model_version=str(version),
+        endpoint=endpoint,
+        prompt=request.prompt,
+        answer="",
+        explicit_version=explicit,
+        messages=messages,
+        finish_reason="error",
+        user=body.user or "",
+        request_metadata=body.metadata or {},
+    )
 
 
 class CountRequests:
@@ -567,7 +648,11 @@ def create_app(config: CtloopConfig, workspace: Workspace) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await serving.start()
-        background = [asyncio.create_task(serving.watch()), asyncio.create_task(serving.production.purge_forever())]
+        background = [
+            asyncio.create_task(serving.watch()),
+            asyncio.create_task(serving.production.purge_forever()),
+            asyncio.create_task(serving.watch_rollout()),
+        ]
         try:
             yield
         finally:
