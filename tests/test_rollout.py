@@ -154,7 +154,7 @@ def test_a_healthy_candidate_advances_through_every_step_and_becomes_champion(ti
         with serve_in_background(create_app(config, Workspace(config.workspace))) as url:
             seen = _drive(url, registry)
     assert seen[-1].state == "completed", seen[-1]
-    assert [s.step for s in seen if s.state == "running"] == [0, 1, 2]
+    assert [s.share for s in seen if s.state == "running"] == [0.25, 0.5]  # the step to 100% is the promotion
     assert registry.alias(CHAMPION) == 2
     assert "completed" in registry.version(2).tags["ctloop.rollout"]
 

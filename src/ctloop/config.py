@@ -642,8 +642,10 @@ class RolloutConfig(Section):
     @field_validator("steps")
     @classmethod
     def _growing_to_all(cls, steps: list[float]) -> list[float]:
-        if steps != sorted(set(steps)) or steps[-1] != 1.0:
-            raise ValueError("steps must grow strictly and end at 1.0 (all live traffic)")
+        if steps != sorted(set(steps)) or steps[-1] != 1.0 or len(steps) < 2:
+            raise ValueError(
+                "steps must grow strictly from a share below 1.0 and end at 1.0 (all live traffic: the promotion)"
+            )
         return steps
 
 

@@ -12,11 +12,12 @@ the step began get confidence-sequence bounds (`serving.sequential`, valid at ev
   its `rollout.max_*_increase` (lower bound of the candidate's rate minus upper bound of the
   champion's). Its share goes to 0; the alias does not move; the version is tagged with why.
 - ADVANCE when every metric shows it no worse than that (upper minus lower bound within the limit)
-  with at least `rollout.min_requests_per_step` candidate answers; after the last step the
+  with at least `rollout.min_requests_per_step` candidate answers. The step to 100% is the
+  promotion itself (with all the traffic the champion would answer nothing to compare with): the
   candidate becomes champion through `promotion.promote`.
 - HOLD otherwise, with how many more candidate answers the widest bound needs if the rates stay.
 
-`rollout.alpha` is split over steps, metrics and the two sides (Bonferroni), so the chance of any
+`rollout.alpha` is split over the steps compared, the metrics, the two sides and the arms' bounds (Bonferroni), so the chance of any
 wrong decision over the whole rollout, however often it is looked at, is at most alpha, for
 requests independent given their arm. Requests of one user are not independent; assigning by user
 keeps them in one arm, but a few heavy users can still make the bounds too narrow.
@@ -155,7 +156,10 @@ def decide(rollout: Rollout, counts: dict[str, dict[str, int]], config: RolloutC
     from ctloop.serving.sequential import confidence_bound
 
     metrics = METRICS + FEEDBACK_METRICS
-    confidence = 1 - config.alpha / (len(rollout.steps) * len(metrics) * 2 * 2)  # steps, metrics, sides, arms
+    # Split over the steps compared (all but the last, 100%: there the champion answers nothing),
+    # the metrics, the two sides (rollback, advance) and the two arms' bounds.
+    compared = max(1, sum(1 for share in rollout.steps if share < 1.0))
+    confidence = 1 - config.alpha / (compared * len(metrics) * 2 * 2)
     cand, champ = counts.get("candidate", {}), counts.get("champion", {})
     n_cand, n_champ = cand.get("requests", 0), champ.get("requests", 0)
     reasons, worse, unsure = [], [], []
@@ -240,7 +244,8 @@ def look(
         moved = replace(rollout, state=ROLLED_BACK, history=(*rollout.history, stamp))
         registry.set_version_tags(rollout.candidate, {TAG: moved.to_tag(), "ctloop.rollout_decision": stamp[:4000]})
         return moved, result
-    if rollout.step + 1 < len(rollout.steps):
+    next_share = rollout.steps[rollout.step + 1] if rollout.step + 1 < len(rollout.steps) else 1.0
+    if next_share < 1.0:
         moved = replace(rollout, step=rollout.step + 1, step_started=time.time(), history=(*rollout.history, stamp))
         registry.set_version_tags(rollout.candidate, {TAG: moved.to_tag()})
         return moved, result
