@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,7 @@ WorkspaceOption = Annotated[
     typer.Option("--workspace", "-w", help="workspace folder (default: the config's, else ./ctloop-workspace)"),
 ]
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="ctloop YAML config")]
+RequiredConfig = Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")]
 
 
 @app.command()
@@ -436,6 +438,129 @@ def logs_purge(
     console.print(f"purged rows older than {days:g} days: " + ", ".join(f"{k} {v}" for k, v in deleted.items()))
 
 
+def _log_reader(config: Path, workspace: Path | None):
+    from ctloop.config import load_config
+    from ctloop.logstore.requests import LogReader
+    from ctloop.workspace import resolve_workspace
+
+    cfg = load_config(config)
+    return LogReader(resolve_workspace(workspace, cfg).shadow_store_url(cfg.shadow.store_url), cfg.serve.redact)
+
+
+def _listed(rows: list[dict], as_json: bool, title: str) -> None:
+    from rich.table import Table
+
+    from ctloop.fileio import TIMESTAMP_FORMAT
+
+    if as_json:
+        print(json.dumps(strict_json(rows), indent=2, default=str, allow_nan=False))
+        return
+    table = Table("time", "request id", "version", "user", "finish", "rating", "prompt", "answer", title=title)
+    for row in rows:
+        feedback = row.get("feedback") or {}
+        rating = "" if not feedback else "corrected" if feedback.get("correction") else f"{feedback.get('score')}"
+        table.add_row(
+            time.strftime(TIMESTAMP_FORMAT, time.gmtime(row["created_at"])),
+            row["request_id"],
+            str(row["model_version"]),
+            row.get("user") or "",
+            row.get("finish_reason") or "",
+            rating,
+            (row.get("prompt") or "")[:60],
+            (row.get("answer") or "")[:60],
+        )
+    console.print(table)
+
+
+OptionalSince = Annotated[str | None, typer.Option("--since", help="only the last 30m, 24h, 7d, ... (default: all)")]
+
+
+@logs_app.command("list")
+def logs_list(
+    config: RequiredConfig,
+    since: OptionalSince = None,
+    user: Annotated[str | None, typer.Option("--user", help="one user's requests")] = None,
+    version: Annotated[int | None, typer.Option("--version", help="answered by this version")] = None,
+    rated: Annotated[
+        str | None, typer.Option("--rated", help="up, down, corrected, any (some feedback) or none")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=100_000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """The newest served requests, with their latest feedback."""
+    from ctloop.errors import ConfigError
+    from ctloop.fileio import parse_since
+
+    if rated is not None and rated not in ("up", "down", "corrected", "any", "none"):
+        raise ConfigError("--rated", [f"got {rated!r}; use up, down, corrected, any or none"])
+    reader = _log_reader(config, workspace)
+    try:
+        rows = reader.recent_requests(
+            parse_since(since) if since else None,
+            user,
+            None if version is None else str(version),
+            rated,
+            limit,
+        )
+    finally:
+        reader.close()
+    _listed(rows, as_json, f"the newest {len(rows)} requests")
+
+
+@logs_app.command("show")
+def logs_show(
+    request_id: Annotated[str, typer.Argument(help="the id the server gave (X-Request-Id of its answer)")],
+    config: RequiredConfig,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """One served request in full, with every feedback it got (JSON)."""
+    from ctloop.errors import DataError
+
+    reader = _log_reader(config, workspace)
+    try:
+        row = reader.request_row(request_id)
+    finally:
+        reader.close()
+    if row is None:
+        raise DataError(f"no logged request has id {request_id!r}; `ctloop logs list` shows the newest ids")
+    print(json.dumps(strict_json(row), indent=2, default=str, allow_nan=False, ensure_ascii=False))
+
+
+@feedback_app.command("list")
+def feedback_list(
+    config: RequiredConfig,
+    since: OptionalSince = None,
+    rated: Annotated[str, typer.Option("--rated", help="up, down, corrected or any")] = "any",
+    version: Annotated[int | None, typer.Option("--version", help="answers of this version")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=100_000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """The newest answers that got feedback, with the feedback."""
+    logs_list(config, since, None, version, rated, limit, as_json, workspace)
+
+
+@feedback_app.command("export")
+def feedback_export(
+    out: Annotated[Path, typer.Argument(help="the JSONL file to write: one answer and its latest feedback a line")],
+    config: RequiredConfig,
+    since: OptionalSince = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 1_000_000,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Write answers that got feedback, newest first, with the request and its latest feedback."""
+    from ctloop.fileio import parse_since, write_jsonl
+
+    reader = _log_reader(config, workspace)
+    try:
+        rows = reader.recent_requests(parse_since(since) if since else None, rated="any", limit=limit)
+    finally:
+        reader.close()
+    write_jsonl(out, [json.loads(json.dumps(row, default=str)) for row in rows])
+    console.print(f"wrote {len(rows)} answers with their feedback to {out}")
+
+
 @feedback_app.command("import")
 def feedback_import(
     path: Annotated[Path, typer.Argument(help="feedback records: .jsonl or .csv with request_id, rating, ...")],
@@ -481,7 +606,6 @@ rollout_app = typer.Typer(
     help="The canary after shadow: the candidate answers a growing share of live traffic.", no_args_is_help=True
 )
 app.add_typer(rollout_app, name="rollout")
-RequiredConfig = Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")]
 
 
 @rollout_app.command("start")

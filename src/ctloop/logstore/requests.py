@@ -373,6 +373,71 @@ class LogReader:
             row["feedback"] = latest.get(row["request_id"])
         return rows
 
+    def recent_requests(
+        self,
+        since: float | None = None,
+        user: str | None = None,
+        version: str | None = None,
+        rated: str | None = None,
+        limit: int = 20,
+    ) -> list[dict[str, Any]]:
+        """The newest logged requests (at most `limit`), each with its latest feedback (or None),
+        filtered by time, user, answering version and `rated`: "up" (score at least 0.5), "down"
+        (below 0.5), "corrected", "any" (some feedback) or "none". For `ctloop logs list`."""
+        from sqlalchemy import func, select
+
+        log, feedback = self.request_log, self.feedback
+        latest = (
+            select(feedback.c.request_id, func.max(feedback.c.id).label("feedback_row"))
+            .group_by(feedback.c.request_id)
+            .subquery()
+        )
+        fb = [c.label(f"feedback__{c.name}") for c in feedback.c]
+        query = select(log, *fb).select_from(
+            log.outerjoin(latest, latest.c.request_id == log.c.request_id).outerjoin(
+                feedback, feedback.c.id == latest.c.feedback_row
+            )
+        )
+        if since is not None:
+            query = query.where(log.c.created_at >= since)
+        if user is not None:
+            query = query.where(log.c.user == user)
+        if version is not None:
+            query = query.where(log.c.model_version == version)
+        conditions = {
+            "up": feedback.c.score >= 0.5,
+            "down": feedback.c.score < 0.5,
+            "corrected": func.length(func.coalesce(feedback.c.correction, "")) > 0,
+            "any": feedback.c.id.is_not(None),
+            "none": feedback.c.id.is_(None),
+        }
+        if rated is not None:
+            query = query.where(conditions[rated])
+        query = query.order_by(log.c.id.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            rows = [dict(r._mapping) for r in connection.execute(query)]
+        out = []
+        for row in rows:
+            given = {k.removeprefix("feedback__"): v for k, v in row.items() if k.startswith("feedback__")}
+            plain = self._decoded({k: v for k, v in row.items() if not k.startswith("feedback__")})
+            out.append(plain | {"feedback": given if given.get("feedback_id") else None})
+        return out
+
+    def request_row(self, request_id: str) -> dict[str, Any] | None:
+        """One logged request by its id (as the server gave it), with every feedback it got, oldest first."""
+        from sqlalchemy import select
+
+        stored = self.stored_id(request_id)
+        with self.engine.connect() as connection:
+            row = connection.execute(select(self.request_log).where(self.request_log.c.request_id == stored)).first()
+            if row is None:
+                return None
+            given = connection.execute(
+                select(self.feedback).where(self.feedback.c.request_id == stored).order_by(self.feedback.c.id)
+            )
+            feedback = [dict(f._mapping) for f in given]
+        return self._decoded(dict(row._mapping)) | {"feedback": feedback}
+
     def latest_feedback(self, request_ids: set[str] | None = None) -> dict[str, dict[str, Any]]:
         """The latest feedback row per request id (all request ids when None)."""
         query = self.feedback.select().order_by(self.feedback.c.created_at, self.feedback.c.id)
