@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint clean phoenix-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,23 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -e ".[test,airflow]"
 	touch $@ $(VENV)/.installed
 
+# Arize Phoenix for tests/test_phoenix_source.py, in its own environment: it pins other FastAPI
+# releases than ctloop (which stays below 0.137 for Airflow).
+PHOENIX_VENV ?= .venv-phoenix
+PHOENIX_SPEC ?= "arize-phoenix==20.26.1" "openinference-instrumentation-openai==0.1.66" "openai>=1.40"
+
+$(PHOENIX_VENV)/.installed:
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install -q $(PHOENIX_SPEC)
+	touch $@
+
+phoenix-venv: $(PHOENIX_VENV)/.installed
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/ctloop demo
 
 # scripts/with_postgres.sh starts a throwaway PostgreSQL for the shadow store's tests.
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(PHOENIX_VENV)/.installed
 	scripts/with_postgres.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: unit tests only (no whole cycles, no Airflow, no PostgreSQL); CI runs everything.
@@ -48,4 +60,4 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) ctloop-workspace
+	rm -rf $(VENV) $(PHOENIX_VENV) ctloop-workspace

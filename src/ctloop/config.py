@@ -294,16 +294,28 @@ class ProductionConfig(Section):
     (what `mlflow.openai.autolog()` records) with their HUMAN feedback assessments, and corrections
     as an expectation named `correction_name`. jsonl: files of one exchange per line,
     {"id", "created_at", "request": <an OpenAI request body>, "response": <its response body>,
-    "feedback": {"rating", "correction"}} (feedback optional), as gateways and batch jobs write them."""
+    "feedback": {"rating", "correction"}} (feedback optional), as gateways and batch jobs write them.
+    phoenix: OpenInference LLM spans in an Arize Phoenix project (what
+    openinference-instrumentation-openai records), with HUMAN span annotations as feedback."""
 
-    source: Literal["ctloop", "mlflow", "jsonl"] = "ctloop"
+    source: Literal["ctloop", "mlflow", "jsonl", "phoenix"] = "ctloop"
     path: str | None = Field(None, description="jsonl: a file, or a glob of files")
     experiment: str | None = Field(None, description="mlflow: the experiment holding the traces")
     tracking_uri: str | None = Field(None, description="mlflow: default registry.tracking_uri / the workspace's")
-    rating_names: list[str] = Field(
-        default_factory=list, description="mlflow: the feedback names that count as ratings; empty: every one"
+    phoenix_url: str = Field("http://127.0.0.1:6006", description="phoenix: the Phoenix server")
+    project: str = Field("default", min_length=1, description="phoenix: the project holding the spans")
+    phoenix_api_key_env: str = Field(
+        "PHOENIX_API_KEY", description="phoenix: the environment variable with its API key (unset: none sent)"
     )
-    correction_name: str = Field("expected_response", description="mlflow: the expectation holding a correction")
+    rating_names: list[str] = Field(
+        default_factory=list,
+        description="mlflow, phoenix: the feedback (annotation) names that count as ratings; empty: every one but "
+        "correction_name",
+    )
+    correction_name: str = Field(
+        "expected_response",
+        description="mlflow: the expectation holding a correction; phoenix: the annotation whose explanation holds it",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> ProductionConfig:

@@ -5,7 +5,9 @@
 - `ctloop`: the request log `ctloop serve` writes (`LogStoreSource`, over the store's indexes);
 - `jsonl`: files of one exchange per line, as gateways and batch jobs write them (`JsonlSource`);
 - `mlflow`: traces in an MLflow experiment with their feedback assessments
-  (`ctloop.registry.traces.MlflowTraceSource`, in the registry: the only package that imports mlflow).
+  (`ctloop.registry.traces.MlflowTraceSource`, in the registry: the only package that imports mlflow);
+- `phoenix`: OpenInference LLM spans in an Arize Phoenix project, with HUMAN span annotations as
+  feedback (`PhoenixSource`, over Phoenix's REST API: no Phoenix package needed).
 
 Every source gives the same rows (request_id, prompt, answer, created_at, model_version, messages,
 and the latest feedback as {feedback_id, score, correction}), reads its window in pages, never
@@ -251,11 +253,124 @@ class LogStoreSource:
         self.reader.close()
 
 
+THUMBS = {"thumbs_up": True, "up": True, "positive": True, "good": True, "correct": True, "thumbs_down": False}
+THUMBS |= {"down": False, "negative": False, "bad": False, "incorrect": False}
+
+
+class PhoenixSource(StreamedSource):
+    """OpenInference LLM spans of a Phoenix project, read page by page through Phoenix's REST API
+    (`GET /v1/projects/{project}/spans`, then their annotations). A span's `input.value` and
+    `output.value` hold the OpenAI request and response bodies. Of its HUMAN annotations, the latest
+    named in `rating_names` (every name but `correction_name` when empty) is the rating: its score
+    (+1/-1, or in [0, 1]), else its label (thumbs_up / thumbs_down, up / down, ...); the latest named
+    `correction_name` holds a correction in its explanation."""
+
+    name = "phoenix"
+
+    def __init__(self, url: str, project: str, rating_names: list[str], correction_name: str, api_key: str | None):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.project = project
+        self.rating_names = set(rating_names)
+        self.correction_name = correction_name
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        self.problems: Counter[str] = Counter()
+
+    def _get(self, path: str, params: Any) -> dict[str, Any]:
+        import httpx
+
+        try:
+            response = self.client.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise DataError(
+                f"production.phoenix_url={self.url!r}: {exc.__class__.__name__} ({exc}); check that Phoenix is up"
+            ) from exc
+        if response.status_code == 404 and "/spans" in path:
+            raise DataError(f"Phoenix has no project {self.project!r}; set production.project to one it lists")
+        if response.status_code >= 400:
+            raise DataError(f"Phoenix answered {response.status_code} for {path}: {response.text[:300]}")
+        return response.json()
+
+    def _rows(self, since: float, until: float) -> Iterator[dict[str, Any]]:
+        self.problems = Counter()
+        window = {
+            "start_time": datetime.datetime.fromtimestamp(since, datetime.UTC).isoformat(),
+            "end_time": datetime.datetime.fromtimestamp(until, datetime.UTC).isoformat(),
+            "span_kind": "LLM",
+            "limit": PAGE,
+        }
+        cursor = None
+        path = f"/v1/projects/{self.project}/spans"
+        while True:
+            page = self._get(path, window | ({"cursor": cursor} if cursor else {}))
+            spans = [s for s in page.get("data") or [] if s.get("span_kind") == "LLM"]
+            annotations = self._annotations([s["context"]["span_id"] for s in spans])
+            for span in spans:
+                try:
+                    yield self._row(span, annotations.get(span["context"]["span_id"], []))
+                except BadExchange as bad:
+                    self.problems[bad.reason] += 1
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def _annotations(self, span_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = {}
+        path = f"/v1/projects/{self.project}/span_annotations"
+        for start in range(0, len(span_ids), 100):
+            cursor = None
+            while True:
+                params: dict[str, Any] = {"span_ids": span_ids[start : start + 100], "limit": PAGE}
+                page = self._get(path, params | ({"cursor": cursor} if cursor else {}))
+                for annotation in page.get("data") or []:
+                    found.setdefault(annotation["span_id"], []).append(annotation)
+                cursor = page.get("next_cursor")
+                if not cursor:
+                    break
+        return found
+
+    def _row(self, span: dict[str, Any], annotations: list[dict[str, Any]]) -> dict[str, Any]:
+        attributes = span.get("attributes") or {}
+        try:
+            request = json.loads(attributes["input.value"])
+            response = json.loads(attributes["output.value"])
+        except KeyError:
+            raise BadExchange("span_without_input_or_output") from None
+        except (TypeError, ValueError):
+            raise BadExchange("span_not_json") from None
+        rating = correction = None
+        for annotation in sorted(annotations, key=lambda a: str(a.get("updated_at") or a.get("created_at") or "")):
+            if str(annotation.get("annotator_kind", "")).upper() != "HUMAN":
+                continue
+            result = annotation.get("result") or {}
+            name = annotation.get("name")
+            if name == self.correction_name:
+                correction = result.get("explanation")
+            elif not self.rating_names or name in self.rating_names:
+                score, label = result.get("score"), str(result.get("label") or "").lower()
+                rating = score if score is not None else THUMBS.get(label)
+        span_id = span["context"]["span_id"]
+        created = _timestamp(span.get("start_time"))
+        return exchange_row(span_id, created, request, response, feedback_of(span_id, rating, correction))
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def open_source(config: CtloopConfig, workspace: Workspace) -> ProductionSource:
     """The source `production.source` names."""
+    import os
+
     settings = config.production
     if settings.source == "jsonl":
         return JsonlSource(str(settings.path))
+    if settings.source == "phoenix":
+        key = os.environ.get(settings.phoenix_api_key_env) or None
+        return PhoenixSource(
+            settings.phoenix_url, settings.project, settings.rating_names, settings.correction_name, key
+        )
     if settings.source == "mlflow":
         from ctloop.registry.traces import MlflowTraceSource
 
