@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -134,6 +135,12 @@ def test_a_candidate_that_fails_10_percent_of_requests_is_rolled_back_before_25_
     assert registry.alias(CHAMPION) == 1  # it never became champion
     assert "error rate" in registry.version(2).tags["ctloop.rollout_decision"]
     assert active(registry) is None
+    # Its report, written when it ended: the decision in words first, every look's bounds per metric.
+    page = (Path(config.workspace) / "rollout" / "v2.html").read_text()
+    assert "the rollout was rolled back" in page and "error rate: upper bound of the gap" in page
+    assert page.index("the rollout was rolled back") < page.index("gap, lower bound")
+    run_id = registry.version(2).run_id
+    assert [a.path for a in registry.client.list_artifacts(run_id, "rollout")] == ["rollout/v2.html"]
 
 
 @pytest.mark.slow

@@ -661,7 +661,13 @@ def rollout_check(config: RequiredConfig) -> None:
 
     cfg = load_config(config)
     registry, ws = _registry_context(config, None)
-    outcome = look(registry, cfg, lambda r: _arm_counts(cfg, ws, r), make_publisher(cfg.publish, registry, ws))
+    outcome = look(
+        registry,
+        cfg,
+        lambda r: _arm_counts(cfg, ws, r),
+        make_publisher(cfg.publish, registry, ws),
+        workspace_root=ws.root,
+    )
     if outcome is None:
         console.print("no rollout is running")
         return
@@ -670,6 +676,24 @@ def rollout_check(config: RequiredConfig) -> None:
     for reason in result.reasons:
         console.print(f"  {reason}")
     raise typer.Exit(3 if result.decision == ROLLBACK else 0)
+
+
+@rollout_app.command("report")
+def rollout_report(
+    config: RequiredConfig,
+    version: Annotated[int | None, typer.Option("--version", help="the candidate (default: the challenger)")] = None,
+) -> None:
+    """Write the rollout's HTML report (its decision, each step, every look's bounds per metric) and
+    log it on the candidate's MLflow run; a finished rollout writes it by itself."""
+    from ctloop.errors import RegistryError
+    from ctloop.registry.client import CHALLENGER
+    from ctloop.serving.rollout import report
+
+    registry, ws = _registry_context(config, None)
+    candidate = version if version is not None else registry.alias(CHALLENGER)
+    if candidate is None:
+        raise RegistryError("there is no challenger; pass --version N")
+    console.print(f"rollout report: {report(registry, ws.root, candidate)}")
 
 
 @rollout_app.command("abort")

@@ -31,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from ctloop.config import CtloopConfig, RolloutConfig
 from ctloop.errors import RegistryError
-from ctloop.fileio import utc_now
+from ctloop.fileio import strict_json, utc_now
 from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
 
 TAG = "ctloop.rollout"
@@ -88,6 +89,8 @@ class Look:
     reasons: tuple[str, ...]
     requests: dict[str, int]  # arm -> live answers since the step began
     more_needed: int = 0  # HOLD: candidate answers the widest bound needs, if the rates stay
+    # metric -> {label, limit, the gap's bounds: worse_by (lower) and at_most (upper), per-arm rates}
+    metrics: dict[str, dict[str, float | str]] = field(default_factory=dict)
 
 
 def takes_candidate(key: str, share: float) -> bool:
@@ -164,6 +167,7 @@ def decide(rollout: Rollout, counts: dict[str, dict[str, int]], config: RolloutC
     n_cand, n_champ = cand.get("requests", 0), champ.get("requests", 0)
     reasons, worse, unsure = [], [], []
     more = 0
+    measured: dict[str, dict[str, float | str]] = {}
     for key, label, limit_name in metrics:
         limit = getattr(config, limit_name)
         k_cand, k_champ = cand.get(key, 0), champ.get(key, 0)
@@ -172,6 +176,14 @@ def decide(rollout: Rollout, counts: dict[str, dict[str, int]], config: RolloutC
         low_champ = confidence_bound(k_champ, n_champ, confidence, upper=False)
         high_champ = confidence_bound(k_champ, n_champ, confidence, upper=True)
         rate_cand, rate_champ = (k_cand / n_cand if n_cand else 0.0), (k_champ / n_champ if n_champ else 0.0)
+        measured[key] = {
+            "label": label,
+            "limit": limit,
+            "candidate": rate_cand,
+            "champion": rate_champ,
+            "worse_by": low_cand - high_champ,  # the gap's lower bound: above the limit is ROLLBACK
+            "at_most": high_cand - low_champ,  # its upper bound: within the limit counts toward ADVANCE
+        }
         line = (
             f"{label}: candidate {k_cand}/{n_cand} ({rate_cand:.2%}), champion {k_champ}/{n_champ} ({rate_champ:.2%})"
         )
@@ -189,13 +201,13 @@ def decide(rollout: Rollout, counts: dict[str, dict[str, int]], config: RolloutC
                 more = max(more, _needed(k_cand, n_cand, k_champ, n_champ, limit, confidence) - n_cand)
     requests = {"candidate": n_cand, "champion": n_champ}
     if worse:
-        return Look(ROLLBACK, tuple(worse + unsure + reasons), requests)
+        return Look(ROLLBACK, tuple(worse + unsure + reasons), requests, metrics=measured)
     if not unsure and n_cand >= config.min_requests_per_step:
-        return Look(ADVANCE, tuple(reasons), requests)
+        return Look(ADVANCE, tuple(reasons), requests, metrics=measured)
     if n_cand < config.min_requests_per_step:
         unsure.append(f"{n_cand} candidate answers of rollout.min_requests_per_step={config.min_requests_per_step}")
         more = max(more, config.min_requests_per_step - n_cand)
-    return Look(HOLD, tuple(unsure + reasons), requests, more_needed=more)
+    return Look(HOLD, tuple(unsure + reasons), requests, more_needed=more, metrics=measured)
 
 
 def _needed(k_cand: int, n_cand: int, k_champ: int, n_champ: int, limit: float, confidence: float) -> int:
@@ -218,8 +230,42 @@ def _needed(k_cand: int, n_cand: int, k_champ: int, n_champ: int, limit: float, 
     return n
 
 
+def journal_path(workspace_root: Path, candidate: int) -> Path:
+    """Where a rollout's looks are kept, one JSON line a look (the report reads them)."""
+    return workspace_root / "rollout" / f"v{candidate}.jsonl"
+
+
+def record(journal: Path, rollout: Rollout, result: Look) -> None:
+    """Append one look to the rollout's journal."""
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"time": time.time(), "step": rollout.step, "share": rollout.share} | asdict(result)
+    with journal.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(strict_json(entry)) + "\n")
+
+
+def report(registry: Registry, workspace_root: Path, candidate: int) -> Path:
+    """Write the rollout's HTML report next to its journal and log it on the candidate's MLflow run."""
+    from ctloop.reports.rollout import write_rollout_report
+
+    tag = registry.version(candidate).tags.get(TAG)
+    if not tag:
+        raise RegistryError(f"v{candidate} has had no rollout; `ctloop rollout start` begins one")
+    journal = journal_path(workspace_root, candidate)
+    looks = [json.loads(line) for line in journal.read_text().splitlines()] if journal.is_file() else []
+    path = write_rollout_report(journal.with_suffix(".html"), Rollout.from_tag(tag).to_dict(), looks)
+    run_id = registry.version(candidate).run_id
+    if run_id:
+        registry.log_artifact(run_id, path, "rollout")
+    return path
+
+
 def look(
-    registry: Registry, config: CtloopConfig, counts_since, publisher=None, by: str = "ctloop rollout"
+    registry: Registry,
+    config: CtloopConfig,
+    counts_since,
+    publisher=None,
+    by: str = "ctloop rollout",
+    workspace_root: Path | None = None,
 ) -> tuple[Rollout, Look] | None:
     """One look at the running rollout: decide on the counts since its step began
     (`counts_since(rollout) -> counts`), then advance, roll back or hold. None when none runs. A
@@ -234,6 +280,8 @@ def look(
         registry.set_version_tags(rollout.candidate, {TAG: stopped.to_tag()})
         return stopped, Look(HOLD, ("the champion moved during the rollout; it stopped",), {})
     result = decide(rollout, counts_since(rollout), config.rollout)
+    if workspace_root is not None:
+        record(journal_path(workspace_root, rollout.candidate), rollout, result)
     if result.decision == HOLD:
         return rollout, result
     current = active(registry)
@@ -243,6 +291,8 @@ def look(
     if result.decision == ROLLBACK:
         moved = replace(rollout, state=ROLLED_BACK, history=(*rollout.history, stamp))
         registry.set_version_tags(rollout.candidate, {TAG: moved.to_tag(), "ctloop.rollout_decision": stamp[:4000]})
+        if workspace_root is not None:
+            report(registry, workspace_root, rollout.candidate)
         return moved, result
     next_share = rollout.steps[rollout.step + 1] if rollout.step + 1 < len(rollout.steps) else 1.0
     if next_share < 1.0:
@@ -258,4 +308,6 @@ def look(
     )
     moved = replace(rollout, state=COMPLETED, history=(*rollout.history, stamp))
     registry.set_version_tags(rollout.candidate, {TAG: moved.to_tag(), "ctloop.rollout_decision": stamp[:4000]})
+    if workspace_root is not None:
+        report(registry, workspace_root, rollout.candidate)
     return moved, result

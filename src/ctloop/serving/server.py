@@ -262,7 +262,14 @@ class Serving:
     def look_at_rollout(self) -> Any:
         from ctloop.serving.rollout import look
 
-        return look(self.registry, self.config, self.arm_counts, publisher=self.publisher(), by="ctloop serve")
+        return look(
+            self.registry,
+            self.config,
+            self.arm_counts,
+            publisher=self.publisher(),
+            by="ctloop serve",
+            workspace_root=self.workspace.root,
+        )
 
     def arm_counts(self, rollout: Any) -> dict[str, dict[str, int]]:
         """Each arm's live requests, errors and feedback since the rollout's step began."""
