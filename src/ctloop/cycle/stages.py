@@ -221,7 +221,7 @@ def prepare_stage(ctx: StageContext) -> dict:
     if not supervised_new:
         sized_by = {r.id for r in preference_train}
         mix = replace(mix, records=[r for r in mix.records if r.id not in sized_by])
-    if kind is None and not mix.records:
+    if kind is None and not supervised_new:  # replay alone would train a cycle that learns nothing new
         raise DataError(
             f"no row to train on: the new data's {len(new_train)} training rows are all rated down; "
             "set train.objective to kto to learn from them, or collect corrections and answers rated up"

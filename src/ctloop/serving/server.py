@@ -168,7 +168,12 @@ class Serving:
                 history = champion_history(self.registry)
                 champion = self.registry.alias(CHAMPION)
                 previous = next((v for v in reversed(history) if v != champion), None)
-                return Roles(champion, self.registry.alias(CHALLENGER), previous), active(self.registry)
+                try:
+                    rollout = active(self.registry)
+                except (ValueError, TypeError, KeyError) as exc:  # a damaged tag must not stop the role sync
+                    log.warning("the challenger's ctloop.rollout tag is unreadable (%s): no rollout routed", exc)
+                    rollout = None
+                return Roles(champion, self.registry.alias(CHALLENGER), previous), rollout
 
             if self._polling is not None and not self._polling.done():
                 # the last poll's thread is still waiting on the registry: no second thread piles up
