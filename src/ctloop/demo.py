@@ -244,7 +244,8 @@ def _print_story(
         out.print("feedback: " + ", ".join(f"{k} {v}" for k, v in production["feedback"].items()))
         out.print(f"production drift: {drift['outcome']} ({drift['window']['requests']} requests served)")
         out.print(
-            f"harvest: {harvested.kept} rows for the next cycle, {harvested.rejected} rejected answers kept aside "
+            f"harvest: {harvested.kept} rows to learn from as written, {harvested.rejected} rated down (never supervised; "
+            "train.objective kto learns from them) "
             f"-> {harvested.out_path}"
         )
     out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
