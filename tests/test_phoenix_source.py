@@ -37,7 +37,7 @@ PROMPTS = [f"describe package number {i} delta{i}" for i in range(8)]
 FEEDBACK = [(0, False, "THE RIGHT ANSWER"), (1, True, None), (2, True, None), (3, False, None)]
 
 CLIENT = """
-import json, sys
+import json, sys, time
 from openai import OpenAI
 from openinference.instrumentation.openai import OpenAIInstrumentor
 from phoenix.client import Client
@@ -50,8 +50,16 @@ client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
 answers = [client.completions.create(model="srv", prompt=p, max_tokens=8) for p in spec["prompts"]]
 provider.force_flush()
 phoenix_client = Client(base_url=phoenix)
-spans = phoenix_client.spans.get_spans(project_identifier="production", span_kind="LLM", limit=100)
-by_prompt = {json.loads(s["attributes"]["input.value"])["prompt"]: s["context"]["span_id"] for s in spans}
+by_prompt = {}
+for _ in range(240):  # Phoenix ingests spans in the background: wait until it lists every one
+    try:
+        spans = phoenix_client.spans.get_spans(project_identifier="production", span_kind="LLM", limit=100)
+    except Exception:  # the project appears with its first span
+        spans = []
+    by_prompt = {json.loads(s["attributes"]["input.value"])["prompt"]: s["context"]["span_id"] for s in spans}
+    if len(by_prompt) == len(spec["prompts"]):
+        break
+    time.sleep(0.25)
 for index, thumb, correction in spec["feedback"]:
     span = by_prompt[spec["prompts"][index]]
     phoenix_client.spans.add_span_annotation(

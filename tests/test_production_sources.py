@@ -167,3 +167,24 @@ def test_assessments_read_over_http_count_although_their_valid_flag_is_unset():
     source.rating_names, source.correction_name = set(), "expected_response"
     row = source._row(trace)
     assert row["feedback"]["score"] == 0.0 and row["feedback"]["correction"] == "THE RIGHT ANSWER"
+
+
+def test_a_phoenix_annotation_with_an_unknown_label_erases_no_rating():
+    from ctloop.data.sources import PhoenixSource
+
+    source = PhoenixSource("http://127.0.0.1:9", "p", [], "expected_response", None)
+    request = {"model": "m", "prompt": "q"}
+    response = {"choices": [{"text": "a"}]}
+    span = {
+        "context": {"span_id": "s1"},
+        "start_time": "2026-12-01T10:00:00+00:00",
+        "attributes": {"input.value": json.dumps(request), "output.value": json.dumps(response)},
+    }
+    annotations = [
+        {"name": "user_feedback", "annotator_kind": "HUMAN", "result": {"label": "thumbs_up"}, "updated_at": "1"},
+        {"name": "user_feedback", "annotator_kind": "HUMAN", "result": {"label": "neutral"}, "updated_at": "2"},
+        {"name": "user_feedback", "annotator_kind": "LLM", "result": {"score": 0.0}, "updated_at": "3"},
+    ]
+    row = source._row(span, annotations)
+    source.close()
+    assert row["feedback"]["score"] == 1.0 and row["prompt"] == "q" and row["answer"] == "a"

@@ -229,3 +229,14 @@ def test_the_admin_api_starts_shows_and_aborts_a_rollout(tiny_base, adapters, tm
             assert aborted.status_code == 200 and aborted.json()["rollout"]["state"] == "aborted"
             assert httpx.get(f"{url}/admin/rollout", headers=admin, timeout=30).json() == {"rollout": None}
     assert registry.alias(CHAMPION) == 1
+
+
+def test_a_version_awaiting_approval_cannot_start_a_rollout(tiny_base, adapters, tmp_path):
+    from ctloop.errors import RegistryError
+    from ctloop.registry.promotion import APPROVAL_TAG
+
+    config = _config(tiny_base, tmp_path, "http://127.0.0.1:9")
+    registry = register_versions(config, adapters)
+    registry.set_version_tags(2, {APPROVAL_TAG: "pending"})
+    with pytest.raises(RegistryError, match="v2 awaits approval"):
+        start(registry, config.rollout, skip_shadow=True)

@@ -55,3 +55,13 @@ def test_nan_for_none_restores_numbers():
     assert math.isnan(nan_for_none(None))
     assert math.isnan(nan_for_none([None, 1.0])[0]) and nan_for_none([None, 1.0])[1] == 1.0
     assert math.isnan(nan_for_none({"a": [None]})["a"][0])
+
+
+def test_a_diverged_trainings_losses_read_back_as_nan(tmp_path):
+    from ctloop.training.trainer import TrainResult
+
+    trained = TrainResult("a", 2, 10, 100, 50, 1.0, [(1, 2.5), (2, float("nan"))], [(1, 0.1), (2, 0.05)])
+    write_json(tmp_path / "training.json", trained.to_dict())
+    back = TrainResult.from_dict(read_json(tmp_path / "training.json"))
+    assert math.isnan(back.final_loss) and back.losses[0] == (1, 2.5)
+    assert "final loss nan" in back.summary()

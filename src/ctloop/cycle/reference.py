@@ -65,8 +65,17 @@ def anchor_holdout(workspace: Workspace, registry: Registry, anchor: int) -> lis
 
 
 def _training_rows(workspace: Workspace, registry: Registry, info) -> list[Record] | None:
+    """train.parquet, and the rows a preference objective learned from (preference_train.parquet;
+    for a dpo or kto champion train.parquet holds only its replayed rows)."""
     train = _champion_file(workspace, registry, info, "train.parquet", "data/train.parquet")
-    return None if train is None else read_parquet(train)[0]
+    if train is None:
+        return None
+    rows = read_parquet(train)[0]
+    preference = _champion_file(workspace, registry, info, "preference_train.parquet", "data/preference_train.parquet")
+    if preference is not None:
+        known = {r.id for r in rows}
+        rows += [r for r in read_parquet(preference)[0] if r.id not in known]
+    return rows
 
 
 def _champion_file(workspace: Workspace, registry: Registry, info, name: str, artifact: str) -> Path | None:

@@ -275,7 +275,7 @@ def train_stage(ctx: StageContext) -> TrainResult:
     training_path = cycle.path("training.json")
     if (adapter_dir / "adapter_config.json").is_file() and training_path.is_file():
         console.print(f"re-using the adapter trained earlier in this cycle: {adapter_dir}")
-        return TrainResult(**read_json(training_path))
+        return TrainResult.from_dict(read_json(training_path))
     records, _ = read_parquet(cycle.require("train.parquet", "prepare"))
     champion = cycle.state().get("champion_before")
     kind = preference_kind(config.train.objective)
@@ -435,6 +435,14 @@ def evaluate_stage(ctx: StageContext):
 PREFERENCE_HOLDOUT = "preference_holdout"
 
 
+def _preference_training_rows(rows: list[Record], kind: str) -> list[Record]:
+    """The rows a `kind` (dpo, kto) preference term learns from, each with what it trains toward or away from."""
+    used = {a.id.partition(":")[0] for a in preference_set(rows, kind).answers} | {
+        p.id for p in preference_set(rows, kind).pairs
+    }
+    return [r for r in rows if r.id in used]
+
+
 def _preference_sides(data: PreferenceSet) -> dict[str, list[Record]]:
     """The held-out feedback as aligned evaluation sets: chosen and rejected answers of each pair
     (dpo), or the desirable and the undesirable answers (kto)."""
@@ -491,8 +499,9 @@ def _without_contamination(
     if config.eval.contamination == "off":
         return sets
     train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
-    if cycle.path("preference_train.parquet").is_file():  # what the preference term trained on
-        train += read_parquet(cycle.path("preference_train.parquet"))[0]
+    kind = preference_kind(config.train.objective)
+    if kind is not None:  # what the preference term trained on
+        train += _preference_training_rows(read_parquet(cycle.require("preference_train.parquet", "prepare"))[0], kind)
     checked_against = ["the candidate's training rows"]
     champion = cycle.state().get("champion_before")
     if champion is not None and registry is not None:
@@ -584,7 +593,7 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     gate = read_json(cycle.require("gate.json", "gate"))
     stored = read_json(cycle.require("eval.json", "evaluate"))
     evaluation = EvalReport.from_dict(stored)
-    trained = TrainResult(**read_json(cycle.require("training.json", "train")))
+    trained = TrainResult.from_dict(read_json(cycle.require("training.json", "train")))
     lineage = _lineage(config, cycle)
     report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage)
     run_id = state["run_id"]

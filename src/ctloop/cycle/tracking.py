@@ -54,6 +54,8 @@ def log_cycle_run(
     registry.log_artifact(run_id, cycle_dir / "train.parquet", "data")  # the next drift check's reference
     if (cycle_dir / "new_holdout.parquet").is_file():  # this era's holdout: the cumulative budget's, as anchor
         registry.log_artifact(run_id, cycle_dir / "new_holdout.parquet", "data")
+    if (cycle_dir / "preference_train.parquet").is_file():  # a preference champion's own rows (drift reference)
+        registry.log_artifact(run_id, cycle_dir / "preference_train.parquet", "data")
     registry.log_artifact(run_id, cycle_dir / "adapter", "adapter")
 
 

@@ -350,7 +350,8 @@ class PhoenixSource(StreamedSource):
                 correction = result.get("explanation")
             elif not self.rating_names or name in self.rating_names:
                 score, label = result.get("score"), str(result.get("label") or "").lower()
-                rating = score if score is not None else THUMBS.get(label)
+                given = score if score is not None else THUMBS.get(label)
+                rating = rating if given is None else given  # an unknown label ("neutral") erases nothing
         span_id = span["context"]["span_id"]
         created = _timestamp(span.get("start_time"))
         return exchange_row(span_id, created, request, response, feedback_of(span_id, rating, correction))

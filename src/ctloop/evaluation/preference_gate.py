@@ -8,7 +8,8 @@ carry a preference), each with a paired-bootstrap bound like the other rules:
   answer's implicit reward is its log-probability under the model minus under the bare base model
   (so that prompts of differing difficulty compare); the accuracy is the AUC, the chance that a
   rated-up answer outranks a rated-down one (0.5 for the base model itself). Its bootstrap
-  resamples each answer's placement (DeLong's decomposition of the AUC into per-answer terms).
+  resamples the rated-up and the rated-down answers' placements apart (DeLong's decomposition of
+  the AUC into per-answer terms).
 - **Length guard**: the candidate's greedy answers to held-out prompts, against the reference's:
   the median of (candidate words + 1) / (reference words + 1) may exceed 1 by at most
   `gate.max_length_growth` (upper bound). Preference training is known to lengthen answers. The
@@ -112,10 +113,29 @@ def _rated_rule(losses: dict, tokens: dict, reference: str, config: GateConfig) 
         ties = np.searchsorted(order, down, side="right") - np.searchsorted(order, down, side="left")
         return np.concatenate([below / len(down), (above + 0.5 * ties) / len(up)])
 
-    return _accuracy_rule(name, placements(reference), placements(CANDIDATE), reference, config)
+    n_up = len(losses[DESIRABLE][CANDIDATE])
+    return _accuracy_rule(name, placements(reference), placements(CANDIDATE), reference, config, split=n_up)
 
 
-def _accuracy_rule(name: str, ref: np.ndarray, cand: np.ndarray, reference: str, config: GateConfig) -> RuleResult:
+def _auc_changes(ref: np.ndarray, cand: np.ndarray, split: int, config: GateConfig) -> np.ndarray:
+    """Bootstrap replicates of AUC(candidate) - AUC(reference) from per-answer placements: the
+    rated-up and the rated-down answers resampled apart, each replicate mean(up) + mean(down) - AUC
+    (its variance is Var(up)/m + Var(down)/n, DeLong's), the same resample for both models; plus
+    the training-seed noise as for the other rules."""
+    rng = np.random.default_rng(config.seed)
+    up_ref, down_ref, up_cand, down_cand = ref[:split], ref[split:], cand[:split], cand[split:]
+    b = config.bootstrap_samples
+    iu = rng.integers(0, len(up_ref), size=(b, len(up_ref)))
+    idown = rng.integers(0, len(down_ref), size=(b, len(down_ref)))
+    ref_auc = up_ref[iu].mean(axis=1) + down_ref[idown].mean(axis=1) - ref.mean()
+    cand_auc = up_cand[iu].mean(axis=1) + down_cand[idown].mean(axis=1) - cand.mean()
+    noise = rng.normal(0.0, config.seed_spread, size=b) * abs(ref.mean()) if config.seed_spread else 0.0
+    return cand_auc - ref_auc + noise
+
+
+def _accuracy_rule(
+    name: str, ref: np.ndarray, cand: np.ndarray, reference: str, config: GateConfig, split: int | None = None
+) -> RuleResult:
     n = len(ref)
     if n < config.min_examples:
         return RuleResult(
@@ -126,7 +146,10 @@ def _accuracy_rule(name: str, ref: np.ndarray, cand: np.ndarray, reference: str,
             n=n,
         )
     estimate = float(cand.mean() - ref.mean())
-    bound = float(np.quantile(_replicates(ref, cand, config).absolute_change(), 1 - config.confidence))
+    changes = (
+        _replicates(ref, cand, config).absolute_change() if split is None else _auc_changes(ref, cand, split, config)
+    )
+    bound = float(np.quantile(changes, 1 - config.confidence))
     ok = bound >= config.min_preference_gain
     verdict = f"{'>=' if ok else '<'} required {config.min_preference_gain:+.1%}"
     reason = (

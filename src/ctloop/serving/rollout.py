@@ -122,6 +122,13 @@ def start(registry: Registry, config: RolloutConfig, version: int | None = None,
         raise RegistryError("a rollout needs a champion and a candidate (the challenger, or --version N)")
     if candidate == champion:
         raise RegistryError(f"v{candidate} is the champion already")
+    from ctloop.registry.promotion import awaiting_approval
+
+    if awaiting_approval(registry, candidate):
+        raise RegistryError(
+            f"v{candidate} awaits approval (gate.require_approval); run `ctloop approve {candidate} --by NAME "
+            "--note TEXT` before its rollout"
+        )
     tags = registry.version(candidate).tags
     decision = tags.get("ctloop.shadow_decision", "")
     if not skip_shadow and not decision.startswith(f"PROMOTE vs v{champion} "):

@@ -470,6 +470,7 @@ class Serving:
         from ctloop.serving.streaming import event_stream
 
         request, version, explicit = await self.prepare(body, prompt, messages, ids.client_request_id)
+        started = time.perf_counter()  # the answer's start: time to first token counts from here
         try:
             deltas = await _first_then_rest(self.backend.stream(request, version))
         except ApiError:
@@ -482,6 +483,7 @@ class Serving:
 
         def failed(exc: BaseException) -> None:
             self.streams["failed"] += 1
+            self.failed(ids, body, request, endpoint, messages, version, explicit)  # the rollout counts it
             log.warning("a streamed answer failed mid-stream (%s): %s: %s", ids.request_id, exc.__class__.__name__, exc)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -494,6 +496,7 @@ class Serving:
             complete,
             failed,
             on_first_text=self.first_token.observe,
+            started=started,
         )
         headers = ids.headers() | {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

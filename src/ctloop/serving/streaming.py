@@ -135,14 +135,16 @@ async def event_stream(
     on_complete: Any,
     on_failure: Any,
     on_first_text: Any = None,
+    started: float | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE body of one streamed answer. `deltas` is the backend's stream; `on_complete(generation)`
     logs and mirrors the answer (also a cut one, with CLIENT_GONE); `on_failure(exc)` counts and logs;
-    `on_first_text(seconds)` hears when the first text goes out."""
+    `on_first_text(seconds)` hears when the first text goes out, counted from `started` (a
+    perf_counter reading; default: now)."""
     trim = ChatTrim() if endpoint == "chat" else (lambda d: d)
     parts: list[str] = []
     generation: Generation | None = None
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     if endpoint == "chat":
         yield sse(chunk(response_id, model, endpoint, ""))  # the role first, as OpenAI's stream does
     try:

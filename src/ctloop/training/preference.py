@@ -135,7 +135,7 @@ class PreferenceTerm:
         self.kind = data.objective
         self.train = train
         self.pad_id = tokenizer.pad_token_id
-        self.sequences = _encode(data, tokenizer)
+        self.sequences = _encode(data, tokenizer, train.seed)
         self.weights = kto_weights(data, train) if self.kind == "kto" else (1.0, 1.0)
         self.schedule = _batches(len(self.sequences.main), train)
         self.reference: tuple[list[float], list[float]] = ([], [])
@@ -229,16 +229,20 @@ def release_reference(network: Any, base: Any) -> Any:
     return base if network is base else network.unload()
 
 
-def _encode(data: PreferenceSet, tokenizer: Any) -> _Sequences:
+def _encode(data: PreferenceSet, tokenizer: Any, seed: int) -> _Sequences:
     if data.objective == "dpo":
         chosen = encode([Record(p.id, p.prompt, p.chosen) for p in data.pairs], tokenizer)
         rejected = encode([Record(p.id, p.prompt, p.rejected) for p in data.pairs], tokenizer)
         return _Sequences("dpo", chosen, rejected, [])
     answers = data.answers
     main = encode([Record(a.id, a.prompt, a.completion) for a in answers], tokenizer)
-    # Each prompt with the answer before it (the first with the last): TRL's mismatched pairs.
-    shifted = [answers[-1], *answers[:-1]] if answers else []
-    other = encode([Record(a.id, a.prompt, b.completion) for a, b in zip(answers, shifted, strict=True)], tokenizer)
+    # Each prompt with another example's answer, as TRL does (it shifts by one in dataset order), but
+    # shifted in a seeded order: a correction's two sides sit next to each other, and a shift in
+    # their order would pair a prompt with its own corrected answer.
+    order = list(range(len(answers)))
+    random.Random(seed).shuffle(order)
+    partner = {order[j]: order[j - 1] for j in range(len(order))}
+    other = encode([Record(a.id, a.prompt, answers[partner[i]].completion) for i, a in enumerate(answers)], tokenizer)
     return _Sequences("kto", main, other, [a.desirable for a in answers])
 
 

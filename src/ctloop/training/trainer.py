@@ -97,6 +97,16 @@ class TrainResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, stored: dict) -> TrainResult:
+        """What `to_dict` wrote (training.json): a NaN loss is stored as null and read back as NaN."""
+        from ctloop.fileio import nan_for_none
+
+        series = {
+            key: [(step, nan_for_none(value)) for step, value in stored[key]] for key in ("losses", "learning_rates")
+        }
+        return cls(**stored | series)
+
 
 def train_adapter(
     records: list[Record],
@@ -157,7 +167,8 @@ def train_adapter(
         if term is not None:  # the preference batches set the steps; the supervised ones cycle beside them
             total_steps = len(term.schedule) // world
             term.schedule = [term.schedule[step * world + rank] for step in range(total_steps)]
-            schedule = schedule[rank::world][: max(1, len(schedule) // world)] if schedule else []
+            # every rank takes a supervised batch at every step (DDP's all-reduces stay in step)
+            schedule = [schedule[(i * world + rank) % len(schedule)] for i in range(len(schedule))] if schedule else []
         else:
             total_steps = len(schedule) // world
             schedule = [schedule[step * world + rank] for step in range(total_steps)]
