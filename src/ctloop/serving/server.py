@@ -104,6 +104,7 @@ class Serving:
         self.sync_errors = 0
         self._sync_lock = asyncio.Lock()
         self._polling: Any = None  # the alias poll's read, while it runs (at most one at a time)
+        self._polling_since = 0.0
 
     async def start(self) -> None:
         from ctloop.logstore.shadow import ShadowStore
@@ -177,10 +178,13 @@ class Serving:
 
             if self._polling is not None and not self._polling.done():
                 # the last poll's thread is still waiting on the registry: no second thread piles up
+                waited = time.monotonic() - self._polling_since
                 raise RegistryUnavailable(
-                    "the registry has not answered the last alias poll yet; serving the roles in place"
+                    f"the registry has not answered the alias poll for {waited:.1f} s (over "
+                    f"serve.poll_timeout_s={self.config.serve.poll_timeout_s:g} s); serving the roles in place"
                 )
             self._polling = asyncio.ensure_future(asyncio.to_thread(read))
+            self._polling_since = time.monotonic()
             try:
                 roles, rollout = await asyncio.wait_for(asyncio.shield(self._polling), self.config.serve.poll_timeout_s)
             except TimeoutError:
