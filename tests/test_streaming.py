@@ -106,7 +106,10 @@ def test_the_openai_sdk_streams_both_endpoints_in_process_and_the_answer_is_logg
                 )
             )
             text = "".join(c.choices[0].text for c in chunks if c.choices)
-            assert text == plain.choices[0].text and len([c for c in chunks if c.choices]) > 2
+            # How many text chunks a stream has depends on load: each wake-up sends every token decoded
+            # since the last, so a slow event loop sends fewer, larger ones (CI saw one). That it streams
+            # token by token is shown where it can be forced: the slow upstream and the freed batch slot below.
+            assert text == plain.choices[0].text and len([c for c in chunks if c.choices]) >= 2
             assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("cmpl-")
             assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
             assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
