@@ -437,9 +437,8 @@ PREFERENCE_HOLDOUT = "preference_holdout"
 
 def _preference_training_rows(rows: list[Record], kind: str) -> list[Record]:
     """The rows a `kind` (dpo, kto) preference term learns from, each with what it trains toward or away from."""
-    used = {a.id.partition(":")[0] for a in preference_set(rows, kind).answers} | {
-        p.id for p in preference_set(rows, kind).pairs
-    }
+    data = preference_set(rows, kind)
+    used = {a.id.partition(":")[0] for a in data.answers} | {p.id for p in data.pairs}
     return [r for r in rows if r.id in used]
 
 

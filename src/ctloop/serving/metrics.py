@@ -40,8 +40,8 @@ def prometheus_text(serving: Any) -> bytes:
     rows: list[tuple[str, str, float, dict[str, str]]] = []
     for (path, code), count in sorted(serving.requests.items()):
         rows.append(("ctloop_http_requests_total", "counter", count, {"path": path, "code": str(code)}))
-    for path, seconds in sorted(serving.latency_sum.items()):
-        rows.append(("ctloop_http_request_seconds_total", "counter", seconds, {"path": path}))
+    for path, histogram in sorted(serving.latency.items()):  # the histogram's sum, under its older name
+        rows.append(("ctloop_http_request_seconds_total", "counter", histogram.sum, {"path": path}))
     roles = serving.roles
     rows.append(("ctloop_champion_version", "gauge", roles.champion or 0, {}))
     rows.append(("ctloop_challenger_version", "gauge", roles.challenger or 0, {}))

@@ -95,7 +95,6 @@ class Serving:
         self.registry: Any = None
         self.requests: Counter[tuple[str, int]] = Counter()
         self.streams: Counter[str] = Counter()  # streamed answers by outcome: completed, client_disconnected, failed
-        self.latency_sum: Counter[str] = Counter()
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)  # per route: seconds to the response
         self.first_token = Histogram()  # streamed answers: seconds from the answer's start to its first text
         self.production: Any = None
@@ -653,7 +652,6 @@ class CountRequests:
         route = scope.get("route")  # the route's template, never the raw path: bounded, no injection
         path = getattr(route, "path", "other")
         self.serving.requests[(path, status)] += 1
-        self.serving.latency_sum[path] += seconds
         self.serving.latency[path].observe(seconds)
 
 

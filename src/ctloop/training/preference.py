@@ -139,7 +139,6 @@ class PreferenceTerm:
         self.weights = kto_weights(data, train) if self.kind == "kto" else (1.0, 1.0)
         self.schedule = _batches(len(self.sequences.main), train)
         self.reference: tuple[list[float], list[float]] = ([], [])
-        self.margins: list[float] = []  # per step: mean implicit-reward margin (dpo) or desirable - undesirable
 
     def compute_reference(self, network: Any, autocast: Any) -> None:
         """The reference's log-probabilities of every sequence (`network` is the reference)."""
@@ -166,8 +165,10 @@ class PreferenceTerm:
         rows = self.schedule[index]
         return sum(len(self.sequences.main[i].input_ids) + len(self.sequences.other[i].input_ids) for i in rows)
 
-    def loss(self, network: Any, index: int) -> torch.Tensor:
-        """The preference loss of step `index` (0-based) of this process's schedule."""
+    def loss(self, network: Any, index: int) -> tuple[torch.Tensor, float]:
+        """The preference loss of step `index` (0-based) of this process's schedule, and the batch's
+        implicit-reward margin: chosen minus rejected (dpo), desirable minus undesirable (kto; NaN
+        when the batch holds one kind only)."""
         import torch
 
         rows = self.schedule[index]
@@ -183,17 +184,17 @@ class PreferenceTerm:
             losses = dpo_losses(
                 chosen, rejected, ref_main, ref_other, beta=dpo.beta, loss=dpo.loss, label_noise=dpo.label_noise
             )
-            self.margins.append(float(((chosen - ref_main) - (rejected - ref_other)).mean().detach()) * dpo.beta)
-            return losses.mean()
+            margin = float(((chosen - ref_main) - (rejected - ref_other)).mean().detach()) * dpo.beta
+            return losses.mean(), margin
         policy = sequence_logps(network, main, self.pad_id).float()
         with torch.no_grad():
             mismatched = sequence_logps(network, other, self.pad_id).float()
         desirable = torch.tensor([self.sequences.desirable[i] for i in rows], device=policy.device)
         ref_main, ref_other = ref_main.to(policy.device), ref_other.to(policy.device)
         reward = (policy - ref_main).detach() * self.train.kto.beta
-        if desirable.any() and (~desirable).any():
-            self.margins.append(float(reward[desirable].mean() - reward[~desirable].mean()))
-        return kto_loss(
+        both = bool(desirable.any() and (~desirable).any())
+        margin = float(reward[desirable].mean() - reward[~desirable].mean()) if both else float("nan")
+        loss = kto_loss(
             policy,
             ref_main,
             desirable,
@@ -203,6 +204,7 @@ class PreferenceTerm:
             desirable_weight=self.weights[0],
             undesirable_weight=self.weights[1],
         )
+        return loss, margin
 
     def settings(self) -> dict:
         """What training.json and the manifest record about the objective."""

@@ -205,11 +205,11 @@ def train_adapter(
                 step_loss = 0.0
                 if term is not None:
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16), keep_activation_dtype():
-                        preference_loss = term.loss(network, step - 1)
+                        preference_loss, margin = term.loss(network, step - 1)
                     preference_loss.backward()
                     step_loss += preference_loss.item()
                     progress["tokens"] += term.tokens(step - 1)
-                    progress["margins"].append(term.margins[-1] if term.margins else float("nan"))
+                    progress["margins"].append(margin)
                 if schedule:
                     rows = schedule[(step - 1) % len(schedule)]
                     batch = _collate(rows, examples, tokenizer.pad_token_id, row_width)
