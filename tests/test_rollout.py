@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,7 @@ def test_a_user_stays_in_the_candidates_arm_as_its_share_grows():
 
 
 def _counts(n_cand, k_cand, n_champ, k_champ, key="errors"):
-    zero = {"errors": 0, "negative": 0, "corrections": 0}
+    zero = {"errors": 0, "negative": 0, "corrections": 0, "slow": 0}
     return {
         "candidate": zero | {"requests": n_cand, key: k_cand},
         "champion": zero | {"requests": n_champ, key: k_champ},
@@ -50,6 +51,57 @@ def test_each_look_rolls_back_holds_or_advances_on_the_bounds():
     assert decide(rollout, _counts(5000, 5, 95000, 90), config).decision == ADVANCE
     down = decide(rollout, _counts(200, 40, 3800, 80, key="negative"), config)  # 20% rated down vs 2%
     assert down.decision == ROLLBACK and "negative-feedback rate" in down.reasons[0]
+    slow = _counts(400, 80, 7600, 380, key="slow")  # 20% of answers over the SLO vs 5%
+    assert decide(rollout, slow, config).decision != ROLLBACK  # latency not checked without an SLO
+    with_slo = RolloutConfig(min_requests_per_step=100, latency_slo_ms=800)
+    slower = decide(rollout, slow, with_slo)
+    assert slower.decision == ROLLBACK and "slower than rollout.latency_slo_ms" in slower.reasons[0]
+
+
+def test_feedback_rates_count_only_answers_old_enough_to_have_been_rated(tmp_path):
+    """#28: a step advanced on answers nobody had had time to rate, so late thumbs down never
+    counted. Feedback rates are now out of the answers at least rollout.feedback_settle_s old (a
+    real SQLite store); errors count at once."""
+    from ctloop.config import RolloutConfig, config_from_dict
+    from ctloop.logstore.requests import FeedbackRecord, LogReader, RequestLog, RequestRecord
+    from ctloop.serving.rollout import arm_counts
+
+    now = time.time()
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    writer = RequestLog(url)
+    for i in range(6):
+        old = i < 4  # answered ten minutes ago, or just now
+        writer.put(
+            RequestRecord(
+                request_id=f"r{i}",
+                model_version="2",
+                endpoint="completions",
+                prompt="q",
+                answer="a",
+                finish_reason="error" if i == 5 else "stop",
+                latency_ms=900.0 if i in (1, 2) else 100.0,
+                created_at=now - 600 if old else now,
+            )
+        )
+    writer.close()
+    reader = LogReader(url)
+    reader.add_feedback([FeedbackRecord("r0", rating=-1), FeedbackRecord("r4", rating=-1, correction="b")])
+    rollout_settings = {"feedback_settle_s": 300, "latency_slo_ms": 500}
+    config = config_from_dict({"model": {"base": "unused"}, "rollout": rollout_settings})
+    rollout = Rollout(2, 1, (0.05, 1.0), step_started=now - 3600)
+    counts = arm_counts(reader, rollout, config, now=now)["candidate"]
+    assert counts == {"requests": 6, "errors": 1, "settled": 4, "negative": 1, "corrections": 0, "slow": 2}
+    everything = reader.arm_counts(now - 3600, {"candidate": "2"}, 0.5)["candidate"]
+    assert everything == {"requests": 6, "errors": 1, "settled": 6, "negative": 2, "corrections": 1, "slow": 0}
+    reader.close()
+
+    settings = RolloutConfig(min_requests_per_step=100)
+    fresh = {
+        "candidate": {"requests": 5000, "errors": 5, "settled": 50, "negative": 0, "corrections": 0},
+        "champion": {"requests": 95000, "errors": 90, "settled": 950, "negative": 0, "corrections": 0},
+    }
+    held = decide(Rollout(2, 1, tuple(settings.steps)), fresh, settings)
+    assert held.decision == HOLD and "rollout.feedback_settle_s" in " ".join(held.reasons)
 
 
 def _faulty_upstream(fail_every: int | None):
@@ -103,7 +155,12 @@ def _drive(url: str, registry, *, rate_down: str | None = None, limit: int = 800
 
 
 def _config(tiny_base, tmp_path, upstream: str, **rollout):
-    settings = {"steps": [0.05, 0.25, 0.5, 1.0], "min_requests_per_step": 50, "look_every_s": 0.2} | rollout
+    settings = {
+        "steps": [0.05, 0.25, 0.5, 1.0],
+        "min_requests_per_step": 50,
+        "look_every_s": 0.2,
+        "feedback_settle_s": 0,  # the scripted users rate at once
+    } | rollout
     return serving_config(
         tiny_base,
         tmp_path / "ws",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ctloop.config import ShadowConfig
+from ctloop.evaluation.judge import JudgeTrust
 from ctloop.reports.shadow import write_shadow_report
 from ctloop.serving.compare import HOLD, PROMOTE, REJECT, compare
 
@@ -19,6 +20,7 @@ SETTINGS = ShadowConfig(min_pairs=50, embedding_similarity=False, error_block_s=
 # Simulated A/A-style checks at the limit: a test at its 5% level rejects Binomial(200, 0.05) times;
 # 18 or more happens with probability 1.2% (a miscalibrated test rejects far more). Seeds are fixed.
 TRIALS, MAX_FALSE_REJECTS = 200, 17
+TRUSTED = JudgeTrust(True, "calibrated for the test", 0.8)
 
 
 def _rows(
@@ -104,16 +106,59 @@ def test_the_judge_is_called_both_ways_and_decides():
 
     rows = _rows(300, challenger_text=lambda i: f"better answer {i}")
     settings = SETTINGS.model_copy(update={"min_judge_win_rate": 0.5})
-    won = compare(rows, settings, "1", "2", judge=prefers_challenger)
+    won = compare(rows, settings, "1", "2", judge=prefers_challenger, judge_trust=TRUSTED)
     assert won.decision == PROMOTE and won.judge["win_rate"] == 1.0 and won.judge["consistency"] == 1.0
-    lost = compare(rows, settings, "1", "2", judge=prefers_champion)
+    lost = compare(rows, settings, "1", "2", judge=prefers_champion, judge_trust=TRUSTED)
     assert lost.decision == REJECT and lost.judge["win_rate"] == 0.0
 
-    def always_first(prompt, a, b):  # position bias: inconsistent, counted as ties
+    def always_first(prompt, a, b):  # position bias: inconsistent, counted as ties, and not counted
         return "a"
 
-    biased = compare(rows, settings, "1", "2", judge=always_first)
+    biased = compare(rows, settings, "1", "2", judge=always_first, judge_trust=TRUSTED)
     assert biased.judge["consistency"] == 0.0 and biased.judge["win_rate"] == 0.5
+    assert biased.decision == HOLD and biased.judge["counted"] == 0.0
+    assert any("judges by position" in r for r in biased.reasons)
+
+
+def test_an_uncalibrated_judge_does_not_count():
+    """#28 item 3: without a calibration that trusts it, the judge's verdicts move no decision; the
+    comparison holds and says how to calibrate it."""
+    rows = _rows(300, challenger_text=lambda i: f"better answer {i}")
+    report = compare(rows, SETTINGS, "1", "2", judge=lambda p, a, b: "a" if a.startswith("better") else "b")
+    assert report.decision == HOLD and report.judge["counted"] == 0.0
+    assert any("ctloop judge calibrate" in r for r in report.reasons)
+    untrusted = JudgeTrust(False, "kappa's lower bound 0.05 is below judge.min_agreement=0.3", 0.8)
+    lost = compare(rows, SETTINGS, "1", "2", judge=lambda p, a, b: "tie", judge_trust=untrusted)
+    assert lost.decision == HOLD and any("judge.min_agreement" in r for r in lost.reasons)
+
+
+def test_a_position_biased_judge_no_longer_promotes_a_worse_challenger():
+    """#23 item 9: a judge that answers by position 85% of the time, for a challenger truly preferred
+    40% of the time. Split verdicts counted as ties pulled its win rate to about 0.5, above the 0.47
+    floor (15/20 runs PROMOTEd at 20,000 pairs); its consistency on the pairs now refuses it, while
+    an unbiased judge of the same challenger REJECTs it."""
+    rows = _rows(20_000, challenger_text=lambda i: f"answer {i} again")
+
+    def judge(bias: float, seed: int):
+        rng = random.Random(seed)
+        challenger_better = {}
+
+        def verdict(prompt, a, b):
+            if rng.random() < bias:
+                return "a"
+            if prompt not in challenger_better:
+                challenger_better[prompt] = rng.random() < 0.4
+            challenger_is_a = a.endswith("again")
+            return "a" if challenger_is_a == challenger_better[prompt] else "b"
+
+        return verdict
+
+    for seed in range(3):
+        biased = compare(rows, SETTINGS, "1", "2", judge=judge(0.85, seed), judge_trust=TRUSTED)
+        assert biased.decision == HOLD and biased.judge["counted"] == 0.0, biased.reasons
+        assert 0.45 < biased.judge["win_rate"] < 0.5  # what used to clear the floor
+        honest = compare(rows, SETTINGS, "1", "2", judge=judge(0.0, seed), judge_trust=TRUSTED)
+        assert honest.decision == REJECT and honest.judge["counted"] == 1.0
 
 
 def test_the_html_report_has_the_decision_and_plots(tmp_path):

@@ -10,13 +10,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ctloop.console import console, error
 from ctloop.errors import CtloopError
 from ctloop.fileio import strict_json
+
+if TYPE_CHECKING:
+    from ctloop.config import ModelConfig
 
 app = typer.Typer(
     help="Continuous training of LLM LoRA adapters.",
@@ -390,10 +393,16 @@ def _shadow_report(config_path: Path | None, ws, registry, champion: int | None,
     from ctloop.errors import RegistryError
     from ctloop.registry.client import CHALLENGER, CHAMPION
     from ctloop.serving.compare import shadow_report as compare_logged
-    from ctloop.workspace import saved_shadow_settings
+    from ctloop.workspace import saved_judging_settings, saved_shadow_settings
 
     # Without --config: the settings the workspace's last cycle ran with (store URL, thresholds, judge).
-    settings = load_config(config_path).shadow if config_path is not None else saved_shadow_settings(ws)
+    model: ModelConfig | None
+    if config_path is not None:
+        cfg = load_config(config_path)
+        settings, judge_settings, model = cfg.shadow, cfg.judge, cfg.model
+    else:
+        settings = saved_shadow_settings(ws)
+        judge_settings, model = saved_judging_settings(ws)
     champion = champion if champion is not None else registry.alias(CHAMPION)
     challenger = challenger if challenger is not None else registry.alias(CHALLENGER)
     if champion is None or challenger is None:
@@ -401,7 +410,74 @@ def _shadow_report(config_path: Path | None, ws, registry, champion: int | None,
             "the shadow report needs a champion and a challenger; pass --champion N --challenger M "
             "(see `ctloop status`)"
         )
-    return compare_logged(settings, ws.shadow_store_url(settings.store_url), champion, challenger)
+    return compare_logged(
+        settings,
+        ws.shadow_store_url(settings.store_url),
+        champion,
+        challenger,
+        judge_settings=judge_settings,
+        model=model,
+        workspace_root=ws.root,
+    )
+
+
+judge_app = typer.Typer(help="A judge of answer pairs, checked against users' labels.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("calibrate")
+def judge_calibrate(
+    config: ConfigOption = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="records with feedback kinds (default: every harvest file in <workspace>/harvest)"),
+    ] = None,
+    judge: Annotated[str | None, typer.Option(help="the judge to calibrate (default: shadow.judge)")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Measure a judge's agreement with what users said (a correction over the answer it corrected; an
+    answer rated up over one to the same prompt rated down), each pair judged in both orders, and
+    record whether its verdicts count in the shadow comparison. Exit 0: calibrated, 3: not calibrated."""
+    from ctloop.config import load_config
+    from ctloop.console import progress_bar
+    from ctloop.data.records import read_records
+    from ctloop.errors import DataError
+    from ctloop.evaluation.judge import CALIBRATION_FILE, calibrate, labelled_pairs, load_judge
+    from ctloop.workspace import resolve_workspace, saved_judging_settings, saved_shadow_settings
+
+    cfg = load_config(config) if config is not None else None
+    ws = resolve_workspace(workspace, cfg)
+    model: ModelConfig | None
+    if cfg is not None:
+        spec, settings, model = judge or cfg.shadow.judge, cfg.judge, cfg.model
+    else:
+        settings, model = saved_judging_settings(ws)
+        spec = judge or saved_shadow_settings(ws).judge
+    if not spec:
+        raise DataError("no judge to calibrate: set shadow.judge (for example 'likelihood') or pass --judge")
+    files = data or sorted((ws.root / "harvest").glob("harvest-*.jsonl"))
+    if not files:
+        raise DataError(
+            f"no labelled data: no harvest files in {ws.root / 'harvest'}; run `ctloop harvest` or pass --data"
+        )
+    pairs = labelled_pairs(record for path in files for record in read_records(path)[0])
+    judge_function = load_judge(spec, settings, model)
+    with progress_bar("judging labelled pairs in both orders", 2 * len(pairs), unit="verdicts") as advance:
+
+        def counted(prompt: str, answer_a: str, answer_b: str) -> str:
+            verdict = judge_function(prompt, answer_a, answer_b)
+            advance()
+            return verdict
+
+        result = calibrate(counted, spec, pairs, settings)
+    result.save(ws.root / CALIBRATION_FILE)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+    else:
+        console.print(result.summary())
+        console.print(f"recorded in {ws.root / CALIBRATION_FILE} (the shadow comparison reads it)")
+    raise typer.Exit(0 if result.calibrated else 3)
 
 
 logs_app = typer.Typer(help="The log store: served requests, feedback, shadow pairs.", no_args_is_help=True)
@@ -709,11 +785,11 @@ def rollout_abort(
 
 def _arm_counts(cfg, ws, rollout) -> dict:
     from ctloop.logstore.requests import LogReader
+    from ctloop.serving.rollout import arm_counts
 
     reader = LogReader(ws.shadow_store_url(cfg.shadow.store_url), redact_pii=cfg.serve.redact)
     try:
-        arms = {"candidate": str(rollout.candidate), "champion": str(rollout.champion)}
-        return reader.arm_counts(rollout.step_started, arms, cfg.harvest.rejected_below)
+        return arm_counts(reader, rollout, cfg)
     finally:
         reader.close()
 

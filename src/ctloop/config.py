@@ -646,10 +646,25 @@ class RolloutConfig(Section):
     max_correction_rate_increase: float = Field(
         0.02, gt=0, lt=1, description="share of answers users corrected, minus the champion's"
     )
+    latency_slo_ms: float | None = Field(
+        None,
+        gt=0,
+        description="with it: the share of answers slower than this is a metric too (a latency quantile as a "
+        "rate: at the champion's p95, about 5% of its answers are slower); None: latency not checked",
+    )
+    max_slow_rate_increase: float = Field(
+        0.02, gt=0, lt=1, description="share of answers slower than latency_slo_ms, minus the champion's"
+    )
     alpha: float = Field(
         0.05, gt=0, lt=0.5, description="chance of any wrong decision over the whole rollout, every look included"
     )
     look_every_s: float = Field(30.0, gt=0, description="how often `ctloop serve` looks at a running rollout")
+    feedback_settle_s: float = Field(
+        300.0,
+        ge=0,
+        description="feedback rates count only answers at least this old (their ratings have had time to "
+        "arrive), so a step never advances on answers nobody has rated yet; errors count at once",
+    )
 
     @field_validator("steps")
     @classmethod
@@ -659,6 +674,39 @@ class RolloutConfig(Section):
                 "steps must grow strictly from a share below 1.0 and end at 1.0 (all live traffic: the promotion)"
             )
         return steps
+
+
+class JudgeConfig(Section):
+    """When a judge of answer pairs (`shadow.judge`) is trusted: its agreement with what users said
+    (corrections over the answers they corrected, an answer rated up over one rated down to the same
+    prompt), measured by `ctloop judge calibrate`, and its consistency when the answers swap places."""
+
+    min_agreement: float = Field(
+        0.3,
+        ge=-1,
+        le=1,
+        description="lower 95% bound of Cohen's kappa between the judge and users' labels that trusts a judge",
+    )
+    min_consistency: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="share of pairs whose verdict survives swapping the answers' places; a judge shown below it "
+        "(in calibration or on the shadow pairs) judges by position and is not counted",
+    )
+    min_pairs: int = Field(30, ge=1, description="labelled pairs a calibration needs")
+    require_calibration: bool = Field(
+        True, description="false: an uncalibrated judge counts anyway (the shadow report says so)"
+    )
+    instruction: str = Field(
+        "Below is a request and a helpful, correct and concise answer to it.",
+        min_length=1,
+        description="the likelihood judge: the text before the request each answer is scored under",
+    )
+    margin: float = Field(
+        0.02, ge=0, description="the likelihood judge: log-probability per character that separates a win from a tie"
+    )
+    seed: int = Field(0, description="seed of the calibration's bootstrap")
 
 
 class ShadowConfig(Section):
@@ -708,8 +756,9 @@ class ShadowConfig(Section):
     )
     judge: str | None = Field(
         None,
-        description="'module:function' taking (prompt, answer_a, answer_b) and "
-        "returning 'a', 'b' or 'tie'; called twice, order swapped",
+        description="'module:function' taking (prompt, answer_a, answer_b) and returning 'a', 'b' or 'tie' "
+        "(called twice, order swapped), or 'likelihood': the base model scores each answer; its verdicts count "
+        "once `ctloop judge calibrate` has found it agreeing with users (section judge)",
     )
     embedding_similarity: bool = Field(True, description="score agreement by MiniLM cosine similarity too")
     confidence: float = Field(0.95, ge=0.5, lt=1)
@@ -735,6 +784,7 @@ class CtloopConfig(Section):
     publish: PublishConfig = PublishConfig()
     serve: ServeConfig = ServeConfig()
     shadow: ShadowConfig = ShadowConfig()
+    judge: JudgeConfig = JudgeConfig()
     rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="after")
@@ -766,6 +816,7 @@ class CtloopConfig(Section):
                         "publish",
                         "watch",
                         "rollout",
+                        "judge",
                     ),
                     True,
                 ),

@@ -131,6 +131,9 @@ def shadow_phase(config, workspace: Workspace, registry, requests: int = 120):
         workspace.shadow_store_url(config.shadow.store_url),
         registry.alias(CHAMPION),
         registry.alias(CHALLENGER),
+        judge_settings=config.judge,
+        model=config.model,
+        workspace_root=workspace.root,
     )
     html = publish_shadow_report(registry, report, rows, workspace.root)
     console.print(report.summary())

@@ -17,7 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctloop.config import DEFAULT_WORKSPACE, CtloopConfig, PublishConfig, RegistryConfig, ShadowConfig
+from ctloop.config import (
+    DEFAULT_WORKSPACE,
+    CtloopConfig,
+    JudgeConfig,
+    ModelConfig,
+    PublishConfig,
+    RegistryConfig,
+    ShadowConfig,
+)
 from ctloop.fileio import read_json, utc_now, write_json
 
 
@@ -69,6 +77,8 @@ def save_settings(workspace: Workspace, config: CtloopConfig) -> None:
             "registry": config.registry.model_dump(mode="json"),
             "shadow": config.shadow.model_dump(mode="json"),
             "publish": config.publish.model_dump(mode="json"),
+            "judge": config.judge.model_dump(mode="json"),
+            "model": config.model.model_dump(mode="json"),
         },
     )
 
@@ -81,6 +91,12 @@ def saved_registry_settings(workspace: Workspace) -> RegistryConfig:
 def saved_shadow_settings(workspace: Workspace) -> ShadowConfig:
     """The shadow settings of the workspace's last cycle."""
     return ShadowConfig(**_saved_settings(workspace).get("shadow", {}))
+
+
+def saved_judging_settings(workspace: Workspace) -> tuple[JudgeConfig, ModelConfig | None]:
+    """The judge settings and the model (for the likelihood judge) of the workspace's last cycle."""
+    saved = _saved_settings(workspace)
+    return JudgeConfig(**saved.get("judge", {})), ModelConfig(**saved["model"]) if "model" in saved else None
 
 
 def saved_publish_settings(workspace: Workspace) -> PublishConfig:

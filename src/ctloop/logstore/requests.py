@@ -189,14 +189,25 @@ class LogReader:
         with self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
 
-    def arm_counts(self, since: float, arms: dict[str, str], rejected_below: float) -> dict[str, dict[str, int]]:
+    def arm_counts(
+        self,
+        since: float,
+        arms: dict[str, str],
+        rejected_below: float,
+        settled_before: float | None = None,
+        slower_than_ms: float | None = None,
+    ) -> dict[str, dict[str, int]]:
         """Per arm (name -> model version), the live requests since `since` (not those that asked for
-        a version by name): how many, how many failed (finish_reason "error"), how many answers the
-        latest feedback rated below `rejected_below`, and how many it corrected. One grouped scan of
-        the window (created_at index)."""
-        from sqlalchemy import case, func, or_, select
+        a version by name): how many, how many failed (finish_reason "error"), and of the ones
+        answered before `settled_before` (default: all; their feedback has had time to arrive), how
+        many (`settled`), how many answers the latest feedback rated below `rejected_below`, and how
+        many it corrected; with `slower_than_ms`, also how many took longer (`slow`). One grouped
+        scan of the window (created_at index)."""
+        from sqlalchemy import and_, case, false, func, or_, select, true
 
         log, feedback = self.request_log, self.feedback
+        settled = true() if settled_before is None else log.c.created_at < settled_before
+        slow = false() if slower_than_ms is None else log.c.latency_ms > slower_than_ms
         latest = (
             select(feedback.c.request_id, func.max(feedback.c.id).label("feedback_row"))
             .group_by(feedback.c.request_id)
@@ -207,8 +218,10 @@ class LogReader:
                 log.c.model_version,
                 func.count(),
                 func.sum(case((log.c.finish_reason == "error", 1), else_=0)),
-                func.sum(case((feedback.c.score < rejected_below, 1), else_=0)),
-                func.sum(case((func.length(func.coalesce(feedback.c.correction, "")) > 0, 1), else_=0)),
+                func.sum(case((settled, 1), else_=0)),
+                func.sum(case((and_(settled, feedback.c.score < rejected_below), 1), else_=0)),
+                func.sum(case((and_(settled, func.length(func.coalesce(feedback.c.correction, "")) > 0), 1), else_=0)),
+                func.sum(case((slow, 1), else_=0)),
             )
             .select_from(
                 log.outerjoin(latest, latest.c.request_id == log.c.request_id).outerjoin(
@@ -221,11 +234,9 @@ class LogReader:
         )
         with self.engine.connect() as connection:
             rows = {str(r[0]): r[1:] for r in connection.execute(query)}
-        empty = (0, 0, 0, 0)
+        names = ("requests", "errors", "settled", "negative", "corrections", "slow")
         return {
-            arm: dict(
-                zip(("requests", "errors", "negative", "corrections"), map(int, rows.get(version, empty)), strict=True)
-            )
+            arm: dict(zip(names, (int(x or 0) for x in rows.get(version, (0,) * len(names))), strict=True))
             for arm, version in arms.items()
         }
 

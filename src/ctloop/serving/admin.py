@@ -175,6 +175,9 @@ def _shadow_decision(serving: Any, champion: int, challenger: int) -> tuple[str,
         champion,
         challenger,
         agreement_embeddings=False,
+        judge_settings=serving.config.judge,
+        model=serving.config.model,
+        workspace_root=serving.workspace.root,
     )[0]
     return report.decision, "; ".join(report.reasons)
 

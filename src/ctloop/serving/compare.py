@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctloop.config import ShadowConfig
+from ctloop.config import JudgeConfig, ModelConfig, ShadowConfig
+from ctloop.evaluation.judge import JudgeTrust, both_ways
 from ctloop.serving.sequential import (
     anytime_p_value,
     block_bound,
@@ -123,8 +125,10 @@ def compare(
     challenger_version: str,
     judge: Any = None,
     embedder: Any = None,
+    judge_trust: JudgeTrust | None = None,
 ) -> ShadowReport:
-    """Compare one champion/challenger pair's logged rows and decide."""
+    """Compare one champion/challenger pair's logged rows and decide (a judge counts only when
+    `judge_trust` trusts it)."""
     alpha = 1 - settings.confidence
     counts = {
         status: sum(r["status"] == status for r in rows)
@@ -256,7 +260,8 @@ def compare(
         empty = _empty_answers(done, alpha, reject, passed)
         agreement = _agreement(done, embedder)
         if judge is not None:
-            judged = _judge(done, judge, settings, reject, hold, passed)
+            trust = judge_trust or JudgeTrust(False, "no calibration was given", 0.0)
+            judged = _judge(done, judge, trust, settings, reject, hold, passed)
             effects["judge_win_rate"] = _effect(judged["win_rate"], judged["lower"], judged["upper"])
 
     decision = REJECT if reject else HOLD if hold else PROMOTE
@@ -379,19 +384,25 @@ def _agreement(done: list[dict], embedder: Any) -> dict[str, float]:
 
 
 def _judge(
-    done: list[dict], judge: Any, settings: ShadowConfig, reject: list[str], hold: list[str], passed: list[str]
+    done: list[dict],
+    judge: Any,
+    trust: JudgeTrust,
+    settings: ShadowConfig,
+    reject: list[str],
+    hold: list[str],
+    passed: list[str],
 ) -> dict[str, float]:
-    """Each pair judged twice with the answers swapped; disagreeing verdicts count as a tie."""
+    """Each pair judged twice with the answers swapped; disagreeing verdicts count as a tie. The
+    verdicts count only for a trusted judge (calibrated against users' labels) that is not shown to
+    judge by position on these pairs; otherwise HOLD, since the evidence the config asks for is
+    missing."""
     wins = ties = consistent = 0
     for row in done:
-        first = judge(row["prompt"], row["champion_output"], row["challenger_output"])  # challenger is 'b'
-        second = judge(row["prompt"], row["challenger_output"], row["champion_output"])  # challenger is 'a'
-        verdict_first = {"b": "challenger", "a": "champion"}.get(first, "tie")
-        verdict_second = {"a": "challenger", "b": "champion"}.get(second, "tie")
-        if verdict_first == verdict_second:
+        as_a, as_b = both_ways(judge, row["prompt"], row["challenger_output"], row["champion_output"])
+        if as_a == as_b:
             consistent += 1
-            wins += verdict_first == "challenger"
-            ties += verdict_first == "tie"
+            wins += as_a == "first"
+            ties += as_a == "tie"
         else:
             ties += 1
     n = len(done)
@@ -399,6 +410,20 @@ def _judge(
     win_rate = score / n
     low = confidence_bound(score, n, settings.confidence, upper=False)
     high = confidence_bound(score, n, settings.confidence, upper=True)
+    consistency_high = confidence_bound(consistent, n, settings.confidence, upper=True)
+    out = {"win_rate": win_rate, "lower": low, "upper": high, "consistency": consistent / n, "counted": 0.0}
+    fix = "; its verdicts do not count (fix the judge, calibrate it with `ctloop judge calibrate`, or remove shadow.judge)"
+    if not trust.trusted:
+        hold.append(f"judge not counted: {trust.reason}{fix}")
+        return out
+    if shown(consistent, n, trust.min_consistency, False, settings.confidence):
+        hold.append(
+            f"judge not counted: its verdict changed when the answers swapped places in {1 - consistent / n:.1%} "
+            f"of pairs (consistency upper bound {consistency_high:.1%} < judge.min_consistency "
+            f"{trust.min_consistency:.0%}): it judges by position{fix}"
+        )
+        return out
+    out["counted"] = 1.0
     floor = settings.min_judge_win_rate
     if shown(score, n, floor, False, settings.confidence):
         reject.append(f"judge: challenger win rate {win_rate:.1%} (upper bound {high:.1%}) is below {floor:.1%}")
@@ -410,7 +435,7 @@ def _judge(
         )
     else:
         passed.append(f"judge: challenger win rate {win_rate:.1%} (lower bound {low:.1%} >= {floor:.1%})")
-    return {"win_rate": win_rate, "lower": low, "upper": high, "consistency": consistent / n}
+    return out
 
 
 def shadow_report(
@@ -419,20 +444,27 @@ def shadow_report(
     champion_version: int,
     challenger_version: int,
     agreement_embeddings: bool = True,
+    judge_settings: JudgeConfig | None = None,
+    model: ModelConfig | None = None,
+    workspace_root: Path | None = None,
 ) -> tuple[ShadowReport, list[dict[str, Any]]]:
     """Read one pair's rows from the log store and compare them with the configured judge and embedder
-    (the embedder only scores agreement, which the decision does not use; a server skips it)."""
+    (the embedder only scores agreement, which the decision does not use; a server skips it). The
+    judge is trusted by the workspace's calibration (`ctloop judge calibrate`) at `judge_settings`;
+    the likelihood judge is built from `model`."""
+    from ctloop.evaluation.judge import judge_trust, load_calibration, load_judge
     from ctloop.logstore.shadow import read_rows
 
     rows = read_rows(store_url, str(champion_version), str(challenger_version))
-    judge = embedder = None
+    judge = embedder = trust = None
     if settings.judge:
-        from ctloop.plugins import import_callable
-
-        judge = import_callable(settings.judge, "shadow.judge")
+        judge_settings = judge_settings or JudgeConfig()
+        judge = load_judge(settings.judge, judge_settings, model)
+        calibration = load_calibration(workspace_root) if workspace_root is not None else None
+        trust = judge_trust(calibration, settings.judge, judge_settings)
     if settings.embedding_similarity and agreement_embeddings and rows:
         from ctloop.drift.embed import SentenceTransformerEmbedder
 
         embedder = SentenceTransformerEmbedder("minilm")
-    report = compare(rows, settings, str(champion_version), str(challenger_version), judge, embedder)
+    report = compare(rows, settings, str(champion_version), str(challenger_version), judge, embedder, trust)
     return report, rows

@@ -43,6 +43,7 @@ TAG = "ctloop.rollout"
 RUNNING, ROLLED_BACK, COMPLETED, ABORTED = "running", "rolled_back", "completed", "aborted"
 ADVANCE, HOLD, ROLLBACK = "ADVANCE", "HOLD", "ROLLBACK"
 METRICS = (("errors", "error rate", "max_error_rate_increase"),)
+LATENCY_METRICS = (("slow", "share slower than rollout.latency_slo_ms", "max_slow_rate_increase"),)
 FEEDBACK_METRICS = (
     ("negative", "negative-feedback rate", "max_negative_rate_increase"),
     ("corrections", "correction rate", "max_correction_rate_increase"),
@@ -165,17 +166,19 @@ def decide(rollout: Rollout, counts: dict[str, dict[str, int]], config: RolloutC
     leaves out HOLD's estimate of the answers still needed (a search; simulations skip it)."""
     from ctloop.serving.sequential import confidence_bound
 
-    metrics = METRICS + FEEDBACK_METRICS
+    metrics = METRICS + (LATENCY_METRICS if config.latency_slo_ms is not None else ()) + FEEDBACK_METRICS
     # Split over the steps compared (all but the last, 100%: there the champion answers nothing),
     # the metrics, the two sides (rollback, advance) and the two arms' bounds.
     compared = max(1, sum(1 for share in rollout.steps if share < 1.0))
     confidence = 1 - config.alpha / (compared * len(metrics) * 2 * 2)
     cand, champ = counts.get("candidate", {}), counts.get("champion", {})
-    n_cand, n_champ = cand.get("requests", 0), champ.get("requests", 0)
     reasons, worse, unsure = [], [], []
     more = 0
     measured: dict[str, dict[str, float | str]] = {}
     for key, label, limit_name in metrics:
+        # Errors and latency are known at once; feedback rates are out of the answers old enough to be rated.
+        of = "settled" if (key, label, limit_name) in FEEDBACK_METRICS else "requests"
+        n_cand, n_champ = cand.get(of, cand.get("requests", 0)), champ.get(of, champ.get("requests", 0))
         limit = getattr(config, limit_name)
         k_cand, k_champ = cand.get(key, 0), champ.get(key, 0)
         low_cand = confidence_bound(k_cand, n_cand, confidence, upper=False)
@@ -206,15 +209,34 @@ def decide(rollout: Rollout, counts: dict[str, dict[str, int]], config: RolloutC
             )
             if explain:
                 more = max(more, _needed(k_cand, n_cand, k_champ, n_champ, limit, confidence) - n_cand)
-    requests = {"candidate": n_cand, "champion": n_champ}
+    requests = {"candidate": cand.get("requests", 0), "champion": champ.get("requests", 0)}
+    settled = cand.get("settled", requests["candidate"])  # the fewest any metric is out of
     if worse:
         return Look(ROLLBACK, tuple(worse + unsure + reasons), requests, metrics=measured)
-    if not unsure and n_cand >= config.min_requests_per_step:
+    if not unsure and settled >= config.min_requests_per_step:
         return Look(ADVANCE, tuple(reasons), requests, metrics=measured)
-    if n_cand < config.min_requests_per_step:
-        unsure.append(f"{n_cand} candidate answers of rollout.min_requests_per_step={config.min_requests_per_step}")
-        more = max(more, config.min_requests_per_step - n_cand)
+    if settled < config.min_requests_per_step:
+        aged = f" old enough to be rated (rollout.feedback_settle_s={config.feedback_settle_s:g})"
+        unsure.append(
+            f"{settled} candidate answers{aged if config.feedback_settle_s else ''} "
+            f"of rollout.min_requests_per_step={config.min_requests_per_step}"
+        )
+        more = max(more, config.min_requests_per_step - settled)
     return Look(HOLD, tuple(unsure + reasons), requests, more_needed=more, metrics=measured)
+
+
+def arm_counts(reader, rollout: Rollout, config: CtloopConfig, now: float | None = None) -> dict:
+    """Each arm's live requests and errors since the rollout's step began, and the feedback on those
+    answered at least `rollout.feedback_settle_s` ago (`LogReader.arm_counts`)."""
+    now = time.time() if now is None else now
+    arms = {"candidate": str(rollout.candidate), "champion": str(rollout.champion)}
+    return reader.arm_counts(
+        rollout.step_started,
+        arms,
+        config.harvest.rejected_below,
+        settled_before=now - config.rollout.feedback_settle_s,
+        slower_than_ms=config.rollout.latency_slo_ms,
+    )
 
 
 def _needed(k_cand: int, n_cand: int, k_champ: int, n_champ: int, limit: float, confidence: float) -> int:

@@ -280,9 +280,10 @@ class Serving:
         )
 
     def arm_counts(self, rollout: Any) -> dict[str, dict[str, int]]:
-        """Each arm's live requests, errors and feedback since the rollout's step began."""
-        arms = {"candidate": str(rollout.candidate), "champion": str(rollout.champion)}
-        return self.production.reader.arm_counts(rollout.step_started, arms, self.config.harvest.rejected_below)
+        """Each arm's live requests, errors and settled feedback since the rollout's step began."""
+        from ctloop.serving.rollout import arm_counts
+
+        return arm_counts(self.production.reader, rollout, self.config)
 
     async def stop(self) -> None:
         try:
