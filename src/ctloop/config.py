@@ -47,6 +47,13 @@ class ModelConfig(Section):
         "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each "
         "process trains on its own GPU. Not part of the training hash: it changes speed, not results",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch uses for training, evaluation and serving; None: OMP_NUM_THREADS when set, "
+        "else the CPUs this process may use (its affinity and cgroup quota, as in a container or an Airflow "
+        "worker), not the machine's cores. Not part of the training hash",
+    )
 
     @field_validator("device")
     @classmethod
@@ -820,7 +827,7 @@ class CtloopConfig(Section):
                     ),
                     True,
                 ),
-                "model": {"device"},
+                "model": {"device", "threads"},
                 # an sft cycle keeps the id it had before preference objectives existed
                 **({"train": {*PREFERENCE_SETTINGS, "objective"}} if self.train.objective == "sft" else {}),
             },

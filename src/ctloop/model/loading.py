@@ -26,12 +26,15 @@ def load_tokenizer(config: ModelConfig) -> Any:
 
 
 def load_base_model(config: ModelConfig, device: str | None = None) -> Any:
-    """The base model on `device` (default: `model_device(config)`)."""
+    """The base model on `device` (default: `model_device(config)`), with torch's CPU threads set
+    for the stage about to run it (`ctloop.model.threads`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ctloop.kernels import attention as cpu_attention
+    from ctloop.model.threads import use_threads
 
+    use_threads(config.threads)
     device = device or model_device(config)
     quiet_transformers()
     if config.attn_implementation == cpu_attention.NAME:

@@ -79,6 +79,7 @@ class TrainResult:
     compute_dtype: str = ""  # the frozen base's: bfloat16 where `train.precision` resolved to bf16
     attn_implementation: str = ""
     row_width: int = 0  # 0: length-grouped batches, not packed rows
+    threads: int = 0  # torch's CPU threads (`model.threads`)
     libraries: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -268,6 +269,7 @@ def train_adapter(
             compute_dtype=model.dtype,
             attn_implementation=model.attn_implementation,
             row_width=row_width,
+            threads=torch.get_num_threads(),
             libraries=library_versions(),
             objective=train.objective,
             preference={} if term is None else term.settings() | {"reward_margins": _mean_margins(progress["margins"])},
