@@ -813,6 +813,31 @@ def workspace_relocate(workspace: WorkspaceOption = None) -> None:
     )
 
 
+@app.command()
+def doctor(config: RequiredConfig, workspace: WorkspaceOption = None) -> None:
+    """Check a config and its environment, each with its fix: the workspace writable, the registry
+    and the log store reachable, the device, the base model loadable, the tokens set. Exit 0: no
+    check failed (warnings allowed), 3: some did."""
+    import os
+
+    from ctloop.config import load_config
+    from ctloop.doctor import FAIL, run_checks
+    from ctloop.workspace import resolve_workspace
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an unreachable server: seconds, not minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    cfg = load_config(config)
+    checks = run_checks(cfg, resolve_workspace(workspace, cfg))
+    for check in checks:
+        console.print(check.line())
+    failed = [c.name for c in checks if c.status == FAIL]
+    console.print(
+        f"{len(checks) - len(failed)} of {len(checks)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    raise typer.Exit(3 if failed else 0)
+
+
 @app.command("validate-config")
 def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
     """Check a config file and report every problem at once; warn about settings that can never
