@@ -43,5 +43,8 @@ run_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
 run_pg "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres ctloop_test || give_up "createdb failed" "$@"
 
 export CTLOOP_TEST_POSTGRES_URL="postgresql+psycopg://postgres@127.0.0.1:$port/ctloop_test"
+# For the outage test, which stops and restarts this server: pg_ctl, the data folder, the options.
+export CTLOOP_TEST_POSTGRES_CTL="$bin/pg_ctl" CTLOOP_TEST_POSTGRES_DATA="$dir/data"
+export CTLOOP_TEST_POSTGRES_OPTIONS="-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off"
 echo "with_postgres: PostgreSQL $(basename "$(dirname "$bin")") on 127.0.0.1:$port" >&2
 "$@"

@@ -79,7 +79,7 @@ def test_feedback_rates_count_only_answers_old_enough_to_have_been_rated(tmp_pat
                 prompt="q",
                 answer="a",
                 finish_reason="error" if i == 5 else "stop",
-                latency_ms=900.0 if i in (1, 2) else 100.0,
+                latency_ms=900.0 if i in (1, 2, 5) else 100.0,  # the failed one (5) is an error, not slow
                 created_at=now - 600 if old else now,
             )
         )

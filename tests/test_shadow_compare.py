@@ -124,12 +124,19 @@ def test_an_uncalibrated_judge_does_not_count():
     """#28 item 3: without a calibration that trusts it, the judge's verdicts move no decision; the
     comparison holds and says how to calibrate it."""
     rows = _rows(300, challenger_text=lambda i: f"better answer {i}")
-    report = compare(rows, SETTINGS, "1", "2", judge=lambda p, a, b: "a" if a.startswith("better") else "b")
-    assert report.decision == HOLD and report.judge["counted"] == 0.0
+
+    def prefers_challenger(p, a, b):  # would PROMOTE if counted
+        return "a" if a.startswith("better") else "b"
+
+    assert compare(rows, SETTINGS, "1", "2", judge=prefers_challenger, judge_trust=TRUSTED).decision == PROMOTE
+    report = compare(rows, SETTINGS, "1", "2", judge=prefers_challenger)
+    assert report.decision == HOLD and report.judge["counted"] == 0.0 and "judge_win_rate" not in report.effects
     assert any("ctloop judge calibrate" in r for r in report.reasons)
     untrusted = JudgeTrust(False, "kappa's lower bound 0.05 is below judge.min_agreement=0.3", 0.8)
-    lost = compare(rows, SETTINGS, "1", "2", judge=lambda p, a, b: "tie", judge_trust=untrusted)
-    assert lost.decision == HOLD and any("judge.min_agreement" in r for r in lost.reasons)
+    asked = []
+    held = compare(rows, SETTINGS, "1", "2", judge=lambda *a: asked.append(a) or "a", judge_trust=untrusted)
+    assert held.decision == HOLD and any("judge.min_agreement" in r for r in held.reasons)
+    assert asked == []  # an untrusted judge is not even asked
 
 
 def test_a_position_biased_judge_no_longer_promotes_a_worse_challenger():

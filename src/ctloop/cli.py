@@ -443,7 +443,7 @@ def judge_calibrate(
     from ctloop.console import progress_bar
     from ctloop.data.records import read_records
     from ctloop.errors import DataError
-    from ctloop.evaluation.judge import CALIBRATION_FILE, calibrate, labelled_pairs, load_judge
+    from ctloop.evaluation.judge import JudgeCalibration, calibrate, judge_identity, labelled_pairs, load_judge
     from ctloop.workspace import resolve_workspace, saved_judging_settings, saved_shadow_settings
 
     cfg = load_config(config) if config is not None else None
@@ -462,6 +462,12 @@ def judge_calibrate(
             f"no labelled data: no harvest files in {ws.root / 'harvest'}; run `ctloop harvest` or pass --data"
         )
     pairs = labelled_pairs(record for path in files for record in read_records(path)[0])
+    if not pairs:
+        raise DataError(
+            f"no labelled pairs in {len(files)} file(s): the labels are corrections (with the answer they "
+            "corrected) and answers to the same prompt rated up and down; harvest more feedback"
+        )
+    identity = judge_identity(spec, settings, model)
     judge_function = load_judge(spec, settings, model)
     with progress_bar("judging labelled pairs in both orders", 2 * len(pairs), unit="verdicts") as advance:
 
@@ -470,13 +476,14 @@ def judge_calibrate(
             advance()
             return verdict
 
-        result = calibrate(counted, spec, pairs, settings)
-    result.save(ws.root / CALIBRATION_FILE)
+        result = calibrate(counted, spec, pairs, settings, identity)
+    path = JudgeCalibration.path(ws.root, identity)
+    result.save(path)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         console.print(result.summary())
-        console.print(f"recorded in {ws.root / CALIBRATION_FILE} (the shadow comparison reads it)")
+        console.print(f"recorded in {path} (the shadow comparison reads it for this judge)")
     raise typer.Exit(0 if result.calibrated else 3)
 
 

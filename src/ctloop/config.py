@@ -193,6 +193,11 @@ PREFERENCE_SETTINGS = ("sft_weight", "preference_batch_size", "min_preference_ro
 
 class TrainConfig(Section):
     seed: int = 0
+    chat_loss: Literal["last", "all_assistant"] = Field(
+        "last",
+        description="chat records (messages): the loss on the last assistant turn only, or on every assistant "
+        "turn (each conditioned on the conversation before it, in one sequence); evaluation scores the last",
+    )
     objective: Literal["sft", "dpo", "kto", "sft+dpo", "sft+kto"] = Field(
         "sft",
         description="sft: supervised rows (corrections and answers rated up); dpo: corrections against the answers "

@@ -79,7 +79,7 @@ def validate_stage(ctx: StageContext) -> str:
         max_seq_tokens=config.model.max_seq_tokens,
         count_tokens=count,
         quarantine_path=staging / "quarantine.jsonl",
-        render_chat=chat.split,
+        render_chat=chat.split_all if config.train.chat_loss == "all_assistant" else chat.split,
     )
     revision = base_model_revision(config.model)
     # A changed chat template is a changed cycle (the fallback format keeps the earlier ids).

@@ -204,15 +204,17 @@ def _has_surrogates(text: str) -> bool:
 def record_from_fields(fields: dict[str, Any], render_chat: Any = None) -> Record:
     """Check one parsed row against the schema; raise BadRow naming the field and the fix.
     `render_chat(messages) -> (prompt, completion)` renders chat rows (default: the plain format;
-    the cycle passes the base model's chat template, `ctloop.model.chat`)."""
+    the cycle passes the base model's chat template, `ctloop.model.chat`); a third item, a dict,
+    joins the record's metadata (the assistant turns' spans of `train.chat_loss: all_assistant`)."""
     unknown = sorted(set(fields) - KNOWN_FIELDS)
     if unknown:
         raise BadRow("unknown_field", f"unknown field(s) {unknown}; allowed: {sorted(KNOWN_FIELDS)}")
     # Columnar files (CSV, Parquet) give every row every column: null or "" there means "absent".
+    rendered: list[Any] = []
     if fields.get("messages") is not None:
         if any(fields.get(name) not in (None, "") for name in ("prompt", "completion")):
             raise BadRow("ambiguous_form", "give either prompt+completion or messages, not both")
-        prompt, completion = _from_messages(fields["messages"], render_chat)
+        prompt, completion, *rendered = _from_messages(fields["messages"], render_chat)
     else:
         for name in ("prompt", "completion"):
             if name not in fields or fields[name] is None:
@@ -235,6 +237,8 @@ def record_from_fields(fields: dict[str, Any], render_chat: Any = None) -> Recor
     metadata = fields.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise BadRow("wrong_type", f"'metadata' must be an object, got {type(metadata).__name__}")
+    if rendered and rendered[0]:
+        metadata = {**metadata, **rendered[0]}
     record_id = (
         optional.pop("id", "")
         or "r-" + hashlib.sha256(f"{_norm(prompt)}\x00{_norm(completion)}".encode()).hexdigest()[:16]
@@ -242,7 +246,7 @@ def record_from_fields(fields: dict[str, Any], render_chat: Any = None) -> Recor
     return Record(id=record_id, prompt=prompt, completion=completion, metadata=metadata, **optional)
 
 
-def _from_messages(messages: Any, render_chat: Any = None) -> tuple[str, str]:
+def _from_messages(messages: Any, render_chat: Any = None) -> tuple[Any, ...]:
     """Render chat turns as the prompt; the last assistant message is the completion."""
     if not isinstance(messages, list) or not messages:
         raise BadRow("invalid_messages", "'messages' must be a non-empty list of {role, content}")

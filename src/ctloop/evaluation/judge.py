@@ -22,6 +22,8 @@ answer is scored alone, swapping places cannot change its verdict.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 import time
 from collections import defaultdict
@@ -35,11 +37,11 @@ import numpy as np
 from ctloop.config import JudgeConfig, ModelConfig
 from ctloop.data.preference import CORRECTION, RATED_DOWN, RATED_UP, feedback_kind
 from ctloop.data.records import Record
-from ctloop.errors import DataError
+from ctloop.errors import ConfigError, CtloopError, DataError
 from ctloop.fileio import nan_for_none, read_json, strict_json, write_json
 
 LIKELIHOOD = "likelihood"
-CALIBRATION_FILE = Path("judge") / "calibration.json"
+CALIBRATION_FOLDER = Path("judge")
 BOOTSTRAP_RESAMPLES = 2000
 Judge = Callable[[str, str, str], str]
 
@@ -81,13 +83,20 @@ def labelled_pairs(records: Iterable[Record]) -> list[LabelledPair]:
 
 
 def both_ways(judge: Judge, prompt: str, first: str, second: str) -> tuple[str, str]:
-    """The judge's verdict with `first` in place a, then in place b: each 'first', 'second' or 'tie'."""
-    as_a = judge(prompt, first, second)
-    as_b = judge(prompt, second, first)
+    """The judge's verdict with `first` in place a, then in place b: each 'first', 'second' or 'tie'.
+    A verdict other than 'a', 'b' or 'tie' (any case) is an error, never read as a tie."""
+    as_a, as_b = _verdict(judge(prompt, first, second)), _verdict(judge(prompt, second, first))
     return (
         {"a": "first", "b": "second"}.get(as_a, "tie"),
         {"a": "second", "b": "first"}.get(as_b, "tie"),
     )
+
+
+def _verdict(value: Any) -> str:
+    verdict = value.strip().lower() if isinstance(value, str) else value
+    if verdict not in ("a", "b", "tie"):
+        raise ConfigError("shadow.judge", [f"the judge returned {value!r}; it must return 'a', 'b' or 'tie'"])
+    return verdict
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -104,7 +113,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 class JudgeCalibration:
     """A judge's agreement with users' labels, and whether that trusts it."""
 
-    judge: str
+    judge: str  # the spec, as in shadow.judge
+    identity: str  # what the verdicts depend on (`judge_identity`): a calibration trusts only this judge
     pairs: int
     sources: dict[str, int]
     accuracy: float  # share of verdicts (both orders) naming the answer users preferred
@@ -132,6 +142,11 @@ class JudgeCalibration:
             raw[key] = tuple(raw[key])
         return cls(**raw)
 
+    @staticmethod
+    def path(workspace_root: Path, identity: str) -> Path:
+        """Where the calibration of the judge `identity` is kept: one file per judge."""
+        return workspace_root / CALIBRATION_FOLDER / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+
     def summary(self) -> str:
         verdict = "calibrated" if self.calibrated else "NOT calibrated: its verdicts do not count"
         sources = ", ".join(f"{n} from {source}" for source, n in sorted(self.sources.items())) or "none"
@@ -147,7 +162,9 @@ class JudgeCalibration:
         return "\n".join(lines + [f"  - {reason}" for reason in self.reasons])
 
 
-def calibrate(judge: Judge, spec: str, pairs: list[LabelledPair], settings: JudgeConfig) -> JudgeCalibration:
+def calibrate(
+    judge: Judge, spec: str, pairs: list[LabelledPair], settings: JudgeConfig, identity: str | None = None
+) -> JudgeCalibration:
     """Judge every labelled pair both ways and measure the agreement; see the module docstring."""
     n = len(pairs)
     right = np.zeros((n, 2))  # per order: the verdict names the preferred answer
@@ -186,6 +203,7 @@ def calibrate(judge: Judge, spec: str, pairs: list[LabelledPair], settings: Judg
         )
     return JudgeCalibration(
         judge=spec,
+        identity=identity or spec,
         pairs=n,
         sources=sources,
         accuracy=accuracy,
@@ -225,20 +243,21 @@ class JudgeTrust:
     min_consistency: float
 
 
-def judge_trust(calibration: JudgeCalibration | None, spec: str, settings: JudgeConfig) -> JudgeTrust:
-    """Trusted: a calibration of this judge (`spec`) that passed, at the floors configured now."""
+def judge_trust(calibration: JudgeCalibration | None, identity: str, settings: JudgeConfig) -> JudgeTrust:
+    """Trusted: a calibration of this very judge (`identity`, see `judge_identity`) that passed, at
+    the floors configured now; or any judge, with `judge.require_calibration: false`."""
 
     def verdict(trusted: bool, reason: str) -> JudgeTrust:
         return JudgeTrust(trusted, reason, settings.min_consistency)
 
-    if calibration is None:
-        if not settings.require_calibration:
-            return verdict(True, "uncalibrated, counted because judge.require_calibration is false")
-        return verdict(False, f"not calibrated against users' labels; run `ctloop judge calibrate` for {spec!r}")
-    if calibration.judge != spec:
-        return verdict(False, f"the calibration is of {calibration.judge!r}, not of {spec!r}; calibrate again")
     if not settings.require_calibration:
-        return verdict(True, "counted because judge.require_calibration is false")
+        return verdict(True, "counted without a calibration check: judge.require_calibration is false")
+    if calibration is None:
+        return verdict(False, f"not calibrated against users' labels; run `ctloop judge calibrate` ({identity})")
+    if calibration.identity != identity:
+        return verdict(
+            False, f"the calibration is of {calibration.identity}, not of {identity}; run `ctloop judge calibrate`"
+        )
     low, consistency_high = calibration.kappa_interval[0], calibration.consistency_interval[1]
     problems = []
     if calibration.pairs < settings.min_pairs:
@@ -265,6 +284,7 @@ class LikelihoodJudge:
     def __init__(self, model: Any, tokenizer: Any, instruction: str, margin: float) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.instruction, self.margin = instruction, margin
+        self.max_tokens = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self._scores: dict[tuple[str, str], float] = {}
 
     @classmethod
@@ -277,13 +297,15 @@ class LikelihoodJudge:
 
     def __call__(self, prompt: str, answer_a: str, answer_b: str) -> str:
         a, b = self.scores(prompt, [answer_a, answer_b])
-        if a == b or abs(a - b) <= self.margin:  # a == b: both empty too
+        if math.isnan(a) or math.isnan(b) or a == b or abs(a - b) <= self.margin:  # a == b: both empty too
             return "tie"
         return "a" if a > b else "b"
 
     def scores(self, prompt: str, answers: list[str]) -> list[float]:
         """Each answer's log-probability (end of text included) per character; -inf when empty. Per
-        character, not per token: answers split into many short tokens would otherwise score higher."""
+        character, not per token: answers split into many short tokens would otherwise score higher.
+        A context longer than the model's positions loses its oldest tokens (the instruction and the
+        start of the request); an answer that alone does not fit scores NaN (a tie)."""
         import torch
 
         from ctloop.model.batching import collate, encode
@@ -292,7 +314,14 @@ class LikelihoodJudge:
         missing = list(dict.fromkeys(a for a in answers if a.strip() and (prompt, a) not in self._scores))
         if missing:
             context = f"{self.instruction}\n\n{prompt}"
-            examples = encode([Record("", context, answer) for answer in missing], self.tokenizer)
+            examples = [self._fitted(e) for e in encode([Record("", context, a) for a in missing], self.tokenizer)]
+            fits = [e is not None for e in examples]
+            for answer, fitted in zip(missing, fits, strict=True):
+                if not fitted:
+                    self._scores[(prompt, answer)] = math.nan
+            missing = [a for a, fitted in zip(missing, fits, strict=True) if fitted]
+            examples = [e for e in examples if e is not None]
+        if missing:
             batch = collate(examples, self.tokenizer.pad_token_id)
             with torch.inference_mode():
                 nll, mask = token_losses(self.model, {k: v.to(self.model.device) for k, v in batch.items()})
@@ -301,19 +330,70 @@ class LikelihoodJudge:
                 self._scores[(prompt, answer)] = -total / (len(answer) + 1)  # + 1: the end of text
         return [self._scores.get((prompt, a), -math.inf) if a.strip() else -math.inf for a in answers]
 
+    def _fitted(self, example: Any) -> Any:
+        """The example within the model's positions: context cut from the left after `<s>`; None
+        when the answer alone does not fit."""
+        from ctloop.model.batching import Example
+
+        ids, limit = example.input_ids, self.max_tokens
+        if limit is None or len(ids) <= limit:
+            return example
+        answer = len(ids) - example.prompt_len
+        if answer > limit - 2:
+            return None
+        keep = limit - 1 - answer  # context tokens kept after <s>
+        return Example(
+            [ids[0], *ids[example.prompt_len - keep : example.prompt_len], *ids[example.prompt_len :]], keep + 1
+        )
+
+
+def judge_identity(spec: str, settings: JudgeConfig, model_config: ModelConfig | None) -> str:
+    """What a judge's verdicts depend on, so a calibration trusts only the judge it measured: for
+    'likelihood', the base model (path or hub id, revision, dtype), the instruction and the margin;
+    for 'module:function', the spec and a hash of the function's source when it can be read."""
+    if spec == LIKELIHOOD:
+        if model_config is None:
+            return LIKELIHOOD
+        parts = [
+            model_config.base,
+            model_config.revision or "",
+            model_config.dtype,
+            settings.instruction,
+            str(settings.margin),
+        ]
+        return f"likelihood[{model_config.base}; {hashlib.sha256(repr(parts).encode()).hexdigest()[:12]}]"
+    try:
+        source = inspect.getsource(load_judge(spec, settings, model_config))
+    except (OSError, TypeError, ConfigError):
+        return spec
+    return f"{spec}[{hashlib.sha256(source.encode()).hexdigest()[:12]}]"
+
+
+_LOADED: dict[str, Judge] = {}  # the likelihood judge of this process, by identity: one base model copy
+
 
 def load_judge(spec: str, settings: JudgeConfig, model_config: ModelConfig | None) -> Judge:
     """The judge `shadow.judge` names: 'likelihood' (built from the base model) or 'module:function'."""
     if spec == LIKELIHOOD:
         if model_config is None:
             raise DataError("the likelihood judge needs the model section; pass --config")
-        return LikelihoodJudge.from_config(model_config, settings)
+        identity = judge_identity(spec, settings, model_config)
+        if identity not in _LOADED:
+            _LOADED.clear()  # at most one base model held for judging
+            _LOADED[identity] = LikelihoodJudge.from_config(model_config, settings)
+        return _LOADED[identity]
     from ctloop.plugins import import_callable
 
     return import_callable(spec, "shadow.judge")
 
 
-def load_calibration(workspace_root: Path) -> JudgeCalibration | None:
-    """The workspace's last calibration, or None."""
-    path = workspace_root / CALIBRATION_FILE
-    return JudgeCalibration.load(path) if path.is_file() else None
+def load_calibration(workspace_root: Path, identity: str) -> JudgeCalibration | None:
+    """The workspace's calibration of the judge `identity`, or None (also for a file that cannot be
+    read as one: the judge is then not trusted, and calibrating it again rewrites the file)."""
+    path = JudgeCalibration.path(workspace_root, identity)
+    if not path.is_file():
+        return None
+    try:
+        return JudgeCalibration.load(path)
+    except (CtloopError, ValueError, TypeError, KeyError, AttributeError):
+        return None

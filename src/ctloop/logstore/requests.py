@@ -207,7 +207,8 @@ class LogReader:
 
         log, feedback = self.request_log, self.feedback
         settled = true() if settled_before is None else log.c.created_at < settled_before
-        slow = false() if slower_than_ms is None else log.c.latency_ms > slower_than_ms
+        answered = or_(log.c.finish_reason.is_(None), log.c.finish_reason != "error")  # a failure is an error, not slow
+        slow = false() if slower_than_ms is None else and_(answered, log.c.latency_ms > slower_than_ms)
         latest = (
             select(feedback.c.request_id, func.max(feedback.c.id).label("feedback_row"))
             .group_by(feedback.c.request_id)

@@ -21,7 +21,14 @@ IGNORE_INDEX = -100
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
-    prompt_len: int  # tokens (including <s>) that carry no loss
+    prompt_len: int  # tokens (including <s>) that carry no loss, but for `prompt_labels`
+    # token ranges [start, end) inside the prompt that carry loss too: the earlier assistant turns
+    # of a chat record under train.chat_loss: all_assistant
+    prompt_labels: tuple[tuple[int, int], ...] = ()
+
+    def labelled(self) -> list[tuple[int, int]]:
+        """Every token range that carries loss: the prompt's labelled turns, then the completion."""
+        return [*self.prompt_labels, (self.prompt_len, len(self.input_ids))]
 
 
 def token_counter(tokenizer: Any):
@@ -39,17 +46,39 @@ def prompt_token_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return [_with_bos(tokenizer, ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
-def encode(records: list[Record], tokenizer: Any) -> list[Example]:
+def encode(records: list[Record], tokenizer: Any, prompt_loss: bool = False) -> list[Example]:
     """Token ids of `<s>` + prompt + completion + `</s>`, the loss on the completion; no second
-    `<s>` or `</s>` where a chat template already wrote one."""
-    prompts = tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]
+    `<s>` or `</s>` where a chat template already wrote one. With `prompt_loss`, the loss also
+    covers the prompt's character spans in metadata `prompt_loss_spans` (a chat record's earlier
+    assistant turns): every token that starts inside a span."""
+    if prompt_loss and not getattr(tokenizer, "is_fast", False):
+        from ctloop.errors import ConfigError
+
+        raise ConfigError(
+            "train.chat_loss", ["all_assistant needs a fast tokenizer (character offsets); use last with this one"]
+        )
+    tokenized = tokenizer([r.prompt for r in records], add_special_tokens=False, return_offsets_mapping=prompt_loss)
+    prompts = tokenized["input_ids"]
     completions = tokenizer([r.completion for r in records], add_special_tokens=False)["input_ids"]
     examples = []
-    for p, c in zip(prompts, completions, strict=True):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         head = _with_bos(tokenizer, p)
         end = [] if c and c[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
-        examples.append(Example(head + c + end, len(head)))
+        spans = records[i].metadata.get("prompt_loss_spans") if prompt_loss else None
+        labelled = _token_ranges(tokenized["offset_mapping"][i], spans, len(head) - len(p)) if spans else ()
+        examples.append(Example(head + c + end, len(head), labelled))
     return examples
+
+
+def _token_ranges(offsets: list[tuple[int, int]], spans: list[list[int]], shift: int) -> tuple[tuple[int, int], ...]:
+    """The token ranges [start, end) whose tokens start inside each character span; `shift`: the
+    tokens added before the prompt's own (`<s>`)."""
+    ranges = []
+    for start_char, end_char in spans:
+        inside = [t for t, (s, _) in enumerate(offsets) if start_char <= s < end_char]
+        if inside:
+            ranges.append((inside[0] + shift, inside[-1] + 1 + shift))
+    return tuple(ranges)
 
 
 def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
@@ -163,7 +192,8 @@ def collate_packed(rows: list[list[Example]], pad_id: int, width: int = 0) -> di
             ids = torch.tensor(example.input_ids, dtype=torch.long)
             input_ids[r, offset : offset + n] = ids
             position_ids[r, offset : offset + n] = torch.arange(n)
-            labels[r, offset + example.prompt_len : offset + n] = ids[example.prompt_len :]
+            for start, end in example.labelled():
+                labels[r, offset + start : offset + end] = ids[start:end]
             offset += n
         position_ids[r, offset:] = torch.arange(width - offset)  # padding: a block of its own
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
@@ -182,5 +212,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids = torch.tensor(example.input_ids, dtype=torch.long)
         input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
-        labels[row, example.prompt_len : n] = ids[example.prompt_len :]
+        for start, end in example.labelled():
+            labels[row, start:end] = ids[start:end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

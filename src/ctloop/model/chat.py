@@ -49,6 +49,32 @@ class ChatFormat:
             )
         return prompt, whole[len(prompt) :].rstrip()
 
+    def split_all(self, messages: list[dict[str, Any]]) -> tuple[str, str, dict[str, Any]]:
+        """`split`, and the assistant turns before the last as character spans of the prompt
+        (metadata `prompt_loss_spans`), as the template writes each turn (its end-of-turn marker
+        included): the loss of `train.chat_loss: all_assistant`. BadRow when the template does not
+        render the conversation turn after turn (some drop earlier turns' reasoning, for example)."""
+        prompt, completion = self.split(messages)
+        spans = []
+        for index, message in enumerate(messages[:-1]):
+            if message["role"] != "assistant":
+                continue
+            before, through = self.prompt(messages[:index]), self._through(messages[: index + 1])
+            if not (through.startswith(before) and prompt.startswith(through)):
+                raise BadRow(
+                    "chat_template",
+                    "the tokenizer's chat template does not render this conversation turn after turn, so its "
+                    "earlier assistant turns cannot be learned in place; use train.chat_loss: last",
+                )
+            spans.append([len(before), len(through)])
+        return prompt, completion, {"prompt_loss_spans": spans} if spans else {}
+
+    def _through(self, messages: list[dict[str, Any]]) -> str:
+        """The conversation up to and including its last turn, as the prompt of a later turn shows it."""
+        if self.kind == "plain":
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
     def describe(self) -> dict[str, str]:
         return {"kind": self.kind, "template_hash": self.template_hash}
 

@@ -259,10 +259,13 @@ def compare(
         )
         empty = _empty_answers(done, alpha, reject, passed)
         agreement = _agreement(done, embedder)
-        if judge is not None:
+        if judge_trust is not None and not judge_trust.trusted:
+            hold.append(f"judge not counted: {judge_trust.reason}{_JUDGE_FIX}")  # not even asked
+        elif judge is not None:
             trust = judge_trust or JudgeTrust(False, "no calibration was given", 0.0)
             judged = _judge(done, judge, trust, settings, reject, hold, passed)
-            effects["judge_win_rate"] = _effect(judged["win_rate"], judged["lower"], judged["upper"])
+            if judged["counted"]:
+                effects["judge_win_rate"] = _effect(judged["win_rate"], judged["lower"], judged["upper"])
 
     decision = REJECT if reject else HOLD if hold else PROMOTE
     return ShadowReport(
@@ -383,6 +386,11 @@ def _agreement(done: list[dict], embedder: Any) -> dict[str, float]:
     return out
 
 
+_JUDGE_FIX = (
+    "; its verdicts do not count (fix the judge, calibrate it with `ctloop judge calibrate`, or remove shadow.judge)"
+)
+
+
 def _judge(
     done: list[dict],
     judge: Any,
@@ -412,15 +420,14 @@ def _judge(
     high = confidence_bound(score, n, settings.confidence, upper=True)
     consistency_high = confidence_bound(consistent, n, settings.confidence, upper=True)
     out = {"win_rate": win_rate, "lower": low, "upper": high, "consistency": consistent / n, "counted": 0.0}
-    fix = "; its verdicts do not count (fix the judge, calibrate it with `ctloop judge calibrate`, or remove shadow.judge)"
     if not trust.trusted:
-        hold.append(f"judge not counted: {trust.reason}{fix}")
+        hold.append(f"judge not counted: {trust.reason}{_JUDGE_FIX}")
         return out
     if shown(consistent, n, trust.min_consistency, False, settings.confidence):
         hold.append(
             f"judge not counted: its verdict changed when the answers swapped places in {1 - consistent / n:.1%} "
             f"of pairs (consistency upper bound {consistency_high:.1%} < judge.min_consistency "
-            f"{trust.min_consistency:.0%}): it judges by position{fix}"
+            f"{trust.min_consistency:.0%}): it judges by position{_JUDGE_FIX}"
         )
         return out
     out["counted"] = 1.0
@@ -452,16 +459,18 @@ def shadow_report(
     (the embedder only scores agreement, which the decision does not use; a server skips it). The
     judge is trusted by the workspace's calibration (`ctloop judge calibrate`) at `judge_settings`;
     the likelihood judge is built from `model`."""
-    from ctloop.evaluation.judge import judge_trust, load_calibration, load_judge
+    from ctloop.evaluation.judge import judge_identity, judge_trust, load_calibration, load_judge
     from ctloop.logstore.shadow import read_rows
 
     rows = read_rows(store_url, str(champion_version), str(challenger_version))
     judge = embedder = trust = None
     if settings.judge:
         judge_settings = judge_settings or JudgeConfig()
-        judge = load_judge(settings.judge, judge_settings, model)
-        calibration = load_calibration(workspace_root) if workspace_root is not None else None
-        trust = judge_trust(calibration, settings.judge, judge_settings)
+        identity = judge_identity(settings.judge, judge_settings, model)
+        calibration = load_calibration(workspace_root, identity) if workspace_root is not None else None
+        trust = judge_trust(calibration, identity, judge_settings)
+        if trust.trusted:  # an untrusted judge is not even loaded (the likelihood judge is a model)
+            judge = load_judge(settings.judge, judge_settings, model)
     if settings.embedding_similarity and agreement_embeddings and rows:
         from ctloop.drift.embed import SentenceTransformerEmbedder
 

@@ -158,7 +158,7 @@ def train_adapter(
         if train.activation_checkpointing:
             peft_model.enable_input_require_grads()
             peft_model.gradient_checkpointing_enable()
-        examples = encode(records, tokenizer) if records else []
+        examples = encode(records, tokenizer, prompt_loss=train.chat_loss == "all_assistant") if records else []
         lengths = [len(e.input_ids) for e in examples]
         hidden_size = peft_model.config.get_text_config().hidden_size
         row_width = packed_row_width(lengths, train.batch_tokens, hidden_size) if train.packing and records else 0
