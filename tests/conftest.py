@@ -70,7 +70,7 @@ def postgres_database(prefix: str = "t") -> Iterator[str]:
     from sqlalchemy import create_engine, text
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # survives a restarted server
     with admin.connect() as connection:
         connection.execute(text(f"CREATE DATABASE {name}"))
     try:
