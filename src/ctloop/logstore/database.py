@@ -26,36 +26,70 @@ def open_engine(url: str) -> Any:
 
 
 SCHEMA_LOCK = 0x6374_6C6F_6F70  # "ctloop": the advisory lock that serialises schema changes
+HEAD = "0001"  # the newest migration in migrations/versions/; a store at it needs no work
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _create_once(engine: Any) -> None:
-    """Create and upgrade the tables with one process at a time: on PostgreSQL under an advisory
-    lock (two replicas starting on a fresh database raced in create_all, and one died on a
-    UniqueViolation in pg_type); on SQLite a table another process created meanwhile is found on
-    the next try."""
+    """Migrate the store to HEAD with one process at a time: on PostgreSQL under an advisory lock
+    (two replicas starting on a fresh database raced in create_all, and one died on a
+    UniqueViolation in pg_type); on a SQLite file under a lock file next to it."""
     from sqlalchemy import text
 
     if engine.dialect.name != "postgresql":
-        from sqlalchemy.exc import OperationalError
+        database = engine.url.database
+        if not database or database == ":memory:":
+            migrate(engine)
+            return
+        import fcntl
 
-        for attempt in range(5):  # SQLite: another process may create a table between the check and ours
-            try:
-                tables()[0].create_all(engine)
-                break
-            except OperationalError as exc:
-                if "already exists" not in str(exc) or attempt == 4:
-                    raise
-        _upgrade(engine)
+        with open(f"{database}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            migrate(engine)
         return
     with engine.connect() as connection:
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
         try:
             connection.commit()
-            tables()[0].create_all(engine)
-            _upgrade(engine)
+            migrate(engine)
         finally:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK})
             connection.commit()
+
+
+def schema_revision(engine: Any) -> str | None:
+    """The store's migration revision (Alembic's `alembic_version`); None before migrations."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: Any) -> None:
+    """Bring the store to HEAD with Alembic (migrations/versions/). A store ctloop made before it had
+    migrations (tables, no `alembic_version`) first gets the shape of the first revision from the
+    code that made it then (`create_all` of missing tables, `_upgrade`), and is stamped at it."""
+    import logging
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    current = schema_revision(engine)
+    if current == HEAD:
+        return
+    legacy = current is None and inspect(engine).has_table("request_log")
+    if legacy:
+        tables()[0].create_all(engine)
+        _upgrade(engine)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines on every start say nothing
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        if legacy:
+            command.stamp(config, "0001")
+        command.upgrade(config, "head")
 
 
 def _upgrade(engine: Any) -> None:
