@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint clean phoenix-venv
+.PHONY: demo test test-fast lint clean phoenix-venv wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,5 +59,19 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
+# The package as users install it: a wheel and an sdist built from the checkout, the wheel installed
+# into a clean environment (nothing editable, no test extras), its command run on the shipped example.
+WHEEL_VENV ?= $(CURDIR)/build/wheel-venv
+wheel-check: $(PY)
+	rm -rf dist $(WHEEL_VENV)
+	$(PY) -m pip install -q build
+	$(PY) -m build -q --wheel --sdist --outdir dist . >/dev/null
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(WHEEL_VENV)/bin/python -m pip install -q dist/ctloop-*.whl
+	cd /tmp && $(WHEEL_VENV)/bin/ctloop --help >/dev/null
+	cd /tmp && $(WHEEL_VENV)/bin/ctloop validate-config $(CURDIR)/configs/production.example.yaml
+	cd /tmp && $(WHEEL_VENV)/bin/python $(CURDIR)/scripts/check_wheel.py
+
 clean:
-	rm -rf $(VENV) $(PHOENIX_VENV) ctloop-workspace
+	rm -rf $(VENV) $(PHOENIX_VENV) ctloop-workspace build dist

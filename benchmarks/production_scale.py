@@ -282,6 +282,9 @@ def main() -> None:
         help="above this many rows, the old harvest and drift read (which load the whole window, about 3.5 GB "
         "per million rows) are not run: on this machine they would run out of memory",
     )
+    parser.add_argument(
+        "--ops", nargs="+", choices=["harvest", "drift_read", "import", "purge"], default=None, help="default: all"
+    )
     args = parser.parse_args()
     print(
         f"store: {args.store}; rows: {args.rows}; cpu: {os.cpu_count()} cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
@@ -306,7 +309,7 @@ def main() -> None:
             fill(url, rows)
             print(f"\n== {rows:,} rows ({args.store}), filled in {time.perf_counter() - started:.0f} s")
             _feedback_file(url, workdir, min(args.import_records, rows))
-            for pair in ("harvest", "drift_read", "import", "purge"):
+            for pair in args.ops or ("harvest", "drift_read", "import", "purge"):
                 results = {}
                 for who in ("old", "ctloop"):
                     if who == "old" and pair in ("harvest", "drift_read") and rows > args.old_window_max_rows:

@@ -4,4 +4,4 @@ Read `cycle/declaration.py` first: it declares the stages of a cycle in order; t
 functions in `cycle/stages.py`, and `cycle/run.py`, which runs them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

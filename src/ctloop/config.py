@@ -29,7 +29,10 @@ class ModelConfig(Section):
 
     base: str = Field(description="local path or hub id of the base causal LM")
     revision: str | None = Field(None, description="hub revision (commit) to pin; local paths are hashed")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the base model's weights in memory (training may compute in bf16 anyway: train.precision)",
+    )
     attn_implementation: str | None = Field(
         None,
         description="transformers attention kernel (sdpa, eager, "
@@ -70,16 +73,23 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="largest share of bad rows before the cycle stops")
     holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of good new rows kept for evaluation")
     max_holdout_rows: int = Field(500, ge=1, description="cap on the new-data holdout size")
-    drop_duplicates: bool = True
+    drop_duplicates: bool = Field(
+        True, description="rows repeating an earlier row's prompt and completion go to quarantine (reason duplicate)"
+    )
 
 
 class ReplayConfig(Section):
     """Mixing a sample of past cycles' training data into the new training set."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="mix replayed rows into training, and measure forgetting on past held-out rows"
+    )
     ratio: float = Field(0.25, ge=0, lt=1, description="share of training tokens drawn from the buffer")
     holdout_rows: int = Field(200, ge=0, description="past held-out rows used to measure forgetting")
-    strategy: Literal["uniform", "balanced", "recency"] = "uniform"
+    strategy: Literal["uniform", "balanced", "recency"] = Field(
+        "uniform",
+        description="how replayed rows are drawn: uniform over the buffer, balanced over balance_by groups, or recency (recency_decay)",
+    )
     balance_by: Literal["cycle", "source"] = Field(
         "cycle", description="groups that `balanced` gives equal shares of the replayed tokens"
     )
@@ -105,24 +115,38 @@ class DriftConfig(Section):
     names a file. No champion yet: the cycle trains.
     """
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no drift check, every cycle trains")
     embedder: str = Field(
         "minilm", min_length=1, description="minilm | base_model | a sentence-transformers path or id"
     )
-    text: Literal["prompt", "completion", "both"] = "prompt"
-    detectors: list[Literal["mean", "mmd", "rff_mmd", "pca_ks", "classifier"]] = Field(
-        default_factory=lambda: ["mmd", "mean"], min_length=1
+    text: Literal["prompt", "completion", "both"] = Field(
+        "prompt", description="what is embedded and compared: the prompts, the completions, or both"
     )
-    alpha: float = Field(0.05, gt=0, lt=1)
-    permutations: int = Field(500, ge=19, le=100_000)
+    detectors: list[Literal["mean", "mmd", "rff_mmd", "pca_ks", "classifier"]] = Field(
+        default_factory=lambda: ["mmd", "mean"],
+        min_length=1,
+        description="the tests run on the embeddings: mean (mean shift), mmd (kernel MMD), rff_mmd (its random-feature "
+        "approximation for large samples), pca_ks (per-component KS), classifier (a ridge classifier's held-out AUC)",
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="false-alarm rate of one drift check (Holm over the detectors)")
+    permutations: int = Field(
+        500,
+        ge=19,
+        le=100_000,
+        description="permutations of each permutation test (mean, mmd, rff_mmd): more give finer p-values, slower",
+    )
     min_rows: int = Field(50, ge=5, description="fewest rows per side for a decision")
     max_rows: int = Field(5000, ge=10, description="larger sides are subsampled (seeded) to this many rows")
-    pca_components: int = Field(10, ge=1)
-    rff_features: int = Field(1024, ge=16)
+    pca_components: int = Field(
+        10, ge=1, description="pca_ks: principal components tested, a Kolmogorov-Smirnov test each (Bonferroni)"
+    )
+    rff_features: int = Field(
+        1024, ge=16, description="rff_mmd: random Fourier features approximating the Gaussian kernel"
+    )
     reference: Path | None = Field(None, description="explicit reference file; default: the champion's training data")
     cooldown_hours: float = Field(0.0, ge=0, description="after a training, ignore drift for this long")
     retrain_after_days: float | None = Field(None, gt=0, description="train anyway when the last training is older")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the subsampling, the permutations and the projections")
 
     @model_validator(mode="after")
     def _can_fire(self) -> DriftConfig:
@@ -156,10 +180,13 @@ class WatchConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path's input")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="modules the adapter wraps: 'all-linear' (every linear layer but the output head) or a list of module names",
+    )
 
 
 class DpoConfig(Section):
@@ -175,7 +202,7 @@ class DpoConfig(Section):
 class KtoConfig(Section):
     """KTO on rated answers: rated up (and corrections) desirable, rated down (and corrected answers) undesirable."""
 
-    beta: float = Field(0.1, gt=0, le=10)
+    beta: float = Field(0.1, gt=0, le=10, description="strength of the pull toward the reference (the champion)")
     desirable_weight: float | None = Field(
         None, gt=0, description="weight of desirable answers' loss; default: the inverse class ratio (see below)"
     )
@@ -192,7 +219,7 @@ PREFERENCE_SETTINGS = ("sft_weight", "preference_batch_size", "min_preference_ro
 
 
 class TrainConfig(Section):
-    seed: int = 0
+    seed: int = Field(0, description="seed of the adapter's initial weights, the batch order and dropout")
     chat_loss: Literal["last", "all_assistant"] = Field(
         "last",
         description="chat records (messages): the loss on the last assistant turn only, or on every assistant "
@@ -211,12 +238,19 @@ class TrainConfig(Section):
     min_preference_rows: int = Field(
         16, ge=1, description="fewer preference examples than this: the cycle stops before training"
     )
-    dpo: DpoConfig = Field(default_factory=DpoConfig)
-    kto: KtoConfig = Field(default_factory=KtoConfig)
-    epochs: float = Field(1.0, gt=0)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    warmup_fraction: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO's settings (objective dpo or sft+dpo)")
+    kto: KtoConfig = Field(default_factory=KtoConfig, description="KTO's settings (objective kto or sft+kto)")
+    epochs: float = Field(1.0, gt=0, description="passes over the training rows (fractions allowed)")
+    learning_rate: float = Field(
+        2e-4,
+        gt=0,
+        lt=1,
+        description="peak learning rate of the adapter (AdamW; linear warm-up, then cosine decay to zero)",
+    )
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of the optimizer steps spent warming the learning rate up from zero"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter's weights")
     batch_tokens: int = Field(4096, ge=16, description="token slots (rows x longest row) per optimizer step")
     packing: bool = Field(
         True,
@@ -224,8 +258,10 @@ class TrainConfig(Section):
         "padding, one batch shape); false: length-grouped padded batches; "
         "'auto' (earlier default) means true",
     )
-    max_grad_norm: float = Field(1.0, gt=0)
-    log_every: int = Field(10, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    log_every: int = Field(
+        10, ge=1, description="optimizer steps between logged losses (progress bar, training curve, MLflow)"
+    )
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0: none")
     activation_checkpointing: bool = Field(False, description="trade ~20% speed for much less memory")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -246,7 +282,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    batch_tokens: int = Field(8192, ge=16)
+    batch_tokens: int = Field(8192, ge=16, description="token slots (rows x longest row) per evaluation batch")
     slice_by: str | None = Field(
         None,
         description="report (and with gate.per_slice, gate) per value of `source` "
@@ -258,13 +294,18 @@ class EvalConfig(Section):
         "document): the gate's bootstrap then resamples those groups, not rows; harvested rows carry `user`",
     )
     generate: bool = Field(False, description="also decode greedily and score exact match, token F1, ROUGE-L")
-    max_new_tokens: int = Field(32, ge=1, le=4096)
+    max_new_tokens: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="length of the greedy answers behind the text metrics (exact match, token F1, custom metrics)",
+    )
     custom_metrics: dict[str, str] = Field(
         default_factory=dict,
         description="name -> 'module:function' taking (prediction, reference) -> float; "
         "scored with the built-in metrics when generate is on",
     )
-    generation_batch: int = Field(16, ge=1)
+    generation_batch: int = Field(16, ge=1, description="prompts answered at once for the text metrics")
     golden: dict[str, Path] = Field(default_factory=dict, description="fixed regression sets: name -> records file")
     agreement_probes: Path | None = Field(
         None,
@@ -310,7 +351,10 @@ class ProductionConfig(Section):
     phoenix: OpenInference LLM spans in an Arize Phoenix project (what
     openinference-instrumentation-openai records), with HUMAN span annotations as feedback."""
 
-    source: Literal["ctloop", "mlflow", "jsonl", "phoenix"] = "ctloop"
+    source: Literal["ctloop", "mlflow", "jsonl", "phoenix"] = Field(
+        "ctloop",
+        description="where live traffic is read: ctloop (the request log), mlflow (traces), jsonl (gateway files), phoenix (spans)",
+    )
     path: str | None = Field(None, description="jsonl: a file, or a glob of files")
     experiment: str | None = Field(None, description="mlflow: the experiment holding the traces")
     tracking_uri: str | None = Field(None, description="mlflow: default registry.tracking_uri / the workspace's")
@@ -356,7 +400,10 @@ class GateRule(Section):
     min: float | None = Field(None, description="absolute lower bound on the candidate's mean")
     max: float | None = Field(None, description="absolute upper bound on the candidate's mean")
     min_change: float | None = Field(None, description="change bound vs the reference (see above)")
-    change: Literal["relative", "absolute"] = "relative"
+    change: Literal["relative", "absolute"] = Field(
+        "relative",
+        description="relative: the limit is a share of the reference's value; absolute: in the metric's own units",
+    )
 
 
 class GateConfig(Section):
@@ -367,8 +414,18 @@ class GateConfig(Section):
     each on its one-sided paired-bootstrap bound at `confidence`, not on the point estimate.
     """
 
-    min_new_improvement: float = Field(0.01, ge=-1, lt=1)
-    max_old_regression: float = Field(0.02, ge=0, lt=10)
+    min_new_improvement: float = Field(
+        0.01,
+        ge=-1,
+        lt=1,
+        description="new data: the lower bound of (champion - candidate) / champion loss must reach this",
+    )
+    max_old_regression: float = Field(
+        0.02,
+        ge=0,
+        lt=10,
+        description="old data (the replay holdout): the upper bound of (candidate - champion) / champion loss may reach this",
+    )
     max_golden_regression: float = Field(0.02, ge=0, lt=10, description="the same bound for each eval.golden set")
     max_cumulative_regression: float | None = Field(
         0.05,
@@ -426,17 +483,24 @@ class GateConfig(Section):
         "benchmarks/gate_false_promotions.py); measure your model's (the same data trained with two seeds, a few "
         "times) and set it; 0: evaluation noise only",
     )
-    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
+    bootstrap_samples: int = Field(
+        2000, ge=100, le=1_000_000, description="paired-bootstrap resamples behind every rule's bound"
+    )
     min_examples: int = Field(30, ge=1, description="fewer examples in an evaluation set: INCONCLUSIVE")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the bootstrap and of the seed-noise draws")
     first_cycle: Literal["compare_to_base", "accept", "reject"] = Field(
         "compare_to_base", description="what to compare against when there is no champion yet"
     )
 
 
 class RegistryConfig(Section):
-    model_name: str = Field("ctloop-adapter", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    experiment: str = Field("ctloop", min_length=1)
+    model_name: str = Field(
+        "ctloop-adapter",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="the registered model's name in MLflow",
+    )
+    experiment: str = Field("ctloop", min_length=1, description="the MLflow experiment holding each cycle's run")
     tracking_uri: str | None = Field(
         None, description="MLflow URI; default: MLFLOW_TRACKING_URI, else SQLite in the workspace"
     )
@@ -463,11 +527,14 @@ class PublishTarget(Section):
     from the registry itself. directory: an atomic copy to `path`/<name>-v<N>/, for vLLM's
     filesystem resolver or any engine that watches a folder."""
 
-    kind: Literal["vllm", "ctloop", "directory"]
+    kind: Literal["vllm", "ctloop", "directory"] = Field(
+        description="vllm (its runtime LoRA API, SGLang's too), ctloop (other ctloop serve replicas, same API) or "
+        "directory (an atomic copy into a folder an engine reads)"
+    )
     urls: list[str] = Field(default_factory=list, description="vllm, ctloop: each replica's base URL")
     path: str | None = Field(None, description="directory: the folder; vllm: the lora_path template")
     token_env: str | None = Field(None, description="env var holding the bearer token (ctloop: its admin token)")
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0, description="a publish call taking longer fails (and is retried)")
 
     @model_validator(mode="after")
     def _complete(self) -> PublishTarget:
@@ -490,7 +557,9 @@ class PublishConfig(Section):
     """Where promoted, rolled-back and challenger versions are published, as `<name>-v<N>` (never a
     reused name), before any alias moves."""
 
-    targets: list[PublishTarget] = Field(default_factory=list)
+    targets: list[PublishTarget] = Field(
+        default_factory=list, description="where a version is loaded before an alias moves to it; empty: nowhere"
+    )
     require: Literal["all"] | int = Field(
         "all", description="all: every replica must load the version; N: at least N replicas"
     )
@@ -513,8 +582,8 @@ class OrchestrationConfig(Section):
     data: Path | None = Field(None, description="file where new records land; a run's conf {'data': ...} overrides it")
     schedule: str | None = Field("@weekly", description="cron or preset for the cycle DAG; null: manual only")
     drift_watch_schedule: str | None = Field("@hourly", description="how often the watch DAG checks for drift")
-    retries: int = Field(1, ge=0, le=20)
-    retry_delay_minutes: float = Field(5.0, ge=0)
+    retries: int = Field(1, ge=0, le=20, description="Airflow task retries")
+    retry_delay_minutes: float = Field(5.0, ge=0, description="minutes between Airflow retries")
     lock_wait_seconds: float = Field(600.0, ge=0, description="how long a task waits for a busy workspace")
     source: Literal["files", "production"] = Field(
         "files",
@@ -537,8 +606,8 @@ class OrchestrationConfig(Section):
 class ServeConfig(Section):
     """`ctloop serve`: the OpenAI-compatible server that answers with the champion and shadows the challenger."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="bind address of ctloop serve")
+    port: int = Field(8000, ge=0, le=65535, description="port of ctloop serve (0: any free port)")
     backend: Literal["in_process", "openai"] = Field(
         "in_process",
         description="in_process: the base model + adapters in this process; openai: an "
@@ -550,7 +619,9 @@ class ServeConfig(Section):
         description="openai backend: the upstream model name of a version ({name}: registry.model_name)",
     )
     upstream_api_key_env: str = Field("CTLOOP_UPSTREAM_API_KEY", description="env var holding the upstream key")
-    upstream_timeout_s: float = Field(60.0, gt=0)
+    upstream_timeout_s: float = Field(
+        60.0, gt=0, description="openai backend: a call to the engine taking longer fails (504)"
+    )
     max_batch_size: int = Field(
         16,
         ge=1,
@@ -724,7 +795,7 @@ class JudgeConfig(Section):
 class ShadowConfig(Section):
     """Mirroring to the challenger (router and log store) and the decision drawn from the pairs."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="mirror live requests to the challenger and log both answers")
     fraction: float = Field(1.0, ge=0, le=1, description="share of requests mirrored (hash of the request id)")
     queue_size: int = Field(256, ge=1, description="shadow calls waiting; when full, new ones are dropped+counted")
     workers: int = Field(4, ge=1, le=256, description="shadow calls in flight at most")
@@ -773,7 +844,9 @@ class ShadowConfig(Section):
         "once `ctloop judge calibrate` has found it agreeing with users (section judge)",
     )
     embedding_similarity: bool = Field(True, description="score agreement by MiniLM cosine similarity too")
-    confidence: float = Field(0.95, ge=0.5, lt=1)
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1, description="one-sided level of each shadow test (always valid, at any look)"
+    )
 
 
 class CtloopConfig(Section):

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +34,7 @@ from ctloop.config import CtloopConfig, HarvestConfig
 from ctloop.data.preference import CORRECTION, RATED_DOWN, RATED_UP, UNRATED, preference_set
 from ctloop.data.records import Record
 from ctloop.errors import DataError
-from ctloop.fileio import TIMESTAMP_FORMAT, read_json, utc_now, write_json, write_jsonl
+from ctloop.fileio import TIMESTAMP_FORMAT, atomic_path, read_json, strict_json, utc_now, write_json
 from ctloop.logstore.writer import scrub, stored_id
 from ctloop.workspace import Workspace
 
@@ -160,73 +164,134 @@ def harvest(
     <workspace>/harvest/harvest-<time>.jsonl); rejected answers join <workspace>/harvest/rejected.jsonl.
 
     Only the requests with feedback leave the database (in pages), and with `harvest.include_unrated`
-    the unrated ones in pages after them: memory follows what is harvested, not the window. What
-    earlier harvests' cycles used is looked up in the ledger table by key."""
+    the unrated ones in pages after them. Each page is decided and written out before the next is
+    read, so memory holds a page and the ids of what was harvested, whatever the window or the
+    number of rated rows. What earlier harvests' cycles used is looked up in the ledger table by key."""
     from ctloop.data.sources import open_source
     from ctloop.logstore.requests import LogReader
 
     until = time.time() if until is None else until
     folder = workspace.root / "harvest"
+    stamp = utc_now().replace(":", "")
+    out = out or folder / f"harvest-{stamp}.jsonl"
+    rejected_path = folder / "rejected.jsonl"
+    decisions_path = out.with_name(out.stem + ".decisions.jsonl")
+    known = _rejected_ids(rejected_path)  # a harvest repeated before its cycle ran adds nothing twice
+    golden = _golden_rows(config)
     source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
     reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
     seen: set[str] = set()  # content keys of this harvest
-    decided: list[tuple[Decision, Record | None]] = []
-    try:
-        _migrate_json_ledger(folder, reader)  # the ledger lives in the workspace's log store, whatever the source
-        window = source.count(since, until)
-        unusable = Counter({f"unusable_{reason}": n for reason, n in source.problems.items()})
-        pages = [source.rated(since, until)]
-        if config.harvest.include_unrated:
-            pages.append(source.unrated(since, until))
-        looked_at = 0
-        for rows in pages:
-            for page in rows:
-                looked_at += len(page)
-                decided += _decide_page(page, config.harvest, seen, reader)
-    finally:
-        reader.close()
-        source.close()
-    decided = _without_eval_overlap(config, decided)
-    kept = [record for decision, record in decided if decision.kept and record is not None]
-    rejected = [record for decision, record in decided if decision.reason == "rejected" and record is not None]
-    counts = Counter(decision.reason for decision, _ in decided) + unusable
-    if window > looked_at:  # never left the database: counted, not listed
-        counts["no_feedback"] += window - looked_at
-
-    stamp = utc_now().replace(":", "")
-    out = out or folder / f"harvest-{stamp}.jsonl"
-    exported = [_export(r, fmt) for r in (kept if fmt == "dpo" else kept + rejected)]
-    rejected_path = folder / "rejected.jsonl"
-    lines = rejected_path.read_text(encoding="utf-8").splitlines() if rejected_path.is_file() else []
-    previous = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            previous.append(json.loads(line))
-        except ValueError:
-            raise DataError(f"{rejected_path} line {number} is not valid JSON; fix or remove that line") from None
-    known = {row["id"] for row in previous}  # a harvest repeated before its cycle ran adds nothing twice
-    write_jsonl(rejected_path, previous + [_row(r) for r in rejected if r.id not in known])
-    decisions_path = out.with_name(out.stem + ".decisions.jsonl")
-    # Every request that left the database is listed with its reason; the rest are in `counts`.
-    write_jsonl(decisions_path, [asdict(decision) for decision, _ in decided])
-    report = HarvestReport(
-        since=time.strftime(TIMESTAMP_FORMAT, time.gmtime(since)),
-        until=time.strftime(TIMESTAMP_FORMAT, time.gmtime(until)),
-        out_path=str(out),
-        counts=dict(counts),
-        kept=len(kept),
-        rejected=len(rejected),
-        format=fmt,
-        rejected_path=str(rejected_path),
-        decisions_path=str(decisions_path),
-        request_ids=tuple(d.request_id for d, r in decided if r is not None and (d.kept or d.reason == "rejected")),
-        content_keys=tuple(sorted({content_key(r.prompt, r.completion) for _, r in decided if r is not None})),
-        source=source.name,
-    )
-    # The manifest first, then the records (each written atomically): records never lack their manifest.
-    write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
-    write_jsonl(out, [row for row in exported if row is not None])
+    counts: Counter[str] = Counter()
+    taken: list[str] = []  # request ids kept or rejected: the ledger's, once a cycle trains on them
+    taken_keys: set[str] = set()  # and their content keys
+    kept = rejected = looked_at = 0
+    with (
+        atomic_path(out) as out_tmp,
+        atomic_path(decisions_path) as decisions_tmp,
+        atomic_path(rejected_path) as rejected_tmp,
+        _spare(out) as rejected_rows_tmp,
+    ):
+        if rejected_path.is_file():
+            shutil.copyfile(rejected_path, rejected_tmp)
+        with (
+            out_tmp.open("w", encoding="utf-8") as records_file,
+            rejected_rows_tmp.open("w", encoding="utf-8") as rated_down_file,
+            decisions_tmp.open("w", encoding="utf-8") as decisions_file,
+            rejected_tmp.open("a", encoding="utf-8") as rejected_file,
+        ):
+            try:
+                _migrate_json_ledger(folder, reader)  # the ledger lives in the workspace's log store
+                window = source.count(since, until)
+                unusable = Counter({f"unusable_{reason}": n for reason, n in source.problems.items()})
+                pages = [source.rated(since, until)]
+                if config.harvest.include_unrated:
+                    pages.append(source.unrated(since, until))
+                for rows in pages:
+                    for page in rows:
+                        looked_at += len(page)
+                        decided = _without_eval_overlap(
+                            config, golden, _decide_page(page, config.harvest, seen, reader)
+                        )
+                        for decision, record in decided:
+                            counts[decision.reason] += 1
+                            decisions_file.write(_line(asdict(decision)))
+                            if record is None or not (decision.kept or decision.reason == "rejected"):
+                                continue
+                            taken.append(decision.request_id)
+                            taken_keys.add(content_key(record.prompt, record.completion))
+                            if decision.kept:
+                                kept += 1
+                                _write_export(records_file, record, fmt)
+                            else:
+                                rejected += 1
+                                if fmt != "dpo":
+                                    _write_export(rated_down_file, record, fmt)
+                                if record.id not in known:
+                                    known.add(record.id)
+                                    rejected_file.write(_line(_row(record)))
+            finally:
+                reader.close()
+                source.close()
+        with (
+            rejected_rows_tmp.open("r", encoding="utf-8") as rated_down,
+            out_tmp.open("a", encoding="utf-8") as records,
+        ):
+            shutil.copyfileobj(rated_down, records)  # kept rows first, then the rated-down ones
+        counts += unusable
+        if window > looked_at:  # never left the database: counted, not listed
+            counts["no_feedback"] += window - looked_at
+        report = HarvestReport(
+            since=time.strftime(TIMESTAMP_FORMAT, time.gmtime(since)),
+            until=time.strftime(TIMESTAMP_FORMAT, time.gmtime(until)),
+            out_path=str(out),
+            counts=dict(counts),
+            kept=kept,
+            rejected=rejected,
+            format=fmt,
+            rejected_path=str(rejected_path),
+            decisions_path=str(decisions_path),
+            request_ids=tuple(taken),
+            content_keys=tuple(sorted(taken_keys)),
+            source=source.name,
+        )
+        # The manifest first, then the records (each moved into place atomically as the block ends):
+        # records never lack their manifest.
+        write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
     return report
+
+
+def _line(row: dict[str, Any]) -> str:
+    return json.dumps(strict_json(row), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _write_export(handle: Any, record: Record, fmt: Format) -> None:
+    row = _export(record, fmt)
+    if row is not None:
+        handle.write(_line(row))
+
+
+@contextmanager
+def _spare(path: Path) -> Iterator[Path]:
+    """A scratch file next to `path`, removed afterwards."""
+    spare = path.with_name(f".{path.name}.{os.getpid()}.rated-down")
+    try:
+        yield spare
+    finally:
+        spare.unlink(missing_ok=True)
+
+
+def _rejected_ids(path: Path) -> set[str]:
+    """The ids already in the rejected set, read line by line."""
+    ids: set[str] = set()
+    if not path.is_file():
+        return ids
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                ids.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path} line {number} is not a valid row; fix or remove that line") from None
+    return ids
 
 
 def _decide_page(
@@ -290,12 +355,16 @@ def harvest_manifest(data_path: Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def _without_eval_overlap(config: CtloopConfig, decided: list[tuple[Decision, Record | None]]):
-    """Drop harvested rows that overlap an evaluation set (eval.golden), exactly or nearly."""
-    from ctloop.data.contamination import find_contamination
+def _golden_rows(config: CtloopConfig) -> list[Record]:
     from ctloop.data.records import read_records
 
-    golden = [record for path in config.eval.golden.values() for record in read_records(path)[0]]
+    return [record for path in config.eval.golden.values() for record in read_records(path)[0]]
+
+
+def _without_eval_overlap(config: CtloopConfig, golden: list[Record], decided: list[tuple[Decision, Record | None]]):
+    """Drop harvested rows that overlap an evaluation set (eval.golden), exactly or nearly."""
+    from ctloop.data.contamination import find_contamination
+
     candidates = [record for decision, record in decided if decision.kept and record is not None]
     if not golden or not candidates or config.eval.contamination == "off":
         return decided

@@ -89,7 +89,10 @@ def scrub(text: str) -> str:
     found: set[str] = set()
     detectors = _secret_detectors()
     for line in set(text.splitlines()):
-        for detector in detectors:
+        lowered = line.lower()
+        for detector, needs in detectors:
+            if needs is not None and not any(stem in lowered for stem in needs):
+                continue  # none of the words this detector's patterns all contain: it cannot fire
             found.update(s.secret_value for s in detector.analyze_line(filename="text", line=line) if s.secret_value)
     for secret in sorted(found, key=len, reverse=True):  # the longest first: a key inside a URL goes whole
         if len(secret) >= 6:
@@ -97,18 +100,31 @@ def scrub(text: str) -> str:
     return text
 
 
-_DETECTORS: list[Any] = []
+_DETECTORS: list[tuple[Any, tuple[str, ...] | None]] = []
+KEYWORD_STEMS = ("key", "pass", "pwd", "secret", "contrase")  # each of the keyword detector's keywords has one
 
 
-def _secret_detectors() -> list[Any]:
-    """detect-secrets' line detectors, once per process; its entropy detectors (quoted strings only,
-    and noisy on prose) and public-IP detector are left out."""
+def _secret_detectors() -> list[tuple[Any, tuple[str, ...] | None]]:
+    """detect-secrets' line detectors, once per process, each with the words a line must hold for it
+    to fire, or None. Its entropy detectors (quoted strings only, and noisy on prose) and public-IP
+    detector are left out. The keyword detector's patterns all contain one of its keywords
+    (`DENYLIST`: password, secret, api_key, ...), each holding one of KEYWORD_STEMS, so a line
+    without any stem is skipped: that detector cost more than every other together (the harvest of
+    a 10M-row log spent most of its time there). Should a later detect-secrets add a keyword
+    without one of the stems, the detector runs on every line again."""
     if not _DETECTORS:
         from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+        from detect_secrets.plugins.keyword import DENYLIST, KeywordDetector
 
+        covered = all(any(stem in keyword for stem in KEYWORD_STEMS) for keyword in DENYLIST)
+        keywords = KEYWORD_STEMS if covered else None
         skip = {"Base64HighEntropyString", "HexHighEntropyString", "IPPublicDetector"}
         plugins: list[Any] = list(get_mapping_from_secret_type_to_class().values())
-        _DETECTORS.extend(plugin() for plugin in plugins if plugin.__name__ not in skip)
+        _DETECTORS.extend(
+            (plugin(), keywords if plugin is KeywordDetector else None)
+            for plugin in plugins
+            if plugin.__name__ not in skip
+        )
     return _DETECTORS
 
 
