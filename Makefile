@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint clean phoenix-venv wheel-check
+.PHONY: demo test test-fast lint clean phoenix-venv wheel-check docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,18 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
+# The docs site: scripts/build_docs.py writes the generated pages (the README's sections, the
+# configuration and command line references), then mkdocs (in its own environment) builds it with
+# --strict, so a broken link or a missing page fails. The site lands in build/site/.
+DOCS_VENV ?= .venv-docs
+$(DOCS_VENV)/.installed:
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q "mkdocs==1.6.1" "mkdocs-material==9.8.2"
+	touch $@
+
+docs: $(VENV)/.installed-test $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) scripts/build_docs.py --build $(DOCS_VENV)/bin/mkdocs
+
 # The package as users install it: a wheel and an sdist built from the checkout, the wheel installed
 # into a clean environment (nothing editable, no test extras), its command run on the shipped example.
 WHEEL_VENV ?= $(CURDIR)/build/wheel-venv
@@ -74,4 +86,4 @@ wheel-check: $(PY)
 	cd /tmp && $(WHEEL_VENV)/bin/python $(CURDIR)/scripts/check_wheel.py
 
 clean:
-	rm -rf $(VENV) $(PHOENIX_VENV) ctloop-workspace build dist
+	rm -rf $(VENV) $(PHOENIX_VENV) $(DOCS_VENV) ctloop-workspace build dist

@@ -852,7 +852,10 @@ class ShadowConfig(Section):
 class CtloopConfig(Section):
     """The root: one section per stage."""
 
-    workspace: Path | None = None
+    workspace: Path | None = Field(
+        None,
+        description="the workspace folder; relative to the config file; --workspace wins; default ./ctloop-workspace",
+    )
     model: ModelConfig
     data: DataConfig = DataConfig()
     drift: DriftConfig = DriftConfig()

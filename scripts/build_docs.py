@@ -1,0 +1,199 @@
+"""Write the generated pages of the docs site, then (with --build) run `mkdocs build --strict`.
+
+    .venv/bin/python scripts/build_docs.py [--build MKDOCS]   # make docs does both
+
+Generated, never edited by hand (they are git-ignored):
+- docs/guide/*.md: the README's sections, one page each, so the README stays the one place a
+  guide is written;
+- docs/reference/configuration.md: every config section and field from the pydantic models, with
+  its type, default and description (a field without a description is an error);
+- docs/reference/cli.md: every command, its help and its options, from the typer app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+# README sections that become guide pages, in the site's order: (heading, file name).
+GUIDE = [
+    ("Using it on your data", "your-data"),
+    ("The trigger: drift detection", "drift"),
+    ("Training", "training"),
+    ("The gate", "gate"),
+    ("Serving and shadow deployment", "serving"),
+    ("Publishing to serving engines, and training and serving on different hosts", "publishing"),
+    ("The production loop: request log, feedback, live drift, harvest", "production"),
+    ("Running it under Airflow", "airflow"),
+    ("What a cycle leaves behind", "outputs"),
+    ("Layout", "architecture"),
+    ("Benchmarks", "benchmarks"),
+]
+
+
+def readme_sections(text: str) -> dict[str, str]:
+    """The README's `## ` sections by heading, each with its subsections."""
+    sections: dict[str, str] = {}
+    for chunk in re.split(r"(?m)^## ", text)[1:]:
+        heading, _, body = chunk.partition("\n")
+        sections[heading.strip()] = body
+    return sections
+
+
+def guide_pages(readme: str) -> dict[str, str]:
+    sections = readme_sections(readme)
+    missing = [heading for heading, _ in GUIDE if heading not in sections]
+    if missing:
+        raise SystemExit(f"README sections not found (renamed?): {missing}; update GUIDE in {__file__}")
+    # The README's subsections become the page's sections (### -> ##).
+    return {name: f"# {heading}\n" + re.sub(r"(?m)^### ", "## ", sections[heading]) for heading, name in GUIDE}
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    text = text or str(annotation)
+    return text.replace("typing.", "").replace("pathlib.", "").replace("ctloop.config.", "")
+
+
+def _default(field: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if field.default_factory is not None:
+        try:
+            value = field.default_factory()
+        except TypeError:
+            return "(computed)"
+    elif field.default is PydanticUndefined:
+        return "(required)"
+    else:
+        value = field.default
+    if hasattr(value, "model_dump"):
+        return "(section)"
+    return f"`{value!r}`"
+
+
+def _is_section(field: Any) -> bool:
+    from pydantic import BaseModel
+
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def configuration_page() -> str:
+    """Every section of the config and each field: type, default, description."""
+    from pydantic import BaseModel
+
+    from ctloop.config import CtloopConfig
+
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config's models (`src/ctloop/config.py`). Every key is optional but",
+        "`model.base`; a YAML file names only what differs from the defaults. `ctloop validate-config FILE`",
+        "checks a file and lists every problem at once.",
+        "",
+    ]
+    undescribed: list[str] = []
+
+    def section(path: str, model: type[BaseModel]) -> None:
+        doc = " ".join((model.__doc__ or "").split())
+        lines.extend([f"## `{path}`", "", doc, "", "| key | type | default | what it does |", "|---|---|---|---|"])
+        nested: list[tuple[str, type[BaseModel]]] = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                nested.append((f"{path}.{name}", annotation))
+                description = field.description or " ".join((annotation.__doc__ or "").split())
+                lines.append(f"| `{name}` | section | see `{path}.{name}` | {description} |")
+                continue
+            if not field.description:
+                undescribed.append(f"{path}.{name}")
+            description = (field.description or "").replace("|", "\\|")
+            type_name = _type_name(annotation).replace("|", "\\|")
+            lines.append(
+                f"| `{name}` | `{type_name}` | {_default(field).replace('|', chr(92) + '|')} | {description} |"
+            )
+        lines.append("")
+        for child_path, child in nested:
+            section(child_path, child)
+
+    top = [(name, field) for name, field in CtloopConfig.model_fields.items() if not _is_section(field)]
+    lines.extend(["## Top level", "", "| key | type | default | what it does |", "|---|---|---|---|"])
+    for name, field in top:
+        if not field.description:
+            undescribed.append(name)
+        lines.append(f"| `{name}` | `{_type_name(field.annotation)}` | {_default(field)} | {field.description or ''} |")
+    lines.append("")
+    for name, field in CtloopConfig.model_fields.items():
+        if _is_section(field):
+            section(name, field.annotation)
+    if undescribed:
+        raise SystemExit(f"config fields without a description: {undescribed}; add Field(description=...)")
+    return "\n".join(lines) + "\n"
+
+
+def cli_page() -> str:
+    """Every command of `ctloop`, its help and options, from the typer app."""
+    import typer.main
+
+    from ctloop.cli import app
+
+    lines = [
+        "# Command line reference",
+        "",
+        "Generated from the typer app (`src/ctloop/cli.py`). `ctloop COMMAND --help` says the same.",
+        "",
+    ]
+
+    def command(path: str, cmd: Any) -> None:
+        if hasattr(cmd, "commands"):  # a group (typer's own Group class, not always click's)
+            for name in sorted(cmd.commands):
+                command(f"{path} {name}", cmd.commands[name])
+            return
+        lines.extend([f"## `{path}`", "", " ".join((cmd.help or "").split()), ""])
+        options = [p for p in cmd.params if p.name != "help"]
+        if options:
+            lines.extend(["| argument or option | default | what it is |", "|---|---|---|"])
+            for param in options:
+                is_option = type(param).__name__.endswith("Option")
+                names = ", ".join(f"`{o}`" for o in param.opts) if is_option else f"`{(param.name or '').upper()}`"
+                default = (
+                    "(required)" if param.required else ("" if param.default in (None, False) else f"`{param.default}`")
+                )
+                help_text = (getattr(param, "help", None) or "").replace("|", "\\|")
+                lines.append(f"| {names} | {default} | {help_text} |")
+            lines.append("")
+
+    command("ctloop", typer.main.get_command(app))
+    return "\n".join(lines) + "\n"
+
+
+def generated_pages() -> dict[Path, str]:
+    pages = {
+        DOCS / "guide" / f"{name}.md": text for name, text in guide_pages((ROOT / "README.md").read_text()).items()
+    }
+    pages[DOCS / "reference" / "configuration.md"] = configuration_page()
+    pages[DOCS / "reference" / "cli.md"] = cli_page()
+    return pages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--build", metavar="MKDOCS", help="then run this mkdocs executable: build --strict")
+    args = parser.parse_args()
+    for path, text in generated_pages().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    if args.build:
+        sys.exit(
+            subprocess.call([args.build, "build", "--strict", "--site-dir", str(ROOT / "build" / "site")], cwd=ROOT)
+        )
+
+
+if __name__ == "__main__":
+    main()

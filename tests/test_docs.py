@@ -1,0 +1,63 @@
+"""The docs site's generated pages (#29 item 1): the configuration reference covers every field of
+the config and fails on one without a description; the command line reference covers every
+command; the guide pages are the README's sections. `make docs` (in .ci/run) then builds the site
+with mkdocs --strict."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import typer.main
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import build_docs  # noqa: E402
+
+from ctloop.cli import app  # noqa: E402
+from ctloop.config import CtloopConfig, ModelConfig  # noqa: E402
+
+
+def _fields(model, path=""):
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+            yield from _fields(annotation, f"{path}{name}.")
+        else:
+            yield path.rstrip("."), name
+
+
+def test_the_configuration_reference_lists_every_field():
+    page = build_docs.configuration_page()
+    for section, name in _fields(CtloopConfig):
+        heading = f"## `{section}`" if section else "## Top level"
+        assert heading in page and f"| `{name}` |" in page.split(heading, 1)[1], (section, name)
+
+
+def test_a_field_without_a_description_fails_the_reference(monkeypatch):
+    monkeypatch.setattr(ModelConfig.model_fields["dtype"], "description", None)
+    with pytest.raises(SystemExit, match=r"model\.dtype"):
+        build_docs.configuration_page()
+
+
+def test_the_command_line_reference_lists_every_command():
+    page = build_docs.cli_page()
+
+    def commands(group, path="ctloop"):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, f"{path} {name}")
+            else:
+                yield f"{path} {name}"
+
+    names = list(commands(typer.main.get_command(app)))
+    assert "ctloop judge calibrate" in names and "ctloop doctor" in names
+    for name in names:
+        assert f"## `{name}`" in page, name
+
+
+def test_the_guide_pages_are_the_readme_sections():
+    pages = build_docs.guide_pages((REPO / "README.md").read_text())
+    assert set(pages) == {name for _, name in build_docs.GUIDE}
+    assert "ctloop judge calibrate" in pages["serving"] and pages["gate"].startswith("# The gate")
