@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint clean phoenix-venv wheel-check docs
+.PHONY: demo test test-fast lint clean phoenix-venv wheel-check docs docs-images
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ $(DOCS_VENV)/.installed:
 
 docs: $(VENV)/.installed-test $(DOCS_VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(PY) scripts/build_docs.py --build $(DOCS_VENV)/bin/mkdocs
+
+# The docs' screenshots of the example reports (headless Chromium: apt-get install chromium).
+docs-images: $(VENV)/.installed-test
+	$(PY) scripts/build_docs.py --screenshots
 
 # The package as users install it: a wheel and an sdist built from the checkout, the wheel installed
 # into a clean environment (nothing editable, no test extras), its command run on the shipped example.

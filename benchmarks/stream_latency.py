@@ -3,6 +3,12 @@ directly, side by side in one run: time to first token and inter-token latency a
 concurrent streams.
 
     OMP_NUM_THREADS=1 python benchmarks/stream_latency.py [--streams 48] [--tokens 32] [--token-ms 10]
+    OMP_NUM_THREADS=1 python benchmarks/stream_latency.py --in-process [--concurrency 8]
+
+With `--in-process`: `ctloop serve` runs the quickstart's tiny model itself (in_process backend,
+continuous batching), and the figures are time to first token of streamed answers against the
+latency of the same answers not streamed, at `--concurrency` concurrent requests (default 8):
+streaming's point is that the first token arrives long before the whole answer.
 
 The upstream is a minimal OpenAI-compatible server in its own process that streams `--tokens`
 completion chunks `--token-ms` apart (an engine's decode rate); `ctloop serve` runs in its own
@@ -113,7 +119,12 @@ def main() -> None:
     parser.add_argument("--token-ms", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", action="store_true", help="the in-process backend on the tiny model")
+    parser.add_argument("--work", default="/tmp/ctloop-stream-benchmark", help="--in-process: the tiny model's cache")
     args = parser.parse_args()
+    if args.in_process:
+        in_process(args)
+        return
     if args.serve_upstream is not None:  # the upstream's own process
         import uvicorn
 
@@ -167,6 +178,83 @@ def main() -> None:
                     process.wait(timeout=60)
 
 
+async def answers(url: str, count: int, concurrency: int, stream: bool, tokens: int) -> list[float]:
+    """ms to the first token of each answer (streamed), or to the whole answer (not streamed)."""
+    semaphore = asyncio.Semaphore(concurrency)
+    body = {"model": "bench", "prompt": "Package: libsdl2-mixer\nDescription:", "max_tokens": tokens}
+    body |= {"temperature": 0, "stream": stream}
+    times: list[float] = []
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one() -> None:
+            async with semaphore:
+                began = time.perf_counter()
+                if not stream:
+                    (await client.post(f"{url}/v1/completions", json=body)).raise_for_status()
+                    times.append((time.perf_counter() - began) * 1000)
+                    return
+                async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {") and any(c.get("text") for c in json.loads(line[6:])["choices"]):
+                            times.append((time.perf_counter() - began) * 1000)
+                            break
+                    async for _ in response.aiter_lines():  # read the rest: the slot is freed as it ends
+                        pass
+
+        await asyncio.gather(*(one() for _ in range(count)))
+    return times
+
+
+def in_process(args: argparse.Namespace) -> None:
+    """Time to first token of streamed answers vs the latency of whole answers, in-process backend."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _quickstart import tiny_base
+
+    from ctloop.training.tinymodel import random_adapter
+
+    concurrency = args.concurrency[0] if args.concurrency != [1, 8, 32] else 8
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    base = tiny_base(Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="ctloop-stream-") as tmp:
+        root = Path(tmp)
+        port = free_port()
+        config = root / "serve.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "workspace": str(root / "ws"),
+                    "model": {"base": str(base), "device": "cpu"},
+                    "registry": {"model_name": "bench", "experiment": "bench"},
+                    "serve": {"port": port, "max_tokens": 256},
+                    "shadow": {"enabled": False},
+                }
+            )
+        )
+        register(config, root, adapter=random_adapter(base, root / "adapter", seed=1))
+        server_log = (root / "serve.log").open("w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "ctloop", "serve", "--config", str(config)],
+            stderr=server_log, stdout=server_log, text=True, env=env,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_up(f"{url}/healthz", server)
+            asyncio.run(answers(url, concurrency, concurrency, True, args.tokens))  # warm up
+            whole = asyncio.run(answers(url, args.streams, concurrency, False, args.tokens))
+            first = asyncio.run(answers(url, args.streams, concurrency, True, args.tokens))
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    print(
+        f"in-process backend, the quickstart's tiny model; {args.streams} answers of up to {args.tokens} tokens, "
+        f"{concurrency} at a time; cpu: {os.cpu_count()} cores shared with the client"
+    )
+    print(f"{'':<34} {'p50':>9} {'p99':>9}")
+    print(f"{'whole answer, not streamed':<34} {quantile(whole, 0.5):>6.1f} ms {quantile(whole, 0.99):>6.1f} ms")
+    print(f"{'first token, streamed':<34} {quantile(first, 0.5):>6.1f} ms {quantile(first, 0.99):>6.1f} ms")
+    print(f"first token / whole answer at p50: {quantile(first, 0.5) / quantile(whole, 0.5):.2f}")
+
+
 def serve_config(path: Path, workspace: Path, port: int, upstream: str, shadow: dict) -> Path:
     """A `ctloop serve` config in front of `upstream` (openai backend; the base model is never loaded)."""
     path.write_text(
@@ -183,17 +271,18 @@ def serve_config(path: Path, workspace: Path, port: int, upstream: str, shadow: 
     return path
 
 
-def register(config: Path, root: Path) -> None:
-    """Version 1 of `bench` as champion (the openai backend never reads its files)."""
+def register(config: Path, root: Path, adapter: Path | None = None) -> None:
+    """Version 1 of `bench` as champion: `adapter`, or a stub the openai backend never reads."""
     from ctloop.config import load_config
     from ctloop.registry.client import open_registry
     from ctloop.registry.promotion import promote
     from ctloop.workspace import Workspace
 
     cfg = load_config(config)
-    adapter = root / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    if adapter is None:
+        adapter = root / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
     workspace = Workspace(cfg.workspace).create()
     registry = open_registry(cfg.registry, workspace)
     registry.register_adapter_dir(adapter, "bench-1", {"ctloop.gate": "PASS"}, "benchmark version")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 DOCS = ROOT / "docs"
 # README sections that become guide pages, in the site's order: (heading, file name).
 GUIDE = [
@@ -182,10 +183,30 @@ def generated_pages() -> dict[Path, str]:
     return pages
 
 
+def screenshots() -> None:
+    """docs/images/<report>.png: the example reports of scripts/report_examples.py in headless Chromium."""
+    import tempfile
+
+    import report_examples
+
+    images = DOCS / "images"
+    images.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, page in report_examples.write_examples(Path(tmp)).items():
+            report_examples.render(page, images / f"{name}-report.png", width=1000, height=1800)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", metavar="MKDOCS", help="then run this mkdocs executable: build --strict")
+    parser.add_argument(
+        "--screenshots",
+        action="store_true",
+        help="also write docs/images/*.png of the example reports (needs chromium)",
+    )
     args = parser.parse_args()
+    if args.screenshots:
+        screenshots()
     for path, text in generated_pages().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

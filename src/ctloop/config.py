@@ -306,6 +306,13 @@ class EvalConfig(Section):
         "scored with the built-in metrics when generate is on",
     )
     generation_batch: int = Field(16, ge=1, description="prompts answered at once for the text metrics")
+    report_examples: int = Field(
+        4,
+        ge=0,
+        le=50,
+        description="the cycle report shows this many new-data examples of each kind, the candidate's worst-scored "
+        "and a seeded sample, with every model's greedy answer beside the reference; 0: none",
+    )
     golden: dict[str, Path] = Field(default_factory=dict, description="fixed regression sets: name -> records file")
     agreement_probes: Path | None = Field(
         None,
@@ -909,6 +916,7 @@ class CtloopConfig(Section):
                     True,
                 ),
                 "model": {"device", "threads"},
+                "eval": {"report_examples"},  # what the report shows, not what is decided
                 # an sft cycle keeps the id it had before preference objectives existed
                 **({"train": {*PREFERENCE_SETTINGS, "objective"}} if self.train.objective == "sft" else {}),
             },

@@ -415,7 +415,7 @@ def evaluate_stage(ctx: StageContext):
     reference = "champion" if champion is not None else "base" if "base" in adapters else None
     if reference is not None:
         options["kl_to"] = (CANDIDATE, reference, (NEW_SET,))
-    evaluation = evaluate(sets, adapters, model=config.model, config=config.eval, **options)
+    evaluation = evaluate(sets, adapters, model=config.model, config=config.eval, examples_of=(NEW_SET,), **options)
     slices = slice_indices(sets, config.eval.slice_by)
     write_json(
         cycle.path("eval.json"),

@@ -33,6 +33,9 @@ class EvalReport:
     predictions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     tokens: dict[str, list[int]] = field(default_factory=dict)
     kl: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # For the report, per set: the indices of a few examples (the candidate's worst losses, then a
+    # seeded sample) and each model's greedy answer to them: {"worst": [...], "sample": [...], "answers": {...}}.
+    examples: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, stored: dict) -> EvalReport:
@@ -44,6 +47,7 @@ class EvalReport:
             predictions=stored.get("predictions", {}),
             tokens=stored.get("tokens", {}),
             kl=nan_for_none(stored.get("kl", {})),
+            examples=stored.get("examples", {}),
         )
 
     def metric_means(self) -> dict[str, dict[str, dict[str, float]]]:
@@ -80,12 +84,14 @@ def evaluate(
     also_base: tuple[str, ...] = (),
     generate_sets: tuple[str, ...] = (),
     kl_to: tuple[str, str, tuple[str, ...]] | None = None,
+    examples_of: tuple[str, ...] = (),
 ) -> EvalReport:
     """Score each adapter (None = the bare base model) on each non-empty evaluation set.
 
     `also_base`: sets the bare base model scores too (as "base"); `generate_sets`: sets answered
     greedily even when eval.generate is off; `kl_to` (model, reference, sets): the model's token KL
-    to the reference on those sets, teacher-forced on their answers."""
+    to the reference on those sets, teacher-forced on their answers; `examples_of`: sets whose
+    report shows answers side by side (`eval.report_examples` of each kind, see EvalReport)."""
     import torch
     from peft import PeftModel
 
@@ -159,14 +165,38 @@ def evaluate(
                     peft_model, encoded[set_name], tokenizer.pad_token_id, model_name, adapters, reference
                 )
             }
+    examples = {
+        set_name: _examples(losses[set_name], sets[set_name], adapters, network, tokenizer, config)
+        for set_name in examples_of
+        if set_name in sets and config.report_examples
+    }
     return EvalReport(
         ids={name: [r.id for r in records] for name, records in sets.items()},
         losses=losses,
         metrics=metrics,
         predictions=predictions,
+        examples=examples,
         tokens={name: [len(e.input_ids) - e.prompt_len for e in examples] for name, examples in encoded.items()},
         kl=kl,
     )
+
+
+def _examples(losses: dict[str, list[float]], records: list[Record], adapters, network, tokenizer, config) -> dict:
+    """The candidate's worst-scored examples and a seeded sample of the rest, with every model's
+    greedy answer to them (a handful of prompts: cheap next to the evaluation)."""
+    import random
+
+    ranked_by = "candidate" if "candidate" in losses else next(iter(losses))
+    order = sorted(range(len(records)), key=lambda i: -losses[ranked_by][i])
+    worst = order[: config.report_examples]
+    rest = order[config.report_examples :]
+    sample = sorted(random.Random(0).sample(rest, min(config.report_examples, len(rest))))
+    chosen = [records[i] for i in worst + sample]
+    answers = {
+        name: _generate(network, tokenizer, chosen, None if path is None else name, config)
+        for name, path in adapters.items()
+    }
+    return {"worst": worst, "sample": sample, "answers": answers}
 
 
 def _token_kl(peft_model, examples, pad_id: int, name: str, adapters: dict, reference: str) -> list[float]:

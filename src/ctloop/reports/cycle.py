@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctloop.evaluation.gate import NEW_SET
 from ctloop.fileio import read_json
 from ctloop.reports.charts import grouped_bars, line_chart
-from ctloop.reports.page import Bullets, Table, Text, write_page
+from ctloop.reports.page import Answers, Bullets, Table, Text, write_page
 from ctloop.training.trainer import TrainResult
 
 
@@ -16,8 +17,8 @@ def write_cycle_report(
     """The cycle's HTML report (`report.html` in the cycle folder)."""
     validation = read_json(cycle_dir / "validation.json")
     gate_parts: list = [
-        Text(f"{gate['outcome']} vs {gate['reference']}", "pass" if gate["passed"] else "fail", bold=True),
-        Bullets(tuple(gate["reasons"])),
+        Text(f"{gate['outcome']}: {_in_words(gate)}", "pass" if gate["passed"] else "fail", bold=True),
+        Bullets(tuple(gate["reasons"]), folded="why: each rule, its estimate and its bound"),
     ]
     rules = gate.get("rules", [])
     if rules:
@@ -50,7 +51,12 @@ def write_cycle_report(
             (
                 "Training",
                 [
-                    line_chart("training loss", [(float(s), v) for s, v in trained.losses], "loss"),
+                    line_chart(
+                        "training loss",
+                        [(float(s), v) for s, v in trained.losses],
+                        "loss (nats per token)",
+                        "optimizer step",
+                    ),
                     Table(
                         (
                             ("steps", str(trained.steps)),
@@ -75,8 +81,57 @@ def write_cycle_report(
                     )
                 ],
             ),
+            ("Answers side by side", _answers(cycle_dir, evaluation)),
             ("Lineage", [Table(tuple((k, str(v)) for k, v in lineage.items()))]),
         ],
+    )
+
+
+def _answers(cycle_dir: Path, evaluation) -> list:
+    """New-data prompts with the reference answer and each model's greedy answer and loss: the
+    candidate's worst-scored rows, then a seeded sample."""
+    from ctloop.data.records import read_parquet
+
+    shown = evaluation.examples.get(NEW_SET)
+    holdout = cycle_dir / "new_holdout.parquet"
+    if not shown or not holdout.is_file():
+        return ["No examples: eval.report_examples is 0, or the cycle had no new-data holdout."]
+    records = {r.id: r for r in read_parquet(holdout)[0]}
+    ids, losses = evaluation.ids[NEW_SET], evaluation.losses[NEW_SET]
+
+    def example(index: int, position: int) -> tuple[str, tuple[tuple[str, str], ...]]:
+        record = records.get(ids[index])
+        cells = [("prompt", record.prompt if record else ""), ("reference", record.completion if record else "")]
+        for model, answers in shown["answers"].items():
+            cells.append((f"{model} (loss {losses[model][index]:.3f})", answers[position]))
+        return f"example {ids[index]}", tuple(cells)
+
+    worst, sample = shown["worst"], shown["sample"]
+    return [
+        "Held-out new-data prompts, the reference answer, and each model's greedy answer with its loss on "
+        "the reference (mean token loss; lower is better).",
+        Text("the candidate's worst-scored examples", bold=True),
+        Answers(tuple(example(i, k) for k, i in enumerate(worst))),
+        Text("a random sample (seeded)", bold=True),
+        Answers(tuple(example(i, len(worst) + k) for k, i in enumerate(sample))),
+    ]
+
+
+def _in_words(gate: dict) -> str:
+    """The gate's outcome as a product owner would want it said."""
+    reference = {"champion": "the adapter in production", "base": "the bare base model"}.get(
+        gate["reference"], gate["reference"]
+    )
+    if gate["outcome"] == "PASS":
+        return (
+            f"this cycle's adapter did better than {reference} on the new data and met every other rule (what "
+            "it must not forget: the old data and any golden sets), so it was registered."
+        )
+    if gate["outcome"] == "FAIL":
+        return f"this cycle's adapter did not do well enough against {reference}; it was not registered."
+    return (
+        f"the evidence could not tell this cycle's adapter from {reference} (too few held-out rows, or too "
+        "noisy); nothing was registered."
     )
 
 

@@ -60,6 +60,8 @@ def write_drift_report(path: Path, report, reference, current, current_texts: li
                             detector.details["null"],
                             detector.statistic,
                             "observed",
+                            x_label=f"{detector.name} statistic",
+                            y_label="permutations",
                         )
                     ],
                 )

@@ -68,7 +68,14 @@ def write_rollout_report(path: Path, rollout: dict[str, Any], looks: list[dict[s
                     f"The candidate may be worse than the champion by at most {limit:.2%}. Each look bounds the gap "
                     "(candidate minus champion) from both sides, valid however often it is looked at: a lower bound "
                     "above the limit rolls back; an upper bound within it, on every metric, advances.",
-                    line_chart(f"{label}: upper bound of the gap at each look (limit {limit:.2%})", points, "gap"),
+                    line_chart(
+                        f"{label}: upper bound of the gap at each look",
+                        points,
+                        "candidate minus champion (rate)",
+                        x_label="look",
+                        limit=limit,
+                        limit_label=f"limit {limit:.2%}",
+                    ),
                     Table(
                         rows,
                         header=(
