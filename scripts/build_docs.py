@@ -128,7 +128,9 @@ def configuration_page() -> str:
     for name, field in top:
         if not field.description:
             undescribed.append(name)
-        lines.append(f"| `{name}` | `{_type_name(field.annotation)}` | {_default(field)} | {field.description or ''} |")
+        type_name = _type_name(field.annotation).replace("|", "\\|")
+        description = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | `{type_name}` | {_default(field)} | {description} |")
     lines.append("")
     for name, field in CtloopConfig.model_fields.items():
         if _is_section(field):

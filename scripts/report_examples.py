@@ -191,6 +191,7 @@ def render(page: Path, screenshot: Path | None, width: int = 1100, height: int =
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        "--disable-dev-shm-usage",  # Docker's small /dev/shm crashes Chromium otherwise
         "--hide-scrollbars",
         f"--window-size={width},{height}",
     ]
@@ -198,8 +199,10 @@ def render(page: Path, screenshot: Path | None, width: int = 1100, height: int =
         [*flags, "--virtual-time-budget=5000", "--dump-dom", measured.as_uri()],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
-    title = re.search(r"<title>(.*?)</title>", dom, re.DOTALL)
-    result = json.loads(html.unescape(title.group(1))) if title else {}
+    title = re.search(r"<title>(\{.*?\})</title>", dom, re.DOTALL)
+    if title is None:
+        raise RuntimeError(f"chromium did not run the page's measuring script on {page}")
+    result = json.loads(html.unescape(title.group(1)))
     if screenshot is not None:
         subprocess.run(
             [*flags, f"--screenshot={screenshot}", page.as_uri()], capture_output=True, timeout=120, check=True

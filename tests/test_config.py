@@ -270,6 +270,23 @@ def test_training_hash_is_stable_and_default_equivalent():
     assert explicit.training_hash() == config_from_dict(BASE_RAW).training_hash()
 
 
+def test_settings_added_at_their_defaults_keep_the_cycle_ids_of_before():
+    """A cycle id is the data, this hash and the base model's revision: a settings field added with
+    a default must not change it, or an upgrade would re-run every finished cycle and stop crashed
+    ones from resuming. The hash of {"model": {"base": "x"}} as ctloop 0.1 computed it."""
+    assert config_from_dict({"model": {"base": "x"}}).training_hash() == "c16aa2a1a8d312c9"
+    changed = {
+        "train": {"chat_loss": "all_assistant"},
+        "gate": {"require_seed_calibration": True},
+    }
+    for section, values in changed.items():
+        assert config_from_dict({"model": {"base": "x"}, section: values}).training_hash() != "c16aa2a1a8d312c9"
+    presentation = {"eval": {"report_examples": 9}, "model": {"base": "x", "threads": 3}, "judge": {"min_pairs": 5}}
+    for section, values in presentation.items():
+        raw = {"model": {"base": "x"}} | {section: values}
+        assert config_from_dict(raw).training_hash() == "c16aa2a1a8d312c9", section
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [

@@ -44,6 +44,7 @@ def test_a_store_from_before_migrations_is_upgraded_in_place_and_stamped(log_sto
     assert schema_revision(engine) == HEAD
     inspector = inspect(engine)
     assert "client_request_id" in {c["name"] for c in inspector.get_columns("request_log")}
+    assert "ix_request_log_client_request_id" in {i["name"] for i in inspector.get_indexes("request_log")}
     assert {"shadow_log", "feedback", "harvest_ledger", "alembic_version"} <= set(inspector.get_table_names())
     engine.dispose()
     reader = LogReader(log_store_url)

@@ -28,6 +28,12 @@ def test_the_cgroup_quota_caps_the_cpus(tmp_path):
     assert usable_cpus(tmp_path) == affinity
     (tmp_path / "cpu.max").write_text("garbage\n")
     assert usable_cpus(tmp_path) == affinity  # unreadable: no cap
+    (tmp_path / "cpu.max").unlink()
+    nested = tmp_path / "system.slice" / "airflow-worker.service"
+    nested.mkdir(parents=True)
+    (nested / "cpu.max").write_text("100000 100000\n")  # the worker's own cgroup: one CPU
+    assert usable_cpus(tmp_path, "/system.slice/airflow-worker.service") == 1
+    assert usable_cpus(tmp_path, "/system.slice") == affinity  # a sibling's quota is not ours
 
 
 TRAIN = """

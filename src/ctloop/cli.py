@@ -421,6 +421,56 @@ def _shadow_report(config_path: Path | None, ws, registry, champion: int | None,
     )
 
 
+@app.command("calibrate-seeds")
+def calibrate_seeds(
+    config: RequiredConfig,
+    cycle: Annotated[
+        str | None, typer.Option(help="the cycle whose training and held-out rows to use (default: the newest)")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="adapters to train, one seed each (4 or more: a usable upper limit)")] = 4,
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Measure the training-seed noise of this model and recipe: a cycle's training rows trained
+    with several seeds, each scored on its held-out rows. The spread between two seeds, and its
+    upper limit, go to the registered model; the gate's bounds carry that limit from the next cycle
+    on, instead of the assumed gate.seed_spread."""
+    from ctloop.config import load_config
+    from ctloop.data.records import read_parquet
+    from ctloop.errors import DataError
+    from ctloop.registry.client import open_registry
+    from ctloop.training.seeds import EVENT, measure, recipe_key
+    from ctloop.workspace import resolve_workspace
+
+    cfg = load_config(config)
+    ws = resolve_workspace(workspace, cfg)
+    folders = sorted(
+        (
+            p
+            for p in ws.cycles_dir.glob("*")
+            if (p / "train.parquet").is_file() and (p / "new_holdout.parquet").is_file()
+        ),
+        key=lambda p: p.stat().st_mtime,
+    )
+    chosen = ws.cycles_dir / cycle if cycle else (folders[-1] if folders else None)
+    if chosen is None or not (chosen / "train.parquet").is_file():
+        raise DataError(
+            f"no cycle with training and held-out rows in {ws.cycles_dir}"
+            + (f" named {cycle!r}" if cycle else "")
+            + "; run a cycle first (ctloop run), or pass --cycle ID"
+        )
+    if seeds < 2:
+        raise DataError("--seeds: at least 2 (4 or more give a usable upper limit)")
+    train_rows, holdout = read_parquet(chosen / "train.parquet")[0], read_parquet(chosen / "new_holdout.parquet")[0]
+    result = measure(cfg, train_rows, holdout, seeds, ws.root / "seed-calibration" / recipe_key(cfg))
+    open_registry(cfg.registry, ws).add_model_event(EVENT, result.to_dict())
+    if as_json:
+        print(json.dumps(strict_json(result.to_dict()), indent=2, allow_nan=False))
+    else:
+        console.print(result.summary())
+        console.print(f"recorded on the registered model; the gate carries {result.upper:.3%} from the next cycle on")
+
+
 judge_app = typer.Typer(help="A judge of answer pairs, checked against users' labels.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
 

@@ -490,6 +490,11 @@ class GateConfig(Section):
         "benchmarks/gate_false_promotions.py); measure your model's (the same data trained with two seeds, a few "
         "times) and set it; 0: evaluation noise only",
     )
+    require_seed_calibration: bool = Field(
+        False,
+        description="no PASS without a seed spread measured on this model and recipe (`ctloop calibrate-seeds`); "
+        "false: gate.seed_spread is assumed, and the gate says so",
+    )
     bootstrap_samples: int = Field(
         2000, ge=100, le=1_000_000, description="paired-bootstrap resamples behind every rule's bound"
     )
@@ -917,8 +922,13 @@ class CtloopConfig(Section):
                 ),
                 "model": {"device", "threads"},
                 "eval": {"report_examples"},  # what the report shows, not what is decided
-                # an sft cycle keeps the id it had before preference objectives existed
-                **({"train": {*PREFERENCE_SETTINGS, "objective"}} if self.train.objective == "sft" else {}),
+                # a cycle keeps the id it had before these settings existed while they are at their defaults
+                # (an sft objective, the loss on the last chat turn, no required seed calibration)
+                "train": {
+                    *((*PREFERENCE_SETTINGS, "objective") if self.train.objective == "sft" else ()),
+                    *(("chat_loss",) if self.train.chat_loss == "last" else ()),
+                },
+                **({"gate": {"require_seed_calibration"}} if not self.gate.require_seed_calibration else {}),
             },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,9 +1,9 @@
 """`ctloop doctor`: a config and the environment it will run in, checked one by one.
 
 Each check says what it found, and when something is wrong, the fix. It reads and writes nothing
-that matters: a probe file in the workspace, a `SELECT 1` on the log store, one alias read in the
-registry (no retries, so an unreachable server is reported in seconds), the base model's config and
-tokenizer (not its weights).
+that matters: a probe file in the workspace, a `SELECT 1` and the schema revision of the log store
+(never migrated here), one alias read in the registry (no retries, so an unreachable server is
+reported in seconds), the base model's config and tokenizer (not its weights).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ctloop.config import CtloopConfig
 from ctloop.errors import CtloopError
@@ -95,18 +96,29 @@ def _registry(config: CtloopConfig, workspace: Workspace) -> Check:
 
 
 def _log_store(config: CtloopConfig, workspace: Workspace) -> Check:
-    from sqlalchemy import text
+    """Reachable, and at which schema revision; never migrates it (the first `ctloop serve` or cycle
+    that opens the store does)."""
+    from sqlalchemy import create_engine, text
 
-    from ctloop.logstore.database import open_engine
+    from ctloop.logstore.database import HEAD, schema_revision
 
     url = workspace.shadow_store_url(config.shadow.store_url)
-    engine = open_engine(url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return Check("log store", OK, f"{url} does not exist yet; the first command that logs creates it")
+    engine = create_engine(url)
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+        revision = schema_revision(engine)
     finally:
         engine.dispose()
-    return Check("log store", OK, f"{engine.url.render_as_string(hide_password=True)} is reachable, tables in place")
+    where = engine.url.render_as_string(hide_password=True)
+    if revision == HEAD:
+        return Check("log store", OK, f"{where} is reachable, schema at revision {HEAD}")
+    state = "empty or from before migrations" if revision is None else f"at revision {revision}"
+    return Check(
+        "log store", OK, f"{where} is reachable, schema {state}; migrated to {HEAD} when ctloop first opens it"
+    )
 
 
 def _device(config: CtloopConfig) -> Check:

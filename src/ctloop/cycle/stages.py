@@ -417,6 +417,10 @@ def evaluate_stage(ctx: StageContext):
         options["kl_to"] = (CANDIDATE, reference, (NEW_SET,))
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval, examples_of=(NEW_SET,), **options)
     slices = slice_indices(sets, config.eval.slice_by)
+    from ctloop.training.seeds import EVENT, recorded
+
+    registry = registry or open_registry(config.registry, workspace)
+    seed_spread = recorded(registry.model_events(EVENT), config)  # `ctloop calibrate-seeds` on this recipe
     write_json(
         cycle.path("eval.json"),
         evaluation.to_dict()
@@ -426,6 +430,7 @@ def evaluate_stage(ctx: StageContext):
             "slice_means": slice_means(evaluation.losses, slices),
             "fingerprints": {name: fingerprint(records) for name, records in sets.items()},
             "anchor_version": anchor,
+            "seed_spread": seed_spread.to_dict() if seed_spread is not None else None,
         },
     )
     console.print(evaluation.summary())
@@ -539,7 +544,7 @@ def _without_contamination(
 
 
 def gate_stage(ctx: StageContext) -> GateDecision:
-    from ctloop.evaluation.gate import ANCHOR, decide
+    from ctloop.evaluation.gate import ANCHOR, INCONCLUSIVE, PASS, decide
     from ctloop.evaluation.preference_gate import preference_rules
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
@@ -557,9 +562,10 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         if anchor_version is not None and anchor_version == champion
         else None
     )
+    gate_config, seed_note = _seed_noise(config.gate, stored.get("seed_spread"))
     decision = decide(
         stored["losses"],
-        config.gate,
+        gate_config,
         has_champion=champion is not None,
         slices=stored.get("slices"),
         metrics=stored.get("metrics"),
@@ -568,9 +574,36 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         clusters=stored.get("clusters") or None,
         extra=tuple(preference_rules(stored, config.gate, reference)) if reference in evaluated else (),
     )
+    decision = replace(decision, reasons=(*decision.reasons, seed_note))
+    if decision.outcome == PASS and stored.get("seed_spread") is None and config.gate.require_seed_calibration:
+        decision = replace(
+            decision,
+            outcome=INCONCLUSIVE,
+            reasons=(
+                *decision.reasons,
+                "gate.require_seed_calibration: no measured seed spread for this model and recipe, so no PASS; "
+                "run `ctloop calibrate-seeds`",
+            ),
+        )
     write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())
     return decision
+
+
+def _seed_noise(settings, measured: dict | None):
+    """The gate's settings with the measured seed spread (its upper limit) when there is one, and a
+    line saying which spread the bounds carry."""
+    if measured is None:
+        return settings, (
+            f"seed noise: assumed gate.seed_spread={settings.seed_spread:.2%} (measured on the quickstart's tiny "
+            "model, not on this one; `ctloop calibrate-seeds` measures it)"
+        )
+    upper = float(measured["upper"])
+    note = (
+        f"seed noise: measured on this model and recipe, {float(measured['spread']):.2%} between two seeds "
+        f"({float(measured['confidence']):.0%} upper limit {upper:.2%} over {len(measured['seeds'])} seeds, used)"
+    )
+    return settings.model_copy(update={"seed_spread": upper}), note
 
 
 # -- 7. register ---------------------------------------------------------------------------------

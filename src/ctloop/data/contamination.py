@@ -60,18 +60,33 @@ def find_contamination(
     train: list[Record], eval_sets: dict[str, list[Record]], ngram: int, max_overlap: float
 ) -> dict[str, ContaminationReport]:
     """For each evaluation set, which rows overlap the training set (exactly, or nearly with one row)."""
-    exact_keys = {" ".join(_words(r)) for r in train}
-    grams_of = [_ngrams(_words(record), ngram) for record in train]
-    spread = Counter(gram for grams in grams_of for gram in grams)
-    boilerplate = (
-        {gram for gram, rows in spread.items() if rows > BOILERPLATE_SHARE * len(train)} if len(train) > 2 else set()
-    )
-    index: dict[tuple[str, ...], list[int]] = {}
-    for row, grams in enumerate(grams_of):
-        for gram in grams - boilerplate:
-            index.setdefault(gram, []).append(row)
-    reports = {}
-    for name, records in eval_sets.items():
+    return OverlapIndex(train, ngram).check(eval_sets, max_overlap)
+
+
+class OverlapIndex:
+    """The rows' exact keys and n-gram index (boilerplate n-grams left out), built once and checked
+    against any number of sets (the harvest checks each page against the golden sets)."""
+
+    def __init__(self, train: list[Record], ngram: int) -> None:
+        self.ngram = ngram
+        self.exact_keys = {" ".join(_words(r)) for r in train}
+        grams_of = [_ngrams(_words(record), ngram) for record in train]
+        spread = Counter(gram for grams in grams_of for gram in grams)
+        self.boilerplate = (
+            {gram for gram, rows in spread.items() if rows > BOILERPLATE_SHARE * len(train)}
+            if len(train) > 2
+            else set()
+        )
+        self.index: dict[tuple[str, ...], list[int]] = {}
+        for row, grams in enumerate(grams_of):
+            for gram in grams - self.boilerplate:
+                self.index.setdefault(gram, []).append(row)
+
+    def check(self, eval_sets: dict[str, list[Record]], max_overlap: float) -> dict[str, ContaminationReport]:
+        return {name: self._report(name, records, max_overlap) for name, records in eval_sets.items()}
+
+    def _report(self, name: str, records: list[Record], max_overlap: float) -> ContaminationReport:
+        exact_keys, boilerplate, index, ngram = self.exact_keys, self.boilerplate, self.index, self.ngram
         exact = near = 0
         dropped: list[str] = []
         for record in records:
@@ -86,5 +101,4 @@ def find_contamination(
             if grams and best / len(grams) >= max_overlap:
                 near += 1
                 dropped.append(record.id)
-        reports[name] = ContaminationReport(name, len(records), exact, near, tuple(dropped))
-    return reports
+        return ContaminationReport(name, len(records), exact, near, tuple(dropped))

@@ -177,7 +177,7 @@ def harvest(
     rejected_path = folder / "rejected.jsonl"
     decisions_path = out.with_name(out.stem + ".decisions.jsonl")
     known = _rejected_ids(rejected_path)  # a harvest repeated before its cycle ran adds nothing twice
-    golden = _golden_rows(config)
+    golden = _golden_index(config)
     source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
     reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
     seen: set[str] = set()  # content keys of this harvest
@@ -193,6 +193,9 @@ def harvest(
     ):
         if rejected_path.is_file():
             shutil.copyfile(rejected_path, rejected_tmp)
+            with rejected_tmp.open("rb+") as copied:  # a hand-edited file may lack its last newline
+                if copied.seek(0, os.SEEK_END) and (copied.seek(-1, os.SEEK_END), copied.read(1))[1] != b"\n":
+                    copied.write(b"\n")
         with (
             out_tmp.open("w", encoding="utf-8") as records_file,
             rejected_rows_tmp.open("w", encoding="utf-8") as rated_down_file,
@@ -355,20 +358,23 @@ def harvest_manifest(data_path: Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def _golden_rows(config: CtloopConfig) -> list[Record]:
+def _golden_index(config: CtloopConfig) -> Any:
+    """The evaluation sets' (eval.golden) overlap index, built once per harvest; None without any."""
+    from ctloop.data.contamination import OverlapIndex
     from ctloop.data.records import read_records
 
-    return [record for path in config.eval.golden.values() for record in read_records(path)[0]]
+    golden = [record for path in config.eval.golden.values() for record in read_records(path)[0]]
+    if not golden or config.eval.contamination == "off":
+        return None
+    return OverlapIndex(golden, config.eval.ngram)
 
 
-def _without_eval_overlap(config: CtloopConfig, golden: list[Record], decided: list[tuple[Decision, Record | None]]):
+def _without_eval_overlap(config: CtloopConfig, golden: Any, decided: list[tuple[Decision, Record | None]]):
     """Drop harvested rows that overlap an evaluation set (eval.golden), exactly or nearly."""
-    from ctloop.data.contamination import find_contamination
-
     candidates = [record for decision, record in decided if decision.kept and record is not None]
-    if not golden or not candidates or config.eval.contamination == "off":
+    if golden is None or not candidates:
         return decided
-    report = find_contamination(golden, {"harvest": candidates}, config.eval.ngram, config.eval.max_overlap)
+    report = golden.check({"harvest": candidates}, config.eval.max_overlap)
     dirty = set(report["harvest"].dropped_ids)
     return [
         (Decision(d.request_id, "overlaps_eval_set", False, d.feedback_id), None)

@@ -7,6 +7,7 @@ completion tokens. One base model is loaded; adapters are switched on it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,7 +188,8 @@ def _examples(losses: dict[str, list[float]], records: list[Record], adapters, n
     import random
 
     ranked_by = "candidate" if "candidate" in losses else next(iter(losses))
-    order = sorted(range(len(records)), key=lambda i: -losses[ranked_by][i])
+    by_loss = losses[ranked_by]  # a NaN loss (a diverged model) counts as the worst
+    order = sorted(range(len(records)), key=lambda i: -math.inf if math.isnan(by_loss[i]) else -by_loss[i])
     worst = order[: config.report_examples]
     rest = order[config.report_examples :]
     sample = sorted(random.Random(0).sample(rest, min(config.report_examples, len(rest))))

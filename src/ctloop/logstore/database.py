@@ -36,6 +36,8 @@ def _create_once(engine: Any) -> None:
     UniqueViolation in pg_type); on a SQLite file under a lock file next to it."""
     from sqlalchemy import text
 
+    if schema_revision(engine) == HEAD:
+        return  # the usual case: nothing to lock, nothing to write
     if engine.dialect.name != "postgresql":
         database = engine.url.database
         if not database or database == ":memory:":
@@ -68,7 +70,9 @@ def schema_revision(engine: Any) -> str | None:
 def migrate(engine: Any) -> None:
     """Bring the store to HEAD with Alembic (migrations/versions/). A store ctloop made before it had
     migrations (tables, no `alembic_version`) first gets the shape of the first revision from the
-    code that made it then (`create_all` of missing tables, `_upgrade`), and is stamped at it."""
+    code that made it then (`create_all` of missing tables, `_upgrade`), and is stamped at it. One
+    difference stays on such a store, for later migrations to know: its request ids are unique by
+    an index (`uq_request_log_request_id`), where a store built by 0001 has a unique constraint."""
     import logging
 
     from alembic import command
@@ -78,7 +82,7 @@ def migrate(engine: Any) -> None:
     current = schema_revision(engine)
     if current == HEAD:
         return
-    legacy = current is None and inspect(engine).has_table("request_log")
+    legacy = current is None and any(inspect(engine).has_table(t) for t in ("request_log", "shadow_log", "feedback"))
     if legacy:
         tables()[0].create_all(engine)
         _upgrade(engine)
@@ -107,6 +111,9 @@ def _upgrade(engine: Any) -> None:
     with engine.begin() as connection:
         if "client_request_id" not in columns:
             connection.execute(text("ALTER TABLE request_log ADD COLUMN client_request_id VARCHAR(128)"))
+    if not any(i["name"] == "ix_request_log_client_request_id" for i in inspect(engine).get_indexes("request_log")):
+        with engine.begin() as connection:  # as revision 0001 has it
+            connection.execute(text("CREATE INDEX ix_request_log_client_request_id ON request_log (client_request_id)"))
     unique = any(i.get("unique") and i["column_names"] == ["request_id"] for i in inspector.get_indexes("request_log"))
     unique = unique or any(c["column_names"] == ["request_id"] for c in inspector.get_unique_constraints("request_log"))
     if not unique:

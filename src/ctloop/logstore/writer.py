@@ -89,7 +89,7 @@ def scrub(text: str) -> str:
     found: set[str] = set()
     detectors = _secret_detectors()
     for line in set(text.splitlines()):
-        lowered = line.lower()
+        lowered = line.casefold()  # as re.IGNORECASE matches: "ſ" is an "s" to the detector too
         for detector, needs in detectors:
             if needs is not None and not any(stem in lowered for stem in needs):
                 continue  # none of the words this detector's patterns all contain: it cannot fire

@@ -17,12 +17,27 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
-    """The CPUs this process may run on (affinity), capped by the cgroup quota (v2 `cpu.max`, or v1
-    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded up; at least 1."""
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT, own_cgroup: str | None = None) -> int:
+    """The CPUs this process may run on (affinity), capped by the smallest CPU quota of its cgroup
+    and every cgroup above it (v2 `cpu.max`; v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us` at the
+    cpu controller's root only), rounded up; at least 1. `own_cgroup`: the process's cgroup path (default: /proc/self/cgroup)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = _cgroup_quota(cgroup_root)
-    return max(1, min(cpus, math.ceil(quota)) if quota is not None else cpus)
+    quotas = [q for folder in _cgroup_chain(cgroup_root, own_cgroup) if (q := _cgroup_quota(folder)) is not None]
+    return max(1, min(cpus, math.ceil(min(quotas))) if quotas else cpus)
+
+
+def _cgroup_chain(root: Path, own: str | None) -> list[Path]:
+    """The process's cgroup folder and each one above it, up to `root` (a nested cgroup, as in a
+    systemd slice, sets its quota there, not at the root)."""
+    if own is None:
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            lines = []
+        # cgroup v2: "0::/path"; v1: "N:cpu,cpuacct:/path"
+        own = next((line.split(":", 2)[2] for line in lines if line.startswith("0::") or ":cpu" in line), "/")
+    parts = [p for p in own.strip("/").split("/") if p and p != ".."]
+    return [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
 
 
 def _cgroup_quota(root: Path) -> float | None:
@@ -48,7 +63,7 @@ def use_threads(requested: int | None) -> int:
 
     if requested is not None:
         count = requested
-    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         count = int(os.environ["OMP_NUM_THREADS"])
     else:
         count = usable_cpus()

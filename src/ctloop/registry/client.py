@@ -239,21 +239,11 @@ class Registry:
 
     def register(self, run_id: str, cycle_key: str, tags: dict[str, str], description: str) -> VersionInfo:
         """Register the run's adapter as a new version (or return the one this cycle key made)."""
-        from mlflow.exceptions import MlflowException
 
         existing = self.find_by_cycle_key(cycle_key)
         if existing is not None:
             return existing
-        try:
-            self._call(
-                "create_registered_model",
-                self.client.create_registered_model,
-                self.model_name,
-                description="LoRA adapters trained by ctloop",
-            )
-        except MlflowException as exc:
-            if exc.error_code != ALREADY_EXISTS:
-                raise
+        self._ensure_model()
         # Not retried: a lost answer would register the version twice (a rerun finds it by its key).
         created = self._call(
             "create_model_version",
@@ -266,6 +256,21 @@ class Registry:
             description=description,
         )
         return self.version(int(created.version))
+
+    def _ensure_model(self) -> None:
+        """The registered model, created when it does not exist yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._call(
+                "create_registered_model",
+                self.client.create_registered_model,
+                self.model_name,
+                description="LoRA adapters trained by ctloop",
+            )
+        except MlflowException as exc:
+            if exc.error_code != ALREADY_EXISTS:
+                raise
 
     def register_adapter_dir(self, adapter_dir: Path, key: str, tags: dict[str, str], description: str) -> VersionInfo:
         """Register adapter files made elsewhere (one run that holds them); idempotent on `key`."""
@@ -308,6 +313,7 @@ class Registry:
         """Append an event to the registered model as a tag of its own (`<prefix>.<time>.<random>`).
         Append-only: two writers at once both land, where a read-modify-write of one tag would
         lose one of them."""
+        self._ensure_model()  # an event may come before the first version (a seed calibration)
         # Keys sort in log order: a stamp after the newest event, even when this host's clock is behind.
         newest = max((int(k.split(".")[-2]) for k in self._model_tags() if k.startswith(prefix + ".")), default=0)
         key = f"{prefix}.{max(time.time_ns(), newest + 1):020d}.{secrets.token_hex(4)}"

@@ -27,23 +27,22 @@ def _no_data(title: str) -> Markup:
 
 @contextmanager
 def _figure(title: str) -> Iterator[tuple[Any, Any, list[Markup]]]:
-    """A figure and its axes; on exit the SVG joins `out` (a one-item list) with the caption."""
+    """A figure and its axes; on exit the SVG joins `out` (a one-item list) with the caption. A bare
+    `Figure`, not pyplot: no global state, no backend switched in the host process (a notebook, the
+    server's worker threads), nothing to close."""
     import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to files only
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     out: list[Markup] = []
-    with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
-                                "axes.spines.right": False}):  # fmt: skip
-        figure, axes = plt.subplots(figsize=SIZE, dpi=100)
-        try:
-            yield figure, axes, out
-            figure.tight_layout()
-            buffer = io.StringIO()
-            figure.savefig(buffer, format="svg")
-        finally:
-            plt.close(figure)
+    style: dict[Any, Any] = {"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+             "text.parse_math": False}  # fmt: skip
+    with matplotlib.rc_context(style):  # "$" in a label is a dollar sign, not math
+        figure = Figure(figsize=SIZE, dpi=100)
+        axes = figure.subplots()
+        yield figure, axes, out
+        figure.tight_layout()
+        buffer = io.StringIO()
+        figure.savefig(buffer, format="svg")
     svg = buffer.getvalue()
     svg = svg[svg.index("<svg") :]  # the XML header and doctype do not belong inside a page
     out.append(Markup(f"<figure><figcaption>{html.escape(title)}</figcaption>{svg}</figure>"))
@@ -102,6 +101,7 @@ def scatter(
 ) -> Markup:
     """Points of several groups (e.g. reference vs current) on shared axes; with `diagonal`, the
     y = x line (equal values on both axes)."""
+    groups = {name: [p for p in pts if None not in p] for name, pts in groups.items()}  # a row without a latency
     points = [p for pts in groups.values() for p in pts]
     if not points:
         return _no_data(title)

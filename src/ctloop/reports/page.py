@@ -62,7 +62,7 @@ figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:.3em}
 {% for part in parts %}{% if part is markup %}{{ part }}
 {% elif part is text %}<p class="{{ part.style }}">{% if part.bold %}<b>{{ part.text }}</b>{% else %}{{ part.text }}{% endif %}</p>
 {% elif part is answers %}{% for heading, cells in part.examples %}<div class="answers"><b>{{ heading }}</b><table>
-{% for label, text in cells %}<tr><th>{{ label }}</th><td>{% if text|length > fold %}<details><summary>{{ text[:fold] }}…</summary>{{ text }}</details>{% else %}{{ text }}{% endif %}</td></tr>
+{% for label, text in cells %}<tr><th>{{ label }}</th><td>{% if text|length > fold %}<details><summary>{{ text[:fold] }}… ({{ text|length }} characters)</summary>{{ text[fold:] }}</details>{% else %}{{ text }}{% endif %}</td></tr>
 {% endfor %}</table></div>{% endfor %}
 {% elif part is bullets %}{% if part.folded %}<details><summary>{{ part.folded }}</summary>{% endif %}<ul>{% for item in part.items %}<li>{{ item }}</li>{% endfor %}</ul>{% if part.folded %}</details>{% endif %}
 {% elif part is table %}<table>{% if part.header %}<tr>{% for cell in part.header %}<th>{{ cell }}</th>{% endfor %}</tr>{% endif %}

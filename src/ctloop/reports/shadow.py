@@ -53,7 +53,8 @@ def _answer_pairs(done: list[dict[str, Any]], report) -> list:
         )
         for r in scored[:EXAMPLES]
     )
-    sample = random.Random(0).sample(done, min(EXAMPLES, len(done)))
+    rest = scored[EXAMPLES:]  # the sample repeats none of the disagreements
+    sample = random.Random(0).sample(rest, min(EXAMPLES, len(rest)))
     return [
         "Where the two versions answered most differently (a different answer is not a worse one), then a "
         "random sample of the pairs (seeded, so the report reads the same on every run).",
