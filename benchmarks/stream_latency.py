@@ -193,13 +193,14 @@ async def answers(url: str, count: int, concurrency: int, stream: bool, tokens: 
                     (await client.post(f"{url}/v1/completions", json=body)).raise_for_status()
                     times.append((time.perf_counter() - began) * 1000)
                     return
+                first = None
                 async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: {") and any(c.get("text") for c in json.loads(line[6:])["choices"]):
-                            times.append((time.perf_counter() - began) * 1000)
-                            break
-                    async for _ in response.aiter_lines():  # read the rest: the slot is freed as it ends
-                        pass
+                    async for line in response.aiter_lines():  # to the end: the slot is freed as it ends
+                        if first is None and line.startswith("data: {"):
+                            if any(c.get("text") for c in json.loads(line[6:])["choices"]):
+                                first = (time.perf_counter() - began) * 1000
+                if first is not None:
+                    times.append(first)
 
         await asyncio.gather(*(one() for _ in range(count)))
     return times
