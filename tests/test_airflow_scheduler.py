@@ -40,6 +40,20 @@ def test_the_cycle_dag_runs_under_a_real_scheduler_triggered_through_the_rest_ap
         _run_the_dag(tiny_base, tmp_path, f"sqlite:///{tmp_path / 'airflow.db'}")
 
 
+def _the_gate_decision_is_an_info_line(task_logs: Path) -> None:
+    """#29: ctloop's normal output went to stderr, which Airflow logs at ERROR level, so a task log
+    showed the gate's decision as an error. The gate task's log holds it at INFO."""
+    import json
+
+    logs = [p for p in task_logs.rglob("*.log") if "task_id=gate" in str(p)]
+    assert logs, sorted(str(p) for p in task_logs.rglob("*"))[:20]
+    lines = [line for p in logs for line in p.read_text(errors="replace").splitlines() if "gate PASS" in line]
+    assert lines, logs
+    for line in lines:
+        level = json.loads(line).get("level", "") if line.startswith("{") else ("error" if "ERROR" in line else "")
+        assert level.lower() != "error", line
+
+
 def _run_the_dag(tiny_base, tmp_path: Path, metadata: str) -> None:
     home, logs, port = tmp_path / "airflow-home", tmp_path / "logs", free_port()
     logs.mkdir()
@@ -115,6 +129,7 @@ def _run_the_dag(tiny_base, tmp_path: Path, metadata: str) -> None:
         assert states == {stage.name: "success" for stage in CYCLE}
         pids = {t["task_id"]: t.get("pid") for t in tasks["task_instances"]}
         assert len({pid for pid in pids.values() if pid}) == len(CYCLE)  # each task in its own process
+        _the_gate_decision_is_an_info_line(home / "logs")
     finally:
         for process in processes:
             process.terminate()

@@ -12,6 +12,15 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
+def print_to_stdout() -> None:
+    """Send the console's output to stdout, for a process an orchestrator runs: Airflow logs a
+    task's stderr at ERROR level, and ctloop's normal output (progress, the gate's decision) is not
+    an error. Exceptions still reach the task log as errors."""
+    import sys
+
+    console.file = sys.stdout
+
+
 def error(message: str) -> None:
     """An error line: "error:" in red, then the message as written."""
     from rich.text import Text

@@ -128,12 +128,14 @@ def run_stage_task(
     workspace lock (waiting up to `orchestration.lock_wait_seconds`), run the stage with the
     cycle's rules. `data` defaults to `orchestration.data`."""
     from ctloop.config import load_config
+    from ctloop.console import print_to_stdout
     from ctloop.cycle.declaration import stage
     from ctloop.errors import ConfigError
     from ctloop.logs import apply_process_defaults
     from ctloop.workspace import resolve_workspace
 
     apply_process_defaults()  # a task process is ctloop's, as the CLI's is
+    print_to_stdout()  # the task log's INFO lines, not its ERROR lines
     config = load_config(config_path)
     chosen = stage(stage_name)
     data = data or (None if config.orchestration.source == "production" else config.orchestration.data)
