@@ -250,3 +250,44 @@ def test_secrets_the_patterns_missed_are_scrubbed_from_everything_the_harvest_wr
     written += (workspace.root / "harvest" / "rejected.jsonl").read_text()
     assert report.kept == 6 and report.rejected == 5
     assert [leak for leak in leaks if leak in written] == []
+
+
+def test_redaction_in_worker_processes_gives_the_same_harvest(tmp_path):
+    """#26: redaction is about half of a large harvest's time, so from the second page on it runs in
+    worker processes (one per usable CPU). The harvest it writes is the one a single process writes."""
+    workspace = Workspace(tmp_path / "ws").create()
+    items = []
+    for i in range(1500):  # two pages of rated rows
+        secret = f" my password is hunter{i:04d}x and mail me at user{i}@example.org" if i % 7 == 0 else ""
+        rating = FeedbackRecord(
+            f"r{i}", rating=1 if i % 3 else -1, correction=f"fixed {i}{secret}" if i % 5 == 0 else None
+        )
+        items.append((f"r{i}", f"question {i}{secret}", f"answer {i}", rating))
+    _logged(workspace, items)
+    # Each harvest in a fresh process: the workers are forked only from a process running one thread,
+    # and this test process may hold other tests' threads.
+    code = (
+        "import json, sys, time; from pathlib import Path; import ctloop.data.harvest as h;"
+        "from ctloop.config import config_from_dict; from ctloop.workspace import Workspace;"
+        "workers = int(sys.argv[2]); h.usable_cpus = lambda: workers; used = [];"
+        "page = h._Redactor.for_page;"
+        "h._Redactor.for_page = lambda self, rows: (r := page(self, rows), used.append(self.pool is not None))[0];"
+        "ws = Workspace(Path(sys.argv[1]));"
+        "config = config_from_dict({'workspace': sys.argv[1], 'model': {'base': 'unused'}});"
+        "report = h.harvest(config, ws, since=time.time() - 3600, out=Path(sys.argv[3]));"
+        "print(json.dumps({'pool': any(used), 'counts': report.counts, 'decisions': report.decisions_path}))"
+    )
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"h{workers}.jsonl"
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(workspace.root), str(workers), str(out)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        outputs[workers] = (out.read_text(), Path(result["decisions"]).read_text(), result["counts"], result["pool"])
+    assert [outputs[w][3] for w in (1, 2)] == [False, True]  # one process, then forked workers
+    assert outputs[1][:3] == outputs[2][:3]
+    assert "hunter0000x" not in outputs[2][0] and "user0@example.org" not in outputs[2][0]
+    assert sum(outputs[2][2].values()) == 1500

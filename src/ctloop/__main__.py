@@ -1,3 +1,4 @@
 from ctloop.cli import main
 
-main()
+if __name__ == "__main__":  # not when a worker process (the harvest's redaction) imports the main module
+    main()

@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from ctloop.data.records import Record
 from ctloop.errors import DataError
 from ctloop.fileio import TIMESTAMP_FORMAT, atomic_path, read_json, strict_json, utc_now, write_json
 from ctloop.logstore.writer import scrub, stored_id
+from ctloop.model.threads import usable_cpus
 from ctloop.workspace import Workspace
 
 Format = Literal["records", "dpo", "kto"]
@@ -84,11 +85,12 @@ class HarvestReport:
 
 
 def decide_rows(
-    rows: list[dict[str, Any]], settings: HarvestConfig, seen: set[str]
+    rows: list[dict[str, Any]], settings: HarvestConfig, seen: set[str], clean: Callable[[str], str] = scrub
 ) -> list[tuple[Decision, Record | None]]:
     """The decision for each logged request (with its latest `feedback`), and the record to train on
     (kept rows) or to keep as rejected (rejected rows). `seen` holds the content keys of earlier
-    harvests and grows with this one."""
+    harvests and grows with this one. `clean` redacts a text (with `harvest.redact`): `scrub`, or
+    the page's texts scrubbed ahead in worker processes (`_Redactor`)."""
     out: list[tuple[Decision, Record | None]] = []
     shared = {rid for rid, n in Counter(row["request_id"] for row in rows).items() if n > 1}
     for row in rows:
@@ -116,7 +118,7 @@ def decide_rows(
         record = None
         if kept:
             if settings.redact:
-                prompt, completion = scrub(prompt), scrub(completion)
+                prompt, completion = clean(prompt), clean(completion)
             key = content_key(prompt, completion)
             if key in seen:
                 reason, kept = "duplicate", False
@@ -135,16 +137,67 @@ def decide_rows(
                         "feedback_kind": FEEDBACK_KIND[reason],
                         **({"rating": float(score)} if score is not None else {}),
                         "model_version": row.get("model_version") or "",
-                        **({"user": _clean(str(row["user"]), settings)} if row.get("user") else {}),  # eval.cluster_by
-                        **({"rejected_answer": _clean(row.get("answer") or "", settings)} if correction else {}),
+                        **({"user": _clean(str(row["user"]), settings, clean)} if row.get("user") else {}),
+                        **({"rejected_answer": _clean(row.get("answer") or "", settings, clean)} if correction else {}),
                     },
                 )
         out.append((Decision(row["request_id"], reason, kept and reason != "rejected", fid), record))
     return out
 
 
-def _clean(text: str, settings: HarvestConfig) -> str:
-    return scrub(text) if settings.redact else text
+def _clean(text: str, settings: HarvestConfig, clean: Callable[[str], str] = scrub) -> str:
+    return clean(text) if settings.redact else text
+
+
+class _Redactor:
+    """Redaction (`scrub`: the patterns and detect-secrets' detectors, about half of a large
+    harvest's time) of each page's texts in worker processes, one per usable CPU, from the second
+    page on: a harvest of one page never pays for starting them. The workers are forked, and only
+    from a process running one thread (a fork copies only the calling thread, so another thread's
+    locks could be held forever in the child); elsewhere the page is redacted here. Not spawned:
+    a spawned worker imports the caller's main script, and runs it again when it has no main guard."""
+
+    def __init__(self, settings: HarvestConfig, workers: int) -> None:
+        self.settings, self.workers, self.pages = settings, workers, 0
+        self.pool: Any = None
+
+    def for_page(self, page: list[dict[str, Any]]) -> Callable[[str], str]:
+        self.pages += 1
+        import threading
+
+        if not self.settings.redact or self.workers < 2 or self.pages < 2:
+            return scrub
+        if self.pool is None:
+            if threading.active_count() > 1 or "fork" not in _start_methods():
+                return scrub
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        texts = list(dict.fromkeys(text for row in page for text in _redacted_texts(row) if text))
+        done = dict(zip(texts, self.pool.map(scrub, texts, chunksize=64), strict=True))
+        return lambda text: done[text] if text in done else scrub(text)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _start_methods() -> list[str]:
+    import multiprocessing
+
+    return multiprocessing.get_all_start_methods()
+
+
+def _redacted_texts(row: dict[str, Any]) -> tuple[str, ...]:
+    """The texts `decide_rows` may redact in a row: prompt, answer, correction, user."""
+    feedback = row.get("feedback") or {}
+    return (
+        row.get("prompt") or "",
+        row.get("answer") or "",
+        feedback.get("correction") or "",
+        str(row.get("user") or ""),
+    )
 
 
 def content_key(prompt: str, completion: str) -> str:
@@ -181,6 +234,7 @@ def harvest(
     source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
     reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
     seen: set[str] = set()  # content keys of this harvest
+    redactor = _Redactor(config.harvest, usable_cpus())
     counts: Counter[str] = Counter()
     taken: list[str] = []  # request ids kept or rejected: the ledger's, once a cycle trains on them
     taken_keys: set[str] = set()  # and their content keys
@@ -212,9 +266,8 @@ def harvest(
                 for rows in pages:
                     for page in rows:
                         looked_at += len(page)
-                        decided = _without_eval_overlap(
-                            config, golden, _decide_page(page, config.harvest, seen, reader)
-                        )
+                        page_decisions = _decide_page(page, config.harvest, seen, reader, redactor)
+                        decided = _without_eval_overlap(config, golden, page_decisions)
                         for decision, record in decided:
                             counts[decision.reason] += 1
                             decisions_file.write(_line(asdict(decision)))
@@ -233,6 +286,7 @@ def harvest(
                                     known.add(record.id)
                                     rejected_file.write(_line(_row(record)))
             finally:
+                redactor.close()
                 reader.close()
                 source.close()
         with (
@@ -298,7 +352,7 @@ def _rejected_ids(path: Path) -> set[str]:
 
 
 def _decide_page(
-    page: list[dict[str, Any]], settings: HarvestConfig, seen: set[str], reader: Any
+    page: list[dict[str, Any]], settings: HarvestConfig, seen: set[str], reader: Any, redactor: _Redactor
 ) -> list[tuple[Decision, Record | None]]:
     """One page of requests: those whose id a committed harvest used are `already_harvested`; the
     others are decided, and a kept row whose content a committed harvest used is a `duplicate`."""
@@ -311,7 +365,7 @@ def _decide_page(
         for row in page
         if LEDGER_REQUEST + row["request_id"] in used
     ]
-    decided = decide_rows(fresh, settings, seen)
+    decided = decide_rows(fresh, settings, seen, redactor.for_page(fresh))
     keys = {id(r): LEDGER_CONTENT + content_key(r.prompt, r.completion) for _, r in decided if r is not None}
     known = reader.ledger_holds(sorted(set(keys.values())))
     for decision, record in decided:
