@@ -7,7 +7,8 @@ import and the retention purge, ctloop against the approach it replaced, side by
 The store is filled through a bulk path that builds every row with the request log writer's own
 row builder (`RequestLog._row`) and inserts 5,000 rows per statement: prompts of 200-2,000
 characters, answers, metadata; 90% of the rows in the last 24 h, 1% with feedback. Each measured
-operation runs in a fresh Python process, so its peak RSS is its own (`ru_maxrss`):
+operation runs in a fresh Python process, so its peak RSS is its own (`ru_maxrss`; the largest of its
+worker processes, the harvest's redaction workers, is `worker_peak_mb`):
 
 - harvest --since 24h: `ctloop.data.harvest.harvest` (rated rows only, in pages; ledger table) vs
   the old approach (every row of the window loaded with its latest feedback, then decided);
@@ -260,6 +261,8 @@ def measure(op: str, url: str, workdir: Path) -> dict:
         f"out = b.OPS[{op!r}]({url!r}, Path({str(workdir)!r}));"
         "out['seconds'] = round(time.perf_counter() - t, 2);"
         "out['peak_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024);"
+        "children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss;"
+        "out.update({'worker_peak_mb': round(children / 1024)} if children else {});"
         "print(json.dumps(out))"
     )
     done = subprocess.run(
