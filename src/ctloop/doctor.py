@@ -125,12 +125,12 @@ def _device(config: CtloopConfig) -> Check:
     import torch
 
     from ctloop.model.loading import model_device
-    from ctloop.model.threads import usable_cpus
+    from ctloop.model.threads import chosen_threads, usable_cpus
 
     device = model_device(config.model)
     if device.startswith("cuda"):
         return Check("device", OK, f"{device}: {torch.cuda.get_device_name(torch.device(device))}")
-    threads = config.model.threads or os.environ.get("OMP_NUM_THREADS") or usable_cpus()
+    threads = chosen_threads(config.model.threads)
     gpu = "" if config.model.device == "cpu" else " (torch sees no CUDA GPU)"
     return Check("device", OK, f"cpu{gpu}, {threads} thread(s) of {usable_cpus()} usable CPU(s)")
 

@@ -185,22 +185,7 @@ def calibrate(
         accuracy_interval = _percentiles(boot_accuracy)
         kappa_interval = _percentiles(boot_kappa)
     consistency_interval = wilson_interval(consistent, n)
-    reasons: list[str] = []
-    if n < settings.min_pairs:
-        reasons.append(
-            f"{n} labelled pairs, below judge.min_pairs={settings.min_pairs}; harvest more feedback "
-            "(corrections, or answers to the same prompt rated up and down)"
-        )
-    if n and not kappa_interval[0] >= settings.min_agreement:
-        reasons.append(
-            f"kappa's lower bound {kappa_interval[0]:.3f} is below judge.min_agreement={settings.min_agreement}: "
-            "it does not agree with users often enough to count"
-        )
-    if n and consistency_interval[1] < settings.min_consistency:
-        reasons.append(
-            f"position-swap consistency {consistent / n:.1%} (upper bound {consistency_interval[1]:.1%}) is below "
-            f"judge.min_consistency={settings.min_consistency:.0%}: it judges by position"
-        )
+    reasons = below_floors(n, kappa_interval[0], consistency_interval[1], settings)
     return JudgeCalibration(
         judge=spec,
         identity=identity or spec,
@@ -218,6 +203,28 @@ def calibrate(
         settings={k: getattr(settings, k) for k in ("min_agreement", "min_consistency", "min_pairs")},
         created_at=time.time(),
     )
+
+
+def below_floors(pairs: int, kappa_low: float, consistency_high: float, settings: JudgeConfig) -> list[str]:
+    """Why a calibration of `pairs` pairs does not trust its judge at the floors of `settings`: the
+    one rule `calibrate` records and `judge_trust` applies again at the floors configured now."""
+    problems = []
+    if pairs < settings.min_pairs:
+        problems.append(
+            f"{pairs} labelled pairs, below judge.min_pairs={settings.min_pairs}; harvest more feedback "
+            "(corrections, or answers to the same prompt rated up and down)"
+        )
+    if pairs and not kappa_low >= settings.min_agreement:
+        problems.append(
+            f"kappa's lower bound {kappa_low:.3f} is below judge.min_agreement={settings.min_agreement}: "
+            "it does not agree with users often enough to count"
+        )
+    if pairs and consistency_high < settings.min_consistency:
+        problems.append(
+            f"position-swap consistency's upper bound {consistency_high:.1%} is below "
+            f"judge.min_consistency={settings.min_consistency:.0%}: it judges by position"
+        )
+    return problems
 
 
 def _agreement(right: np.ndarray, tie: np.ndarray) -> tuple[Any, Any, Any]:
@@ -258,17 +265,8 @@ def judge_trust(calibration: JudgeCalibration | None, identity: str, settings: J
         return verdict(
             False, f"the calibration is of {calibration.identity}, not of {identity}; run `ctloop judge calibrate`"
         )
-    low, consistency_high = calibration.kappa_interval[0], calibration.consistency_interval[1]
-    problems = []
-    if calibration.pairs < settings.min_pairs:
-        problems.append(f"calibrated on {calibration.pairs} pairs, below judge.min_pairs={settings.min_pairs}")
-    if not low >= settings.min_agreement:
-        problems.append(f"kappa's lower bound {low:.3f} is below judge.min_agreement={settings.min_agreement}")
-    if consistency_high < settings.min_consistency:
-        problems.append(
-            f"position-swap consistency's upper bound {consistency_high:.1%} is below "
-            f"judge.min_consistency={settings.min_consistency:.0%}"
-        )
+    low = calibration.kappa_interval[0]
+    problems = below_floors(calibration.pairs, low, calibration.consistency_interval[1], settings)
     if problems:
         return verdict(False, "; ".join(problems))
     return verdict(

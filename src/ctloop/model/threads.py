@@ -57,16 +57,20 @@ def _cgroup_quota(root: Path) -> float | None:
     return None
 
 
+def chosen_threads(requested: int | None) -> int:
+    """The count the module docstring describes: `requested`, else OMP_NUM_THREADS, else the usable CPUs."""
+    if requested is not None:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return usable_cpus()
+
+
 def use_threads(requested: int | None) -> int:
-    """Set torch's intra-op threads as the module docstring says, and return the count."""
+    """Set torch's intra-op threads to `chosen_threads(requested)`, and return the count."""
     import torch
 
-    if requested is not None:
-        count = requested
-    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        count = int(os.environ["OMP_NUM_THREADS"])
-    else:
-        count = usable_cpus()
+    count = chosen_threads(requested)
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
