@@ -408,6 +408,64 @@ def test_the_candidate_may_not_move_toward_answers_users_rated_down(candidate_on
     assert "rejected_gain" in decision.metrics
 
 
+def _rejected_losses(rng, n, harmful):
+    """A champion's per-token losses on n rejected answers, and a candidate's: seed noise of 3% per
+    answer (per-row changes, champion vs candidate, on the quickstart's replay holdout: sd 2.8%), moved 2% away
+    from the answers (a healthy candidate), or, when harmful, a fifth of the answers made twice as
+    likely per token (loss - ln 2) and the rest 10% less likely, so that the mean hardly moves."""
+    champion = rng.uniform(1.5, 3.0, n)
+    candidate = champion * 1.02
+    if harmful:
+        hit = rng.random(n) < 0.2
+        candidate = np.where(hit, champion - math.log(2), champion * 1.10)
+    return list(champion), list(candidate * rng.normal(1.0, 0.03, n))
+
+
+def test_a_candidate_that_makes_some_rejected_answers_much_likelier_fails_the_per_answer_rule():
+    """#23 item 7: the mean rule passed a candidate that made a fifth of the rejected answers twice as
+    likely and the rest a little less likely (the audit: 70.5% of the time). The per-answer rule
+    fails it, and passes a healthy candidate."""
+    rng = np.random.default_rng(7)
+    runs = 200
+    config = GateConfig(seed_spread=0)
+    mean_passed = each_failed = healthy_failed = 0
+    for _ in range(runs):
+        for harmful in (True, False):
+            champion, candidate = _rejected_losses(rng, 150, harmful)
+            losses = {
+                "new_holdout": {"champion": [2.0] * 60, "candidate": [1.8] * 60},
+                "rejected_answers": {"champion": champion, "candidate": candidate},
+            }
+            rules = {r.name: r for r in decide(losses, config, has_champion=True).rules}
+            if harmful:
+                mean_passed += rules["rejected answers"].outcome == "PASS"
+                each_failed += rules["rejected answers (each)"].outcome == "FAIL"
+            else:
+                healthy_failed += rules["rejected answers (each)"].outcome == "FAIL"
+    assert mean_passed >= runs * 0.7  # the blind spot: the mean rule alone passes it (175 of 200 here)
+    # 196 and 0 of 200 here; at 60 answers the per-answer rule fails 144 of 200 (72%)
+    assert each_failed >= runs * 0.95
+    assert healthy_failed <= runs * 0.05
+
+
+@pytest.mark.parametrize(("moved", "outcome"), [(6, "FAIL"), (1, "PASS"), (0, "PASS")])
+def test_the_per_answer_rule_gates_a_handful_of_rejected_answers(moved, outcome):
+    """Below gate.min_examples the mean rule only reports; the per-answer rule still decides, on
+    evidence: all 6 of 6 answers made 30% likelier fails, 1 of 6 does not."""
+    champion = [2.0] * 6
+    candidate = [1.4] * moved + [2.0] * (6 - moved)
+    losses = {
+        "new_holdout": {"champion": [2.0] * 60, "candidate": [1.8] * 60},
+        "rejected_answers": {"champion": champion, "candidate": candidate},
+    }
+    decision = decide(losses, GateConfig(seed_spread=0), has_champion=True)
+    rules = {r.name: r for r in decision.rules}
+    assert "not gated" in rules["rejected answers"].reason
+    each = rules["rejected answers (each)"]
+    assert (each.outcome, each.n, each.estimate) == (outcome, 6, moved / 6)
+    assert decision.metrics["rejected_moved_share"] == moved / 6
+
+
 def test_seed_noise_widens_the_bound():
     """#16 item 10: a candidate 0.5% better on every example clears margin 0 on evaluation noise alone,
     but not once two training seeds may differ by 0.5% (the default gate.seed_spread)."""

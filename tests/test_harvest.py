@@ -97,7 +97,12 @@ def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twic
     assert kinds == {("q1", "right"): "correction", ("q2", "good"): "rated_up", ("q3", "bad"): "rated_down"}
     assert all(r["metadata"]["feedback_id"] and r["metadata"]["request_id"] for r in rows)
     rejected = [json.loads(line) for line in Path(report.rejected_path).read_text().splitlines()]
-    assert [(r["prompt"], r["completion"]) for r in rejected] == [("q3", "bad")]
+    # #23 item 7: the answer a correction replaced joins the rejected set, the clearest negative.
+    assert [(r["prompt"], r["completion"], r["metadata"]["harvest_reason"]) for r in rejected] == [
+        ("q1", "wrong", "corrected_original"),
+        ("q3", "bad", "rejected"),
+    ]
+    assert report.corrected_originals == 1
     decisions = {
         json.loads(line)["request_id"]: json.loads(line)["reason"]
         for line in Path(report.decisions_path).read_text().splitlines()
@@ -108,12 +113,56 @@ def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twic
 
     # No cycle has trained on it yet (skipped, failed): the same rows are harvested again...
     retried = harvest(config, workspace, since=time.time() - 3600)
-    assert retried.kept == 2 and len(Path(report.rejected_path).read_text().splitlines()) == 1  # not doubled
+    assert retried.kept == 2 and len(Path(report.rejected_path).read_text().splitlines()) == 2  # not doubled
     # ...until a cycle registers on it: then they are used, and the next harvest skips them.
     commit_harvest(workspace, read_json(Path(retried.out_path + ".manifest.json")))
     again = harvest(config, workspace, since=time.time() - 3600)
     assert again.kept == 0 and again.counts == {"already_harvested": 3, "no_feedback": 1}
-    assert len(Path(report.rejected_path).read_text().splitlines()) == 1
+    assert len(Path(report.rejected_path).read_text().splitlines()) == 2
+
+
+def test_the_rejected_set_ages_out_by_time_and_by_version(tmp_path):
+    """#23 item 7: rejected.jsonl no longer grows forever. A harvest drops rows older than
+    eval.rejected_max_age_days; the gate uses the answers of the newest eval.rejected_versions."""
+    from ctloop.config import EvalConfig
+    from ctloop.data.records import Record
+    from ctloop.data.rejected_set import select_rejected
+    from ctloop.fileio import TIMESTAMP_FORMAT
+
+    now = time.time()
+
+    def stamp(days_ago: float) -> str:
+        return time.strftime(TIMESTAMP_FORMAT, time.gmtime(now - days_ago * 86400))
+
+    workspace = Workspace(tmp_path / "ws").create()
+    config = config_from_dict(
+        {"workspace": str(workspace.root), "model": {"base": "unused"}, "eval": {"rejected_max_age_days": 30}}
+    )
+    folder = workspace.root / "harvest"
+    folder.mkdir(exist_ok=True)
+    old_rows = [
+        {"id": "ancient", "prompt": "p", "completion": "c", "timestamp": stamp(45), "metadata": {}},
+        {"id": "recent", "prompt": "p", "completion": "c", "timestamp": stamp(5), "metadata": {}},
+    ]
+    (folder / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    _logged(workspace, [("r3", "q3", "bad", FeedbackRecord("r3", rating=-1))])
+    report = harvest(config, workspace, since=now - 3600)
+    ids = [json.loads(line)["id"] for line in Path(report.rejected_path).read_text().splitlines()]
+    assert ids == ["recent", "prod-r3"] and report.aged_out == 1
+
+    records = [
+        Record(f"v{version}-{i}", "p", "c", timestamp=stamp(days), metadata={"model_version": str(version)})
+        for version, days in ((1, 80), (2, 50), (3, 20), (10, 2))
+        for i in range(2)
+    ]
+    chosen = select_rejected(records, EvalConfig(rejected_max_age_days=60, rejected_versions=2), now)
+    assert [r.id for r in chosen.records] == ["v3-0", "v3-1", "v10-0", "v10-1"]  # 10 > 3 as numbers
+    assert chosen.left_out == {
+        "older_than_eval.rejected_max_age_days": 2,
+        "older_versions_than_eval.rejected_versions": 2,
+    }
+    everything = select_rejected(records, EvalConfig(rejected_max_age_days=None, rejected_versions=None), now)
+    assert len(everything.records) == 8 and everything.left_out == {}
 
 
 def test_preference_exports_use_trls_formats(tmp_path):

@@ -216,6 +216,14 @@ class KtoConfig(Section):
 
 PREFERENCE_OBJECTIVES = ("dpo", "kto", "sft+dpo", "sft+kto")
 PREFERENCE_SETTINGS = ("sft_weight", "preference_batch_size", "min_preference_rows", "dpo", "kto")
+# Settings that change what a cycle computes, added after ctloop 0.1: while at their defaults they are
+# left out of the training hash, so cycles keep the ids they had (a finished one is not redone, a
+# crashed one resumes).
+ADDED_SINCE_0_1 = {
+    "train": ("chat_loss",),
+    "gate": ("require_seed_calibration", "max_rejected_answer_gain", "max_rejected_share"),
+    "eval": ("rejected_max_age_days", "rejected_versions"),
+}
 
 
 class TrainConfig(Section):
@@ -324,6 +332,18 @@ class EvalConfig(Section):
         True,
         description="gate on the answers production rated down (<workspace>/harvest/rejected.jsonl, written by "
         "ctloop harvest): a candidate may not make them likelier than gate.max_rejected_gain allows",
+    )
+    rejected_max_age_days: float | None = Field(
+        90.0,
+        gt=0,
+        description="the rejected-answers rules use answers given at most this many days ago (null: all); "
+        "ctloop harvest also drops older ones from the rejected set",
+    )
+    rejected_versions: int | None = Field(
+        3,
+        ge=1,
+        description="the rejected-answers rules use answers of the newest this many model versions that gave "
+        "them (null: all versions): what long-gone versions said is not what the champion says",
     )
     contamination: Literal["drop", "fail", "off"] = Field(
         "drop", description="evaluation rows found in the training set: drop and count them, or fail the cycle"
@@ -444,6 +464,20 @@ class GateConfig(Section):
     )
     max_rejected_gain: float = Field(
         0.02, ge=0, lt=1, description="how much lower (relative) the candidate's loss on rejected answers may be"
+    )
+    max_rejected_answer_gain: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="rejected answers, each: an answer whose loss the candidate lowers by more than this share of "
+        "the champion's loss on it counts as moved toward (wider than the per-answer noise between two seeds)",
+    )
+    max_rejected_share: float = Field(
+        0.10,
+        ge=0,
+        lt=1,
+        description="rejected answers, each: the share moved toward may not be shown above this (exact binomial "
+        "lower bound at gate.confidence); tested at any size of the set",
     )
     rules: list[GateRule] = Field(default_factory=list, description="more rules, on any metric, set and slice")
     min_preference_gain: float = Field(
@@ -899,6 +933,12 @@ class CtloopConfig(Section):
             )
         return self
 
+    def _added_at_default(self, section: str) -> set[str]:
+        """The settings of `section` added after ctloop 0.1 that are at their defaults."""
+        model = getattr(self, section)
+        fields = type(model).model_fields
+        return {name for name in ADDED_SINCE_0_1.get(section, ()) if getattr(model, name) == fields[name].default}
+
     def training_hash(self) -> str:
         """Hash of everything that changes what a cycle computes (not where it stores it)."""
         payload = self.model_dump(
@@ -921,14 +961,13 @@ class CtloopConfig(Section):
                     True,
                 ),
                 "model": {"device", "threads"},
-                "eval": {"report_examples"},  # what the report shows, not what is decided
+                "eval": {"report_examples", *self._added_at_default("eval")},  # report_examples: shown, not decided
                 # a cycle keeps the id it had before these settings existed while they are at their defaults
-                # (an sft objective, the loss on the last chat turn, no required seed calibration)
                 "train": {
                     *((*PREFERENCE_SETTINGS, "objective") if self.train.objective == "sft" else ()),
-                    *(("chat_loss",) if self.train.chat_loss == "last" else ()),
+                    *self._added_at_default("train"),
                 },
-                **({"gate": {"require_seed_calibration"}} if not self.gate.require_seed_calibration else {}),
+                "gate": self._added_at_default("gate"),
             },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

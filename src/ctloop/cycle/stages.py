@@ -395,9 +395,14 @@ def evaluate_stage(ctx: StageContext):
     rejected = workspace.root / "harvest" / "rejected.jsonl"
     if config.eval.rejected_answers and rejected.is_file() and champion is not None:
         from ctloop.data.records import read_records
+        from ctloop.data.rejected_set import select_rejected
         from ctloop.evaluation.gate import REJECTED_SET
 
-        sets[REJECTED_SET] = read_records(rejected)[0]
+        started = cycle.state().get("started")
+        chosen = select_rejected(read_records(rejected)[0], config.eval, parse_utc(started) if started else time.time())
+        sets[REJECTED_SET] = chosen.records
+        for reason, n in chosen.left_out.items():
+            console.print(f"rejected answers: {n} left out ({reason})")
     kind = preference_kind(config.train.objective)
     if kind is not None:  # held-out feedback, checked for contamination as rows before it is split in sides
         sets[PREFERENCE_HOLDOUT] = read_parquet(cycle.require("preference_holdout.parquet", "prepare"))[0]

@@ -8,6 +8,8 @@ For every request logged in the window, its latest feedback decides (`harvest` s
   set (<workspace>/harvest/rejected.jsonl, for review and the gate's rejected-answers rule) and the
   harvest file as a `rated_down` row, which preference objectives learn from and supervised
   training never does;
+- a correction's original answer joins the rejected set too (`corrected_original`): it is the
+  clearest negative there is;
 - anything else is dropped with its reason (`no_feedback`, `middling_rating`, `empty`,
   `already_harvested`, `duplicate`, `overlaps_eval_set`).
 
@@ -33,6 +35,7 @@ from typing import Any, Literal
 from ctloop.config import CtloopConfig, HarvestConfig
 from ctloop.data.preference import CORRECTION, RATED_DOWN, RATED_UP, UNRATED, preference_set
 from ctloop.data.records import Record
+from ctloop.data.rejected_set import CORRECTED_ORIGINAL, too_old
 from ctloop.errors import DataError
 from ctloop.fileio import TIMESTAMP_FORMAT, atomic_path, read_json, strict_json, utc_now, write_json
 from ctloop.logstore.writer import scrub, stored_id
@@ -69,6 +72,8 @@ class HarvestReport:
     request_ids: tuple[str, ...] = ()
     content_keys: tuple[str, ...] = ()
     source: str = "ctloop"  # production.source: ctloop (the request log), mlflow (traces) or jsonl
+    corrected_originals: int = 0  # the answers behind corrections, added to the rejected set
+    aged_out: int = 0  # rows dropped from the rejected set: older than eval.rejected_max_age_days
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
@@ -230,6 +235,7 @@ def harvest(
     rejected_path = folder / "rejected.jsonl"
     decisions_path = out.with_name(out.stem + ".decisions.jsonl")
     known = _rejected_ids(rejected_path)  # a harvest repeated before its cycle ran adds nothing twice
+    now = time.time()
     golden = _golden_index(config)
     source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
     reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
@@ -238,7 +244,7 @@ def harvest(
     counts: Counter[str] = Counter()
     taken: list[str] = []  # request ids kept or rejected: the ledger's, once a cycle trains on them
     taken_keys: set[str] = set()  # and their content keys
-    kept = rejected = looked_at = 0
+    kept = rejected = looked_at = originals = aged_out = 0
     with (
         atomic_path(out) as out_tmp,
         atomic_path(decisions_path) as decisions_tmp,
@@ -246,10 +252,7 @@ def harvest(
         _spare(out) as rejected_rows_tmp,
     ):
         if rejected_path.is_file():
-            shutil.copyfile(rejected_path, rejected_tmp)
-            with rejected_tmp.open("rb+") as copied:  # a hand-edited file may lack its last newline
-                if copied.seek(0, os.SEEK_END) and (copied.seek(-1, os.SEEK_END), copied.read(1))[1] != b"\n":
-                    copied.write(b"\n")
+            aged_out = _copy_recent(rejected_path, rejected_tmp, config, now)
         with (
             out_tmp.open("w", encoding="utf-8") as records_file,
             rejected_rows_tmp.open("w", encoding="utf-8") as rated_down_file,
@@ -278,11 +281,17 @@ def harvest(
                             if decision.kept:
                                 kept += 1
                                 _write_export(records_file, record, fmt)
+                                original = _corrected_original(record)
+                                if original is not None and original.id not in known:
+                                    if not too_old(original, config.eval, now):
+                                        known.add(original.id)
+                                        originals += 1
+                                        rejected_file.write(_line(_row(original)))
                             else:
                                 rejected += 1
                                 if fmt != "dpo":
                                     _write_export(rated_down_file, record, fmt)
-                                if record.id not in known:
+                                if record.id not in known and not too_old(record, config.eval, now):
                                     known.add(record.id)
                                     rejected_file.write(_line(_row(record)))
             finally:
@@ -310,6 +319,8 @@ def harvest(
             request_ids=tuple(taken),
             content_keys=tuple(sorted(taken_keys)),
             source=source.name,
+            corrected_originals=originals,
+            aged_out=aged_out,
         )
         # The manifest first, then the records (each moved into place atomically as the block ends):
         # records never lack their manifest.
@@ -335,6 +346,42 @@ def _spare(path: Path) -> Iterator[Path]:
         yield spare
     finally:
         spare.unlink(missing_ok=True)
+
+
+def _corrected_original(record: Record) -> Record | None:
+    """The answer a correction replaced, as a rejected-set row (None for other rows)."""
+    original = record.metadata.get("rejected_answer") or ""
+    if record.metadata.get("harvest_reason") != "correction" or not original.strip():
+        return None
+    keep = ("request_id", "feedback_id", "model_version", "user")
+    metadata = {k: record.metadata[k] for k in keep if k in record.metadata}
+    return Record(
+        id=f"{record.id}-original",
+        prompt=record.prompt,
+        completion=original,
+        source=record.source,
+        timestamp=record.timestamp,
+        metadata=metadata | {"harvest_reason": CORRECTED_ORIGINAL, "feedback_kind": RATED_DOWN},
+    )
+
+
+def _copy_recent(path: Path, into: Path, config: CtloopConfig, now: float) -> int:
+    """Copy the rejected set, leaving out rows older than eval.rejected_max_age_days; how many."""
+    dropped = 0
+    with path.open(encoding="utf-8") as rows, into.open("w", encoding="utf-8") as out:
+        for number, line in enumerate(rows, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                record = Record(id=row["id"], prompt="", completion="", timestamp=row.get("timestamp") or "")
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path} line {number} is not a valid row; fix or remove that line") from None
+            if too_old(record, config.eval, now):
+                dropped += 1
+            else:
+                out.write(line if line.endswith("\n") else line + "\n")  # a hand-edited file may lack it
+    return dropped
 
 
 def _rejected_ids(path: Path) -> set[str]:

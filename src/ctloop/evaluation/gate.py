@@ -160,7 +160,8 @@ def decide(
     rejected = losses.get(REJECTED_SET, {})
     if CANDIDATE in rejected and reference in rejected and rejected[CANDIDATE]:
         rules.append(_rejected_rule(rejected[reference], rejected[CANDIDATE], reference, config, groups(REJECTED_SET)))
-        keys.append("rejected_gain")
+        rules.append(_rejected_each_rule(rejected[reference], rejected[CANDIDATE], config))
+        keys += ["rejected_gain", "rejected_moved_share"]
     for name in _goldens(losses):
         scores = losses[name]
         if CANDIDATE in scores and reference in scores:
@@ -450,6 +451,33 @@ def _rejected_rule(
         f"n={n}) {verdict}"
     )
     return RuleResult(name, PASS if ok else FAIL, reason, gain, bound, n)
+
+
+def _rejected_each_rule(reference_losses: list[float], candidate_losses: list[float], config: GateConfig) -> RuleResult:
+    """The answers users rated down, one by one. The mean rule above misses a candidate that makes
+    some of them much likelier and the rest a little less likely: one that made a fifth of them
+    twice as likely per token and the rest 10% less likely passed it in 175 of 200 simulated sets
+    of 150 answers (this rule failed 196 of them). Here an answer whose loss falls by more than `gate.max_rejected_answer_gain` of the reference's loss on it is moved
+    toward, and the rule fails when the share moved toward is shown above `gate.max_rejected_share`
+    (the exact binomial test of that share: its Clopper-Pearson lower bound at `gate.confidence`).
+    The burden of proof is on the evidence, so it gates a set of any size: 6 of 6 answers moved is
+    a failure, 1 of 6 is not."""
+    from scipy.stats import beta
+
+    name = "rejected answers (each)"
+    ref = np.asarray(reference_losses, dtype=np.float64)
+    cand = np.asarray(candidate_losses, dtype=np.float64)
+    n = len(ref)
+    change = (ref - cand) / np.maximum(np.abs(ref), EPSILON)
+    moved = int(np.sum(change > config.max_rejected_answer_gain + TOLERANCE))
+    lower = float(beta.ppf(1 - config.confidence, moved, n - moved + 1)) if moved else 0.0
+    ok = lower <= config.max_rejected_share + TOLERANCE
+    verdict = f"{'<=' if ok else '>'} allowed {config.max_rejected_share:.0%}"
+    reason = (
+        f"{name}: {moved} of {n} made likelier by more than {config.max_rejected_answer_gain:.0%} of their loss "
+        f"({config.confidence:.0%} lower bound of the share {lower:.1%}) {verdict}"
+    )
+    return RuleResult(name, PASS if ok else FAIL, reason, moved / n if n else float("nan"), lower, n)
 
 
 @dataclass(frozen=True)

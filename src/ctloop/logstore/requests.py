@@ -472,22 +472,31 @@ class LogReader:
 
     def purge(self, older_than: float, batch: int = 2000, pause_s: float = 0.05) -> dict[str, int]:
         """Delete every row (requests, feedback, shadow pairs) created before `older_than` (epoch
-        seconds); return how many per table. In transactions of at most `batch` rows (found through
-        the created_at index) with `pause_s` between them, so the server's writers never wait long
-        for the store's write lock."""
+        seconds); return how many per table. In transactions of at most `batch` rows with `pause_s`
+        between them, so the server's writers never wait long for the store's write lock.
+
+        Each batch is the oldest rows, in created_at order from where the last batch ended. The
+        order makes every database walk the created_at index: without it, PostgreSQL's planner
+        picks a sequential scan for `LIMIT n` (it expects n matching rows early in the table), and
+        on a store whose expired rows lie at the end of the table each batch read all of it (1M
+        expired rows in a 10M-row store: 138 s, where the index walk takes a few)."""
         from sqlalchemy import select
 
         deleted = {}
         for table in (self.request_log, self.feedback, self.shadow_log):
             deleted[table.name] = 0
+            reached: float | None = None  # the newest created_at deleted so far
             while True:
                 with self.engine.begin() as connection:
-                    doomed = select(table.c.id).where(table.c.created_at < older_than).limit(batch)
-                    ids = list(connection.execute(doomed).scalars())
-                    if ids:
-                        connection.execute(table.delete().where(table.c.id.in_(ids)))
-                deleted[table.name] += len(ids)
-                if len(ids) < batch:
+                    doomed = select(table.c.id, table.c.created_at).where(table.c.created_at < older_than)
+                    if reached is not None:
+                        doomed = doomed.where(table.c.created_at >= reached)
+                    rows = connection.execute(doomed.order_by(table.c.created_at).limit(batch)).all()
+                    if rows:
+                        connection.execute(table.delete().where(table.c.id.in_([row.id for row in rows])))
+                        reached = rows[-1].created_at
+                deleted[table.name] += len(rows)
+                if len(rows) < batch:
                     break
                 time.sleep(pause_s)
         return deleted
