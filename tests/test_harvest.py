@@ -103,6 +103,9 @@ def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twic
         ("q3", "bad", "rejected"),
     ]
     assert report.corrected_originals == 1
+    # #23 item 8: a sample of the window's requests, rated or not, to weigh the gate to traffic.
+    traffic = [json.loads(line) for line in Path(report.traffic_sample_path).read_text().splitlines()]
+    assert report.traffic_sample_rows == 4 and sorted(t["prompt"] for t in traffic) == ["q1", "q2", "q3", "q4"]
     decisions = {
         json.loads(line)["request_id"]: json.loads(line)["reason"]
         for line in Path(report.decisions_path).read_text().splitlines()
@@ -259,6 +262,12 @@ def test_a_cycle_on_harvested_records_names_the_harvest_in_its_lineage(tiny_base
         timeout=120,
     )
     assert f"harvest: {len(items)} rows from production feedback (ctloop) between" in lineage.stdout, lineage.stdout
+    # The harvest's traffic sample travelled into the cycle, and each held-out row has its stratum (#23 item 8).
+    [cycle_dir] = (workspace.root / "cycles").iterdir()
+    stored = json.loads((cycle_dir / "eval.json").read_text())
+    assert (cycle_dir / "traffic_sample.jsonl").is_file()
+    assert len(stored["traffic"]["strata"]) == len(stored["ids"]["new_holdout"]) > 0
+    assert sum(stored["traffic"]["counts"]) == len(items)
 
 
 def test_secrets_the_patterns_missed_are_scrubbed_from_everything_the_harvest_writes(tmp_path):

@@ -221,8 +221,14 @@ PREFERENCE_SETTINGS = ("sft_weight", "preference_batch_size", "min_preference_ro
 # crashed one resumes).
 ADDED_SINCE_0_1 = {
     "train": ("chat_loss",),
-    "gate": ("require_seed_calibration", "max_rejected_answer_gain", "max_rejected_share"),
-    "eval": ("rejected_max_age_days", "rejected_versions"),
+    "gate": (
+        "require_seed_calibration",
+        "max_rejected_answer_gain",
+        "max_rejected_share",
+        "traffic_weighted",
+        "max_unweighed_traffic",
+    ),
+    "eval": ("rejected_max_age_days", "rejected_versions", "traffic_strata"),
 }
 
 
@@ -333,6 +339,13 @@ class EvalConfig(Section):
         description="gate on the answers production rated down (<workspace>/harvest/rejected.jsonl, written by "
         "ctloop harvest): a candidate may not make them likelier than gate.max_rejected_gain allows",
     )
+    traffic_strata: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="prompt clusters (k-means on the drift embedder's embeddings of the harvest's traffic sample) "
+        "the new-data rule is weighted over",
+    )
     rejected_max_age_days: float | None = Field(
         90.0,
         gt=0,
@@ -365,6 +378,13 @@ class HarvestConfig(Section):
     rejected_below: float = Field(0.5, ge=0, le=1, description="an uncorrected answer rated below this is rejected")
     include_unrated: bool = Field(False, description="keep answers nobody rated, as they were")
     redact: bool = Field(True, description="replace e-mail addresses, phone numbers and keys in harvested text")
+    audit_rows: int = Field(
+        1000,
+        ge=0,
+        description="a seeded sample of this many of the window's requests, rated or not, kept with the harvest "
+        "(<harvest>.traffic.jsonl): the gate weighs the new-data rule to traffic with it, since users rate some "
+        "prompts far more than others; 0: none, and the gate says its new-data rule is about rated prompts only",
+    )
 
 
 class ProductionConfig(Section):
@@ -464,6 +484,18 @@ class GateConfig(Section):
     )
     max_rejected_gain: float = Field(
         0.02, ge=0, lt=1, description="how much lower (relative) the candidate's loss on rejected answers may be"
+    )
+    traffic_weighted: bool = Field(
+        True,
+        description="on rows harvested with a traffic sample (harvest.audit_rows): also check the new-data rule "
+        "with each row weighted to its prompt cluster's share of traffic",
+    )
+    max_unweighed_traffic: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="the weighted new-data rule is inconclusive when more than this share of traffic falls in "
+        "prompt clusters that no held-out rated row represents",
     )
     max_rejected_answer_gain: float = Field(
         0.10,

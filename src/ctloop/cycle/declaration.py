@@ -43,7 +43,7 @@ CYCLE: tuple[Stage, ...] = (
         "validate",
         "validate_stage",
         reads=("the run's data file",),
-        writes=("validation.json", "quarantine.jsonl", "new.parquet", "cycle.json"),
+        writes=("validation.json", "quarantine.jsonl", "new.parquet", "cycle.json", "traffic_sample.jsonl"),
         uses_registry=False,
         role="opens",
         summary="schema, lengths, duplicates; bad rows quarantined; names the cycle",
@@ -84,7 +84,13 @@ CYCLE: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         "evaluate_stage",
-        reads=("adapter/", "new_holdout.parquet", "replay_holdout.parquet", "preference_holdout.parquet"),
+        reads=(
+            "adapter/",
+            "new_holdout.parquet",
+            "replay_holdout.parquet",
+            "preference_holdout.parquet",
+            "traffic_sample.jsonl",
+        ),
         writes=("eval.json", "contamination.json"),
         uses_registry=True,
         summary="candidate vs champion per example on new and old data",

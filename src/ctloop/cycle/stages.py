@@ -109,6 +109,9 @@ def validate_stage(ctx: StageContext) -> str:
     state = cycle.state()
     if "started" not in state:
         harvested = harvest_manifest(data_path)  # records harvested from production carry their window
+        sample = Path((harvested or {}).get("traffic_sample_path") or "")
+        if harvested and sample.is_file():  # what traffic was, for the gate's weighted new-data rule
+            shutil.copyfile(sample, cycle.path(TRAFFIC_SAMPLE))
         cycle.update_state(
             cycle_id=cycle_id,
             data=str(data_path),
@@ -421,6 +424,7 @@ def evaluate_stage(ctx: StageContext):
     if reference is not None:
         options["kl_to"] = (CANDIDATE, reference, (NEW_SET,))
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval, examples_of=(NEW_SET,), **options)
+    traffic = _traffic_strata(config, workspace, cycle, sets[NEW_SET])
     slices = slice_indices(sets, config.eval.slice_by)
     from ctloop.training.seeds import EVENT, recorded
 
@@ -436,10 +440,42 @@ def evaluate_stage(ctx: StageContext):
             "fingerprints": {name: fingerprint(records) for name, records in sets.items()},
             "anchor_version": anchor,
             "seed_spread": seed_spread.to_dict() if seed_spread is not None else None,
+            "traffic": traffic.to_dict() if traffic is not None else None,
         },
     )
     console.print(evaluation.summary())
     return evaluation
+
+
+TRAFFIC_SAMPLE = "traffic_sample.jsonl"  # a harvest's sample of the window's requests, copied by validate
+
+
+def _traffic_strata(config: CtloopConfig, workspace: Workspace, cycle: CycleFolder, holdout: list[Record]):
+    """Each new-data row's stratum of production traffic (`evaluation/traffic.py`), when the cycle's
+    rows were harvested with a traffic sample; None otherwise."""
+    path = cycle.path(TRAFFIC_SAMPLE)
+    if not (config.gate.traffic_weighted and path.is_file() and holdout):
+        return None
+    from ctloop.data.harvest import read_traffic_sample
+    from ctloop.drift.embed import embed_records, make_embedder
+    from ctloop.evaluation.traffic import traffic_strata
+
+    sample = read_traffic_sample(path)
+    if not sample:
+        return None
+    embedder = make_embedder(config.drift, config.model)
+    cache = workspace.root / "embeddings"
+    strata = traffic_strata(
+        embed_records(holdout, embedder, "prompt", cache),
+        embed_records(sample, embedder, "prompt", cache),
+        config.eval.traffic_strata,
+        seed=config.train.seed,
+    )
+    console.print(
+        f"traffic: {len(sample)} sampled requests in {len(strata.counts)} prompt clusters; "
+        f"{strata.uncovered_share():.0%} of traffic has no held-out rated row"
+    )
+    return strata
 
 
 PREFERENCE_HOLDOUT = "preference_holdout"
@@ -551,6 +587,7 @@ def _without_contamination(
 def gate_stage(ctx: StageContext) -> GateDecision:
     from ctloop.evaluation.gate import ANCHOR, INCONCLUSIVE, PASS, decide
     from ctloop.evaluation.preference_gate import preference_rules
+    from ctloop.evaluation.traffic import TrafficStrata
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
@@ -578,6 +615,8 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         anchor_recorded=anchor_version is not None,
         clusters=stored.get("clusters") or None,
         extra=tuple(preference_rules(stored, config.gate, reference)) if reference in evaluated else (),
+        traffic=TrafficStrata.from_dict(stored["traffic"]) if stored.get("traffic") else None,
+        rated_only="harvest" in cycle.state(),
     )
     decision = replace(decision, reasons=(*decision.reasons, seed_note))
     if decision.outcome == PASS and stored.get("seed_spread") is None and config.gate.require_seed_calibration:

@@ -45,6 +45,7 @@ from ctloop.workspace import Workspace
 Format = Literal["records", "dpo", "kto"]
 FEEDBACK_KIND = {"correction": CORRECTION, "rated_up": RATED_UP, "rejected": RATED_DOWN, "unrated": UNRATED}
 MANIFEST_SUFFIX = ".manifest.json"
+TRAFFIC_SUFFIX = ".traffic.jsonl"
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class HarvestReport:
     request_ids: tuple[str, ...] = ()
     content_keys: tuple[str, ...] = ()
     source: str = "ctloop"  # production.source: ctloop (the request log), mlflow (traces) or jsonl
+    traffic_sample_path: str = ""  # harvest.audit_rows of the window's requests, rated or not: what traffic is
+    traffic_sample_rows: int = 0
     corrected_originals: int = 0  # the answers behind corrections, added to the rejected set
     aged_out: int = 0  # rows dropped from the rejected set: older than eval.rejected_max_age_days
 
@@ -234,6 +237,7 @@ def harvest(
     out = out or folder / f"harvest-{stamp}.jsonl"
     rejected_path = folder / "rejected.jsonl"
     decisions_path = out.with_name(out.stem + ".decisions.jsonl")
+    traffic_path = out.with_name(out.stem + TRAFFIC_SUFFIX)
     known = _rejected_ids(rejected_path)  # a harvest repeated before its cycle ran adds nothing twice
     now = time.time()
     golden = _golden_index(config)
@@ -251,6 +255,7 @@ def harvest(
         atomic_path(rejected_path) as rejected_tmp,
         _spare(out) as rejected_rows_tmp,
     ):
+        traffic_rows = 0
         if rejected_path.is_file():
             aged_out = _copy_recent(rejected_path, rejected_tmp, config, now)
         with (
@@ -266,6 +271,8 @@ def harvest(
                 pages = [source.rated(since, until)]
                 if config.harvest.include_unrated:
                     pages.append(source.unrated(since, until))
+                if config.harvest.audit_rows:
+                    traffic_rows = _write_traffic_sample(source, since, until, config.harvest, traffic_path)
                 for rows in pages:
                     for page in rows:
                         looked_at += len(page)
@@ -319,6 +326,8 @@ def harvest(
             request_ids=tuple(taken),
             content_keys=tuple(sorted(taken_keys)),
             source=source.name,
+            traffic_sample_path=str(traffic_path) if traffic_rows else "",
+            traffic_sample_rows=traffic_rows,
             corrected_originals=originals,
             aged_out=aged_out,
         )
@@ -346,6 +355,30 @@ def _spare(path: Path) -> Iterator[Path]:
         yield spare
     finally:
         spare.unlink(missing_ok=True)
+
+
+def _write_traffic_sample(source: Any, since: float, until: float, settings: HarvestConfig, path: Path) -> int:
+    """A seeded sample of `harvest.audit_rows` of the window's requests, rated or not, drawn by the
+    source (in the database for the request log): their prompts, redacted. The gate weighs the
+    new-data rule to traffic with it. Returns how many rows it holds."""
+    sample, _ = source.sample(since, until, settings.audit_rows, seed=0)
+    written = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for row in sample:
+            prompt = _clean(row.get("prompt") or "", settings)
+            if prompt.strip():
+                handle.write(
+                    _line({"request_id": row["request_id"], "created_at": row["created_at"], "prompt": prompt})
+                )
+                written += 1
+    return written
+
+
+def read_traffic_sample(path: Path) -> list[Record]:
+    """A harvest's traffic sample as records (prompt only), for embedding."""
+    with path.open(encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [Record(id=str(row["request_id"]), prompt=row["prompt"], completion="") for row in rows]
 
 
 def _corrected_original(record: Record) -> Record | None:

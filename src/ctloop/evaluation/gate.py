@@ -32,6 +32,7 @@ import numpy as np
 
 from ctloop.config import GateConfig, GateRule
 from ctloop.errors import ConfigError
+from ctloop.evaluation.traffic import TrafficStrata
 
 NEW_SET = "new_holdout"
 OLD_SET = "replay_holdout"
@@ -84,6 +85,8 @@ def decide(
     anchor_recorded: bool = True,
     clusters: dict[str, list[str]] | None = None,
     extra: tuple[tuple[RuleResult, str], ...] = (),
+    traffic: TrafficStrata | None = None,
+    rated_only: bool = False,
 ) -> GateDecision:
     """Apply the gate rules to per-example `losses[eval_set][model]`; every rule adds one reason.
 
@@ -93,7 +96,12 @@ def decide(
     `anchor_recorded=False` says the registry records none (the cumulative rule then says so).
     `clusters[eval_set]` gives each example's group (`eval.cluster_by`): the bootstrap resamples
     groups, since rows of one user or session are not independent. `extra` adds rules decided
-    elsewhere (the preference rules, `preference_gate.py`), each with its metrics key."""
+    elsewhere (the preference rules, `preference_gate.py`), each with its metrics key.
+
+    `traffic` places each new-data row in a stratum of production traffic (`evaluation/traffic.py`);
+    with `gate.traffic_weighted`, the new-data rule is also checked weighted to traffic.
+    `rated_only` says the new data are rated production rows without a traffic sample: the gate
+    then says its new-data rule is about rated prompts only."""
 
     def groups(set_name: str, rows: list[int] | None = None) -> list[str] | None:
         labels = (clusters or {}).get(set_name)
@@ -130,6 +138,21 @@ def decide(
             groups=groups(NEW_SET),
         )
     ]
+    keys = ["new_improvement"]
+    if config.traffic_weighted and traffic is not None:
+        rules.append(_traffic_rule(new[reference], new[CANDIDATE], traffic, reference, config))
+        keys.append("traffic_new_improvement")
+    elif config.traffic_weighted and rated_only:
+        rules.append(
+            RuleResult(
+                "new data, weighted to traffic",
+                PASS,
+                "new data, weighted to traffic: not checked - the new data are the prompts users rated, and users "
+                "rate some prompts far more than others, so the new-data rule is about rated prompts only; keep a "
+                "traffic sample with the harvest (harvest.audit_rows > 0) to weigh it to traffic",
+            )
+        )
+        keys.append("traffic_unchecked")
     old = losses.get(OLD_SET, {})
     if CANDIDATE in old and reference in old and old[CANDIDATE]:
         rules.append(
@@ -156,7 +179,7 @@ def decide(
     else:
         why = "checked on the golden sets instead" if has_champion else "first cycle"
         rules.append(RuleResult("old data", PASS, f"old data: not checked - no past held-out data yet ({why})"))
-    keys = ["new_improvement", "old_regression"]
+    keys.append("old_regression")
     rejected = losses.get(REJECTED_SET, {})
     if CANDIDATE in rejected and reference in rejected and rejected[CANDIDATE]:
         rules.append(_rejected_rule(rejected[reference], rejected[CANDIDATE], reference, config, groups(REJECTED_SET)))
@@ -480,6 +503,91 @@ def _rejected_each_rule(reference_losses: list[float], candidate_losses: list[fl
     return RuleResult(name, PASS if ok else FAIL, reason, moved / n if n else float("nan"), lower, n)
 
 
+def _traffic_rule(
+    reference_losses: list[float],
+    candidate_losses: list[float],
+    traffic: TrafficStrata,
+    reference: str,
+    config: GateConfig,
+) -> RuleResult:
+    """The new-data rule with each held-out row weighted so that its stratum of prompts counts as
+    much as its share of traffic (post-stratification), not as often as users rate it."""
+    name = "new data, weighted to traffic"
+    ref = np.asarray(reference_losses, dtype=np.float64)
+    cand = np.asarray(candidate_losses, dtype=np.float64)
+    n = len(ref)
+    if len(traffic.strata) != n:
+        raise ValueError(f"{name}: {len(traffic.strata)} strata for {n} held-out rows; evaluate the cycle again")
+    uncovered = traffic.uncovered_share()
+    if n < config.min_examples:
+        return RuleResult(name, INCONCLUSIVE, f"{name}: {n} examples < gate.min_examples", n=n)
+    if uncovered > config.max_unweighed_traffic + TOLERANCE:
+        return RuleResult(
+            name,
+            INCONCLUSIVE,
+            f"{name}: {uncovered:.0%} of traffic is in prompt clusters no held-out rated row falls in "
+            f"(> gate.max_unweighed_traffic {config.max_unweighed_traffic:.0%}); users rate too narrow a part of "
+            f"traffic to judge it: collect feedback on more kinds of prompt",
+            n=n,
+        )
+    replicates, point_ref, point_cand = _stratified_replicates(ref, cand, traffic, config)
+    estimate = -(point_cand - point_ref) / abs(point_ref)
+    bound = float(np.quantile(-replicates.relative_change(), 1 - config.confidence))
+    ok = bound >= config.min_new_improvement - TOLERANCE
+    verdict = f"{'>=' if ok else '<'} required {config.min_new_improvement:+.2%}"
+    strata = len(set(traffic.strata))
+    not_weighed = f"; {uncovered:.0%} of traffic in clusters without a rated row, not weighed" if uncovered else ""
+    reason = (
+        f"{name}: loss {point_ref:.4f} -> {point_cand:.4f}, improvement {estimate:+.2%} "
+        f"({config.confidence:.0%} lower bound {bound:+.2%}, n={n} in {strata} of {len(traffic.counts)} traffic "
+        f"strata, {sum(traffic.counts)} sampled requests{not_weighed}) {verdict}"
+    )
+    return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
+
+
+def _stratified_replicates(
+    ref: np.ndarray, cand: np.ndarray, traffic: TrafficStrata, config: GateConfig
+) -> tuple[_Replicates, float, float]:
+    """Post-stratified means (sum over strata of traffic share x the stratum's mean), bootstrapped:
+    the held-out rows resampled, and the traffic shares drawn again from the sample's counts (a
+    multinomial), so the bound carries both. Strata without a held-out row are left out; a stratum
+    a resample happens to miss keeps its point mean."""
+    rng = np.random.default_rng(config.seed)
+    labels = np.asarray(traffic.strata)
+    counts = np.asarray(traffic.counts, dtype=np.float64)
+    covered = np.unique(labels)
+    k, n = len(counts), len(ref)
+    point_sizes = np.bincount(labels, minlength=k).astype(np.float64)
+    point_ref = np.bincount(labels, ref, k)[covered] / point_sizes[covered]
+    point_cand = np.bincount(labels, cand, k)[covered] / point_sizes[covered]
+    share = counts[covered] / counts[covered].sum()
+    ref_means = np.empty(config.bootstrap_samples)
+    cand_means = np.empty(config.bootstrap_samples)
+    for start in range(0, config.bootstrap_samples, 256):
+        stop = min(start + 256, config.bootstrap_samples)
+        b = stop - start
+        idx = rng.integers(0, n, size=(b, n))
+        flat = (np.arange(b)[:, None] * k + labels[idx]).ravel()
+        sizes = np.bincount(flat, minlength=b * k).reshape(b, k)[:, covered]
+        ref_sums = np.bincount(flat, ref[idx].ravel(), b * k).reshape(b, k)[:, covered]
+        cand_sums = np.bincount(flat, cand[idx].ravel(), b * k).reshape(b, k)[:, covered]
+        seen = sizes > 0
+        ref_strata = np.where(seen, ref_sums / np.maximum(sizes, 1), point_ref)
+        cand_strata = np.where(seen, cand_sums / np.maximum(sizes, 1), point_cand)
+        drawn = rng.multinomial(int(counts.sum()), counts / counts.sum(), size=b)[:, covered].astype(np.float64)
+        shares = drawn / np.maximum(drawn.sum(axis=1, keepdims=True), 1.0)
+        ref_means[start:stop] = (shares * ref_strata).sum(axis=1)
+        cand_means[start:stop] = (shares * cand_strata).sum(axis=1)
+    replicates = _Replicates(ref_means, cand_means, _seed_noise(rng, config))
+    return replicates, float(share @ point_ref), float(share @ point_cand)
+
+
+def _seed_noise(rng: np.random.Generator, config: GateConfig) -> np.ndarray:
+    """Per replicate, the training-seed noise (`gate.seed_spread`, Gaussian, relative)."""
+    noise = rng.normal(0.0, config.seed_spread, size=config.bootstrap_samples) if config.seed_spread else 0.0
+    return np.broadcast_to(noise, (config.bootstrap_samples,))
+
+
 @dataclass(frozen=True)
 class _Replicates:
     """The paired bootstrap behind every rule's bound: per replicate, the reference's and the
@@ -534,8 +642,7 @@ def _replicates(ref: np.ndarray, cand: np.ndarray, config: GateConfig, groups: l
             idx = rng.integers(0, n, size=(stop - start, n))
             ref_means[start:stop] = ref[idx].mean(axis=1)
             cand_means[start:stop] = cand[idx].mean(axis=1)
-    noise = rng.normal(0.0, config.seed_spread, size=config.bootstrap_samples) if config.seed_spread else 0.0
-    return _Replicates(ref_means, cand_means, np.broadcast_to(noise, ref_means.shape), clusters)
+    return _Replicates(ref_means, cand_means, _seed_noise(rng, config), clusters)
 
 
 def _undefined(name: str, reference: float, candidate: float) -> str:
