@@ -44,6 +44,8 @@ def test_harvests_from_the_request_log_mlflow_traces_and_jsonl_give_the_same_row
     monkeypatch.setenv("CTLOOP_FEEDBACK_TOKEN", TOKEN)
     tracking = f"sqlite:///{tmp_path / 'traces.db'}"
     mlflow.set_tracking_uri(tracking)  # process-wide, and exported as MLFLOW_TRACKING_URI: unset below
+    # The traces' artifacts in the temp folder too: by default they go to ./mlruns, in the checkout.
+    mlflow.create_experiment("production-traffic", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("production-traffic")
     mlflow.openai.autolog()
     exchanges = []
