@@ -3,8 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/drift_online.py [--ert 200] [--alarms 300]
 
 No-drift stream: fresh N(0, I_384) rows (not the reference rows), fed in arrival order; the
-detector resets after each alarm; repeated for several reference samples. The mean run length must
-be within 10% of the target ERT. Also: a naive alternative (a batch
+detector resets after each alarm; repeated for several reference samples. The threshold is
+calibrated on the worst fifth of simulated reference errors (`worst_share`), so that each
+reference, not only the average one, reaches the target: every reference's mean run length must be
+at least 95% of the target ERT, and the average lies above it (the price: a longer detection
+delay, printed too). Also: a naive alternative (a batch
 mean-shift test at alpha 0.05 on every full window) for comparison, the detection delay after a
 shift, and the cost of init and of one update. Figures printed last.
 """
@@ -66,7 +69,8 @@ def main() -> None:
     print(
         f"mean run length between false alarms: {mean_rl:.1f} +- {stderr:.1f} over {len(run_lengths)} alarms "
         f"and {args.references} reference samples (per reference: {', '.join(f'{x:.0f}' for x in per_reference)}) "
-        f"({mean_rl / args.ert - 1:+.1%} vs target; within 10%: {abs(mean_rl / args.ert - 1) <= 0.10})"
+        f"({mean_rl / args.ert - 1:+.1%} vs target; every reference at least 95% of it: "
+        f"{min(per_reference) >= 0.95 * args.ert})"
     )
     print(f"median detection delay after a shift of {args.shift} on 5 dims: {np.median(delays):.0f} instances")
     print(f"init {np.mean(init_seconds):.2f} s; {update_us:.1f} us per instance")

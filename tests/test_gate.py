@@ -562,3 +562,31 @@ def test_clustered_holdouts_are_resampled_by_group():
     assert "in 20 groups" in clustered.reason
     assert per_row / trials > 0.12  # the defect, reproduced
     assert by_group / trials < 0.09  # near the 5% level (few groups keep it a little above)
+
+
+def test_a_failed_rule_says_what_its_holdout_can_show_with_80_percent_power():
+    """#23 item 4: "this holdout passes a true improvement of +X% or more with 80% power", and how
+    many rows would clear the margin at the change seen; checked by simulating candidates at +X%."""
+    import re
+
+    rng = np.random.default_rng(5)
+    config = GateConfig(seed_spread=0, bootstrap_samples=1000)
+
+    def holdout(improvement, n=60):
+        champion = np.full(n, 2.0)
+        return list(champion), list(champion * (1 - improvement) * rng.normal(1.0, 0.05, n))
+
+    champion, candidate = holdout(0.0)
+    decision = decide({"new_holdout": {"base": champion, "candidate": candidate}}, config, has_champion=False)
+    rule = decision.rules[0]
+    assert rule.outcome == "FAIL", rule.reason
+    reach = float(re.search(r"passes a true improvement of \+([\d.]+)% or more with 80% power", rule.reason)[1]) / 100
+    needed = int(re.search(r"about (\d+) rows would clear it", rule.reason)[1])
+    assert needed > 60
+    passed = 0
+    for _ in range(200):
+        champion, candidate = holdout(reach)
+        scores = {"new_holdout": {"base": champion, "candidate": candidate}}
+        passed += decide(scores, config, has_champion=False).rules[0].outcome == "PASS"
+    print(f"80% power claimed at {reach:+.2%}: {passed} of 200 simulated candidates there passed")
+    assert 0.68 <= passed / 200 <= 0.92, (reach, passed)

@@ -446,7 +446,49 @@ def _rule(
         side = "upper"
     unit = f"n={n}" if replicates.clusters is None else f"n={n} in {replicates.clusters} groups"
     reason = f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, {unit}) {verdict}"
+    if not ok:
+        reason += "; " + _power_note(replicates, sign, margin, float(estimate), n, config)
     return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
+
+
+POWER = 0.8
+Z_POWER = 0.8416212335729143  # the standard normal's 80% quantile
+
+
+def _power_note(
+    replicates: _Replicates, sign: float, margin: float, estimate: float, n: int, config: GateConfig
+) -> str:
+    """What a failed rule's holdout can show, with 80% power (a normal approximation of the bound):
+    the smallest true improvement it passes (or the largest regression), and how many rows would
+    clear the margin at the change seen. The evaluation noise shrinks with more rows, the training-
+    seed noise (`gate.seed_spread`) does not."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(config.confidence) + Z_POWER
+    evaluation = float(np.std(replicates.relative_change() - replicates.seed_noise))
+    seed = config.seed_spread
+    spread = math.hypot(evaluation, seed)
+    unit = "rows" if replicates.clusters is None else "groups"
+    size = n if replicates.clusters is None else replicates.clusters
+    if sign < 0:
+        reach = margin + z * spread
+        shown = f"this holdout passes a true improvement of {reach:+.2%} or more with {POWER:.0%} power"
+        gap = estimate - margin
+    else:
+        reach = margin - z * spread
+        shown = (
+            f"this holdout passes a true change of {reach:+.2%} or less with {POWER:.0%} power"
+            if reach > -1
+            else f"this holdout cannot show a change within {margin:+.2%} with {POWER:.0%} power"
+        )
+        gap = margin - sign * estimate
+    if gap <= 0:
+        return f"{shown} (the change seen does not clear the margin, so more rows alone would not)"
+    room = (gap / z) ** 2 - seed**2
+    if room <= 0 or evaluation == 0:
+        return f"{shown}; at the change seen, the training-seed noise ({seed:.2%}) alone keeps it from clearing"
+    needed = math.ceil(size * evaluation**2 / room)
+    return f"{shown}; about {needed} {unit} would clear it at the change seen"
 
 
 def _rejected_rule(
