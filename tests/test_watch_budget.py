@@ -78,3 +78,63 @@ def test_a_budgeted_watch_keeps_false_alarms_within_the_budget_where_per_look_te
         budget_alarms += budgeted
     assert per_look_alarms >= 12, per_look_alarms  # about 1 - 0.95^(24 looks / overlap) of the watches
     assert budget_alarms <= 6, budget_alarms  # expected <= 2 (0.05 x 40); 6 or more has P < 2% under the bound
+
+
+def test_the_lifetime_shares_sum_to_at_most_the_budget_over_any_number_of_looks(tmp_path):
+    """#23: watch.alpha_spending: lifetime. The constant rounds sum 1/((k+1) ln^2(k+1)) up: its
+    partial sum to N plus the integral bound of the tail, 1/ln(N), is below it."""
+    import math
+
+    from ctloop.drift.budget import LIFETIME_SUM
+
+    n = 200_000
+    partial = math.fsum(1 / ((k + 1) * math.log(k + 1) ** 2) for k in range(1, n + 1))
+    assert partial + 1 / math.log(n + 1) <= LIFETIME_SUM < partial + 1 / math.log(n + 1) + 1e-4
+    state, settings = tmp_path / "state.json", WatchConfig(false_alarm_budget=0.05, alpha_spending="lifetime")
+    looks = [take_look(state, settings) for _ in range(400)]
+    assert {w.period for w in looks} == {1} and [w.look for w in looks] == list(range(1, 401))
+    alphas = [w.alpha for w in looks]
+    assert alphas == sorted(alphas, reverse=True) and sum(alphas) < 0.05
+    assert alphas[0] == pytest.approx(0.05 / (LIFETIME_SUM * 2 * math.log(2) ** 2))
+    assert "any false alarm over the watch's whole life is at most 0.05" in looks[-1].describe()
+    back = take_look(state, WatchConfig(false_alarm_budget=0.05))  # back to periods: a new budget
+    assert (back.period, back.look, back.spending) == (2, 1, "period") and "alpha_spending lifetime -> period" in (
+        back.new_period_reason
+    )
+
+
+def test_a_lifetime_watch_needs_a_detector_with_analytic_p_values():
+    with pytest.raises(Exception, match=r"alpha_spending=lifetime.*add pca_ks or classifier"):
+        config_from_dict({"model": {"base": "x"}, "watch": {"alpha_spending": "lifetime"}})
+    config_from_dict(
+        {"model": {"base": "x"}, "watch": {"alpha_spending": "lifetime"}, "drift": {"detectors": ["mmd", "pca_ks"]}}
+    )
+
+
+def test_a_lifetime_watch_keeps_false_alarms_within_the_budget_over_many_periods(tmp_path):
+    """240 hourly looks (10 periods of 24) at traffic drawn like the reference, each look's window the
+    last 6 hours. Per period, a budget of 0.05 bounds each period, not the ten together: a fifth or
+    more of the watches raise a false alarm; with lifetime spending at most the budget's share."""
+    from ctloop.drift.detectors import pca_ks_test
+
+    looks, watches, per_hour, dims = 240, 30, 20, 8
+    period_alarms = lifetime_alarms = 0
+    for w in range(watches):
+        rng = np.random.default_rng(100 + w)
+        reference = rng.normal(size=(300, dims))
+        hours = rng.normal(size=(looks + 5, per_hour, dims))
+        period = WatchConfig(false_alarm_budget=0.05, period_looks=24)
+        lifetime = WatchConfig(false_alarm_budget=0.05, alpha_spending="lifetime")
+        periodic = forever = False
+        for hour in range(5, looks + 5):
+            window = hours[hour - 5 : hour + 1].reshape(-1, dims)
+            p_value = pca_ks_test(np.vstack([reference, window]), len(reference), 4).p_value  # the detector itself
+            periodic |= p_value <= take_look(tmp_path / f"p{w}.json", period).alpha
+            forever |= p_value <= take_look(tmp_path / f"l{w}.json", lifetime).alpha
+        period_alarms += periodic
+        lifetime_alarms += forever
+    print(
+        f"watches with a false alarm in 240 looks: per period {period_alarms} of {watches}, lifetime {lifetime_alarms}"
+    )
+    assert period_alarms >= 5, period_alarms
+    assert lifetime_alarms <= 4, lifetime_alarms  # expected <= 1.5 (0.05 x 30)

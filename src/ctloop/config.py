@@ -164,6 +164,7 @@ class DriftConfig(Section):
 
 
 MAX_WATCH_PERMUTATIONS = 1_000_000
+ANALYTIC_DETECTORS = ("pca_ks", "classifier")  # p-values without permutations: any alpha costs the same
 
 
 class WatchConfig(Section):
@@ -176,6 +177,14 @@ class WatchConfig(Section):
     false_alarm_budget: float = Field(0.05, gt=0, lt=1, description="chance of any false alarm in a period")
     period_looks: int = Field(
         168, ge=1, le=100_000, description="looks per period (168: a week of hourly looks); 1: each look at the budget"
+    )
+    alpha_spending: Literal["period", "lifetime"] = Field(
+        "period",
+        description="period: each period of period_looks looks shares the budget, so at most the budget of false "
+        "alarms is expected per period; lifetime: one budget for the watch's whole life, look k testing at "
+        "budget / (2.10975 (k+1) ln^2(k+1)), so the chance of any false alarm ever is at most the budget. Those "
+        "shares shrink without end (a year of hourly looks: 3e-8), which permutation tests cannot resolve, so a "
+        "lifetime watch runs only the drift.detectors with analytic p-values (pca_ks, classifier)",
     )
 
 
@@ -955,6 +964,14 @@ class CtloopConfig(Section):
 
     @model_validator(mode="after")
     def _watch_is_affordable(self) -> CtloopConfig:
+        if self.watch.alpha_spending == "lifetime":
+            if not set(ANALYTIC_DETECTORS) & set(self.drift.detectors):
+                raise ValueError(
+                    f"watch.alpha_spending=lifetime tests ever smaller shares of the budget, which only detectors with "
+                    f"analytic p-values resolve, and drift.detectors={self.drift.detectors} has none; add pca_ks "
+                    f"or classifier to drift.detectors, or use watch.alpha_spending: period"
+                )
+            return self
         permutation_tests = {"mean", "mmd", "rff_mmd"} & set(self.drift.detectors)
         needed = math.ceil(len(self.drift.detectors) * self.watch.period_looks / self.watch.false_alarm_budget) - 1
         if permutation_tests and needed > MAX_WATCH_PERMUTATIONS:

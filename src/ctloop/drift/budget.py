@@ -6,18 +6,28 @@ look k of a period tests at budget / period_looks. By the union bound (Bonferron
 any look in a period raises a false alarm is at most the budget, whatever the dependence between
 looks (their windows may overlap). The state, which period and which look, is one small JSON file;
 a look is counted before its test runs, so a crash during the test cannot hand its alpha out twice.
+
+With `watch.alpha_spending: lifetime` there is one period, the watch's life, and look k tests at
+budget / (S (k+1) ln^2(k+1)), where S = sum over k >= 1 of 1 / ((k+1) ln^2(k+1)) = 2.1097428...
+(rounded up here): the shares sum to at most the budget however many looks come, so the chance of
+any false alarm ever is at most the budget. The shares fall slowly for a convergent series (look 1:
+0.0247 of a 0.05 budget, look 168: 5.3e-6, look 8,760: 3.3e-8), but far below what a permutation
+test can resolve, so such a watch runs only the detectors with analytic p-values.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ctloop.config import WatchConfig
 from ctloop.errors import DataError
 from ctloop.fileio import utc_now, write_json
+
+LIFETIME_SUM = 2.10975  # sum_{k>=1} 1 / ((k+1) ln^2(k+1)) = 2.1097428012..., rounded up (tests/test_watch_budget.py)
 
 
 @dataclass(frozen=True)
@@ -28,12 +38,22 @@ class WatchLook:
     false_alarm_budget: float
     period_started: str
     new_period_reason: str = ""  # why this look opened a new period, when it did
+    spending: str = "period"  # watch.alpha_spending: period, or lifetime (one period, never ending)
 
     @property
     def alpha(self) -> float:
+        if self.spending == "lifetime":
+            return self.false_alarm_budget / (LIFETIME_SUM * (self.look + 1) * math.log(self.look + 1) ** 2)
         return self.false_alarm_budget / self.period_looks
 
     def describe(self) -> str:
+        if self.spending == "lifetime":
+            return (
+                f"watch look {self.look} of its lifetime (started {self.period_started}): tested at alpha "
+                f"{self.alpha:.3g} = {self.false_alarm_budget} / ({LIFETIME_SUM} x {self.look + 1} x "
+                f"ln^2 {self.look + 1}), so the chance of any false alarm over the watch's whole life is at most "
+                f"{self.false_alarm_budget} (the shares sum to the budget over unboundedly many looks)"
+            )
         return (
             f"watch look {self.look} of {self.period_looks} in period {self.period} (started "
             f"{self.period_started}): tested at alpha {self.alpha:.3g} = {self.false_alarm_budget} / "
@@ -42,7 +62,8 @@ class WatchLook:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"alpha": self.alpha, "control": "bonferroni_per_period"}
+        control = "lifetime_spending" if self.spending == "lifetime" else "bonferroni_per_period"
+        return asdict(self) | {"alpha": self.alpha, "control": control}
 
 
 def take_look(state_file: Path, settings: WatchConfig) -> WatchLook:
@@ -61,20 +82,22 @@ def take_look(state_file: Path, settings: WatchConfig) -> WatchLook:
 
 
 def _next_look(previous: WatchLook | None, settings: WatchConfig) -> WatchLook:
-    budget, period_looks = settings.false_alarm_budget, settings.period_looks
+    budget, spending = settings.false_alarm_budget, settings.alpha_spending
+    period_looks = settings.period_looks if spending == "period" else 0  # a lifetime has no end
     if previous is None:
-        return WatchLook(1, 1, period_looks, budget, utc_now(), "first look")
-    if (previous.false_alarm_budget, previous.period_looks) != (budget, period_looks):
+        return WatchLook(1, 1, period_looks, budget, utc_now(), "first look", spending)
+    was = (previous.false_alarm_budget, previous.period_looks, previous.spending)
+    if was != (budget, period_looks, spending):
         reason = (
             f"watch settings changed (budget {previous.false_alarm_budget} -> {budget}, period_looks "
-            f"{previous.period_looks} -> {period_looks})"
+            f"{previous.period_looks} -> {period_looks}, alpha_spending {previous.spending} -> {spending})"
         )
-        return WatchLook(previous.period + 1, 1, period_looks, budget, utc_now(), reason)
-    if previous.look >= period_looks:
+        return WatchLook(previous.period + 1, 1, period_looks, budget, utc_now(), reason, spending)
+    if spending == "period" and previous.look >= period_looks:
         return WatchLook(
-            previous.period + 1, 1, period_looks, budget, utc_now(), "the previous period's looks are spent"
+            previous.period + 1, 1, period_looks, budget, utc_now(), "the previous period's looks are spent", spending
         )
-    return WatchLook(previous.period, previous.look + 1, period_looks, budget, previous.period_started)
+    return WatchLook(previous.period, previous.look + 1, period_looks, budget, previous.period_started, "", spending)
 
 
 def _read(state_file: Path) -> WatchLook | None:
@@ -83,12 +106,16 @@ def _read(state_file: Path) -> WatchLook | None:
     try:
         raw = json.loads(state_file.read_text(encoding="utf-8"))
         look = WatchLook(
-            **{k: raw[k] for k in ("period", "look", "period_looks", "false_alarm_budget", "period_started")}
+            **{k: raw[k] for k in ("period", "look", "period_looks", "false_alarm_budget", "period_started")},
+            spending=raw.get("spending", "period"),  # state files from before lifetime spending
         )
         counts = (look.period, look.look, look.period_looks)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
             raise ValueError("period, look and period_looks must be whole numbers")
-        if look.period < 1 or not 1 <= look.look <= look.period_looks:
+        if look.spending not in ("period", "lifetime"):
+            raise ValueError(f"spending {look.spending!r} is not period or lifetime")
+        ceiling = look.period_looks if look.spending == "period" else look.look
+        if look.period < 1 or not 1 <= look.look <= ceiling:
             raise ValueError(f"look {look.look} of {look.period_looks} in period {look.period} is not a look there is")
         if not 0 < float(look.false_alarm_budget) < 1:
             raise ValueError(f"false_alarm_budget {look.false_alarm_budget} is not in (0, 1)")
