@@ -3,8 +3,8 @@
     .venv/bin/python scripts/build_docs.py [--build MKDOCS]   # make docs does both
 
 Generated, never edited by hand (they are git-ignored):
-- docs/guide/*.md: the README's sections, one page each, so the README stays the one place a
-  guide is written;
+- docs/from-readme/*.md: the sections the README keeps (what each decision guarantees, the
+  production sources, the benchmarks), one page each, so they are written in one place;
 - docs/reference/configuration.md: every config section and field from the pydantic models, with
   its type, default and description (a field without a description is an error);
 - docs/reference/cli.md: every command, its help and its options, from the typer app.
@@ -22,18 +22,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 DOCS = ROOT / "docs"
-# README sections that become guide pages, in the site's order: (heading, file name).
+# README sections that become pages of the site: (heading, file name). The guide's other pages are
+# written in docs/guide/.
 GUIDE = [
-    ("Using it on your data", "your-data"),
-    ("The trigger: drift detection", "drift"),
-    ("Training", "training"),
-    ("The gate", "gate"),
-    ("Serving and shadow deployment", "serving"),
-    ("Publishing to serving engines, and training and serving on different hosts", "publishing"),
-    ("The production loop: request log, feedback, live drift, harvest", "production"),
-    ("Running it under Airflow", "airflow"),
-    ("What a cycle leaves behind", "outputs"),
-    ("Layout", "architecture"),
+    ("What each decision guarantees, and when", "statistics"),
+    ("Already logging elsewhere?", "elsewhere"),
     ("Benchmarks", "benchmarks"),
 ]
 
@@ -178,7 +171,8 @@ def cli_page() -> str:
 
 def generated_pages() -> dict[Path, str]:
     pages = {
-        DOCS / "guide" / f"{name}.md": text for name, text in guide_pages((ROOT / "README.md").read_text()).items()
+        DOCS / "from-readme" / f"{name}.md": text
+        for name, text in guide_pages((ROOT / "README.md").read_text()).items()
     }
     pages[DOCS / "reference" / "configuration.md"] = configuration_page()
     pages[DOCS / "reference" / "cli.md"] = cli_page()
