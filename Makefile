@@ -59,7 +59,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
-# The docs site: scripts/build_docs.py writes the generated pages (the README's sections, the
+# The docs site: scripts/build_docs.py writes the generated pages (the sections the README keeps, the
 # configuration and command line references), then mkdocs (in its own environment) builds it with
 # --strict, so a broken link or a missing page fails. The site lands in build/site/.
 DOCS_VENV ?= .venv-docs
