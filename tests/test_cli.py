@@ -81,3 +81,36 @@ def test_run_with_a_missing_base_model_names_the_key(tmp_path):
     result = _ctloop("run", "--config", str(config), "--data", str(data), "--workspace", str(tmp_path / "ws"))
     assert result.returncode == 2
     assert "model.base='/nowhere/model'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_command_but_serve_and_demo_has_json_and_it_is_strict_json(tmp_path):
+    """#29 item 6: `--json` on every command (serve is a server, demo a walkthrough for people); the
+    output is strict JSON on stdout, and the console's lines go to stderr."""
+    import json
+
+    import typer.main
+
+    from ctloop.cli import app
+
+    def commands(group, path=""):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, f"{path}{name} ")
+            else:
+                yield f"{path}{name}", {p.name for p in command.params}
+
+    missing = [name for name, params in commands(typer.main.get_command(app)) if "as_json" not in params]
+    assert sorted(missing) == ["demo", "serve"], missing
+
+    risky = tmp_path / "risky.yaml"
+    risky.write_text("model:\n  base: x\ndata:\n  holdout_fraction: 0.05\n  min_rows: 200\ngate:\n  min_examples: 100\n")
+    result = _ctloop("validate-config", str(risky), "--json")
+    assert result.returncode == 0, result.stderr
+    parsed = json.loads(result.stdout)
+    assert parsed["valid"] is True and len(parsed["warnings"]) == 1 and "warning" not in result.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  base: {tmp_path / 'no-model'}\nworkspace: {tmp_path / 'ws'}\n")
+    doctor = _ctloop("doctor", "--config", str(config), "--json")
+    assert doctor.returncode == 3, doctor.stderr  # the base model is missing
+    checks = json.loads(doctor.stdout)
+    assert "base model" in " ".join(checks["failed"]) and all({"name", "status"} <= set(c) for c in checks["checks"])

@@ -34,6 +34,23 @@ WorkspaceOption = Annotated[
 ]
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="ctloop YAML config")]
 RequiredConfig = Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")]
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output: strict JSON on stdout")]
+
+
+def _emit(payload: object, as_json: bool, *lines: str) -> None:
+    """A command's result: with --json, strict JSON on stdout (a result object's `to_dict()`, or
+    the dataclass as a dict); else its lines on the console (stderr, with the progress bars)."""
+    import dataclasses
+
+    if as_json:
+        if hasattr(payload, "to_dict"):
+            payload = payload.to_dict()
+        elif dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+            payload = dataclasses.asdict(payload)
+        print(json.dumps(strict_json(payload), indent=2, default=str, allow_nan=False, ensure_ascii=False))
+        return
+    for line in lines:
+        console.print(line)
 
 
 @app.command()
@@ -46,6 +63,7 @@ def run(
     since: Annotated[str, typer.Option(help="with --from-production: window start (24h, 7d, or a UTC time)")] = "7d",
     workspace: WorkspaceOption = None,
     force: Annotated[bool, typer.Option("--force", help="train even without drift")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run one cycle: validate, check drift, replay mix, train, evaluate, gate, register."""
     from ctloop.config import load_config
@@ -62,7 +80,7 @@ def run(
             update={"orchestration": cfg.orchestration.model_copy(update={"production_window": since})}
         )
     result = run_cycle(cfg, data, resolve_workspace(workspace, cfg), force=force, from_production=from_production)
-    console.print(result.summary())
+    _emit(result, as_json, result.summary())
 
 
 @app.command()
@@ -74,6 +92,7 @@ def harvest(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="records (ctloop), dpo or kto (TRL's formats)")] = "records",
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Turn the request log and its feedback into the next cycle's records (corrections, well-rated
     answers), the rejected set and a record of why each request was kept or dropped."""
@@ -82,9 +101,11 @@ def harvest(
 
     cfg = load_config(config)
     report = _harvest(cfg, resolve_workspace(workspace, cfg), since, out, fmt)
-    console.print(report.summary())
-    console.print(
-        f"rejected answers: {report.rejected} more in {report.rejected_path}; decisions: {report.decisions_path}"
+    _emit(
+        report,
+        as_json,
+        report.summary(),
+        f"rejected answers: {report.rejected} more in {report.rejected_path}; decisions: {report.decisions_path}",
     )
 
 
@@ -112,6 +133,7 @@ def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
     cycle: Annotated[str, typer.Option(help="id of a prepared cycle (see `ctloop status`)")],
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Run only the training stage of a prepared cycle; scale out with
     `torchrun --nproc_per_node N -m ctloop train ...` (a re-run of the cycle then re-uses the adapter)."""
@@ -122,7 +144,8 @@ def train(
     from ctloop.workspace import resolve_workspace
 
     cfg = load_config(config)
-    run_stage(stage("train"), StageContext(cfg, resolve_workspace(workspace, cfg), cycle))
+    step = run_stage(stage("train"), StageContext(cfg, resolve_workspace(workspace, cfg), cycle))
+    _emit(step, as_json)
 
 
 SinceOption = Annotated[str, typer.Option(help="window start: a duration back from now (90m, 24h, 7d) or a UTC time")]
@@ -139,7 +162,7 @@ def drift(
     since: SinceOption = "24h",
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
     report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
     online: Annotated[bool, typer.Option(help="feed CURRENT row by row to the online detector")] = False,
     ert: Annotated[int, typer.Option(min=2, help="online: expected rows between false alarms")] = 500,
@@ -175,7 +198,7 @@ def watch(
     config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
     since: SinceOption = "24h",
     workspace: WorkspaceOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """One drift check of live traffic (for cron): the prompts served since --since against the
     champion's training data; the report goes to <workspace>/watch/. Each look tests at its share
@@ -223,7 +246,7 @@ def demo(workspace: WorkspaceOption = None) -> None:
 def status(
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show the champion, the challenger, all versions and the last cycles."""
     from ctloop.cycle.status import collect_status, render_status
@@ -245,6 +268,7 @@ def promote(
     ] = False,
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Move the `champion` alias to a version (the challenger by default)."""
     from ctloop.registry.promotion import promote as promote_version
@@ -254,7 +278,7 @@ def promote(
     change = promote_version(
         registry, version, by=by, note=note, shadow_check=check, publisher=_publisher(config, ws, registry)
     )
-    console.print(change.summary())
+    _emit(change, as_json, change.summary())
 
 
 @app.command()
@@ -262,14 +286,14 @@ def rollback(
     by: Annotated[str, typer.Option(help="who rolls back")] = "cli",
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Move `champion` back to the previous champion."""
     from ctloop.registry.promotion import rollback as rollback_champion
 
     registry, ws = _registry_context(config, workspace)
-    console.print(
-        rollback_champion(registry, by=by, publisher=_publisher(config, ws, registry)).summary() + " (rolled back)"
-    )
+    change = rollback_champion(registry, by=by, publisher=_publisher(config, ws, registry))
+    _emit(change, as_json, change.summary() + " (rolled back)")
 
 
 @app.command()
@@ -279,6 +303,7 @@ def approve(
     note: Annotated[str, typer.Option(help="why")],
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Record a human approval; an approved version becomes the challenger (gate.require_approval)."""
     from ctloop.registry.client import CHAMPION
@@ -293,13 +318,18 @@ def approve(
         promote_first=settings.promote_first,  # the same rule as the register stage's (#22 item 4)
         publisher=_publisher(config, ws, registry),
     )
-    console.print(f"version {version} approved by {by}; champion v{registry.alias(CHAMPION)}")
+    champion = registry.alias(CHAMPION)
+    _emit(
+        {"version": version, "approved_by": by, "note": note, "champion": champion},
+        as_json,
+        f"version {version} approved by {by}; champion v{champion}",
+    )
 
 
 @app.command()
 def lineage(
     version: Annotated[int, typer.Argument(help="the version to trace")],
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
 ) -> None:
@@ -358,7 +388,7 @@ def shadow_report(
     workspace: WorkspaceOption = None,
     champion: Annotated[int | None, typer.Option(help="champion version (default: the alias)")] = None,
     challenger: Annotated[int | None, typer.Option(help="challenger version (default: the alias)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
     html: Annotated[
         Path | None, typer.Option("--html", help="HTML report path (default: <workspace>/shadow/vN-vs-vM.html)")
     ] = None,
@@ -429,7 +459,7 @@ def calibrate_seeds(
     ] = None,
     seeds: Annotated[int, typer.Option(help="adapters to train, one seed each (4 or more: a usable upper limit)")] = 4,
     workspace: WorkspaceOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Measure the training-seed noise of this model and recipe: a cycle's training rows trained
     with several seeds, each scored on its held-out rows. The spread between two seeds, and its
@@ -484,7 +514,7 @@ def judge_calibrate(
     ] = None,
     judge: Annotated[str | None, typer.Option(help="the judge to calibrate (default: shadow.judge)")] = None,
     workspace: WorkspaceOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Measure a judge's agreement with what users said (a correction over the answer it corrected; an
     answer rated up over one to the same prompt rated down), each pair judged in both orders, and
@@ -550,6 +580,7 @@ def logs_purge(
         float | None, typer.Option(help="delete rows older than this (default: serve.log_retention_days)")
     ] = None,
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Delete log store rows (requests, feedback, shadow pairs) past the retention period."""
     import time
@@ -568,7 +599,11 @@ def logs_purge(
         deleted = reader.purge(time.time() - days * 86400)
     finally:
         reader.close()
-    console.print(f"purged rows older than {days:g} days: " + ", ".join(f"{k} {v}" for k, v in deleted.items()))
+    _emit(
+        {"older_than_days": days, "deleted": deleted},
+        as_json,
+        f"purged rows older than {days:g} days: " + ", ".join(f"{k} {v}" for k, v in deleted.items()),
+    )
 
 
 def _log_reader(config: Path, workspace: Path | None):
@@ -618,7 +653,7 @@ def logs_list(
         str | None, typer.Option("--rated", help="up, down, corrected, any (some feedback) or none")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000)] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """The newest served requests, with their latest feedback."""
@@ -646,6 +681,7 @@ def logs_show(
     request_id: Annotated[str, typer.Argument(help="the id the server gave (X-Request-Id of its answer)")],
     config: RequiredConfig,
     workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="accepted for uniformity: the output is JSON anyway")] = False,
 ) -> None:
     """One served request in full, with every feedback it got (JSON)."""
     from ctloop.errors import DataError
@@ -667,7 +703,7 @@ def feedback_list(
     rated: Annotated[str, typer.Option("--rated", help="up, down, corrected or any")] = "any",
     version: Annotated[int | None, typer.Option("--version", help="answers of this version")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000)] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """The newest answers that got feedback, with the feedback."""
@@ -681,6 +717,7 @@ def feedback_export(
     since: OptionalSince = None,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 1_000_000,
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Write answers that got feedback, newest first, with the request and its latest feedback."""
     from ctloop.fileio import parse_since, write_jsonl
@@ -691,7 +728,7 @@ def feedback_export(
     finally:
         reader.close()
     write_jsonl(out, [json.loads(json.dumps(row, default=str)) for row in rows])
-    console.print(f"wrote {len(rows)} answers with their feedback to {out}")
+    _emit({"out": str(out), "answers": len(rows)}, as_json, f"wrote {len(rows)} answers with their feedback to {out}")
 
 
 @feedback_app.command("import")
@@ -699,6 +736,7 @@ def feedback_import(
     path: Annotated[Path, typer.Argument(help="feedback records: .jsonl or .csv with request_id, rating, ...")],
     config: Annotated[Path, typer.Option("--config", "-c", help="ctloop YAML config")],
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Store feedback gathered elsewhere, with the rules of POST /v1/feedback. Exit 0: all imported,
     3: some records refused (listed)."""
@@ -709,9 +747,7 @@ def feedback_import(
     cfg = load_config(config)
     url = resolve_workspace(workspace, cfg).shadow_store_url(cfg.shadow.store_url)
     report = import_feedback(path, url, cfg.serve.redact, cfg.serve.max_correction_chars)
-    console.print(report.summary())
-    for problem in report.problems:
-        console.print(f"  {problem}")
+    _emit(report, as_json, report.summary(), *(f"  {problem}" for problem in report.problems))
     raise typer.Exit(3 if report.refused else 0)
 
 
@@ -725,6 +761,7 @@ def replay_drop(
         str, typer.Argument(help="the cycle whose rows leave the buffer (`ctloop status` lists cycles)")
     ],
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Remove a cycle's rows from the replay buffer, so no later cycle replays or evaluates on them."""
     from ctloop.data.replay import ReplayBuffer
@@ -732,7 +769,11 @@ def replay_drop(
 
     ws = resolve_workspace(workspace)
     dropped = ReplayBuffer(ws.replay_dir).drop_cycle(cycle_id)
-    console.print(f"dropped {dropped} rows of cycle {cycle_id} from the replay buffer in {ws.replay_dir}")
+    _emit(
+        {"cycle_id": cycle_id, "dropped": dropped, "replay_dir": str(ws.replay_dir)},
+        as_json,
+        f"dropped {dropped} rows of cycle {cycle_id} from the replay buffer in {ws.replay_dir}",
+    )
 
 
 rollout_app = typer.Typer(
@@ -748,6 +789,7 @@ def rollout_start(
     skip_shadow: Annotated[
         bool, typer.Option("--skip-shadow", help="start without a shadow PROMOTE (recorded in the rollout)")
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Start routing rollout.steps[0] of live traffic to the candidate; `ctloop serve` looks every
     rollout.look_every_s and advances, holds or rolls back."""
@@ -756,11 +798,12 @@ def rollout_start(
 
     cfg = load_config(config)
     registry, _ = _registry_context(config, None)
-    console.print(start(registry, cfg.rollout, version, skip_shadow).summary())
+    started = start(registry, cfg.rollout, version, skip_shadow)
+    _emit(started, as_json, started.summary())
 
 
 @rollout_app.command("status")
-def rollout_status(config: RequiredConfig, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def rollout_status(config: RequiredConfig, as_json: JsonOption = False) -> None:
     """The running rollout, and what a look would decide now (without acting on it)."""
     from ctloop.config import load_config
     from ctloop.serving.rollout import active, decide
@@ -769,11 +812,11 @@ def rollout_status(config: RequiredConfig, as_json: Annotated[bool, typer.Option
     registry, ws = _registry_context(config, None)
     rollout = active(registry)
     if rollout is None:
-        console.print("no rollout is running")
+        _emit({"rollout": None}, as_json, "no rollout is running")
         raise typer.Exit(0)
     result = decide(rollout, _arm_counts(cfg, ws, rollout), cfg.rollout)
     if as_json:
-        print(json.dumps(strict_json({"rollout": rollout.to_dict(), "look": result.__dict__}), indent=2, default=str))
+        _emit({"rollout": rollout.to_dict(), "look": result.__dict__}, as_json)
         return
     console.print(rollout.summary())
     console.print(
@@ -784,7 +827,7 @@ def rollout_status(config: RequiredConfig, as_json: Annotated[bool, typer.Option
 
 
 @rollout_app.command("check")
-def rollout_check(config: RequiredConfig) -> None:
+def rollout_check(config: RequiredConfig, as_json: JsonOption = False) -> None:
     """One look: advance, hold or roll back the running rollout (what `ctloop serve` does every
     rollout.look_every_s; for cron or a DAG when no server looks). Exit 0: advanced or holding,
     3: rolled back."""
@@ -802,12 +845,15 @@ def rollout_check(config: RequiredConfig) -> None:
         workspace_root=ws.root,
     )
     if outcome is None:
-        console.print("no rollout is running")
+        _emit({"rollout": None}, as_json, "no rollout is running")
         return
     rollout, result = outcome
-    console.print(f"{result.decision}: {rollout.summary()}")
-    for reason in result.reasons:
-        console.print(f"  {reason}")
+    _emit(
+        {"rollout": rollout.to_dict(), "look": result.__dict__},
+        as_json,
+        f"{result.decision}: {rollout.summary()}",
+        *(f"  {reason}" for reason in result.reasons),
+    )
     raise typer.Exit(3 if result.decision == ROLLBACK else 0)
 
 
@@ -815,6 +861,7 @@ def rollout_check(config: RequiredConfig) -> None:
 def rollout_report(
     config: RequiredConfig,
     version: Annotated[int | None, typer.Option("--version", help="the candidate (default: the challenger)")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Write the rollout's HTML report (its decision, each step, every look's bounds per metric) and
     log it on the candidate's MLflow run; a finished rollout writes it by itself."""
@@ -826,18 +873,22 @@ def rollout_report(
     candidate = version if version is not None else registry.alias(CHALLENGER)
     if candidate is None:
         raise RegistryError("there is no challenger; pass --version N")
-    console.print(f"rollout report: {report(registry, ws.root, candidate)}")
+    path = report(registry, ws.root, candidate)
+    _emit({"candidate": candidate, "report": str(path)}, as_json, f"rollout report: {path}")
 
 
 @rollout_app.command("abort")
 def rollout_abort(
-    config: RequiredConfig, by: Annotated[str, typer.Option("--by", help="who stops it")] = "ctloop rollout abort"
+    config: RequiredConfig,
+    by: Annotated[str, typer.Option("--by", help="who stops it")] = "ctloop rollout abort",
+    as_json: JsonOption = False,
 ) -> None:
     """Stop the running rollout: the candidate's share goes to 0 at the servers' next role poll."""
     from ctloop.serving.rollout import abort
 
     registry, _ = _registry_context(config, None)
-    console.print(abort(registry, by).summary())
+    stopped = abort(registry, by)
+    _emit(stopped, as_json, stopped.summary())
 
 
 def _arm_counts(cfg, ws, rollout) -> dict:
@@ -856,7 +907,7 @@ app.add_typer(workspace_app, name="workspace")
 
 
 @workspace_app.command("relocate")
-def workspace_relocate(workspace: WorkspaceOption = None) -> None:
+def workspace_relocate(workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None:
     """After copying or moving a workspace: point its embedded MLflow database at this folder's
     artifacts (never the original's)."""
     from ctloop.registry.client import relocate_embedded
@@ -864,17 +915,20 @@ def workspace_relocate(workspace: WorkspaceOption = None) -> None:
 
     ws = resolve_workspace(workspace)
     changed = relocate_embedded(ws)
-    console.print(
+    _emit(
+        {"workspace": str(ws.root), **changed},
+        as_json,
         f"{ws.root}: artifact locations now point here ({changed['experiments']} experiments, "
-        f"{changed['runs']} runs updated)"
+        f"{changed['runs']} runs updated)",
     )
 
 
 @app.command()
-def doctor(config: RequiredConfig, workspace: WorkspaceOption = None) -> None:
+def doctor(config: RequiredConfig, workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None:
     """Check a config and its environment, each with its fix: the workspace writable, the registry
     and the log store reachable, the device, the base model loadable, the tokens set. Exit 0: no
     check failed (warnings allowed), 3: some did."""
+    import dataclasses
     import os
 
     from ctloop.config import load_config
@@ -885,24 +939,30 @@ def doctor(config: RequiredConfig, workspace: WorkspaceOption = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     cfg = load_config(config)
     checks = run_checks(cfg, resolve_workspace(workspace, cfg))
-    for check in checks:
-        console.print(check.line())
     failed = [c.name for c in checks if c.status == FAIL]
-    console.print(
+    _emit(
+        {"checks": [dataclasses.asdict(c) for c in checks], "failed": failed},
+        as_json,
+        *(check.line() for check in checks),
         f"{len(checks) - len(failed)} of {len(checks)} checks passed"
-        + (f"; failed: {', '.join(failed)}" if failed else "")
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
     )
     raise typer.Exit(3 if failed else 0)
 
 
 @app.command("validate-config")
-def validate_config(path: Annotated[Path, typer.Argument(help="YAML config to check")]) -> None:
+def validate_config(
+    path: Annotated[Path, typer.Argument(help="YAML config to check")], as_json: JsonOption = False
+) -> None:
     """Check a config file and report every problem at once; warn about settings that can never
     decide (a holdout too small for the gate) or train too little to learn."""
     from ctloop.config import config_warnings, load_config
 
     config = load_config(path)
     warnings = config_warnings(config)
+    if as_json:
+        _emit({"path": str(path), "valid": True, "warnings": warnings}, as_json)
+        return
     for warning in warnings:
         console.print(f"warning: {warning}", style="yellow")
     console.print(f"{path}: valid" + (f", with {len(warnings)} warning(s)" if warnings else ""))
@@ -913,6 +973,7 @@ def publish(
     version: Annotated[int, typer.Argument(help="the version to publish to every target")],
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Load a version on every publish target (retrying what failed before); moves no alias.
     Exit 0: publish.require met, 3: not met (the failing replicas are listed)."""
@@ -924,7 +985,7 @@ def publish(
         raise ConfigError(str(config or "the workspace's settings"), ["publish.targets is empty; list the targets"])
     registry.version(version)  # a clear error for a version that does not exist
     result = publisher.publish(version)
-    console.print(result.summary())
+    _emit(result, as_json, result.summary())
     raise typer.Exit(0 if result.enough(publisher.config.require) else 3)
 
 
