@@ -103,7 +103,9 @@ def test_every_command_but_serve_and_demo_has_json_and_it_is_strict_json(tmp_pat
     assert sorted(missing) == ["demo", "serve"], missing
 
     risky = tmp_path / "risky.yaml"
-    risky.write_text("model:\n  base: x\ndata:\n  holdout_fraction: 0.05\n  min_rows: 200\ngate:\n  min_examples: 100\n")
+    risky.write_text(
+        "model:\n  base: x\ndata:\n  holdout_fraction: 0.05\n  min_rows: 200\ngate:\n  min_examples: 100\n"
+    )
     result = _ctloop("validate-config", str(risky), "--json")
     assert result.returncode == 0, result.stderr
     parsed = json.loads(result.stdout)
