@@ -59,7 +59,8 @@ def _stage_tasks(dag_id: str, stages) -> list:
         def run(cycle_id: str = "", data: str = ""):
             from ctloop.cycle.run import run_stage_task
 
-            params = get_current_context()["params"]
+            context = get_current_context()
+            params = context["params"]
             step = run_stage_task(
                 CONFIG_PATH,
                 stage.name,
@@ -67,6 +68,7 @@ def _stage_tasks(dag_id: str, stages) -> list:
                 data or params.get("data"),
                 bool(params.get("force", False)),
                 f"airflow {dag_id}",
+                task_tags={"airflow.dag_id": dag_id, "airflow.dag_run_id": str(context["run_id"])},
             )
             if stage.role == "decides":
                 return step.proceed

@@ -146,3 +146,10 @@ def _run_the_dag(tiny_base, tmp_path: Path, metadata: str) -> None:
     loaded = load_config(tmp_path / "ctloop.yaml")
     registry = open_registry(loaded.registry, resolve_workspace(None, loaded))
     assert [v.version for v in registry.versions()] == [1] and registry.alias("champion") == 1
+    # Each task names the cycle's MLflow run in its log, and the run names the DAG run (#29).
+    run = registry.client.get_run(registry.version(1).run_id)
+    assert run.data.tags["airflow.dag_id"] == "ctloop_cycle" and run.data.tags["airflow.dag_run_id"] == run_id
+    gate_log = "".join(
+        p.read_text(errors="replace") for p in (home / "logs").rglob("*.log") if "task_id=gate" in str(p)
+    )
+    assert f"stage gate: MLflow run {run.info.run_id} in experiment" in gate_log, gate_log[-2000:]

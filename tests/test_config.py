@@ -53,6 +53,105 @@ def test_production_example_values_are_read():
     assert config.workspace == Path("/var/lib/ctloop")
 
 
+def _setting_lines(path: Path) -> dict[tuple[str, str], str]:
+    """(section, key) -> the comment of its line, for every top-level scalar and every key one level
+    into a section ("" for the top level)."""
+    import re
+
+    found, section = {}, ""
+    for line in path.read_text().splitlines():
+        match = re.match(r"^( {0,2})([a-z_]+):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = match.groups()
+        comment = rest.partition("#")[2]
+        if not indent and not rest.partition("#")[0].strip():
+            section = key  # a section's own line
+            continue
+        found[(section if indent else "", key)] = comment
+    return found
+
+
+def _default(section: str, key: str):
+    model = CtloopConfig if not section else CtloopConfig.model_fields[section].annotation
+    field = model.model_fields[key]
+    value = field.default_factory() if field.default_factory else field.default
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _yaml(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "[]" if value == [] else "{}" if value == {} else str(value)
+
+
+def test_the_production_example_states_its_defaults_truthfully():
+    """#29: it said every key was shown with its default unless noted, and 55 were not. Now a value
+    that is not the default says "(default: X)" with the true default, and a note never sits on a
+    default value."""
+    import yaml
+    from pydantic_core import PydanticUndefined
+
+    path = REPO / "configs/production.example.yaml"
+    raw = yaml.safe_load(path.read_text())
+    wrong = []
+    for (section, key), comment in _setting_lines(path).items():
+        value = raw[section][key] if section else raw[key]
+        default = _default(section, key)
+        if default is PydanticUndefined:
+            ok = "(required)" in comment
+        elif value == default or _yaml(value) == _yaml(default):
+            ok = "(default:" not in comment
+        else:
+            ok = f"(default: {_yaml(default)}" in comment
+        if not ok:
+            wrong.append(f"{section}.{key}: {value!r}, default {default!r}, comment {comment.strip()!r}")
+    assert not wrong, wrong
+
+
+def test_the_local_twin_has_the_production_settings_but_the_site_lines():
+    """configs/production.local.yaml: the same keys, and the same values on every line the example
+    does not mark [site]; each line it changes says what production has there ([local])."""
+    import yaml
+
+    example_path, twin_path = REPO / "configs/production.example.yaml", REPO / "configs/production.local.yaml"
+    example, twin = yaml.safe_load(example_path.read_text()), yaml.safe_load(twin_path.read_text())
+    example_lines, twin_lines = _setting_lines(example_path), _setting_lines(twin_path)
+    assert set(example_lines) == set(twin_lines)
+    for (section, key), comment in example_lines.items():
+        ours = twin[section][key] if section else twin[key]
+        theirs = example[section][key] if section else example[key]
+        if "[site]" not in comment:
+            assert ours == theirs, (section, key)
+        elif ours != theirs and key not in ("golden", "rules"):  # those two change below their own line
+            assert "[local]" in twin_lines[(section, key)], (section, key)
+    config = load_config(twin_path)
+    assert config.registry.tracking_uri is None and config.shadow.store_url is None and not config.publish.targets
+
+
+@pytest.mark.slow
+def test_a_cycle_runs_with_the_local_twin(tiny_base, tmp_path):
+    """The twin is runnable: a cycle on the quickstart's new data with its settings (its tiny base
+    model is the test's), every production rule in the gate's reasons."""
+    import yaml
+
+    from ctloop.cycle.run import run_cycle
+    from ctloop.workspace import Workspace
+
+    raw = yaml.safe_load((REPO / "configs/production.local.yaml").read_text())
+    raw["model"]["base"] = str(tiny_base)
+    raw["workspace"] = str(tmp_path / "ws")
+    config = config_from_dict(raw, base_dir=REPO / "configs")
+    result = run_cycle(config, REPO / "src/ctloop/quickstart/new_domain.jsonl", Workspace(config.workspace).create())
+    assert result.status in ("registered", "rejected", "inconclusive"), result
+    gate = (tmp_path / "ws" / "cycles" / result.cycle_id / "gate.json").read_text()
+    assert "golden golden_faq: loss" in gate and "token_f1 on golden_faq" in gate, gate[:2000]
+
+
 # -- every problem at once -----------------------------------------------------------------------
 
 MANY_MISTAKES = """\

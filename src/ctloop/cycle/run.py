@@ -123,10 +123,15 @@ def run_stage_task(
     data: str | None = None,
     force: bool = False,
     purpose: str = "orchestrated task",
+    task_tags: dict[str, str] | None = None,
 ) -> StageStep:
     """One stage as an orchestrator's task runs it (the Airflow DAGs): load the config, take the
     workspace lock (waiting up to `orchestration.lock_wait_seconds`), run the stage with the
-    cycle's rules. `data` defaults to `orchestration.data`."""
+    cycle's rules. `data` defaults to `orchestration.data`.
+
+    Once the cycle has its MLflow run (from the prepare stage on), each task names the run in its
+    log, and `task_tags` (the orchestrator's ids: DAG, DAG run) go on the run, so each side links
+    to the other."""
     from ctloop.config import load_config
     from ctloop.console import print_to_stdout
     from ctloop.cycle.declaration import stage
@@ -147,7 +152,21 @@ def run_stage_task(
     workspace = resolve_workspace(None, config)
     context = StageContext(config, workspace, cycle_id, Path(data) if data else None, force)
     with workspace_lock(workspace, f"{purpose}: {stage_name}", config.orchestration.lock_wait_seconds):
-        return run_stage(chosen, context)
+        step = run_stage(chosen, context)
+    run_id = CycleFolder(workspace, step.cycle_id).state().get("run_id") if step.cycle_id else None
+    if run_id:
+        _link_task_and_run(config, workspace, run_id, stage_name, task_tags or {})
+    return step
+
+
+def _link_task_and_run(
+    config: CtloopConfig, workspace: Workspace, run_id: str, stage_name: str, tags: dict[str, str]
+) -> None:
+    """The task log names the cycle's MLflow run; the run carries the orchestrator's ids."""
+    registry = open_registry(config.registry, workspace)
+    if tags:
+        registry.set_run_tags(run_id, tags)
+    console.print(f"stage {stage_name}: MLflow run {registry.run_link(run_id)}")
 
 
 def _already_finished(stage: Stage, context: StageContext) -> bool:

@@ -162,6 +162,18 @@ class Registry:
                 )
             return found.experiment_id
 
+    def run_link(self, run_id: str) -> str:
+        """Where a person opens a run: its page on a tracking server, or the `mlflow ui` command for
+        an embedded (SQLite) registry and the run's id."""
+        run = self._call("get_run", self.client.get_run, run_id)
+        experiment = run.info.experiment_id
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return (
+            f"{run_id} in experiment {experiment} (open `mlflow ui --backend-store-uri "
+            f"{shown_uri(self.tracking_uri)}`, then #/experiments/{experiment}/runs/{run_id})"
+        )
+
     def start_run(self, run_name: str, tags: dict[str, str]) -> str:
         # Not retried: a retry after a lost answer would open a second run.
         run = self._call(
