@@ -328,13 +328,19 @@ def approve(
 
 @app.command()
 def lineage(
-    version: Annotated[int, typer.Argument(help="the version to trace")],
+    version: Annotated[int | None, typer.Argument(help="the version to trace (default: the champion)")] = None,
     as_json: JsonOption = False,
     config: ConfigOption = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Print a version's lineage back to the first version: data, replay, base model, config, gate."""
+    from ctloop.errors import RegistryError
+    from ctloop.registry.client import CHAMPION
+
     registry, _ = _registry_context(config, workspace)
+    version = version if version is not None else registry.alias(CHAMPION)
+    if version is None:
+        raise RegistryError("there is no champion to trace; pass a version (`ctloop status` lists them)")
     chain = registry.lineage(version)
     if as_json:
         print(json.dumps(strict_json([v.to_dict() for v in chain]), indent=2, allow_nan=False))

@@ -57,6 +57,21 @@ def build_base_model(workspace: Workspace, steps: int = 300) -> Path:
         )
 
 
+def write_quickstart_config(workspace: Workspace, path: Path) -> None:
+    """The quickstart config, with its base model named by absolute path (the one this workspace
+    built), so that a copy of the file works from any folder, as Getting started copies it."""
+    import re
+
+    tiny = (workspace.root / "base-models" / "tiny").resolve()
+    text = quickstart_file("quickstart.yaml").read_text(encoding="utf-8")
+    text, replaced = re.subn(r"(?m)^(  base:) base-models/tiny\b", rf"\1 {tiny}", text)
+    if replaced != 1:
+        raise RuntimeError(
+            "the shipped quickstart.yaml no longer names base-models/tiny; update write_quickstart_config"
+        )
+    path.write_text(text, encoding="utf-8")
+
+
 def run_demo(workspace: Workspace) -> None:
     from ctloop.config import load_config
     from ctloop.cycle.run import run_cycle
@@ -69,7 +84,7 @@ def run_demo(workspace: Workspace) -> None:
     console.rule("ctloop demo", style="bold")
     build_base_model(workspace)
     config_path = workspace.root / "quickstart.yaml"
-    shutil.copyfile(quickstart_file("quickstart.yaml"), config_path)
+    write_quickstart_config(workspace, config_path)
     config = load_config(config_path)
 
     console.rule("cycle 1: Python and Perl packages (establishes the champion)")
