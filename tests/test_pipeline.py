@@ -209,6 +209,7 @@ def test_cli_status_promote_rollback(two_cycles, tmp_path):
     status = json.loads(ctloop("status", "--json").stdout)
     assert status["aliases"] == {"champion": 1, "challenger": 2}
     assert [v["version"] for v in status["versions"]] == [1, 2]
+    assert [v["state"] for v in status["versions"]] == ["champion", "challenger"]  # #22 item 4
     assert ctloop("promote").returncode == 0
     promoted = json.loads(ctloop("status", "--json").stdout)
     assert promoted["aliases"] == {"champion": 2, "challenger": None}  # nothing pending after a promotion
@@ -217,6 +218,7 @@ def test_cli_status_promote_rollback(two_cycles, tmp_path):
     assert rolled.returncode == 0 and "v2 -> v1" in rolled.stderr
     final = json.loads(ctloop("status", "--json").stdout)
     assert final["aliases"] == {"champion": 1, "challenger": None}
+    assert [v["state"] for v in final["versions"]] == ["champion", "rolled back"]
     assert final["champion_history"] == [1]
 
 

@@ -150,3 +150,36 @@ def test_a_registry_written_by_ctloop_0_1_keeps_its_history(registry):
     assert rollback(registry, by="t").after == 1
     promote(registry, 3, by="t", note="after the upgrade")
     assert champion_history(registry) == [1, 3]
+
+
+def test_each_version_walks_the_lifecycle_and_every_move_is_an_allowed_one(registry):
+    """#22 item 4: a version's state is one VersionState, read from the registry; the moves that
+    register, approve, promote and roll back make are the ones ALLOWED lists."""
+    from ctloop.registry.promotion import ALLOWED, VersionState, register_passed, version_state
+
+    def states() -> dict[int, VersionState]:
+        return {v: version_state(registry, v) for v in (1, 2, 3)}
+
+    registry.set_version_tags(2, {APPROVAL_TAG: "pending"})  # registered with registration_tags(True)
+    seen: list[dict[int, VersionState]] = [states()]
+    assert seen[0] == {1: VersionState.REGISTERED, 2: VersionState.PENDING_APPROVAL, 3: VersionState.REGISTERED}
+    assert register_passed(registry, 1, promote_first=True) == VersionState.CHAMPION
+    seen.append(states())
+    assert register_passed(registry, 2, promote_first=True) == VersionState.PENDING_APPROVAL
+    seen.append(states())
+    approve(registry, 2, by="alice", note="checked", promote_first=True)
+    seen.append(states())
+    assert seen[-1][2] == VersionState.CHALLENGER
+    promote(registry, by="t", note="shadow said PROMOTE")
+    seen.append(states())
+    assert (seen[-1][1], seen[-1][2]) == (VersionState.RETIRED, VersionState.CHAMPION)
+    rollback(registry, by="t")
+    seen.append(states())
+    assert (seen[-1][1], seen[-1][2]) == (VersionState.CHAMPION, VersionState.ROLLED_BACK)
+    promote(registry, 2, by="t", note="fixed after all")
+    seen.append(states())
+    assert seen[-1][2] == VersionState.CHAMPION
+    for before, after in zip(seen, seen[1:], strict=False):
+        for version in (1, 2, 3):
+            if before[version] != after[version]:
+                assert after[version] in ALLOWED[before[version]], (version, before[version], after[version])

@@ -658,7 +658,7 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     cycle id); add a registered cycle's data to the replay buffer; mark the cycle finished."""
     from ctloop.data.replay import ReplayBuffer
     from ctloop.evaluation.evaluate import EvalReport
-    from ctloop.registry.promotion import APPROVAL_TAG, awaiting_approval, offer_as_challenger
+    from ctloop.registry.promotion import VersionState, register_passed, registration_tags
     from ctloop.registry.publishing import make_publisher
     from ctloop.reports.cycle import write_cycle_report
 
@@ -683,22 +683,20 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
             "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True),
             "ctloop.adapter_config": cycle.path("adapter/adapter_config.json").read_text()[:4000],
         }
-        if config.gate.require_approval:
-            tags[APPROVAL_TAG] = "pending"
+        tags |= registration_tags(config.gate.require_approval)
         info = registry.register(
             run_id, cycle_id, tags, description=f"gate {gate['outcome']}: " + "; ".join(gate["reasons"])[:3900]
         )
         version = info.version
-        if awaiting_approval(registry, version):
+        publisher = make_publisher(config.publish, registry, workspace)
+        standing = register_passed(registry, version, config.registry.promote_first, publisher)
+        if standing == VersionState.PENDING_APPROVAL:
             console.print(
                 f"registered {registry.model_name} version {version}; it awaits approval: "
                 f"`ctloop approve {version} --by NAME --note TEXT`"
             )
         else:
-            publisher = make_publisher(config.publish, registry, workspace)
-            offer_as_challenger(registry, version, config.registry.promote_first, publisher)
-            role = "champion" if registry.alias(CHAMPION) == version else "challenger"
-            console.print(f"{registry.model_name} version {version} is now '{role}'")
+            console.print(f"{registry.model_name} version {version} is now '{standing}'")
 
     # The data of a registered cycle joins the replay buffer. A cycle that did not register keeps
     # its rows out: a retry on that data would replay its own new rows (and its holdout would then

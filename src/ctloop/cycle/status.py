@@ -6,7 +6,7 @@ from typing import Any
 
 from ctloop.fileio import read_json
 from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
-from ctloop.registry.promotion import APPROVAL_TAG, champion_history
+from ctloop.registry.promotion import APPROVAL_TAG, champion_history, version_state
 from ctloop.registry.publishing import TAG_PREFIX
 from ctloop.workspace import Workspace
 
@@ -29,13 +29,18 @@ def collect_status(registry: Registry, workspace: Workspace, last_cycles: int = 
             }
         )
     cycles.sort(key=lambda c: c["started"] or "")
+    aliases = {CHAMPION: registry.alias(CHAMPION), CHALLENGER: registry.alias(CHALLENGER)}
+    history = champion_history(registry)
     return {
         "workspace": str(workspace.root),
         "tracking_uri": registry.tracking_uri,
         "model_name": registry.model_name,
-        "aliases": {CHAMPION: registry.alias(CHAMPION), CHALLENGER: registry.alias(CHALLENGER)},
-        "champion_history": champion_history(registry),
-        "versions": [_version(v.to_dict()) for v in versions],
+        "aliases": aliases,
+        "champion_history": history,
+        "versions": [
+            _version(v.to_dict()) | {"state": str(version_state(registry, v.version, v.tags, aliases, history))}
+            for v in versions
+        ],
         "cycles": cycles[-last_cycles:],
     }
 
@@ -57,12 +62,12 @@ def render_status(info: dict[str, Any]) -> None:
     console.print(f"champion history: {' -> '.join(_v(v) for v in info['champion_history']) or '-'}")
     for v in (v for v in info["versions"] if v.get("awaiting_approval")):
         console.print(f"awaiting approval: {_v(v['version'])} (ctloop approve {v['version']} --by NAME --note TEXT)")
-    versions = Table("version", "aliases", "gate", "cycle", "data", "parent", "published", title="versions")
+    versions = Table("version", "state", "gate", "cycle", "data", "parent", "published", title="versions")
     for v in info["versions"]:
         tags = v["tags"]
         versions.add_row(
             _v(v["version"]),
-            ", ".join(v["aliases"] + (["awaiting approval"] if v.get("awaiting_approval") else [])),
+            v["state"],
             tags.get("ctloop.gate", ""),
             tags.get("ctloop.cycle_id", ""),
             tags.get("ctloop.data_fingerprint", ""),

@@ -8,6 +8,12 @@
   challenger: after a promotion nothing is pending until the next cycle registers a version.
 - `rollback` moves `champion` back to the version it replaced.
 
+A version's place in that lifecycle is one `VersionState`, read from the registry by
+`version_state`: registered (passed, not or no longer offered) -> pending approval -> challenger
+-> champion -> retired (replaced by a later champion) or rolled back. `ALLOWED` lists the moves;
+`register_passed` is the register stage's entry (it records the approval the gate requires and
+offers the version), and `ctloop status` shows each version's state.
+
 The champion history is an append-only log of events on the registered model (one tag per event),
 so two promoters at once never lose an entry; the `champion` alias is then set to the top of the
 history as replayed after the write, so both writers converge on the same alias. The CLI, the
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from ctloop.errors import RegistryError
 from ctloop.fileio import utc_now
@@ -32,6 +39,71 @@ PROMOTE = "PROMOTE"
 
 # (champion, challenger) -> (decision, reasons): the shadow comparison, supplied by the caller.
 ShadowCheck = Callable[[int, int], tuple[str, str]]
+
+
+class VersionState(StrEnum):
+    """Where a registered version stands (only versions that passed the gate are registered)."""
+
+    REGISTERED = "registered"  # passed; not offered yet, or a newer challenger took its place
+    PENDING_APPROVAL = "pending approval"  # gate.require_approval: waits for `ctloop approve`
+    CHALLENGER = "challenger"  # shadowed next to the champion, awaiting evidence and promotion
+    CHAMPION = "champion"  # serves production
+    RETIRED = "retired"  # was champion; a later champion replaced it
+    ROLLED_BACK = "rolled back"  # was champion; the champion moved back past it
+
+
+# The moves promote, rollback, approve and offer_as_challenger make (a retired or rolled-back
+# version may be promoted again by hand).
+ALLOWED: dict[VersionState, frozenset[VersionState]] = {
+    VersionState.PENDING_APPROVAL: frozenset({VersionState.CHALLENGER, VersionState.CHAMPION}),
+    VersionState.REGISTERED: frozenset({VersionState.CHALLENGER, VersionState.CHAMPION}),
+    VersionState.CHALLENGER: frozenset({VersionState.CHAMPION, VersionState.REGISTERED}),
+    VersionState.CHAMPION: frozenset({VersionState.RETIRED, VersionState.ROLLED_BACK}),
+    VersionState.RETIRED: frozenset({VersionState.CHAMPION}),
+    VersionState.ROLLED_BACK: frozenset({VersionState.CHAMPION}),
+}
+
+
+def version_state(
+    registry: Registry,
+    version: int,
+    tags: dict[str, str] | None = None,
+    aliases: dict[str, int | None] | None = None,
+    history: list[int] | None = None,
+) -> VersionState:
+    """The state of `version`; pass what the caller already read (its tags, the two aliases, the
+    champion history) to spare the registry calls."""
+    aliases = (
+        aliases if aliases is not None else {CHAMPION: registry.alias(CHAMPION), CHALLENGER: registry.alias(CHALLENGER)}
+    )
+    if aliases.get(CHAMPION) == version:
+        return VersionState.CHAMPION
+    if aliases.get(CHALLENGER) == version:
+        return VersionState.CHALLENGER
+    tags = tags if tags is not None else registry.version(version).tags
+    if tags.get(APPROVAL_TAG) == "pending":
+        return VersionState.PENDING_APPROVAL
+    if "ctloop.rolled_back" in tags:
+        return VersionState.ROLLED_BACK
+    history = history if history is not None else champion_history(registry)
+    return VersionState.RETIRED if "ctloop.promoted" in tags or version in history else VersionState.REGISTERED
+
+
+def registration_tags(require_approval: bool) -> dict[str, str]:
+    """The tags a passing version is registered with: pending approval when the gate requires it."""
+    return {APPROVAL_TAG: "pending"} if require_approval else {}
+
+
+def register_passed(
+    registry: Registry, version: int, promote_first: bool, publisher: Publisher | None = None
+) -> VersionState:
+    """After the register stage registered a passing version: it waits for approval when it was
+    registered pending one, else it is offered as challenger (or champion, see
+    `offer_as_challenger`). Returns the version's state."""
+    if awaiting_approval(registry, version):
+        return VersionState.PENDING_APPROVAL
+    offer_as_challenger(registry, version, promote_first, publisher)
+    return version_state(registry, version)
 
 
 @dataclass(frozen=True)

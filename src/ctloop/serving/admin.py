@@ -35,9 +35,9 @@ def add_admin_routes(app: Any, serving: Any) -> None:
         options = await parse_request(request, PromoteBody, config.serve, empty=b"{}")
         from ctloop.registry.promotion import promote as promote_version
 
-        target = options.version or serving.roles.challenger
-        if target is None:
-            raise ApiError(409, 'there is no challenger to promote; pass {"version": N}')
+        # Without a version, promote() reads the challenger from the registry as it promotes, not
+        # from this server's cached roles, which may be a poll behind (none: a 409 that says so).
+        target = options.version
         check = (
             (lambda champion, challenger: _shadow_decision(serving, champion, challenger))
             if options.require_shadow
