@@ -183,3 +183,16 @@ def test_each_version_walks_the_lifecycle_and_every_move_is_an_allowed_one(regis
         for version in (1, 2, 3):
             if before[version] != after[version]:
                 assert after[version] in ALLOWED[before[version]], (version, before[version], after[version])
+
+
+@pytest.mark.parametrize(
+    ("history", "champion", "previous"),
+    [([1, 2, 3], 3, 2), ([1], 1, None), ([], None, None), ([1, 2], 5, 2), ([1, 2], None, 2)],
+    ids=["history-ends-at-champion", "first-champion", "none", "alias-set-outside", "no-alias"],
+)
+def test_one_definition_of_the_previous_champion(history, champion, previous):
+    """#22 item 4: the server kept "the previous champion" loaded by one rule and rollback returned
+    to another; both now call previous_champion."""
+    from ctloop.registry.promotion import previous_champion
+
+    assert previous_champion(history, champion) == previous

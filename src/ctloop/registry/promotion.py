@@ -35,7 +35,7 @@ from ctloop.registry.publishing import Publisher
 HISTORY_PREFIX = "ctloop.champion_event"
 LEGACY_HISTORY_TAG = "ctloop.champion_history"  # ctloop 0.1.0 kept the history as one JSON list
 APPROVAL_TAG = "ctloop.approval"
-PROMOTE = "PROMOTE"
+PROMOTE, HOLD, REJECT = "PROMOTE", "HOLD", "REJECT"  # the shadow comparison's decisions (serving/compare.py)
 
 # (champion, challenger) -> (decision, reasons): the shadow comparison, supplied by the caller.
 ShadowCheck = Callable[[int, int], tuple[str, str]]
@@ -132,6 +132,16 @@ def champion_history(registry: Registry) -> list[int]:
     return stack
 
 
+def previous_champion(history: list[int], champion: int | None) -> int | None:
+    """The champion before the current one, the version a rollback returns to: the history's
+    second-to-last entry when the history ends at the champion. With a champion the history does
+    not end at (an alias set outside ctloop), the last entry that is not it, which the servers keep
+    loaded for an instant switch back."""
+    if history and history[-1] == champion:
+        return history[-2] if len(history) >= 2 else None
+    return next((v for v in reversed(history) if v != champion), None)
+
+
 def awaiting_approval(registry: Registry, version: int) -> bool:
     return registry.version(version).tags.get(APPROVAL_TAG) == "pending"
 
@@ -198,9 +208,9 @@ def rollback(registry: Registry, by: str, publisher: Publisher | None = None) ->
     """Move `champion` back to the version before it."""
     history = champion_history(registry)
     current = registry.alias(CHAMPION)
-    if current is None or len(history) < 2 or history[-1] != current:
+    target = previous_champion(history, current)
+    if current is None or target is None or history[-1] != current:
         raise RegistryError("there is no previous champion to roll back to; `ctloop status` shows the champion history")
-    target = history[-2]
     _publish(publisher, target, "champion")
     registry.add_model_event(HISTORY_PREFIX, {"action": "rollback", "from": current, "by": by, "at": utc_now()})
     _took_effect(registry, target, f"rolling back from v{current}")

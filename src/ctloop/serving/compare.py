@@ -32,6 +32,7 @@ import numpy as np
 
 from ctloop.config import JudgeConfig, ModelConfig, ShadowConfig
 from ctloop.evaluation.judge import JudgeTrust, both_ways
+from ctloop.registry.promotion import HOLD, PROMOTE, REJECT  # one definition, with the promotion policy
 from ctloop.serving.sequential import (
     anytime_p_value,
     block_bound,
@@ -43,8 +44,6 @@ from ctloop.serving.sequential import (
     pairs_for_power,
     shown,
 )
-
-PROMOTE, HOLD, REJECT = "PROMOTE", "HOLD", "REJECT"
 
 
 @dataclass(frozen=True)

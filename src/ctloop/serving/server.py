@@ -158,7 +158,7 @@ class Serving:
     async def sync_roles(self) -> Roles:
         """Read the aliases; load new versions before they take a role; free versions without one."""
         from ctloop.registry.client import CHALLENGER, CHAMPION
-        from ctloop.registry.promotion import champion_history
+        from ctloop.registry.promotion import champion_history, previous_champion
 
         async with self._sync_lock:
 
@@ -167,7 +167,7 @@ class Serving:
 
                 history = champion_history(self.registry)
                 champion = self.registry.alias(CHAMPION)
-                previous = next((v for v in reversed(history) if v != champion), None)
+                previous = previous_champion(history, champion)
                 try:
                     rollout = active(self.registry)
                 except (ValueError, TypeError, KeyError) as exc:  # a damaged tag must not stop the role sync
