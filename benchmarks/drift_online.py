@@ -6,8 +6,8 @@ No-drift stream: fresh N(0, I_384) rows (not the reference rows), fed in arrival
 detector resets after each alarm; repeated for several reference samples. The threshold is
 calibrated on the worst fifth of simulated reference errors (`worst_share`), so that each
 reference, not only the average one, reaches the target: every reference's mean run length must be
-at least 95% of the target ERT, and the average lies above it (the price: a longer detection
-delay, printed too). Also: a naive alternative (a batch
+at least 95% of the target ERT, and the average lies above it (the price: a longer run length on
+a typical reference and a longer calibration; the detection delay is printed too). Also: a naive alternative (a batch
 mean-shift test at alpha 0.05 on every full window) for comparison, the detection delay after a
 shift, and the cost of init and of one update. Figures printed last.
 """

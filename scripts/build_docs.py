@@ -2,10 +2,11 @@
 
     .venv/bin/python scripts/build_docs.py [--build MKDOCS]   # make docs does both
 
-Generated, never edited by hand (they are git-ignored):
+Generated, never edited by hand:
 - docs/from-readme/*.md: the sections the README keeps (what each decision guarantees, the
-  production sources, the benchmarks), one page each, so they are written in one place;
-- docs/reference/configuration.md: every config section and field from the pydantic models, with
+  production sources, the benchmarks), one page each, so they are written in one place; committed,
+  since the guide links to them, and checked against the README by tests/test_docs.py;
+- (git-ignored) docs/reference/configuration.md: every config section and field from the pydantic models, with
   its type, default and description (a field without a description is an error);
 - docs/reference/cli.md: every command, its help and its options, from the typer app.
 """

@@ -1,7 +1,7 @@
 """The docs site's generated pages (#29 item 1): the configuration reference covers every field of
 the config and fails on one without a description; the command line reference covers every
-command; the guide pages are the README's sections. `make docs` (in .ci/run) then builds the site
-with mkdocs --strict."""
+command; the README's kept sections are pages of the site and every guide page is in its nav.
+`make docs` (in .ci/run) then builds the site with mkdocs --strict."""
 
 from __future__ import annotations
 
@@ -78,3 +78,11 @@ def test_the_pages_from_the_readme_and_the_guide_are_all_on_the_site():
     assert len(guide) >= 10 and set(guide) <= listed and {f"from-readme/{n}.md" for n in pages} <= listed
     readme = (REPO / "README.md").read_text()
     assert all(f"](docs/{page})" in readme for page in guide), [p for p in guide if f"](docs/{p})" not in readme]
+
+
+def test_the_pages_from_the_readme_are_committed_as_generated():
+    """docs/guide/ links to them, so they are in the repository (readable on a forge without a
+    docs build); `make docs` writes them again, and this fails when they lag the README."""
+    for path, text in build_docs.generated_pages().items():
+        if path.parent.name == "from-readme":
+            assert path.read_text() == text, f"{path} is stale: run `make docs` (or scripts/build_docs.py)"

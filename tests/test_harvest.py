@@ -349,3 +349,27 @@ def test_redaction_in_worker_processes_gives_the_same_harvest(tmp_path):
     assert outputs[1][:3] == outputs[2][:3]
     assert "hunter0000x" not in outputs[2][0] and "user0@example.org" not in outputs[2][0]
     assert sum(outputs[2][2].values()) == 1500
+
+
+def test_a_correction_that_only_edits_its_answer_leaves_no_negative(tmp_path):
+    """Review of #23 item 7: a correction repeating its answer, or fixing a typo in it, put the
+    answer the cycle trains on (nearly) into the rejected set, where the rules would fail a healthy
+    candidate. Only a real replacement's original joins it."""
+    workspace = Workspace(tmp_path / "ws").create()
+    config = config_from_dict({"workspace": str(workspace.root), "model": {"base": "unused"}})
+    _logged(
+        workspace,
+        [
+            ("r1", "q1", "the same answer", FeedbackRecord("r1", rating=-1, correction="the same answer")),
+            (
+                "r2",
+                "q2",
+                "install it with apt get now",
+                FeedbackRecord("r2", rating=-1, correction="install it with apt-get now"),
+            ),
+            ("r3", "q3", "a wrong answer", FeedbackRecord("r3", rating=-1, correction="the right one, entirely")),
+        ],
+    )
+    report = harvest(config, workspace, since=time.time() - 3600)
+    rejected = [json.loads(line)["completion"] for line in Path(report.rejected_path).read_text().splitlines()]
+    assert rejected == ["a wrong answer"] and report.corrected_originals == 1

@@ -258,7 +258,11 @@ def test_publishing_to_a_misbehaving_replica_is_bounded_and_discreet(tiny_base, 
     if mode == "drip":
         assert "no complete answer within timeout_s=2" in outcome.detail
     if mode == "huge":
-        assert replica.sent < 10_000_000  # the client stopped reading at its cap and hung up
+        # The client stopped reading at its cap (1 MB an attempt) and hung up: reading it all would
+        # take 50 MB an attempt, 100 MB for the two. What else left the replica waits in loopback
+        # socket buffers, which grow to several MB under load (14.5 MB over the two attempts, seen
+        # on a loaded 2-core machine), so the bound is a quarter of everything, not the cap.
+        assert replica.sent < 25_000_000
     stored = json.dumps(publication_status(registry, 1)) + " ".join(o.detail + o.target for o in result.outcomes)
     assert "vllm-SECRET-token-7f3a9c1e5b" not in stored and "hunter2" not in stored
     if mode == "echo":  # the replica echoed our Authorization header: the token, or the URL's user:password

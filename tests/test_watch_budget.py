@@ -104,7 +104,7 @@ def test_the_lifetime_shares_sum_to_at_most_the_budget_over_any_number_of_looks(
 
 
 def test_a_lifetime_watch_needs_a_detector_with_analytic_p_values():
-    with pytest.raises(Exception, match=r"alpha_spending=lifetime.*add pca_ks or classifier"):
+    with pytest.raises(Exception, match=r"alpha_spending=lifetime.*add pca_ks to drift.detectors"):
         config_from_dict({"model": {"base": "x"}, "watch": {"alpha_spending": "lifetime"}})
     config_from_dict(
         {"model": {"base": "x"}, "watch": {"alpha_spending": "lifetime"}, "drift": {"detectors": ["mmd", "pca_ks"]}}

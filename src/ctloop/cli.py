@@ -165,7 +165,9 @@ def drift(
     as_json: JsonOption = False,
     report: Annotated[Path | None, typer.Option(help="write an HTML report here")] = None,
     online: Annotated[bool, typer.Option(help="feed CURRENT row by row to the online detector")] = False,
-    ert: Annotated[int, typer.Option(min=2, help="online: expected rows between false alarms")] = 500,
+    ert: Annotated[
+        int, typer.Option(min=2, help="online: rows between false alarms with no drift, at least (on average)")
+    ] = 500,
     window: Annotated[int, typer.Option(min=2, help="online: rows in the sliding window")] = 50,
 ) -> None:
     """Test whether CURRENT is distributed like REFERENCE, or (--production) whether live traffic is

@@ -64,7 +64,8 @@ def write_quickstart_config(workspace: Workspace, path: Path) -> None:
 
     tiny = (workspace.root / "base-models" / "tiny").resolve()
     text = quickstart_file("quickstart.yaml").read_text(encoding="utf-8")
-    text, replaced = re.subn(r"(?m)^(  base:) base-models/tiny\b", rf"\1 {tiny}", text)
+    quoted = json.dumps(str(tiny))  # a YAML double-quoted string: any character of a path survives
+    text, replaced = re.subn(r"(?m)^(  base:) base-models/tiny\b", lambda m: f"{m.group(1)} {quoted}", text)
     if replaced != 1:
         raise RuntimeError(
             "the shipped quickstart.yaml no longer names base-models/tiny; update write_quickstart_config"

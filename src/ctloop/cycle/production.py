@@ -74,14 +74,14 @@ def check_production_drift(
     if watch and min(len(ref_emb), len(cur_emb)) >= drift_config.min_rows:
         look = take_look(workspace.root / "watch" / "state.json", config.watch)
     if look is not None and look.spending == "lifetime":  # shares no permutation test can resolve
-        from ctloop.config import ANALYTIC_DETECTORS
+        from ctloop.config import LIFETIME_DETECTORS
 
         drift_config = drift_config.model_copy(
-            update={"detectors": [d for d in drift_config.detectors if d in ANALYTIC_DETECTORS]}
+            update={"detectors": [d for d in drift_config.detectors if d in LIFETIME_DETECTORS]}
         )
     report = detect_drift(ref_emb, cur_emb, drift_config, alpha=look.alpha if look else None)
     if look is not None:
-        only = f" (detectors with analytic p-values only: {', '.join(drift_config.detectors)})"
+        only = f" (only the detector whose p-value holds that far in its tail: {', '.join(drift_config.detectors)})"
         report = replace(
             report, reasons=(*report.reasons, look.describe() + (only if look.spending == "lifetime" else ""))
         )

@@ -162,11 +162,17 @@ def run_stage_task(
 def _link_task_and_run(
     config: CtloopConfig, workspace: Workspace, run_id: str, stage_name: str, tags: dict[str, str]
 ) -> None:
-    """The task log names the cycle's MLflow run; the run carries the orchestrator's ids."""
-    registry = open_registry(config.registry, workspace)
-    if tags:
-        registry.set_run_tags(run_id, tags)
-    console.print(f"stage {stage_name}: MLflow run {registry.run_link(run_id)}")
+    """The task log names the cycle's MLflow run; the run carries the orchestrator's ids. Best
+    effort: the stage's work is done, and a registry that does not answer now must not fail it."""
+    from ctloop.errors import CtloopError
+
+    try:
+        registry = open_registry(config.registry, workspace)
+        if tags:
+            registry.set_run_tags(run_id, tags)
+        console.print(f"stage {stage_name}: MLflow run {registry.run_link(run_id)}")
+    except CtloopError as exc:
+        log.warning("stage %s: could not link the task to MLflow run %s (%s)", stage_name, run_id, exc)
 
 
 def _already_finished(stage: Stage, context: StageContext) -> bool:

@@ -24,7 +24,7 @@ from ctloop.cycle.tracking import log_cycle_run
 from ctloop.data.preference import PreferenceSet, preference_kind, preference_rows, preference_set, supervised_rows
 from ctloop.data.records import Record, fingerprint, read_parquet, write_parquet
 from ctloop.drift.trigger import TriggerDecision
-from ctloop.errors import DataError
+from ctloop.errors import CtloopError, DataError
 from ctloop.evaluation.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
 from ctloop.fileio import nan_for_none, parse_utc, read_json, utc_now, write_json
 from ctloop.registry.client import CHAMPION, Registry, open_registry
@@ -424,7 +424,7 @@ def evaluate_stage(ctx: StageContext):
     if reference is not None:
         options["kl_to"] = (CANDIDATE, reference, (NEW_SET,))
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval, examples_of=(NEW_SET,), **options)
-    traffic = _traffic_strata(config, workspace, cycle, sets[NEW_SET])
+    traffic, traffic_note = _traffic_strata(config, workspace, cycle, sets[NEW_SET])
     slices = slice_indices(sets, config.eval.slice_by)
     from ctloop.training.seeds import EVENT, recorded
 
@@ -441,6 +441,7 @@ def evaluate_stage(ctx: StageContext):
             "anchor_version": anchor,
             "seed_spread": seed_spread.to_dict() if seed_spread is not None else None,
             "traffic": traffic.to_dict() if traffic is not None else None,
+            "traffic_note": traffic_note,
         },
     )
     console.print(evaluation.summary())
@@ -451,31 +452,38 @@ TRAFFIC_SAMPLE = "traffic_sample.jsonl"  # a harvest's sample of the window's re
 
 
 def _traffic_strata(config: CtloopConfig, workspace: Workspace, cycle: CycleFolder, holdout: list[Record]):
-    """Each new-data row's stratum of production traffic (`evaluation/traffic.py`), when the cycle's
-    rows were harvested with a traffic sample; None otherwise."""
+    """(each new-data row's stratum of production traffic, or None; why there is none, when the
+    cycle's rows were harvested). See `evaluation/traffic.py`. Best effort: an embedder that does
+    not load leaves the weighted rule unchecked, with the reason, and fails nothing."""
+    harvested = cycle.state().get("harvest") or {}
     path = cycle.path(TRAFFIC_SAMPLE)
-    if not (config.gate.traffic_weighted and path.is_file() and holdout):
-        return None
+    if not (config.gate.traffic_weighted and holdout and harvested):
+        return None, ""
+    if not path.is_file():
+        named = harvested.get("traffic_sample_path")
+        return None, f"the harvest's traffic sample {named} was not found" if named else ""
     from ctloop.data.harvest import read_traffic_sample
     from ctloop.drift.embed import embed_records, make_embedder
     from ctloop.evaluation.traffic import traffic_strata
 
     sample = read_traffic_sample(path)
     if not sample:
-        return None
-    embedder = make_embedder(config.drift, config.model)
-    cache = workspace.root / "embeddings"
-    strata = traffic_strata(
-        embed_records(holdout, embedder, "prompt", cache),
-        embed_records(sample, embedder, "prompt", cache),
-        config.eval.traffic_strata,
-        seed=config.train.seed,
-    )
+        return None, "the harvest's traffic sample is empty"
+    try:
+        embedder = make_embedder(config.drift, config.model)
+        cache = workspace.root / "embeddings"
+        holdout_points = embed_records(holdout, embedder, "prompt", cache)
+        traffic_points = embed_records(sample, embedder, "prompt", cache)
+    except (CtloopError, OSError, RuntimeError, ValueError) as exc:
+        console.print(f"traffic: the drift embedder did not embed the traffic sample ({exc}); not weighed")
+        return None, f"the drift embedder ({config.drift.embedder}) failed on the traffic sample: {exc}"
+    strata = traffic_strata(holdout_points, traffic_points, config.eval.traffic_strata, seed=config.train.seed)
+    least = config.gate.min_stratum_rows
     console.print(
         f"traffic: {len(sample)} sampled requests in {len(strata.counts)} prompt clusters; "
-        f"{strata.uncovered_share():.0%} of traffic has no held-out rated row"
+        f"{strata.uncovered_share(least):.0%} of traffic in clusters with fewer than {least} held-out rated rows"
     )
-    return strata
+    return strata, ""
 
 
 PREFERENCE_HOLDOUT = "preference_holdout"
@@ -617,6 +625,7 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         extra=tuple(preference_rules(stored, config.gate, reference)) if reference in evaluated else (),
         traffic=TrafficStrata.from_dict(stored["traffic"]) if stored.get("traffic") else None,
         rated_only="harvest" in cycle.state(),
+        traffic_note=stored.get("traffic_note") or "",
     )
     decision = replace(decision, reasons=(*decision.reasons, seed_note))
     if decision.outcome == PASS and stored.get("seed_spread") is None and config.gate.require_seed_calibration:

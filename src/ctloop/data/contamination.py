@@ -56,6 +56,12 @@ def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+def text_overlap(text: str, other: str, n: int = 3) -> float:
+    """The share of `text`'s word n-grams that occur in `other` (1.0 for the same words)."""
+    mine = _ngrams(WORD.findall(text.lower()), n)
+    return len(mine & _ngrams(WORD.findall(other.lower()), n)) / len(mine) if mine else 1.0
+
+
 def find_contamination(
     train: list[Record], eval_sets: dict[str, list[Record]], ngram: int, max_overlap: float
 ) -> dict[str, ContaminationReport]:

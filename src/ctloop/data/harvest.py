@@ -288,7 +288,7 @@ def harvest(
                             if decision.kept:
                                 kept += 1
                                 _write_export(records_file, record, fmt)
-                                original = _corrected_original(record)
+                                original = _corrected_original(record, config.eval.max_overlap)
                                 if original is not None and original.id not in known:
                                     if not too_old(original, config.eval, now):
                                         known.add(original.id)
@@ -326,7 +326,7 @@ def harvest(
             request_ids=tuple(taken),
             content_keys=tuple(sorted(taken_keys)),
             source=source.name,
-            traffic_sample_path=str(traffic_path) if traffic_rows else "",
+            traffic_sample_path=str(traffic_path.resolve()) if traffic_rows else "",
             traffic_sample_rows=traffic_rows,
             corrected_originals=originals,
             aged_out=aged_out,
@@ -362,16 +362,21 @@ def _write_traffic_sample(source: Any, since: float, until: float, settings: Har
     source (in the database for the request log): their prompts, redacted. The gate weighs the
     new-data rule to traffic with it. Returns how many rows it holds."""
     sample, _ = source.sample(since, until, settings.audit_rows, seed=0)
-    written = 0
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
-        for row in sample:
-            prompt = _clean(row.get("prompt") or "", settings)
-            if prompt.strip():
-                handle.write(
-                    _line({"request_id": row["request_id"], "created_at": row["created_at"], "prompt": prompt})
-                )
-                written += 1
-    return written
+    rows = []
+    for row in sample:
+        prompt = _clean(row.get("prompt") or "", settings)
+        if prompt.strip():  # the id as the log store keeps it: hashed where it holds personal data
+            rows.append(
+                {
+                    "request_id": stored_id(row["request_id"], settings.redact),
+                    "created_at": row["created_at"],
+                    "prompt": prompt,
+                }
+            )
+    if rows:  # an empty window leaves no file
+        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+            handle.writelines(_line(row) for row in rows)
+    return len(rows)
 
 
 def read_traffic_sample(path: Path) -> list[Record]:
@@ -381,10 +386,17 @@ def read_traffic_sample(path: Path) -> list[Record]:
     return [Record(id=str(row["request_id"]), prompt=row["prompt"], completion="") for row in rows]
 
 
-def _corrected_original(record: Record) -> Record | None:
-    """The answer a correction replaced, as a rejected-set row (None for other rows)."""
+def _corrected_original(record: Record, max_overlap: float) -> Record | None:
+    """The answer a correction replaced, as a rejected-set row (None for other rows). Not when the
+    correction is a small edit of it (at least `max_overlap` of the original's word 3-grams kept,
+    `eval.max_overlap`): the cycle trains on the correction, which makes most of such an original
+    likelier too, so the rejected-answers rules would fail a healthy candidate on it."""
+    from ctloop.data.contamination import text_overlap
+
     original = record.metadata.get("rejected_answer") or ""
     if record.metadata.get("harvest_reason") != "correction" or not original.strip():
+        return None
+    if text_overlap(original, record.completion) >= max_overlap:
         return None
     keep = ("request_id", "feedback_id", "model_version", "user")
     metadata = {k: record.metadata[k] for k in keep if k in record.metadata}

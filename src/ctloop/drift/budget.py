@@ -12,7 +12,8 @@ budget / (S (k+1) ln^2(k+1)), where S = sum over k >= 1 of 1 / ((k+1) ln^2(k+1))
 (rounded up here): the shares sum to at most the budget however many looks come, so the chance of
 any false alarm ever is at most the budget. The shares fall slowly for a convergent series (look 1:
 0.0247 of a 0.05 budget, look 168: 5.3e-6, look 8,760: 3.3e-8), but far below what a permutation
-test can resolve, so such a watch runs only the detectors with analytic p-values.
+test can resolve, so such a watch runs only pca_ks, whose p-value (the KS distribution, combined
+over components by Simes) is analytic; the bound holds as far as that p-value holds in its tail.
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ def _embedded(reference_path: Path, current_path: Path, config_path: Path | None
 def check_stream(reference_path: Path, current_path: Path, config_path: Path | None, ert: int, window: int) -> dict:
     """Feed the current rows, in file order, to the online detector calibrated on the reference.
 
-    With no drift the detector raises a false alarm every `ert` rows on average (it resets after
-    each), so over N rows about N/ert alarms are expected: "any alarm" would be drift almost surely
+    With no drift the detector raises a false alarm about every `ert` rows or less often (it resets
+    after each; calibrated so that even a reference whose mean misses the truth by a worse than
+    usual error reaches `ert`), so over N rows at most about N/ert alarms are expected: "any alarm" would be drift almost surely
     on a long file. The decision is calibrated for the window instead: drift when the alarm count is
     improbable under Poisson(N/ert) at `drift.alpha` (the run lengths make the count close to
     Poisson; a little under-dispersed, so the test errs on the side of no drift)."""

@@ -14,6 +14,7 @@ inverse rating propensity by prompt cluster).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,11 +34,17 @@ class TrafficStrata:
     def from_dict(cls, stored: dict) -> TrafficStrata:
         return cls(strata=[int(s) for s in stored["strata"]], counts=[int(c) for c in stored["counts"]])
 
-    def uncovered_share(self) -> float:
-        """The share of traffic in clusters no held-out row falls in: what the gate cannot weigh."""
-        covered = set(self.strata)
+    def weighed(self, min_rows: int = 1) -> set[int]:
+        """The clusters with at least `min_rows` held-out rows: those the gate can weigh."""
+        sizes = Counter(self.strata)
+        return {k for k, size in sizes.items() if size >= min_rows}
+
+    def uncovered_share(self, min_rows: int = 1) -> float:
+        """The share of traffic in clusters with fewer than `min_rows` held-out rows: what the
+        gate cannot weigh (one or two rated rows cannot stand for a cluster's share of traffic)."""
+        weighed = self.weighed(min_rows)
         total = sum(self.counts)
-        return sum(c for k, c in enumerate(self.counts) if k not in covered) / total if total else 1.0
+        return sum(c for k, c in enumerate(self.counts) if k not in weighed) / total if total else 1.0
 
 
 def _normalised(points: np.ndarray) -> np.ndarray:
@@ -52,11 +59,12 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 30) -> n
     unique = np.unique(points, axis=0)
     k = min(k, len(unique))
     centroids = [points[rng.integers(len(points))]]
+    distance = ((points - centroids[0]) ** 2).sum(axis=1)
     for _ in range(1, k):
-        distance = np.min(((points[:, None, :] - np.asarray(centroids)[None]) ** 2).sum(-1), axis=1)
         if distance.sum() <= 0:
             break
         centroids.append(points[rng.choice(len(points), p=distance / distance.sum())])
+        distance = np.minimum(distance, ((points - centroids[-1]) ** 2).sum(axis=1))
     centres = np.asarray(centroids, dtype=np.float64)
     for _ in range(iterations):
         labels = assign(points, centres)
@@ -70,8 +78,10 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 30) -> n
 
 
 def assign(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Each point's nearest centre."""
-    return np.argmin(((points[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+    """Each point's nearest centre (squared distances as |x|^2 - 2 x.c + |c|^2: memory n x k, not
+    n x k x dims)."""
+    distances = (points**2).sum(axis=1)[:, None] - 2 * points @ centres.T + (centres**2).sum(axis=1)[None]
+    return np.argmin(distances, axis=1)
 
 
 def traffic_strata(holdout: np.ndarray, traffic: np.ndarray, k: int, seed: int = 0) -> TrafficStrata:

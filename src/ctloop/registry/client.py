@@ -168,7 +168,7 @@ class Registry:
         run = self._call("get_run", self.client.get_run, run_id)
         experiment = run.info.experiment_id
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+            return f"{shown_uri(self.tracking_uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
         return (
             f"{run_id} in experiment {experiment} (open `mlflow ui --backend-store-uri "
             f"{shown_uri(self.tracking_uri)}`, then #/experiments/{experiment}/runs/{run_id})"
