@@ -161,6 +161,12 @@ def test_adapter_is_saved_with_its_manifest(two_cycles):
     assert training["row_width"] > 0 and training["libraries"]["torch"] == torch.__version__
     report = (Path(second.cycle_dir) / "report.html").read_text()
     assert report.count("<svg") >= 2 and "one-sided bound" in report
+    # #29: the report names the version it registered and links the drift report; the rules' table
+    # has their limits, and a rule that only reported reads "not checked", not PASS.
+    assert "registered as" in report and "version 2" in report and 'href="drift.html"' in report
+    assert "<th>limit</th>" in report
+    first_report = (Path(first.cycle_dir) / "report.html").read_text()
+    assert ">not checked<" in first_report and "version 1" in first_report
 
 
 def test_an_mlflow_client_sees_versions_aliases_and_lineage(two_cycles):

@@ -706,6 +706,9 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
             )
         else:
             console.print(f"{registry.model_name} version {version} is now '{standing}'")
+        registered = {"version": version, "state": str(standing), "at": utc_now()}
+        report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage, registered)
+        registry.log_artifact(run_id, report_path, "reports")  # the report logged above, now naming the version
 
     # The data of a registered cycle joins the replay buffer. A cycle that did not register keeps
     # its rows out: a retry on that data would replay its own new rows (and its holdout would then

@@ -54,6 +54,7 @@ class RuleResult:
     estimate: float = float("nan")
     bound: float = float("nan")
     n: int = 0
+    limit: float = float("nan")  # what the bound is checked against (a margin, a share); nan: none
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,7 @@ def _rule(
     reason = f"{prefix}, {what} {estimate:+.2%} ({level:.0%} {side} bound {bound:+.2%}, {unit}) {verdict}"
     if not ok:
         reason += "; " + _power_note(replicates, sign, margin, float(estimate), n, config)
-    return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
+    return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n, margin)
 
 
 POWER = 0.8
@@ -520,7 +521,7 @@ def _rejected_rule(
         f"{prefix}, moved toward them by {gain:+.2%} ({config.confidence:.0%} upper bound {bound:+.2%}, "
         f"n={n}) {verdict}"
     )
-    return RuleResult(name, PASS if ok else FAIL, reason, gain, bound, n)
+    return RuleResult(name, PASS if ok else FAIL, reason, gain, bound, n, config.max_rejected_gain)
 
 
 def _rejected_each_rule(reference_losses: list[float], candidate_losses: list[float], config: GateConfig) -> RuleResult:
@@ -547,7 +548,9 @@ def _rejected_each_rule(reference_losses: list[float], candidate_losses: list[fl
         f"{name}: {moved} of {n} made likelier by more than {config.max_rejected_answer_gain:.0%} of their loss "
         f"({config.confidence:.0%} lower bound of the share {lower:.1%}) {verdict}"
     )
-    return RuleResult(name, PASS if ok else FAIL, reason, moved / n if n else float("nan"), lower, n)
+    return RuleResult(
+        name, PASS if ok else FAIL, reason, moved / n if n else float("nan"), lower, n, config.max_rejected_share
+    )
 
 
 def _traffic_rule(
@@ -595,7 +598,7 @@ def _traffic_rule(
         f"({config.confidence:.0%} lower bound {bound:+.2%}, n={n} in {strata} of {len(traffic.counts)} traffic "
         f"strata, {sum(traffic.counts)} sampled requests{not_weighed}) {verdict}"
     )
-    return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n)
+    return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n, config.min_new_improvement)
 
 
 def _stratified_replicates(

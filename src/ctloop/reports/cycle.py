@@ -7,28 +7,59 @@ from pathlib import Path
 from ctloop.evaluation.gate import NEW_SET
 from ctloop.fileio import read_json
 from ctloop.reports.charts import grouped_bars, line_chart
-from ctloop.reports.page import Answers, Bullets, Table, Text, write_page
+from ctloop.reports.page import Answers, Bullets, Link, Table, Text, write_page
 from ctloop.training.trainer import TrainResult
 
 
 def write_cycle_report(
-    cycle_dir: Path, cycle_id: str, trained: TrainResult, evaluation, gate: dict, lineage: dict
+    cycle_dir: Path,
+    cycle_id: str,
+    trained: TrainResult,
+    evaluation,
+    gate: dict,
+    lineage: dict,
+    registered: dict | None = None,
 ) -> Path:
-    """The cycle's HTML report (`report.html` in the cycle folder)."""
+    """The cycle's HTML report (`report.html` in the cycle folder). `registered`: the version the
+    cycle registered, its state (champion, challenger, pending approval) and when."""
     validation = read_json(cycle_dir / "validation.json")
     gate_parts: list = [
         Text(f"{gate['outcome']}: {_in_words(gate)}", "pass" if gate["passed"] else "fail", bold=True),
-        Bullets(tuple(gate["reasons"]), folded="why: each rule, its estimate and its bound"),
     ]
+    if registered:
+        gate_parts.append(
+            Table(
+                (
+                    ("registered as", f"version {registered['version']}"),
+                    ("now", str(registered["state"])),
+                    ("at", str(registered["at"])),
+                )
+            )
+        )
+    if (cycle_dir / "drift.html").is_file():
+        gate_parts.append(Link("the drift check that started this cycle", "drift.html"))
+    gate_parts.append(Bullets(tuple(gate["reasons"]), folded="why: each rule, its estimate and its bound"))
     rules = gate.get("rules", [])
     if rules:
         gate_parts.append(
             Table(
                 tuple(
-                    (r["name"], r["outcome"], _number(r["estimate"]), _number(r["bound"]), str(r["n"])) for r in rules
+                    (
+                        r["name"],
+                        _shown_outcome(r),
+                        _number(r["estimate"]),
+                        _number(r["bound"]),
+                        _number(r.get("limit")),
+                        str(r["n"]),
+                    )
+                    for r in rules
                 ),
-                header=("rule", "outcome", "estimate", "one-sided bound", "examples"),
+                header=("rule", "outcome", "estimate", "one-sided bound", "limit", "examples"),
             )
+        )
+        gate_parts.append(
+            "Estimates, bounds and limits of the built-in rules are fractions (0.01 is 1%: a relative change, or a "
+            "share of answers), as in the reasons; a configured rule's are in its metric's own units."
         )
     slice_charts = [
         grouped_bars(
@@ -133,6 +164,14 @@ def _in_words(gate: dict) -> str:
         f"the evidence could not tell this cycle's adapter from {reference} (too few held-out rows, or too "
         "noisy); nothing was registered."
     )
+
+
+def _shown_outcome(rule: dict) -> str:
+    """A rule that reported without deciding reads "not checked", not PASS."""
+    reason = rule.get("reason", "")
+    if rule["outcome"] == "PASS" and (": not checked" in reason or "not gated" in reason):
+        return "not checked"
+    return rule["outcome"]
 
 
 def _number(value: float | None) -> str:

@@ -1,7 +1,7 @@
 """A report page: a title and sections, rendered by Jinja2 with autoescaping.
 
 A section's parts are plain strings (a paragraph; escaped), `Text` (a paragraph with a pass/fail
-style), `Bullets`, `Table`, `Answers` (texts side by side, long ones folded), or `Markup` from
+style), `Bullets`, `Table`, `Answers` (texts side by side, long ones folded), `Link`, or `Markup` from
 `charts` (inline SVG, already escaped there). Nothing
 else reaches the page unescaped, so a reason such as "loss <= 0.5" shows as written.
 """
@@ -43,9 +43,17 @@ class Answers:
     examples: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
 
 
+@dataclass(frozen=True)
+class Link:
+    """A link to a page next to this one (a relative path), e.g. the drift report of a cycle."""
+
+    text: str
+    href: str
+
+
 FOLD_CHARS = 400  # a longer text shows its start, and opens on a click
 
-Part = str | Text | Bullets | Table | Markup | Answers
+Part = str | Text | Bullets | Table | Markup | Answers | Link
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -61,6 +69,7 @@ figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:.3em}
 {% for heading, parts in sections %}<h2>{{ heading }}</h2>
 {% for part in parts %}{% if part is markup %}{{ part }}
 {% elif part is text %}<p class="{{ part.style }}">{% if part.bold %}<b>{{ part.text }}</b>{% else %}{{ part.text }}{% endif %}</p>
+{% elif part is link %}<p><a href="{{ part.href }}">{{ part.text }}</a></p>
 {% elif part is answers %}{% for heading, cells in part.examples %}<div class="answers"><b>{{ heading }}</b><table>
 {% for label, text in cells %}<tr><th>{{ label }}</th><td>{% if text|length > fold %}<details><summary>{{ text[:fold] }}… ({{ text|length }} characters)</summary>{{ text[fold:] }}</details>{% else %}{{ text }}{% endif %}</td></tr>
 {% endfor %}</table></div>{% endfor %}
@@ -84,6 +93,7 @@ def render_page(title: str, sections: list[tuple[str, list[Part]]]) -> str:
         bullets=lambda part: isinstance(part, Bullets),
         table=lambda part: isinstance(part, Table),
         answers=lambda part: isinstance(part, Answers),
+        link=lambda part: isinstance(part, Link),
     )
     return environment.from_string(PAGE).render(title=title, sections=sections, fold=FOLD_CHARS)
 
