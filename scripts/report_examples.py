@@ -115,12 +115,13 @@ def cycle_example(folder: Path) -> Path:
             "old data: loss 1.912 -> 1.931, regression +1.0% (95% upper bound +1.8%, n=200) <= allowed +2.00%",
         ],
         "rules": [
-            {"name": "new data", "outcome": "PASS", "estimate": 0.118, "bound": 0.091, "n": 60},
-            {"name": "old data", "outcome": "PASS", "estimate": 0.010, "bound": 0.018, "n": 200},
+            {"name": "new data", "outcome": "PASS", "estimate": 0.118, "bound": 0.091, "n": 60, "limit": 0.01},
+            {"name": "old data", "outcome": "PASS", "estimate": 0.010, "bound": 0.018, "n": 200, "limit": 0.02},
         ],
     }
     lineage = {"data": "new_domain.jsonl (628 good rows)", "replay": "25% of training tokens from cycles 1-3"}
-    return write_cycle_report(cycle, "4063818ba1859455", trained, evaluation, gate, lineage)
+    registered = {"version": 4, "state": "challenger", "at": "2026-12-02T09:41:07Z"}
+    return write_cycle_report(cycle, "4063818ba1859455", trained, evaluation, gate, lineage, registered)
 
 
 def rollout_example(folder: Path) -> Path:
