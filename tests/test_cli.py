@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _ctloop(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ctloop", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
@@ -83,6 +85,7 @@ def test_run_with_a_missing_base_model_names_the_key(tmp_path):
     assert "model.base='/nowhere/model'" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_every_command_but_serve_and_demo_has_json_and_it_is_strict_json(tmp_path):
     """#29 item 6: `--json` on every command (serve is a server, demo a walkthrough for people); the
     output is strict JSON on stdout, and the console's lines go to stderr."""

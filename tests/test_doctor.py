@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import free_port
 
 
@@ -20,6 +22,7 @@ def _doctor(config, env=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_doctor_passes_a_working_setup_and_names_what_is_missing(tiny_base, tmp_path, monkeypatch):
     config = tmp_path / "ok.yaml"
     config.write_text(f"workspace: {tmp_path / 'ws'}\nmodel:\n  base: {tiny_base}\n  device: cpu\n")

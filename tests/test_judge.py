@@ -167,6 +167,7 @@ def _garbled(text: str, seed: int) -> str:
     return "".join(chars)
 
 
+@pytest.mark.slow
 def test_judge_calibrate_measures_the_likelihood_judge_on_the_tiny_base_model(tiny_base, tmp_path):
     """The command end to end: harvested corrections of garbled answers, the base model scores both
     answers, the calibration is recorded and trusts the judge; the same answers with the labels

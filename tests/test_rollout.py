@@ -238,6 +238,7 @@ def test_a_candidate_users_rate_down_is_rolled_back_on_feedback_alone(tiny_base,
     assert registry.alias(CHAMPION) == 1
 
 
+@pytest.mark.slow
 def test_a_rollout_needs_a_shadow_promote_unless_told_to_skip_it(tiny_base, adapters, tmp_path):
     from ctloop.errors import RegistryError
 

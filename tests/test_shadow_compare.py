@@ -262,6 +262,7 @@ def test_requests_the_challenger_never_answered_count_against_it():
     assert report.error_rate == 0.0 and "30 dropped (queue full)" in report.summary()
 
 
+@pytest.mark.slow
 def test_running_the_report_again_and_again_keeps_the_false_promotion_rate():
     """#16 item 4: the report looked at every 10 pairs from 50 to 400 (36 looks), with the latency ratio
     exactly at its limit. Fixed-sample tests re-run at each look promoted 14 of these 100 runs; the

@@ -52,6 +52,7 @@ print(json.dumps({"threads": result.threads, "torch": torch.get_num_threads()}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("threads", "omp", "expected"), [(None, None, 1), (None, "2", 2), (2, None, 2)])
 def test_a_stage_run_like_a_scheduler_runs_it_uses_the_cpus_it_may_use(tiny_base, tmp_path, threads, omp, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": omp} if omp else {})

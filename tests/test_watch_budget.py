@@ -57,6 +57,7 @@ def test_a_budget_needing_too_many_permutations_is_refused():
         config_from_dict({"model": {"base": "x"}, "watch": {"period_looks": 100_000, "false_alarm_budget": 0.01}})
 
 
+@pytest.mark.slow
 def test_a_budgeted_watch_keeps_false_alarms_within_the_budget_where_per_look_testing_does_not(tmp_path):
     """One period of 24 hourly looks at traffic drawn like the reference, each look's window the
     last 6 hours (overlapping). 40 simulated watches: at alpha 0.05 per look most of them raise a
@@ -111,6 +112,7 @@ def test_a_lifetime_watch_needs_a_detector_with_analytic_p_values():
     )
 
 
+@pytest.mark.slow
 def test_a_lifetime_watch_keeps_false_alarms_within_the_budget_over_many_periods(tmp_path):
     """240 hourly looks (10 periods of 24) at traffic drawn like the reference, each look's window the
     last 6 hours. Per period, a budget of 0.05 bounds each period, not the ten together: a fifth or
