@@ -9,7 +9,7 @@ For every request logged in the window, its latest feedback decides (`harvest` s
   harvest file as a `rated_down` row, which preference objectives learn from and supervised
   training never does;
 - a correction's original answer joins the rejected set too (`corrected_original`): it is the
-  clearest negative there is;
+  clearest negative there is, unless the correction only edits it;
 - anything else is dropped with its reason (`no_feedback`, `middling_rating`, `empty`,
   `already_harvested`, `duplicate`, `overlaps_eval_set`).
 
