@@ -179,6 +179,9 @@ def test_each_version_walks_the_lifecycle_and_every_move_is_an_allowed_one(regis
     promote(registry, 2, by="t", note="fixed after all")
     seen.append(states())
     assert seen[-1][2] == VersionState.CHAMPION
+    promote(registry, 3, by="t", note="the next one")  # 2, once rolled back, is now retired like any other
+    seen.append(states())
+    assert (seen[-1][2], seen[-1][3]) == (VersionState.RETIRED, VersionState.CHAMPION)
     for before, after in zip(seen, seen[1:], strict=False):
         for version in (1, 2, 3):
             if before[version] != after[version]:

@@ -83,10 +83,12 @@ def version_state(
     tags = tags if tags is not None else registry.version(version).tags
     if tags.get(APPROVAL_TAG) == "pending":
         return VersionState.PENDING_APPROVAL
-    if "ctloop.rolled_back" in tags:
-        return VersionState.ROLLED_BACK
     history = history if history is not None else champion_history(registry)
-    return VersionState.RETIRED if "ctloop.promoted" in tags or version in history else VersionState.REGISTERED
+    if version in history:  # below the champion in the history: replaced by a later champion
+        return VersionState.RETIRED
+    if "ctloop.rolled_back" in tags or "ctloop.promoted" in tags:  # was champion; a rollback took it out
+        return VersionState.ROLLED_BACK
+    return VersionState.REGISTERED
 
 
 def registration_tags(require_approval: bool) -> dict[str, str]:
