@@ -226,7 +226,7 @@ def _production_drift(
 
 def _print_drift(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False))
+        _emit(result, True)
     else:
         console.print(result["summary"])
         for reason in result["reasons"]:
@@ -255,7 +255,7 @@ def status(
 
     info = collect_status(*_registry_context(config, workspace))
     if as_json:
-        print(json.dumps(strict_json(info), indent=2, default=str, allow_nan=False))
+        _emit(info, True)
     else:
         render_status(info)
 
@@ -345,7 +345,7 @@ def lineage(
         raise RegistryError("there is no champion to trace; pass a version (`ctloop status` lists them)")
     chain = registry.lineage(version)
     if as_json:
-        print(json.dumps(strict_json([v.to_dict() for v in chain]), indent=2, allow_nan=False))
+        _emit([v.to_dict() for v in chain], True)
         return
     for info in chain:
         tags = info.tags
@@ -408,7 +408,7 @@ def shadow_report(
     report, rows = _shadow_report(config, ws, registry, champion, challenger)
     html = publish_shadow_report(registry, report, rows, ws.root, html)
     if as_json:
-        print(json.dumps(strict_json(report.to_dict()), indent=2, allow_nan=False))
+        _emit(report, True)
     else:
         console.print(report.summary())
         console.print(f"report: {html} (also on the challenger's MLflow run)")
@@ -503,7 +503,7 @@ def calibrate_seeds(
     result = measure(cfg, train_rows, holdout, seeds, ws.root / "seed-calibration" / recipe_key(cfg))
     open_registry(cfg.registry, ws).add_model_event(EVENT, result.to_dict())
     if as_json:
-        print(json.dumps(strict_json(result.to_dict()), indent=2, allow_nan=False))
+        _emit(result, True)
     else:
         console.print(result.summary())
         console.print(f"recorded on the registered model; the gate carries {result.upper:.3%} from the next cycle on")
@@ -568,7 +568,7 @@ def judge_calibrate(
     path = JudgeCalibration.path(ws.root, identity)
     result.save(path)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        _emit(result, True)
     else:
         console.print(result.summary())
         console.print(f"recorded in {path} (the shadow comparison reads it for this judge)")
@@ -629,7 +629,7 @@ def _listed(rows: list[dict], as_json: bool, title: str) -> None:
     from ctloop.fileio import TIMESTAMP_FORMAT
 
     if as_json:
-        print(json.dumps(strict_json(rows), indent=2, default=str, allow_nan=False))
+        _emit(rows, True)
         return
     table = Table("time", "request id", "version", "user", "finish", "rating", "prompt", "answer", title=title)
     for row in rows:
@@ -701,7 +701,7 @@ def logs_show(
         reader.close()
     if row is None:
         raise DataError(f"no logged request has id {request_id!r}; `ctloop logs list` shows the newest ids")
-    print(json.dumps(strict_json(row), indent=2, default=str, allow_nan=False, ensure_ascii=False))
+    _emit(row, True)
 
 
 @feedback_app.command("list")
