@@ -238,7 +238,7 @@ def harvest(
     rejected_path = folder / "rejected.jsonl"
     decisions_path = out.with_name(out.stem + ".decisions.jsonl")
     traffic_path = out.with_name(out.stem + TRAFFIC_SUFFIX)
-    known = _rejected_ids(rejected_path)  # a harvest repeated before its cycle ran adds nothing twice
+    known: set[str] = set()  # ids in the rejected set: a harvest repeated before its cycle ran adds nothing twice
     now = time.time()
     golden = _golden_index(config)
     source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
@@ -257,7 +257,7 @@ def harvest(
     ):
         traffic_rows = 0
         if rejected_path.is_file():
-            aged_out = _copy_recent(rejected_path, rejected_tmp, config, now)
+            known, aged_out = _copy_recent(rejected_path, rejected_tmp, config, now)
         with (
             out_tmp.open("w", encoding="utf-8") as records_file,
             rejected_rows_tmp.open("w", encoding="utf-8") as rated_down_file,
@@ -410,37 +410,25 @@ def _corrected_original(record: Record, max_overlap: float) -> Record | None:
     )
 
 
-def _copy_recent(path: Path, into: Path, config: CtloopConfig, now: float) -> int:
-    """Copy the rejected set, leaving out rows older than eval.rejected_max_age_days; how many."""
+def _copy_recent(path: Path, into: Path, config: CtloopConfig, now: float) -> tuple[set[str], int]:
+    """Copy the rejected set, leaving out rows older than eval.rejected_max_age_days; return the
+    ids of every row it held (a harvest repeated before its cycle ran adds nothing twice) and how
+    many were left out."""
+    ids: set[str] = set()
     dropped = 0
     with path.open(encoding="utf-8") as rows, into.open("w", encoding="utf-8") as out:
         for number, line in enumerate(rows, start=1):
-            if not line.strip():
-                continue
             try:
                 row = json.loads(line)
                 record = Record(id=row["id"], prompt="", completion="", timestamp=row.get("timestamp") or "")
             except (ValueError, KeyError, TypeError):
                 raise DataError(f"{path} line {number} is not a valid row; fix or remove that line") from None
+            ids.add(record.id)
             if too_old(record, config.eval, now):
                 dropped += 1
             else:
                 out.write(line if line.endswith("\n") else line + "\n")  # a hand-edited file may lack it
-    return dropped
-
-
-def _rejected_ids(path: Path) -> set[str]:
-    """The ids already in the rejected set, read line by line."""
-    ids: set[str] = set()
-    if not path.is_file():
-        return ids
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                ids.add(json.loads(line)["id"])
-            except (ValueError, KeyError, TypeError):
-                raise DataError(f"{path} line {number} is not a valid row; fix or remove that line") from None
-    return ids
+    return ids, dropped
 
 
 def _decide_page(
