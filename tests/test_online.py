@@ -93,8 +93,9 @@ def test_the_gram_simulation_computes_the_feature_space_statistics():
     detector = OnlineDriftDetector(reference, ert=100, window=20, features=32, calibration_runs=20)
     pool, picks, errors = detector._features(reference), rng.integers(0, 150, (4, 300)), rng.standard_normal((4, 150))
     centred = pool - detector.ref_mean
-    gram = detector._gram_statistics(centred @ centred.T, picks, errors)
-    features = detector._feature_statistics(pool, picks, errors)
+    gram, gram_severity = detector._gram_statistics(centred @ centred.T, picks, errors)
+    features, feature_severity = detector._feature_statistics(pool, picks, errors)
+    np.testing.assert_allclose(gram_severity, feature_severity, rtol=1e-9, atol=1e-12)
     assert gram.shape == features.shape == (4, 281)
     np.testing.assert_allclose(gram, features, rtol=1e-9, atol=1e-12)
 

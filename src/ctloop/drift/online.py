@@ -107,20 +107,27 @@ class OnlineDriftDetector:
                 self.reset()
         return out
 
-    def _feature_statistics(self, pool: np.ndarray, picks: np.ndarray, errors: np.ndarray) -> np.ndarray:
-        """The statistic at every position of each simulated run, in feature space: O(runs x horizon x features)."""
+    def _feature_statistics(
+        self, pool: np.ndarray, picks: np.ndarray, errors: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The statistic at every position of each simulated run, in feature space: O(runs x horizon x
+        features); and each run's ||reference-mean error||^2 (its severity)."""
         centred = pool - self.ref_mean  # O(n x features), cheap next to the rest
         cumulative = np.cumsum(pool[picks], axis=1)
         window_sums = cumulative[:, self.window - 1 :].copy()
         window_sums[:, 1:] -= cumulative[:, : picks.shape[1] - self.window]
-        reference_means = (self.ref_mean + errors @ centred / len(pool))[:, None, :]
-        return ((window_sums / self.window - reference_means) ** 2).sum(axis=2)
+        shift = errors @ centred / len(pool)  # the reference mean's error per run
+        statistics = ((window_sums / self.window - (self.ref_mean + shift)[:, None, :]) ** 2).sum(axis=2)
+        return statistics, (shift**2).sum(axis=1)
 
-    def _gram_statistics(self, gram: np.ndarray, picks: np.ndarray, errors: np.ndarray) -> np.ndarray:
-        """The same statistics through the Gram matrix G of the centred pool (psi = phi - ref_mean),
+    def _gram_statistics(
+        self, gram: np.ndarray, picks: np.ndarray, errors: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The same statistics and severities through the Gram matrix G of the centred pool (psi = phi - ref_mean),
         O(runs x horizon x window): with window W and error coefficients z,
         ||mean_W(phi) - ref_mean - z'psi/n||^2 = sum_{i,j in W} G_ij / w^2 - 2 sum_{i in W} (G z)_i / (w n)
-        + z'Gz / n^2. The double sum is taken lag by lag: pairs (p, p + lag) inside the window."""
+        + z'Gz / n^2, the last term the severity. The double sum is taken lag by lag: pairs (p, p + lag)
+        inside the window."""
         n, w = len(gram), self.window
 
         def window_sums(series: np.ndarray, length: int) -> np.ndarray:
@@ -134,8 +141,8 @@ class OnlineDriftDetector:
             pairs += 2 * window_sums(gram[picks[:, :-lag], picks[:, lag:]], w - lag)
         projected = errors @ gram  # (G z) per run
         linear = window_sums(np.take_along_axis(projected, picks, axis=1), w)
-        constant = np.einsum("rn,rn->r", projected, errors)
-        return pairs / w**2 - 2 * linear / (w * n) + (constant / n**2)[:, None]
+        severity = np.einsum("rn,rn->r", projected, errors) / n**2
+        return pairs / w**2 - 2 * linear / (w * n) + severity[:, None], severity
 
     def _calibrate(self, pool: np.ndarray, runs: int, rng: np.random.Generator) -> float:
         """Bisection on the threshold so that simulated no-drift runs whose reference-mean error is
@@ -153,12 +160,11 @@ class OnlineDriftDetector:
             count = min(32, runs - start)
             picks = rng.integers(0, len(pool), size=(count, horizon))
             errors = rng.standard_normal((count, len(pool)))  # the reference mean's error: errors @ centred / n
+            chunk = slice(start, start + count)
             if gram is not None:
-                stats[start : start + count] = self._gram_statistics(gram, picks, errors)
-                severity[start : start + count] = np.einsum("rn,rn->r", errors @ gram, errors) / len(pool) ** 2
+                stats[chunk], severity[chunk] = self._gram_statistics(gram, picks, errors)
             else:
-                stats[start : start + count] = self._feature_statistics(pool, picks, errors)
-                severity[start : start + count] = ((errors @ centred / len(pool)) ** 2).sum(axis=1)
+                stats[chunk], severity[chunk] = self._feature_statistics(pool, picks, errors)
         stats = stats[severity >= np.quantile(severity, 1 - self.worst_share)]  # the worst references' runs
 
         def mean_run_length(threshold: float) -> float:
