@@ -6,7 +6,7 @@ from typing import Any
 
 from ctloop.fileio import read_json
 from ctloop.registry.client import CHALLENGER, CHAMPION, Registry
-from ctloop.registry.promotion import APPROVAL_TAG, champion_history, version_state
+from ctloop.registry.promotion import VersionState, champion_history, version_state
 from ctloop.registry.publishing import TAG_PREFIX
 from ctloop.workspace import Workspace
 
@@ -38,8 +38,7 @@ def collect_status(registry: Registry, workspace: Workspace, last_cycles: int = 
         "aliases": aliases,
         "champion_history": history,
         "versions": [
-            _version(v.to_dict()) | {"state": str(version_state(registry, v.version, v.tags, aliases, history))}
-            for v in versions
+            _version(v.to_dict(), version_state(registry, v.version, v.tags, aliases, history)) for v in versions
         ],
         "cycles": cycles[-last_cycles:],
     }
@@ -86,10 +85,11 @@ def render_status(info: dict[str, Any]) -> None:
 BULKY_TAGS = ("ctloop.adapter_config",)  # the adapter's whole config: `ctloop lineage` and the registry have it
 
 
-def _version(info: dict[str, Any]) -> dict[str, Any]:
-    """A version as status shows it: its tags without the bulky ones, and whether it awaits approval."""
+def _version(info: dict[str, Any], state: VersionState) -> dict[str, Any]:
+    """A version as status shows it: its tags without the bulky ones, its state, and whether it
+    awaits approval."""
     tags = {k: v for k, v in info["tags"].items() if k not in BULKY_TAGS}
-    return info | {"tags": tags, "awaiting_approval": tags.get(APPROVAL_TAG) == "pending"}
+    return info | {"tags": tags, "state": str(state), "awaiting_approval": state == VersionState.PENDING_APPROVAL}
 
 
 def _v(version: int | None) -> str:
