@@ -680,10 +680,9 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     evaluation = EvalReport.from_dict(stored)
     trained = TrainResult.from_dict(read_json(cycle.require("training.json", "train")))
     lineage = _lineage(config, cycle)
-    report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage)
     run_id = state["run_id"]
     log_cycle_run(registry, run_id, config, cycle.dir, trained, evaluation, gate, lineage)
-    version = None
+    version = registered = None
     if gate["passed"]:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
         tags |= {
@@ -707,8 +706,9 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
         else:
             console.print(f"{registry.model_name} version {version} is now '{standing}'")
         registered = {"version": version, "state": str(standing), "at": utc_now()}
-        report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage, registered)
-        registry.log_artifact(run_id, report_path, "reports")  # the report logged above, now naming the version
+    # The report once the version exists, so it can name it; logged here, with the run's other reports.
+    report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage, registered)
+    registry.log_artifact(run_id, report_path, "reports")
 
     # The data of a registered cycle joins the replay buffer. A cycle that did not register keeps
     # its rows out: a retry on that data would replay its own new rows (and its holdout would then

@@ -47,8 +47,7 @@ def log_cycle_run(
         "eval.json",
         "gate.json",
         "quarantine.jsonl",
-        "report.html",
-    ):
+    ):  # report.html: the register stage writes and logs it once the version exists
         if (cycle_dir / name).is_file():
             registry.log_artifact(run_id, (cycle_dir / name), "reports")
     registry.log_artifact(run_id, cycle_dir / "train.parquet", "data")  # the next drift check's reference
