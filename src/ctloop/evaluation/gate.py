@@ -457,8 +457,7 @@ def _rule(
     return RuleResult(name, PASS if ok else FAIL, reason, float(estimate), bound, n, margin)
 
 
-POWER = 0.8
-Z_POWER = 0.8416212335729143  # the standard normal's 80% quantile
+POWER = 0.8  # what a failed rule's power note is about
 
 
 def _power_note(
@@ -470,7 +469,7 @@ def _power_note(
     seed noise (`gate.seed_spread`) does not."""
     from statistics import NormalDist
 
-    z = NormalDist().inv_cdf(config.confidence) + Z_POWER
+    z = NormalDist().inv_cdf(config.confidence) + NormalDist().inv_cdf(POWER)
     evaluation = float(np.std(replicates.relative_change() - replicates.seed_noise))
     seed = config.seed_spread
     spread = math.hypot(evaluation, seed)
@@ -528,8 +527,9 @@ def _rejected_each_rule(reference_losses: list[float], candidate_losses: list[fl
     """The answers users rated down, one by one. The mean rule above misses a candidate that makes
     some of them much likelier and the rest a little less likely: one that made a fifth of them
     twice as likely per token and the rest 10% less likely passed it in 175 of 200 simulated sets
-    of 150 answers (this rule failed 196 of them). Here an answer whose loss falls by more than `gate.max_rejected_answer_gain` of the reference's loss on it is moved
-    toward, and the rule fails when the share moved toward is shown above `gate.max_rejected_share`
+    of 150 answers (this rule failed 196 of them). Here an answer whose loss falls by more than
+    `gate.max_rejected_answer_gain` of the reference's loss on it is moved toward, and the rule
+    fails when the share moved toward is shown above `gate.max_rejected_share`
     (the exact binomial test of that share: its Clopper-Pearson lower bound at `gate.confidence`).
     The burden of proof is on the evidence, so it gates a set of any size: 6 of 6 answers moved is
     a failure, 1 of 6 is not."""
