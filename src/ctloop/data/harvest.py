@@ -241,8 +241,6 @@ def harvest(
     known: set[str] = set()  # ids in the rejected set: a harvest repeated before its cycle ran adds nothing twice
     now = time.time()
     golden = _golden_index(config)
-    source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
-    reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
     seen: set[str] = set()  # content keys of this harvest
     redactor = _Redactor(config.harvest, usable_cpus())
     counts: Counter[str] = Counter()
@@ -258,6 +256,9 @@ def harvest(
         traffic_rows = 0
         if rejected_path.is_file():
             known, aged_out = _copy_recent(rejected_path, rejected_tmp, config, now)
+        # Opened once the rejected set has been read: a corrupt one stops the harvest before them.
+        source = open_source(config, workspace)  # production.source: the request log, MLflow traces, JSONL
+        reader = LogReader(workspace.shadow_store_url(config.shadow.store_url), redact_pii=config.serve.redact)
         with (
             out_tmp.open("w", encoding="utf-8") as records_file,
             rejected_rows_tmp.open("w", encoding="utf-8") as rated_down_file,
