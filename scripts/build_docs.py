@@ -3,6 +3,8 @@
     .venv/bin/python scripts/build_docs.py [--build MKDOCS]   # make docs does both
 
 Generated, never edited by hand:
+- the README's stage table, from the cycle's declaration (`ctloop.cycle.declaration.stage_table`),
+  rewritten in place between its markers;
 - docs/from-readme/*.md: the sections the README keeps (what each decision guarantees, the
   production sources, the benchmarks), one page each, so they are written in one place; committed,
   since the guide links to them, and checked against the README by tests/test_docs.py;
@@ -193,6 +195,20 @@ def screenshots() -> None:
             report_examples.render(page, images / f"{name}-report.png", width=1000, height=1800)
 
 
+STAGE_TABLE_BEGIN = "<!-- stage table: generated from ctloop.cycle.declaration -->\n"
+STAGE_TABLE_END = "<!-- end of stage table -->"
+
+
+def readme_with_stage_table(readme: str) -> str:
+    """The README with its stage table regenerated from the cycle's declaration."""
+    from ctloop.cycle.declaration import stage_table
+
+    if STAGE_TABLE_BEGIN not in readme or STAGE_TABLE_END not in readme:
+        sys.exit("README.md: the stage-table markers are missing; put them back around the table")
+    before, rest = readme.split(STAGE_TABLE_BEGIN, 1)
+    return before + STAGE_TABLE_BEGIN + stage_table() + STAGE_TABLE_END + rest.split(STAGE_TABLE_END, 1)[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", metavar="MKDOCS", help="then run this mkdocs executable: build --strict")
@@ -204,6 +220,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.screenshots:
         screenshots()
+    readme = ROOT / "README.md"
+    readme.write_text(readme_with_stage_table(readme.read_text(encoding="utf-8")), encoding="utf-8")
     for path, text in generated_pages().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -95,8 +95,9 @@ def test_the_cycle_dag_registers_a_version_and_a_rerun_creates_no_duplicate(airf
 
 
 def test_a_run_that_died_after_training_is_finished_by_the_dag_without_retraining(airflow_env):
+    from ctloop.cycle.declaration import stage
     from ctloop.cycle.folder import StageContext
-    from ctloop.cycle.stages import prepare_stage, train_stage, trigger_stage, validate_stage
+    from ctloop.cycle.run import run_stage
 
     module, root = airflow_env
     registry, config = _registry(root)
@@ -105,11 +106,11 @@ def test_a_run_that_died_after_training_is_finished_by_the_dag_without_retrainin
 
     workspace = Workspace(workspace_root)
     # The tasks up to `train` finished in an earlier attempt; then the worker died.
-    cycle_id = validate_stage(StageContext(config, workspace, data=root / "new.jsonl"))
+    cycle_id = run_stage(stage("validate"), StageContext(config, workspace, data=root / "new.jsonl")).cycle_id
     context = StageContext(config, workspace, cycle_id)
-    assert trigger_stage(context).train  # new domain: drift
-    prepare_stage(context)
-    train_stage(context)
+    assert run_stage(stage("trigger"), context).proceed  # new domain: drift
+    run_stage(stage("prepare"), context)
+    run_stage(stage("train"), context)
     adapter = workspace.cycle_dir(cycle_id) / "adapter" / "adapter_model.safetensors"
     trained_at = adapter.stat().st_mtime_ns
     run_id = (workspace.cycle_dir(cycle_id) / "cycle.json").read_text()
@@ -139,16 +140,18 @@ def test_the_drift_watch_dag_triggers_a_cycle_only_on_drift(airflow_env, tmp_pat
     triggered = DagRun.find(dag_id="ctloop_cycle")
     assert any((run.conf or {}).get("data") == str(shifted) for run in triggered)
     # The cycle the watch triggered re-uses the watch's decision: drift is computed once per cycle.
+    from ctloop.cycle.artifacts import Triggered
+    from ctloop.cycle.declaration import stage
     from ctloop.cycle.folder import CycleFolder, StageContext
-    from ctloop.cycle.stages import trigger_stage, validate_stage
+    from ctloop.cycle.run import run_stage
     from ctloop.workspace import Workspace
 
     registry, config = _registry(root)
     workspace = Workspace(Path(config.workspace))
-    cycle_id = validate_stage(StageContext(config, workspace, data=shifted))
-    drift_json = CycleFolder(workspace, cycle_id).path("drift.json")
+    cycle_id = run_stage(stage("validate"), StageContext(config, workspace, data=shifted)).cycle_id
+    drift_json = CycleFolder(workspace, cycle_id).path(Triggered.DRIFT)
     written = drift_json.stat().st_mtime_ns
-    assert trigger_stage(StageContext(config, workspace, cycle_id)).train
+    assert run_stage(stage("trigger"), StageContext(config, workspace, cycle_id)).proceed
     assert drift_json.stat().st_mtime_ns == written
 
 
@@ -221,11 +224,13 @@ def test_a_task_failing_in_airflow_leaves_the_state_a_failing_cli_run_leaves(air
 
 
 def test_parsing_the_dag_file_loads_no_heavy_library(airflow_env):
+    """The scheduler parses the DAG file often: the declaration it reads (and the stage signatures
+    behind it) may load numpy (tens of milliseconds), never torch, transformers, peft, mlflow or arrow."""
     code = (
         "import importlib.util, sys; "
         f"spec = importlib.util.spec_from_file_location('d', {str(REPO / 'dags' / 'ctloop_dag.py')!r}); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        "print(sorted(x for x in ('torch', 'transformers', 'peft', 'mlflow', 'numpy', 'ctloop.cycle.stages') "
+        "print(sorted(x for x in ('torch', 'transformers', 'peft', 'mlflow', 'pyarrow', 'pandas', 'scipy', 'sklearn') "
         "if x in sys.modules)); "
         "print(m.cycle_dag.dag_id, m.drift_watch_dag.dag_id)"
     )

@@ -21,12 +21,18 @@ from conftest import REPO, free_port, postgres_database, quickstart_rows
 pytestmark = pytest.mark.slow
 
 
-def _wait_for(what: str, check, timeout: float, logs: Path):
-    deadline = time.monotonic() + timeout
+def _wait_for(what: str, check, timeout: float, logs: Path, progress=None):
+    """Poll `check` until it returns a value. The wait ends after `timeout` seconds without
+    progress: each time `progress()` returns something new (a task's state moved), it starts again, so a
+    slow but moving run on a loaded machine is waited for, and a stuck one is not."""
+    deadline, seen = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
+        now = progress() if progress is not None else None
+        if now is not None and now != seen:  # None: no answer, which is no progress
+            deadline, seen = time.monotonic() + timeout, now
         time.sleep(1)
     tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log")))
     pytest.fail(f"timed out waiting for {what}\n{tails}")
@@ -117,12 +123,26 @@ def _run_the_dag(tiny_base, tmp_path: Path, metadata: str) -> None:
         assert started.status_code == 200, started.text
         run_id = started.json()["dag_run_id"]
 
+        def get(path: str) -> dict | None:
+            """An idempotent read of the API; None when it does not answer in time (a loaded
+            machine: Airflow's API server shares the cores with the scheduler and the tasks)."""
+            try:
+                return httpx.get(f"{api}{path}", timeout=30).json()
+            except httpx.TransportError:
+                return None
+
         def finished() -> str | None:
-            state = httpx.get(f"{api}/dags/ctloop_cycle/dagRuns/{run_id}", timeout=10).json()["state"]
+            state = (get(f"/dags/ctloop_cycle/dagRuns/{run_id}") or {}).get("state")
             return state if state in ("success", "failed") else None
 
-        assert _wait_for("the DAG run to finish", finished, 900, logs) == "success"
-        tasks = httpx.get(f"{api}/dags/ctloop_cycle/dagRuns/{run_id}/taskInstances", timeout=10).json()
+        def task_states() -> tuple | None:
+            tasks = get(f"/dags/ctloop_cycle/dagRuns/{run_id}/taskInstances")
+            return None if tasks is None else tuple(sorted((t["task_id"], t["state"]) for t in tasks["task_instances"]))
+
+        assert _wait_for("the DAG run to finish", finished, 600, logs, progress=task_states) == "success"
+        tasks = _wait_for(
+            "the task instances", lambda: get(f"/dags/ctloop_cycle/dagRuns/{run_id}/taskInstances"), 120, logs
+        )
         states = {t["task_id"]: t["state"] for t in tasks["task_instances"]}
         from ctloop.cycle.declaration import CYCLE
 

@@ -408,12 +408,15 @@ def test_a_registry_outage_fails_the_stage_instead_of_gating_against_the_base_mo
     """#22 item 1: prepare fixes the champion a cycle is gated against. An MLflow hiccup there read
     as "no champion", so the cycle was gated (for life) against the bare base model. Now the stage
     fails, no evaluation or gate runs, and the rerun resumes against the real champion."""
+    import functools
     import shutil
+    from dataclasses import replace
 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from ctloop.cycle import stages
+    from ctloop.cycle.declaration import CYCLE
     from ctloop.errors import RegistryUnavailable
 
     original, _, _, _, _ = two_cycles
@@ -429,16 +432,15 @@ def test_a_registry_outage_fails_the_stage_instead_of_gating_against_the_base_mo
     def outage(*args, **kwargs):
         raise MlflowException("API request failed: connection refused", error_code="INTERNAL_ERROR")
 
-    real_prepare = stages.prepare_stage
-
-    def prepare_during_an_outage(context):
+    @functools.wraps(stages.prepare_stage)  # the same signature: the same artifacts in and out
+    def prepare_during_an_outage(ctx, validated):
         with monkeypatch.context() as during:
             during.setattr(MlflowClient, "get_registered_model", outage)
-            return real_prepare(context)
+            return stages.prepare_stage(ctx, validated)
 
-    monkeypatch.setattr(stages, "prepare_stage", prepare_during_an_outage)
+    during_an_outage = tuple(replace(s, function=prepare_during_an_outage) if s.name == "prepare" else s for s in CYCLE)
     with pytest.raises(RegistryUnavailable, match="did not answer get_registered_model"):
-        run_cycle(config, data, workspace, force=True)
+        run_cycle(config, data, workspace, force=True, cycle=during_an_outage)
     cycle_dir = next(d for d in workspace.cycles_dir.iterdir() if read_json(d / "cycle.json").get("failures"))
     state = read_json(cycle_dir / "cycle.json")
     assert "champion_before" not in state and "run_id" not in state
@@ -446,7 +448,6 @@ def test_a_registry_outage_fails_the_stage_instead_of_gating_against_the_base_mo
     assert not (cycle_dir / "eval.json").exists()  # gated against nothing
     assert [v.version for v in open_registry(config.registry, workspace).versions()] == versions_before
 
-    monkeypatch.setattr(stages, "prepare_stage", real_prepare)  # the registry is back
-    resumed = run_cycle(config, data, workspace, force=True)
+    resumed = run_cycle(config, data, workspace, force=True)  # the registry is back
     assert resumed.cycle_id == cycle_dir.name
     assert resumed.champion_before == champion and resumed.gate["reference"] == "champion"

@@ -326,14 +326,18 @@ def test_a_kto_cycle_from_production_trains_on_thumbs_alone_gates_and_registers(
     assert n < len(items) and training["preference"]["desirable"] < up  # the holdout's rows stayed out
 
 
-def _stored(sets: dict[str, dict[str, list[float]]], tokens: int = 10, **extra) -> dict:
-    return {
-        "losses": sets,
-        "tokens": {name: [tokens] * len(next(iter(s.values()))) for name, s in sets.items()},
-    } | extra
+def _stored(sets: dict[str, dict[str, list[float]]], tokens: int = 10, **extra):
+    from ctloop.evaluation.evaluate import EvalReport
+
+    return EvalReport(
+        ids={name: [str(i) for i in range(len(next(iter(s.values()))))] for name, s in sets.items()},
+        losses=sets,
+        tokens={name: [tokens] * len(next(iter(s.values()))) for name, s in sets.items()},
+        **extra,
+    )
 
 
-def _decide(stored: dict, **gate):
+def _decide(stored, **gate):
     from ctloop.config import GateConfig
     from ctloop.evaluation.gate import decide
     from ctloop.evaluation.preference_gate import preference_rules
@@ -342,7 +346,7 @@ def _decide(stored: dict, **gate):
     same = {"candidate": [1.0] * 40, "champion": [1.0] * 40}
     new = {"new_holdout": same, "replay_holdout": same}
     extra = tuple(preference_rules(stored, config, "champion"))
-    return decide(new | stored["losses"], config, has_champion=True, extra=extra)
+    return decide(new | stored.losses, config, has_champion=True, extra=extra)
 
 
 def _rule(decision, name: str):

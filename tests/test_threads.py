@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ctloop.model.threads import usable_cpus
+from ctloop.threads import usable_cpus
 
 
 def test_the_cgroup_quota_caps_the_cpus(tmp_path):

@@ -187,8 +187,9 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path, obje
     from transformers import AutoModelForCausalLM
 
     from ctloop.config import config_from_dict
+    from ctloop.cycle.declaration import stage
     from ctloop.cycle.folder import StageContext
-    from ctloop.cycle.stages import prepare_stage, trigger_stage, validate_stage
+    from ctloop.cycle.run import run_stage
     from ctloop.fileio import read_json
     from ctloop.workspace import Workspace
 
@@ -208,9 +209,9 @@ def test_two_processes_train_one_adapter_with_torchrun(tiny_base, tmp_path, obje
             other = rows[(i + 7) % len(rows)]
             row["metadata"] = {"feedback_kind": "correction", "rejected_answer": str(other.get("completion"))}
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    cycle_id = validate_stage(StageContext(config, workspace, data=data))
-    assert trigger_stage(StageContext(config, workspace, cycle_id)).train
-    prepare_stage(StageContext(config, workspace, cycle_id))
+    cycle_id = run_stage(stage("validate"), StageContext(config, workspace, data=data)).cycle_id
+    assert run_stage(stage("trigger"), StageContext(config, workspace, cycle_id)).proceed
+    run_stage(stage("prepare"), StageContext(config, workspace, cycle_id))
 
     command = [
         sys.executable,

@@ -172,7 +172,7 @@ def drift(
 ) -> None:
     """Test whether CURRENT is distributed like REFERENCE, or (--production) whether live traffic is
     like the champion's training data. Exit 0: no drift, 3: drift, 4: too little data to decide, 2: error."""
-    from ctloop.drift.check import check_files, check_stream
+    from ctloop.cycle.drift_check import check_files, check_stream
     from ctloop.errors import DataError
 
     if report is not None and not report.parent.is_dir():  # checked before minutes of embedding, not after
@@ -474,7 +474,7 @@ def calibrate_seeds(
     upper limit, go to the registered model; the gate's bounds carry that limit from the next cycle
     on, instead of the assumed gate.seed_spread."""
     from ctloop.config import load_config
-    from ctloop.data.records import read_parquet
+    from ctloop.cycle.artifacts import Holdouts, TrainingSet
     from ctloop.errors import DataError
     from ctloop.registry.client import open_registry
     from ctloop.training.seeds import EVENT, measure, recipe_key
@@ -482,16 +482,13 @@ def calibrate_seeds(
 
     cfg = load_config(config)
     ws = resolve_workspace(workspace, cfg)
-    folders = sorted(
-        (
-            p
-            for p in ws.cycles_dir.glob("*")
-            if (p / "train.parquet").is_file() and (p / "new_holdout.parquet").is_file()
-        ),
-        key=lambda p: p.stat().st_mtime,
-    )
+
+    def prepared(folder: Path) -> bool:
+        return TrainingSet.present(folder) and Holdouts.present(folder)
+
+    folders = sorted((p for p in ws.cycles_dir.glob("*") if prepared(p)), key=lambda p: p.stat().st_mtime)
     chosen = ws.cycles_dir / cycle if cycle else (folders[-1] if folders else None)
-    if chosen is None or not (chosen / "train.parquet").is_file():
+    if chosen is None or not prepared(chosen):
         raise DataError(
             f"no cycle with training and held-out rows in {ws.cycles_dir}"
             + (f" named {cycle!r}" if cycle else "")
@@ -499,7 +496,7 @@ def calibrate_seeds(
         )
     if seeds < 2:
         raise DataError("--seeds: at least 2 (4 or more give a usable upper limit)")
-    train_rows, holdout = read_parquet(chosen / "train.parquet")[0], read_parquet(chosen / "new_holdout.parquet")[0]
+    train_rows, holdout = TrainingSet.load(chosen).records, Holdouts.load(chosen).new
     result = measure(cfg, train_rows, holdout, seeds, ws.root / "seed-calibration" / recipe_key(cfg))
     open_registry(cfg.registry, ws).add_model_event(EVENT, result.to_dict())
     if as_json:

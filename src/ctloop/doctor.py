@@ -125,7 +125,7 @@ def _device(config: CtloopConfig) -> Check:
     import torch
 
     from ctloop.model.loading import model_device
-    from ctloop.model.threads import chosen_threads, usable_cpus
+    from ctloop.threads import chosen_threads, usable_cpus
 
     device = model_device(config.model)
     if device.startswith("cuda"):

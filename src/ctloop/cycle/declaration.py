@@ -1,114 +1,122 @@
-"""The cycle, declared once: its stages in order, what each reads and writes in the cycle folder,
-its function, and whether it needs the registry.
+"""The cycle, declared once: its stages in order, each with its function, its role, and whether it
+needs the registry.
 
-`run_cycle`, both Airflow DAGs and the tests are derived from `CYCLE`; none writes the order out
-again. Adding a stage is one entry here and one function in `stages.py`.
+What a stage reads and writes is its function's signature (`cycle/artifacts.py`): the artifacts it
+takes after the context, and the ones it returns. `run_cycle`, both Airflow DAGs, the README's stage
+table and the tests are derived from `CYCLE`; none writes the order out again. Importing this module
+checks the declaration: a stage that reads an artifact no earlier stage writes fails here, not in a
+run. Adding a stage is one function in `stages.py` and one entry here.
 
 Roles: the first stage *opens* the cycle (validate names it after the data it accepts), one
 stage *decides* whether the cycle goes on (trigger: drift, schedule, force; its "no" skips the
-rest, it is not a failure), and the others *work*. With `orchestration.source: production` a
-*sources* stage (harvest) comes first and hands validate the records it harvested.
+rest, it is not a failure), the last *closes* it (register: the cycle is finished once its record
+is saved), and the others *work*. With `orchestration.source: production` a *sources* stage
+(harvest) comes first and hands validate the records it harvested.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from ctloop.config import CtloopConfig
+from ctloop.cycle import stages
+from ctloop.cycle.artifacts import Artifact
 from ctloop.cycle.folder import StageContext
 
-Role = Literal["sources", "opens", "decides", "works"]
+Role = Literal["sources", "opens", "decides", "works", "closes"]
+
+
+class DeclarationError(TypeError):
+    """The cycle's declaration contradicts its stage functions (raised when this module is imported)."""
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    function: str  # its function in `ctloop.cycle.stages`, imported when the stage runs
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
+    function: Callable[..., object]
     uses_registry: bool
     role: Role = "works"
     summary: str = ""
 
-    def run(self, context: StageContext) -> object:
-        # Imported here, not at the top: an Airflow scheduler parses the DAG file (which reads this
-        # declaration) often, and the stage functions' imports are not cheap.
-        return getattr(importlib.import_module("ctloop.cycle.stages"), self.function)(context)
+    @cached_property
+    def _hints(self) -> dict[str, object]:
+        return typing.get_type_hints(self.function)
+
+    @property
+    def reads(self) -> dict[str, type[Artifact]]:
+        """The artifacts the function takes, by parameter name (after the context)."""
+        names = list(inspect.signature(self.function).parameters)
+        if not names or names[0] != "ctx":
+            raise DeclarationError(f"stage {self.name}: {self.function.__name__} must take the context (ctx) first")
+        taken = {name: self._hints.get(name) for name in names[1:]}
+        for name, hint in taken.items():
+            if not (isinstance(hint, type) and issubclass(hint, Artifact)):
+                raise DeclarationError(
+                    f"stage {self.name}: parameter {name!r} of {self.function.__name__} is {hint!r}; "
+                    "a stage takes only artifacts (types from ctloop.cycle.artifacts) after ctx"
+                )
+        return typing.cast(dict[str, type[Artifact]], taken)
+
+    @property
+    def writes(self) -> tuple[type[Artifact], ...]:
+        """The artifacts the function returns (one, or a tuple of them); none for a sources stage."""
+        returned = self._hints.get("return")
+        parts = typing.get_args(returned) if typing.get_origin(returned) is tuple else (returned,)
+        return tuple(p for p in parts if isinstance(p, type) and issubclass(p, Artifact))
+
+    def run(self, context: StageContext, inputs: dict[str, Artifact]) -> object:
+        return self.function(context, **inputs)
 
 
 CYCLE: tuple[Stage, ...] = (
     Stage(
         "validate",
-        "validate_stage",
-        reads=("the run's data file",),
-        writes=("validation.json", "quarantine.jsonl", "new.parquet", "cycle.json", "traffic_sample.jsonl"),
+        stages.validate_stage,
         uses_registry=False,
         role="opens",
         summary="schema, lengths, duplicates; bad rows quarantined; names the cycle",
     ),
     Stage(
         "trigger",
-        "trigger_stage",
-        reads=("new.parquet", "the champion's training data"),
-        writes=("drift.json", "drift.html", "cycle.json"),
+        stages.trigger_stage,
         uses_registry=True,
         role="decides",
         summary="embedding drift vs the champion's data, schedule or force: train or skip",
     ),
     Stage(
         "prepare",
-        "prepare_stage",
-        reads=("new.parquet", "the replay buffer"),
-        writes=(
-            "train.parquet",
-            "preference_train.parquet",
-            "preference_holdout.parquet",
-            "new_holdout.parquet",
-            "replay_holdout.parquet",
-            "replay_manifest.json",
-            "cycle.json",
-        ),
+        stages.prepare_stage,
         uses_registry=True,
         summary="holdout split, replay mix, feedback kinds routed to the objective; opens the MLflow run",
     ),
     Stage(
         "train",
-        "train_stage",
-        reads=("train.parquet", "preference_train.parquet", "the champion's adapter (warm start, reference)"),
-        writes=("adapter/", "training.json", "checkpoints/"),
+        stages.train_stage,
         uses_registry=True,
-        summary="LoRA training, resumable from checkpoints",
+        summary="LoRA training (warm start from the champion when set), resumable from checkpoints",
     ),
     Stage(
         "evaluate",
-        "evaluate_stage",
-        reads=(
-            "adapter/",
-            "new_holdout.parquet",
-            "replay_holdout.parquet",
-            "preference_holdout.parquet",
-            "traffic_sample.jsonl",
-        ),
-        writes=("eval.json", "contamination.json"),
+        stages.evaluate_stage,
         uses_registry=True,
         summary="candidate vs champion per example on new and old data",
     ),
     Stage(
         "gate",
-        "gate_stage",
-        reads=("eval.json",),
-        writes=("gate.json",),
+        stages.gate_stage,
         uses_registry=False,
         summary="paired statistics against the configured thresholds: pass or fail",
     ),
     Stage(
         "register",
-        "register_stage",
-        reads=("everything above",),
-        writes=("report.html", "cycle.json"),
+        stages.register_stage,
         uses_registry=True,
+        role="closes",
         summary="MLflow run, model version and challenger alias; the data joins the replay buffer",
     ),
 )
@@ -116,13 +124,54 @@ CYCLE: tuple[Stage, ...] = (
 
 HARVEST = Stage(
     "harvest",
-    "harvest_stage",
-    reads=("the request log and feedback of orchestration.production_window",),
-    writes=("<workspace>/harvest/harvest-<time>.jsonl and its manifest and decisions",),
+    stages.harvest_stage,
     uses_registry=False,
     role="sources",
-    summary="production answers and their feedback -> the cycle's records",
+    summary="with orchestration.source: production, the answers served and their feedback -> the cycle's records",
 )
+
+
+def check_cycle(cycle: tuple[Stage, ...]) -> None:
+    """Raise DeclarationError unless one stage opens the cycle first and one closes it last, one
+    decides, each artifact has one writer, and every artifact a stage reads is written before it."""
+    roles = [s.role for s in cycle]
+    if not cycle or roles[0] != "opens" or roles.count("opens") != 1:
+        raise DeclarationError("the cycle's first stage, and only it, opens the cycle (role 'opens')")
+    if roles[-1] != "closes" or roles.count("closes") != 1 or roles.count("decides") != 1 or "sources" in roles:
+        raise DeclarationError("a cycle has one deciding stage, and its last stage, only it, closes it")
+    if len({s.name for s in cycle}) != len(cycle):
+        raise DeclarationError("two stages of the cycle share a name")
+    written: dict[type[Artifact], str] = {}
+    for current in cycle:
+        for name, artifact in current.reads.items():
+            if artifact not in written:
+                raise DeclarationError(
+                    f"stage {current.name} reads {artifact.__name__} ({name}), which no earlier stage writes; "
+                    "move it after the stage that returns it, or add that stage before it"
+                )
+        for artifact in current.writes:
+            if artifact in written:
+                raise DeclarationError(f"{artifact.__name__} is written by both {written[artifact]} and {current.name}")
+            written[artifact] = current.name
+    if not cycle[0].writes:
+        raise DeclarationError(f"the opening stage {cycle[0].name} must return the artifact that names the cycle")
+
+
+def writer_of(artifact: type[Artifact], cycle: tuple[Stage, ...] | None = None) -> str:
+    """The name of the stage that writes `artifact` (for "run X first")."""
+    return next(s.name for s in cycle or CYCLE if artifact in s.writes)
+
+
+def logged_files(cycle: tuple[Stage, ...] | None = None) -> list[tuple[str, str]]:
+    """(file in the cycle folder, MLflow artifact folder) of every artifact the stages before the
+    closing one write: what a finished cycle logs on its run."""
+    return [
+        (name, folder)
+        for current in (cycle or CYCLE)
+        if current.role != "closes"
+        for artifact in current.writes
+        for name, folder in artifact.LOGGED.items()
+    ]
 
 
 def stages_for(config: CtloopConfig) -> tuple[Stage, ...]:
@@ -142,3 +191,24 @@ def up_to_decision() -> tuple[Stage, ...]:
     """The stages up to and including the one that decides whether the cycle goes on (the drift watch)."""
     index = next(i for i, s in enumerate(CYCLE) if s.role == "decides")
     return CYCLE[: index + 1]
+
+
+def stage_table(cycle: tuple[Stage, ...] | None = None) -> str:
+    """The stages as a Markdown table (the README's), from the declaration and the signatures."""
+
+    def files(artifacts) -> str:
+        return "; ".join(f"{a.__name__} ({', '.join(f'`{n}`' for n in a.FILES)})" for a in artifacts) or "-"
+
+    rows = [
+        "| stage | reads | writes in the cycle folder | registry | what it does |",
+        "|---|---|---|---|---|",
+    ]
+    for current in (HARVEST, *(cycle or CYCLE)):
+        reads = ", ".join(a.__name__ for a in current.reads.values()) or "-"
+        writes = files(current.writes) if current.role != "sources" else "the records file validate takes"
+        registry = "yes" if current.uses_registry else "-"
+        rows.append(f"| {current.name} | {reads} | {writes} | {registry} | {current.summary} |")
+    return "\n".join(rows) + "\n"
+
+
+check_cycle(CYCLE)

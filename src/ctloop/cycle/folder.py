@@ -57,6 +57,7 @@ class StageContext:
     cycle_id: str = ""
     data: Path | None = None
     force: bool = False
+    stages: tuple = ()  # the declaration being run (`declaration.Stage`s); empty: `declaration.CYCLE`
 
     @property
     def folder(self) -> CycleFolder:

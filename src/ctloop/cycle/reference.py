@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ctloop.config import CtloopConfig
+from ctloop.cycle.artifacts import Artifact, Holdouts, TrainingSet
 from ctloop.data.records import Record, read_parquet
 from ctloop.errors import DataError
 from ctloop.fileio import read_json
@@ -39,7 +40,7 @@ def champion_reference(
             f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
             f"MLflow run); set drift.reference to a file of reference records"
         )
-    manifest = _champion_file(workspace, registry, info, "replay_manifest.json", "reports/replay_manifest.json")
+    manifest = _champion_file(workspace, registry, info, TrainingSet.MANIFEST)
     if manifest is None:
         log.warning("champion v%s has no replay manifest; its whole training set is the drift reference", champion)
         return records
@@ -58,29 +59,30 @@ def anchor_holdout(workspace: Workspace, registry: Registry, anchor: int) -> lis
     """The new-data holdout of the anchor's (the first champion's) cycle: its own era, never trained
     on (holdouts stay out of training sets), from this workspace or its MLflow run; None when
     neither has it (a version registered by hand, or by a ctloop that did not log it)."""
-    path = _champion_file(
-        workspace, registry, registry.version(anchor), "new_holdout.parquet", "data/new_holdout.parquet"
-    )
+    path = _champion_file(workspace, registry, registry.version(anchor), Holdouts.NEW, Holdouts)
     return None if path is None else read_parquet(path)[0]
 
 
 def _training_rows(workspace: Workspace, registry: Registry, info) -> list[Record] | None:
     """train.parquet, and the rows a preference objective learned from (preference_train.parquet;
     for a dpo or kto champion train.parquet holds only its replayed rows)."""
-    train = _champion_file(workspace, registry, info, "train.parquet", "data/train.parquet")
+    train = _champion_file(workspace, registry, info, TrainingSet.TRAIN)
     if train is None:
         return None
     rows = read_parquet(train)[0]
-    preference = _champion_file(workspace, registry, info, "preference_train.parquet", "data/preference_train.parquet")
+    preference = _champion_file(workspace, registry, info, TrainingSet.PREFERENCE)
     if preference is not None:
         known = {r.id for r in rows}
         rows += [r for r in read_parquet(preference)[0] if r.id not in known]
     return rows
 
 
-def _champion_file(workspace: Workspace, registry: Registry, info, name: str, artifact: str) -> Path | None:
-    """A file of the champion's cycle: from this workspace when it trained here, else from its MLflow run."""
+def _champion_file(
+    workspace: Workspace, registry: Registry, info, name: str, kind: type[Artifact] = TrainingSet
+) -> Path | None:
+    """A file of the champion's cycle (`name`, of the artifact `kind`): from this workspace when it
+    trained here, else from its MLflow run, where the register stage logged it."""
     local = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?")) / name
     if local.is_file():
         return local
-    return registry.download_run_file(info.run_id, artifact, workspace.root / "registry-cache")
+    return registry.download_run_file(info.run_id, kind.logged_as(name), workspace.root / "registry-cache")

@@ -1,8 +1,13 @@
 """Running a cycle: every stage of `declaration.CYCLE` in order (`run_cycle`, for `ctloop run`),
 or one stage by itself (`run_stage`, for an orchestrator's task). Both share the same rules:
 
+- A stage gets the artifacts its function takes, loaded from the cycle folder (a missing one
+  names the stage to run first), and what it returns is saved there.
+- A working stage whose artifacts are all in the folder already is not run again: a resumed
+  cycle re-uses its adapter and its evaluation.
 - A finished cycle is never redone: the same data and config find their folder and stop.
-- The deciding stage's "no" ends the cycle as skipped, not failed.
+- The deciding stage's "no" ends the cycle as skipped, not failed; the closing stage's record
+  marks it finished.
 - A stage that fails marks the cycle's MLflow run FAILED and records the stage and the error in
   `cycle.json`; running the cycle again resumes from the finished stages.
 
@@ -13,15 +18,18 @@ revision. The workspace lock keeps two cycles apart.
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctloop.config import CtloopConfig
 from ctloop.console import console
-from ctloop.cycle.declaration import CYCLE, HARVEST, Stage
+from ctloop.cycle.artifacts import Artifact, Evaluation, GateResult, Registration, Validated, require
+from ctloop.cycle.declaration import CYCLE, HARVEST, Stage, check_cycle, writer_of
 from ctloop.cycle.folder import FINISHED, CycleFolder, StageContext
-from ctloop.fileio import utc_now
+from ctloop.fileio import read_json, utc_now
 from ctloop.registry.client import open_registry
+from ctloop.training.trainer import is_main_process
 from ctloop.workspace import Workspace, workspace_lock
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,28 @@ class CycleResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def finished(cls, folder: CycleFolder, artifacts: dict[type, Artifact]) -> CycleResult:
+        """The result of a cycle its closing stage has just recorded, from the artifacts the stage
+        read and wrote (its Registration; the evaluation, gate and validation when it read them)."""
+        state = folder.state()
+        registration = typing.cast(Registration, artifacts[Registration])
+        evaluation = typing.cast(Evaluation | None, artifacts.get(Evaluation))
+        gate = typing.cast(GateResult | None, artifacts.get(GateResult))
+        validated = typing.cast(Validated | None, artifacts.get(Validated))
+        return cls(
+            folder.cycle_id,
+            registration.status,
+            str(folder.dir),
+            registration.run_id,
+            registration.version,
+            state.get("champion_before"),
+            means=evaluation.report.means if evaluation else {},
+            gate=gate.decision.to_dict() if gate else {},
+            validation=validated.report.to_dict() if validated else {},
+            trigger=state.get("trigger", ""),
+        )
+
 
 @dataclass(frozen=True)
 class StageStep:
@@ -75,45 +105,78 @@ def run_cycle(
     force: bool = False,
     wait_seconds: float = 0.0,
     from_production: bool = False,
+    cycle: tuple[Stage, ...] | None = None,
 ) -> CycleResult:
     """Run one cycle on the records in `data_path`, or (`from_production`) on what the harvest of
     `orchestration.production_window` yields. `force` trains even when the trigger (drift,
-    schedule) sees no need; `wait_seconds` is how long to wait for a busy workspace."""
-    stages = (HARVEST, *CYCLE) if from_production else CYCLE
-    context = StageContext(config, workspace, data=data_path, force=force)
+    schedule) sees no need; `wait_seconds` is how long to wait for a busy workspace. `cycle`: the
+    stages to run, `declaration.CYCLE` unless given (a checked declaration of your own)."""
+    if cycle is not None:
+        check_cycle(cycle)
+    declared = cycle or CYCLE
+    stages = (HARVEST, *declared) if from_production else declared
+    context = StageContext(config, workspace, data=data_path, force=force, stages=declared)
     where = "production's feedback" if from_production else data_path
     with workspace_lock(workspace, f"ctloop run on {where}", wait_seconds):
         for stage in stages:
-            step = run_stage(stage, context)
+            step = run_stage(stage, context, cycle)
             data = Path(step.data) if step.data else context.data
-            context = StageContext(config, workspace, step.cycle_id, data, force)
+            context = StageContext(config, workspace, step.cycle_id, data, force, declared)
             if not step.proceed:
                 break
         return cycle_result(config, workspace, context.cycle_id, already_done=step.stopped_because == "already_done")
 
 
-def run_stage(stage: Stage, context: StageContext) -> StageStep:
+def run_stage(stage: Stage, context: StageContext, cycle: tuple[Stage, ...] | None = None) -> StageStep:
     """Run one stage of the cycle with the cycle's rules (see the module docstring). The caller
-    holds the workspace lock."""
+    holds the workspace lock. `cycle`: the declaration the stage belongs to (`CYCLE` by default),
+    which names the stage to run first when an artifact is missing."""
     if stage.role == "sources":
-        return StageStep("", True, data=str(stage.run(context)))
+        return StageStep("", True, data=str(stage.run(context, {})))
     if stage.role != "opens" and _already_finished(stage, context):
         return StageStep(context.cycle_id, False, "already_done")
     log.info("stage %s of cycle %s", stage.name, context.cycle_id or "(new)")
     try:
-        outcome = stage.run(context)
+        if stage.role == "works" and stage.writes and all(a.present(context.folder.dir) for a in stage.writes):
+            console.print(f"stage {stage.name}: re-using what an earlier attempt of cycle {context.cycle_id} saved")
+            return StageStep(context.cycle_id, True)
+        inputs = _load_inputs(stage, context, cycle or context.stages or CYCLE)
+        returned = stage.run(context, inputs)
+        outputs = typing.cast(tuple[Artifact, ...], returned if isinstance(returned, tuple) else (returned,))
+        cycle_id = str(getattr(outputs[0], "cycle_id")) if stage.role == "opens" else context.cycle_id
+        folder = CycleFolder(context.workspace, cycle_id)
+        if is_main_process():  # under torchrun, one process writes
+            for artifact in outputs:
+                artifact.save(folder.dir)
+            if stage.role == "closes":
+                _finish(folder, outputs, inputs)
     except BaseException as exc:
         _record_failure(context, stage, exc)
         raise
     if stage.role == "opens":
-        cycle_id = str(outcome)
         if finished_result(context.config, context.workspace, cycle_id):
             console.print(f"cycle {cycle_id} already ran on this data and config: nothing to do")
             return StageStep(cycle_id, False, "already_done")
         return StageStep(cycle_id, True)
-    if stage.role == "decides" and not getattr(outcome, "train", outcome):
+    if stage.role == "decides" and not getattr(outputs[0], "proceed", True):
         return StageStep(context.cycle_id, False, "skipped")
     return StageStep(context.cycle_id, True)
+
+
+def _load_inputs(stage: Stage, context: StageContext, cycle: tuple[Stage, ...]) -> dict[str, Artifact]:
+    """The artifacts the stage's function takes, from the cycle folder."""
+    if not stage.reads:
+        return {}
+    folder = context.folder.dir
+    for artifact in stage.reads.values():
+        require(artifact, folder, writer_of(artifact, cycle))
+    return {name: artifact.load(folder) for name, artifact in stage.reads.items()}
+
+
+def _finish(folder: CycleFolder, outputs: tuple[Artifact, ...], inputs: dict[str, Artifact]) -> None:
+    """Mark the cycle finished with its result, once the closing stage's record is saved."""
+    result = CycleResult.finished(folder, {type(a): a for a in (*inputs.values(), *outputs)})
+    folder.update_state(status=result.status, finished=utc_now(), result=result.to_dict())
 
 
 def run_stage_task(
@@ -143,7 +206,8 @@ def run_stage_task(
     print_to_stdout()  # the task log's INFO lines, not its ERROR lines
     config = load_config(config_path)
     chosen = stage(stage_name)
-    data = data or (None if config.orchestration.source == "production" else config.orchestration.data)
+    if not data and config.orchestration.source != "production" and config.orchestration.data:
+        data = str(config.orchestration.data)
     if chosen.role == "opens" and not data:
         raise ConfigError(
             str(config_path),
@@ -186,8 +250,6 @@ def _already_finished(stage: Stage, context: StageContext) -> bool:
 def cycle_result(config: CtloopConfig, workspace: Workspace, cycle_id: str, already_done: bool = False) -> CycleResult:
     """The result of a cycle that has stopped: finished by this run, finished before it
     (`already_done`), or skipped by the trigger."""
-    from ctloop.fileio import read_json
-
     cycle = CycleFolder(workspace, cycle_id)
     state = cycle.state()
     done = finished_result(config, workspace, cycle_id) if already_done else None
@@ -202,7 +264,7 @@ def cycle_result(config: CtloopConfig, workspace: Workspace, cycle_id: str, alre
         "",
         None,
         None,
-        validation=read_json(cycle.path("validation.json")),
+        validation=read_json(cycle.path(Validated.REPORT)),
         trigger=state.get("trigger", ""),
     )
 

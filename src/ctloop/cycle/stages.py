@@ -1,8 +1,10 @@
 """The stage functions of a cycle, in the order `declaration.CYCLE` runs them.
 
-Each takes a `StageContext`, reads its inputs from the cycle's folder and writes its outputs
-there, so `ctloop run` and the Airflow DAG run the very same code, and a retried stage re-uses
-what a finished one left. What each stage reads and writes is listed in `declaration.py`.
+Each takes a `StageContext` and the artifacts it reads (`cycle/artifacts.py`), and returns the
+artifacts it writes: the runner (`run.py`) loads the one and saves the other in the cycle's
+folder, so `ctloop run` and the Airflow DAG run the very same code, and a retried stage re-uses
+what a finished one left. The cycle's state (`cycle.json`: its MLflow run, the champion it is
+compared with) is the folder's, read and updated here.
 """
 
 from __future__ import annotations
@@ -11,24 +13,34 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ctloop import __version__
 from ctloop.config import CtloopConfig
 from ctloop.console import console
+from ctloop.cycle.artifacts import (
+    STATUS_OF_OUTCOME,
+    Evaluation,
+    GateResult,
+    Holdouts,
+    Registration,
+    TrainedAdapter,
+    TrainingSet,
+    Triggered,
+    Validated,
+)
 from ctloop.cycle.folder import CycleFolder, StageContext
 from ctloop.cycle.reference import champion_reference, champion_training_rows
 from ctloop.cycle.tracking import log_cycle_run
 from ctloop.data.preference import PreferenceSet, preference_kind, preference_rows, preference_set, supervised_rows
-from ctloop.data.records import Record, fingerprint, read_parquet, write_parquet
+from ctloop.data.records import Record, fingerprint
 from ctloop.drift.trigger import TriggerDecision
 from ctloop.errors import CtloopError, DataError
-from ctloop.evaluation.gate import CANDIDATE, NEW_SET, OLD_SET, GateDecision
-from ctloop.fileio import nan_for_none, parse_utc, read_json, utc_now, write_json
+from ctloop.evaluation.gate import CANDIDATE, NEW_SET, OLD_SET
+from ctloop.fileio import parse_utc, read_json, utc_now, write_json
 from ctloop.registry.client import CHAMPION, Registry, open_registry
-from ctloop.training.trainer import TrainResult
 from ctloop.workspace import Workspace, save_settings
 
 # -- 0. harvest (orchestration.source: production) ------------------------------------------------
@@ -48,8 +60,8 @@ def harvest_stage(ctx: StageContext) -> str:
 # -- 1. validate ----------------------------------------------------------------------------------
 
 
-def validate_stage(ctx: StageContext) -> str:
-    """Validate the records; file the good ones, the report and the quarantine; return the cycle id.
+def validate_stage(ctx: StageContext) -> Validated:
+    """Validate the records; file the quarantine; return the good ones and the report, named by the cycle id.
 
     The cycle id is a hash of the validated data's fingerprint, the config and the base model
     revision, so the same data and config always land in the same folder. Raises DataError when
@@ -89,29 +101,27 @@ def validate_stage(ctx: StageContext) -> str:
     ).hexdigest()[:16]
     cycle = CycleFolder(workspace, cycle_id)
     cycle.dir.mkdir(parents=True, exist_ok=True)
-    shutil.move(staging / "quarantine.jsonl", cycle.path("quarantine.jsonl"))
+    shutil.move(staging / "quarantine.jsonl", cycle.path(Validated.QUARANTINE))
     shutil.rmtree(staging, ignore_errors=True)
-    report = replace(report, quarantine_path=str(cycle.path("quarantine.jsonl")))
-    write_json(cycle.path("validation.json"), report.to_dict())
+    report = replace(report, quarantine_path=str(cycle.path(Validated.QUARANTINE)))
     if not report.passed:
         # Runs that fail validation can share a cycle id (no good rows): keep each run's quarantine
         # under the input's own fingerprint and the time, so a later run never overwrites it.
         kept = workspace.root / "quarantine" / f"{utc_now().replace(':', '')}-{_file_digest(data_path)}.jsonl"
         kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cycle.path("quarantine.jsonl"), kept)
+        shutil.copyfile(cycle.path(Validated.QUARANTINE), kept)
         report = replace(report, quarantine_path=str(kept))
-        write_json(cycle.path("validation.json"), report.to_dict())
+        write_json(cycle.path(Validated.REPORT), report.to_dict())  # a failed run's report, beside its quarantine
         console.print(report.summary())
         raise DataError(report.summary())
     console.print(report.summary())
     tokens = record_lengths(count, good)
-    write_parquet(cycle.path("new.parquet"), good, extra={"n_tokens": tokens})
     state = cycle.state()
     if "started" not in state:
         harvested = harvest_manifest(data_path)  # records harvested from production carry their window
         sample = Path((harvested or {}).get("traffic_sample_path") or "")
         if harvested and sample.is_file():  # what traffic was, for the gate's weighted new-data rule
-            shutil.copyfile(sample, cycle.path(TRAFFIC_SAMPLE))
+            shutil.copyfile(sample, cycle.path(Validated.TRAFFIC_SAMPLE))
         cycle.update_state(
             cycle_id=cycle_id,
             data=str(data_path),
@@ -121,13 +131,14 @@ def validate_stage(ctx: StageContext) -> str:
             data_fingerprint=report.fingerprint,
             **({"harvest": harvested} if harvested else {}),
         )
-    return cycle_id
+    traffic = cycle.path(Validated.TRAFFIC_SAMPLE)
+    return Validated(report, good, tokens, traffic if traffic.is_file() else None, cycle_id=cycle_id)
 
 
 # -- 2. trigger ------------------------------------------------------------------------------------
 
 
-def trigger_stage(ctx: StageContext) -> TriggerDecision:
+def trigger_stage(ctx: StageContext, validated: Validated) -> Triggered:
     """Drift of the new data against the champion's training data (or drift.reference), then the
     trigger policy. A cycle that already started training is resumed, and one already triggered
     (say, by the drift-watch DAG) is not tested again: drift is computed once per cycle."""
@@ -141,23 +152,24 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
     state = cycle.state()
     if "run_id" in state:
         console.print(f"resuming cycle {cycle_id}: finished stages are re-used, none is registered twice")
-        return TriggerDecision(True, state.get("trigger", "resumed"))
+        return Triggered(TriggerDecision(True, state.get("trigger", "resumed")))
     registry = open_registry(config.registry, workspace)
     champion = registry.alias(CHAMPION)
     if state.get("status") == "triggered" and state.get("trigger_champion", -1) == champion:
         console.print(f"cycle {cycle_id} was already triggered ({state['trigger']}); not testing drift again")
-        return TriggerDecision(True, state["trigger"])
+        return Triggered(TriggerDecision(True, state["trigger"]))
     report = None
     if config.drift.enabled and (champion is not None or config.drift.reference is not None):
-        new, _ = read_parquet(cycle.require("new.parquet", "validate"))
+        new = validated.records
         reference = champion_reference(config, workspace, registry, champion)
         embedder = make_embedder(config.drift, config.model)
         cache = workspace.root / "embeddings"
         ref_emb = embed_records(reference, embedder, config.drift.text, cache)
         cur_emb = embed_records(new, embedder, config.drift.text, cache)
         report = detect_drift(ref_emb, cur_emb, config.drift)
-        write_json(cycle.path("drift.json"), report.to_dict())
-        write_drift_report(cycle.path("drift.html"), report, ref_emb, cur_emb, texts_of(new, config.drift.text))
+        write_drift_report(
+            cycle.path(Triggered.DRIFT_REPORT), report, ref_emb, cur_emb, texts_of(new, config.drift.text)
+        )
         console.print(report.summary())
     decision = decide_trigger(
         report,
@@ -173,7 +185,7 @@ def trigger_stage(ctx: StageContext) -> TriggerDecision:
         checked=utc_now(),
         trigger_champion=champion,  # a decision is re-used only while the champion it was made against holds
     )
-    return decision
+    return Triggered(decision, report.to_dict() if report is not None else None)
 
 
 def _file_digest(path: Path) -> str:
@@ -193,16 +205,15 @@ def _hours_since_training(workspace: Workspace) -> float | None:
 # -- 3. prepare: split the new data, mix in replay, open the MLflow run ----------------------------
 
 
-def prepare_stage(ctx: StageContext) -> dict:
-    """Holdout split and replay mix (deterministic, so a retry rewrites the same files); the MLflow
+def prepare_stage(ctx: StageContext, validated: Validated) -> tuple[TrainingSet, Holdouts]:
+    """Holdout split and replay mix (deterministic, so a retry makes the same sets); the MLflow
     run and the champion to compare against are fixed here, once per cycle."""
     from ctloop.data.replay import ReplayBuffer, build_training_set
     from ctloop.data.split import split_holdout
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
-    new, extra = read_parquet(cycle.require("new.parquet", "validate"))
-    tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
+    new, tokens = validated.records, validated.tokens_by_id
     new_train, new_holdout = split_holdout(new, config.data, seed=config.train.seed)
     objective = config.train.objective
     kind = preference_kind(objective)
@@ -230,15 +241,8 @@ def prepare_stage(ctx: StageContext) -> dict:
             "set train.objective to kto to learn from them, or collect corrections and answers rated up"
         )
     console.print(mix.summary())
-    write_parquet(cycle.path("train.parquet"), mix.records)
-    write_parquet(cycle.path("preference_train.parquet"), preference_train)
-    write_parquet(cycle.path("preference_holdout.parquet"), preference_rows(new_holdout))
-    # Held-out answers are references to score against: a rated-down one is none.
-    write_parquet(cycle.path("new_holdout.parquet"), supervised_rows(new_holdout))
-    write_parquet(cycle.path("replay_holdout.parquet"), mix.replay_holdout)
     new_ids = {r.id for r in new_train}
     manifest = mix.manifest | {"replay_fingerprint": fingerprint(r for r in mix.records if r.id not in new_ids)}
-    write_json(cycle.path("replay_manifest.json"), manifest)
     state = cycle.state()
     if "run_id" not in state:
         registry = open_registry(config.registry, workspace)
@@ -249,7 +253,9 @@ def prepare_stage(ctx: StageContext) -> dict:
             f"cycle-{cycle_id}", {"ctloop.cycle_id": cycle_id, "ctloop.data_fingerprint": state["data_fingerprint"]}
         )
         state = cycle.update_state(run_id=run_id, champion_before=champion_before)
-    return manifest
+    # Held-out answers are references to score against: a rated-down one is none.
+    holdouts = Holdouts(supervised_rows(new_holdout), mix.replay_holdout, preference_rows(new_holdout))
+    return TrainingSet(mix.records, preference_train, manifest), holdouts
 
 
 def _require_preference_rows(data: PreferenceSet, config: CtloopConfig) -> None:
@@ -268,18 +274,14 @@ def _require_preference_rows(data: PreferenceSet, config: CtloopConfig) -> None:
 # -- 4. train ----------------------------------------------------------------------------------------
 
 
-def train_stage(ctx: StageContext) -> TrainResult:
-    """Train the adapter, unless an earlier attempt of this cycle finished it."""
+def train_stage(ctx: StageContext, training: TrainingSet) -> TrainedAdapter:
+    """Train the adapter (the runner re-uses one an earlier attempt of this cycle finished)."""
     from ctloop.training.trainer import is_main_process, train_adapter
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
-    adapter_dir = cycle.path("adapter")
-    training_path = cycle.path("training.json")
-    if (adapter_dir / "adapter_config.json").is_file() and training_path.is_file():
-        console.print(f"re-using the adapter trained earlier in this cycle: {adapter_dir}")
-        return TrainResult.from_dict(read_json(training_path))
-    records, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    adapter_dir = cycle.path(TrainedAdapter.ADAPTER)
+    records = training.records
     champion = cycle.state().get("champion_before")
     kind = preference_kind(config.train.objective)
     # A preference objective measures every change against its reference, the champion: it starts
@@ -291,7 +293,7 @@ def train_stage(ctx: StageContext) -> TrainResult:
         champion_adapter = registry.download_adapter(champion, workspace.root / "registry-cache")
     preference = None
     if kind is not None:
-        preference = preference_set(read_parquet(cycle.require("preference_train.parquet", "prepare"))[0], kind)
+        preference = preference_set(training.preference, kind)
         console.print(f"objective {config.train.objective}: {preference.describe()}")
     trained = train_adapter(
         records,
@@ -311,14 +313,13 @@ def train_stage(ctx: StageContext) -> TrainResult:
         }
         write_json(
             adapter_dir / "ctloop_manifest.json",
-            _lineage(config, cycle) | {"config": config.model_dump(mode="json"), "training": resolved},
+            _lineage(config, cycle, training) | {"config": config.model_dump(mode="json"), "training": resolved},
         )
-        write_json(training_path, trained.to_dict())
         console.print(trained.summary())
-    return trained
+    return TrainedAdapter(trained, adapter_dir)
 
 
-def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
+def _lineage(config: CtloopConfig, cycle: CycleFolder, training: TrainingSet) -> dict[str, Any]:
     state = cycle.state()
     return {
         "cycle_id": cycle.cycle_id,
@@ -326,22 +327,22 @@ def _lineage(config: CtloopConfig, cycle: CycleFolder) -> dict[str, Any]:
         "base_revision": state["base_revision"],
         "chat_format": state.get("chat_format", {"kind": "plain", "template_hash": ""}),
         "data_fingerprint": state["data_fingerprint"],
-        "replay_fingerprint": read_json(cycle.path("replay_manifest.json"))["replay_fingerprint"],
+        "replay_fingerprint": training.manifest["replay_fingerprint"],
         "parent_version": state.get("champion_before"),
         "seed": config.train.seed,
-        "objective": _objective_lineage(config, cycle),
+        "objective": _objective_lineage(config, training),
         "config_hash": config.training_hash(),
         "ctloop_version": __version__,
         **({"harvest": _harvest_lineage(state["harvest"])} if state.get("harvest") else {}),
     }
 
 
-def _objective_lineage(config: CtloopConfig, cycle: CycleFolder) -> str:
+def _objective_lineage(config: CtloopConfig, training: TrainingSet) -> str:
     """ "sft", or what the preference term trained on, as the lineage says it."""
     kind = preference_kind(config.train.objective)
     if kind is None:
         return config.train.objective
-    described = preference_set(read_parquet(cycle.path("preference_train.parquet"))[0], kind).describe()
+    described = preference_set(training.preference, kind).describe()
     return described if config.train.objective == kind else f"sft + {described}"
 
 
@@ -358,18 +359,18 @@ def _harvest_lineage(manifest: dict[str, Any]) -> str:
 # -- 5. evaluate -------------------------------------------------------------------------------------
 
 
-def evaluate_stage(ctx: StageContext):
+def evaluate_stage(
+    ctx: StageContext, validated: Validated, training: TrainingSet, holdouts: Holdouts, adapter: TrainedAdapter
+) -> Evaluation:
     """Candidate and reference (champion, or the bare base model in a first cycle) on the new and
-    the replay holdouts, per example. Re-used when an earlier attempt finished it."""
-    from ctloop.evaluation.evaluate import EvalReport, evaluate
+    the replay holdouts, per example (the runner re-uses what an earlier attempt finished)."""
+    from ctloop.evaluation.evaluate import evaluate
     from ctloop.evaluation.slices import cluster_labels, slice_indices, slice_means
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
-    if cycle.path("eval.json").is_file():
-        return EvalReport.from_dict(read_json(cycle.path("eval.json")))
     champion = cycle.state().get("champion_before")
-    adapters: dict[str, Path | None] = {CANDIDATE: cycle.require("adapter", "train")}
+    adapters: dict[str, Path | None] = {CANDIDATE: adapter.path}
     anchor = registry = anchor_rows = None
     if champion is not None:
         from ctloop.cycle.reference import anchor_holdout
@@ -386,10 +387,7 @@ def evaluate_stage(ctx: StageContext):
                 adapters[ANCHOR] = registry.download_adapter(anchor, workspace.root / "registry-cache")
     elif config.gate.first_cycle == "compare_to_base":
         adapters["base"] = None
-    sets = {
-        NEW_SET: read_parquet(cycle.require("new_holdout.parquet", "prepare"))[0],
-        OLD_SET: read_parquet(cycle.require("replay_holdout.parquet", "prepare"))[0],
-    }
+    sets = {NEW_SET: holdouts.new, OLD_SET: holdouts.replay}
     if anchor_rows:
         from ctloop.evaluation.gate import ANCHOR_SET
 
@@ -408,8 +406,8 @@ def evaluate_stage(ctx: StageContext):
             console.print(f"rejected answers: {n} left out ({reason})")
     kind = preference_kind(config.train.objective)
     if kind is not None:  # held-out feedback, checked for contamination as rows before it is split in sides
-        sets[PREFERENCE_HOLDOUT] = read_parquet(cycle.require("preference_holdout.parquet", "prepare"))[0]
-    sets = _without_contamination(config, cycle, sets, registry)
+        sets[PREFERENCE_HOLDOUT] = holdouts.preference
+    sets = _without_contamination(config, cycle, training, sets, registry)
     if config.eval.agreement_probes is not None:  # after the contamination check: its sides stay aligned
         sets |= _agreement_sides(config.eval.agreement_probes)
     options: dict[str, Any] = {}
@@ -424,42 +422,37 @@ def evaluate_stage(ctx: StageContext):
     if reference is not None:
         options["kl_to"] = (CANDIDATE, reference, (NEW_SET,))
     evaluation = evaluate(sets, adapters, model=config.model, config=config.eval, examples_of=(NEW_SET,), **options)
-    traffic, traffic_note = _traffic_strata(config, workspace, cycle, sets[NEW_SET])
+    traffic, traffic_note = _traffic_strata(config, workspace, cycle, validated, sets[NEW_SET])
     slices = slice_indices(sets, config.eval.slice_by)
     from ctloop.training.seeds import EVENT, recorded
 
     registry = registry or open_registry(config.registry, workspace)
     seed_spread = recorded(registry.model_events(EVENT), config)  # `ctloop calibrate-seeds` on this recipe
-    write_json(
-        cycle.path("eval.json"),
-        evaluation.to_dict()
-        | {
-            "slices": slices,
-            "clusters": cluster_labels(sets, config.eval.cluster_by),
-            "slice_means": slice_means(evaluation.losses, slices),
-            "fingerprints": {name: fingerprint(records) for name, records in sets.items()},
-            "anchor_version": anchor,
-            "seed_spread": seed_spread.to_dict() if seed_spread is not None else None,
-            "traffic": traffic.to_dict() if traffic is not None else None,
-            "traffic_note": traffic_note,
-        },
-    )
     console.print(evaluation.summary())
-    return evaluation
+    return Evaluation(
+        evaluation,
+        slices=slices,
+        clusters=cluster_labels(sets, config.eval.cluster_by),
+        slice_means=slice_means(evaluation.losses, slices),
+        fingerprints={name: fingerprint(records) for name, records in sets.items()},
+        anchor_version=anchor,
+        seed_spread=seed_spread.to_dict() if seed_spread is not None else None,
+        traffic=traffic.to_dict() if traffic is not None else None,
+        traffic_note=traffic_note,
+    )
 
 
-TRAFFIC_SAMPLE = "traffic_sample.jsonl"  # a harvest's sample of the window's requests, copied by validate
-
-
-def _traffic_strata(config: CtloopConfig, workspace: Workspace, cycle: CycleFolder, holdout: list[Record]):
+def _traffic_strata(
+    config: CtloopConfig, workspace: Workspace, cycle: CycleFolder, validated: Validated, holdout: list[Record]
+):
     """(each new-data row's stratum of production traffic, or None; why there is none, when the
     cycle's rows were harvested). See `evaluation/traffic.py`. Best effort: an embedder that does
     not load leaves the weighted rule unchecked, with the reason, and fails nothing."""
     harvested = cycle.state().get("harvest") or {}
-    path = cycle.path(TRAFFIC_SAMPLE)
+    path = validated.traffic_sample
     if not (config.gate.traffic_weighted and holdout and harvested):
         return None, ""
-    if not path.is_file():
+    if path is None:
         named = harvested.get("traffic_sample_path")
         return None, f"the harvest's traffic sample {named} was not found" if named else ""
     from ctloop.data.harvest import read_traffic_sample
@@ -542,7 +535,11 @@ def _golden(name: str, path: Path) -> list[Record]:
 
 
 def _without_contamination(
-    config: CtloopConfig, cycle: CycleFolder, sets: dict[str, list[Record]], registry: Registry | None
+    config: CtloopConfig,
+    cycle: CycleFolder,
+    training: TrainingSet,
+    sets: dict[str, list[Record]],
+    registry: Registry | None,
 ) -> dict[str, list[Record]]:
     """Drop (and count) evaluation rows that the candidate or the champion trained on, or fail, per
     eval.contamination. Rows the champion saw favour the champion as much as the candidate's own
@@ -551,10 +548,10 @@ def _without_contamination(
 
     if config.eval.contamination == "off":
         return sets
-    train, _ = read_parquet(cycle.require("train.parquet", "prepare"))
+    train = list(training.records)
     kind = preference_kind(config.train.objective)
     if kind is not None:  # what the preference term trained on
-        train += _preference_training_rows(read_parquet(cycle.require("preference_train.parquet", "prepare"))[0], kind)
+        train += _preference_training_rows(training.preference, kind)
     checked_against = ["the candidate's training rows"]
     champion = cycle.state().get("champion_before")
     if champion is not None and registry is not None:
@@ -573,7 +570,7 @@ def _without_contamination(
     checked = {name: records for name, records in sets.items() if name != REJECTED_SET}
     reports = find_contamination(train, checked, config.eval.ngram, config.eval.max_overlap)
     write_json(
-        cycle.path("contamination.json"),
+        cycle.path(Evaluation.CONTAMINATION),
         {name: r.to_dict() for name, r in reports.items()} | {"checked_against": " and ".join(checked_against)},
     )
     dirty = [r for r in reports.values() if r.contaminated]
@@ -592,19 +589,18 @@ def _without_contamination(
 # -- 6. gate -----------------------------------------------------------------------------------------
 
 
-def gate_stage(ctx: StageContext) -> GateDecision:
+def gate_stage(ctx: StageContext, evaluation: Evaluation) -> GateResult:
     from ctloop.evaluation.gate import ANCHOR, INCONCLUSIVE, PASS, decide
     from ctloop.evaluation.preference_gate import preference_rules
     from ctloop.evaluation.traffic import TrafficStrata
 
     config, workspace, cycle_id = ctx.config, ctx.workspace, ctx.cycle_id
     cycle = CycleFolder(workspace, cycle_id)
-    stored = read_json(cycle.require("eval.json", "evaluate"))
-    stored |= {key: nan_for_none(stored[key]) for key in ("losses", "metrics", "kl") if key in stored}
+    scores = evaluation.report
     champion = cycle.state().get("champion_before")
-    evaluated = {model for scores in stored["losses"].values() for model in scores}
+    evaluated = {model for by_model in scores.losses.values() for model in by_model}
     reference = "champion" if champion is not None else "base"
-    anchor_version = stored.get("anchor_version")
+    anchor_version = evaluation.anchor_version
     anchor = (
         ANCHOR
         if ANCHOR in evaluated
@@ -612,23 +608,23 @@ def gate_stage(ctx: StageContext) -> GateDecision:
         if anchor_version is not None and anchor_version == champion
         else None
     )
-    gate_config, seed_note = _seed_noise(config.gate, stored.get("seed_spread"))
+    gate_config, seed_note = _seed_noise(config.gate, evaluation.seed_spread)
     decision = decide(
-        stored["losses"],
+        scores.losses,
         gate_config,
         has_champion=champion is not None,
-        slices=stored.get("slices"),
-        metrics=stored.get("metrics"),
+        slices=evaluation.slices or None,
+        metrics=scores.metrics,
         anchor=anchor if champion is not None else None,
         anchor_recorded=anchor_version is not None,
-        clusters=stored.get("clusters") or None,
-        extra=tuple(preference_rules(stored, config.gate, reference)) if reference in evaluated else (),
-        traffic=TrafficStrata.from_dict(stored["traffic"]) if stored.get("traffic") else None,
+        clusters=evaluation.clusters or None,
+        extra=tuple(preference_rules(scores, config.gate, reference)) if reference in evaluated else (),
+        traffic=TrafficStrata.from_dict(evaluation.traffic) if evaluation.traffic else None,
         rated_only="harvest" in cycle.state(),
-        traffic_note=stored.get("traffic_note") or "",
+        traffic_note=evaluation.traffic_note,
     )
     decision = replace(decision, reasons=(*decision.reasons, seed_note))
-    if decision.outcome == PASS and stored.get("seed_spread") is None and config.gate.require_seed_calibration:
+    if decision.outcome == PASS and evaluation.seed_spread is None and config.gate.require_seed_calibration:
         decision = replace(
             decision,
             outcome=INCONCLUSIVE,
@@ -638,9 +634,8 @@ def gate_stage(ctx: StageContext) -> GateDecision:
                 "run `ctloop calibrate-seeds`",
             ),
         )
-    write_json(cycle.path("gate.json"), decision.to_dict())
     console.print(decision.summary())
-    return decision
+    return GateResult(decision)
 
 
 def _seed_noise(settings, measured: dict | None):
@@ -662,11 +657,20 @@ def _seed_noise(settings, measured: dict | None):
 # -- 7. register ---------------------------------------------------------------------------------
 
 
-def register_stage(ctx: StageContext) -> dict[str, Any]:
+def register_stage(
+    ctx: StageContext,
+    validated: Validated,
+    training: TrainingSet,
+    holdouts: Holdouts,
+    adapter: TrainedAdapter,
+    evaluation: Evaluation,
+    gate: GateResult,
+) -> Registration:
     """Log the cycle to its MLflow run; register a passing adapter as `challenger` (idempotent on the
-    cycle id); add a registered cycle's data to the replay buffer; mark the cycle finished."""
+    cycle id); add a registered cycle's data to the replay buffer. The runner then marks the cycle
+    finished."""
+    from ctloop.cycle.declaration import logged_files
     from ctloop.data.replay import ReplayBuffer
-    from ctloop.evaluation.evaluate import EvalReport
     from ctloop.registry.promotion import VersionState, register_passed, registration_tags
     from ctloop.registry.publishing import make_publisher
     from ctloop.reports.cycle import write_cycle_report
@@ -675,25 +679,23 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
     cycle = CycleFolder(workspace, cycle_id)
     state = cycle.state()
     registry = open_registry(config.registry, workspace)
-    gate = read_json(cycle.require("gate.json", "gate"))
-    stored = read_json(cycle.require("eval.json", "evaluate"))
-    evaluation = EvalReport.from_dict(stored)
-    trained = TrainResult.from_dict(read_json(cycle.require("training.json", "train")))
-    lineage = _lineage(config, cycle)
+    decision, trained = gate.decision, adapter.result
+    lineage = _lineage(config, cycle, training)
     run_id = state["run_id"]
-    log_cycle_run(registry, run_id, config, cycle.dir, trained, evaluation, gate, lineage)
+    logged = logged_files(ctx.stages or None)
+    log_cycle_run(registry, run_id, config, cycle.dir, logged, trained, evaluation.report, decision, lineage)
     version = registered = None
-    if gate["passed"]:
+    if decision.passed:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
         tags |= {
-            "ctloop.gate": gate["outcome"],
-            "ctloop.gate_reasons": " | ".join(gate["reasons"])[:4000],
-            "ctloop.eval_fingerprints": json.dumps(stored.get("fingerprints", {}), sort_keys=True),
-            "ctloop.adapter_config": cycle.path("adapter/adapter_config.json").read_text()[:4000],
+            "ctloop.gate": decision.outcome,
+            "ctloop.gate_reasons": " | ".join(decision.reasons)[:4000],
+            "ctloop.eval_fingerprints": json.dumps(evaluation.fingerprints, sort_keys=True),
+            "ctloop.adapter_config": (adapter.path / "adapter_config.json").read_text()[:4000],
         }
         tags |= registration_tags(config.gate.require_approval)
         info = registry.register(
-            run_id, cycle_id, tags, description=f"gate {gate['outcome']}: " + "; ".join(gate["reasons"])[:3900]
+            run_id, cycle_id, tags, description=f"gate {decision.outcome}: " + "; ".join(decision.reasons)[:3900]
         )
         version = info.version
         publisher = make_publisher(config.publish, registry, workspace)
@@ -705,40 +707,37 @@ def register_stage(ctx: StageContext) -> dict[str, Any]:
             )
         else:
             console.print(f"{registry.model_name} version {version} is now '{standing}'")
-        registered = {"version": version, "state": str(standing), "at": utc_now()}
+        registered = Registration(STATUS_OF_OUTCOME[decision.outcome], run_id, version, str(standing), utc_now())
     # The report once the version exists, so it can name it; logged here, with the run's other reports.
-    report_path = write_cycle_report(cycle.dir, cycle.cycle_id, trained, evaluation, gate, lineage, registered)
-    registry.log_artifact(run_id, report_path, "reports")
+    report_path = write_cycle_report(
+        cycle.path(Registration.REPORT),
+        cycle_id,
+        trained,
+        evaluation.report,
+        decision.to_dict(),
+        lineage,
+        validation=validated.report.to_dict(),
+        slice_means=evaluation.slice_means,
+        holdout=holdouts.new,
+        drift_report=Triggered.DRIFT_REPORT if cycle.path(Triggered.DRIFT_REPORT).is_file() else None,
+        registered=asdict(registered) if registered else None,
+    )
+    registry.log_artifact(run_id, report_path, Registration.LOGGED[Registration.REPORT])
 
     # The data of a registered cycle joins the replay buffer. A cycle that did not register keeps
     # its rows out: a retry on that data would replay its own new rows (and its holdout would then
     # be dropped as contaminated), and no model has been released on them.
     if version is not None:
-        new, extra = read_parquet(cycle.require("new.parquet", "validate"))
-        tokens = dict(zip((r.id for r in new), extra["n_tokens"], strict=True))
-        new = supervised_rows(new)  # a rated-down answer is never replayed as one to learn
-        holdout_ids = {r.id for r in read_parquet(cycle.path("new_holdout.parquet"))[0]}
+        tokens = validated.tokens_by_id
+        new = supervised_rows(validated.records)  # a rated-down answer is never replayed as one to learn
+        holdout_ids = {r.id for r in holdouts.new}
         ReplayBuffer.for_config(workspace.replay_dir, config.replay, config.train.seed).add_cycle(
             cycle_id, [r for r in new if r.id not in holdout_ids], [r for r in new if r.id in holdout_ids], tokens
         )
     console.print(f"cycle report: {report_path}")
-    status = {"PASS": "registered", "FAIL": "rejected", "INCONCLUSIVE": "inconclusive"}[gate["outcome"]]
-    result = {
-        "cycle_id": cycle_id,
-        "status": status,
-        "cycle_dir": str(cycle.dir),
-        "run_id": run_id,
-        "version": version,
-        "champion_before": state.get("champion_before"),
-        "means": evaluation.means,
-        "gate": gate,
-        "validation": read_json(cycle.path("validation.json")),
-        "trigger": state.get("trigger", ""),
-    }
     if state.get("harvest"):  # the harvested rows are now used: later harvests skip them
         from ctloop.data.harvest import commit_harvest
 
         commit_harvest(workspace, state["harvest"], config.shadow.store_url)
     registry.end_run(run_id)  # before the cycle is marked finished: a retry after a failure here redoes both
-    cycle.update_state(status=status, finished=utc_now(), result=result)
-    return result
+    return registered or Registration(STATUS_OF_OUTCOME[decision.outcome], run_id)

@@ -3,9 +3,12 @@ Called by the register stage."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ctloop.config import CtloopConfig
+from ctloop.evaluation.evaluate import EvalReport
+from ctloop.evaluation.gate import GateDecision
 from ctloop.registry.client import Registry
 from ctloop.training.trainer import TrainResult
 
@@ -15,12 +18,14 @@ def log_cycle_run(
     run_id: str,
     config: CtloopConfig,
     cycle_dir: Path,
+    logged: list[tuple[str, str]],
     trained: TrainResult,
-    evaluation,
-    gate: dict,
+    evaluation: EvalReport,
+    gate: GateDecision,
     lineage: dict,
 ) -> None:
-    """Params, metrics, tags and artifacts of a finished cycle on its MLflow run."""
+    """Params, metrics, tags and artifacts of a finished cycle on its MLflow run. `logged`: (file in
+    the cycle folder, MLflow artifact folder) of what the cycle's stages wrote (`declaration.logged_files`)."""
     registry.log_params(run_id, flatten(config.model_dump(mode="json")))
     registry.log_series(run_id, "train_loss", trained.losses)
     registry.log_series(run_id, "learning_rate", trained.learning_rates)
@@ -32,30 +37,14 @@ def log_cycle_run(
         for m, by_metric in by_model.items()
         for k, v in by_metric.items()
     }
-    metrics |= {f"gate_{k}": v for k, v in gate["metrics"].items()} | {"gate_passed": float(gate["passed"])}
-    registry.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})  # null: not computed
-    registry.set_run_tags(
-        run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate["outcome"]}
-    )
-    for name in (
-        "validation.json",
-        "drift.json",
-        "drift.html",
-        "replay_manifest.json",
-        "training.json",
-        "contamination.json",
-        "eval.json",
-        "gate.json",
-        "quarantine.jsonl",
-    ):  # report.html: the register stage writes and logs it once the version exists
-        if (cycle_dir / name).is_file():
-            registry.log_artifact(run_id, (cycle_dir / name), "reports")
-    registry.log_artifact(run_id, cycle_dir / "train.parquet", "data")  # the next drift check's reference
-    if (cycle_dir / "new_holdout.parquet").is_file():  # this era's holdout: the cumulative budget's, as anchor
-        registry.log_artifact(run_id, cycle_dir / "new_holdout.parquet", "data")
-    if (cycle_dir / "preference_train.parquet").is_file():  # a preference champion's own rows (drift reference)
-        registry.log_artifact(run_id, cycle_dir / "preference_train.parquet", "data")
-    registry.log_artifact(run_id, cycle_dir / "adapter", "adapter")
+    # A gate metric not computed is NaN (null in gate.json): left off, as any metric not computed.
+    metrics |= {f"gate_{k}": v for k, v in gate.metrics.items() if not math.isnan(v)}
+    metrics |= {"gate_passed": float(gate.passed)}
+    registry.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+    registry.set_run_tags(run_id, {f"ctloop.{k}": str(v) for k, v in lineage.items()} | {"ctloop.gate": gate.outcome})
+    for name, folder in logged:
+        if (cycle_dir / name).exists():  # the optional ones (drift, contamination) only when written
+            registry.log_artifact(run_id, cycle_dir / name, folder)
 
 
 def flatten(value: dict, prefix: str = "") -> dict[str, object]:

@@ -39,7 +39,7 @@ from ctloop.data.rejected_set import CORRECTED_ORIGINAL, too_old
 from ctloop.errors import DataError
 from ctloop.fileio import TIMESTAMP_FORMAT, atomic_path, read_json, strict_json, utc_now, write_json
 from ctloop.logstore.writer import scrub, stored_id
-from ctloop.model.threads import usable_cpus
+from ctloop.threads import usable_cpus
 from ctloop.workspace import Workspace
 
 Format = Literal["records", "dpo", "kto"]

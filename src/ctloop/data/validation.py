@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,13 @@ class ValidationReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> ValidationReport:
+        """Read back what `to_dict` wrote (validation.json)."""
+        names = {f.name for f in fields(cls)}
+        known: dict[str, Any] = {k: v for k, v in stored.items() if k in names}
+        return cls(**known | {"reasons": tuple(stored.get("reasons", ()))})
 
 
 def validate_records(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,21 @@ class GateDecision:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> GateDecision:
+        """Read back what `to_dict` wrote (gate.json; a NaN estimate or bound is stored as null)."""
+        return cls(
+            stored["outcome"],
+            stored["reference"],
+            tuple(stored["reasons"]),
+            _nan_for_null(stored.get("metrics", {})),
+            tuple(RuleResult(**_nan_for_null(rule)) for rule in stored.get("rules", ())),
+        )
+
+
+def _nan_for_null(stored: dict[str, Any]) -> dict[str, Any]:
+    return {k: math.nan if v is None else v for k, v in stored.items()}
 
 
 def decide(

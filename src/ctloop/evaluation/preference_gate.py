@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ctloop.config import GateConfig
+from ctloop.evaluation.evaluate import EvalReport
 from ctloop.evaluation.gate import CANDIDATE, FAIL, INCONCLUSIVE, NEW_SET, PASS, RuleResult, _replicates
 
 CHOSEN, REJECTED = "preference_chosen", "preference_rejected"
@@ -37,9 +38,9 @@ DISAGREEING, AGREEING = "agreement_disagreeing", "agreement_agreeing"
 BASE = "base"
 
 
-def preference_rules(stored: dict, config: GateConfig, reference: str) -> list[tuple[RuleResult, str]]:
-    """The rules that apply to an evaluation (`eval.json`'s content), each with its metrics key."""
-    losses, tokens = stored["losses"], stored.get("tokens", {})
+def preference_rules(evaluation: EvalReport, config: GateConfig, reference: str) -> list[tuple[RuleResult, str]]:
+    """The rules that apply to an evaluation, each with its metrics key."""
+    losses, tokens = evaluation.losses, evaluation.tokens
     rules: list[tuple[RuleResult, str]] = []
     if _scored(losses, CHOSEN, reference) and _scored(losses, REJECTED, reference):
         rules.append((_pair_rule(losses, tokens, reference, config), "preference_gain"))
@@ -47,12 +48,12 @@ def preference_rules(stored: dict, config: GateConfig, reference: str) -> list[t
         rules.append((_rated_rule(losses, tokens, reference, config), "preference_gain"))
     if _scored(losses, DISAGREEING, reference) and _scored(losses, AGREEING, reference):
         rules.append((_agreement_rule(losses, tokens, reference, config), "agreement_gain"))
-    predictions = stored.get("predictions", {})
+    predictions = evaluation.predictions
     for name in (CHOSEN, DESIRABLE):
         answers = predictions.get(name, {})
         if CANDIDATE in answers and reference in answers:
             rules.append((_length_rule(answers[reference], answers[CANDIDATE], reference, config), "length_growth"))
-    kl = stored.get("kl", {}).get(NEW_SET, {}).get(CANDIDATE)
+    kl = evaluation.kl.get(NEW_SET, {}).get(CANDIDATE)
     if kl is not None:
         rules.append((_kl_rule(kl, reference, config), "kl_to_reference"))
     return rules

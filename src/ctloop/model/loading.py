@@ -27,12 +27,12 @@ def load_tokenizer(config: ModelConfig) -> Any:
 
 def load_base_model(config: ModelConfig, device: str | None = None) -> Any:
     """The base model on `device` (default: `model_device(config)`), with torch's CPU threads set
-    for the stage about to run it (`ctloop.model.threads`)."""
+    for the stage about to run it (`ctloop.threads`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ctloop.kernels import attention as cpu_attention
-    from ctloop.model.threads import use_threads
+    from ctloop.threads import use_threads
 
     use_threads(config.threads)
     device = device or model_device(config)

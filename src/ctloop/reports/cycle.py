@@ -4,25 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctloop.data.records import Record
 from ctloop.evaluation.gate import NEW_SET
-from ctloop.fileio import read_json
 from ctloop.reports.charts import grouped_bars, line_chart
 from ctloop.reports.page import Answers, Bullets, Link, Table, Text, write_page
 from ctloop.training.trainer import TrainResult
 
 
 def write_cycle_report(
-    cycle_dir: Path,
+    path: Path,
     cycle_id: str,
     trained: TrainResult,
     evaluation,
     gate: dict,
     lineage: dict,
+    *,
+    validation: dict,
+    slice_means: dict,
+    holdout: list[Record],
+    drift_report: str | None = None,
     registered: dict | None = None,
 ) -> Path:
-    """The cycle's HTML report (`report.html` in the cycle folder). `registered`: the version the
-    cycle registered, its state (champion, challenger, pending approval) and when."""
-    validation = read_json(cycle_dir / "validation.json")
+    """The cycle's HTML report at `path` (in the cycle folder). `holdout`: the new-data holdout,
+    whose answers it shows; `drift_report`: the drift check's page beside it, if there is one;
+    `registered`: the version the cycle registered, its state (champion, challenger, pending
+    approval) and when."""
     gate_parts: list = [
         Text(f"{gate['outcome']}: {_in_words(gate)}", "pass" if gate["passed"] else "fail", bold=True),
     ]
@@ -36,8 +42,8 @@ def write_cycle_report(
                 )
             )
         )
-    if (cycle_dir / "drift.html").is_file():
-        gate_parts.append(Link("the drift check that started this cycle", "drift.html"))
+    if drift_report:
+        gate_parts.append(Link("the drift check that started this cycle", drift_report))
     gate_parts.append(Bullets(tuple(gate["reasons"]), folded="why: each rule, its estimate and its bound"))
     rules = gate.get("rules", [])
     if rules:
@@ -65,10 +71,10 @@ def write_cycle_report(
         grouped_bars(
             f"{name} by slice", {v: {m: x for m, x in by.items() if m != "n"} for v, by in per_slice.items()}, "loss"
         )
-        for name, per_slice in read_json(cycle_dir / "eval.json").get("slice_means", {}).items()
+        for name, per_slice in slice_means.items()
     ]
     return write_page(
-        cycle_dir / "report.html",
+        path,
         f"ctloop cycle {cycle_id}",
         [
             ("Gate", gate_parts),
@@ -112,22 +118,19 @@ def write_cycle_report(
                     )
                 ],
             ),
-            ("Answers side by side", _answers(cycle_dir, evaluation)),
+            ("Answers side by side", _answers(holdout, evaluation)),
             ("Lineage", [Table(tuple((k, str(v)) for k, v in lineage.items()))]),
         ],
     )
 
 
-def _answers(cycle_dir: Path, evaluation) -> list:
+def _answers(holdout: list[Record], evaluation) -> list:
     """New-data prompts with the reference answer and each model's greedy answer and loss: the
     candidate's worst-scored rows, then a seeded sample."""
-    from ctloop.data.records import read_parquet
-
     shown = evaluation.examples.get(NEW_SET)
-    holdout = cycle_dir / "new_holdout.parquet"
-    if not shown or not holdout.is_file():
+    if not shown or not holdout:
         return ["No examples: eval.report_examples is 0, or the cycle had no new-data holdout."]
-    records = {r.id: r for r in read_parquet(holdout)[0]}
+    records = {r.id: r for r in holdout}
     ids, losses = evaluation.ids[NEW_SET], evaluation.losses[NEW_SET]
 
     def example(index: int, position: int) -> tuple[str, tuple[tuple[str, str], ...]]:
