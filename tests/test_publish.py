@@ -19,7 +19,8 @@ from ctloop.errors import RegistryError
 from ctloop.registry.client import CHALLENGER, CHAMPION
 from ctloop.registry.promotion import champion_history, offer_as_challenger, promote, rollback
 from ctloop.registry.publishing import make_publisher, publication_status
-from ctloop.serving.server import Serving, create_app, serve_in_background
+from ctloop.serving.server import create_app, serve_in_background
+from ctloop.serving.service import Serving
 from ctloop.training.tinymodel import random_adapter
 from ctloop.workspace import Workspace
 from shadow_helpers import register_versions, serving_config
@@ -171,11 +172,12 @@ def test_a_pinned_load_survives_concurrent_role_syncs(tiny_base, adapters, tmp_p
         serving.backend.unload_except = slow_unload_except
         try:
             kept = []
+            roles = serving.role_sync
             for version, files in ((3, adapters[2]), (4, adapters[1])):
-                syncs = [serving.sync_roles() for _ in range(4)]
-                await asyncio.gather(*syncs[:2], serving.load_pinned(version, files), *syncs[2:])
+                syncs = [roles.sync() for _ in range(4)]
+                await asyncio.gather(*syncs[:2], roles.load_pinned(version, files), *syncs[2:])
                 kept.append(version in serving.backend.loaded)
-                await asyncio.gather(serving.sync_roles(), serving.unload_pinned(version), serving.sync_roles())
+                await asyncio.gather(roles.sync(), roles.unload_pinned(version), roles.sync())
                 kept.append(version not in serving.backend.loaded)
             return kept
         finally:

@@ -45,7 +45,7 @@ def prometheus_text(serving: Any) -> bytes:
     roles = serving.roles
     rows.append(("ctloop_champion_version", "gauge", roles.champion or 0, {}))
     rows.append(("ctloop_challenger_version", "gauge", roles.challenger or 0, {}))
-    rows.append(("ctloop_role_sync_errors_total", "counter", serving.sync_errors, {}))
+    rows.append(("ctloop_role_sync_errors_total", "counter", serving.role_sync.sync_errors, {}))
     for outcome in ("completed", "client_disconnected", "failed"):
         rows.append(("ctloop_streams_total", "counter", serving.streams[outcome], {"outcome": outcome}))
     if serving.router is not None:
