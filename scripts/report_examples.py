@@ -63,9 +63,8 @@ def shadow_example(folder: Path) -> Path:
 
 
 def cycle_example(folder: Path) -> Path:
-    from ctloop.data.records import Record, write_parquet
+    from ctloop.data.records import Record
     from ctloop.evaluation.evaluate import EvalReport
-    from ctloop.fileio import write_json
     from ctloop.reports.cycle import write_cycle_report
     from ctloop.training.trainer import TrainResult
 
@@ -73,11 +72,6 @@ def cycle_example(folder: Path) -> Path:
     cycle = folder / "cycle"
     cycle.mkdir(parents=True, exist_ok=True)
     records = [Record(f"new-{i:03d}", *PROMPTS[i % len(PROMPTS)]) for i in range(60)]
-    write_parquet(cycle / "new_holdout.parquet", records)
-    write_json(
-        cycle / "validation.json", {"total_rows": 640, "good_rows": 628, "bad_by_reason": {"duplicate": 9, "empty": 3}}
-    )
-    write_json(cycle / "eval.json", {"slice_means": {}})
     losses = {
         "champion": [rng.uniform(1.6, 2.6) for _ in records],
         "candidate": [rng.uniform(1.3, 2.4) for _ in records],
@@ -121,7 +115,18 @@ def cycle_example(folder: Path) -> Path:
     }
     lineage = {"data": "new_domain.jsonl (628 good rows)", "replay": "25% of training tokens from cycles 1-3"}
     registered = {"version": 4, "state": "challenger", "at": "2026-12-02T09:41:07Z"}
-    return write_cycle_report(cycle, "4063818ba1859455", trained, evaluation, gate, lineage, registered)
+    return write_cycle_report(
+        cycle / "report.html",
+        "4063818ba1859455",
+        trained,
+        evaluation,
+        gate,
+        lineage,
+        validation={"total_rows": 640, "good_rows": 628, "bad_by_reason": {"duplicate": 9, "empty": 3}},
+        slice_means={},
+        holdout=records,
+        registered=registered,
+    )
 
 
 def rollout_example(folder: Path) -> Path:

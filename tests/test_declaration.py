@@ -87,6 +87,15 @@ def test_a_stage_parameter_that_is_not_an_artifact_is_refused():
         check_cycle((CYCLE[0], Stage("odd", takes_a_dict, uses_registry=False), *CYCLE[1:]))
 
 
+def test_the_deciding_stage_must_return_a_decision():
+    def decides_nothing(ctx, validated: Validated) -> Tally:
+        raise AssertionError
+
+    odd = (CYCLE[0], Stage("decide", decides_nothing, uses_registry=False, role="decides"), *CYCLE[2:])
+    with pytest.raises(DeclarationError, match="deciding stage decide must return first an artifact with a proceed"):
+        check_cycle(odd)
+
+
 @dataclass(frozen=True)
 class Tally(Artifact):
     """A new artifact for the test below: its file is named here only."""

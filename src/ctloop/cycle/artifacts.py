@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self
 
 from ctloop.data.records import Record, read_parquet, write_parquet
 from ctloop.data.validation import ValidationReport
@@ -59,6 +59,19 @@ class Artifact:
     @classmethod
     def load(cls, folder: Path) -> Self:
         raise NotImplementedError
+
+
+class Opens(Protocol):
+    """What the opening stage returns: an artifact that names the cycle."""
+
+    cycle_id: str
+
+
+class Decides(Protocol):
+    """What the deciding stage returns: an artifact that says whether the cycle goes on."""
+
+    @property
+    def proceed(self) -> bool: ...
 
 
 def _rows(path: Path) -> list[Record]:

@@ -16,6 +16,7 @@ is saved), and the others *work*. With `orchestration.source: production` a *sou
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
@@ -153,8 +154,14 @@ def check_cycle(cycle: tuple[Stage, ...]) -> None:
             if artifact in written:
                 raise DeclarationError(f"{artifact.__name__} is written by both {written[artifact]} and {current.name}")
             written[artifact] = current.name
-    if not cycle[0].writes:
-        raise DeclarationError(f"the opening stage {cycle[0].name} must return the artifact that names the cycle")
+    opened = cycle[0].writes
+    if not opened or "cycle_id" not in {f.name for f in dataclasses.fields(opened[0])}:  # type: ignore[arg-type]
+        raise DeclarationError(f"the opening stage {cycle[0].name} must return first an artifact with a cycle_id")
+    decides = next(s for s in cycle if s.role == "decides")
+    if not decides.writes or not isinstance(getattr(decides.writes[0], "proceed", None), property):
+        raise DeclarationError(
+            f"the deciding stage {decides.name} must return first an artifact with a proceed property"
+        )
 
 
 def writer_of(artifact: type[Artifact], cycle: tuple[Stage, ...] | None = None) -> str:

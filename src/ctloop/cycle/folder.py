@@ -40,12 +40,6 @@ class CycleFolder:
         write_json(self.path("cycle.json"), state)
         return state
 
-    def require(self, name: str, stage: str) -> Path:
-        path = self.path(name)
-        if not path.exists():
-            raise WorkspaceError(f"cycle {self.cycle_id} has no {name}; run the {stage} stage first")
-        return path
-
 
 @dataclass(frozen=True)
 class StageContext:

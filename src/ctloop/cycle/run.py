@@ -24,7 +24,16 @@ from pathlib import Path
 
 from ctloop.config import CtloopConfig
 from ctloop.console import console
-from ctloop.cycle.artifacts import Artifact, Evaluation, GateResult, Registration, Validated, require
+from ctloop.cycle.artifacts import (
+    Artifact,
+    Decides,
+    Evaluation,
+    GateResult,
+    Opens,
+    Registration,
+    Validated,
+    require,
+)
 from ctloop.cycle.declaration import CYCLE, HARVEST, Stage, check_cycle, writer_of
 from ctloop.cycle.folder import FINISHED, CycleFolder, StageContext
 from ctloop.fileio import read_json, utc_now
@@ -143,7 +152,7 @@ def run_stage(stage: Stage, context: StageContext, cycle: tuple[Stage, ...] | No
         inputs = _load_inputs(stage, context, cycle or context.stages or CYCLE)
         returned = stage.run(context, inputs)
         outputs = typing.cast(tuple[Artifact, ...], returned if isinstance(returned, tuple) else (returned,))
-        cycle_id = str(getattr(outputs[0], "cycle_id")) if stage.role == "opens" else context.cycle_id
+        cycle_id = typing.cast(Opens, outputs[0]).cycle_id if stage.role == "opens" else context.cycle_id
         folder = CycleFolder(context.workspace, cycle_id)
         if is_main_process():  # under torchrun, one process writes
             for artifact in outputs:
@@ -158,7 +167,7 @@ def run_stage(stage: Stage, context: StageContext, cycle: tuple[Stage, ...] | No
             console.print(f"cycle {cycle_id} already ran on this data and config: nothing to do")
             return StageStep(cycle_id, False, "already_done")
         return StageStep(cycle_id, True)
-    if stage.role == "decides" and not getattr(outputs[0], "proceed", True):
+    if stage.role == "decides" and not typing.cast(Decides, outputs[0]).proceed:
         return StageStep(context.cycle_id, False, "skipped")
     return StageStep(context.cycle_id, True)
 
@@ -242,7 +251,7 @@ def _link_task_and_run(
 def _already_finished(stage: Stage, context: StageContext) -> bool:
     """Working stages look at the cycle's folder; the deciding stage also asks the registry, since
     the same cycle may have been registered from another workspace."""
-    if stage.role == "works":
+    if stage.role in ("works", "closes"):
         return context.folder.state().get("status") in FINISHED
     return finished_result(context.config, context.workspace, context.cycle_id) is not None
 

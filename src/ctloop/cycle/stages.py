@@ -90,7 +90,7 @@ def validate_stage(ctx: StageContext) -> Validated:
         config=config.data,
         max_seq_tokens=config.model.max_seq_tokens,
         count_tokens=count,
-        quarantine_path=staging / "quarantine.jsonl",
+        quarantine_path=staging / Validated.QUARANTINE,
         render_chat=chat.split_all if config.train.chat_loss == "all_assistant" else chat.split,
     )
     revision = base_model_revision(config.model)
@@ -101,7 +101,7 @@ def validate_stage(ctx: StageContext) -> Validated:
     ).hexdigest()[:16]
     cycle = CycleFolder(workspace, cycle_id)
     cycle.dir.mkdir(parents=True, exist_ok=True)
-    shutil.move(staging / "quarantine.jsonl", cycle.path(Validated.QUARANTINE))
+    shutil.move(staging / Validated.QUARANTINE, cycle.path(Validated.QUARANTINE))
     shutil.rmtree(staging, ignore_errors=True)
     report = replace(report, quarantine_path=str(cycle.path(Validated.QUARANTINE)))
     if not report.passed:

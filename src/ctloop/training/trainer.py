@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -406,6 +407,10 @@ def _lr_scale(step: int, warmup: int, total: int) -> float:
 
 
 def is_main_process() -> bool:
+    """False only in a process of a torchrun group other than rank 0. A process that has not
+    imported torch has no process group: it is the main one (and torch stays unimported)."""
+    if "torch" not in sys.modules:
+        return True
     import torch
 
     return (
