@@ -44,9 +44,10 @@ phoenix-venv: $(PHOENIX_VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/ctloop demo
 
-# scripts/with_postgres.sh starts a throwaway PostgreSQL for the shadow store's tests.
+# scripts/with_postgres.sh starts a throwaway PostgreSQL for the shadow store's tests;
+# scripts/run_tests.sh runs the suite on two pytest-xdist workers, then the serial tests alone.
 test: $(VENV)/.installed-test $(PHOENIX_VENV)/.installed
-	scripts/with_postgres.sh $(PY) -m pytest $(PYTEST_ARGS)
+	scripts/with_postgres.sh scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
 
 # The inner loop: unit tests only (no whole cycles, no Airflow, no PostgreSQL); CI runs everything.
 test-fast: $(VENV)/.installed-test

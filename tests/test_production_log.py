@@ -569,6 +569,7 @@ def _pg_ctl(action: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it stops the PostgreSQL server every other test shares: run alone, after the rest
 def test_postgresql_stopped_for_30_s_under_20_requests_a_second_loses_no_acknowledged_request(
     tiny_base, adapters, tmp_path, upstream
 ):
