@@ -7,9 +7,13 @@
 #
 # Exit status: the first failing part's. Pytest's 5 (no test collected) is an error only when
 # neither part ran a test, so CI still fails on an empty suite and `-k` may pick from one part.
+# Arguments with their own marker selection (-m) run as given, in one process, one test at a time.
 set -uo pipefail
 py="$1"
 shift
+for argument in "$@"; do
+  case "$argument" in -m | -m*) exec "$py" -m pytest "$@" ;; esac
+done
 "$py" -m pytest -n "${CTLOOP_TEST_WORKERS:-2}" --dist loadfile -m "not serial" "$@"
 parallel=$?
 "$py" -m pytest -m serial "$@"

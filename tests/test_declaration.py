@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -136,12 +136,12 @@ def test_a_new_stage_costs_one_function_and_one_declaration_entry(tmp_path, tiny
 
     mine = (
         CYCLE[0],
-        Stage("tally", tally_stage, uses_registry=False, summary="count the rows"),
+        Stage("tally", tally_stage, uses_registry=False, summary="count the rows", reused_when_saved=True),
         Stage("decide", CYCLE[1].function, uses_registry=True, role="decides"),
         Stage("close", counted, uses_registry=False, role="closes"),
     )
     check_cycle(mine)
-    assert "| tally | Validated | Tally (`tally.json`) | - | count the rows |" in stage_table(mine)
+    assert "| tally | Validated | Tally (`tally.json`) | - | - | count the rows |" in stage_table(mine)
     assert ("tally.json", "reports") in logged_files(mine)
 
     data = tmp_path / "d.jsonl"
@@ -156,6 +156,9 @@ def test_a_new_stage_costs_one_function_and_one_declaration_entry(tmp_path, tiny
     run_stage(mine[1], context, mine)
     run_stage(mine[1], context, mine)  # saved already: re-used, not run again
     assert calls == [opened.cycle_id]
+    again = replace(mine[1], reused_when_saved=False)  # a cheap stage (prepare, gate) always runs again
+    run_stage(again, context, (mine[0], again, *mine[2:]))
+    assert calls == [opened.cycle_id] * 2
     assert Tally.load(context.folder.dir).rows == 40
     run_stage(mine[3], context, mine)
     assert context.folder.state()["status"] == "rejected"  # the closing stage's record finished the cycle

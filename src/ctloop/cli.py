@@ -475,6 +475,7 @@ def calibrate_seeds(
     on, instead of the assumed gate.seed_spread."""
     from ctloop.config import load_config
     from ctloop.cycle.artifacts import Holdouts, TrainingSet
+    from ctloop.data.records import read_parquet
     from ctloop.errors import DataError
     from ctloop.registry.client import open_registry
     from ctloop.training.seeds import EVENT, measure, recipe_key
@@ -483,8 +484,8 @@ def calibrate_seeds(
     cfg = load_config(config)
     ws = resolve_workspace(workspace, cfg)
 
-    def prepared(folder: Path) -> bool:
-        return TrainingSet.present(folder) and Holdouts.present(folder)
+    def prepared(folder: Path) -> bool:  # the two files it reads (a cycle of any ctloop version has them)
+        return (folder / TrainingSet.TRAIN).is_file() and (folder / Holdouts.NEW).is_file()
 
     folders = sorted((p for p in ws.cycles_dir.glob("*") if prepared(p)), key=lambda p: p.stat().st_mtime)
     chosen = ws.cycles_dir / cycle if cycle else (folders[-1] if folders else None)
@@ -496,7 +497,7 @@ def calibrate_seeds(
         )
     if seeds < 2:
         raise DataError("--seeds: at least 2 (4 or more give a usable upper limit)")
-    train_rows, holdout = TrainingSet.load(chosen).records, Holdouts.load(chosen).new
+    train_rows, holdout = read_parquet(chosen / TrainingSet.TRAIN)[0], read_parquet(chosen / Holdouts.NEW)[0]
     result = measure(cfg, train_rows, holdout, seeds, ws.root / "seed-calibration" / recipe_key(cfg))
     open_registry(cfg.registry, ws).add_model_event(EVENT, result.to_dict())
     if as_json:

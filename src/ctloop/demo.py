@@ -213,6 +213,8 @@ def _print_story(
     from rich.console import Console
     from rich.table import Table
 
+    from ctloop.cycle.artifacts import Registration
+
     out = Console()
     losses = Table(
         "evaluation set",
@@ -267,7 +269,8 @@ def _print_story(
             "train.objective kto learns from them) "
             f"-> {harvested.out_path}"
         )
-    out.print(f"reports: {Path(first.cycle_dir) / 'report.html'}\n         {Path(second.cycle_dir) / 'report.html'}")
+    report = Registration.REPORT
+    out.print(f"reports: {Path(first.cycle_dir) / report}\n         {Path(second.cycle_dir) / report}")
     if shadow_html is not None:
         out.print(f"         {shadow_html}")
     exe = _how_ctloop_was_called()

@@ -7,9 +7,11 @@ it returns; `declaration.py` derives each stage's reads and writes from the same
 at import that every artifact a stage reads is written by an earlier one, and names the stage to
 run first when one is missing.
 
-`LOGGED` says which files go on the cycle's MLflow run, and under which artifact folder. Files
-listed in `FILES` but not written by `save` (the adapter's weights, the HTML reports, the
-quarantine) are written in place by the stage, because they stream from elsewhere.
+`LOGGED` says which files go on the cycle's MLflow run, and under which artifact folder. Some
+files of `FILES` are not written by `save` but by the stage itself, in place, because they stream
+from elsewhere or must exist even when the stage fails: the adapter's weights and its
+`ctloop_manifest.json`, the quarantine, the copy of the harvest's traffic sample, the HTML
+reports, and `contamination.json`. The cycle's state (`cycle.json`) is the folder's (`folder.py`).
 """
 
 from __future__ import annotations
@@ -72,10 +74,6 @@ class Decides(Protocol):
 
     @property
     def proceed(self) -> bool: ...
-
-
-def _rows(path: Path) -> list[Record]:
-    return read_parquet(path)[0] if path.is_file() else []
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,8 @@ class TrainingSet(Artifact):
 
     @classmethod
     def load(cls, folder: Path) -> Self:
-        return cls(_rows(folder / cls.TRAIN), _rows(folder / cls.PREFERENCE), read_json(folder / cls.MANIFEST))
+        train, preference = read_parquet(folder / cls.TRAIN)[0], read_parquet(folder / cls.PREFERENCE)[0]
+        return cls(train, preference, read_json(folder / cls.MANIFEST))
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,11 @@ class Holdouts(Artifact):
 
     @classmethod
     def load(cls, folder: Path) -> Self:
-        return cls(_rows(folder / cls.NEW), _rows(folder / cls.REPLAY), _rows(folder / cls.PREFERENCE))
+        return cls(
+            read_parquet(folder / cls.NEW)[0],
+            read_parquet(folder / cls.REPLAY)[0],
+            read_parquet(folder / cls.PREFERENCE)[0],
+        )
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,9 @@ class TrainedAdapter(Artifact):
     """The LoRA adapter (written in place by the trainer) and what its training did."""
 
     ADAPTER: ClassVar = "adapter"
+    MANIFEST: ClassVar = "adapter/ctloop_manifest.json"  # its lineage and resolved config, beside the weights
     RESULT: ClassVar = "training.json"
+    CHECKPOINTS: ClassVar = "checkpoints"  # the trainer's, to resume from; not an artifact
     FILES: ClassVar = (ADAPTER, RESULT)
     REQUIRED: ClassVar = (f"{ADAPTER}/adapter_config.json", RESULT)
     LOGGED: ClassVar = {RESULT: "reports", ADAPTER: "adapter"}

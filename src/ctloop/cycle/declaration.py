@@ -43,6 +43,10 @@ class Stage:
     uses_registry: bool
     role: Role = "works"
     summary: str = ""
+    # Its saved artifacts stand for a rerun of the cycle (the expensive stages: a resumed cycle is
+    # not trained or evaluated twice); the others always run again.
+    reused_when_saved: bool = False
+    elsewhere: str = ""  # what it reads or writes outside the cycle's artifacts (for the stage table)
 
     @cached_property
     def _hints(self) -> dict[str, object]:
@@ -88,24 +92,30 @@ CYCLE: tuple[Stage, ...] = (
         uses_registry=True,
         role="decides",
         summary="embedding drift vs the champion's data, schedule or force: train or skip",
+        elsewhere="reads the champion's training data",
     ),
     Stage(
         "prepare",
         stages.prepare_stage,
         uses_registry=True,
         summary="holdout split, replay mix, feedback kinds routed to the objective; opens the MLflow run",
+        elsewhere="reads the replay buffer; fixes the champion and the MLflow run in `cycle.json`",
     ),
     Stage(
         "train",
         stages.train_stage,
         uses_registry=True,
         summary="LoRA training (warm start from the champion when set), resumable from checkpoints",
+        reused_when_saved=True,
+        elsewhere="reads the champion's adapter; writes `checkpoints/`",
     ),
     Stage(
         "evaluate",
         stages.evaluate_stage,
         uses_registry=True,
         summary="candidate vs champion per example on new and old data",
+        reused_when_saved=True,
+        elsewhere="reads the champion's and the first champion's adapters, golden sets, rejected answers",
     ),
     Stage(
         "gate",
@@ -119,6 +129,7 @@ CYCLE: tuple[Stage, ...] = (
         uses_registry=True,
         role="closes",
         summary="MLflow run, model version and challenger alias; the data joins the replay buffer",
+        elsewhere="writes the replay buffer; marks the cycle finished in `cycle.json`",
     ),
 )
 
@@ -129,6 +140,7 @@ HARVEST = Stage(
     uses_registry=False,
     role="sources",
     summary="with orchestration.source: production, the answers served and their feedback -> the cycle's records",
+    elsewhere="reads the request log; writes `<workspace>/harvest/`",
 )
 
 
@@ -207,14 +219,15 @@ def stage_table(cycle: tuple[Stage, ...] | None = None) -> str:
         return "; ".join(f"{a.__name__} ({', '.join(f'`{n}`' for n in a.FILES)})" for a in artifacts) or "-"
 
     rows = [
-        "| stage | reads | writes in the cycle folder | registry | what it does |",
-        "|---|---|---|---|---|",
+        "| stage | reads | writes in the cycle folder | also | registry | what it does |",
+        "|---|---|---|---|---|---|",
     ]
     for current in (HARVEST, *(cycle or CYCLE)):
         reads = ", ".join(a.__name__ for a in current.reads.values()) or "-"
         writes = files(current.writes) if current.role != "sources" else "the records file validate takes"
         registry = "yes" if current.uses_registry else "-"
-        rows.append(f"| {current.name} | {reads} | {writes} | {registry} | {current.summary} |")
+        also = current.elsewhere or "-"
+        rows.append(f"| {current.name} | {reads} | {writes} | {also} | {registry} | {current.summary} |")
     return "\n".join(rows) + "\n"
 
 

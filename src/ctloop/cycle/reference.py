@@ -40,7 +40,7 @@ def champion_reference(
             f"cannot find the training data of champion v{champion} (not in this workspace, not in its "
             f"MLflow run); set drift.reference to a file of reference records"
         )
-    manifest = _champion_file(workspace, registry, info, TrainingSet.MANIFEST)
+    manifest = _champion_file(workspace, registry, info, TrainingSet.MANIFEST, TrainingSet)
     if manifest is None:
         log.warning("champion v%s has no replay manifest; its whole training set is the drift reference", champion)
         return records
@@ -66,20 +66,18 @@ def anchor_holdout(workspace: Workspace, registry: Registry, anchor: int) -> lis
 def _training_rows(workspace: Workspace, registry: Registry, info) -> list[Record] | None:
     """train.parquet, and the rows a preference objective learned from (preference_train.parquet;
     for a dpo or kto champion train.parquet holds only its replayed rows)."""
-    train = _champion_file(workspace, registry, info, TrainingSet.TRAIN)
+    train = _champion_file(workspace, registry, info, TrainingSet.TRAIN, TrainingSet)
     if train is None:
         return None
     rows = read_parquet(train)[0]
-    preference = _champion_file(workspace, registry, info, TrainingSet.PREFERENCE)
+    preference = _champion_file(workspace, registry, info, TrainingSet.PREFERENCE, TrainingSet)
     if preference is not None:
         known = {r.id for r in rows}
         rows += [r for r in read_parquet(preference)[0] if r.id not in known]
     return rows
 
 
-def _champion_file(
-    workspace: Workspace, registry: Registry, info, name: str, kind: type[Artifact] = TrainingSet
-) -> Path | None:
+def _champion_file(workspace: Workspace, registry: Registry, info, name: str, kind: type[Artifact]) -> Path | None:
     """A file of the champion's cycle (`name`, of the artifact `kind`): from this workspace when it
     trained here, else from its MLflow run, where the register stage logged it."""
     local = workspace.cycle_dir(info.tags.get("ctloop.cycle_id", "?")) / name

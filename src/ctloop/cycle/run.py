@@ -3,8 +3,9 @@ or one stage by itself (`run_stage`, for an orchestrator's task). Both share the
 
 - A stage gets the artifacts its function takes, loaded from the cycle folder (a missing one
   names the stage to run first), and what it returns is saved there.
-- A working stage whose artifacts are all in the folder already is not run again: a resumed
-  cycle re-uses its adapter and its evaluation.
+- A stage declared `reused_when_saved` (train, evaluate) whose artifacts are all in the folder
+  already is not run again: a resumed cycle re-uses its adapter and its evaluation. The others
+  run again (they are cheap, and their inputs may have changed).
 - A finished cycle is never redone: the same data and config find their folder and stop.
 - The deciding stage's "no" ends the cycle as skipped, not failed; the closing stage's record
   marks it finished.
@@ -146,7 +147,7 @@ def run_stage(stage: Stage, context: StageContext, cycle: tuple[Stage, ...] | No
         return StageStep(context.cycle_id, False, "already_done")
     log.info("stage %s of cycle %s", stage.name, context.cycle_id or "(new)")
     try:
-        if stage.role == "works" and stage.writes and all(a.present(context.folder.dir) for a in stage.writes):
+        if stage.reused_when_saved and all(a.present(context.folder.dir) for a in stage.writes):
             console.print(f"stage {stage.name}: re-using what an earlier attempt of cycle {context.cycle_id} saved")
             return StageStep(context.cycle_id, True)
         inputs = _load_inputs(stage, context, cycle or context.stages or CYCLE)

@@ -155,7 +155,8 @@ def trigger_stage(ctx: StageContext, validated: Validated) -> Triggered:
         return Triggered(TriggerDecision(True, state.get("trigger", "resumed")))
     registry = open_registry(config.registry, workspace)
     champion = registry.alias(CHAMPION)
-    if state.get("status") == "triggered" and state.get("trigger_champion", -1) == champion:
+    decided = state.get("status") == "triggered" and state.get("trigger_champion", -1) == champion
+    if decided and Triggered.present(cycle.dir):  # its decision was saved (after the drift report)
         console.print(f"cycle {cycle_id} was already triggered ({state['trigger']}); not testing drift again")
         return Triggered(TriggerDecision(True, state["trigger"]))
     report = None
@@ -301,7 +302,7 @@ def train_stage(ctx: StageContext, training: TrainingSet) -> TrainedAdapter:
         lora=config.lora,
         train=config.train,
         out_dir=adapter_dir,
-        checkpoint_dir=cycle.path("checkpoints"),
+        checkpoint_dir=cycle.path(TrainedAdapter.CHECKPOINTS),
         warm_start_from=champion_adapter,
         preference=preference,
         reference_adapter=champion_adapter,  # the reference policy: the champion, or the bare base
@@ -312,7 +313,7 @@ def train_stage(ctx: StageContext, training: TrainingSet) -> TrainedAdapter:
             for key in ("compute_dtype", "attn_implementation", "row_width", "world_size", "libraries")
         }
         write_json(
-            adapter_dir / "ctloop_manifest.json",
+            adapter_dir / TrainedAdapter.MANIFEST,
             _lineage(config, cycle, training) | {"config": config.model_dump(mode="json"), "training": resolved},
         )
         console.print(trained.summary())

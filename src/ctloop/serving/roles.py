@@ -113,7 +113,7 @@ class RoleSync:
         """Load registry version `version` for /v1/load_lora_adapter and keep it. `<name>-v<N>` always
         means the registry's weights: a `lora_path` (`adapter_dir`) must hold the same files as
         version N in the registry, else AdapterRequestError; a version not registered (yet) is a
-        RegistryError. Under the roles lock: a concurrent `sync_roles` cannot free it between the
+        RegistryError. Under the roles lock: a concurrent `sync` cannot free it between the
         load and the pin."""
         from ctloop.serving.adapter_api import require_same_adapter
 

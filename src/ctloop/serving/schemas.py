@@ -166,10 +166,3 @@ def require_bearer(headers: Any, env_name: str, disabled: str, endpoint: str) ->
     token = given[7:] if given.lower().startswith("bearer ") else ""
     if not hmac.compare_digest(token.encode(), expected.encode()):
         raise ApiError(401, f"missing or wrong bearer token for {endpoint}", kind="authentication_error")
-
-
-async def parse_request(request: Request, model: type[BaseModel], serve: Any, empty: bytes = b"") -> Any:
-    """Read the body within `serve`'s size and time limits and parse it as `model`; an empty body
-    reads as `empty`."""
-    raw = await read_body(request, serve.max_body_bytes, serve.body_timeout_s)
-    return parse_body(model, raw or empty, serve.max_body_bytes)
