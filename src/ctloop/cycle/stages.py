@@ -313,7 +313,7 @@ def train_stage(ctx: StageContext, training: TrainingSet) -> TrainedAdapter:
             for key in ("compute_dtype", "attn_implementation", "row_width", "world_size", "libraries")
         }
         write_json(
-            adapter_dir / TrainedAdapter.MANIFEST,
+            cycle.path(TrainedAdapter.MANIFEST),
             _lineage(config, cycle, training) | {"config": config.model_dump(mode="json"), "training": resolved},
         )
         console.print(trained.summary())
