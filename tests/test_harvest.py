@@ -76,6 +76,24 @@ def _logged(workspace: Workspace, items: list[tuple[str, str, str, FeedbackRecor
     return url
 
 
+def test_a_harvest_that_fails_after_sampling_the_traffic_leaves_no_sample(tmp_path, monkeypatch):
+    """The traffic sample is moved into place with the records, not before: a harvest that fails
+    later leaves neither (it used to leave an orphan `.traffic.jsonl`)."""
+    from ctloop.data import harvest as harvesting
+
+    workspace = Workspace(tmp_path / "ws").create()
+    config = config_from_dict({"workspace": str(workspace.root), "model": {"base": "unused"}})
+    _logged(workspace, [("r1", "q1", "wrong", FeedbackRecord("r1", rating=-1, correction="right"))])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk filled up")
+
+    monkeypatch.setattr(harvesting, "_decide_page", broken)
+    with pytest.raises(RuntimeError, match="disk filled up"):
+        harvest(config, workspace, since=time.time() - 3600)
+    assert sorted(p.name for p in (workspace.root / "harvest").iterdir()) == []
+
+
 def test_a_harvest_writes_records_rejected_decisions_and_manifest_and_never_twice(tmp_path):
     workspace = Workspace(tmp_path / "ws").create()
     config = config_from_dict({"workspace": str(workspace.root), "model": {"base": "unused"}})

@@ -252,6 +252,7 @@ def harvest(
         atomic_path(decisions_path) as decisions_tmp,
         atomic_path(rejected_path) as rejected_tmp,
         _spare(out) as rejected_rows_tmp,
+        _spare(traffic_path) as traffic_tmp,  # moved into place only when the whole harvest succeeds
     ):
         traffic_rows = 0
         if rejected_path.is_file():
@@ -273,7 +274,7 @@ def harvest(
                 if config.harvest.include_unrated:
                     pages.append(source.unrated(since, until))
                 if config.harvest.audit_rows:
-                    traffic_rows = _write_traffic_sample(source, since, until, config.harvest, traffic_path)
+                    traffic_rows = _write_traffic_sample(source, since, until, config.harvest, traffic_tmp)
                 for rows in pages:
                     for page in rows:
                         looked_at += len(page)
@@ -332,6 +333,8 @@ def harvest(
             corrected_originals=originals,
             aged_out=aged_out,
         )
+        if traffic_rows:  # a failed harvest leaves no sample behind, as it leaves no records
+            traffic_tmp.replace(traffic_path)
         # The manifest first, then the records (each moved into place atomically as the block ends):
         # records never lack their manifest.
         write_json(out.with_name(out.name + MANIFEST_SUFFIX), report.to_dict())
@@ -375,7 +378,7 @@ def _write_traffic_sample(source: Any, since: float, until: float, settings: Har
                 }
             )
     if rows:  # an empty window leaves no file
-        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        with path.open("w", encoding="utf-8") as handle:
             handle.writelines(_line(row) for row in rows)
     return len(rows)
 
