@@ -148,19 +148,19 @@ def test_a_new_stage_costs_one_function_and_one_declaration_entry(tmp_path, tiny
     data.write_bytes(b"\n".join(quickstart_rows("old_domain.jsonl")[:40]) + b"\n")
     config = config_from_dict({"model": {"base": str(tiny_base)}, "data": {"min_rows": 20}})
     workspace = Workspace(tmp_path / "ws")
-    opened = run_stage(mine[0], StageContext(config, workspace, data=data, stages=mine), mine)
+    opened = run_stage(mine[0], StageContext(config, workspace, data=data, stages=mine))
     context = StageContext(config, workspace, opened.cycle_id, stages=mine)
     with pytest.raises(WorkspaceError, match=r"has no tally\.json; run the tally stage first"):
-        run_stage(mine[3], context, mine)
+        run_stage(mine[3], context)
     calls.clear()
-    run_stage(mine[1], context, mine)
-    run_stage(mine[1], context, mine)  # saved already: re-used, not run again
+    run_stage(mine[1], context)
+    run_stage(mine[1], context)  # saved already: re-used, not run again
     assert calls == [opened.cycle_id]
     again = replace(mine[1], reused_when_saved=False)  # a cheap stage (prepare, gate) always runs again
-    run_stage(again, context, (mine[0], again, *mine[2:]))
+    run_stage(again, replace(context, stages=(mine[0], again, *mine[2:])))
     assert calls == [opened.cycle_id] * 2
     assert Tally.load(context.folder.dir).rows == 40
-    run_stage(mine[3], context, mine)
+    run_stage(mine[3], context)
     assert context.folder.state()["status"] == "rejected"  # the closing stage's record finished the cycle
     assert Registration.load(context.folder.dir).run_id == "no-run"
 

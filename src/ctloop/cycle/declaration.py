@@ -52,7 +52,7 @@ class Stage:
     def _hints(self) -> dict[str, object]:
         return typing.get_type_hints(self.function)
 
-    @property
+    @cached_property
     def reads(self) -> dict[str, type[Artifact]]:
         """The artifacts the function takes, by parameter name (after the context)."""
         names = list(inspect.signature(self.function).parameters)
@@ -67,7 +67,7 @@ class Stage:
                 )
         return typing.cast(dict[str, type[Artifact]], taken)
 
-    @property
+    @cached_property
     def writes(self) -> tuple[type[Artifact], ...]:
         """The artifacts the function returns (one, or a tuple of them); none for a sources stage."""
         returned = self._hints.get("return")

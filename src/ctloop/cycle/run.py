@@ -129,7 +129,7 @@ def run_cycle(
     where = "production's feedback" if from_production else data_path
     with workspace_lock(workspace, f"ctloop run on {where}", wait_seconds):
         for stage in stages:
-            step = run_stage(stage, context, cycle)
+            step = run_stage(stage, context)
             data = Path(step.data) if step.data else context.data
             context = StageContext(config, workspace, step.cycle_id, data, force, declared)
             if not step.proceed:
@@ -137,10 +137,10 @@ def run_cycle(
         return cycle_result(config, workspace, context.cycle_id, already_done=step.stopped_because == "already_done")
 
 
-def run_stage(stage: Stage, context: StageContext, cycle: tuple[Stage, ...] | None = None) -> StageStep:
+def run_stage(stage: Stage, context: StageContext) -> StageStep:
     """Run one stage of the cycle with the cycle's rules (see the module docstring). The caller
-    holds the workspace lock. `cycle`: the declaration the stage belongs to (`CYCLE` by default),
-    which names the stage to run first when an artifact is missing."""
+    holds the workspace lock. The declaration the stage belongs to (`context.stages`, `CYCLE` when
+    empty) names the stage to run first when an artifact is missing."""
     if stage.role == "sources":
         return StageStep("", True, data=str(stage.run(context, {})))
     if stage.role != "opens" and _already_finished(stage, context):
@@ -150,7 +150,7 @@ def run_stage(stage: Stage, context: StageContext, cycle: tuple[Stage, ...] | No
         if stage.reused_when_saved and all(a.present(context.folder.dir) for a in stage.writes):
             console.print(f"stage {stage.name}: re-using what an earlier attempt of cycle {context.cycle_id} saved")
             return StageStep(context.cycle_id, True)
-        inputs = _load_inputs(stage, context, cycle or context.stages or CYCLE)
+        inputs = _load_inputs(stage, context)
         returned = stage.run(context, inputs)
         outputs = typing.cast(tuple[Artifact, ...], returned if isinstance(returned, tuple) else (returned,))
         cycle_id = typing.cast(Opens, outputs[0]).cycle_id if stage.role == "opens" else context.cycle_id
@@ -173,13 +173,13 @@ def run_stage(stage: Stage, context: StageContext, cycle: tuple[Stage, ...] | No
     return StageStep(context.cycle_id, True)
 
 
-def _load_inputs(stage: Stage, context: StageContext, cycle: tuple[Stage, ...]) -> dict[str, Artifact]:
+def _load_inputs(stage: Stage, context: StageContext) -> dict[str, Artifact]:
     """The artifacts the stage's function takes, from the cycle folder."""
     if not stage.reads:
         return {}
     folder = context.folder.dir
     for artifact in stage.reads.values():
-        require(artifact, folder, writer_of(artifact, cycle))
+        require(artifact, folder, writer_of(artifact, context.stages or CYCLE))
     return {name: artifact.load(folder) for name, artifact in stage.reads.items()}
 
 

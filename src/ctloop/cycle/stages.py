@@ -685,6 +685,7 @@ def register_stage(
     run_id = state["run_id"]
     logged = logged_files(ctx.stages or None)
     log_cycle_run(registry, run_id, config, cycle.dir, logged, trained, evaluation.report, decision, lineage)
+    status = STATUS_OF_OUTCOME[decision.outcome]
     version = registered = None
     if decision.passed:
         tags = {f"ctloop.{k}": str(v) for k, v in lineage.items()}
@@ -708,7 +709,7 @@ def register_stage(
             )
         else:
             console.print(f"{registry.model_name} version {version} is now '{standing}'")
-        registered = Registration(STATUS_OF_OUTCOME[decision.outcome], run_id, version, str(standing), utc_now())
+        registered = Registration(status, run_id, version, str(standing), utc_now())
     # The report once the version exists, so it can name it; logged here, with the run's other reports.
     report_path = write_cycle_report(
         cycle.path(Registration.REPORT),
@@ -741,4 +742,4 @@ def register_stage(
 
         commit_harvest(workspace, state["harvest"], config.shadow.store_url)
     registry.end_run(run_id)  # before the cycle is marked finished: a retry after a failure here redoes both
-    return registered or Registration(STATUS_OF_OUTCOME[decision.outcome], run_id)
+    return registered or Registration(status, run_id)

@@ -26,9 +26,13 @@ from ctloop.serving.service import RequestIds, Serving
 Model = TypeVar("Model", bound=BaseModel)
 
 
+def _state(request: Request) -> Serving:
+    return request.app.state.serving
+
+
 async def get_serving(request: Request) -> Serving:
     """The server's state, on `app.state.serving` (set by `create_app`)."""
-    return request.app.state.serving
+    return _state(request)
 
 
 async def request_ids(request: Request) -> RequestIds:
@@ -43,7 +47,7 @@ async def request_ids(request: Request) -> RequestIds:
 
 async def raw_body(request: Request) -> bytes:
     """The body's bytes, within the size (413) and time (408) limits."""
-    serve = request.app.state.serving.config.serve
+    serve = _state(request).config.serve
     return await read_body(request, serve.max_body_bytes, serve.body_timeout_s)
 
 
@@ -52,18 +56,18 @@ def body_of(model: type[Model], empty: bytes = b"") -> Callable[[Request], Await
 
     async def parsed(request: Request) -> Model:
         raw = await raw_body(request)
-        return parse_body(model, raw or empty, request.app.state.serving.config.serve.max_body_bytes)
+        return parse_body(model, raw or empty, _state(request).config.serve.max_body_bytes)
 
     return parsed
 
 
 async def require_admin(request: Request) -> None:
     """The admin token (`serve.admin_token_env`; unset: 403, missing or wrong: 401)."""
-    env = request.app.state.serving.config.serve.admin_token_env
+    env = _state(request).config.serve.admin_token_env
     require_bearer(request.headers, env, "admin endpoints are disabled", "an admin endpoint")
 
 
 async def require_feedback_token(request: Request) -> None:
     """The feedback token (`serve.feedback_token_env`; unset: 403, missing or wrong: 401)."""
-    env = request.app.state.serving.config.serve.feedback_token_env
+    env = _state(request).config.serve.feedback_token_env
     require_bearer(request.headers, env, "feedback is disabled", "/v1/feedback")
